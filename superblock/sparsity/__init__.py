@@ -1,0 +1,36 @@
+"""Learned block masks: tiles of every targeted weight, top-k by trainable score, straight-through gradients."""
+
+from superblock.sparsity.api import (
+    CONTROLLER_ATTR,
+    SparsityReport,
+    block_sparsity,
+    fold_masks,
+    get_controller,
+    iter_block_masks,
+    mask_parameters,
+    sparsify,
+)
+from superblock.sparsity.blocks import kept_blocks, normalize_block_size
+from superblock.sparsity.controller import SparsityController
+from superblock.sparsity.mask import BlockMask
+from superblock.sparsity.schedule import SparsitySchedule
+from superblock.sparsity.targets import PRESETS, linear_weights, select_targets
+
+__all__ = [
+    "CONTROLLER_ATTR",
+    "PRESETS",
+    "BlockMask",
+    "SparsityController",
+    "SparsityReport",
+    "SparsitySchedule",
+    "block_sparsity",
+    "fold_masks",
+    "get_controller",
+    "iter_block_masks",
+    "kept_blocks",
+    "linear_weights",
+    "mask_parameters",
+    "normalize_block_size",
+    "select_targets",
+    "sparsify",
+]

@@ -1,0 +1,240 @@
+"""Public API: sparsify a model, fold its masks, measure block sparsity, reach the mask scores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from superblock.sparsity.blocks import grid_shape, normalize_block_size, tile_sum
+from superblock.sparsity.controller import SparsityController
+from superblock.sparsity.mask import SCORE_INITS, BlockMask
+from superblock.sparsity.schedule import SparsitySchedule, check_sparsity
+from superblock.sparsity.targets import Target, linear_weights, select_targets
+
+CONTROLLER_ATTR = "_superblock_controller"
+
+
+@dataclass
+class LayerRow:
+    name: str
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    kept: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total
+
+
+@dataclass
+class SparsityReport:
+    """What `sparsify` did (or would do, with dry_run=True): one row per masked weight."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+    sparsity: float = 0.0
+    allocation: str = "layerwise"
+    dry_run: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rows]
+
+    @property
+    def density(self) -> float:
+        """Fraction of tiles kept over all masked weights (tile-count weighted)."""
+        total = sum(r.total for r in self.rows)
+        return sum(r.kept for r in self.rows) / total if total else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "allocation": self.allocation,
+            "density": self.density,
+            "layers": [
+                {
+                    "name": r.name,
+                    "shape": list(r.shape),
+                    "block": list(r.block),
+                    "kept": r.kept,
+                    "total": r.total,
+                    "density": r.density,
+                }
+                for r in self.rows
+            ],
+        }
+
+    def __str__(self) -> str:
+        head = f"{'layer':<52} {'shape':>12} {'block':>8} {'kept/total':>12} {'density':>8}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            shape, block = f"{r.shape[0]}x{r.shape[1]}", f"{r.block[0]}x{r.block[1]}"
+            lines.append(f"{r.name:<52} {shape:>12} {block:>8} {f'{r.kept}/{r.total}':>12} {r.density:>8.3f}")
+        verb = "would mask" if self.dry_run else "masked"
+        lines.append(
+            f"{verb} {len(self.rows)} weights, {self.allocation} allocation, target sparsity {self.sparsity:.3f}, "
+            f"tiles kept {self.density:.3f}"
+        )
+        return "\n".join(lines)
+
+
+def get_controller(model: nn.Module) -> SparsityController | None:
+    """The model's SparsityController, or None for a dense model. Unwraps DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    ctrl = model.__dict__.get(CONTROLLER_ATTR)
+    return ctrl if isinstance(ctrl, SparsityController) else None
+
+
+def iter_block_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, BlockMask]]:
+    """(weight name, owning module, parameter name, BlockMask) for every masked weight."""
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, BlockMask):
+                    full = f"{module_name}.{param_name}" if module_name else param_name
+                    yield full, module, param_name, p
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The mask scores: give them their own optimizer group (own lr, no weight decay)."""
+    return [m.scores for _, _, _, m in iter_block_masks(model)]
+
+
+def _validate_targets(found: list[Target], block: tuple[int, int]) -> None:
+    for t in found:
+        shape = t.shape
+        if len(shape) != 2:
+            raise ValueError(f"target {t.name} has shape {shape}: block masks need 2-D weights")
+        if block[0] > shape[0] or block[1] > shape[1]:
+            raise ValueError(
+                f"block_size {block} is larger than weight {t.name} {shape}: use a smaller block_size "
+                "or exclude that weight"
+            )
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: float = 0.9,
+    block_size: int | tuple[int, int] = 32,
+    targets: Sequence[str] | str = ("mlp", "attn"),
+    exclude: Sequence[str] = (),
+    *,
+    skip_first_block: bool = False,
+    skip_head: bool = True,
+    allocation: str = "layerwise",
+    min_density: float = 0.0,
+    schedule: str = "constant",
+    initial_sparsity: float = 0.0,
+    ramp_steps: int = 0,
+    start_step: int = 0,
+    score_init: str = "kaiming",
+    fixed_weight: bool = False,
+    fixed_mask: bool = False,
+    seed: int | None = None,
+    dry_run: bool = False,
+) -> SparsityReport:
+    """Put learned block masks on the targeted weights of `model` (in place) and return a report.
+
+    Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
+    returns the report without changing the model. See README for the meaning of each option.
+    """
+    if get_controller(model) is not None:
+        raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
+    block = normalize_block_size(block_size)
+    sched = SparsitySchedule(
+        final=check_sparsity(sparsity),
+        kind=schedule,
+        initial=initial_sparsity,
+        start_step=start_step,
+        ramp_steps=ramp_steps,
+    )
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"unknown score_init {score_init!r}: use one of {SCORE_INITS}")
+    if fixed_weight and fixed_mask:
+        raise ValueError("fixed_weight and fixed_mask together would train nothing: choose one")
+    found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
+    _validate_targets(found, block)
+
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    masks = [
+        (t.name, BlockMask(getattr(t.module, t.param_name), block, score_init, fixed_mask, generator)) for t in found
+    ]
+    controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density)
+    controller.refresh(force=True)
+    report = SparsityReport(
+        rows=[LayerRow(name, tuple(m.weight_shape), block, int(m.mask.sum().item()), m.n_blocks) for name, m in masks],
+        sparsity=sched.value(0),
+        allocation=allocation,
+        dry_run=dry_run,
+    )
+    if dry_run:
+        return report
+    for t, (_, mask) in zip(found, masks, strict=True):
+        parametrize.register_parametrization(t.module, t.param_name, mask, unsafe=True)
+        if fixed_weight:
+            t.module.parametrizations[t.param_name].original.requires_grad_(False)
+    # A plain attribute (see SparsityController); deepcopy (EMA) copies it along with the masks it points to.
+    object.__setattr__(model, CONTROLLER_ATTR, controller)
+    return report
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """Multiply the masks into the weights and remove all superblock machinery; returns the same model.
+
+    Afterwards the model is a plain torchvision/timm module whose weights have zeros in whole tiles.
+    """
+    controller = get_controller(model)
+    if controller is None:
+        raise ValueError("model has no block masks to fold (was it sparsified?)")
+    controller.refresh_if_stale()
+    for module in {id(m): m for _, m, _, _ in iter_block_masks(model)}.values():
+        _unparametrize(module)
+    del model.__dict__[CONTROLLER_ATTR]
+    return model
+
+
+@torch.no_grad()
+def _unparametrize(module: nn.Module) -> None:
+    """Replace every parametrized tensor of `module` by its current (masked) value, in its original Parameter.
+
+    Not `parametrize.remove_parametrizations`: that deletes the property from the module's injected class, which
+    a deepcopy (an EMA copy, a copy folded for export) shares, and so would break the other copy.
+    """
+    plists = module.parametrizations
+    if not all(isinstance(p, BlockMask) for plist in plists.values() for p in plist):
+        for name in list(plists):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        return
+    values = {name: getattr(module, name) for name in plists}
+    originals = {name: plists[name].original for name in plists}
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        originals[name].copy_(value)
+        module.register_parameter(name, originals[name])
+
+
+@torch.no_grad()
+def block_sparsity(model: nn.Module, block_size: int | tuple[int, int] = 32) -> dict[str, float]:
+    """{weight name: fraction of all-zero tiles}, measured from the (effective) weights of every projection.
+
+    Works on masked, folded or plain models; dense weights report 0.0. Edge tiles count as tiles.
+    """
+    block = normalize_block_size(block_size)
+    result = {}
+    for t in linear_weights(model):
+        weight = getattr(t.module, t.param_name)
+        nonzero = tile_sum((weight != 0).float(), block)
+        rows, cols = grid_shape(weight.shape, block)
+        result[t.name] = float((nonzero == 0).sum().item()) / (rows * cols)
+    return result

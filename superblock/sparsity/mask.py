@@ -1,0 +1,112 @@
+"""The learned block mask: a weight parametrization with one trainable score per tile (Supermask).
+
+A parametrization (torch.nn.utils.parametrize) rather than a Linear subclass, so the mask applies wherever the
+weight is read: `nn.MultiheadAttention` reads `in_proj_weight` and `out_proj.weight` directly, bypassing
+`out_proj.forward`, and a subclass-based mask silently never applies there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from superblock.sparsity.blocks import BlockSize, apply_block_mask, grid_shape, tile_norms, tile_sum
+
+if TYPE_CHECKING:
+    from superblock.sparsity.controller import SparsityController
+
+SCORE_INITS = ("kaiming", "magnitude")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """weight * expand(hard_mask) with a straight-through estimator for the scores.
+
+    Forward uses the hard 0/1 mask; backward sends the weight grad * mask to the weight and the gradient of the
+    mask (grad * weight, summed over each tile) straight through to the scores. One saved tensor (the weight, which
+    is alive anyway) and no expanded mask in memory on the divisible path.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, block: BlockSize):
+        ctx.block = block
+        ctx.save_for_backward(weight, mask)
+        return apply_block_mask(weight, mask, block)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        grad_weight = grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = apply_block_mask(grad, mask, ctx.block)
+        if ctx.needs_input_grad[1]:
+            grad_scores = tile_sum(grad.float() * weight.float(), ctx.block)
+        return grad_weight, grad_scores, None, None
+
+
+def init_scores(
+    weight: torch.Tensor, block: BlockSize, method: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Initial tile scores (float32, on the weight's device).
+
+    kaiming: uniform(-1/sqrt(C), 1/sqrt(C)) like the reference (random mask at start);
+    magnitude: RMS of each tile of the current weight, to start sparse training from a pretrained dense model.
+    RMS rather than the norm so the smaller edge tiles are not penalized for their size.
+    """
+    rows, cols = grid_shape(weight.shape, block)
+    if method == "kaiming":
+        bound = 1.0 / math.sqrt(cols)
+        scores = torch.rand(rows, cols, generator=generator, dtype=torch.float32)
+        return (scores * 2 * bound - bound).to(weight.device)
+    if method == "magnitude":
+        ones = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
+        return tile_norms(weight, block) / tile_sum(ones, block).sqrt()
+    raise ValueError(f"unknown score_init {method!r}: use one of {SCORE_INITS}")
+
+
+class BlockMask(nn.Module):
+    """Parametrization W -> W * expand(mask), mask = top-k tiles of `scores` (chosen by the controller)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        block: BlockSize,
+        score_init: str = "kaiming",
+        fixed_mask: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"block masks need a 2-D weight, got shape {tuple(weight.shape)}")
+        self.block = block
+        self.weight_shape = tuple(weight.shape)
+        self.fixed_mask = fixed_mask
+        self.scores = nn.Parameter(init_scores(weight, block, score_init, generator), requires_grad=not fixed_mask)
+        self.register_buffer("mask", torch.ones(self.scores.shape, dtype=weight.dtype, device=weight.device))
+        self._controller: SparsityController | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scores.numel()
+
+    def attach(self, controller: SparsityController) -> None:
+        self._controller = controller
+
+    # The controller's state (schedule position) travels in every mask's extra state, so the model's own
+    # state dict holds it and a resumed run continues the schedule exactly.
+    def get_extra_state(self) -> dict:
+        return self._controller.get_state() if self._controller is not None else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self._controller is not None and state:
+            self._controller.set_state(state)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._controller is not None:
+            self._controller.refresh_if_stale()
+        return _MaskedWeight.apply(weight, self.scores, self.mask, self.block)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight_shape}, block={self.block}, tiles={tuple(self.scores.shape)}"

@@ -1,0 +1,164 @@
+"""Which weights get block masks: presets (mlp, attn, all_linear) and glob patterns on module/parameter names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+PRESETS = ("mlp", "attn", "all_linear")
+# Name parts that mark a feed-forward block (timm Mlp, torchvision MLPBlock, common transformer names).
+MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "mlp_block"}
+# Name parts that mark attention (timm Attention, torchvision self_attention = nn.MultiheadAttention, HF-style).
+ATTN_PARTS = {"attn", "attention", "self_attention", "self_attn", "cross_attn", "mha"}
+HEAD_PARTS = {"head", "heads", "classifier"}
+# The index of a transformer block in timm (blocks.0), torchvision (layers.encoder_layer_0), HF (layer.0, h.0).
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(?:encoder_layer_)?(\d+)(?:\.|$)")
+# Parameters of nn.MultiheadAttention that are projection weights read directly by its forward.
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight to mask: `getattr(module, param_name)` is the weight; `name` its full dotted name."""
+
+    module_name: str
+    param_name: str
+    module: nn.Module
+
+    @property
+    def name(self) -> str:
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self.module, self.param_name).shape)
+
+
+def linear_weights(model: nn.Module) -> list[Target]:
+    """Every projection weight of the model: nn.Linear weights and nn.MultiheadAttention input projections."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found.append(Target(name, "weight", module))
+        elif isinstance(module, nn.MultiheadAttention):
+            found.extend(Target(name, p, module) for p in MHA_WEIGHTS if getattr(module, p, None) is not None)
+    return found
+
+
+def _parts(name: str) -> list[str]:
+    return name.split(".")
+
+
+def in_preset(target: Target, preset: str) -> bool:
+    parts = _parts(target.module_name)
+    if preset == "all_linear":
+        return True
+    if preset == "attn":
+        return any(p in ATTN_PARTS or p.startswith("attn") for p in parts)
+    if preset == "mlp":
+        # timm's `attn.proj` is not an MLP weight, even in a model whose blocks are named "mlp_*".
+        return any(p in MLP_PARTS for p in parts) and not in_preset(target, "attn")
+    raise ValueError(f"unknown preset {preset!r}: use one of {PRESETS}")
+
+
+def is_head(target: Target, model: nn.Module) -> bool:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, nn.Module) and target.module is classifier:
+        return True
+    parts = _parts(target.module_name)
+    return any(p in HEAD_PARTS for p in parts) or target.module_name == "fc"
+
+
+def block_index(name: str) -> int | None:
+    match = BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _weights_of_module(module_name: str, module: nn.Module) -> list[Target]:
+    """The mask-able weights of a module matched by name; ValueError if it only has non-2-D weights."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [Target(module_name, p, module) for p in MHA_WEIGHTS if getattr(module, p, None) is not None]
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return []
+    if weight.dim() != 2:
+        raise ValueError(
+            f"target {module_name!r} ({type(module).__name__}) has a {weight.dim()}-D weight "
+            f"{tuple(weight.shape)}: block masks need 2-D (linear) weights; narrow the pattern or add an exclude"
+        )
+    return [Target(module_name, "weight", module)]
+
+
+def match_pattern(model: nn.Module, pattern: str) -> list[Target]:
+    """Weights whose module name or full parameter name matches a glob pattern (or equals it)."""
+    matched: dict[str, Target] = {}
+    for module_name, module in model.named_modules():
+        if module_name and fnmatchcase(module_name, pattern):
+            for t in _weights_of_module(module_name, module):
+                matched[t.name] = t
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if not fnmatchcase(full, pattern):
+                continue
+            if param.dim() != 2:
+                raise ValueError(
+                    f"target {full!r} has shape {tuple(param.shape)}: block masks need 2-D weights; "
+                    "narrow the pattern or add an exclude"
+                )
+            t = Target(module_name, param_name, module)
+            matched[t.name] = t
+    return list(matched.values())
+
+
+def select_targets(
+    model: nn.Module,
+    targets: list[str] | tuple[str, ...] | str,
+    exclude: list[str] | tuple[str, ...] = (),
+    skip_first_block: bool = False,
+    skip_head: bool = True,
+) -> list[Target]:
+    """Resolve presets and patterns to weights, in model order. Each entry that matches nothing is an error.
+
+    `skip_head` drops classifier heads from preset matches (an explicit pattern naming the head still wins);
+    `skip_first_block` drops every target in the first transformer block (index 0).
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise ValueError(f"targets is empty: give presets {PRESETS} and/or glob patterns such as 'blocks.*.mlp.fc1'")
+    candidates = linear_weights(model)
+    chosen: dict[str, Target] = {}
+    for entry in targets:
+        if entry in PRESETS:
+            hits = [t for t in candidates if in_preset(t, entry) and not (skip_head and is_head(t, model))]
+            if not hits:
+                raise ValueError(f"preset {entry!r} matches no weight of {type(model).__name__}: use a glob pattern")
+        else:
+            hits = match_pattern(model, entry)
+            if not hits:
+                kind = "pattern" if _is_pattern(entry) else "name"
+                raise ValueError(
+                    f"target {entry!r} is not a preset {PRESETS} and as a {kind} matches no module or parameter "
+                    f"of {type(model).__name__} (names look like {candidates[0].module_name if candidates else '?'!r})"
+                )
+        for t in hits:
+            chosen.setdefault(t.name, t)
+    for pattern in exclude:
+        if not any(fnmatchcase(n, pattern) for n, _ in model.named_modules() if n) and not any(
+            fnmatchcase(n, pattern) for n, _ in model.named_parameters()
+        ):
+            raise ValueError(f"exclude pattern {pattern!r} matches no module or parameter of {type(model).__name__}")
+        chosen = {
+            n: t for n, t in chosen.items() if not (fnmatchcase(n, pattern) or fnmatchcase(t.module_name, pattern))
+        }
+    if skip_first_block:
+        chosen = {n: t for n, t in chosen.items() if block_index(n) != 0}
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    return sorted(chosen.values(), key=lambda t: (order[id(t.module)], t.param_name))

@@ -1,0 +1,342 @@
+"""The sparsity core: exact kept counts, STE gradients, options, state dicts, allocation, bad input."""
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from superblock import block_sparsity, fold_masks, get_controller, mask_parameters, sparsify
+from superblock.sparsity import iter_block_masks, kept_blocks
+from superblock.sparsity.blocks import expand_blocks, tile_sum
+
+
+class Net(nn.Module):
+    """Weights of awkward sizes under names that the presets recognize."""
+
+    def __init__(self, shapes=((48, 40), (70, 48), (33, 70))):
+        super().__init__()
+        self.mlp = nn.ModuleList(nn.Linear(i, o) for o, i in shapes)
+        self.head = nn.Linear(shapes[-1][0], 5)
+
+    def forward(self, x):
+        for layer in self.mlp:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def tiny_tv_vit(**kw):
+    return torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=7,
+        **kw,
+    )
+
+
+def masked_copy_equals(model, folded, x):
+    model.eval()
+    folded.eval()
+    with torch.no_grad():
+        return torch.allclose(model(x), folded(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8, 0.9, 0.97])
+@pytest.mark.parametrize("block", [8, (4, 16), 16])
+def test_exact_kept_counts_and_whole_block_zeros(sparsity, block):
+    net = Net()
+    report = sparsify(net, sparsity=sparsity, block_size=block, targets=["mlp"])
+    assert len(report) == 3
+    for row in report.rows:
+        assert row.kept == kept_blocks(row.total, sparsity)
+    for name, _, _, m in iter_block_masks(net):
+        assert int(m.mask.sum()) == kept_blocks(m.n_blocks, sparsity)
+        w = dict(net.named_modules())[name.rsplit(".", 1)[0]].weight
+        bh, bw = m.block
+        full = expand_blocks(m.mask, w.shape, m.block)
+        assert torch.all(w[full == 0] == 0)
+        # every tile is either all-zero or untouched (random init has no zeros)
+        nz = tile_sum((w != 0).float(), m.block)
+        sizes = tile_sum(torch.ones_like(w), m.block)
+        assert torch.all((nz == 0) | (nz == sizes))
+        assert bh and bw
+
+
+def test_ties_are_broken_deterministically():
+    net = Net()
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
+    for _, _, _, m in iter_block_masks(net):
+        with torch.no_grad():
+            m.scores.fill_(1.0)  # all tied: the lowest indices win
+    get_controller(net).refresh_if_stale()
+    for _, _, _, m in iter_block_masks(net):
+        flat = m.mask.reshape(-1)
+        k = kept_blocks(m.n_blocks, 0.5)
+        assert torch.all(flat[:k] == 1) and torch.all(flat[k:] == 0)
+
+
+def test_ste_gradients():
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 24)
+    w0 = lin.weight.detach().clone()
+    wrap = nn.Sequential()
+    wrap.add_module("mlp", lin)
+    sparsify(wrap, sparsity=0.5, block_size=(8, 16), targets=["mlp"])
+    ((_, _, _, m),) = iter_block_masks(wrap)
+    x = torch.randn(5, 40)
+    g_out = torch.randn(5, 24)
+    wrap(x).backward(g_out)
+    grad_eff = g_out.t() @ x  # dL/dW_effective
+    full = expand_blocks(m.mask, (24, 40), (8, 16))
+    torch.testing.assert_close(lin.parametrizations.weight.original.grad, grad_eff * full)
+    torch.testing.assert_close(m.scores.grad, tile_sum(grad_eff * w0, (8, 16)))
+
+
+def _train_steps(model, n=3, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ctrl = get_controller(model)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(8, 40)).pow(2).sum().backward()
+        opt.step()
+        ctrl.step()
+
+
+def test_fixed_weight_trains_scores_only():
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"], fixed_weight=True)
+    originals = [l.parametrizations.weight.original.detach().clone() for l in net.mlp]
+    scores = [s.detach().clone() for s in mask_parameters(net)]
+    _train_steps(net)
+    for layer, before in zip(net.mlp, originals, strict=True):
+        assert not layer.parametrizations.weight.original.requires_grad
+        assert torch.equal(layer.parametrizations.weight.original, before)
+    assert any(not torch.equal(a, b) for a, b in zip(scores, mask_parameters(net), strict=True))
+
+
+def test_fixed_mask_freezes_mask_and_trains_weights():
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"], fixed_mask=True, score_init="magnitude")
+    masks = [m.mask.clone() for _, _, _, m in iter_block_masks(net)]
+    w = net.mlp[0].parametrizations.weight.original.detach().clone()
+    _train_steps(net)
+    assert all(not s.requires_grad for s in mask_parameters(net))
+    for (_, _, _, m), before in zip(iter_block_masks(net), masks, strict=True):
+        assert torch.equal(m.mask, before)
+    assert not torch.equal(net.mlp[0].parametrizations.weight.original, w)
+
+
+def test_masks_follow_scores_after_optimizer_steps():
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
+    (_, _, _, m), _ = iter_block_masks(net)
+    with torch.no_grad():
+        m.scores.copy_(torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape))
+    net(torch.randn(2, 40))
+    k = kept_blocks(m.n_blocks, 0.5)
+    assert torch.all(m.mask.reshape(-1)[-k:] == 1)
+
+
+def test_magnitude_init_keeps_largest_tiles():
+    lin = nn.Linear(32, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 32) * 0.01)
+        lin.weight[:8, :8] += 5.0  # tile (0, 0) dominates
+        lin.weight[24:, 8:16] += 3.0  # tile (3, 1) second
+    wrap = nn.Sequential()
+    wrap.add_module("mlp", lin)
+    sparsify(wrap, sparsity=0.875, block_size=8, targets=["mlp"], score_init="magnitude")
+    mask = next(iter_block_masks(wrap))[3].mask
+    assert mask.sum() == 2 and mask[0, 0] == 1 and mask[3, 1] == 1
+
+
+def test_no_host_sync_in_forward(monkeypatch):
+    """A forward + backward of a masked model calls nothing that reads tensor values on the host."""
+    net = Net()
+    sparsify(net, sparsity=0.7, block_size=8, targets=["mlp"])
+    x = torch.randn(4, 40)
+    net(x)  # first refresh happens here; afterwards scores do not change
+
+    def boom(*_a, **_k):
+        raise AssertionError("host sync in forward")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).sum().backward()
+    opt.step()
+    get_controller(net).step()
+    net(x).sum().backward()  # the refresh after a step is sync-free too
+
+
+def test_torchvision_vit_attention_masks_apply():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(image_size=32, num_classes=10)
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-inits the head; make logits informative
+    dense = copy.deepcopy(model)
+    report = sparsify(model, sparsity=0.9, block_size=32, targets=["mlp", "attn"])
+    names = report.names
+    assert len(names) == 48
+    assert any(n.endswith("self_attention.in_proj_weight") for n in names)
+    assert any(n.endswith("self_attention.out_proj.weight") for n in names)
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_masks(copy.deepcopy(model))
+    # folded weights load into a vanilla model: same function as the masked one, different from the dense one
+    vanilla = torchvision.models.vit_b_16(image_size=32, num_classes=10)
+    vanilla.load_state_dict(folded.state_dict())
+    assert masked_copy_equals(model, vanilla, x)
+    with torch.no_grad():
+        assert not torch.allclose(dense.eval()(x), model(x), atol=1e-3)
+    sp = block_sparsity(vanilla, 32)
+    assert sp["encoder.layers.encoder_layer_3.self_attention.in_proj_weight"] == pytest.approx(0.9, abs=1e-3)
+    assert sp["encoder.layers.encoder_layer_3.self_attention.out_proj.weight"] == pytest.approx(0.9, abs=1e-2)
+
+
+def test_timm_vit_masks_apply():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=7)
+    report = sparsify(model, sparsity=0.8, block_size=(16, 32), targets=["mlp", "attn"])
+    kinds = {n.split(".", 2)[2] for n in report.names}
+    assert kinds == {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
+    vanilla = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=7)
+    vanilla.load_state_dict(fold_masks(copy.deepcopy(model)).state_dict())
+    assert masked_copy_equals(model, vanilla, torch.randn(2, 3, 32, 32))
+
+
+def test_skip_head_and_first_block():
+    model = tiny_tv_vit()
+    all_lin = sparsify(model, targets=["all_linear"], block_size=4, skip_head=False, dry_run=True)
+    assert "heads.head.weight" in all_lin.names
+    default = sparsify(model, targets=["all_linear"], block_size=16, dry_run=True)
+    assert "heads.head.weight" not in default.names
+    skipped = sparsify(model, targets=["mlp", "attn"], block_size=16, skip_first_block=True, dry_run=True)
+    assert skipped.names and not any("encoder_layer_0." in n for n in skipped.names)
+    excluded = sparsify(model, targets=["mlp"], block_size=16, exclude=["*encoder_layer_1.mlp.3"], dry_run=True)
+    assert excluded.names == [
+        "encoder.layers.encoder_layer_0.mlp.0.weight",
+        "encoder.layers.encoder_layer_0.mlp.3.weight",
+        "encoder.layers.encoder_layer_1.mlp.0.weight",
+    ]
+    pattern = sparsify(model, targets=["encoder.layers.*.mlp.0"], block_size=16, dry_run=True)
+    assert len(pattern) == 2
+
+
+def test_dry_run_leaves_model_untouched():
+    model = tiny_tv_vit()
+    keys = set(model.state_dict())
+    report = sparsify(model, sparsity=0.5, block_size=16, dry_run=True)
+    assert len(report) == 8 and report.dry_run and "would mask" in str(report)
+    assert set(model.state_dict()) == keys and get_controller(model) is None
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_state_dict_round_trip_restores_masks_and_schedule():
+    kw = dict(sparsity=0.9, block_size=8, targets=["mlp"], schedule="cubic", initial_sparsity=0.2, ramp_steps=10)
+    net = Net()
+    sparsify(net, **kw)
+    _train_steps(net, n=4)
+    ctrl = get_controller(net)
+    assert ctrl.step_count == 4 and 0.2 < ctrl.sparsity < 0.9
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        ref = net(x)
+    state = _roundtrip(net.state_dict())
+    other = Net()
+    sparsify(other, **kw)
+    other.load_state_dict(state)
+    assert get_controller(other).step_count == 4
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), ref)
+    for (_, _, _, a), (_, _, _, b) in zip(iter_block_masks(net), iter_block_masks(other), strict=True):
+        assert torch.equal(a.mask, b.mask)
+    # a different recipe refuses the state instead of silently mixing
+    third = Net()
+    sparsify(third, **{**kw, "schedule": "linear"})
+    with pytest.raises(ValueError, match="different sparsity recipe"):
+        third.load_state_dict(state)
+
+
+def test_global_allocation_keeps_total_density_and_floor():
+    torch.manual_seed(1)
+    net = Net(((64, 64), (64, 64), (32, 64)))
+    with torch.no_grad():
+        net.mlp[0].weight.mul_(100)  # layer 0 dominates a magnitude ranking...
+    report = sparsify(
+        net,
+        sparsity=0.75,
+        block_size=8,
+        targets=["mlp"],
+        allocation="global",
+        min_density=0.1,
+        score_init="magnitude",
+    )
+    total = sum(r.total for r in report.rows)
+    assert sum(r.kept for r in report.rows) == kept_blocks(total, 0.75)
+    for r in report.rows:
+        assert r.kept >= kept_blocks(r.total, 0.9)  # ...but every layer keeps its 10% floor
+    # standardized scores: the scaled layer does not take everything
+    assert report.rows[0].kept < report.rows[0].total
+    with pytest.raises(ValueError, match="min_density"):
+        sparsify(Net(), sparsity=0.9, block_size=8, targets=["mlp"], allocation="global", min_density=0.5)
+
+
+def test_optimizer_groups_from_mask_parameters():
+    net = Net()
+    sparsify(net, block_size=8, targets=["mlp"])
+    scores = mask_parameters(net)
+    ids = {id(p) for p in scores}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": scores, "lr": 0.1, "weight_decay": 0.0}], lr=1e-3)
+    assert len(scores) == 3 and len(opt.param_groups[1]["params"]) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"sparsity": 1.5}, r"\[0, 1\)"),
+        ({"sparsity": 1.0}, r"\[0, 1\)"),
+        ({"sparsity": -0.1}, r"\[0, 1\)"),
+        ({"block_size": 0}, "positive"),
+        ({"block_size": -8}, "positive"),
+        ({"block_size": 512}, "larger than weight"),
+        ({"targets": ["mlpp"]}, "mlpp"),
+        ({"targets": ["conv_proj"]}, "2-D"),
+        ({"targets": ["encoder.layers.*.ln_1"]}, "2-D"),
+        ({"targets": ["nothing.*"]}, "nothing"),
+        ({"exclude": ["heads.typo"]}, "heads.typo"),
+        ({"targets": []}, "empty"),
+        ({"allocation": "random"}, "allocation"),
+        ({"score_init": "zeros"}, "score_init"),
+        ({"schedule": "linear"}, "ramp_steps"),
+        ({"fixed_weight": True, "fixed_mask": True}, "choose one"),
+    ],
+)
+def test_bad_input_raises_and_leaves_model_unchanged(kwargs, msg):
+    model = tiny_tv_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=msg):
+        sparsify(model, **{"block_size": 16, **kwargs})
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert get_controller(model) is None
+
+
+def test_double_sparsify_and_fold_of_dense_model_are_errors():
+    model = tiny_tv_vit()
+    with pytest.raises(ValueError, match="no block masks"):
+        fold_masks(model)
+    sparsify(model, block_size=16)
+    with pytest.raises(ValueError, match="already sparsified"):
+        sparsify(model, block_size=16)
