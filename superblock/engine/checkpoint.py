@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically, loaded without ever executing code from the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "superblock-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign, or unsafe to load."""
+
+
+def atomic_write(path: str | Path, write: Any) -> Path:
+    """Call `write(tmp_path)` then rename over `path`: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Save a training checkpoint dict (see docs/architecture.md) atomically."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a superblock checkpoint with `weights_only=True`; CheckpointError with a clear message otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers (only weights-only "
+            f"checkpoints are loaded, so no code from a file ever runs). Details: {str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a superblock checkpoint (no '{FORMAT}' format tag)")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state['version']}; this superblock reads <= {VERSION}")
+    return state
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory means its checkpoints/last.pt; a file is used as is."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"no checkpoint in run directory {path} (expected checkpoints/last.pt)")
+    return path
+
+
+def model_from_checkpoint(state: dict, use_ema: bool = False) -> nn.Module:
+    """Rebuild the (masked) model of a training checkpoint and load its weights."""
+    from superblock.models import build_model
+    from superblock.sparsity import sparsify
+
+    model = build_model(**state["model_spec"])
+    if state.get("sparsity_spec"):
+        sparsify(model, **state["sparsity_spec"])
+    weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    return model
