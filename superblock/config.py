@@ -1,0 +1,225 @@
+"""Typed training config: the YAML tree under configs/ is merged into these dataclasses and checked once.
+
+Unknown keys, wrong types and impossible values stop the run before any work with one line that says what to
+change (`ConfigError`, a ValueError). Builders then receive flat keyword arguments, never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from superblock.sparsity.blocks import normalize_block_size
+from superblock.sparsity.schedule import SCHEDULES, check_sparsity
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_vit"
+    source: str = "auto"  # auto | tiny | torchvision | timm
+    pretrained: str | None = None  # a local file: no hub downloads at run time
+    image_size: int | None = None  # None: follow the data
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    randaugment: str | None = None
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = True
+    level: float = 0.8
+    block_size: Any = 16  # int or [rows, cols]
+    targets: list[str] = field(default_factory=lambda: ["mlp", "attn"])
+    exclude: list[str] = field(default_factory=list)
+    skip_first_block: bool = False
+    skip_head: bool = True
+    allocation: str = "layerwise"
+    min_density: float = 0.0
+    schedule: str = "constant"
+    initial: float = 0.0
+    start_epoch: float = 0.0
+    ramp_epochs: float = 0.0
+    score_init: str = "kaiming"
+    fixed_weight: bool = False
+    fixed_mask: bool = False
+    scores_lr: float | None = None  # None: the optimizer's lr
+    strict_blocks: bool = False  # require block-multiple shapes (plain BSR export with no padded edge tiles)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    nesterov: bool = False
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.01
+    min_lr: float = 1e-5
+    lr_schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
+    accumulate_grad_batches: int = 1
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    resume: Any = False  # false | true (this run dir) | path to a run dir or checkpoint
+    checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+    log_every_steps: int = 10
+    val_every_epochs: int = 1
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    fault_at_step: int | None = None  # testing: SIGKILL ourselves after this optimizer step
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb (console + metrics.jsonl are always on)
+    project: str = "superblock"
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_dir: str | None = None  # default: Hydra's output dir
+    meta: dict[str, Any] = field(default_factory=dict)  # free-form notes (experiment name, expected result)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "sgd")
+LOGGERS = ("console", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+MODEL_SOURCES = ("auto", "tiny", "torchvision", "timm")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def to_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Merge a composed config into the schema and check it; ConfigError with one actionable line otherwise."""
+    schema = OmegaConf.structured(TrainConfig)
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        if merged.data.name == "imagefolder" and not merged.data.root:
+            raise ConfigError("data.root is required for data=imagefolder: pass data.root=/path/with/train/and/val")
+        conf: TrainConfig = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", "") or "a value"
+        raise ConfigError(f"missing value for {key}: set it on the command line, e.g. {key}=...") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "")
+        raise ConfigError(f"bad config{f' at {key}' if key else ''}: {_first_line(err)}") from None
+    check(conf)
+    return conf
+
+
+def _one_of(value: Any, options: tuple, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
+
+
+def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check(c: TrainConfig) -> None:
+    """Cross-field checks that a schema cannot express."""
+    _one_of(c.model.source, MODEL_SOURCES, "model.source")
+    s = c.sparsity
+    if s.enabled:
+        try:
+            check_sparsity(s.level, "sparsity.level")
+            check_sparsity(s.initial, "sparsity.initial")
+            normalize_block_size(s.block_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _one_of(s.schedule, SCHEDULES, "sparsity.schedule")
+        _one_of(s.allocation, ("layerwise", "global"), "sparsity.allocation")
+        _one_of(s.score_init, ("kaiming", "magnitude"), "sparsity.score_init")
+        if s.schedule != "constant" and s.ramp_epochs <= 0:
+            raise ConfigError(f"sparsity.schedule={s.schedule} needs sparsity.ramp_epochs > 0")
+        if s.fixed_weight and s.fixed_mask:
+            raise ConfigError("sparsity.fixed_weight and sparsity.fixed_mask together train nothing: choose one")
+        if not s.targets:
+            raise ConfigError("sparsity.targets is empty: e.g. sparsity.targets=[mlp,attn]")
+        _positive(s.scores_lr, "sparsity.scores_lr")
+    _one_of(c.optim.name, OPTIMIZERS, "optim.name")
+    _one_of(c.optim.lr_schedule, ("cosine", "constant"), "optim.lr_schedule")
+    _positive(c.optim.lr, "optim.lr")
+    _positive(c.optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(c.optim.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
+    t = c.trainer
+    _positive(t.max_epochs, "trainer.max_epochs")
+    _positive(t.max_steps, "trainer.max_steps")
+    _positive(t.accumulate_grad_batches, "trainer.accumulate_grad_batches")
+    _positive(t.grad_clip, "trainer.grad_clip")
+    _positive(t.log_every_steps, "trainer.log_every_steps")
+    _positive(t.val_every_epochs, "trainer.val_every_epochs")
+    _positive(t.checkpoint_every_steps, "trainer.checkpoint_every_steps", allow_zero=True)
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"trainer.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+    _positive(t.mixup, "trainer.mixup", allow_zero=True)
+    _positive(t.cutmix, "trainer.cutmix", allow_zero=True)
+    _one_of(t.precision, PRECISIONS, "trainer.precision")
+    _one_of(t.device, DEVICES, "trainer.device")
+    _positive(c.data.batch_size, "data.batch_size")
+    _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
+    _one_of(c.logger.name, LOGGERS, "logger.name")
+    if c.logger.mode is not None:
+        _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
+
+
+def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:
+    """With sparsity.strict_blocks, every targeted weight must be a whole number of tiles."""
+    bad = [f"{n} {tuple(s)}" for n, s in shapes.items() if s[0] % block[0] or s[1] % block[1]]
+    if bad:
+        raise ConfigError(
+            f"sparsity.block_size={list(block)} does not divide {len(bad)} targeted weight(s), e.g. {bad[0]}: "
+            "choose a block size that divides them, exclude them, or set sparsity.strict_blocks=false"
+        )
