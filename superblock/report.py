@@ -28,17 +28,17 @@ log = logging.getLogger(__name__)
 
 SUMMARY, CONFIG, EVAL = "summary.json", "config.yaml", "eval.json"
 OUTPUTS = {"csv": "results.csv", "md": "results.md", "plot": "accuracy_vs_speedup.png"}
-METRICS = ("val_top1", "val_top5", "best_val_top1", "best_val_top5")
+METRICS = ("val_top1", "val_top5", "best_val_top1", "best_val_top5", "ema_val_top1")
 SUMMARY_FIELDS = (
-    "val_top1", "val_top5", "best_val_top1", "best_val_top5", "mean_block_sparsity", "params_total", "params_kept",
-    "wall_time_s", "images_per_s", "epochs", "steps",
+    "val_top1", "val_top5", "best_val_top1", "best_val_top5", "ema_val_top1", "mean_block_sparsity", "params_total",
+    "params_kept", "wall_time_s", "images_per_s", "epochs", "steps",
 )  # fmt: skip
 EVAL_FIELDS = ("speedup", "latency_ms", "dense_latency_ms", "device", "dtype")
 CSV_FIELDS = (
     "run", "model", "sparsity", "block_size", "targets", "val_top1", "val_top5", "best_val_top1", "best_val_top5",
-    "delta", "mean_block_sparsity", "params_kept_frac", "params_kept", "params_total", "speedup", "latency_ms",
-    "dense_latency_ms", "device", "dtype", "wall_time_s", "images_per_s", "epochs", "steps", "status", "error",
-    "run_dir",
+    "ema_val_top1", "delta", "mean_block_sparsity", "params_kept_frac", "params_kept", "params_total", "speedup",
+    "latency_ms", "dense_latency_ms", "device", "dtype", "wall_time_s", "images_per_s", "epochs", "steps", "status",
+    "error", "run_dir",
 )  # fmt: skip
 
 
@@ -133,22 +133,26 @@ def _hydra_choice(run_dir: Path, group: str) -> Any:
     return choices.get(group) if isinstance(choices, dict) else None
 
 
+def sparsity_fields(cfg: dict, choice: Any = None) -> dict:
+    """sparsity / block_size / targets of a run config; (0, None, []) for a dense run: `sparsity=none` (the Hydra
+    choice), `sparsity.enabled: false`, or a null sparsity node."""
+    node = cfg.get("sparsity")
+    disabled = isinstance(node, dict) and node.get("enabled") is False
+    if choice == "none" or disabled or ("sparsity" in cfg and node is None):
+        return {"sparsity": 0.0, "block_size": None, "targets": []}
+    node = node if isinstance(node, dict) else {}
+    return {
+        "sparsity": parse_float(node.get("level")),
+        "block_size": parse_block(node.get("block_size")),
+        "targets": parse_targets(node.get("targets")),
+    }
+
+
 def _from_config(run_dir: Path) -> dict:
-    """model / sparsity / block size / targets from the resolved config (or Hydra's copy), for runs without a
-    usable summary; `sparsity=none` (the Hydra choice, or a null sparsity node) reads as a dense run."""
+    """model and grid point from the resolved config (or Hydra's copy), for runs without a usable summary."""
     cfg = _read_yaml(run_dir / CONFIG) or _read_yaml(run_dir / ".hydra" / CONFIG)
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    sparsity = cfg.get("sparsity")
-    out: dict[str, Any] = {"model": model.get("name"), "sparsity": None, "block_size": None, "targets": []}
-    if ("sparsity" in cfg and sparsity is None) or _hydra_choice(run_dir, "sparsity") == "none":
-        out["sparsity"] = 0.0
-    elif isinstance(sparsity, dict):
-        out.update(
-            sparsity=parse_float(sparsity.get("level")),
-            block_size=parse_block(sparsity.get("block_size")),
-            targets=parse_targets(sparsity.get("targets")),
-        )
-    return out
+    return {"model": model.get("name"), **sparsity_fields(cfg, _hydra_choice(run_dir, "sparsity"))}
 
 
 def _speed(run_dir: Path) -> dict:

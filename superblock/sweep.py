@@ -44,17 +44,13 @@ def failure_summary(run_dir: Path, job_cfg: DictConfig | None, exc: BaseExceptio
     wrote one. Unresolved: the failure may be a broken interpolation."""
     cfg = OmegaConf.to_container(job_cfg, resolve=False) if job_cfg is not None else {}
     assert isinstance(cfg, dict)
-    dense = sparsity_choice == "none" or ("sparsity" in cfg and cfg["sparsity"] is None)
-    sparsity = cfg.get("sparsity") if isinstance(cfg.get("sparsity"), dict) else {}
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     return {
         "status": "failed",
         "error": _error_text(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "model": model.get("name"),
-        "sparsity": 0.0 if dense else report.parse_float(sparsity.get("level")),
-        "block_size": report.parse_block(sparsity.get("block_size")),
-        "targets": report.parse_targets(sparsity.get("targets")),
+        **report.sparsity_fields(cfg, sparsity_choice),
         "run_dir": str(run_dir),
     }
 
@@ -92,6 +88,15 @@ def job_line(job_num: Any, run_dir: Path, metric: str = "val_top1") -> str:
     elif row.get("error"):
         parts.append(str(row["error"]).splitlines()[0][:200])
     return " | ".join([*parts, str(run_dir)])
+
+
+def job_run_dir(hydra_cfg: DictConfig, job_return: JobReturn) -> Path:
+    """Where the job's summary is: the trainer's returned `run_dir` (it differs from Hydra's output dir when
+    `run_dir=` is set or a run is resumed in place), else Hydra's output dir."""
+    value = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
+    if isinstance(value, dict) and value.get("run_dir"):
+        return Path(value["run_dir"])
+    return Path(hydra_cfg.runtime.output_dir)
 
 
 def job_sweep_dir(hydra_cfg: DictConfig) -> Path:
@@ -141,7 +146,7 @@ class SweepProgress(Callback):
             print(f"[sweep] progress callback error (the job itself is unaffected): {err!r}", flush=True)
 
     def _report_job(self, hydra_cfg: DictConfig, job_return: JobReturn) -> None:
-        run_dir = Path(hydra_cfg.runtime.output_dir)
+        run_dir = job_run_dir(hydra_cfg, job_return)
         if self.capture_failures:
             record_failure(run_dir, job_return)
         line = job_line(hydra_cfg.job.get("num", "?"), run_dir, self.metric)

@@ -35,7 +35,11 @@ def _summary(model: str, sparsity: float, block: int | None, top1: float, status
 
 
 def _config(model: str, sparsity: float | None, block: int | None) -> dict:
-    sparse = None if sparsity is None else {"level": sparsity, "block_size": block, "targets": ["mlp"]}
+    """As configs/sparsity/{supermask,none}.yaml resolve: `none` keeps the defaults' block and targets."""
+    if sparsity is None:
+        sparse = {"enabled": False, "level": 0.0, "block_size": 16, "targets": ["mlp", "attn"]}
+    else:
+        sparse = {"enabled": True, "level": sparsity, "block_size": block, "targets": ["mlp"]}
     return {"model": {"name": model, "num_classes": 10}, "sparsity": sparse, "trainer": {"epochs": 2}}
 
 
@@ -328,3 +332,24 @@ def test_sweep_progress_with_submitit_local(tmp_path: Path) -> None:
     assert len((tmp_path / "sweep" / "progress.log").read_text().splitlines()) == 4
     assert proc.stdout.count("[sweep] finished: 4 jobs (4 completed)") == 1
     assert len([row for row in collect_runs([tmp_path / "sweep"]) if row["status"] == "completed"]) == 4
+
+
+def test_killed_dense_job_reads_as_dense_from_its_config(tmp_path: Path) -> None:
+    make_run(tmp_path, "dense", sparsity=None, block=None, top1=None)
+    (row,) = collect_runs([tmp_path])
+    assert (row["status"], row["sparsity"], row["block_size"], row["targets"]) == ("incomplete", 0.0, None, [])
+
+
+def test_callback_uses_the_run_dir_the_trainer_returned(tmp_path: Path) -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from superblock.sweep import job_run_dir, job_sweep_dir
+
+    hydra_cfg = OmegaConf.create(
+        {"runtime": {"output_dir": str(tmp_path / "sw" / "3_a=1")}, "sweep": {"dir": "x", "subdir": "3_a=1"}}
+    )
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value={"run_dir": str(tmp_path / "resumed")})
+    assert job_run_dir(hydra_cfg, ret) == tmp_path / "resumed"
+    assert job_run_dir(hydra_cfg, JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError())).name == "3_a=1"
+    assert job_sweep_dir(hydra_cfg) == tmp_path / "sw"
