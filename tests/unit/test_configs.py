@@ -69,3 +69,20 @@ def test_experiments_carry_launch_command_and_expected_result():
         assert text.startswith("# @package _global_"), path
         assert "python train.py" in text or "torchrun" in text, path
         assert "Expected" in text, path
+
+
+LAUNCHERS = sorted((CONFIGS / "hydra" / "launcher").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_every_launcher_composes(path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra/launcher={path.stem}"], return_hydra_config=True)
+    assert "Launcher" in cfg.hydra.launcher._target_
+
+
+def test_sweep_configs_switch_to_multirun():
+    for path in (CONFIGS / "sweep").glob("*.yaml"):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"sweep={path.stem}"], return_hydra_config=True)
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.params, path
