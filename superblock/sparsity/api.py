@@ -72,11 +72,12 @@ class SparsityReport:
         }
 
     def __str__(self) -> str:
-        head = f"{'layer':<52} {'shape':>12} {'block':>8} {'kept/total':>12} {'density':>8}"
+        width = max([len("layer"), *(len(r.name) for r in self.rows)])
+        head = f"{'layer':<{width}} {'shape':>12} {'block':>8} {'kept/total':>12} {'density':>8}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             shape, block = f"{r.shape[0]}x{r.shape[1]}", f"{r.block[0]}x{r.block[1]}"
-            lines.append(f"{r.name:<52} {shape:>12} {block:>8} {f'{r.kept}/{r.total}':>12} {r.density:>8.3f}")
+            lines.append(f"{r.name:<{width}} {shape:>12} {block:>8} {f'{r.kept}/{r.total}':>12} {r.density:>8.3f}")
         verb = "would mask" if self.dry_run else "masked"
         lines.append(
             f"{verb} {len(self.rows)} weights, {self.allocation} allocation, target sparsity {self.sparsity:.3f}, "

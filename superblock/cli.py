@@ -1,0 +1,112 @@
+"""Glue between Hydra and the trainer: validate, pick the run dir, run, report, exit with a clear status."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from superblock.config import ConfigError, TrainConfig, to_config
+from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
+
+
+def _hydra_context() -> tuple[str | None, bool]:
+    """(Hydra's output dir, whether this is a multirun job); (None, False) outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return None, False
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    keys = [k for k in cfg if k != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"superblock: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def train_main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Entry of `python train.py`: returns the summary (Hydra multirun collects it)."""
+    from superblock.engine.trainer import Trainer, TrainingDiverged, find_resume, write_summary
+
+    hydra_dir, multirun = _hydra_context()
+    start = time.perf_counter()
+    run_dir: Path | None = None
+    try:
+        conf: TrainConfig = to_config(cfg)
+        if conf.trainer.threads:
+            torch.set_num_threads(conf.trainer.threads)
+        dist = init_distributed(conf.trainer.device)
+        # One run directory, chosen on rank 0 and shared: ranks must never disagree about where to write.
+        run_dir = Path(broadcast_object(conf.run_dir or hydra_dir or "outputs/run")).resolve()
+        resume = find_resume(conf.trainer.resume, run_dir)
+        if resume is not None and resume.parent.name == "checkpoints":
+            run_dir = resume.parent.parent  # resuming a run (this one or another) continues it in place
+        resolved = plain_config(cfg)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+        trainer = Trainer(conf, run_dir, dist, resolved)
+        if resume is not None and dist.is_main:
+            print(f"resuming from {resume}", flush=True)
+        summary = trainer.fit(resume)
+        summary["wall_time_s"] = time.perf_counter() - start
+        if dist.is_main:
+            write_summary(run_dir, summary)
+            print_final(summary)
+        cleanup()
+        return summary
+    except (ConfigError, ValueError, TrainingDiverged, FileNotFoundError, RuntimeError) as err:
+        code = 1 if isinstance(err, TrainingDiverged) else 2
+        if isinstance(err, RuntimeError) and not isinstance(err, TrainingDiverged):
+            traceback.print_exc()
+            code = 1
+        if run_dir is not None:
+            write_failed(run_dir, cfg, err, time.perf_counter() - start)
+        if multirun:
+            # One failed job must not stop the sweep: report it and let the launcher go on.
+            print(f"superblock: job failed: {err}", file=sys.stderr, flush=True)
+            return {"status": "failed", "error": str(err)}
+        fail(str(err), code)
+    return None
+
+
+def write_failed(run_dir: Path, cfg: DictConfig, err: BaseException, wall: float) -> None:
+    from superblock.engine.trainer import write_summary
+
+    try:
+        spars = cfg.get("sparsity", {}) or {}
+        enabled = spars.get("enabled", True)
+        write_summary(run_dir, {
+            "status": "failed", "error": f"{type(err).__name__}: {err}", "model": cfg.get("model", {}).get("name"),
+            "sparsity": spars.get("level", 0.0) if enabled else 0.0,
+            "block_size": spars.get("block_size") if enabled else None,
+            "targets": list(spars.get("targets", [])) if enabled else [], "wall_time_s": wall, "run_dir": str(run_dir),
+        })
+    except Exception:  # noqa: BLE001 - reporting a failure must not hide the original error
+        pass
+
+
+def print_final(summary: dict[str, Any]) -> None:
+    sp = summary["mean_block_sparsity"]
+    line = (
+        f"\nval top-1 {summary['val_top1']:.2f}% (top-5 {summary['val_top5']:.2f}%) | "
+        f"measured block sparsity {sp:.3f} over {len(summary['block_sparsity'])} weights "
+        f"(block {summary['block_size']}) | params kept {summary['params_kept']:,}/{summary['params_total']:,}"
+        if summary["block_size"]
+        else f"\nval top-1 {summary['val_top1']:.2f}% (top-5 {summary['val_top5']:.2f}%) | dense model"
+    )
+    print(line)
+    print(f"run directory: {summary['run_dir']}", flush=True)

@@ -1,0 +1,43 @@
+"""Validation loop: top-1 / top-5 / loss, summed over every rank under DDP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from superblock.engine.distributed import all_reduce_sum
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[-1])
+    top = logits.topk(kmax, dim=-1).indices
+    hits = top == targets[:, None]
+    return [hits[:, : min(k, kmax)].any(dim=-1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Accuracy of `model` on `loader`; the counts are reduced across ranks, so every rank gets the same result."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(images)
+        top1, top5 = topk_correct(logits.float(), targets)
+        totals += torch.stack(
+            [criterion(logits.float(), targets).double(), top1.double(), top5.double(),
+             torch.tensor(len(targets), dtype=torch.float64, device=device)]
+        )
+    all_reduce_sum(totals)
+    model.train(was_training)
+    loss, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"val_loss": loss / count, "val_top1": 100.0 * top1 / count, "val_top5": 100.0 * top5 / count}

@@ -1,0 +1,472 @@
+"""The training run: build everything from a validated config, train, checkpoint, resume, summarize."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from superblock.config import TrainConfig, check_strict_blocks
+from superblock.data import build_datasets, build_loaders
+from superblock.engine.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from superblock.engine.distributed import DistInfo, all_gather_object, barrier
+from superblock.engine.ema import ModelEma
+from superblock.engine.evaluation import evaluate
+from superblock.engine.optim import build_lr_scheduler, build_optimizer
+from superblock.logging import MetricLogger, build_logger
+from superblock.models import build_model, model_spec
+from superblock.sparsity import block_sparsity, get_controller, iter_block_masks, normalize_block_size, sparsify
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches already consumed in `epoch`
+    step: int = 0  # optimizer steps
+    best_top1: float = -1.0
+    best_top5: float = -1.0
+    train_images: int = 0
+    train_seconds: float = 0.0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sparsity_spec(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any] | None:
+    """Flat keyword arguments of `sparsify` (JSON-able; stored in checkpoints)."""
+    s = cfg.sparsity
+    if not s.enabled:
+        return None
+    block = normalize_block_size(s.block_size)
+    return {
+        "sparsity": s.level, "block_size": list(block), "targets": list(s.targets), "exclude": list(s.exclude),
+        "skip_first_block": s.skip_first_block, "skip_head": s.skip_head, "allocation": s.allocation,
+        "min_density": s.min_density, "schedule": s.schedule, "initial_sparsity": s.initial,
+        "ramp_steps": int(round(s.ramp_epochs * steps_per_epoch)),
+        "start_step": int(round(s.start_epoch * steps_per_epoch)),
+        "score_init": s.score_init, "fixed_weight": s.fixed_weight, "fixed_mask": s.fixed_mask,
+    }
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("trainer.precision=fp16 needs a CUDA GPU: use fp32 or bf16 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def mask_digest(model: nn.Module) -> str:
+    """A hash of every hard mask: equal on every rank when DDP keeps the scores in sync."""
+    h = hashlib.sha256()
+    for name, _, _, m in iter_block_masks(model):
+        h.update(name.encode())
+        h.update(m.mask.detach().to("cpu", torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters of the deployable model, of which kept): scores don't count; masked tiles aren't kept."""
+    scores = {id(m.scores) for _, _, _, m in iter_block_masks(model)}
+    originals = {}
+    for _, module, pname, _ in iter_block_masks(model):
+        originals[id(module.parametrizations[pname].original)] = getattr(module, pname)
+    total = kept = 0
+    for p in model.parameters():
+        if id(p) in scores:
+            continue
+        total += p.numel()
+        kept += int((originals[id(p)] != 0).sum()) if id(p) in originals else p.numel()
+    return total, kept
+
+
+class Trainer:
+    """One training run. `fit()` returns the summary dict (also written to summary.json)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, resolved_config: dict) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.dist = dist
+        self.device = dist.device
+        self.resolved_config = resolved_config
+        self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
+        seed_everything(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optim()
+        self.progress = Progress()
+        self.logger: MetricLogger | None = None
+        self.bar = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _build_data(self) -> None:
+        c = self.cfg.data
+        self.bundle = build_datasets(
+            c.name, root=c.root, image_size=c.image_size, download=c.download, train_size=c.train_size,
+            val_size=c.val_size, seed=self.cfg.seed, randaugment=c.randaugment,
+        )
+        self.train_loader, self.val_loader, self.sampler = build_loaders(
+            self.bundle, batch_size=c.batch_size, num_workers=c.num_workers, seed=self.cfg.seed,
+            distributed=self.dist.distributed, eval_batch_size=c.eval_batch_size,
+        )
+        accum = self.cfg.trainer.accumulate_grad_batches
+        self.batches_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = self.batches_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {self.batches_per_epoch} batches, fewer than trainer.accumulate_grad_batches="
+                f"{accum}: lower data.batch_size or accumulate_grad_batches, or use more data"
+            )
+        self.total_steps = self.steps_per_epoch * self.cfg.trainer.max_epochs
+        if self.cfg.trainer.max_steps:
+            self.total_steps = min(self.total_steps, self.cfg.trainer.max_steps)
+
+    def _build_model(self) -> None:
+        m = self.cfg.model
+        name = m.name
+        if m.source == "timm" and not name.startswith("timm:"):
+            name = f"timm:{name}"
+        self.model_spec = model_spec(
+            name, num_classes=self.bundle.num_classes, image_size=m.image_size or self.bundle.image_size,
+            pretrained=m.pretrained, **m.kwargs,
+        )
+        model = build_model(**self.model_spec)
+        self.sparsity_spec = sparsity_spec(self.cfg, self.steps_per_epoch)
+        self.report = None
+        if self.sparsity_spec:
+            if self.cfg.sparsity.strict_blocks:
+                dry = sparsify(model, **self.sparsity_spec, dry_run=True)
+                check_strict_blocks({r.name: r.shape for r in dry.rows}, normalize_block_size(dry.rows[0].block))
+            self.report = sparsify(model, **self.sparsity_spec, seed=self.cfg.seed)
+        self.model = model.to(self.device)
+        self.ema = ModelEma(self.model, self.cfg.trainer.ema_decay) if self.cfg.trainer.ema_decay else None
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            # Masks are buffers that every rank derives from identical scores: no need to broadcast them each step.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        if self.cfg.trainer.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _build_optim(self) -> None:
+        o, t = self.cfg.optim, self.cfg.trainer
+        self.optimizer = build_optimizer(
+            self.model, o.name, lr=o.lr, weight_decay=o.weight_decay, scores_lr=self.cfg.sparsity.scores_lr,
+            betas=tuple(o.betas), momentum=o.momentum, nesterov=o.nesterov,
+        )
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, self.total_steps, int(round(o.warmup_epochs * self.steps_per_epoch)), o.lr, o.min_lr,
+            o.warmup_start_factor, o.lr_schedule,
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.mixup = None
+        if t.mixup > 0 or t.cutmix > 0:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.mixup = Mixup(
+                mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                num_classes=self.bundle.num_classes,
+            )
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model_spec": self.model_spec,
+            "sparsity_spec": self.sparsity_spec,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(self.progress),
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "config": self.resolved_config,
+            "metrics": dict(self.progress.last_metrics),
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / name, self.state())
+        barrier()
+
+    def resume_from(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("model_spec") != self.model_spec or state.get("sparsity_spec") != self.sparsity_spec:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained with a different model or sparsity config "
+                f"(model {state.get('model_spec')}, sparsity {state.get('sparsity_spec')})"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.ema and state.get("ema") is not None:
+            self.ema.load(state["ema"], state.get("ema_updates", 0))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+
+    # -------------------------------------------------------------------------------------------- training
+    def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+            logits = self.train_model(images)
+        return self.criterion(logits.float(), targets)
+
+    def _optimizer_step(self) -> None:
+        t = self.cfg.trainer
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        ctrl = get_controller(self.model)
+        if ctrl is not None:
+            ctrl.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.progress.step += 1
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        if not math.isfinite(float(loss_sum)):
+            raise TrainingDiverged(
+                f"loss became {float(loss_sum)} by step {self.progress.step}: training stopped. The last good "
+                f"checkpoint is {self.ckpt_dir / 'last.pt'}; lower optim.lr or enable trainer.grad_clip and resume"
+            )
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """One epoch (or its remainder after a resume). Returns whether the epoch was completed."""
+        t, accum = self.cfg.trainer, self.cfg.trainer.accumulate_grad_batches
+        self.sampler.set_epoch(epoch)
+        if self.train_loader.generator is not None:
+            # Worker seeds (augmentations) drawn per epoch from (seed, epoch): a resumed run draws the same ones.
+            self.train_loader.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        skip = self.progress.batch_in_epoch
+        usable = self.steps_per_epoch * accum
+        self.bar = tqdm(
+            total=usable, initial=skip, desc=f"epoch {epoch + 1}/{t.max_epochs}", unit="batch",
+            disable=not self.dist.is_main, dynamic_ncols=True, leave=True,
+        )
+        window_loss = torch.zeros((), device=self.device)
+        window_images, window_start = 0, time.perf_counter()
+        self.train_model.train()
+        for i, (images, targets) in enumerate(self.train_loader):
+            if i < skip:
+                continue  # resume mid-epoch: the sampler order is a function of (seed, epoch)
+            if i >= usable:
+                break
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            boundary = (i + 1) % accum == 0
+            sync = self.train_model.no_sync() if (self.dist.distributed and not boundary) else _null()
+            with sync:
+                loss = self._forward_loss(images, targets)
+                self.scaler.scale(loss / accum).backward()
+            window_loss += loss.detach() / accum
+            window_images += len(images) * self.dist.world_size
+            self.progress.batch_in_epoch = i + 1
+            self.bar.update(1)
+            if not boundary:
+                continue
+            self._optimizer_step()
+            step = self.progress.step
+            if step % t.log_every_steps == 0 or step == self.total_steps:
+                window_loss = self._log_train(window_loss, window_images, window_start, step)
+                window_images, window_start = 0, time.perf_counter()
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                self._check_finite(window_loss)
+                self.save()
+            if t.fault_at_step is not None and step == t.fault_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+            if step >= self.total_steps:
+                self.bar.close()
+                return self.progress.batch_in_epoch >= usable
+        self.bar.close()
+        self._check_finite(window_loss)
+        return True
+
+    def _log_train(self, window_loss: torch.Tensor, images: int, start: float, step: int) -> torch.Tensor:
+        steps_in_window = step % self.cfg.trainer.log_every_steps or self.cfg.trainer.log_every_steps
+        loss = float(window_loss) / steps_in_window
+        self._check_finite(window_loss)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        self.progress.train_images += images
+        self.progress.train_seconds += elapsed
+        ctrl = get_controller(self.model)
+        metrics = {
+            "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+            "sparsity": ctrl.sparsity if ctrl else 0.0, "images_per_s": images / elapsed,
+            "epoch": self.progress.epoch,
+        }
+        if self.logger:
+            self.logger.log(metrics, step)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", sparsity=f"{metrics['sparsity']:.2f}",
+                img_s=f"{metrics['images_per_s']:.0f}",
+            )
+        return torch.zeros((), device=self.device)
+
+    def _validate(self) -> dict[str, float]:
+        metrics = evaluate(self.model, self.val_loader, self.device, self.amp_dtype)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype)
+            metrics.update({f"ema_{k}": v for k, v in ema.items()})
+        return metrics
+
+    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+        t = self.cfg.trainer
+        if resume is not None:
+            self.resume_from(resume)
+        self.logger = build_logger(
+            self.cfg.logger.name, self.run_dir, self.dist.is_main, self.resolved_config, self.cfg.logger.project,
+            self.cfg.logger.entity, self.cfg.logger.mode, self.cfg.logger.tags,
+        )
+        status = "failed"
+        try:
+            if resume is not None and self.dist.is_main:
+                self.logger.sinks[0].truncate_after(self.progress.step)
+            if self.dist.is_main and self.report is not None and resume is None:
+                print(self.report)
+            while self.progress.step < self.total_steps and self.progress.epoch < t.max_epochs:
+                epoch = self.progress.epoch
+                finished = self._train_epoch(epoch)
+                if finished:
+                    self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
+                done = self.progress.step >= self.total_steps or self.progress.epoch >= t.max_epochs
+                if (finished and (epoch + 1) % t.val_every_epochs == 0) or done:
+                    self._end_epoch_validation(epoch)
+                self.save()
+            if not self.progress.last_metrics:
+                self._end_epoch_validation(self.progress.epoch)
+            status = "completed"
+            return self.summary(status)
+        finally:
+            self.logger.finish(status)
+
+    def _end_epoch_validation(self, epoch: int) -> None:
+        metrics = self._validate()
+        self.progress.last_metrics = metrics
+        if self.logger:
+            self.logger.log({**metrics, "epoch": epoch + 1}, self.progress.step)
+        if self.dist.is_main:
+            tqdm.write(
+                f"epoch {epoch + 1}: val top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+                f"loss {metrics['val_loss']:.4f}"
+                + (f"  (EMA top-1 {metrics['ema_val_top1']:.2f}%)" if "ema_val_top1" in metrics else "")
+            )
+        if metrics["val_top1"] > self.progress.best_top1:
+            self.progress.best_top1, self.progress.best_top5 = metrics["val_top1"], metrics["val_top5"]
+            self.save("best.pt")
+
+    # --------------------------------------------------------------------------------------------- summary
+    def summary(self, status: str) -> dict[str, Any]:
+        digests = all_gather_object(mask_digest(self.model))
+        spec = self.sparsity_spec
+        masked = {n for n, _, _, _ in iter_block_masks(self.model)}
+        measured = {}
+        if spec:
+            measured = {n: v for n, v in block_sparsity(self.model, spec["block_size"]).items() if n in masked}
+        total, kept = model_size(self.model)
+        p, m = self.progress, self.progress.last_metrics
+        summary = {
+            "status": status, "error": None, "model": self.cfg.model.name,
+            "sparsity": spec["sparsity"] if spec else 0.0,
+            "block_size": spec["block_size"] if spec else None,
+            "targets": spec["targets"] if spec else [],
+            "val_top1": m.get("val_top1"), "val_top5": m.get("val_top5"),
+            "ema_val_top1": m.get("ema_val_top1"),
+            "best_val_top1": p.best_top1, "best_val_top5": p.best_top5,
+            "block_sparsity": measured,
+            "mean_block_sparsity": sum(measured.values()) / len(measured) if measured else 0.0,
+            "params_total": total, "params_kept": kept,
+            "wall_time_s": None, "images_per_s": p.train_images / p.train_seconds if p.train_seconds else None,
+            "epochs": p.epoch, "steps": p.step, "world_size": self.dist.world_size,
+            "masks_equal_across_ranks": len(set(digests)) == 1, "mask_digest": digests[0],
+            "run_dir": str(self.run_dir),
+        }
+        return summary
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def find_resume(resume: Any, run_dir: Path) -> Path | None:
+    """trainer.resume: false -> None; true -> this run dir's last.pt (None if absent); a path -> its checkpoint."""
+    if resume in (False, None, "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = resolve_checkpoint_path(Path(str(resume)).expanduser())
+    if not path.is_file():
+        raise ValueError(f"trainer.resume={resume}: no checkpoint at {path}")
+    return path

@@ -1,0 +1,124 @@
+"""train.py through its real entry point: smoke run, resume after SIGKILL, DDP, bad configs, wandb offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["debug=smoke", "trainer.threads=1"]
+
+
+def run_train(*args: str, env: dict | None = None, cmd: list[str] | None = None, timeout: int = 300):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(
+        (cmd or [sys.executable, "train.py"]) + list(args), cwd=ROOT, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_smoke_run_leaves_a_complete_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(*SMOKE, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    s = summary_of(run_dir)
+    assert s["status"] == "completed" and s["steps"] == 8 and s["epochs"] == 1
+    assert 0.0 <= s["val_top1"] <= 100.0
+    assert s["mean_block_sparsity"] == pytest.approx(0.8, abs=0.02)
+    assert all(name.endswith("weight") for name in s["block_sparsity"])
+    assert s["params_kept"] < s["params_total"]
+    assert "val top-1" in proc.stdout and f"run directory: {run_dir}" in proc.stdout
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_loss" in ln for ln in lines) and any("val_top1" in ln for ln in lines)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "optimizer", "lr_scheduler", "scaler", "rng", "progress", "model_spec", "sparsity_spec"):
+        assert key in ckpt
+
+
+def test_dense_run_has_no_masks(tmp_path):
+    proc = run_train(*SMOKE, "sparsity=none", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path)
+    assert s["sparsity"] == 0.0 and s["block_size"] is None and s["params_kept"] == s["params_total"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = [*SMOKE, "trainer.max_epochs=2", "trainer.checkpoint_every_steps=3", "trainer.log_every_steps=1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train(*common, f"hydra.run.dir={straight}").returncode == 0
+    proc = run_train(*common, "trainer.fault_at_step=11", f"hydra.run.dir={killed}")
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid-epoch 2, last checkpoint at step 9
+    assert not (killed / "summary.json").exists()
+    proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    a, b = summary_of(straight), summary_of(killed)
+    for key in ("val_top1", "val_top5", "best_val_top1", "steps", "epochs", "mask_digest"):
+        assert a[key] == b[key], key
+    wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+    # metrics.jsonl has no duplicate steps from the killed attempt
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in ln]
+    assert steps == sorted(set(steps))
+
+
+def test_two_process_ddp_on_cpu_keeps_masks_equal(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    proc = run_train(*SMOKE, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", cmd=cmd, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path)
+    assert s["world_size"] == 2 and s["masks_equal_across_ranks"] is True
+    assert s["steps"] == 4  # 256 images / (2 ranks x 32)
+    # only rank 0 wrote a run dir (no stray per-rank Hydra dirs in the repo)
+    assert not (ROOT / ".hydra").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sparsity.level=1.5", "sparsity.level must be in [0, 1)"),
+        ("sparsity.block_size=0", "block_size must be positive"),
+        ("sparsity.targets=[mlpp]", "mlpp"),
+        ("data=imagefolder", "data.root is required"),
+        ("model.name=resnet999", "resnet999"),
+        ("trainer.max_epochs=0", "trainer.max_epochs must be > 0"),
+        ("sparsity.strict_blocks=true", "does not divide"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("optim.name=lamb", "optim.name='lamb' is not one of"),
+    ],
+)
+def test_bad_configs_fail_before_work_with_one_clear_line(tmp_path, override, message):
+    extra = ["sparsity.block_size=24"] if "strict_blocks" in override else []
+    proc = run_train(*SMOKE, *extra, override, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_key_is_rejected_by_hydra(tmp_path):
+    proc = run_train(*SMOKE, "sparsity.levle=0.5", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "levle" in proc.stderr
+
+
+def test_wandb_offline_writes_its_files(tmp_path):
+    proc = run_train(*SMOKE, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}",
+                     env={"WANDB_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].rglob("*.wandb"))
