@@ -60,4 +60,6 @@ def test_fused_adamw_updates_refresh_masks_and_fold_matches():
     assert any(not torch.equal(a, b) for a, b in zip(masks_before, masks_after, strict=True))
     fold_masks(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), masked)
+        folded = model(x)
+    # Same weights, but cuDNN/cuBLAS may pick other algorithms for the two graphs: compare at fp32-TF32 tolerance.
+    torch.testing.assert_close(folded, masked, atol=1e-3, rtol=1e-3)
