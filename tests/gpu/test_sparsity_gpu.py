@@ -57,7 +57,8 @@ def test_fused_adamw_updates_refresh_masks_and_fold_matches():
     with torch.no_grad():
         masked = model(x)
     masks_after = [m.mask for m in (p for p in model.modules() if hasattr(p, "scores"))]
-    assert any(not torch.equal(a, b) for a, b in zip(masks_before, masks_after, strict=True))
+    changed = any(not torch.equal(a, b) for a, b in zip(masks_before, masks_after, strict=True))
+    assert changed, "masks did not follow a fused AdamW update of the scores (version counter not bumped?)"
     fold_masks(model)
     with torch.no_grad():
         folded = model(x)
