@@ -11,4 +11,21 @@ from superblock.sparsity import (
 
 __version__ = "0.1.0"
 
-__all__ = ["SparsityReport", "block_sparsity", "fold_masks", "get_controller", "mask_parameters", "sparsify"]
+__all__ = [
+    "SparsityReport",
+    "block_sparsity",
+    "fold_masks",
+    "get_controller",
+    "load_sparse",
+    "mask_parameters",
+    "sparsify",
+]
+
+
+def __getattr__(name: str) -> object:
+    # load_sparse pulls in the kernels (and Triton where installed): imported on first use, not with the package.
+    if name == "load_sparse":
+        from superblock.export import load_sparse
+
+        return load_sparse
+    raise AttributeError(f"module 'superblock' has no attribute {name!r}")

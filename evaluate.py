@@ -1,0 +1,20 @@
+"""Evaluate a run or an export: `python evaluate.py checkpoint=<run dir | export dir> [mode=all] [dtype=bf16]`.
+
+Top-1/top-5 on the validation split (data config from the run), latency and throughput vs the dense model,
+weight memory; writes eval.json next to the checkpoint. See configs/evaluate.yaml and docs/export.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="configs", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from superblock.evaluate import evaluate
+    from superblock.export.cli import plain_args, run_cli
+
+    run_cli(evaluate, plain_args(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Export a trained run to a sparse checkpoint: `python export.py checkpoint=outputs/<run> [dtype=bf16] [layout=auto]`.
+
+Writes exports/<run>/ (model.safetensors with BSR weights, dense_state_dict.safetensors, manifest.json); see
+configs/export.yaml for every option and docs/export.md for the format.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="configs", config_name="export", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from superblock.export import export_checkpoint
+    from superblock.export.cli import plain_args, run_cli
+
+    run_cli(export_checkpoint, plain_args(cfg))
+
+
+if __name__ == "__main__":
+    main()

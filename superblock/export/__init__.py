@@ -1,0 +1,44 @@
+"""Sparse checkpoints: export a trained run to BSR safetensors + manifest, load it back for inference.
+
+```python
+from superblock.export import export_checkpoint, load_sparse
+result = export_checkpoint("outputs/<run>", "exports/<run>", dtype="bf16", layout="auto")
+model = load_sparse("exports/<run>", device="cuda")     # BlockSparseLinear / block-sparse attention inside
+```
+The on-disk format is described in superblock/export/format.py and docs/export.md.
+"""
+
+from superblock.export.convert import Layer, install_bsr, masked_layers, pack_tensors
+from superblock.export.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
+from superblock.export.loader import load_folded, load_sparse
+from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device
+from superblock.export.source import Source, load_source
+from superblock.export.timing import compare_latency
+from superblock.export.writer import ExportResult, export_checkpoint, fold_copy, image_shape, summary_table
+
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "TOLERANCES",
+    "VERSION",
+    "ExportError",
+    "ExportResult",
+    "Layer",
+    "Source",
+    "compare_latency",
+    "ensure_runnable",
+    "export_checkpoint",
+    "fold_copy",
+    "image_shape",
+    "install_bsr",
+    "is_export_dir",
+    "load_folded",
+    "load_source",
+    "load_sparse",
+    "masked_layers",
+    "pack_tensors",
+    "parse_dtype",
+    "read_manifest",
+    "resolve_device",
+    "summary_table",
+]

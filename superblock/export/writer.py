@@ -1,0 +1,237 @@
+"""export_checkpoint: a training run -> an export directory (BSR safetensors + dense state dict + manifest)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import superblock
+from superblock.export.convert import Layer, masked_layers, pack_tensors
+from superblock.export.format import (
+    DENSE_WEIGHTS,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    WEIGHTS,
+    ExportError,
+    bsr_keys,
+    file_entry,
+    seal,
+    write_dir_atomically,
+    write_json,
+)
+from superblock.export.layout import MODES, choose_layouts
+from superblock.export.loader import load_sparse
+from superblock.export.runtime import TOLERANCES, dtype_name, ensure_runnable, parse_dtype, resolve_device
+from superblock.export.source import Source, load_source
+from superblock.sparsity import fold_masks, get_controller
+
+EXPORT_ROOT = Path("exports")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+
+    def __str__(self) -> str:
+        return summary_table(self.manifest, self.path)
+
+
+def image_shape(model: nn.Module, model_spec: dict) -> tuple[int, int, int]:
+    """(channels, height, width) of the model's input: the first conv's channels and the spec's image size."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 3
+    size = model_spec.get("image_size") or getattr(model, "image_size", None)
+    if size is None and hasattr(model, "patch_embed"):
+        size = getattr(model.patch_embed, "img_size", None)
+    if size is None:
+        raise ExportError("cannot tell the model's input size: the checkpoint's model_spec has no image_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return channels, int(h), int(w)
+
+
+def fold_copy(model: nn.Module) -> nn.Module:
+    """A folded (plain) copy of a masked model; the masked model is left as it is."""
+    clone = copy.deepcopy(model)
+    return fold_masks(clone) if get_controller(clone) is not None else clone
+
+
+def make_probe(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """The fixed equivalence probe: n standard-normal images (the scale of normalized inputs)."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits_error(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Max abs error, max error relative to the largest reference logit, and top-1 agreement."""
+    ref, out = reference.float().cpu(), other.float().cpu()
+    max_abs = (out - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-12)
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return {"max_abs_err": max_abs, "max_rel_err": max_abs / scale, "top1_agreement": agree}
+
+
+def _sizes(layers: list[Layer], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    dense = sum(layer.shape[0] * layer.shape[1] * elem for layer in layers)
+    sparse = sum(
+        sum(tensors[k].numel() * tensors[k].element_size() for k in bsr_keys(layer.name))
+        if layer.layout == "bsr"
+        else layer.shape[0] * layer.shape[1] * elem
+        for layer in layers
+    )
+    return {"masked_weights_dense_bytes": dense, "masked_weights_stored_bytes": sparse}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": FORMAT})
+
+
+def _manifest(src: Source, layers: list[Layer], dtype: torch.dtype, policy: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_spec": src.state["model_spec"],
+        "dtype": dtype_name(dtype),
+        "layers": [layer.to_dict() for layer in layers],
+        "layout_policy": policy,
+        "source": src.summary(),
+        "torch_version": torch.__version__,
+        "superblock_version": superblock.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@torch.no_grad()
+def _equivalence(masked: nn.Module, folded: nn.Module, export_dir: Path, probe: dict, device, dtype, backend) -> dict:
+    x = make_probe(probe["shape"], probe["n"], probe["seed"])
+    reference = masked.to(device)(x.to(device))
+    exported = load_sparse(export_dir, device=device, dtype=dtype, backend=backend)
+    result = logits_error(reference, exported(x.to(device, dtype)))
+    result["folded"] = logits_error(reference, folded.to(device)(x.to(device)))
+    tol = probe["tolerance"]
+    result.update(tolerance=tol, passed=result["max_rel_err"] <= tol, probe_batch=probe["n"], probe_seed=probe["seed"])
+    result.update(device=str(device), dtype=dtype_name(dtype), backend=backend)
+    return result
+
+
+def _check_args(layout: str, batch_size: int, probe_n: int, tolerance: float | None) -> None:
+    if layout not in MODES:
+        raise ValueError(f"layout={layout!r} is not one of {list(MODES)}")
+    if batch_size <= 0 or probe_n <= 0:
+        raise ValueError(f"batch_size and probe_batch must be > 0, got {batch_size} and {probe_n}")
+    if tolerance is not None and tolerance <= 0:
+        raise ValueError(f"tolerance must be > 0 (max logit error relative to the largest logit), got {tolerance}")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path | None = None,
+    *,
+    dtype: str = "fp32",
+    layout: str = "auto",
+    device: str = "auto",
+    batch_size: int = 64,
+    backend: str = "auto",
+    probe_batch: int = 4,
+    probe_seed: int = 0,
+    tolerance: float | None = None,
+    use_ema: bool = False,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export a training run (run directory or checkpoint file) to a sparse checkpoint directory.
+
+    Folds the masks, stores every masked weight as BSR (layout=bsr), dense (layout=dense) or whichever is faster
+    on `device` at `batch_size` images in `dtype` (layout=auto), writes the folded dense state dict beside it, and
+    checks the exported model's logits against the masked training model's on a fixed probe batch (the export
+    fails if the error exceeds the dtype's tolerance). Written to a temporary directory and renamed at the end.
+    """
+    _check_args(layout, batch_size, probe_batch, tolerance)
+    torch_dtype, dev = parse_dtype(dtype), resolve_device(device)
+    ensure_runnable(torch_dtype, dev)
+    src = load_source(checkpoint)
+    output = Path(output) if output else EXPORT_ROOT / src.name
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists: pass output=<another dir> or overwrite=true")
+    masked = src.model(use_ema)
+    layers = masked_layers(masked)
+    folded = fold_copy(masked)
+    shape = image_shape(folded, src.state["model_spec"])
+    echo(f"exporting {src.checkpoint} ({len(layers)} masked weights) -> {output} [{dtype_name(torch_dtype)}]")
+    choose_layouts(
+        folded, layers, layout, device=dev, dtype=torch_dtype, batch_size=batch_size, image_shape=shape, backend=backend
+    )
+    tensors, _ = pack_tensors(folded, layers, torch_dtype)
+    dense_tensors, _ = pack_tensors(folded, [], torch_dtype)
+    policy = {"mode": layout, "device": str(dev), "batch_size": batch_size, "backend": backend}
+    manifest = _manifest(src, layers, torch_dtype, policy)
+    manifest["sizes"] = _sizes(layers, tensors, torch_dtype)
+    manifest["source"]["use_ema"] = use_ema
+    tolerance = tolerance or TOLERANCES[dtype_name(torch_dtype)]
+    probe = {"shape": shape, "n": probe_batch, "seed": probe_seed, "tolerance": tolerance}
+
+    def fill(tmp: Path) -> dict:
+        _save(tensors, tmp / WEIGHTS)
+        _save(dense_tensors, tmp / DENSE_WEIGHTS)
+        manifest["files"] = {"weights": file_entry(tmp / WEIGHTS), "dense": file_entry(tmp / DENSE_WEIGHTS)}
+        write_json(tmp / MANIFEST, seal(manifest))
+        manifest["equivalence"] = _equivalence(masked, folded, tmp, probe, dev, torch_dtype, backend)
+        if not manifest["equivalence"]["passed"]:
+            raise ExportError(_equivalence_failure(manifest["equivalence"]))
+        final = seal(json.loads(json.dumps(manifest)))
+        write_json(tmp / MANIFEST, final)
+        return final
+
+    final = write_dir_atomically(output, fill, overwrite=overwrite)
+    result = ExportResult(output, final)
+    echo(str(result))
+    return result
+
+
+def _equivalence_failure(eq: dict) -> str:
+    return (
+        f"exported model does not match the training model: max logit error {eq['max_abs_err']:.3g} "
+        f"({eq['max_rel_err']:.3g} of the largest logit) > tolerance {eq['tolerance']:.3g} for {eq['dtype']} on "
+        f"{eq['device']} with backend {eq['backend']}; nothing was written. Try dtype=fp32 or another backend"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def summary_table(manifest: dict, path: Path | None = None) -> str:
+    """Per-layer density and layout, file sizes sparse vs dense, and the equivalence result."""
+    width = max([len(d["name"]) for d in manifest["layers"]] + [5])
+    head = f"{'layer':<{width}} {'shape':>11} {'block':>7} {'density':>8} {'layout':>6}  reason"
+    lines = [head, "-" * len(head)]
+    for d in manifest["layers"]:
+        shape, block = "x".join(map(str, d["shape"])), "x".join(map(str, d["block"]))
+        reason = d["reason"] or ""
+        lines.append(f"{d['name']:<{width}} {shape:>11} {block:>7} {d['density']:>8.3f} {d['layout']:>6}  {reason}")
+    files, sizes = manifest["files"], manifest["sizes"]
+    w, dns = files["weights"]["bytes"], files["dense"]["bytes"]
+    lines.append(f"{WEIGHTS}: {_mb(w)}  vs dense {DENSE_WEIGHTS}: {_mb(dns)}  ({w / dns:.2f}x)")
+    mw, ms = sizes["masked_weights_dense_bytes"], sizes["masked_weights_stored_bytes"]
+    if mw:
+        lines.append(f"masked weights: {_mb(ms)} stored vs {_mb(mw)} dense ({ms / mw:.2f}x, incl. indices)")
+    eq = manifest.get("equivalence")
+    if eq:
+        lines.append(
+            f"equivalence ({eq['probe_batch']} probe images, {eq['dtype']}, {eq['device']}): max abs err "
+            f"{eq['max_abs_err']:.3g}, rel {eq['max_rel_err']:.3g} <= {eq['tolerance']:.3g}, "
+            f"top-1 agreement {eq['top1_agreement']:.3f}"
+        )
+    if path is not None:
+        lines.append(f"written to {path}")
+    return "\n".join(lines)
