@@ -1,0 +1,208 @@
+"""superblock.data: procedural data is deterministic and learnable; real datasets fail with actionable errors."""
+
+from __future__ import annotations
+
+from urllib.error import URLError
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from superblock.data import (
+    SYNTHETIC_CLASSES,
+    DataBundle,
+    EpochShuffleSampler,
+    SyntheticShapes,
+    build_datasets,
+    build_loaders,
+)
+
+
+def _stack(ds: SyntheticShapes) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_shapes_and_types() -> None:
+    ds = SyntheticShapes(40, image_size=32, seed=0)
+    image, label = ds[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert isinstance(label, int) and 0 <= label < 10
+    assert ds.classes == list(SYNTHETIC_CLASSES)
+    assert SyntheticShapes(4, image_size=48)[0][0].shape == (3, 48, 48)
+
+
+def test_synthetic_is_deterministic_per_seed_and_index() -> None:
+    a, b = SyntheticShapes(30, seed=0), SyntheticShapes(30, seed=0)
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, SyntheticShapes(30, seed=1).images)
+    # Image i does not depend on how many images the split has.
+    assert torch.equal(SyntheticShapes(12, seed=0).images, a.images[:12])
+
+
+def test_synthetic_train_and_val_differ() -> None:
+    bundle = build_datasets("synthetic", train_size=50, val_size=50, seed=0)
+    assert not torch.equal(bundle.train.images, bundle.val.images)
+    # No val image equals any train image.
+    train = bundle.train.images.flatten(1).float()
+    val = bundle.val.images.flatten(1).float()
+    assert torch.cdist(val, train).min() > 0
+
+
+def test_synthetic_labels_balanced() -> None:
+    counts = torch.bincount(SyntheticShapes(1000, seed=3).targets, minlength=10)
+    assert counts.min() == counts.max() == 100
+
+
+def test_synthetic_is_not_a_colour_statistics_task() -> None:
+    # Mean colour per class should be roughly the same: the class lives in the spatial structure.
+    ds = SyntheticShapes(2000, seed=0)
+    means = torch.stack([ds.images[ds.targets == c].float().mean() / 255 for c in range(10)])
+    assert means.max() - means.min() < 0.08
+
+
+def test_synthetic_subset_of_classes_and_bad_values() -> None:
+    bundle = build_datasets("synthetic", train_size=20, val_size=10, num_classes=4)
+    assert bundle.num_classes == 4 and int(bundle.train.targets.max()) == 3
+    with pytest.raises(ValueError, match="classes"):
+        build_datasets("synthetic", num_classes=11)
+    with pytest.raises(ValueError, match="train_size"):
+        build_datasets("synthetic", train_size=0)
+
+
+def test_synthetic_is_learnable() -> None:
+    """A tiny CNN beats chance (10%) by far after 80 steps: the labels follow the pictures."""
+    torch.manual_seed(0)
+    x, y = _stack(SyntheticShapes(1500, seed=0, split="train"))
+    xv, yv = _stack(SyntheticShapes(300, seed=0, split="val"))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (model(xv).argmax(1) == yv).float().mean().item()
+    assert accuracy > 0.5
+
+
+# -------------------------------------------------------------------------------------------- imagefolder
+
+
+def _image_tree(root, classes=("cat", "dog"), per_class=3, size=(40, 30)) -> None:
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", size, (40 * c + i, 100, 200)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_loads_and_transforms_to_size(tmp_path) -> None:
+    _image_tree(tmp_path)
+    bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=24)
+    assert isinstance(bundle, DataBundle)
+    assert bundle.num_classes == 2 and bundle.classes == ["cat", "dog"]
+    assert len(bundle.train) == len(bundle.val) == 6
+    assert bundle.train[0][0].shape == (3, 24, 24)
+    assert bundle.val[5][0].shape == (3, 24, 24) and bundle.val[5][1] == 1
+
+
+def test_imagefolder_randaugment_and_subset(tmp_path) -> None:
+    _image_tree(tmp_path)
+    bundle = build_datasets(
+        "imagefolder", root=str(tmp_path), image_size=16, randaugment="rand-m9-mstd0.5-inc1", train_size=4
+    )
+    assert len(bundle.train) == 4
+    assert bundle.train[0][0].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="randaugment"):
+        build_datasets("imagefolder", root=str(tmp_path), randaugment="strong please")
+
+
+def test_imagefolder_missing_root_or_split(tmp_path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=str(missing)):
+        build_datasets("imagefolder", root=str(missing))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match=r"val.*expected <root>/train"):
+        build_datasets("imagefolder", root=str(tmp_path))
+    with pytest.raises(ValueError, match="data.root is required"):
+        build_datasets("imagefolder")
+
+
+# ----------------------------------------------------------------------------------------------- cifar
+
+
+def test_cifar_missing_without_download_explains_what_to_do(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"data.download=true.*data.root"):
+        build_datasets("cifar10", root=str(tmp_path))
+
+
+def test_cifar_download_offline_is_a_clear_runtime_error(tmp_path, monkeypatch) -> None:
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(RuntimeError, match="no network is reachable"):
+        build_datasets("cifar100", root=str(tmp_path), download=True)
+
+
+def test_unknown_dataset_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="synthetic, imagefolder, cifar10, cifar100"):
+        build_datasets("imagenet22k")
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochShuffleSampler(100, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 0) == order(0, 0)
+    assert sorted(order(0, 0)) == list(range(100))
+    assert order(0, 1) != order(0, 0)
+    assert order(1, 0) != order(0, 0)
+    # Iterating other epochs first does not change an epoch's order (what a mid-epoch resume relies on).
+    sampler = EpochShuffleSampler(100, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) == order(0, 1)
+
+
+def test_build_loaders_batches_and_resume_order() -> None:
+    bundle = build_datasets("synthetic", train_size=70, val_size=30, seed=0)
+    train, val, sampler = build_loaders(bundle, batch_size=16, seed=5, eval_batch_size=25)
+    assert len(train) == 4  # drop_last
+    assert [len(t) for _, t in val] == [25, 5]
+    sampler.set_epoch(2)
+    first = [t for _, t in train]
+    sampler.set_epoch(2)
+    again = [t for _, t in train]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    images, _ = next(iter(train))
+    assert images.shape == (16, 3, 32, 32)
+
+
+def test_build_loaders_rejects_tiny_splits() -> None:
+    bundle = build_datasets("synthetic", train_size=10, val_size=10)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build_loaders(bundle, batch_size=16)
