@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from superblock.cli import fail
 
@@ -16,7 +17,11 @@ def plain_args(cfg: DictConfig, required: tuple[str, ...] = ("checkpoint",)) -> 
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
             fail(f"{key}=<path> is required, e.g. {key}=outputs/<run dir>", 2)
     keys = [k for k in cfg if k != "hydra"]
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", "") or "a value"
+        fail(f"missing value for {key}: set it on the command line, e.g. {key}=...", 2)
 
 
 def run_cli(fn: Callable[..., Any], args: dict[str, Any]) -> Any:

@@ -35,8 +35,10 @@ class Source:
         """The masked training model (eval mode); EMA weights when asked for (an error if there are none)."""
         if use_ema and self.state.get("ema") is None:
             raise CheckpointError(f"use_ema=true but {self.checkpoint} holds no EMA weights: use use_ema=false")
+        # The checkpoint holds every weight: a pretrained file named in the spec is neither needed nor maybe present.
+        state = {**self.state, "model_spec": {**self.state["model_spec"], "pretrained": None}}
         try:
-            model = model_from_checkpoint(self.state, use_ema=use_ema)
+            model = model_from_checkpoint(state, use_ema=use_ema)
         except (RuntimeError, TypeError, KeyError) as err:
             raise CheckpointError(
                 f"{self.checkpoint}: the weights do not fit the model it describes ({str(err).splitlines()[0]})"
