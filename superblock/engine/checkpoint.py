@@ -57,8 +57,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: it holds objects other than tensors and plain containers (only weights-only "
             f"checkpoints are loaded, so no code from a file ever runs). Details: {str(err).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, IndexError) as err:
+        # torch.load raises a variety of errors on garbage; all of them mean "not a readable checkpoint".
+        detail = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {detail}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a superblock checkpoint (no '{FORMAT}' format tag)")
     if state.get("version", 0) > VERSION:
@@ -82,7 +84,8 @@ def model_from_checkpoint(state: dict, use_ema: bool = False) -> nn.Module:
     from superblock.models import build_model
     from superblock.sparsity import sparsify
 
-    model = build_model(**state["model_spec"])
+    # The weights come from the checkpoint: don't re-read the pretrained file (it may be gone by now).
+    model = build_model(**{**state["model_spec"], "pretrained": None})
     if state.get("sparsity_spec"):
         sparsify(model, **state["sparsity_spec"])
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
