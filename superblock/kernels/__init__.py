@@ -1,0 +1,54 @@
+"""Block-sparse matmul for inference: a Triton kernel for CUDA, torch's BSR path, a dense reference.
+
+y = bsr_linear(x, values, crow_indices, col_indices, (out, in), bias, activation="gelu")
+layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks dropped
+fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
+"""
+
+from superblock.kernels.bsr_linear import (
+    BACKENDS,
+    FP32_PRECISIONS,
+    block_density,
+    bsr_linear,
+    bsr_to_dense,
+    clear_caches,
+    get_fp32_precision,
+    set_fp32_precision,
+)
+from superblock.kernels.modules import (
+    BlockSparseLinear,
+    BlockSparseMultiheadAttention,
+    dense_to_bsr,
+    fuse_linear_gelu,
+)
+from superblock.kernels.tuning import (
+    cache_path,
+    clear_tuning,
+    get_tuning_target,
+    load_tuning,
+    set_tuning_target,
+    token_bucket,
+    tuning_table,
+)
+
+__all__ = [
+    "BACKENDS",
+    "FP32_PRECISIONS",
+    "BlockSparseLinear",
+    "BlockSparseMultiheadAttention",
+    "block_density",
+    "bsr_linear",
+    "bsr_to_dense",
+    "cache_path",
+    "clear_caches",
+    "clear_tuning",
+    "dense_to_bsr",
+    "fuse_linear_gelu",
+    "get_fp32_precision",
+    "get_tuning_target",
+    "load_tuning",
+    "set_fp32_precision",
+    "set_tuning_target",
+    "token_bucket",
+    "tuning_table",
+]

@@ -1,0 +1,295 @@
+"""Triton kernel for y = act(x @ W^T + b) with W block-sparse (BSR), tuned for Hopper.
+
+Work split: one program computes a (BLOCK_M tokens) x (G * bh outputs) tile of y. Programs are numbered
+token-tile major, output-group minor, so all programs that read the same token tile of x run at the same
+time and the tile is read from DRAM once and then from L2. With G > 1 a program covers G consecutive block
+rows: it walks the union of their column blocks, loads each x tile once and multiplies it by a (G*bh, bw)
+weight tile gathered from the G rows (rows without that block read as zeros), so the MMA N-dimension is
+G*bh even when bh is 16 or 32. The union layout is built once on the host (`grouped_layout`).
+
+The problem is memory bound at ViT sizes and 80-95% sparsity (each output is written once, each input read
+once from DRAM; the MMA work is 5-20% of dense), see docs/kernel_notes.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with torch on Linux; the package stays importable without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+ACT_CODES = {None: 0, "gelu": 1}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _bsr_linear_kernel(
+        x_ptr,
+        w_ptr,
+        crow_ptr,
+        col_ptr,
+        gidx_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_ym,
+        n_groups,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        G: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        BN: tl.constexpr = G * BH
+        pid = tl.program_id(0)
+        # token-tile major: the n_groups programs sharing one x tile are adjacent in launch order
+        pid_m = pid // n_groups
+        pid_n = pid - pid_m * n_groups
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BW)
+        offs_n = tl.arange(0, BN)
+        m_mask = offs_m < M
+        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        if G == 1:
+            w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
+        else:
+            w_inner = (offs_n % BH)[:, None] * BW + offs_k[None, :]
+            sub = offs_n // BH
+
+        # int64 loop bounds: the loop index scales into `values` (nnz * bh * bw may pass 2**31)
+        start = tl.load(crow_ptr + pid_n).to(tl.int64)
+        end = tl.load(crow_ptr + pid_n + 1).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        for e in range(start, end):
+            c = tl.load(col_ptr + e)
+            k0 = c * BW
+            if EVEN_K:
+                a = tl.load(x_base + k0, mask=m_mask[:, None], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < K
+                a = tl.load(x_base + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if G == 1:
+                b = tl.load(w_base + e * (BH * BW))
+            else:
+                idx = tl.load(gidx_ptr + e * G + sub)
+                b = tl.load(
+                    w_ptr + idx.to(tl.int64)[:, None] * (BH * BW) + w_inner,
+                    mask=(idx >= 0)[:, None],
+                    other=0.0,
+                )
+            if not EVEN_K:
+                # padding columns of W must not leak (a NaN there times a zero x is still NaN)
+                b = tl.where(k_mask[None, :], b, tl.zeros_like(b))
+            if PRECISION == "none":
+                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
+                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+
+        n_glob = pid_n * BN + offs_n
+        n_mask = n_glob < N
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        if ACT == 1:  # exact (erf) GELU, as nn.GELU()
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _bsr_linear_tma_kernel(
+        x_desc,
+        w_desc,
+        crow_ptr,
+        col_ptr,
+        b_ptr,
+        y_desc,
+        N,
+        n_groups,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        # Same schedule as _bsr_linear_kernel with G == 1, but tiles move through the TMA engine
+        # (descriptors zero-fill out-of-range reads and clip out-of-range writes).
+        pid = tl.program_id(0)
+        pid_m = pid // n_groups
+        pid_n = pid - pid_m * n_groups
+        m0 = pid_m * BLOCK_M
+        start = tl.load(crow_ptr + pid_n)
+        end = tl.load(crow_ptr + pid_n + 1)
+        acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+        for e in range(start, end):
+            c = tl.load(col_ptr + e)
+            a = x_desc.load([m0, c * BW])
+            b = w_desc.load([e * BH, 0])
+            if PRECISION == "none":
+                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
+                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            n_glob = pid_n * BH + tl.arange(0, BH)
+            bias = tl.load(b_ptr + n_glob, mask=n_glob < N, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        if ACT == 1:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        y_desc.store([m0, pid_n * BH], acc.to(y_desc.dtype))
+
+
+def grouped_layout(crow: torch.Tensor, col: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """Union layout for G block rows per program: (gcrow [n_groups+1], gcol [n_union], gidx [n_union, G]).
+
+    gidx[u, g] is the index into `values` of block (row group*G+g, column gcol[u]), or -1 when that row has
+    no such block. Built on the host once per weight (it needs the index values, so it syncs).
+    """
+    crow_h = crow.detach().to("cpu", torch.int64)
+    col_h = col.detach().to("cpu", torch.int64)
+    n_rows = crow_h.numel() - 1
+    n_groups = -(-n_rows // group)
+    gcrow = [0]
+    gcol: list[int] = []
+    gidx: list[list[int]] = []
+    for gi in range(n_groups):
+        entries: dict[int, list[int]] = {}
+        for g in range(group):
+            r = gi * group + g
+            if r >= n_rows:
+                break
+            for j in range(int(crow_h[r]), int(crow_h[r + 1])):
+                entries.setdefault(int(col_h[j]), [-1] * group)[g] = j
+        for c in sorted(entries):
+            gcol.append(c)
+            gidx.append(entries[c])
+        gcrow.append(len(gcol))
+    dev = crow.device
+    return (
+        torch.tensor(gcrow, dtype=torch.int32, device=dev),
+        torch.tensor(gcol, dtype=torch.int32, device=dev),
+        torch.tensor(gidx, dtype=torch.int32, device=dev).reshape(-1, group),
+    )
+
+
+def _precision_arg(dtype: torch.dtype, precision: str) -> str:
+    return precision if dtype == torch.float32 else "none"
+
+
+def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned base pointers and row strides."""
+    if TensorDescriptor is None:
+        return False
+    es = x2d.element_size()
+    return (
+        all(t.data_ptr() % 16 == 0 for t in (x2d, y, values))
+        and (x2d.stride(0) * es) % 16 == 0
+        and (y.stride(0) * es) % 16 == 0
+    )
+
+
+def launch(
+    x2d: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    gidx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    n_out: int,
+    k_in: int,
+    activation: str | None,
+    precision: str,
+    config: dict,
+) -> torch.Tensor:
+    """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1."""
+    M = x2d.shape[0]
+    bh, bw = int(values.shape[1]), int(values.shape[2])
+    group = int(config.get("G", 1))
+    block_m = int(config["BLOCK_M"])
+    n_groups = crow.numel() - 1
+    grid = (triton.cdiv(M, block_m) * n_groups,)
+    prec = _precision_arg(x2d.dtype, precision)
+    act = ACT_CODES[activation]
+    b_arg = bias if bias is not None else y
+    if config.get("TMA", False) and group == 1:
+        x_desc = TensorDescriptor.from_tensor(x2d, [block_m, bw])
+        w_desc = TensorDescriptor.from_tensor(values.view(-1, bw), [bh, bw])
+        y_desc = TensorDescriptor.from_tensor(y, [block_m, bh])
+        _bsr_linear_tma_kernel[grid](
+            x_desc,
+            w_desc,
+            crow,
+            col,
+            b_arg,
+            y_desc,
+            n_out,
+            n_groups,
+            BH=bh,
+            BW=bw,
+            BLOCK_M=block_m,
+            HAS_BIAS=bias is not None,
+            ACT=act,
+            PRECISION=prec,
+            UPCAST=INTERPRET,
+            num_warps=int(config["num_warps"]),
+            num_stages=int(config["num_stages"]),
+        )
+        return y
+    _bsr_linear_kernel[grid](
+        x2d,
+        values,
+        crow,
+        col,
+        gidx if gidx is not None else col,
+        b_arg,
+        y,
+        M,
+        n_out,
+        k_in,
+        x2d.stride(0),
+        y.stride(0),
+        n_groups,
+        BH=bh,
+        BW=bw,
+        G=group,
+        BLOCK_M=block_m,
+        EVEN_K=(k_in % bw == 0),
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        PRECISION=prec,
+        UPCAST=INTERPRET,
+        num_warps=int(config["num_warps"]),
+        num_stages=int(config["num_stages"]),
+    )
+    return y

@@ -1,0 +1,337 @@
+"""nn.Modules over bsr_linear: a block-sparse Linear, a block-sparse self-attention, GELU fusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from superblock.kernels.bsr_linear import ACTIVATIONS, BACKENDS, bsr_linear, bsr_to_dense
+
+
+def _block_pair(block_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        bh = bw = block_size
+    else:
+        try:
+            bh, bw = (int(b) for b in block_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"block_size must be an int or (bh, bw), got {block_size!r}") from None
+    if bh <= 0 or bw <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    return bh, bw
+
+
+def dense_to_bsr(
+    weight: torch.Tensor, block_size: int | Sequence[int], index_dtype: torch.dtype = torch.int32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [nnz, bh, bw], crow [rows+1], col [nnz]) of a dense (out, in) weight; all-zero blocks are dropped.
+
+    Dimensions that are not block multiples are zero-padded at the end (bottom / right), matching the block
+    grid of superblock.sparsity masks. Syncs with the device once (the number of blocks kept).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    bh, bw = _block_pair(block_size)
+    out_f, in_f = weight.shape
+    n_rows, n_cols = -(-out_f // bh), -(-in_f // bw)
+    w = weight.detach()
+    if (n_rows * bh, n_cols * bw) != (out_f, in_f):
+        w = F.pad(w, (0, n_cols * bw - in_f, 0, n_rows * bh - out_f))
+    blocks = w.reshape(n_rows, bh, n_cols, bw).permute(0, 2, 1, 3)
+    keep = blocks.ne(0).any(dim=-1).any(dim=-1)  # [rows, cols]
+    values = blocks[keep].contiguous()
+    crow = torch.zeros(n_rows + 1, dtype=index_dtype, device=w.device)
+    crow[1:] = keep.sum(dim=1).cumsum(0).to(index_dtype)
+    col = keep.nonzero()[:, 1].to(index_dtype)
+    return values, crow, col
+
+
+class BlockSparseLinear(nn.Module):
+    """A Linear whose weight is block-sparse (BSR buffers), computed by bsr_linear; inference only.
+
+    Buffers: `values` [nnz, bh, bw], `crow_indices`, `col_indices` (int32) and `bias` (or None). The
+    number of blocks is data dependent: build with from_dense / from_bsr; load_state_dict resizes the
+    buffers to the checkpoint's. `activation="gelu"` fuses an exact GELU into the kernel's epilogue.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size: int | Sequence[int],
+        nnz: int = 0,
+        bias: bool = True,
+        activation: str | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        bh, bw = _block_pair(block_size)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.block_size = (bh, bw)
+        self.activation = activation
+        self.backend = backend
+        n_rows = -(-self.out_features // bh)
+        fk = {"device": device, "dtype": dtype}
+        self.register_buffer("values", torch.zeros(nnz, bh, bw, **fk))
+        self.register_buffer("crow_indices", torch.zeros(n_rows + 1, dtype=torch.int32, device=device))
+        self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(self.out_features, **fk) if bias else None)
+
+    @classmethod
+    def from_bsr(
+        cls,
+        values: torch.Tensor,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        shape: Sequence[int],
+        bias: torch.Tensor | None = None,
+        activation: str | None = None,
+        backend: str = "auto",
+    ) -> BlockSparseLinear:
+        out_f, in_f = (int(s) for s in shape)
+        if values.dim() != 3:
+            raise ValueError(f"values must be [nnz, bh, bw], got shape {tuple(values.shape)}")
+        mod = cls(in_f, out_f, tuple(values.shape[1:]), values.shape[0], bias is not None, activation, backend)
+        n_rows = -(-out_f // values.shape[1])
+        if crow_indices.shape != (n_rows + 1,) or col_indices.shape != (values.shape[0],):
+            raise ValueError(
+                f"index shapes {tuple(crow_indices.shape)}, {tuple(col_indices.shape)} do not fit values "
+                f"{tuple(values.shape)} and shape {(out_f, in_f)}"
+            )
+        if bias is not None and bias.shape != (out_f,):
+            raise ValueError(f"bias must be [{out_f}], got {tuple(bias.shape)}")
+        mod.values = values.detach().contiguous()
+        mod.crow_indices = crow_indices.detach().to(torch.int32)
+        mod.col_indices = col_indices.detach().to(torch.int32)
+        mod.bias = None if bias is None else bias.detach().to(values.dtype)
+        return mod
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear_or_weight: nn.Linear | torch.Tensor,
+        bias: torch.Tensor | None = None,
+        block_size: int | Sequence[int] | None = None,
+        activation: str | None = None,
+        backend: str = "auto",
+    ) -> BlockSparseLinear:
+        """From an nn.Linear (its bias is used unless `bias` is given) or an (out, in) weight whose pruned
+        blocks are exactly zero (e.g. after superblock.fold_masks). Non-multiple dims are padded."""
+        if block_size is None:
+            raise ValueError("block_size is required (an int or (bh, bw))")
+        if isinstance(linear_or_weight, nn.Linear):
+            weight = linear_or_weight.weight
+            if bias is None and linear_or_weight.bias is not None:
+                bias = linear_or_weight.bias
+        elif isinstance(linear_or_weight, torch.Tensor):
+            weight = linear_or_weight
+        else:
+            raise ValueError(f"expected nn.Linear or a weight tensor, got {type(linear_or_weight).__name__}")
+        values, crow, col = dense_to_bsr(weight, block_size)
+        return cls.from_bsr(values, crow, col, weight.shape, bias, activation, backend)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def density(self) -> float:
+        bh, bw = self.block_size
+        total = -(-self.out_features // bh) * -(-self.in_features // bw)
+        return self.values.shape[0] / total
+
+    def to_dense_weight(self) -> torch.Tensor:
+        return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bsr_linear(
+            x, self.values, self.crow_indices, self.col_indices, self.shape, self.bias, self.activation, self.backend
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # nnz is data dependent: take the checkpoint's buffer sizes
+        for name in ("values", "col_indices"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.shape != self._buffers[name].shape:
+                old = self._buffers[name]
+                self._buffers[name] = torch.empty(t.shape, dtype=old.dtype, device=old.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"density={self.density:.3f}, bias={self.bias is not None}, activation={self.activation}, "
+            f"backend={self.backend}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GELU fusion
+
+
+def _is_exact_gelu(m: nn.Module) -> bool:
+    return type(m).__name__ == "GELU" and getattr(m, "approximate", "none") in ("none", None)
+
+
+def fuse_linear_gelu(module: nn.Module) -> int:
+    """Fold `BlockSparseLinear -> GELU` pairs into one kernel (activation="gelu"); returns how many.
+
+    Recognises any nn.Sequential (torchvision MLPBlock: Linear, GELU, Dropout, Linear, Dropout) and modules
+    with `fc1` / `act` attributes (timm Mlp: fc1, act, drop1, norm, fc2, drop2). The GELU becomes
+    nn.Identity; dropout stays where it was, so the result is the same function. Only exact (erf) GELU is
+    fused. Replace the Linear layers with BlockSparseLinear first.
+    """
+    fused = 0
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.Sequential):
+            for i in range(len(sub) - 1):
+                lin, act = sub[i], sub[i + 1]
+                if isinstance(lin, BlockSparseLinear) and lin.activation is None and _is_exact_gelu(act):
+                    lin.activation = "gelu"
+                    sub[i + 1] = nn.Identity()
+                    fused += 1
+        fc1, act = getattr(sub, "fc1", None), getattr(sub, "act", None)
+        if isinstance(fc1, BlockSparseLinear) and fc1.activation is None and act is not None and _is_exact_gelu(act):
+            fc1.activation = "gelu"
+            sub.act = nn.Identity()
+            fused += 1
+    return fused
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention
+
+
+class BlockSparseMultiheadAttention(nn.Module):
+    """Drop-in for an inference nn.MultiheadAttention whose projections are block-sparse.
+
+    nn.MultiheadAttention reads `in_proj_weight` / `out_proj.weight` directly (F.multi_head_attention_forward),
+    so swapping its Linear submodules does nothing: replace the whole module with `from_mha(mha, ...)`.
+    q/k/v come from one bsr_linear over the packed (3E, E) in_proj (self-attention: query is key is value),
+    attention from F.scaled_dot_product_attention, then the out_proj. Returns (output, None): attention
+    weights are never materialised, whatever `need_weights` says.
+    """
+
+    def __init__(
+        self,
+        in_proj: nn.Module,
+        out_proj: nn.Module,
+        num_heads: int,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+        self.num_heads = int(num_heads)
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.embed_dim = out_proj.out_features if hasattr(out_proj, "out_features") else None
+
+    @classmethod
+    def from_mha(
+        cls,
+        mha: nn.MultiheadAttention,
+        block_size: int | Sequence[int] | None = None,
+        backend: str = "auto",
+        out_block_size: int | Sequence[int] | None = None,
+        sparse_in_proj: bool = True,
+        sparse_out_proj: bool = True,
+    ) -> BlockSparseMultiheadAttention:
+        """From an nn.MultiheadAttention with packed in_proj (kdim == vdim == embed_dim) and zeroed blocks."""
+        if mha.in_proj_weight is None:
+            raise ValueError("only nn.MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim)")
+        if block_size is None and (sparse_in_proj or sparse_out_proj):
+            raise ValueError("block_size is required")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("bias_k / bias_v / add_zero_attn are not supported")
+        w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
+        if sparse_in_proj:
+            in_proj = BlockSparseLinear.from_dense(w_in, b_in, block_size, backend=backend)
+        else:
+            in_proj = nn.Linear(
+                w_in.shape[1], w_in.shape[0], bias=b_in is not None, device=w_in.device, dtype=w_in.dtype
+            )
+            in_proj.weight.data.copy_(w_in.detach())
+            if b_in is not None:
+                in_proj.bias.data.copy_(b_in.detach())
+        if sparse_out_proj:
+            out_proj = BlockSparseLinear.from_dense(mha.out_proj, None, out_block_size or block_size, backend=backend)
+        else:
+            out_proj = mha.out_proj
+        mod = cls(in_proj, out_proj, mha.num_heads, mha.batch_first, mha.dropout)
+        mod.embed_dim = mha.embed_dim
+        return mod
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        self_attn = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E) -> (1, L, E)
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        E = self.embed_dim or query.shape[-1]
+        if self_attn:  # one kernel over the packed (3E, E) projection
+            q, k, v = self.in_proj(query).split(E, dim=-1)
+        else:  # cross-attention: project each input, keep its slice
+            q = self.in_proj(query)[..., :E]
+            k = self.in_proj(key)[..., E : 2 * E]
+            v = self.in_proj(value)[..., 2 * E :]
+        B, L, _ = q.shape
+        S = k.shape[1]
+        H = self.num_heads
+        q = q.reshape(B, L, H, E // H).transpose(1, 2)
+        k = k.reshape(B, S, H, E // H).transpose(1, 2)
+        v = v.reshape(B, S, H, E // H).transpose(1, 2)
+        mask = _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+        o = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
+        o = self.out_proj(o.transpose(1, 2).reshape(B, L, E))
+        if unbatched:
+            o = o.squeeze(0)
+        elif not self.batch_first:
+            o = o.transpose(0, 1)
+        return o, None
+
+
+def _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, dtype):
+    """nn.MultiheadAttention masks (bool True = blocked, or additive float) as one additive SDPA mask."""
+    out = None
+
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        out = m.view(B, H, L, S) if m.dim() == 3 else m.view(1, 1, L, S)
+    if key_padding_mask is not None:
+        m = additive(key_padding_mask).view(B, 1, 1, S)
+        out = m if out is None else out + m
+    return out

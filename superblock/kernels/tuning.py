@@ -1,0 +1,430 @@
+"""Per-GPU choice of backend and Triton launch configuration for bsr_linear, measured once and cached.
+
+A choice is keyed by the problem (out x in, block, density in percent, dtype / fp32 precision, bias and
+activation, token-count bucket) inside a scope naming the device and the torch / triton versions. The table
+lives in memory and in `$SUPERBLOCK_CACHE_DIR/tuning.json` (default `~/.cache/superblock/tuning.json`), so a
+GPU is measured once; `tuning_table()` / `load_tuning()` let an export manifest carry it to another machine.
+Set SUPERBLOCK_TUNE=0 to skip measuring (built-in defaults are used instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from superblock.kernels import _triton_bsr
+
+FORMAT = "superblock-tuning"
+VERSION = 1
+# non-dense choices must beat dense by this factor, so timing noise never makes `auto` slower than dense
+DENSE_MARGIN = 0.97
+
+_lock = threading.RLock()
+_table: dict[str, dict[str, dict]] = {}
+_disk_loaded = False
+_warned_write = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch configurations
+
+
+def _cfg(block_m: int, group: int, warps: int, stages: int, tma: bool = False) -> dict:
+    return {"BLOCK_M": block_m, "G": group, "num_warps": warps, "num_stages": stages, "TMA": tma}
+
+
+SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; leave room for the epilogue's layout change
+
+
+def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
+    """Shrink a configuration until its pipelined tiles fit in shared memory."""
+    c = dict(c)
+    c["G"] = max(1, min(c["G"], 256 // bh))
+
+    def smem(c):
+        return c["num_stages"] * (c["BLOCK_M"] + c["G"] * bh) * bw * elt
+
+    while smem(c) > SMEM_BYTES and c["num_stages"] > 2:
+        c["num_stages"] -= 1
+    while smem(c) > SMEM_BYTES and c["G"] > 1:
+        c["G"] //= 2
+    while smem(c) > SMEM_BYTES and c["BLOCK_M"] > 32:
+        c["BLOCK_M"] //= 2
+    return c
+
+
+def candidate_configs(M: int, bh: int, bw: int, dtype: torch.dtype, precision: str = "ieee") -> list[dict]:
+    """Short list of launch configurations worth measuring for one problem; the first is the default.
+
+    Distilled from the sweep in docs/kernel_notes.md (H200, Triton 3.6): with many tokens the TMA variant
+    with 128-token tiles, 4 warps and 2 stages wins for blocks >= 32 (each block row has only a few blocks,
+    so deeper pipelines buy nothing and cost occupancy); 16-wide blocks want 2-4 block rows per program;
+    with few tokens the descriptor set-up costs more than TMA saves; fp32 in IEEE runs on the FMA units.
+    """
+    large = M > 8192
+    if dtype == torch.float32 and precision == "ieee":
+        # few tokens: small tiles, so that enough programs share the FMA work of long block rows
+        cands = (
+            [_cfg(64, 1, 4, 2), _cfg(128, 1, 8, 3)]
+            if large
+            else [_cfg(64, 1, 4, 2), _cfg(32, 1, 4, 2), _cfg(16, 1, 4, 2)]
+        )
+    elif bh <= 16:
+        cands = (
+            [_cfg(128, 4, 4, 2), _cfg(128, 2, 4, 2), _cfg(256, 2, 8, 2)]
+            if large
+            else [_cfg(64, 4, 4, 2), _cfg(128, 2, 4, 2)]
+        )
+    elif dtype == torch.float32:  # tf32 / tf32x3 on tensor cores
+        cands = (
+            [_cfg(64, 1, 4, 2, True), _cfg(128, 1, 4, 2, True), _cfg(64, 1, 4, 2)]
+            if large
+            else [_cfg(64, 1, 4, 2), _cfg(128, 1, 4, 2)]
+        )
+    elif large:
+        cands = [_cfg(128, 1, 4, 2, True), _cfg(256, 1, 8, 2, True), _cfg(256, 1, 4, 2, True), _cfg(128, 1, 4, 2)]
+    else:
+        cands = [_cfg(64, 1, 4, 3), _cfg(128, 1, 8, 3), _cfg(32, 1, 4, 2)]
+    elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    out, seen = [], set()
+    for c in cands:
+        c = _fit(c, bh, bw, elt)
+        sig = tuple(sorted(c.items()))
+        if sig not in seen:
+            seen.add(sig)
+            out.append(c)
+    return out
+
+
+def default_config(M, N, K, bh, bw, dtype, precision="ieee", nnz=None, has_bias=False, activation=None) -> dict:
+    """Launch configuration for backend='triton': the measured one if this problem was tuned, else the
+    first candidate."""
+    if nnz is not None and torch.cuda.is_available():
+        entry = lookup(scope_for(), problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation))
+        if entry is not None and "triton_config" in entry:
+            return entry["triton_config"]
+    return candidate_configs(M, bh, bw, dtype, precision)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# keys and the table
+
+
+def token_bucket(m: int) -> int:
+    """Token counts are tuned per power-of-two bucket (197 -> 256, 50432 -> 65536)."""
+    return 1 << max(4, (max(int(m), 1) - 1).bit_length())
+
+
+def scope_for(device: torch.device | None = None) -> str:
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+    tv = getattr(_triton_bsr.triton, "__version__", "none") if _triton_bsr.HAS_TRITON else "none"
+    return f"{name}|torch-{torch.__version__}|triton-{tv}"
+
+
+TARGETS = ("eager", "graph")
+_target = {"value": os.environ.get("SUPERBLOCK_TUNE_FOR", "eager")}
+
+
+def set_tuning_target(target: str) -> None:
+    """What `auto` optimizes: "eager" (default; host launch overhead counts, which favours cuBLAS at small
+    token counts) or "graph" (GPU time only, for models run as CUDA graphs). Also SUPERBLOCK_TUNE_FOR."""
+    if target not in TARGETS:
+        raise ValueError(f"tuning target must be one of {TARGETS}, got {target!r}")
+    _target["value"] = target
+
+
+def get_tuning_target() -> str:
+    return _target["value"] if _target["value"] in TARGETS else "eager"
+
+
+def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, target: str = "eager") -> str:
+    n_blocks = math.ceil(N / bh) * math.ceil(K / bw)
+    density = round(100.0 * nnz / n_blocks)
+    dt = str(dtype).replace("torch.", "")
+    if dtype == torch.float32:
+        dt += "-" + precision
+    key = f"{N}x{K}|b{bh}x{bw}|d{density}|{dt}|bias{int(bool(has_bias))}|{activation or 'none'}|m{token_bucket(M)}"
+    return key if target == "eager" else key + "|" + target
+
+
+def cache_path() -> Path:
+    root = os.environ.get("SUPERBLOCK_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "superblock"
+    return base / "tuning.json"
+
+
+def _check_table(obj) -> dict[str, dict[str, dict]]:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("scopes"), dict):
+        raise ValueError(f"not a {FORMAT} table (expected keys 'format', 'version', 'scopes')")
+    if obj.get("version") != VERSION:
+        raise ValueError(f"unsupported {FORMAT} version {obj.get('version')!r} (this code reads {VERSION})")
+    for scope, entries in obj["scopes"].items():
+        if not isinstance(entries, dict):
+            raise ValueError(f"scope {scope!r} must map problem keys to choices")
+        for key, entry in entries.items():
+            if not isinstance(entry, dict) or entry.get("backend") not in ("triton", "torch", "dense"):
+                raise ValueError(f"bad choice for {key!r} in {scope!r}: {entry!r}")
+    return obj["scopes"]
+
+
+def _read_disk() -> dict[str, dict[str, dict]]:
+    path = cache_path()
+    if not path.exists():
+        return {}
+    try:
+        return _check_table(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:  # a damaged cache is only a cache
+        warnings.warn(f"ignoring tuning cache {path}: {err}", stacklevel=3)
+        return {}
+
+
+def _ensure_loaded() -> None:
+    global _disk_loaded
+    with _lock:
+        if _disk_loaded:
+            return
+        for scope, entries in _read_disk().items():
+            _table.setdefault(scope, {}).update({k: v for k, v in entries.items() if k not in _table.get(scope, {})})
+        _disk_loaded = True
+
+
+def _write_disk(scope: str, key: str, entry: dict) -> None:
+    global _warned_write
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scopes = _read_disk()  # merge: other processes may have written meanwhile
+        scopes.setdefault(scope, {})[key] = entry
+        payload = json.dumps({"format": FORMAT, "version": VERSION, "scopes": scopes}, indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except OSError as err:
+        if not _warned_write:
+            warnings.warn(f"could not write tuning cache {path}: {err}", stacklevel=3)
+            _warned_write = True
+
+
+def tuning_table(scope: str | None = None) -> dict:
+    """The measured choices (all scopes, or one) as a JSON-able dict, e.g. for an export manifest."""
+    _ensure_loaded()
+    with _lock:
+        scopes = copy.deepcopy(_table if scope is None else {scope: _table.get(scope, {})})
+    return {"format": FORMAT, "version": VERSION, "scopes": scopes}
+
+
+def load_tuning(table: dict, persist: bool = False) -> None:
+    """Merge a table from tuning_table() (e.g. from an export manifest); entries in it win."""
+    scopes = _check_table(table)
+    _ensure_loaded()
+    with _lock:
+        for scope, entries in scopes.items():
+            _table.setdefault(scope, {}).update(copy.deepcopy(entries))
+    if persist:
+        for scope, entries in scopes.items():
+            for key, entry in entries.items():
+                _write_disk(scope, key, entry)
+
+
+def clear_tuning() -> None:
+    """Forget the in-memory table (the disk cache is read again on next use)."""
+    global _disk_loaded
+    with _lock:
+        _table.clear()
+        _disk_loaded = False
+
+
+def lookup(scope: str, key: str) -> dict | None:
+    _ensure_loaded()
+    with _lock:
+        return _table.get(scope, {}).get(key)
+
+
+def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
+    with _lock:
+        _table.setdefault(scope, {})[key] = entry
+    if persist:
+        _write_disk(scope, key, entry)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
+    """Median over `repeats` batches of the mean time of fn() in ms (CUDA events); fn is run once first."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max(budget_ms / est, 2), 50))
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
+    """GPU time of fn() in ms, without host launch overhead: replays of a CUDA graph of several calls.
+
+    Picks among launch configurations of one kernel, where host overhead is the same for all and would
+    hide the differences at small token counts. fn must not allocate (pass preallocated outputs)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = int(min(max(budget_ms / max(start.elapsed_time(end), 1e-3), 2), 20))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def _can_measure(x: torch.Tensor) -> bool:
+    if os.environ.get("SUPERBLOCK_TUNE", "1") == "0":
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return not (compiling is not None and compiling())
+
+
+def measure(
+    args,
+    precision: str,
+    candidates: list[dict] | None = None,
+    backends=("triton", "torch", "dense"),
+    target: str = "eager",
+):
+    """Time every backend (and every Triton candidate) on these arguments; returns {label: ms}, best entry.
+
+    Triton configurations compete on GPU time; backends on eager time (target "eager": launch overhead
+    included) or GPU time (target "graph")."""
+    # late import (bsr_linear imports this module); the package's `bsr_linear` name is the function
+    bl = importlib.import_module("superblock.kernels.bsr_linear")
+
+    x2d, values, crow, col, shape, bias, activation = args
+    bh, bw = values.shape[1:]
+    times: dict[str, float] = {}
+    configs: dict[str, dict] = {}
+    gpu_ms: dict[str, float] = {}
+    best_cfg = None
+    if (
+        "triton" in backends
+        and _triton_bsr.HAS_TRITON
+        and x2d.dtype in bl._TRITON_DTYPES
+        and bl.triton_block_ok(bh, bw)
+    ):
+        # configurations compete on GPU time (graph replays); the winner then on eager time with the others
+        y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
+        for cfg in candidates or candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision):
+            label = "triton:" + ",".join(f"{k}={v}" for k, v in cfg.items())
+            run = lambda c=cfg: bl._run_triton(*args, precision, c, y)  # noqa: E731
+            try:
+                run()
+            except Exception:  # e.g. out of shared memory for this tile shape
+                continue
+            try:
+                gpu_ms[label] = time_graph(run)
+            except Exception:  # capture not possible here: eager timing
+                gpu_ms[label] = time_cuda(run)
+            configs[label] = cfg
+        if gpu_ms:
+            best_cfg = min(gpu_ms, key=gpu_ms.get)
+            times[best_cfg] = time_cuda(lambda: bl._run_triton(*args, precision, configs[best_cfg]))
+    graph = target == "graph"
+    if graph and best_cfg is not None:
+        times[best_cfg] = gpu_ms[best_cfg]
+
+    def timed(fn):
+        if graph:
+            with contextlib.suppress(Exception):
+                return time_graph(fn)
+        return time_cuda(fn)
+
+    if "torch" in backends and x2d.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        with contextlib.suppress(Exception):  # e.g. no torch kernel for this block shape
+            times["torch"] = timed(lambda: bl._run_torch(*args))
+    if "dense" in backends:
+        times["dense"] = timed(lambda: bl._run_dense(*args))
+    if not times:
+        return times, {"backend": "dense", "times_us": {}}
+    best = min(times, key=times.get)
+    if "dense" in times and best != "dense" and times[best] > DENSE_MARGIN * times["dense"]:
+        best = "dense"
+    entry = {"backend": "triton", "config": configs[best]} if best.startswith("triton:") else {"backend": best}
+    if configs:  # kept for backend="triton" even when another backend wins
+        entry["triton_config"] = configs[best_cfg]
+        entry["gpu_us"] = {k: round(v * 1000.0, 2) for k, v in gpu_ms.items()}
+    if entry["backend"] != "dense":
+        bl._cache.discard(values, ("dense", tuple(shape), torch.is_inference_mode_enabled()))
+    entry["times_us"] = {k: round(v * 1000.0, 2) for k, v in times.items()}
+    return times, entry
+
+
+def choose(args, precision: str) -> dict:
+    """The backend (and config) for these arguments: stored choice, else measure now, else a default."""
+    x2d, values, crow, col, shape, bias, activation = args
+    M = x2d.shape[0]
+    bh, bw = values.shape[1:]
+    target = get_tuning_target()
+    key = problem_key(
+        M, shape[0], shape[1], bh, bw, values.shape[0], x2d.dtype, precision, bias is not None, activation, target
+    )
+    scope = scope_for(x2d.device)
+    entry = lookup(scope, key)
+    if entry is not None:
+        return entry
+    from superblock.kernels.bsr_linear import triton_block_ok
+
+    triton_ok = (
+        _triton_bsr.HAS_TRITON
+        and x2d.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and triton_block_ok(bh, bw)
+    )
+    if M == 0 or not _can_measure(x2d):
+        if triton_ok:
+            cfg = default_config(M, shape[0], shape[1], bh, bw, x2d.dtype, precision)
+            return {"backend": "triton", "config": cfg, "measured": False}
+        return {"backend": "dense", "measured": False}
+    with torch.no_grad():
+        _, entry = measure(args, precision, target=target)
+    record(scope, key, entry)
+    return entry
