@@ -43,8 +43,10 @@ class Progress:
     step: int = 0  # optimizer steps
     best_top1: float = -1.0
     best_top5: float = -1.0
-    train_images: int = 0
+    train_images: int = 0  # throughput, steady state: first logging window of each process start left out
     train_seconds: float = 0.0
+    warmup_images: int = 0  # that first window, used only when there is nothing else
+    warmup_seconds: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,6 +143,7 @@ class Trainer:
         self.progress = Progress()
         self.logger: MetricLogger | None = None
         self.bar = None
+        self._warm = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_data(self) -> None:
@@ -349,8 +352,13 @@ class Trainer:
         loss = float(window_loss) / steps_in_window
         self._check_finite(window_loss)
         elapsed = max(time.perf_counter() - start, 1e-9)
-        self.progress.train_images += images
-        self.progress.train_seconds += elapsed
+        if self._warm:
+            self.progress.train_images += images
+            self.progress.train_seconds += elapsed
+        else:  # the first window pays for cuDNN/cuBLAS autotuning, allocator growth, compilation
+            self.progress.warmup_images += images
+            self.progress.warmup_seconds += elapsed
+            self._warm = True
         ctrl = get_controller(self.model)
         metrics = {
             "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
@@ -439,12 +447,17 @@ class Trainer:
             "block_sparsity": measured,
             "mean_block_sparsity": sum(measured.values()) / len(measured) if measured else 0.0,
             "params_total": total, "params_kept": kept,
-            "wall_time_s": None, "images_per_s": p.train_images / p.train_seconds if p.train_seconds else None,
+            "wall_time_s": None, "images_per_s": _rate(p.train_images, p.train_seconds)
+            or _rate(p.warmup_images, p.warmup_seconds),
             "epochs": p.epoch, "steps": p.step, "world_size": self.dist.world_size,
             "masks_equal_across_ranks": len(set(digests)) == 1, "mask_digest": digests[0],
             "run_dir": str(self.run_dir),
         }
         return summary
+
+
+def _rate(images: int, seconds: float) -> float | None:
+    return images / seconds if seconds > 0 else None
 
 
 class _null:

@@ -8,15 +8,32 @@ between gradient-accumulation micro-batches. Choosing k uses host-side numbers o
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from superblock.sparsity.blocks import kept_blocks
 from superblock.sparsity.mask import BlockMask
 from superblock.sparsity.schedule import SparsitySchedule
 
 ALLOCATIONS = ("layerwise", "global")
+
+# Controllers whose masks were computed; any optimizer step marks them stale. Tensor version counters alone do
+# not see every update: fused optimizers (e.g. AdamW(fused=True) on CUDA) change the scores without bumping them.
+_LIVE: weakref.WeakSet[SparsityController] = weakref.WeakSet()
+_HOOK: list = []
+
+
+def _invalidate_all(*_args: object) -> None:
+    for ctrl in list(_LIVE):
+        ctrl._stamp = None
+
+
+def _ensure_optimizer_hook() -> None:
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_invalidate_all))
 
 
 def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,6 +74,7 @@ class SparsityController:
         self._stamp: tuple | None = None
         for _, mask in self._masks:
             mask.attach(self)
+        _ensure_optimizer_hook()
         self._check_floor_fits(max(schedule.initial, schedule.final))
 
     @property
@@ -81,6 +99,7 @@ class SparsityController:
         if stamp != self._stamp:
             self.refresh()
             self._stamp = stamp
+            _LIVE.add(self)
 
     def _check_floor_fits(self, sparsity: float) -> None:
         if self.allocation != "global":

@@ -340,3 +340,22 @@ def test_double_sparsify_and_fold_of_dense_model_are_errors():
     sparsify(model, block_size=16)
     with pytest.raises(ValueError, match="already sparsified"):
         sparsify(model, block_size=16)
+
+
+def test_masks_follow_any_optimizer_step_even_without_version_bumps():
+    """Fused optimizers update scores without bumping version counters: an optimizer step still refreshes."""
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
+    (_, _, _, m), _ = iter_block_masks(net)
+    net(torch.randn(2, 40))
+    opt = torch.optim.SGD([m.scores], lr=1.0)
+    with torch.no_grad():
+        # write through .data: invisible to the version counter, like a fused kernel
+        m.scores.data.copy_(torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape))
+    before = m.mask.clone()
+    net(torch.randn(2, 40))
+    assert torch.equal(m.mask, before)  # nothing told the controller yet
+    opt.step()  # no grads: parameters unchanged, but the step hook marks the masks stale
+    net(torch.randn(2, 40))
+    k = kept_blocks(m.n_blocks, 0.5)
+    assert torch.all(m.mask.reshape(-1)[-k:] == 1) and not torch.equal(m.mask, before)
