@@ -66,6 +66,8 @@ def train_main(cfg: DictConfig) -> dict[str, Any] | None:
         if dist.is_main:
             write_summary(run_dir, summary)
             print_final(summary)
+            if conf.sweep.measure:
+                measure_speed(run_dir, conf)
         cleanup()
         return summary
     except (ConfigError, ValueError, TrainingDiverged, FileNotFoundError, RuntimeError) as err:
@@ -81,6 +83,26 @@ def train_main(cfg: DictConfig) -> dict[str, Any] | None:
             return {"status": "failed", "error": str(err)}
         fail(str(err), code)
     return None
+
+
+def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
+    """Export the finished run and time it against dense on this device: accuracy and speed from one job."""
+    from superblock.evaluate import evaluate
+    from superblock.export import export_checkpoint
+
+    sw = conf.sweep
+    dtype = sw.measure_dtype if sw.measure_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    try:
+        export_checkpoint(run_dir, run_dir / "export", dtype=dtype, layout=sw.measure_layout,
+                          batch_size=sw.measure_batch_size, overwrite=True)
+        result = evaluate(run_dir / "export", mode="bsr", dtype=dtype, accuracy=False,
+                          latency={"batch_size": sw.measure_batch_size}, output=run_dir / "eval.json")
+        print(f"measured speedup vs dense: {result.get('speedup', float('nan')):.2f}x ({dtype}, batch "
+              f"{sw.measure_batch_size}, {result.get('device')})", flush=True)
+        return result
+    except Exception as err:  # noqa: BLE001 - a failed measurement must not fail a finished training job
+        print(f"superblock: warning: speed measurement failed: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def write_failed(run_dir: Path, cfg: DictConfig, err: BaseException, wall: float) -> None:

@@ -110,6 +110,14 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    measure: bool = False  # after training: export, then time the sparse model vs dense -> <run dir>/eval.json
+    measure_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    measure_batch_size: int = 64
+    measure_layout: str = "auto"  # export layout: auto | bsr | dense
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +125,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     run_dir: str | None = None  # default: Hydra's output dir
     meta: dict[str, Any] = field(default_factory=dict)  # free-form notes (experiment name, expected result)
@@ -213,6 +222,9 @@ def check(c: TrainConfig) -> None:
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
+    _one_of(c.sweep.measure_dtype, ("auto", "fp32", "bf16", "fp16"), "sweep.measure_dtype")
+    _one_of(c.sweep.measure_layout, ("auto", "bsr", "dense"), "sweep.measure_layout")
+    _positive(c.sweep.measure_batch_size, "sweep.measure_batch_size")
 
 
 def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:

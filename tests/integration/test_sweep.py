@@ -70,3 +70,16 @@ def test_failed_job_is_listed_without_breaking_the_sweep_or_report(tmp_path):
     assert rows["8"]["status"] == "completed"
     assert rows["1000"]["status"] == "failed" and "larger than weight" in rows["1000"]["error"]
     assert (tmp_path / "report" / "accuracy_vs_speedup.png").is_file()
+
+
+@pytest.mark.slow
+def test_measure_puts_speed_next_to_accuracy(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "sweep.measure=true", "sweep.measure_batch_size=8",
+                     "sweep.measure_layout=bsr", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()]
+    assert (job / "eval.json").is_file() and (job / "export" / "manifest.json").is_file()
+    assert report(sweep, out=tmp_path / "report").returncode == 0
+    (row,) = read_rows(tmp_path / "report")
+    assert float(row["speedup"]) > 0
