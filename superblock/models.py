@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # micro_vit: smoke tests that must finish in seconds.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny_vit": {
-        "image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 96, "mlp_dim": 192,
+        "image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256,
     },
     "micro_vit": {
         "image_size": 32, "patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 64, "mlp_dim": 128,

@@ -6,6 +6,7 @@ from urllib.error import URLError
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -14,6 +15,7 @@ from superblock.data import (
     SYNTHETIC_CLASSES,
     DataBundle,
     EpochShuffleSampler,
+    ShardSampler,
     SyntheticShapes,
     build_datasets,
     build_loaders,
@@ -206,3 +208,22 @@ def test_build_loaders_rejects_tiny_splits() -> None:
     bundle = build_datasets("synthetic", train_size=10, val_size=10)
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_loaders(bundle, batch_size=16)
+
+
+def test_shard_sampler_covers_every_sample_once() -> None:
+    shards = [list(ShardSampler(10, rank, 4)) for rank in range(4)]
+    assert sorted(i for shard in shards for i in shard) == list(range(10))
+    assert [len(s) for s in shards] == [3, 3, 2, 2]  # uneven, never padded with repeats
+
+
+def test_build_loaders_distributed(tmp_path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        bundle = build_datasets("synthetic", train_size=64, val_size=20, seed=0)
+        train, val, sampler = build_loaders(bundle, batch_size=8, seed=3, distributed=True)
+        assert isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.seed == 3
+        sampler.set_epoch(1)
+        assert len(train) == 8
+        assert sum(len(t) for _, t in val) == 20
+    finally:
+        dist.destroy_process_group()
