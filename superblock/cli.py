@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
@@ -107,18 +108,11 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
 
 def write_failed(run_dir: Path, cfg: DictConfig, err: BaseException, wall: float) -> None:
     from superblock.engine.trainer import write_summary
+    from superblock.sweep import failure_summary
 
-    try:
-        spars = cfg.get("sparsity", {}) or {}
-        enabled = spars.get("enabled", True)
-        write_summary(run_dir, {
-            "status": "failed", "error": f"{type(err).__name__}: {err}", "model": cfg.get("model", {}).get("name"),
-            "sparsity": spars.get("level", 0.0) if enabled else 0.0,
-            "block_size": spars.get("block_size") if enabled else None,
-            "targets": list(spars.get("targets", [])) if enabled else [], "wall_time_s": wall, "run_dir": str(run_dir),
-        })
-    except Exception:  # noqa: BLE001 - reporting a failure must not hide the original error
-        pass
+    # Reporting a failure must never hide the original error.
+    with contextlib.suppress(Exception):
+        write_summary(run_dir, {**failure_summary(run_dir, cfg, err), "wall_time_s": wall})
 
 
 def print_final(summary: dict[str, Any]) -> None:

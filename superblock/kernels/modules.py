@@ -9,19 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from superblock.kernels.bsr_linear import ACTIVATIONS, BACKENDS, bsr_linear, bsr_to_dense
-
-
-def _block_pair(block_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        bh = bw = block_size
-    else:
-        try:
-            bh, bw = (int(b) for b in block_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"block_size must be an int or (bh, bw), got {block_size!r}") from None
-    if bh <= 0 or bw <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size!r}")
-    return bh, bw
+from superblock.sparsity.blocks import normalize_block_size
 
 
 def dense_to_bsr(
@@ -34,7 +22,7 @@ def dense_to_bsr(
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    bh, bw = _block_pair(block_size)
+    bh, bw = normalize_block_size(block_size)
     out_f, in_f = weight.shape
     n_rows, n_cols = -(-out_f // bh), -(-in_f // bw)
     w = weight.detach()
@@ -74,7 +62,7 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        bh, bw = _block_pair(block_size)
+        bh, bw = normalize_block_size(block_size)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block_size = (bh, bw)
         self.activation = activation
