@@ -46,13 +46,17 @@ def test_training_step_never_syncs_with_the_host():
 
 
 def test_fused_adamw_updates_refresh_masks_and_fold_matches():
-    model = torchvision.models.vit_b_16(image_size=64, num_classes=10).cuda()
+    model = torchvision.models.vit_b_16(image_size=64, num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision zero-inits the head: no gradient would flow
+    model = model.cuda()
     sparsify(model, sparsity=0.5, block_size=32, targets=["mlp", "attn"])
     opt = torch.optim.AdamW(mask_parameters(model), lr=1.0, fused=True)
+    scores_before = [p.detach().clone() for p in mask_parameters(model)]
     x = torch.randn(2, 3, 64, 64, device="cuda")
     masks_before = [m.mask.clone() for m in (p for p in model.modules() if hasattr(p, "scores"))]
     model(x).square().sum().backward()
     opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(scores_before, mask_parameters(model), strict=True))
     model.eval()
     with torch.no_grad():
         masked = model(x)
