@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(config_path="configs", config_name="export", version_base=None)
+@hydra.main(config_path="configs", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from superblock.export import export_checkpoint
     from superblock.export.cli import plain_args, run_cli

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             boundary = (i + 1) % accum == 0
-            sync = self.train_model.no_sync() if (self.dist.distributed and not boundary) else _null()
+            sync = self.train_model.no_sync() if (self.dist.distributed and not boundary) else nullcontext()
             with sync:
                 loss = self._forward_loss(images, targets)
                 self.scaler.scale(loss / accum).backward()
@@ -458,14 +459,6 @@ class Trainer:
 
 def _rate(images: int, seconds: float) -> float | None:
     return images / seconds if seconds > 0 else None
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -122,3 +122,16 @@ def test_wandb_offline_writes_its_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = run_train(*SMOKE, "optim.lr=1e25", "optim.warmup_epochs=0", "trainer.grad_clip=null",
+                     "trainer.log_every_steps=1", "trainer.checkpoint_every_steps=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert "loss became nan" in proc.stderr and "last good checkpoint" in proc.stderr
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] >= 1 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+    s = summary_of(tmp_path)
+    assert s["status"] == "failed" and "TrainingDiverged" in s["error"]
