@@ -135,3 +135,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     )
     s = summary_of(tmp_path)
     assert s["status"] == "failed" and "TrainingDiverged" in s["error"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_plain_keys(tmp_path):
+    proc = run_train(*SMOKE, "trainer.compile=true", f"hydra.run.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert summary_of(tmp_path)["mean_block_sparsity"] == pytest.approx(0.8, abs=0.02)
