@@ -35,10 +35,8 @@ class Source:
         """The masked training model (eval mode); EMA weights when asked for (an error if there are none)."""
         if use_ema and self.state.get("ema") is None:
             raise CheckpointError(f"use_ema=true but {self.checkpoint} holds no EMA weights: use use_ema=false")
-        # The checkpoint holds every weight: a pretrained file named in the spec is neither needed nor maybe present.
-        state = {**self.state, "model_spec": {**self.state["model_spec"], "pretrained": None}}
         try:
-            model = model_from_checkpoint(state, use_ema=use_ema)
+            model = model_from_checkpoint(self.state, use_ema=use_ema)
         except (RuntimeError, TypeError, KeyError) as err:
             raise CheckpointError(
                 f"{self.checkpoint}: the weights do not fit the model it describes ({str(err).splitlines()[0]})"
@@ -86,12 +84,7 @@ def load_source(path: str | Path) -> Source:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a run directory or a checkpoint file")
     checkpoint = resolve_checkpoint_path(path)
-    try:
-        state = load_checkpoint(checkpoint)
-    except CheckpointError:
-        raise
-    except Exception as err:  # torch.load raises assorted types (KeyError, ...) on some garbage files
-        raise CheckpointError(f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    state = load_checkpoint(checkpoint)
     for key in ("model_spec", "model"):
         if not state.get(key):
             raise CheckpointError(f"{checkpoint} has no '{key}': it is not a complete superblock checkpoint")
