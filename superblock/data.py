@@ -7,6 +7,7 @@ run and every test work on a fresh laptop; ``imagefolder`` and ``cifar10``/``cif
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import socket
@@ -542,3 +543,30 @@ def build_loaders(
     )
     val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, sampler=val_sampler, **common)
     return train, val, train_sampler
+
+
+class _SkipSampler(Sampler[int]):
+    """The indices of `base` after the first `skip`: the rest of an epoch, same order, nothing loaded to get there."""
+
+    def __init__(self, base: Sampler[int], skip: int) -> None:
+        self.base, self.skip = base, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+
+
+def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
+    """A loader over the same epoch as `loader` that starts after `batches` batches (exact mid-epoch resume).
+
+    The sampler must already be set to the epoch (`set_epoch`); the skipped samples are never read from disk.
+    """
+    if batches <= 0:
+        return loader
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+        drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn, generator=loader.generator,
+    )

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from superblock.config import TrainConfig, check_strict_blocks
-from superblock.data import build_datasets, build_loaders
+from superblock.data import build_datasets, build_loaders, skip_batches
 from superblock.engine.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
@@ -313,9 +313,9 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_images, window_start = 0, time.perf_counter()
         self.train_model.train()
-        for i, (images, targets) in enumerate(self.train_loader):
-            if i < skip:
-                continue  # resume mid-epoch: the sampler order is a function of (seed, epoch)
+        # Resume mid-epoch: the sampler order is a function of (seed, epoch), so start right after the batches the
+        # checkpoint had consumed without reading them again.
+        for i, (images, targets) in enumerate(skip_batches(self.train_loader, skip), start=skip):
             if i >= usable:
                 break
             images = images.to(self.device, non_blocking=True)

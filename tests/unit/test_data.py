@@ -227,3 +227,27 @@ def test_build_loaders_distributed(tmp_path) -> None:
         assert sum(len(t) for _, t in val) == 20
     finally:
         dist.destroy_process_group()
+
+
+def test_skip_batches_resumes_the_epoch_without_reading_skipped_samples():
+    from superblock.data import build_datasets, build_loaders, skip_batches
+
+    bundle = build_datasets("synthetic", train_size=64, val_size=8, seed=3)
+    train, _, sampler = build_loaders(bundle, batch_size=8, seed=3)
+    sampler.set_epoch(2)
+    full = [t.clone() for _, t in train]
+    read = []
+
+    class Spy(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(bundle.train)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return bundle.train[i]
+
+    spy = torch.utils.data.DataLoader(Spy(), batch_size=8, sampler=sampler, drop_last=True)
+    rest = [t for _, t in skip_batches(spy, 3)]
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
+    assert len(read) == 8 * (len(full) - 3)
