@@ -9,7 +9,6 @@ with every launcher: in the main process for the basic launcher, in the worker f
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import traceback
 from pathlib import Path
@@ -20,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from superblock import report
+from superblock.engine.checkpoint import write_json_atomically
 
 PROGRESS_LOG = "progress.log"
 
@@ -61,10 +61,8 @@ def record_failure(run_dir: Path, job_return: JobReturn) -> Path | None:
     exc = job_return._return_value  # `return_value` re-raises for failed jobs
     if job_return.status != JobStatus.FAILED or path.exists() or not isinstance(exc, BaseException):
         return None
-    tmp = path.with_name(f".{path.name}.tmp")
     choice = OmegaConf.select(job_return.hydra_cfg, "hydra.runtime.choices.sparsity") if job_return.hydra_cfg else None
-    tmp.write_text(json.dumps(failure_summary(run_dir, job_return.cfg, exc, choice), indent=2))
-    os.replace(tmp, path)  # a report reading concurrently never sees half a file
+    write_json_atomically(path, failure_summary(run_dir, job_return.cfg, exc, choice))  # never seen half-written
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -21,7 +20,12 @@ from tqdm import tqdm
 
 from superblock.config import TrainConfig, check_strict_blocks
 from superblock.data import build_datasets, build_loaders, skip_batches
-from superblock.engine.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from superblock.engine.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+    write_json_atomically,
+)
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import evaluate
@@ -462,7 +466,7 @@ def _rate(images: int, seconds: float) -> float | None:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json_atomically(run_dir / "summary.json", summary)
 
 
 def find_resume(resume: Any, run_dir: Path) -> Path | None:

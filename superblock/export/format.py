@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from superblock.engine.checkpoint import umask, write_json_atomically  # noqa: F401 - re-exported
+
 FORMAT = "superblock-sparse"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,27 +108,12 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publish_permissions(path: Path) -> None:
     """Give a directory made by mkdtemp (0700) and its files the permissions a plain mkdir/open would have."""
-    mask = _umask()
+    mask = umask()
     path.chmod(0o777 & ~mask)
     for f in path.iterdir():
         f.chmod(0o666 & ~mask)
-
-
-def write_json_atomically(path: Path, obj: Any) -> Path:
-    """A JSON file written to a temp file and renamed (never half-written), with umask permissions."""
-    from superblock.engine.checkpoint import atomic_write
-
-    path = atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
-    path.chmod(0o666 & ~_umask())
-    return path
 
 
 def write_dir_atomically(output: Path, fill: Callable[[Path], Any], overwrite: bool = False) -> Any:
