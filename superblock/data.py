@@ -348,11 +348,36 @@ def _randaugment(spec: str | None, image_size: int, mean: tuple[float, ...]) -> 
 
         # Same hparams as timm's training transforms: fill with the mean colour, translate up to 45%.
         hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
-        return [rand_augment_transform(spec, hparams)]
+        return [_pillow13_safe(rand_augment_transform(spec, hparams))]
     raise ValueError(
         f"data.randaugment={spec!r} is not understood: use a timm string like 'rand-m9-mstd0.5-inc1', "
         "'torchvision', or null"
     )
+
+
+def posterize_bits(img, bits_to_keep: int, **_kwargs):
+    """timm's posterize, also for 0 bits: Pillow 13 refuses ``ImageOps.posterize(img, 0)``.
+
+    timm's increasing-severity policy (``...-inc1``) asks for 0 kept bits at magnitude 10 (reached with
+    ``mstd`` noise); older Pillow mapped every pixel to 0 then, so that is what 0 bits means here too.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _v: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow13_safe(transform: Callable) -> Callable:
+    """Swap timm's posterize op for :func:`posterize_bits` in a timm RandAugment (module-level: picklable)."""
+    from timm.data import auto_augment
+
+    for op in getattr(transform, "ops", []):
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = posterize_bits
+    return transform
 
 
 def _vit_transforms(
