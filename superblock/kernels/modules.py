@@ -1,4 +1,4 @@
-"""nn.Modules over bsr_linear: a block-sparse Linear, a block-sparse self-attention, GELU fusion."""
+"""nn.Modules over the block-sparse linear op: a block-sparse Linear, a block-sparse self-attention, GELU fusion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from superblock.kernels.bsr_linear import ACTIVATIONS, BACKENDS, bsr_linear, bsr_to_dense
+from superblock.kernels import _runners, ops
+from superblock.kernels import tuning as _tuning
+from superblock.kernels.bsr_linear import ACTIVATIONS, BACKENDS, bsr_to_dense, get_fp32_precision
 from superblock.sparsity.blocks import normalize_block_size
 
 
@@ -38,11 +40,22 @@ def dense_to_bsr(
 
 
 class BlockSparseLinear(nn.Module):
-    """A Linear whose weight is block-sparse (BSR buffers), computed by bsr_linear; inference only.
+    """A Linear whose weight is block-sparse (BSR buffers), computed by torch.ops.superblock.bsr_linear; inference.
 
     Buffers: `values` [nnz, bh, bw], `crow_indices`, `col_indices` (int32) and `bias` (or None). The
     number of blocks is data dependent: build with from_dense / from_bsr; load_state_dict resizes the
     buffers to the checkpoint's. `activation="gelu"` fuses an exact GELU into the kernel's epilogue.
+
+    Dispatch is decided per layer and token bucket (tuning.token_bucket: powers of two), outside any trace:
+    `dispatch` maps a bucket to {"backend", "config", "precision"}. An entry is made on the first eager call
+    with that many tokens (backend="auto" measures on CUDA, see kernels.tuning) or by `prepare(tokens)`;
+    what a choice needs (the dense weight for "dense", grouped layouts, int64 indices) is built then and kept as
+    non-persistent buffers, so the hot path is a dict lookup and one kernel. Under torch.compile /
+    torch.export the layer is one custom op (or F.linear for a dense choice) with no guards on tensor
+    identity; a bucket that was never prepared gets a static choice there (CUDA: triton with its default
+    configuration; CPU: torch's BSR for fp32 square blocks, else dense), never a measurement.
+    `tuning_target` ("eager" | "graph" | None = kernels.get_tuning_target()) is what `auto` optimizes.
+    After editing the buffers in place, call `reset()`.
     """
 
     def __init__(
@@ -65,14 +78,41 @@ class BlockSparseLinear(nn.Module):
         bh, bw = normalize_block_size(block_size)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block_size = (bh, bw)
-        self.activation = activation
-        self.backend = backend
+        self.dispatch: dict[int, dict] = {}
+        self._plans: dict[int, tuple] = {}
+        self._activation = activation
+        self._backend = backend
+        self.tuning_target: str | None = None
+        self.fp32_precision: str | None = None
         n_rows = -(-self.out_features // bh)
         fk = {"device": device, "dtype": dtype}
         self.register_buffer("values", torch.zeros(nnz, bh, bw, **fk))
         self.register_buffer("crow_indices", torch.zeros(n_rows + 1, dtype=torch.int32, device=device))
         self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(self.out_features, **fk) if bias else None)
+
+    # activation / backend may be changed after construction (fuse_linear_gelu, users): choices start over
+    @property
+    def activation(self) -> str | None:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
+        self._activation = value
+        self._forget()
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        self._forget()
 
     @classmethod
     def from_bsr(
@@ -140,10 +180,155 @@ class BlockSparseLinear(nn.Module):
     def to_dense_weight(self) -> torch.Tensor:
         return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
 
+    # ------------------------------------------------------------------------------------------- hot path
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bsr_linear(
-            x, self.values, self.crow_indices, self.col_indices, self.shape, self.bias, self.activation, self.backend
-        )
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self._differentiable(x)
+        plan = self._plans.get(x.numel() // self.in_features)
+        if plan is None:
+            plan = self._plan(x, x.numel() // self.in_features)
+        # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
+        kind, names = plan[0], plan[1]
+        if kind == "dense":
+            y = F.linear(x, self._buffers[names] if type(names) is str else names, self.bias)
+            return F.gelu(y) if self._activation == "gelu" else y
+        crow, col, gidx = (self._buffers[n] if type(n) is str else n for n in names)
+        args = (x, self.values, crow, col, gidx, self.bias, self.out_features, self._activation or "none", kind,
+                plan[3], plan[2])  # fmt: skip
+        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
+        return ops.bsr_linear_op(*args)
+
+    def _differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        if self._backend == "triton":
+            raise ValueError("backend='triton' is inference only (no backward); use backend='dense' to train")
+        y = F.linear(x, self.to_dense_weight(), self.bias)
+        return F.gelu(y) if self._activation == "gelu" else y
+
+    # ------------------------------------------------------------------------------------------- dispatch
+
+    def prepare(self, tokens: int | Sequence[int]) -> BlockSparseLinear:
+        """Decide (and, for backend="auto" on CUDA, measure) this layer's choice for these token counts now,
+        and build what the choices need, so later calls - eager, compiled or captured - only look them up.
+        Runs on random inputs of the layer's dtype and device; eager code only."""
+        for m in [tokens] if isinstance(tokens, int) else tokens:
+            x = torch.randn(int(m), self.in_features, device=self.values.device).to(self.values.dtype)
+            with torch.no_grad():
+                self._plan(x, int(m))
+        return self
+
+    def reset(self) -> None:
+        """Forget the dispatch table and the derived tensors (after editing values / indices in place)."""
+        for name in [n for n in self._buffers if n.startswith("_")]:
+            del self._buffers[name]
+        self.dispatch.clear()
+        self._plans.clear()
+
+    def _forget(self) -> None:
+        if hasattr(self, "_plans"):
+            self.dispatch.clear()
+            self._plans.clear()
+
+    def _plan(self, x: torch.Tensor, m: int) -> tuple:
+        traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+        bucket = _tuning.token_bucket(m)
+        entry = self.dispatch.get(bucket)
+        if entry is None:
+            entry = self._static_choice(x) if traced else self._choose(x.reshape(-1, self.in_features))
+            if not traced:
+                self.dispatch[bucket] = entry
+        plan = self._build(entry, x, traced)
+        if not traced:
+            self._plans[m] = plan
+        return plan
+
+    def _precision(self) -> str:
+        return self.fp32_precision or get_fp32_precision()
+
+    def _static_choice(self, x: torch.Tensor) -> dict:
+        """What a never-prepared bucket runs inside a trace: no measurement, no host sync."""
+        backend = self._backend
+        if backend == "auto":
+            bh, bw = self.block_size
+            if x.device.type != "cuda":
+                backend = "torch" if x.dtype in (torch.float32, torch.float64) and bh == bw else "dense"
+            else:
+                backend = "triton" if _runners.triton_usable(x, self.values) else "dense"
+        config = None
+        if backend == "triton":
+            m = x.numel() // self.in_features
+            config = _tuning.candidate_configs(m, *self.block_size, x.dtype, self._precision())[0]
+        return {"backend": backend, "config": config, "precision": self._precision()}
+
+    def _choose(self, x2d: torch.Tensor) -> dict:
+        precision, backend, config = self._precision(), self._backend, None
+        bh, bw = self.block_size
+        if backend == "auto":
+            if x2d.device.type != "cuda":  # MKL's BSR matmul: fp32/fp64, square blocks
+                backend = "torch" if x2d.dtype in (torch.float32, torch.float64) and bh == bw else "dense"
+            else:
+                args = (x2d, self.values, self.crow_indices, self.col_indices, self.shape, self.bias, self._activation)
+                choice = _tuning.choose(args, precision, target=self.tuning_target)
+                backend, config = choice["backend"], choice.get("config")
+        if backend == "triton":
+            _runners.check_triton(x2d, self.values)
+            if config is None:
+                config = _tuning.default_config(
+                    x2d.shape[0], *self.shape, bh, bw, x2d.dtype, precision, self.values.shape[0],
+                    self.bias is not None, self._activation, self.tuning_target,
+                )  # fmt: skip
+        return {"backend": backend, "config": config, "precision": precision}
+
+    def _derived(self, name: str, build, traced: bool, n: int = 1):
+        """The buffer name(s) of a tensor (n == 1) or n tensors derived from the weight, built once in eager code
+        and kept as non-persistent buffers (they follow .to() and are not saved). Inside a trace, when they were
+        never built: the tensors themselves, computed in the graph, or None when `build` cannot be traced."""
+        names = [name] if n == 1 else [f"{name}_{i}" for i in range(n)]
+        if names[0] not in self._buffers:
+            if traced:
+                return None
+            with torch.inference_mode(False), torch.no_grad():
+                built = build()
+            for k, t in zip(names, [built] if n == 1 else built, strict=True):
+                self.register_buffer(k, t, persistent=False)
+        return names[0] if n == 1 else tuple(names)
+
+    def _build(self, entry: dict, x: torch.Tensor, traced: bool) -> tuple:
+        """A plan: (backend, tensors, config list, precision); tensors are buffer names, or (inside a trace,
+        for a layer never prepared) tensors computed in the graph."""
+        backend, precision = entry["backend"], entry["precision"]
+        if backend == "dense":
+            name = self._derived("_dense_weight", self.to_dense_weight, traced)
+            return ("dense", self.to_dense_weight() if name is None else name, [], precision)
+        if backend == "torch":
+            idx = self._derived("_index64", lambda: (self.crow_indices.long(), self.col_indices.long()), traced, 2)
+            crow, col = idx if idx is not None else ("crow_indices", "col_indices")
+            return ("torch", (crow, col, None), [], precision)
+        if backend != "triton":
+            raise ValueError(f"unknown backend {backend!r} in the dispatch table")
+        config = dict(entry["config"])
+        group = int(config.get("G", 1))
+        names = ("crow_indices", "col_indices", None)
+        if group > 1:  # grouped layout: built on the host once (it needs the index values)
+            layout = self._derived(
+                f"_group{group}", lambda: _runners.layout_for(self.crow_indices, self.col_indices, group), traced, 3
+            )
+            if layout is None:
+                config["G"] = 1
+            else:
+                names = layout
+        return ("triton", names, _runners.config_to_list(config), precision)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _apply(self, fn, recurse=True):
+        before = (self.values.dtype, self.values.device)
+        out = super()._apply(fn, recurse)
+        self._plans.clear()  # they hold the old tensors
+        if (self.values.dtype, self.values.device) != before:
+            self.dispatch.clear()  # choices are per dtype and device
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # nnz is data dependent: take the checkpoint's buffer sizes
@@ -153,6 +338,7 @@ class BlockSparseLinear(nn.Module):
                 old = self._buffers[name]
                 self._buffers[name] = torch.empty(t.shape, dtype=old.dtype, device=old.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.reset()
 
     def extra_repr(self) -> str:
         return (
@@ -272,25 +458,42 @@ class BlockSparseMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, None]:
         self_attn = query is key and key is value
+        if (
+            self_attn
+            and query.dim() == 3
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and not torch.is_grad_enabled()
+            and type(query) is torch.Tensor
+            and not torch.compiler.is_compiling()
+        ):
+            native = self._native_weights(query)
+            if native is not None:  # both projections run dense here: torch's fused MHA kernel, as nn.MHA's
+                x = query if self.batch_first else query.transpose(0, 1)
+                o = torch._native_multi_head_attention(
+                    x, x, x, self._embed(x), self.num_heads, *native, None, False, True, None
+                )[0]
+                return (o if self.batch_first else o.transpose(0, 1)), None
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (1, L, E)
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
         elif not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        E = self.embed_dim or query.shape[-1]
-        if self_attn:  # one kernel over the packed (3E, E) projection
-            q, k, v = self.in_proj(query).split(E, dim=-1)
-        else:  # cross-attention: project each input, keep its slice
-            q = self.in_proj(query)[..., :E]
-            k = self.in_proj(key)[..., E : 2 * E]
-            v = self.in_proj(value)[..., 2 * E :]
-        B, L, _ = q.shape
-        S = k.shape[1]
+        E = self._embed(query)
         H = self.num_heads
-        q = q.reshape(B, L, H, E // H).transpose(1, 2)
-        k = k.reshape(B, S, H, E // H).transpose(1, 2)
-        v = v.reshape(B, S, H, E // H).transpose(1, 2)
-        mask = _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+        B, L, _ = query.shape
+        if self_attn:  # one kernel over the packed (3E, E) projection, viewed as q / k / v heads
+            q, k, v = self.in_proj(query).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)
+            S = L
+        else:  # cross-attention: project each input, keep its slice
+            S = key.shape[1]
+            q = self.in_proj(query)[..., :E].reshape(B, L, H, E // H).transpose(1, 2)
+            k = self.in_proj(key)[..., E : 2 * E].reshape(B, S, H, E // H).transpose(1, 2)
+            v = self.in_proj(value)[..., 2 * E :].reshape(B, S, H, E // H).transpose(1, 2)
+        mask = None
+        if attn_mask is not None or key_padding_mask is not None:
+            mask = _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
         o = F.scaled_dot_product_attention(
             q,
             k,
@@ -305,6 +508,32 @@ class BlockSparseMultiheadAttention(nn.Module):
         elif not self.batch_first:
             o = o.transpose(0, 1)
         return o, None
+
+    def _embed(self, x: torch.Tensor) -> int:
+        return self.embed_dim or x.shape[-1]
+
+    def _native_weights(self, x: torch.Tensor) -> tuple | None:
+        """(in_w, in_b, out_w, out_b) when both projections run dense for this many tokens (nn.Linear, or a
+        BlockSparseLinear whose choice here is dense), else None. Dict lookups only once the layers are planned."""
+        if self.training:
+            return None
+        m = x.numel() // x.shape[-1]
+        out = []
+        for proj in (self.in_proj, self.out_proj):
+            if isinstance(proj, BlockSparseLinear):
+                if proj.activation is not None or proj.bias is None:
+                    return None
+                plan = proj._plans.get(m)
+                if plan is None:
+                    plan = proj._plan(x, m)
+                if plan[0] != "dense":
+                    return None
+                out += (proj._buffers[plan[1]], proj.bias)
+            elif type(proj) is nn.Linear and proj.bias is not None:
+                out += (proj.weight, proj.bias)
+            else:
+                return None
+        return tuple(out)
 
 
 def _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, dtype):

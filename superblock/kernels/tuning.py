@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from superblock.kernels import _triton_bsr
+from superblock.kernels import _runners, _triton_bsr
 
 FORMAT = "superblock-tuning"
 VERSION = 1
@@ -107,13 +106,17 @@ def candidate_configs(M: int, bh: int, bw: int, dtype: torch.dtype, precision: s
     return out
 
 
-def default_config(M, N, K, bh, bw, dtype, precision="ieee", nnz=None, has_bias=False, activation=None) -> dict:
-    """Launch configuration for backend='triton': the measured one if this problem was tuned, else the
-    first candidate."""
+def default_config(
+    M, N, K, bh, bw, dtype, precision="ieee", nnz=None, has_bias=False, activation=None, target: str | None = None
+) -> dict:
+    """Launch configuration for backend='triton': the measured one if this problem was tuned (for `target`,
+    else for eager), else the first candidate."""
     if nnz is not None and torch.cuda.is_available():
-        entry = lookup(scope_for(), problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation))
-        if entry is not None and "triton_config" in entry:
-            return entry["triton_config"]
+        scope = scope_for()
+        for tgt in dict.fromkeys((target or get_tuning_target(), "eager")):
+            entry = lookup(scope, problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, tgt))
+            if entry is not None and "triton_config" in entry:
+                return entry["triton_config"]
     return candidate_configs(M, bh, bw, dtype, precision)[0]
 
 
@@ -335,28 +338,29 @@ def measure(
 ):
     """Time every backend (and every Triton candidate) on these arguments; returns {label: ms}, best entry.
 
-    Triton configurations compete on GPU time; backends on eager time (target "eager": launch overhead
-    included) or GPU time (target "graph")."""
-    # late import (bsr_linear imports this module); the package's `bsr_linear` name is the function
-    bl = importlib.import_module("superblock.kernels.bsr_linear")
-
+    args = (x2d, values, crow, col, (out, in), bias, activation). Triton configurations compete on GPU time;
+    backends on eager time (target "eager": launch overhead included) or GPU time (target "graph")."""
     x2d, values, crow, col, shape, bias, activation = args
     bh, bw = values.shape[1:]
     times: dict[str, float] = {}
     configs: dict[str, dict] = {}
     gpu_ms: dict[str, float] = {}
     best_cfg = None
-    if (
-        "triton" in backends
-        and _triton_bsr.HAS_TRITON
-        and x2d.dtype in bl._TRITON_DTYPES
-        and bl.triton_block_ok(bh, bw)
-    ):
+    layouts: dict[int, tuple] = {}
+
+    def run_cfg(cfg, y=None):
+        group = int(cfg.get("G", 1))
+        if group not in layouts:
+            layouts[group] = _runners.layout_for(crow, col, group)
+        lc, lcol, gidx = layouts[group]
+        return _runners.run_triton(x2d, values, lc, lcol, gidx, bias, shape[0], activation, precision, cfg, y)
+
+    if "triton" in backends and _runners.triton_usable(x2d, values):
         # configurations compete on GPU time (graph replays); the winner then on eager time with the others
         y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
         for cfg in candidates or candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision):
             label = "triton:" + ",".join(f"{k}={v}" for k, v in cfg.items())
-            run = lambda c=cfg: bl._run_triton(*args, precision, c, y)  # noqa: E731
+            run = lambda c=cfg: run_cfg(c, y)  # noqa: E731
             try:
                 run()
             except Exception:  # e.g. out of shared memory for this tile shape
@@ -368,7 +372,7 @@ def measure(
             configs[label] = cfg
         if gpu_ms:
             best_cfg = min(gpu_ms, key=gpu_ms.get)
-            times[best_cfg] = time_cuda(lambda: bl._run_triton(*args, precision, configs[best_cfg]))
+            times[best_cfg] = time_cuda(lambda: run_cfg(configs[best_cfg]))
     graph = target == "graph"
     if graph and best_cfg is not None:
         times[best_cfg] = gpu_ms[best_cfg]
@@ -380,10 +384,13 @@ def measure(
         return time_cuda(fn)
 
     if "torch" in backends and x2d.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
         with contextlib.suppress(Exception):  # e.g. no torch kernel for this block shape
-            times["torch"] = timed(lambda: bl._run_torch(*args))
+            times["torch"] = timed(lambda: _runners.run_torch(x2d, values, crow64, col64, shape, bias, activation))
     if "dense" in backends:
-        times["dense"] = timed(lambda: bl._run_dense(*args))
+        w = _runners.bsr_to_dense(values, crow, col, shape)
+        times["dense"] = timed(lambda: _runners.run_dense(x2d, w, bias, activation))
+        del w
     if not times:
         return times, {"backend": "dense", "times_us": {}}
     best = min(times, key=times.get)
@@ -393,18 +400,19 @@ def measure(
     if configs:  # kept for backend="triton" even when another backend wins
         entry["triton_config"] = configs[best_cfg]
         entry["gpu_us"] = {k: round(v * 1000.0, 2) for k, v in gpu_ms.items()}
-    if entry["backend"] != "dense":
-        bl._cache.discard(values, ("dense", tuple(shape), torch.is_inference_mode_enabled()))
     entry["times_us"] = {k: round(v * 1000.0, 2) for k, v in times.items()}
     return times, entry
 
 
-def choose(args, precision: str) -> dict:
-    """The backend (and config) for these arguments: stored choice, else measure now, else a default."""
+def choose(args, precision: str, target: str | None = None) -> dict:
+    """The backend (and config) for these arguments: stored choice, else measure now, else a default.
+
+    Measures only outside traces and CUDA-graph captures (and unless SUPERBLOCK_TUNE=0); a stand-in choice
+    carries "measured": False."""
     x2d, values, crow, col, shape, bias, activation = args
     M = x2d.shape[0]
     bh, bw = values.shape[1:]
-    target = get_tuning_target()
+    target = target or get_tuning_target()
     key = problem_key(
         M, shape[0], shape[1], bh, bw, values.shape[0], x2d.dtype, precision, bias is not None, activation, target
     )
@@ -412,15 +420,8 @@ def choose(args, precision: str) -> dict:
     entry = lookup(scope, key)
     if entry is not None:
         return entry
-    from superblock.kernels.bsr_linear import triton_block_ok
-
-    triton_ok = (
-        _triton_bsr.HAS_TRITON
-        and x2d.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and triton_block_ok(bh, bw)
-    )
     if M == 0 or not _can_measure(x2d):
-        if triton_ok:
+        if _runners.triton_usable(x2d, values):
             cfg = default_config(M, shape[0], shape[1], bh, bw, x2d.dtype, precision)
             return {"backend": "triton", "config": cfg, "measured": False}
         return {"backend": "dense", "measured": False}

@@ -1,0 +1,164 @@
+"""The three backends of a block-sparse linear layer as plain functions, with no caches and no dispatch.
+
+Everything a backend needs beyond x is passed in, already in the form it runs on (int32 or grouped indices for
+Triton, int64 indices for torch's BSR, the dense weight for dense): callers precompute those once per weight.
+Both the dispatch (bsr_linear.py, modules.py, ops.py) and the tuner (tuning.py) import this module, so neither
+imports the other's privates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from superblock.kernels import _triton_bsr
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# a Triton launch configuration travels through the custom op as a list of ints in this order
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA")
+
+
+def config_to_list(config: dict) -> list[int]:
+    return [int(config.get(k, 0 if k == "TMA" else 1)) for k in CONFIG_KEYS]
+
+
+def config_from_list(values: Sequence[int]) -> dict:
+    if len(values) != len(CONFIG_KEYS):
+        raise ValueError(f"a triton config has {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}")
+    cfg = dict(zip(CONFIG_KEYS, (int(v) for v in values), strict=True))
+    cfg["TMA"] = bool(cfg["TMA"])
+    return cfg
+
+
+def triton_block_ok(bh: int, bw: int) -> bool:
+    """tl.arange / tl.dot need power-of-two tile sides of at least 16."""
+    return all(b >= 16 and b & (b - 1) == 0 for b in (int(bh), int(bw)))
+
+
+def triton_usable(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether backend='triton' can run these tensors here (CUDA or the interpreter, dtype, block shape)."""
+    return (
+        _triton_bsr.HAS_TRITON
+        and (x.device.type == "cuda" or _triton_bsr.INTERPRET)
+        and x.dtype in TRITON_DTYPES
+        and triton_block_ok(*values.shape[1:])
+    )
+
+
+def bsr_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The dense (out, in) weight of a BSR weight (no host sync; differentiable in `values`)."""
+    out_f, in_f = (int(s) for s in shape)
+    nnz, bh, bw = values.shape
+    n_rows, n_cols = -(-out_f // bh), -(-in_f // bw)
+    counts = (crow[1:] - crow[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=values.device), counts, output_size=nnz)
+    blocks = values.new_zeros(n_rows * n_cols, bh, bw)
+    blocks = blocks.index_copy(0, rows * n_cols + col.to(torch.int64), values)
+    dense = blocks.view(n_rows, n_cols, bh, bw).permute(0, 2, 1, 3).reshape(n_rows * bh, n_cols * bw)
+    return dense[:out_f, :in_f].contiguous()
+
+
+def index32(crow: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if crow.dtype == torch.int32 and col.dtype == torch.int32:
+        return crow, col
+    return crow.to(torch.int32), col.to(torch.int32)
+
+
+def layout_for(
+    crow: torch.Tensor, col: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(crow, col, gidx) the Triton kernel walks for G block rows per program (G > 1 syncs: host-built union)."""
+    if group > 1:
+        return _triton_bsr.grouped_layout(crow, col, group)
+    return (*index32(crow, col), None)
+
+
+def epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y
+
+
+def run_dense(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
+    y = F.linear(x2d, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
+
+
+def torch_bsr_weight(values, crow, col, shape, compute_dtype):
+    """torch's sparse BSR tensor over the padded weight (a cheap view-like construction, no copies of values
+    unless the compute dtype differs)."""
+    bh, bw = values.shape[1:]
+    size = (-(-shape[0] // bh) * bh, -(-shape[1] // bw) * bw)
+    v = values if compute_dtype == values.dtype else values.to(compute_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "BSR support is in beta state"
+        return torch.sparse_bsr_tensor(
+            crow.to(torch.int64),
+            col.to(torch.int64),
+            v,
+            size=size,
+            dtype=compute_dtype,
+            device=values.device,
+            check_invariants=False,
+        )
+
+
+def run_torch(x2d, values, crow, col, shape, bias, activation):
+    """torch's BSR kernels (F.linear with a sparse weight); on CPU (MKL) fp16/bf16 go through fp32 and
+    non-square blocks through the dense path."""
+    out_f, in_f = shape
+    compute = x2d.dtype
+    if x2d.device.type == "cpu":
+        if values.shape[1] != values.shape[2]:
+            return run_dense(x2d, bsr_to_dense(values, crow, col, shape), bias, activation)  # MKL: square only
+        if compute not in (torch.float32, torch.float64):
+            compute = torch.float32  # torch's CPU BSR matmul (MKL) has no fp16/bf16 kernels
+    w = torch_bsr_weight(values, crow, col, shape, compute)
+    xin = x2d if compute == x2d.dtype else x2d.to(compute)
+    k_pad = w.shape[1] - in_f
+    if k_pad:
+        xin = F.pad(xin, (0, k_pad))
+    y = F.linear(xin, w)
+    if y.shape[1] != out_f:
+        y = y[:, :out_f]
+    if compute != x2d.dtype:
+        y = y.to(x2d.dtype)
+    return epilogue(y, bias, activation).contiguous()
+
+
+def check_triton(x2d: torch.Tensor, values: torch.Tensor) -> None:
+    if not _triton_bsr.HAS_TRITON:
+        raise ValueError("backend='triton' needs the triton package")
+    if x2d.device.type != "cuda" and not _triton_bsr.INTERPRET:
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x2d.device}")
+    if x2d.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {x2d.dtype}")
+    if not triton_block_ok(*values.shape[1:]):
+        raise ValueError(
+            f"backend='triton' needs block sides that are powers of two >= 16, got {tuple(values.shape[1:])}"
+        )
+
+
+def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y=None):
+    """The Triton kernel into y (allocated when None). crow/col are int32, and the grouped layout (with gidx)
+    when config['G'] > 1 (see layout_for). Host work per call: a few checks and the launch."""
+    in_f = x2d.shape[1]
+    if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
+        x2d = x2d.contiguous()
+    if not values.is_contiguous():
+        values = values.contiguous()
+    if y is None:
+        y = torch.empty(x2d.shape[0], out_f, device=x2d.device, dtype=x2d.dtype)
+    if x2d.shape[0] == 0:
+        return y
+    group = int(config.get("G", 1))
+    if group > 1 and gidx is None:
+        raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
+    if config.get("TMA") and (group > 1 or not _triton_bsr.tma_ok(x2d, y, values)):
+        config = {**config, "TMA": False}
+    return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config)
