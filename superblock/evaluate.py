@@ -6,6 +6,8 @@ Forms ("modes") of one trained model:
   folded  the plain dense model with zeros in the pruned blocks (weights in `dtype`)
   bsr     the block-sparse inference model (BlockSparseLinear / block-sparse attention, weights in `dtype`)
 `mode=all` runs every available form on the same batches and reports how far their logits and predictions differ.
+`runtime` (eager | compile | cudagraph) serves the folded and bsr forms the same way (superblock.export.serving), so
+their latency ratio is the one of that runtime; the masked form always runs eagerly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from superblock.export import (
 from superblock.export.format import write_json_atomically
 from superblock.export.layout import assign_layouts
 from superblock.export.runtime import dtype_name
+from superblock.export.serving import check_runtime, make_runtime
 from superblock.export.source import Source
 from superblock.kernels import fuse_linear_gelu
 
@@ -124,9 +127,17 @@ def build_models(
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (BSR values and indices included; mask scores too, for masked)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    """Bytes of the model's saved state (parameters and persistent buffers: BSR values and indices included, mask
+    scores too for masked; not the per-layer derived tensors a block-sparse layer builds for its kernels)."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def serve(models: dict[str, nn.Module], runtime: str, batch_sizes: list[int], shape: tuple[int, ...]) -> None:
+    """Put the folded and bsr forms behind the same serving runtime (in place); masked stays eager."""
+    for form in ("folded", "bsr"):
+        if form in models:
+            models[form] = make_runtime(models[form], runtime, batch_sizes=batch_sizes, sample_shape=shape)
 
 
 def _runner(form: str, model: nn.Module, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], Any]:
@@ -243,6 +254,8 @@ def evaluate(
     device: str = "auto",
     dtype: str = "fp32",
     backend: str = "auto",
+    runtime: str = "eager",
+    batch_sizes: list[int] | None = None,
     use_ema: bool = False,
     data: dict | None = None,
     batch_size: int | None = None,
@@ -252,25 +265,36 @@ def evaluate(
     output: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate a run or export in one mode (or all); writes eval.json (atomically) and returns its content."""
+    """Evaluate a run or export in one mode (or all); writes eval.json (atomically) and returns its content.
+
+    `runtime` serves the folded and bsr forms (eager | compile | cudagraph) at `batch_sizes` (default: the latency
+    batch size and the accuracy batch size; other batches are padded up or split)."""
     latency_cfg = dict(latency or {})
     latency_on = bool(latency_cfg.get("enabled", True))
     forms = _forms(mode, latency_on)
+    sizes = check_runtime(runtime, batch_sizes)
     dev, torch_dtype = resolve_device(device), parse_dtype(dtype)
     ensure_runnable(torch_dtype, dev)
     target = open_target(checkpoint)
+    data_cfg = data_config(target, data) if accuracy else None
     models = build_models(target, forms, dev, torch_dtype, backend, use_ema)
     if not models:
         raise ValueError(f"nothing to evaluate in mode={mode}: {'; '.join(target.notes)}")
-    runners = {f: _runner(f, m, dev, torch_dtype) for f, m in models.items()}
     shape = image_shape(next(iter(models.values())), target.model_spec)
     result: dict[str, Any] = {
         "checkpoint": str(target.path.resolve()), "kind": target.kind, "mode": mode, "device": str(dev),
         "dtype": dtype_name(torch_dtype), "backend": backend, "notes": target.notes,
         "weight_bytes": {f: weight_bytes(m) for f, m in models.items()},
     }
+    if sizes is None and runtime != "eager":
+        wanted = [int(latency_cfg.get("batch_size", 64))] if latency_on else []
+        if accuracy:
+            wanted.append(int(batch_size or data_cfg.get("eval_batch_size") or data_cfg.get("batch_size") or 128))
+        sizes = check_runtime(runtime, wanted or None)
+    serve(models, runtime, list(sizes) if sizes else None, shape)
+    result.update(runtime=runtime, runtime_batch_sizes=list(sizes) if sizes else None)
+    runners = {f: _runner(f, m, dev, torch_dtype) for f, m in models.items()}
     if accuracy:
-        data_cfg = data_config(target, data)
         _, loader = val_loader(data_cfg, int(target.config.get("seed", 0) or 0), target.model_spec, batch_size)
         eval_runners = {f: r for f, r in runners.items() if mode == "all" or f == mode}
         result["data"] = data_cfg
@@ -323,7 +347,11 @@ def table(result: dict) -> str:
         ]
         lines.append(f"{f:<7} " + " ".join(cells))
     if lat:
-        lines.append(f"latency at batch {lat['batch_size']}: median of interleaved repeats, speedup = folded / mode")
+        runtime = result.get("runtime", "eager")
+        lines.append(
+            f"latency at batch {lat['batch_size']} ({runtime} runtime for folded and bsr): median of interleaved "
+            "repeats, speedup = folded / mode"
+        )
     if agree:
         ref = next(iter(agree.values()))["reference"]
         lines.append(f"agree / max|dlogit|: vs {ref} on the same batches")

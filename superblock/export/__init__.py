@@ -4,6 +4,8 @@
 from superblock.export import export_checkpoint, load_sparse
 result = export_checkpoint("outputs/<run>", "exports/<run>", dtype="bf16", layout="auto")
 model = load_sparse("exports/<run>", device="cuda")     # BlockSparseLinear / block-sparse attention inside
+served = load_sparse("exports/<run>", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 8, 32, 256])
+fast = make_runtime(my_model, "compile", batch_sizes=[1, 8, 32, 256])  # any model (BlockSparseLinear inside or not)
 ```
 The on-disk format is described in superblock/export/format.py and docs/export.md.
 """
@@ -12,6 +14,7 @@ from superblock.export.convert import Layer, install_bsr, masked_layers, pack_te
 from superblock.export.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
 from superblock.export.loader import load_folded, load_sparse
 from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device
+from superblock.export.serving import RUNTIMES, ServingModel, make_runtime, set_tuning_target, warm_up
 from superblock.export.source import Source, load_source
 from superblock.export.timing import compare_latency
 from superblock.export.writer import ExportResult, export_checkpoint, fold_copy, image_shape, summary_table
@@ -19,11 +22,13 @@ from superblock.export.writer import ExportResult, export_checkpoint, fold_copy,
 __all__ = [
     "DTYPES",
     "FORMAT",
+    "RUNTIMES",
     "TOLERANCES",
     "VERSION",
     "ExportError",
     "ExportResult",
     "Layer",
+    "ServingModel",
     "Source",
     "compare_latency",
     "ensure_runnable",
@@ -35,10 +40,13 @@ __all__ = [
     "load_folded",
     "load_source",
     "load_sparse",
+    "make_runtime",
     "masked_layers",
     "pack_tensors",
     "parse_dtype",
     "read_manifest",
     "resolve_device",
+    "set_tuning_target",
     "summary_table",
+    "warm_up",
 ]

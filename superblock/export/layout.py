@@ -1,17 +1,24 @@
-"""Per-layer choice of the stored layout: BSR where it can run and (for layout=auto) where it is measured faster."""
+"""Per-layer choice of the stored layout: BSR where it can run and (layout=auto) where it is never slower than dense
+at the batch sizes and in the runtime it will be served with, and faster at one of them."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from superblock.export.convert import MHA_IN, MHA_OUT, Layer, bsr_of, owner, unsupported_reason
+from superblock.export.convert import MHA_IN, MHA_OUT, Layer, owner, unsupported_reason
 from superblock.export.runtime import dtype_name
 from superblock.export.timing import compare_latency
-from superblock.kernels import bsr_linear
+from superblock.kernels import BlockSparseLinear, tuning
 
 MODES = ("auto", "bsr", "dense")
+# how each serving runtime is timed per layer: GPU time for CUDA graphs, eager calls otherwise
+TIMING = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
+# "not slower": BSR within this fraction of dense at a batch size (timing noise); see _verdict
+LAYOUT_TOLERANCE = 0.02
 
 
 @torch.no_grad()
@@ -38,17 +45,49 @@ def tokens_per_image(model: nn.Module, names: list[str], image_shape: tuple[int,
     return seen
 
 
-def _measure(weight, bias, block, tokens, device, dtype, backend, repeats) -> dict:
+def _time(fns: dict, inputs: list, device: torch.device, graph: bool, repeats: int) -> dict[str, float]:
+    """Median ms per call of each function: CUDA-graph replays (GPU time) for graph, else interleaved eager calls."""
+    if graph:
+        x = inputs[0]
+        return {name: tuning.time_graph(lambda f=fn: f(x), budget_ms=2.0, repeats=max(3, repeats // 3))
+                for name, fn in fns.items()}  # fmt: skip
+    stats = compare_latency(fns, inputs, device, warmup=2, repeats=repeats, rounds=2)
+    return {name: stats[name]["median_ms"] for name in fns}
+
+
+@torch.no_grad()
+def _measure(weight, bias, block, tokens: dict[int, int], device, dtype, backend, runtime, repeats) -> dict:
+    """BSR (the BlockSparseLinear a model is served with, tuned for the runtime) vs F.linear, per batch size."""
     w = weight.detach().to(device, dtype)
     b = None if bias is None else bias.detach().to(device, dtype)
-    values, crow, col = bsr_of(w, block)
-    inputs = [torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for _ in range(2)]
-    fns = {
-        "dense": lambda x: F.linear(x, w, b),
-        "bsr": lambda x: bsr_linear(x, values, crow, col, tuple(w.shape), b, backend=backend),
-    }
-    stats = compare_latency(fns, inputs, device, warmup=2, repeats=repeats, rounds=2)
-    return {"dense_ms": round(stats["dense"]["median_ms"], 4), "bsr_ms": round(stats["bsr"]["median_ms"], 4)}
+    sparse = BlockSparseLinear.from_dense(w, b, block, backend=backend)
+    graph = TIMING[runtime] == "graph" and device.type == "cuda"
+    sparse.tuning_target = "graph" if graph else "eager"
+    rows = []
+    for batch, n in sorted(tokens.items()):
+        inputs = [torch.randn(n, w.shape[1], device=device, dtype=dtype) for _ in range(2)]
+        sparse(inputs[0])  # the layer's choice for this many tokens (measured here for backend=auto on CUDA)
+        kernel = sparse.dispatch[tuning.token_bucket(n)]["backend"]
+        ms = _time({"dense": lambda x: F.linear(x, w, b), "bsr": sparse}, inputs, device, graph, repeats)
+        rows.append({"batch": batch, "tokens": n, "dense_ms": round(ms["dense"], 4), "bsr_ms": round(ms["bsr"], 4),
+                     "kernel": kernel})  # fmt: skip
+    return {"runtime": runtime, "timed": "graph" if graph else "eager", "per_batch": rows}
+
+
+def _verdict(timing: dict, tolerance: float, where: str) -> str | None:
+    """None when BSR is kept: never slower than dense beyond `tolerance` at any batch size (a batch size where the
+    layer runs the dense kernel itself is a tie) and faster at one at least; else the reason for dense."""
+    rows = timing["per_batch"]
+    for r in rows:
+        if r["kernel"] != "dense" and r["bsr_ms"] > r["dense_ms"] * (1.0 + tolerance):
+            return (
+                f"BSR ({r['bsr_ms']:.3f} ms) slower than dense ({r['dense_ms']:.3f} ms) at batch {r['batch']} "
+                f"({r['tokens']} tokens), {where}"
+            )
+    if not any(r["kernel"] != "dense" and r["bsr_ms"] < r["dense_ms"] for r in rows):
+        batches = ", ".join(str(r["batch"]) for r in rows)
+        return f"BSR not faster than dense at any of batch sizes {batches}, {where}"
+    return None
 
 
 def _weight_and_bias(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,31 +119,34 @@ def choose_layouts(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    batch_size: int,
+    batch_sizes: Sequence[int],
     image_shape: tuple[int, ...],
     backend: str = "auto",
+    runtime: str = "eager",
     repeats: int = 10,
+    tolerance: float = LAYOUT_TOLERANCE,
 ) -> None:
     """Set `layout` / `reason` / `timing` of every layer of a folded model (in place).
 
-    bsr: every layer a block-sparse module can hold; dense: none; auto: those whose BSR product is faster than
-    the dense one on `device` at `batch_size` images in `dtype` (a short measurement per layer).
+    bsr: every layer a block-sparse module can hold; dense: none; auto: a layer stays BSR only if, on `device` in
+    `dtype`, its block-sparse module (tuned for `runtime`) is not slower than the dense product at any of
+    `batch_sizes` and faster at one of them at least. Timed as the runtime runs: GPU time (CUDA-graph replays)
+    for cudagraph on CUDA, eager calls otherwise (compile too: its custom-op and matmul launches are eager ones).
+    `timing` keeps the per-batch numbers.
     """
     assign_layouts(model, layers, mode)
     measured = [layer for layer in layers if layer.layout == "bsr" and mode == "auto"]
     if not measured:
         return
     tokens = tokens_per_image(model, [layer.name for layer in measured], image_shape)
+    where = f"{dtype_name(dtype)}, {device.type}, runtime {runtime}"
     for layer in measured:
         if layer.name not in tokens:
             layer.layout, layer.reason = "dense", "not reached by a forward pass, so not measured"
             continue
-        rows = tokens[layer.name] * batch_size
+        per_batch = {b: tokens[layer.name] * b for b in batch_sizes}
         weight, bias = _weight_and_bias(model, layer.name)
-        layer.timing = {"tokens": rows, **_measure(weight, bias, layer.block, rows, device, dtype, backend, repeats)}
-        if layer.timing["bsr_ms"] >= layer.timing["dense_ms"]:
+        layer.timing = _measure(weight, bias, layer.block, per_batch, device, dtype, backend, runtime, repeats)
+        layer.reason = _verdict(layer.timing, tolerance, where)
+        if layer.reason:
             layer.layout = "dense"
-            layer.reason = (
-                f"BSR ({layer.timing['bsr_ms']:.3f} ms) not faster than dense ({layer.timing['dense_ms']:.3f} ms) "
-                f"at {rows} tokens ({batch_size} images), {dtype_name(dtype)}, {device.type}"
-            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from superblock.export.convert import Layer, install_bsr, unpack_tensors
 from superblock.export.format import WEIGHTS, ExportError, read_manifest, verify_file
 from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
+from superblock.export.serving import check_runtime, image_shape, make_runtime
 from superblock.kernels import BACKENDS, fuse_linear_gelu
 
 
@@ -65,6 +67,9 @@ def load_sparse(
     dtype: str | torch.dtype | None = None,
     backend: str = "auto",
     *,
+    runtime: str = "eager",
+    batch_sizes: Sequence[int] | int | None = None,
+    compile_options: dict | None = None,
     fuse_gelu: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -73,10 +78,17 @@ def load_sparse(
     `dtype` defaults to the exported one ("fp32" | "bf16" | "fp16" or a torch dtype); `backend` is the kernel of
     every block-sparse layer ("auto" | "triton" | "torch" | "dense"). With `fuse_gelu`, Linear -> GELU pairs run as
     one kernel. `verify` checks the files against the manifest's sha256 first (an edited export is refused).
-    Raises ExportError for a missing, edited or mismatched export. The model is returned in eval mode.
+
+    `runtime` ("eager" | "compile" | "cudagraph") and `batch_sizes` say how it is served (see
+    superblock.export.serving.make_runtime): eager returns the model (warmed up, i.e. tuned, at `batch_sizes` when
+    given); compile / cudagraph return a ServingModel that compiled / captured one graph per batch size (default:
+    the export's batch sizes, else 1, 8, 32, 256) and pads every batch up to the next of them. cudagraph on a CPU
+    device falls back to eager with a RuntimeWarning. `compile_options` go to torch.compile.
+    Raises ExportError for a missing, edited or mismatched export, ValueError for bad options. Eval mode.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    sizes = check_runtime(runtime, batch_sizes)
     path = Path(path)
     manifest = read_manifest(path)
     device = resolve_device(device)
@@ -90,7 +102,15 @@ def load_sparse(
     install_bsr(model, bsr, backend=backend)
     if fuse_gelu:
         fuse_linear_gelu(model)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if sizes is None and runtime != "eager":
+        sizes = (manifest.get("layout_policy") or {}).get("batch_sizes") or None
+    if runtime == "eager" and sizes is None:
+        return model
+    return make_runtime(
+        model, runtime, batch_sizes=sizes, sample_shape=image_shape(model, manifest["model_spec"]),
+        compile_options=compile_options,
+    )
 
 
 def load_folded(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):

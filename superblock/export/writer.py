@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from superblock.export.format import (
 from superblock.export.layout import MODES, choose_layouts
 from superblock.export.loader import load_sparse
 from superblock.export.runtime import TOLERANCES, dtype_name, ensure_runnable, parse_dtype, resolve_device
+from superblock.export.serving import DEFAULT_BATCH_SIZES, RUNTIMES, check_runtime
+from superblock.export.serving import image_shape as serving_image_shape
 from superblock.export.source import Source, load_source
 from superblock.sparsity import fold_masks, get_controller
 
@@ -48,15 +50,10 @@ class ExportResult:
 
 def image_shape(model: nn.Module, model_spec: dict) -> tuple[int, int, int]:
     """(channels, height, width) of the model's input: the first conv's channels and the spec's image size."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = conv.in_channels if conv is not None else 3
-    size = model_spec.get("image_size") or getattr(model, "image_size", None)
-    if size is None and hasattr(model, "patch_embed"):
-        size = getattr(model.patch_embed, "img_size", None)
-    if size is None:
-        raise ExportError("cannot tell the model's input size: the checkpoint's model_spec has no image_size")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return channels, int(h), int(w)
+    try:
+        return serving_image_shape(model, model_spec)
+    except ValueError:
+        raise ExportError("cannot tell the model's input size: the checkpoint's model_spec has no image_size") from None
 
 
 def fold_copy(model: nn.Module) -> nn.Module:
@@ -124,13 +121,18 @@ def _equivalence(masked: nn.Module, folded: nn.Module, export_dir: Path, probe: 
     return result
 
 
-def _check_args(layout: str, batch_size: int, probe_n: int, tolerance: float | None) -> None:
+def _check_args(layout: str, runtime: str, batch_sizes, probe_n: int, tolerance: float | None) -> tuple[int, ...]:
     if layout not in MODES:
         raise ValueError(f"layout={layout!r} is not one of {list(MODES)}")
-    if batch_size <= 0 or probe_n <= 0:
-        raise ValueError(f"batch_size and probe_batch must be > 0, got {batch_size} and {probe_n}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not one of {list(RUNTIMES)}")
+    if probe_n <= 0:
+        raise ValueError(f"probe_batch must be > 0, got {probe_n}")
     if tolerance is not None and tolerance <= 0:
         raise ValueError(f"tolerance must be > 0 (max logit error relative to the largest logit), got {tolerance}")
+    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool) and batch_sizes <= 0:
+        raise ValueError(f"batch_size and batch_sizes must be > 0, got {batch_sizes}")
+    return check_runtime(runtime, batch_sizes)
 
 
 def export_checkpoint(
@@ -140,7 +142,9 @@ def export_checkpoint(
     dtype: str = "fp32",
     layout: str = "auto",
     device: str = "auto",
-    batch_size: int = 64,
+    batch_sizes: Sequence[int] | int | None = DEFAULT_BATCH_SIZES,
+    runtime: str = "eager",
+    batch_size: int | None = None,
     backend: str = "auto",
     probe_batch: int = 4,
     probe_seed: int = 0,
@@ -151,12 +155,15 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a training run (run directory or checkpoint file) to a sparse checkpoint directory.
 
-    Folds the masks, stores every masked weight as BSR (layout=bsr), dense (layout=dense) or whichever is faster
-    on `device` at `batch_size` images in `dtype` (layout=auto), writes the folded dense state dict beside it, and
-    checks the exported model's logits against the masked training model's on a fixed probe batch (the export
-    fails if the error exceeds the dtype's tolerance). Written to a temporary directory and renamed at the end.
+    Folds the masks, stores every masked weight as BSR (layout=bsr), dense (layout=dense) or, for layout=auto, BSR
+    only where its block-sparse module is never slower than dense at any of `batch_sizes` (images per batch) on
+    `device` in `dtype` as served by `runtime` ("eager" | "compile" | "cudagraph") and faster at one of them
+    (per-batch timings go to the manifest). `batch_size` (one int) is the older spelling of batch_sizes=[N]. Writes
+    the folded dense state dict beside it, and checks the exported model's logits against the masked training
+    model's on a fixed probe batch (the export fails if the error exceeds the dtype's tolerance). Written to a
+    temporary directory and renamed at the end.
     """
-    _check_args(layout, batch_size, probe_batch, tolerance)
+    sizes = _check_args(layout, runtime, batch_size if batch_size is not None else batch_sizes, probe_batch, tolerance)
     torch_dtype, dev = parse_dtype(dtype), resolve_device(device)
     ensure_runnable(torch_dtype, dev)
     src = load_source(checkpoint)
@@ -169,11 +176,12 @@ def export_checkpoint(
     shape = image_shape(folded, src.state["model_spec"])
     echo(f"exporting {src.checkpoint} ({len(layers)} masked weights) -> {output} [{dtype_name(torch_dtype)}]")
     choose_layouts(
-        folded, layers, layout, device=dev, dtype=torch_dtype, batch_size=batch_size, image_shape=shape, backend=backend
-    )
+        folded, layers, layout, device=dev, dtype=torch_dtype, batch_sizes=sizes, image_shape=shape, backend=backend,
+        runtime=runtime,
+    )  # fmt: skip
     tensors, _ = pack_tensors(folded, layers, torch_dtype)
     dense_tensors, _ = pack_tensors(folded, [], torch_dtype)
-    policy = {"mode": layout, "device": str(dev), "batch_size": batch_size, "backend": backend}
+    policy = {"mode": layout, "device": str(dev), "batch_sizes": list(sizes), "runtime": runtime, "backend": backend}
     manifest = _manifest(src, layers, torch_dtype, policy)
     manifest["sizes"] = _sizes(layers, tensors, torch_dtype)
     manifest["source"]["use_ema"] = use_ema

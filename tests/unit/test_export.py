@@ -186,14 +186,56 @@ def test_layout_auto_measures_and_dense_says_why(micro_run):
     manifest = export(root / "run", root / "export_auto", layout="auto", batch_size=2).manifest
     for d in manifest["layers"]:
         tokens = 1 if d["name"] == "heads.head.weight" else 65  # the head sees the class token only
-        assert d["timing"]["tokens"] == 2 * tokens and d["timing"]["bsr_ms"] > 0
+        (row,) = d["timing"]["per_batch"]
+        assert row["batch"] == 2 and row["tokens"] == 2 * tokens and row["bsr_ms"] > 0 and row["dense_ms"] > 0
+        assert d["timing"]["runtime"] == "eager" and row["kernel"] in ("torch", "dense")
         assert (d["layout"] == "dense") == bool(d["reason"])
-    assert manifest["layout_policy"] == {"mode": "auto", "device": "cpu", "batch_size": 2, "backend": "auto"}
+    assert manifest["layout_policy"] == {
+        "mode": "auto", "device": "cpu", "batch_sizes": [2], "runtime": "eager", "backend": "auto"
+    }  # fmt: skip
     x = probe()
     torch.testing.assert_close(logits(load_sparse(root / "export_auto"), x), logits(masked, x), **FP32)
     forced = export(root / "run", root / "export_dense", layout="dense").manifest
     assert all(d["layout"] == "dense" and "layout=dense" in d["reason"] for d in forced["layers"])
     assert count(load_sparse(root / "export_dense"), BlockSparseLinear) == 0
+
+
+def test_layout_auto_across_batch_sizes(micro_run):
+    """Every named batch size is timed per layer (in the runtime asked for) and recorded in the manifest; a layer
+    is BSR only if it is nowhere slower than dense, and the reason names the batch size when it is."""
+    root, masked = micro_run
+    manifest = export(
+        root / "run", root / "export_multi", layout="auto", batch_sizes=[1, 4, 8], runtime="compile"
+    ).manifest
+    assert manifest["layout_policy"]["batch_sizes"] == [1, 4, 8] and manifest["layout_policy"]["runtime"] == "compile"
+    for d in manifest["layers"]:
+        rows = d["timing"]["per_batch"]
+        assert [r["batch"] for r in rows] == [1, 4, 8] and d["timing"]["runtime"] == "compile"
+        assert d["timing"]["timed"] == "eager"  # compile is timed as eager launches; cudagraph on CUDA as GPU time
+        tokens = rows[0]["tokens"]
+        assert [r["tokens"] for r in rows] == [tokens, 4 * tokens, 8 * tokens]
+        slower = [r for r in rows if r["kernel"] != "dense" and r["bsr_ms"] > 1.02 * r["dense_ms"]]
+        if d["layout"] == "bsr":
+            assert not slower and d["reason"] is None
+        else:
+            assert "batch" in d["reason"]
+    x = probe()
+    torch.testing.assert_close(logits(load_sparse(root / "export_multi"), x), logits(masked, x), **FP32)
+
+
+def test_layout_verdict_rule():
+    from superblock.export.layout import _verdict
+
+    def timing(*rows):
+        keys = ("batch", "tokens", "dense_ms", "bsr_ms", "kernel")
+        return {"per_batch": [dict(zip(keys, r, strict=True)) for r in rows]}
+
+    faster_big = timing((1, 197, 0.010, 0.011, "dense"), (256, 50432, 0.30, 0.12, "triton"))
+    assert _verdict(faster_big, 0.02, "x") is None  # batch 1 runs the dense kernel itself: a tie
+    slower_small = timing((1, 197, 0.010, 0.013, "triton"), (256, 50432, 0.30, 0.12, "triton"))
+    assert "batch 1 (197 tokens)" in _verdict(slower_small, 0.02, "x")
+    no_gain = timing((1, 197, 0.010, 0.010, "dense"), (8, 1576, 0.020, 0.0201, "triton"))
+    assert "not faster than dense at any" in _verdict(no_gain, 0.02, "x")
 
 
 def test_manifest_records_source_and_files(micro_run):

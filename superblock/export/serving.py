@@ -1,0 +1,239 @@
+"""Serving runtimes for inference models with block-sparse layers: eager, torch.compile, CUDA graphs.
+
+```python
+from superblock.export import make_runtime, load_sparse
+model = load_sparse("exports/<run>", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 8, 32, 256])
+fast = make_runtime(any_model, "compile", batch_sizes=[1, 8, 32, 256], sample_shape=(3, 224, 224))
+logits = fast(images)          # any batch size; padded up to the next of `batch_sizes`, larger ones in chunks
+```
+
+Every runtime first warms the model up in eager mode at each batch size, so every BlockSparseLinear decides its
+kernel for those token counts (backend="auto" measures once per GPU, see superblock.kernels.tuning) and builds
+what it needs; nothing is measured inside a trace or a capture afterwards.
+
+  eager      the model itself (warmed up when batch sizes are given); kernels tuned for eager (host time counts)
+  compile    torch.compile(model, dynamic=False): one graph per batch size, compiled at warm-up; a batch is padded
+             up to the smallest batch size >= it, so serving never recompiles; kernels tuned for eager
+  cudagraph  one CUDA graph per batch size with static input / output buffers (all graphs share one memory pool);
+             a batch is copied into the smallest buffer that holds it and the output rows sliced and copied out;
+             kernels tuned for GPU time (tuning target "graph"). On a CPU model there are no CUDA graphs: the
+             eager model is returned, with a RuntimeWarning.
+
+Rows of a batch must be independent (true of ViTs in eval mode): padding rows hold stale or zero inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from superblock.kernels import BlockSparseLinear
+
+RUNTIMES = ("eager", "compile", "cudagraph")
+DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
+TUNING_TARGETS = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
+
+
+def check_runtime(runtime: str, batch_sizes: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """Validate the runtime name and batch sizes; returns the sorted distinct batch sizes (None stays None)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not one of {list(RUNTIMES)}")
+    if batch_sizes is None:
+        return None
+    if isinstance(batch_sizes, int):
+        batch_sizes = [batch_sizes]
+    ok = isinstance(batch_sizes, Sequence) and not isinstance(batch_sizes, str) and len(batch_sizes) > 0
+    sizes = list(batch_sizes) if ok else []
+    if not ok or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in sizes):
+        raise ValueError(f"batch_sizes must be a non-empty list of positive ints, e.g. [1, 8, 32, 256], got "
+                         f"{batch_sizes!r}")  # fmt: skip
+    return tuple(sorted(set(sizes)))
+
+
+def image_shape(model: nn.Module, model_spec: dict | None = None) -> tuple[int, int, int]:
+    """(channels, height, width) of a vision model's input: the first conv's channels and the spec's (or the
+    model's own `image_size` / timm `patch_embed.img_size`) image size. ValueError when it cannot be told."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 3
+    size = (model_spec or {}).get("image_size") or getattr(model, "image_size", None)
+    if size is None and hasattr(model, "patch_embed"):
+        size = getattr(model.patch_embed, "img_size", None)
+    if size is None:
+        raise ValueError("cannot tell the model's input size: pass sample_shape=(channels, height, width)")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return channels, int(h), int(w)
+
+
+def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def set_tuning_target(model: nn.Module, target: str | None) -> int:
+    """Set what `auto` optimizes in every BlockSparseLinear of the model ("eager" | "graph" | None = the global
+    target); layers whose target changes forget their earlier choices. Returns how many layers there are."""
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    for layer in layers:
+        if layer.tuning_target != target:
+            layer.tuning_target = target
+            layer.dispatch.clear()
+            layer._plans.clear()
+    return len(layers)
+
+
+@torch.no_grad()
+def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: Sequence[int]) -> nn.Module:
+    """One eager forward per batch size (largest first) on random inputs of the model's device and dtype: every
+    BlockSparseLinear makes (and measures) its choice for those token counts. Returns the model."""
+    device, dtype = _model_place(model)
+    for b in sorted(batch_sizes, reverse=True):
+        model(torch.randn(b, *sample_shape, device=device).to(dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model
+
+
+def make_runtime(
+    model: nn.Module,
+    runtime: str = "eager",
+    *,
+    batch_sizes: Sequence[int] | int | None = None,
+    sample_shape: Sequence[int] | None = None,
+    compile_options: dict | None = None,
+) -> nn.Module:
+    """Wrap an inference model (eval mode, on its device and dtype; any model, with or without BlockSparseLinear
+    layers) for `runtime` ("eager" | "compile" | "cudagraph", see the module docstring).
+
+    `batch_sizes`: the batch sizes to warm up, compile or capture (default (1, 8, 32, 256) for compile /
+    cudagraph, none for eager). `sample_shape`: one input's shape without the batch dimension (default: the
+    image shape of a torchvision / timm ViT). `compile_options`: extra torch.compile arguments (e.g.
+    {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}). Inputs are cast to the model's device
+    and dtype. Returns the model itself for eager, else a ServingModel around it.
+    """
+    sizes = check_runtime(runtime, batch_sizes)
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise ValueError(f"compile_options must be a dict of torch.compile arguments, got {compile_options!r}")
+    device, _ = _model_place(model)
+    if runtime == "cudagraph" and device.type != "cuda":
+        warnings.warn(
+            f"runtime='cudagraph' needs a CUDA model, this one is on {device}: running it eagerly instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        runtime = "eager"
+    if sizes is None and runtime != "eager":
+        sizes = DEFAULT_BATCH_SIZES
+    model.eval()
+    set_tuning_target(model, TUNING_TARGETS[runtime])
+    if sizes is None:
+        return model
+    shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
+    warm_up(model, sizes, shape)
+    if runtime == "eager":
+        return model
+    return ServingModel(model, runtime, sizes, shape, compile_options or {})
+
+
+class ServingModel(nn.Module):
+    """A model served through torch.compile or CUDA graphs at fixed batch sizes (build with make_runtime).
+
+    `model` is the eager model inside (its modules, e.g. BlockSparseLinear, are reachable through
+    `.modules()`); `runtime`, `batch_sizes` and `sample_shape` say how it is served. Inference only (no_grad).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        runtime: str,
+        batch_sizes: Sequence[int],
+        sample_shape: Sequence[int],
+        compile_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if runtime not in ("compile", "cudagraph"):
+            raise ValueError(f"ServingModel runs runtime 'compile' or 'cudagraph', got {runtime!r}")
+        self.model = model
+        self.runtime = runtime
+        self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.device, self.dtype = _model_place(model)
+        self._graphs: dict[int, tuple] = {}
+        self._compiled: Callable | None = None
+        if runtime == "compile":
+            self._compile(dict(compile_options or {}))
+        else:
+            self._capture()
+
+    # ------------------------------------------------------------------------------------------------ build
+
+    @torch.no_grad()
+    def _compile(self, options: dict) -> None:
+        options.setdefault("dynamic", False)
+        # one graph per batch size: make room for all of them under dynamo's per-frame recompile limit
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), len(self.batch_sizes) + 2))
+        # a plain attribute, not a submodule: the compiled wrapper holds the same model
+        object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
+        for b in self.batch_sizes:  # one graph per batch size, compiled now
+            self._compiled(torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype))
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        pool = None
+        for b in sorted(self.batch_sizes, reverse=True):  # largest first: the shared pool is sized once
+            x = torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model(x)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                y = self.model(x)
+            pool = graph.pool()
+            self._graphs[b] = (graph, x, y)
+        torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------------------------------------ call
+
+    def bucket(self, n: int) -> int:
+        """The batch size a batch of n runs at (the largest one for n beyond it: then in chunks)."""
+        for b in self.batch_sizes:
+            if b >= n:
+                return b
+        return self.batch_sizes[-1]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        n = x.shape[0]
+        if n == 0:
+            raise ValueError("empty batch")
+        top = self.batch_sizes[-1]
+        if n > top:  # chunks of the largest batch size
+            parts = [self._run(x[i : i + top]) for i in range(0, n, top)]
+            return tree_map(lambda *ts: torch.cat(ts) if isinstance(ts[0], torch.Tensor) else ts[0], *parts)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor):
+        n, b = x.shape[0], self.bucket(x.shape[0])
+        if self.runtime == "cudagraph":
+            graph, static_x, static_y = self._graphs[b]
+            static_x[:n].copy_(x)
+            graph.replay()
+            return tree_map(lambda t: t[:n].clone() if isinstance(t, torch.Tensor) else t, static_y)
+        x = x.to(self.device, self.dtype)
+        if n != b:
+            x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
+        y = self._compiled(x.contiguous())
+        return y if n == b else tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, y)
+
+    def extra_repr(self) -> str:
+        return f"runtime={self.runtime}, batch_sizes={list(self.batch_sizes)}, sample_shape={list(self.sample_shape)}"
