@@ -6,16 +6,19 @@ run and every test work on a fresh laptop; ``imagefolder`` and ``cifar10``/``cif
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
 import os
+import random
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
@@ -501,6 +504,67 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"sample/{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global RNGs (what transforms draw from), restoring them afterwards:
+    with 0 workers the samples are loaded in the training process, whose own RNG streams must not move."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class SeededSamples(Dataset):
+    """A training split whose random augmentation of a sample is a pure function of ``(seed, epoch, index)``.
+
+    Keys are ``(epoch, index)`` pairs from :class:`EpochTagged`. A worker's RNG is seeded once per process, so
+    per-epoch reseeding never reaches persistent workers, and which worker loads which batch changes after a
+    mid-epoch resume; seeding per sample makes both irrelevant (exact resume with any number of workers), and
+    ranks, which load different indices, draw different augmentations. Plain integer keys load without seeding.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            epoch, index = key
+            with _seeded_rngs(_sample_seed(self.seed, epoch, index)):
+                return self.dataset[index]
+        return self.dataset[key]
+
+
+class EpochTagged(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` from a sampler with ``set_epoch`` (its epoch read when iteration starts)."""
+
+    def __init__(self, base: EpochShuffleSampler | DistributedSampler) -> None:
+        self.base = base
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.base.epoch
+        return ((epoch, i) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 class ShardSampler(Sampler[int]):
     """In-order indices ``rank, rank + world, ...``: every sample evaluated exactly once across ranks.
 
@@ -518,6 +582,18 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def usable_workers(requested: int) -> int:
+    """`requested` loader workers, capped at this process's share of the CPUs it may run on.
+
+    Recipes ask for 8-12 workers per GPU; on a 2-core machine that only oversubscribes the cores (and torch warns
+    every epoch). Under torchrun the share is the CPUs divided by the processes on this node."""
+    if requested <= 0:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(requested, per_process)
+
+
 def build_loaders(
     bundle: DataBundle,
     batch_size: int,
@@ -532,7 +608,9 @@ def build_loaders(
 
     ``batch_size`` is per process. Under ``distributed=True`` the train split is sharded with
     DistributedSampler(shuffle=True, seed=seed) and the val split with :class:`ShardSampler`
-    (torch.distributed must be initialised). Train order is a pure function of (seed, epoch) either way.
+    (torch.distributed must be initialised). Train order is a pure function of (seed, epoch) either way, and the
+    random augmentation of each sample a pure function of (seed, epoch, index) (:class:`SeededSamples`).
+    ``num_workers`` is capped at this process's share of the CPUs (:func:`usable_workers`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -555,15 +633,17 @@ def build_loaders(
             f"the training split has {len(train_sampler)} samples per process, fewer than one batch of "
             f"{batch_size}: lower data.batch_size or use more data"
         )
+    num_workers = usable_workers(num_workers)
     if num_workers > 0:
         # Render procedural data once here, so worker processes share it instead of each rendering a copy.
         for ds in (bundle.train, bundle.val):
             if isinstance(ds, SyntheticShapes):
                 _ = ds.images
     common = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
-    # The generator seeds the workers' RNGs (augmentations), so they too follow the run's seed.
+    # Augmentations are seeded per sample (SeededSamples); the generator only fixes the workers' base seeds.
     train = DataLoader(
-        bundle.train, batch_size=batch_size, sampler=train_sampler, drop_last=drop_last,
+        SeededSamples(bundle.train, seed), batch_size=batch_size, sampler=EpochTagged(train_sampler),
+        drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, sampler=val_sampler, **common)

@@ -61,6 +61,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s training randomness (dropout, drop-path, mixup/cutmix draws): rank 0 keeps the
+    run's seed, so a single-process run is unchanged; other ranks get their own streams."""
+    if rank == 0:
+        return seed
+    digest = hashlib.blake2b(f"rank/{seed}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def rng_state() -> dict[str, Any]:
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
@@ -141,10 +150,14 @@ class Trainer:
         self.device = dist.device
         self.resolved_config = resolved_config
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # same model init and scores on every rank
         self._build_data()
         self._build_model()
         self._build_optim()
+        # From here on every rank draws its own dropout / drop-path / mixup numbers (data: see SeededSamples).
+        seed_everything(rank_seed(cfg.seed, dist.rank))
+        self._nonfinite_grads = torch.zeros((), device=self.device)
+        self._rng_states = [rng_state()]
         self.progress = Progress()
         self.logger: MetricLogger | None = None
         self.bar = None
@@ -241,7 +254,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": self._rng_states[0],
+            "rng_per_rank": self._rng_states,
             "progress": asdict(self.progress),
             "epoch": self.progress.epoch,
             "step": self.progress.step,
@@ -250,6 +264,7 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> None:
+        self._rng_states = all_gather_object(rng_state())  # each rank resumes its own random streams
         if self.dist.is_main:
             save_checkpoint(self.ckpt_dir / name, self.state())
         barrier()
@@ -268,7 +283,11 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank])
+        else:  # resumed on another number of ranks: fresh per-rank streams, derived from the step
+            seed_everything(rank_seed(self.cfg.seed + self.progress.step, self.dist.rank))
 
     # -------------------------------------------------------------------------------------------- training
     def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -280,9 +299,12 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         t = self.cfg.trainer
-        if t.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        # The norm is computed anyway (max_norm=inf only measures): a non-finite one is counted on the device, no
+        # sync, and checked before anything is logged or checkpointed. fp16's scaler skips such steps itself.
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        if not self.scaler.is_enabled():
+            self._nonfinite_grads += (~torch.isfinite(norm)).to(self._nonfinite_grads.dtype)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,19 +317,22 @@ class Trainer:
         self.progress.step += 1
 
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Stop before a non-finite loss or gradient can reach a log line or a checkpoint."""
+        what = None
         if not math.isfinite(float(loss_sum)):
+            what = f"loss became {float(loss_sum)}"
+        elif float(self._nonfinite_grads) > 0:
+            what = "a gradient became non-finite (nan/inf), so the weights are no longer finite,"
+        if what is not None:
             raise TrainingDiverged(
-                f"loss became {float(loss_sum)} by step {self.progress.step}: training stopped. The last good "
-                f"checkpoint is {self.ckpt_dir / 'last.pt'}; lower optim.lr or enable trainer.grad_clip and resume"
+                f"{what} by step {self.progress.step}: training stopped. The last good checkpoint is "
+                f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or enable trainer.grad_clip and resume"
             )
 
     def _train_epoch(self, epoch: int) -> bool:
         """One epoch (or its remainder after a resume). Returns whether the epoch was completed."""
         t, accum = self.cfg.trainer, self.cfg.trainer.accumulate_grad_batches
-        self.sampler.set_epoch(epoch)
-        if self.train_loader.generator is not None:
-            # Worker seeds (augmentations) drawn per epoch from (seed, epoch): a resumed run draws the same ones.
-            self.train_loader.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        self.sampler.set_epoch(epoch)  # order and augmentations: functions of (seed, epoch[, index])
         skip = self.progress.batch_in_epoch
         usable = self.steps_per_epoch * accum
         self.bar = tqdm(
@@ -315,7 +340,7 @@ class Trainer:
             disable=not self.dist.is_main, dynamic_ncols=True, leave=True,
         )
         window_loss = torch.zeros((), device=self.device)
-        window_images, window_start = 0, time.perf_counter()
+        window_images, window_steps, window_start = 0, 0, time.perf_counter()
         self.train_model.train()
         # Resume mid-epoch: the sampler order is a function of (seed, epoch), so start right after the batches the
         # checkpoint had consumed without reading them again.
@@ -337,9 +362,10 @@ class Trainer:
                 continue
             self._optimizer_step()
             step = self.progress.step
+            window_steps += 1
             if step % t.log_every_steps == 0 or step == self.total_steps:
-                window_loss = self._log_train(window_loss, window_images, window_start, step)
-                window_images, window_start = 0, time.perf_counter()
+                window_loss = self._log_train(window_loss, window_steps, window_images, window_start, step)
+                window_images, window_steps, window_start = 0, 0, time.perf_counter()
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 self._check_finite(window_loss)
                 self.save()
@@ -352,9 +378,11 @@ class Trainer:
         self._check_finite(window_loss)
         return True
 
-    def _log_train(self, window_loss: torch.Tensor, images: int, start: float, step: int) -> torch.Tensor:
-        steps_in_window = step % self.cfg.trainer.log_every_steps or self.cfg.trainer.log_every_steps
-        loss = float(window_loss) / steps_in_window
+    def _log_train(
+        self, window_loss: torch.Tensor, steps_in_window: int, images: int, start: float, step: int
+    ) -> torch.Tensor:
+        # The window restarts with every epoch and every resume: divide by the steps it really holds.
+        loss = float(window_loss) / max(steps_in_window, 1)
         self._check_finite(window_loss)
         elapsed = max(time.perf_counter() - start, 1e-9)
         if self._warm:
