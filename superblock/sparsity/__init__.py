@@ -8,6 +8,7 @@ from superblock.sparsity.api import (
     get_controller,
     iter_block_masks,
     mask_parameters,
+    refresh_masks,
     sparsify,
 )
 from superblock.sparsity.blocks import kept_blocks, normalize_block_size
@@ -31,6 +32,7 @@ __all__ = [
     "linear_weights",
     "mask_parameters",
     "normalize_block_size",
+    "refresh_masks",
     "select_targets",
     "sparsify",
 ]

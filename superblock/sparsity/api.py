@@ -1,4 +1,4 @@
-"""Public API: sparsify a model, fold its masks, measure block sparsity, reach the mask scores."""
+"""Public API: sparsify a model, refresh or fold its masks, measure block sparsity, reach the mask scores."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from superblock.sparsity.blocks import grid_shape, normalize_block_size, tile_sum
 from superblock.sparsity.controller import SparsityController
 from superblock.sparsity.mask import SCORE_INITS, BlockMask
+from superblock.sparsity.parametrized import own_class, share_class
 from superblock.sparsity.schedule import SparsitySchedule, check_sparsity
 from superblock.sparsity.targets import Target, linear_weights, select_targets
 
@@ -92,6 +93,24 @@ def get_controller(model: nn.Module) -> SparsityController | None:
     model = getattr(model, "_orig_mod", model)
     ctrl = model.__dict__.get(CONTROLLER_ATTR)
     return ctrl if isinstance(ctrl, SparsityController) else None
+
+
+def refresh_masks(model: nn.Module) -> None:
+    """Recompute every hard mask of `model` from its current scores, now. A no-op on a dense model.
+
+    `SparsityController.step()` (after each optimizer step) and `load_state_dict` already do this. Call it after
+    anything else that changes the scores: a hand-written update loop that does not call `step()`, or an
+    in-place write such as `scores.data.copy_(...)`. Masks are never recomputed inside forward.
+    """
+    controller = get_controller(model)
+    if controller is not None:
+        controller.refresh()
+
+
+def _refresh_after_load(module: nn.Module, _incompatible_keys: object) -> None:
+    # A module-level function, not a closure: a deepcopy of the model (EMA) shares the hook and must refresh its
+    # own controller, found through the module it is called with.
+    refresh_masks(module)
 
 
 def iter_block_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, BlockMask]]:
@@ -180,12 +199,19 @@ def sparsify(
     )
     if dry_run:
         return report
+    plain = {id(t.module): type(t.module) for t in found if not parametrize.is_parametrized(t.module)}
     for t, (_, mask) in zip(found, masks, strict=True):
         parametrize.register_parametrization(t.module, t.param_name, mask, unsafe=True)
         if fixed_weight:
             t.module.parametrizations[t.param_name].original.requires_grad_(False)
+    # One class per original class and masked names, not one per module: torch.compile guards on module types.
+    # Modules that carried other parametrizations before keep torch's class of their own.
+    for t in {id(t.module): t for t in found}.values():
+        if id(t.module) in plain:
+            share_class(t.module, plain[id(t.module)])
     # A plain attribute (see SparsityController); deepcopy (EMA) copies it along with the masks it points to.
     object.__setattr__(model, CONTROLLER_ATTR, controller)
+    model.register_load_state_dict_post_hook(_refresh_after_load)
     return report
 
 
@@ -197,10 +223,13 @@ def fold_masks(model: nn.Module) -> nn.Module:
     controller = get_controller(model)
     if controller is None:
         raise ValueError("model has no block masks to fold (was it sparsified?)")
-    controller.refresh_if_stale()
+    controller.refresh()
     for module in {id(m): m for _, m, _, _ in iter_block_masks(model)}.values():
         _unparametrize(module)
     del model.__dict__[CONTROLLER_ATTR]
+    hooks = model._load_state_dict_post_hooks
+    for key in [k for k, hook in hooks.items() if hook is _refresh_after_load]:
+        del hooks[key]
     return model
 
 
@@ -209,10 +238,11 @@ def _unparametrize(module: nn.Module) -> None:
     """Replace every parametrized tensor of `module` by its current (masked) value, in its original Parameter.
 
     Not `parametrize.remove_parametrizations`: that deletes the property from the module's injected class, which
-    a deepcopy (an EMA copy, a copy folded for export) shares, and so would break the other copy.
+    other masked modules and every deepcopy (an EMA copy, a copy folded for export) share, and so would break them.
     """
     plists = module.parametrizations
     if not all(isinstance(p, BlockMask) for plist in plists.values() for p in plist):
+        own_class(module)  # remove_parametrizations edits the class: on a private copy, not the shared one
         for name in list(plists):
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         return

@@ -1,18 +1,18 @@
 """The sparsity controller: owns the schedule position and chooses every layer's hard mask.
 
-Hard masks are recomputed only when something they depend on changed: the scheduled sparsity or a score tensor
-(its version counter moves on every in-place update, i.e. on each optimizer step or state-dict load). So during
-training they are recomputed once per optimizer step, batched over layers of equal size, and never in eval or
-between gradient-accumulation micro-batches. Choosing k uses host-side numbers only: no GPU sync.
+Hard masks are recomputed at explicit points only, never inside forward (which stays plain tensor math that
+`torch.compile` captures in one graph): in `step()` (after every optimizer step), after `load_state_dict` of the
+sparsified model, when `step_count` is assigned (an EMA copy following the live model), and in `refresh()` /
+`superblock.sparsity.refresh_masks(model)` for anything else that changes scores (a hand-written update,
+`scores.data.copy_(...)`). A refresh is batched over layers of equal size, writes every mask buffer in place (the
+same tensor objects, so a compiled graph keeps reading them) and chooses k from host-side numbers only: no GPU sync.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from superblock.sparsity.blocks import kept_blocks
 from superblock.sparsity.mask import BlockMask
@@ -20,26 +20,20 @@ from superblock.sparsity.schedule import SparsitySchedule
 
 ALLOCATIONS = ("layerwise", "global")
 
-# Controllers whose masks were computed; any optimizer step marks them stale. Tensor version counters alone do
-# not see every update: fused optimizers (e.g. AdamW(fused=True) on CUDA) change the scores without bumping them.
-_LIVE: weakref.WeakSet[SparsityController] = weakref.WeakSet()
-_HOOK: list = []
-
-
-def _invalidate_all(*_args: object) -> None:
-    for ctrl in list(_LIVE):
-        ctrl._stamp = None
-
-
-def _ensure_optimizer_hook() -> None:
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_invalidate_all))
-
 
 def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     """0/1 mask of the k largest entries of every row; ties go to the lower index (stable sort)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     return torch.zeros_like(scores).scatter_(-1, order[..., :k], 1.0)
+
+
+def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) in place (casting to the mask dtype), in one fused launch where the backend has it."""
+    if all(d.device == s.device for d, s in zip(dst, src, strict=True)) and hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
 
 
 def _standardize(scores: torch.Tensor) -> torch.Tensor:
@@ -53,6 +47,8 @@ class SparsityController:
 
     A plain object, not a submodule, so the model's structure is unchanged (an extra child would run as a layer
     of an nn.Sequential). Its state (schedule position) is saved through every mask's extra state.
+    Masks are recomputed by `step()`, by assigning `step_count`, by `refresh()` and after the model's
+    `load_state_dict`; never in forward.
     """
 
     def __init__(
@@ -69,12 +65,10 @@ class SparsityController:
         self.schedule = schedule
         self.allocation = allocation
         self.min_density = min_density
-        self.step_count = 0
+        self._step_count = 0
         self._masks = list(masks)
-        self._stamp: tuple | None = None
         for _, mask in self._masks:
             mask.attach(self)
-        _ensure_optimizer_hook()
         self._check_floor_fits(max(schedule.initial, schedule.final))
 
     @property
@@ -84,22 +78,23 @@ class SparsityController:
     @property
     def sparsity(self) -> float:
         """Target sparsity at the current step."""
-        return self.schedule.value(self.step_count)
+        return self.schedule.value(self._step_count)
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (the schedule position)."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        # The masks are a function of (scores, step): moving the step recomputes them. An EMA copy follows the
+        # live model's schedule this way, with masks from its own averaged scores.
+        self._step_count = int(value)
+        self.refresh()
 
     def step(self) -> None:
-        """Advance the schedule by one optimizer step (call after `optimizer.step()`)."""
-        self.step_count += 1
-        self._stamp = None
-
-    def _current_stamp(self) -> tuple:
-        return (self.sparsity, *(m.scores._version for _, m in self._masks))
-
-    def refresh_if_stale(self) -> None:
-        stamp = self._current_stamp()
-        if stamp != self._stamp:
-            self.refresh()
-            self._stamp = stamp
-            _LIVE.add(self)
+        """Advance the schedule by one optimizer step and recompute the masks (call after `optimizer.step()`)."""
+        self.step_count = self._step_count + 1
 
     def _check_floor_fits(self, sparsity: float) -> None:
         if self.allocation != "global":
@@ -117,12 +112,15 @@ class SparsityController:
 
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
-        """Recompute hard masks from scores. Fixed masks are only (re)computed when `force` is set."""
+        """Recompute hard masks from the current scores and schedule position, in place.
+
+        Fixed masks are only (re)computed when `force` is set.
+        """
         live = [(n, m) for n, m in self._masks if force or not m.fixed_mask]
         if not live:
             return
-        # inference_mode(False): a refresh triggered inside an inference-mode eval must still produce a normal
-        # tensor that a later training step can save for backward.
+        # inference_mode(False): a refresh called inside an inference-mode block must not turn anything into an
+        # inference tensor that a later training step cannot use.
         with torch.inference_mode(False):
             if self.allocation == "global":
                 self._refresh_global([m for _, m in live])
@@ -137,8 +135,7 @@ class SparsityController:
         for (n, _), group in groups.items():
             stacked = torch.stack([m.scores.detach().reshape(-1).float() for m in group])
             hard = _topk_rows(stacked, kept_blocks(n, sparsity))
-            for m, row in zip(group, hard, strict=True):
-                m.mask = row.reshape(m.scores.shape).to(m.mask.dtype)
+            _copy_into([m.mask for m in group], [row.view(m.mask.shape) for m, row in zip(group, hard, strict=True)])
 
     def _refresh_global(self, masks: list[BlockMask]) -> None:
         total = sum(m.n_blocks for m in masks)
@@ -151,8 +148,9 @@ class SparsityController:
             ranked.append(z.index_fill(0, floor_idx, float("inf")))
         device = masks[0].scores.device
         keep = _topk_rows(torch.cat([r.to(device) for r in ranked]), budget)
-        for m, part in zip(masks, torch.split(keep, [m.n_blocks for m in masks]), strict=True):
-            m.mask = part.reshape(m.scores.shape).to(device=m.mask.device, dtype=m.mask.dtype)
+        parts = torch.split(keep, [m.n_blocks for m in masks])
+        for m, part in zip(masks, parts, strict=True):
+            m.mask.copy_(part.view(m.mask.shape))
 
     def get_state(self) -> dict:
         return {
@@ -169,8 +167,7 @@ class SparsityController:
                 f"(schedule {state.get('schedule')}, allocation {state.get('allocation')}) than this model "
                 f"(schedule {self.schedule.to_dict()}, allocation {self.allocation}): sparsify with the same settings"
             )
-        self.step_count = int(state["step"])
-        self._stamp = None
+        self._step_count = int(state["step"])  # load_state_dict refreshes once, after every tensor is loaded
 
     def __repr__(self) -> str:
         return (

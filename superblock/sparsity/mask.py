@@ -67,7 +67,10 @@ def init_scores(
 
 
 class BlockMask(nn.Module):
-    """Parametrization W -> W * expand(mask), mask = top-k tiles of `scores` (chosen by the controller)."""
+    """Parametrization W -> W * expand(mask), mask = top-k tiles of `scores` (chosen by the controller).
+
+    `mask` is recomputed in place (same tensor object) by the controller, never inside forward.
+    """
 
     def __init__(
         self,
@@ -104,8 +107,8 @@ class BlockMask(nn.Module):
             self._controller.set_state(state)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._controller is not None:
-            self._controller.refresh_if_stale()
+        # Nothing but tensor math here: no Python state to guard on, nothing that breaks a torch.compile graph.
+        # The mask buffer is kept fresh from outside (controller.step(), load_state_dict, refresh_masks).
         return _MaskedWeight.apply(weight, self.scores, self.mask, self.block)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from superblock import block_sparsity, fold_masks, get_controller, mask_parameters, sparsify
-from superblock.sparsity import iter_block_masks, kept_blocks
+from superblock.sparsity import iter_block_masks, kept_blocks, refresh_masks
 from superblock.sparsity.blocks import expand_blocks, tile_sum
 
 
@@ -75,7 +75,7 @@ def test_ties_are_broken_deterministically():
     for _, _, _, m in iter_block_masks(net):
         with torch.no_grad():
             m.scores.fill_(1.0)  # all tied: the lowest indices win
-    get_controller(net).refresh_if_stale()
+    refresh_masks(net)
     for _, _, _, m in iter_block_masks(net):
         flat = m.mask.reshape(-1)
         k = kept_blocks(m.n_blocks, 0.5)
@@ -137,11 +137,15 @@ def test_masks_follow_scores_after_optimizer_steps():
     net = Net(((48, 40), (30, 48)))
     sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
     (_, _, _, m), _ = iter_block_masks(net)
-    with torch.no_grad():
-        m.scores.copy_(torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape))
-    net(torch.randn(2, 40))
+    mask_obj = m.mask
+    target = torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape)
+    opt = torch.optim.SGD([m.scores], lr=1.0)
+    m.scores.grad = m.scores.detach() - target  # one SGD step lands exactly on `target`
+    opt.step()
+    get_controller(net).step()
     k = kept_blocks(m.n_blocks, 0.5)
-    assert torch.all(m.mask.reshape(-1)[-k:] == 1)
+    assert torch.all(m.mask.reshape(-1)[-k:] == 1) and torch.all(m.mask.reshape(-1)[:-k] == 0)
+    assert m.mask is mask_obj  # updated in place: a compiled graph keeps reading the same buffer
 
 
 def test_magnitude_init_keeps_largest_tiles():
@@ -162,7 +166,7 @@ def test_no_host_sync_in_forward(monkeypatch):
     net = Net()
     sparsify(net, sparsity=0.7, block_size=8, targets=["mlp"])
     x = torch.randn(4, 40)
-    net(x)  # first refresh happens here; afterwards scores do not change
+    net(x)
 
     def boom(*_a, **_k):
         raise AssertionError("host sync in forward")
@@ -173,7 +177,7 @@ def test_no_host_sync_in_forward(monkeypatch):
     net(x).sum().backward()
     opt.step()
     get_controller(net).step()
-    net(x).sum().backward()  # the refresh after a step is sync-free too
+    net(x).sum().backward()  # the refresh in step() is sync-free too
 
 
 def test_torchvision_vit_attention_masks_apply():
@@ -343,7 +347,7 @@ def test_double_sparsify_and_fold_of_dense_model_are_errors():
 
 
 def test_masks_follow_any_optimizer_step_even_without_version_bumps():
-    """Fused optimizers update scores without bumping version counters: an optimizer step still refreshes."""
+    """Fused optimizers update scores without bumping version counters: controller.step() refreshes anyway."""
     net = Net(((48, 40), (30, 48)))
     sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
     (_, _, _, m), _ = iter_block_masks(net)
@@ -354,8 +358,62 @@ def test_masks_follow_any_optimizer_step_even_without_version_bumps():
         m.scores.data.copy_(torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape))
     before = m.mask.clone()
     net(torch.randn(2, 40))
-    assert torch.equal(m.mask, before)  # nothing told the controller yet
-    opt.step()  # no grads: parameters unchanged, but the step hook marks the masks stale
-    net(torch.randn(2, 40))
+    assert torch.equal(m.mask, before)  # forward never recomputes masks
+    opt.step()  # no grads: parameters unchanged
+    get_controller(net).step()
     k = kept_blocks(m.n_blocks, 0.5)
     assert torch.all(m.mask.reshape(-1)[-k:] == 1) and not torch.equal(m.mask, before)
+
+
+def test_stale_mask_regression_refresh_masks_after_data_copy():
+    """`scores.data.copy_(...)` then the documented `refresh_masks(model)` gives the new mask; forward alone never
+    recomputes it, and on a dense model the call is a no-op."""
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, sparsity=0.75, block_size=8, targets=["mlp"])
+    masks = [m for _, _, _, m in iter_block_masks(net)]
+    objs = [m.mask for m in masks]
+    for m in masks:
+        m.scores.data.copy_(-torch.arange(m.n_blocks, dtype=torch.float32).reshape(m.scores.shape))
+    refresh_masks(net)
+    for m, obj in zip(masks, objs, strict=True):
+        k = kept_blocks(m.n_blocks, 0.75)
+        assert torch.all(m.mask.reshape(-1)[:k] == 1) and torch.all(m.mask.reshape(-1)[k:] == 0)
+        assert m.mask is obj
+    x = torch.randn(3, 40)
+    w = net.mlp[0].weight
+    assert torch.equal(w, net.mlp[0].parametrizations.weight.original * expand_blocks(masks[0].mask, w.shape, (8, 8)))
+    refresh_masks(Net())  # dense: nothing to do
+    net(x)
+
+
+def test_load_state_dict_refreshes_masks_without_extra_call():
+    """Loading a state dict gives the masks of the loaded scores and schedule position: no refresh call needed,
+    also when the saved masks were stale (scores edited through .data) or the schedule moved on."""
+    kw = dict(sparsity=0.8, block_size=8, targets=["mlp"], schedule="linear", initial_sparsity=0.0, ramp_steps=4)
+    src = Net()
+    sparsify(src, **kw)
+    _train_steps(src, n=2)
+    for _, _, _, m in iter_block_masks(src):
+        m.scores.data.copy_(torch.randn(m.scores.shape))  # masks in the state dict are now stale
+    state = _roundtrip(src.state_dict())
+    refresh_masks(src)  # the reference: fresh masks of src
+    dst = Net()
+    sparsify(dst, **kw)
+    objs = [m.mask for _, _, _, m in iter_block_masks(dst)]
+    dst.load_state_dict(state)
+    assert get_controller(dst).step_count == 2
+    for (_, _, _, a), (_, _, _, b), obj in zip(iter_block_masks(src), iter_block_masks(dst), objs, strict=True):
+        assert torch.equal(a.mask, b.mask) and b.mask is obj
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    # the hook refreshes the controller of the model it is called on: a deepcopy (EMA) refreshes its own only
+    ema = copy.deepcopy(dst)
+    for _, _, _, m in iter_block_masks(dst):
+        m.scores.data.neg_()
+    before = [m.mask.clone() for _, _, _, m in iter_block_masks(dst)]
+    ema.load_state_dict(state)
+    for (_, _, _, a), (_, _, _, e), (_, _, _, d), b in zip(
+        iter_block_masks(src), iter_block_masks(ema), iter_block_masks(dst), before, strict=True
+    ):
+        assert torch.equal(a.mask, e.mask) and torch.equal(d.mask, b)
