@@ -272,9 +272,10 @@ SYNTHETIC_VAL_SIZE = 2_000
 
 @dataclass
 class DataBundle:
-    """Train / val datasets plus what the model and the reports need to know about them."""
+    """Train / val datasets plus what the model and the reports need to know about them (train is None for an
+    evaluation-only bundle: ``build_datasets(..., val_only=True)``)."""
 
-    train: Dataset
+    train: Dataset | None
     val: Dataset
     num_classes: int
     image_size: int
@@ -293,6 +294,7 @@ def build_datasets(
     seed: int = 0,
     randaugment: str | None = None,
     num_classes: int | None = None,
+    val_only: bool = False,
 ) -> DataBundle:
     """Build the train and val datasets of ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -300,22 +302,25 @@ def build_datasets(
     ``train_size`` / ``val_size`` cap the splits (synthetic: set them) with a seeded random subset, for
     quick runs. ``randaugment`` is a timm RandAugment string such as ``rand-m9-mstd0.5-inc1`` or
     ``torchvision``; it applies to the training split of image datasets only. ``num_classes`` only
-    applies to synthetic data (2..10).
+    applies to synthetic data (2..10). ``val_only`` builds (and needs on disk) only the validation split,
+    e.g. to evaluate on a val-only copy of ImageNet.
     """
     for label, value in (("train_size", train_size), ("val_size", val_size)):
         if value is not None and value < 1:
             raise ValueError(f"data.{label} must be >= 1, got {value}")
     if name == "synthetic":
-        return _synthetic_bundle(image_size, train_size, val_size, seed, num_classes)
+        bundle = _synthetic_bundle(image_size, train_size, val_size, seed, num_classes)
+        bundle.train = None if val_only else bundle.train
+        return bundle
     if num_classes is not None:
         raise ValueError(f"num_classes is fixed by the {name} dataset; only synthetic data takes it")
     if name == "imagefolder":
-        bundle = _imagefolder_bundle(root, image_size or 224, randaugment)
+        bundle = _imagefolder_bundle(root, image_size or 224, randaugment, val_only)
     elif name in ("cifar10", "cifar100"):
-        bundle = _cifar_bundle(name, root, image_size or 32, download, randaugment)
+        bundle = _cifar_bundle(name, root, image_size or 32, download, randaugment, val_only)
     else:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    bundle.train = _seeded_subset(bundle.train, train_size, seed)
+    bundle.train = None if bundle.train is None else _seeded_subset(bundle.train, train_size, seed)
     bundle.val = _seeded_subset(bundle.val, val_size, seed + 1)
     return bundle
 
@@ -406,7 +411,7 @@ def _vit_transforms(
     return train, val
 
 
-def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | None) -> DataBundle:
+def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | None, val_only: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
     layout = "expected <root>/train/<class>/<image> and <root>/val/<class>/<image>"
@@ -415,12 +420,14 @@ def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | No
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ValueError(f"data.root {base} does not exist or is not a directory ({layout})")
-    for split in ("train", "val"):
+    for split in ("val",) if val_only else ("train", "val"):
         if not (base / split).is_dir():
             raise ValueError(f"missing {base / split} ({layout})")
     train_tf, val_tf = _vit_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment)
-    train = ImageFolder(str(base / "train"), transform=train_tf)
     val = ImageFolder(str(base / "val"), transform=val_tf)
+    if val_only:
+        return DataBundle(None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes)
+    train = ImageFolder(str(base / "train"), transform=train_tf)
     if train.classes != val.classes:
         raise ValueError(
             f"{base / 'train'} and {base / 'val'} have different class folders "
@@ -430,7 +437,7 @@ def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | No
 
 
 def _cifar_bundle(
-    name: str, root: str | None, image_size: int, download: bool, randaugment: str | None
+    name: str, root: str | None, image_size: int, download: bool, randaugment: str | None, val_only: bool = False
 ) -> DataBundle:
     from torchvision import datasets
     from torchvision import transforms as T
@@ -448,9 +455,9 @@ def _cifar_bundle(
         T.Normalize(CIFAR_MEAN, CIFAR_STD),
     ])
     val_tf = T.Compose([*resize, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
-    train = _open_cifar(cls, name, base, True, download, train_tf)
     val = _open_cifar(cls, name, base, False, download, val_tf)
-    return DataBundle(train, val, len(train.classes), image_size, CIFAR_MEAN, CIFAR_STD, list(train.classes))
+    train = None if val_only else _open_cifar(cls, name, base, True, download, train_tf)
+    return DataBundle(train, val, len(val.classes), image_size, CIFAR_MEAN, CIFAR_STD, list(train.classes))
 
 
 def _open_cifar(cls: type, name: str, root: str, train: bool, download: bool, transform: Callable) -> Dataset:
@@ -580,6 +587,15 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def build_val_loader(bundle: DataBundle, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """The in-order validation loader of a bundle (one process; an evaluation-only bundle is enough)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    workers = usable_workers(num_workers)
+    return DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
 
 
 def usable_workers(requested: int) -> int:

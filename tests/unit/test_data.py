@@ -251,3 +251,18 @@ def test_skip_batches_resumes_the_epoch_without_reading_skipped_samples():
     assert len(rest) == len(full) - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
     assert len(read) == 8 * (len(full) - 3)
+
+
+def test_val_only_imagefolder_needs_no_train_split(tmp_path) -> None:
+    from superblock.data import build_val_loader
+
+    _image_tree(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "train")
+    with pytest.raises(ValueError, match="missing"):
+        build_datasets("imagefolder", root=str(tmp_path), image_size=24)
+    bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=24, val_only=True)
+    assert bundle.train is None and bundle.num_classes == 2 and len(bundle.val) == 6
+    images, labels = next(iter(build_val_loader(bundle, batch_size=6)))
+    assert images.shape == (6, 3, 24, 24) and labels.tolist() == [0, 0, 0, 1, 1, 1]
