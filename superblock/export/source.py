@@ -69,10 +69,17 @@ def read_run_config(run_dir: Path | None) -> dict:
     """The resolved config a run saved (config.yaml), as plain JSON-able data; {} when there is none."""
     if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         return {}
-    from omegaconf import OmegaConf
-
     try:
-        conf = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+        from omegaconf import OmegaConf
+    except ImportError:  # a serving machine without the training stack: the saved config is already resolved
+        OmegaConf = None  # noqa: N806
+    try:
+        if OmegaConf is None:
+            import yaml
+
+            conf = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        else:
+            conf = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
     except Exception as err:  # omegaconf/yaml raise many types for a damaged file
         raise CheckpointError(f"{run_dir / CONFIG_FILE} cannot be read: {str(err).splitlines()[0]}") from None
     return json.loads(json.dumps(conf, default=str))

@@ -25,11 +25,20 @@ def config_to_list(config: dict) -> list[int]:
     return [int(config.get(k, 0 if k == "TMA" else 1)) for k in CONFIG_KEYS]
 
 
+_configs: dict[tuple, dict] = {}
+
+
 def config_from_list(values: Sequence[int]) -> dict:
-    if len(values) != len(CONFIG_KEYS):
-        raise ValueError(f"a triton config has {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}")
-    cfg = dict(zip(CONFIG_KEYS, (int(v) for v in values), strict=True))
-    cfg["TMA"] = bool(cfg["TMA"])
+    """The config dict of a config list (memoized: the hot path converts the same few lists again and again;
+    callers must not mutate the result)."""
+    key = tuple(values)
+    cfg = _configs.get(key)
+    if cfg is None:
+        if len(key) != len(CONFIG_KEYS):
+            raise ValueError(f"a triton config has {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}")
+        cfg = dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=True))
+        cfg["TMA"] = bool(cfg["TMA"])
+        _configs[key] = cfg
     return cfg
 
 

@@ -39,17 +39,20 @@ def masked_logits(masked, x):
     return masked(x.cuda()).float()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_export_on_gpu_auto_layout(vit_b16, dtype):
+@pytest.mark.parametrize("dtype,runtime", [("fp32", "eager"), ("bf16", "cudagraph")])
+def test_export_on_gpu_auto_layout(vit_b16, dtype, runtime):
     root, masked = vit_b16
     result = export_checkpoint(
-        root / "run", root / f"export_{dtype}", dtype=dtype, device="cuda", layout="auto", batch_size=32,
-        echo=lambda _: None,
+        root / "run", root / f"export_{dtype}", dtype=dtype, device="cuda", layout="auto", batch_sizes=[1, 32],
+        runtime=runtime, echo=lambda _: None,
     )
     eq = result.manifest["equivalence"]
     assert eq["passed"] and eq["device"].startswith("cuda") and eq["dtype"] == dtype
+    assert result.manifest["layout_policy"]["runtime"] == runtime
     for d in result.manifest["layers"]:
-        assert d["timing"]["tokens"] == 32 * 197 and (d["layout"] == "dense") == bool(d["reason"])
+        rows = d["timing"]["per_batch"]
+        assert [r["tokens"] for r in rows] == [197, 32 * 197] and (d["layout"] == "dense") == bool(d["reason"])
+        assert d["timing"]["timed"] == ("graph" if runtime == "cudagraph" else "eager")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -203,3 +203,74 @@ def test_auto_graph_target(tmp_path, monkeypatch):
     (key,) = entries
     assert key.endswith("|graph") and "dense" in entries[key]["times_us"]
     tuning_mod.clear_tuning()
+
+
+# ---------------------------------------------------------------------------------- custom op, compile, graphs
+
+GPU_DTYPES = {"bf16": (torch.bfloat16, 1e-2), "fp16": (torch.float16, 2e-3), "fp32": (torch.float32, 1e-5)}
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_opcheck_triton(group):
+    w = random_weight(512, 256, (32, 32), 0.3, torch.bfloat16, 21)
+    values, crow, col = dense_to_bsr(w, 32)
+    from superblock.kernels._runners import layout_for
+
+    crow, col, gidx = layout_for(crow, col, group)
+    x = torch.randn(3, 77, 256, device="cuda").bfloat16()
+    bias = torch.randn(512, device="cuda").bfloat16()
+    cfg = [64, group, 4, 2, 0]
+    args = (x, values, crow, col, gidx, bias, 512, "gelu", "triton", "ieee", cfg)
+    torch.library.opcheck(torch.ops.superblock.bsr_linear.default, args)
+    check(torch.ops.superblock.bsr_linear(*args), reference(x, w, bias, "gelu"), 1e-2, f"op G={group}")
+
+
+@pytest.mark.parametrize("dtype_name", list(GPU_DTYPES))
+def test_module_compiled_and_captured_match_eager(dtype_name):
+    """BlockSparseLinear (triton, prepared) under torch.compile (inductor, fullgraph, no recompiles) and inside a
+    CUDA graph gives its eager outputs."""
+    from torch._dynamo.utils import counters
+
+    dtype, tol = GPU_DTYPES[dtype_name]
+    w = random_weight(3072, 768, (64, 64), 0.1, dtype, 23)
+    bias = torch.randn(3072, device="cuda").to(dtype)
+    mod = BlockSparseLinear.from_dense(w, bias, 64, activation="gelu", backend="triton")
+    xs = [torch.randn(b, 197, 768, device="cuda").to(dtype) for b in (1, 8)]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        mod.prepare([x.shape[0] * x.shape[1] for x in xs])
+        eager = [mod(x) for x in xs]
+        for x, ref in zip(xs, eager, strict=True):
+            check(ref, reference(x, w, bias, "gelu"), tol, f"eager {dtype_name}")
+        compiled = torch.compile(mod, dynamic=False, fullgraph=True)
+        for x, ref in zip(xs, eager, strict=True):
+            torch.testing.assert_close(compiled(x), ref, atol=0, rtol=0)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for x in xs:
+                compiled(x)
+        assert counters["stats"]["unique_graphs"] == 2
+        x = xs[1]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            mod(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = mod(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, mod(x), atol=0, rtol=0)
+    torch._dynamo.reset()
+
+
+def test_attention_with_dense_projections_matches_mha_fast_path():
+    """Block-sparse attention whose projections run dense uses torch's fused MHA kernel: same output as
+    nn.MultiheadAttention's fast path (bf16, CUDA)."""
+    mha = nn.MultiheadAttention(768, 12, batch_first=True).cuda().bfloat16().eval()
+    smha = BlockSparseMultiheadAttention.from_mha(mha, 64, backend="dense").eval()
+    x = torch.randn(8, 197, 768, device="cuda").bfloat16()
+    with torch.no_grad():
+        ref = mha(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(smha(x, x, x)[0], ref, atol=0, rtol=0)

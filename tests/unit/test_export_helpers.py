@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+import yaml
 from torch import nn
 
 from superblock.engine.checkpoint import save_checkpoint
@@ -55,7 +55,7 @@ def make_run(
             "step": 10,
         },
     )
-    OmegaConf.save(OmegaConf.create(config), Path(run_dir) / "config.yaml")
+    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(config))  # plain YAML: no omegaconf on GPU machines
     return model.eval()
 
 

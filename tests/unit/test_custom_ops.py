@@ -1,0 +1,255 @@
+"""torch.ops.superblock.bsr_linear and BlockSparseLinear under torch.library.opcheck, torch.compile and torch.export
+(CPU: dense and torch backends; the triton backend is covered on the GPU in tests/gpu/test_kernels_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, _runners, bsr_linear, dense_to_bsr, ops
+from tests.unit.test_kernels import random_block_sparse, reference, rel_err
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _layer(out_f=64, in_f=48, block=(16, 16), backend="auto", activation=None, bias=True, seed=0):
+    w = random_block_sparse(out_f, in_f, block, 0.4, seed=seed)
+    b = torch.randn(out_f) if bias else None
+    return BlockSparseLinear.from_dense(w, b, block, activation=activation, backend=backend), w, b
+
+
+def _op_args(x, values, crow, col, bias, activation, backend, out_f):
+    return (x, values, crow, col, None, bias, out_f, activation, backend, "ieee", [])
+
+
+# ---------------------------------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation,with_bias", [("none", False), ("gelu", True)])
+def test_opcheck(backend, dtype, activation, with_bias):
+    w = random_block_sparse(64, 40, (16, 8), 0.5, dtype)
+    values, crow, col = dense_to_bsr(w, (16, 8))
+    bias = torch.randn(64).to(dtype) if with_bias else None
+    for x in (torch.randn(3, 7, 40).to(dtype), torch.randn(5, 40).to(dtype)):
+        args = _op_args(x, values, crow, col, bias, activation, backend, 64)
+        torch.library.opcheck(torch.ops.superblock.bsr_linear.default, args)
+        y = torch.ops.superblock.bsr_linear(*args)
+        act = None if activation == "none" else activation
+        assert y.shape == (*x.shape[:-1], 64) and y.dtype == dtype and y.is_contiguous()
+        assert rel_err(y, reference(x, w, bias, act)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_fake_impl_shapes_and_checks():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = random_block_sparse(100, 70, (32, 16), 0.5)
+    values, crow, col = dense_to_bsr(w, (32, 16))
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(torch.randn(2, 9, 70))
+        fv, fc, fcol = (mode.from_tensor(t) for t in (values, crow, col))
+        y = torch.ops.superblock.bsr_linear(fx, fv, fc, fcol, None, None, 100, "gelu", "triton", "ieee",
+                                            [64, 1, 4, 2, 0])  # fmt: skip
+        assert y.shape == (2, 9, 100) and y.dtype == torch.float32
+        with pytest.raises(RuntimeError, match="backend"):
+            torch.ops.superblock.bsr_linear(fx, fv, fc, fcol, None, None, 100, "none", "cusparse", "ieee", [])
+
+
+def test_triton_config_round_trip():
+    cfg = {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3, "TMA": True}
+    assert _runners.config_to_list(cfg) == [128, 2, 4, 3, 1]
+    assert _runners.config_from_list([128, 2, 4, 3, 1]) == cfg
+    with pytest.raises(ValueError, match="triton config"):
+        _runners.config_from_list([128, 2])
+
+
+def test_impl_writes_out():
+    w = random_block_sparse(32, 32, (16, 16), 0.5)
+    values, crow, col = dense_to_bsr(w, 16)
+    x = torch.randn(4, 32)
+    out = torch.full((4, 32), float("nan"))
+    got = ops.bsr_linear_impl(x, values, crow, col, None, None, 32, "none", "torch", "ieee", [], out)
+    assert got is out and rel_err(out, reference(x, w)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense", "torch"])
+def test_module_dispatch_is_per_bucket_and_precomputed(backend):
+    mod, w, b = _layer(backend=backend, activation="gelu")
+    mod.prepare([5, 200])
+    assert sorted(mod.dispatch) == [16, 256]  # token buckets
+    expected = {"auto": "torch", "dense": "dense", "torch": "torch"}[backend]  # CPU auto: MKL for fp32 square
+    assert {e["backend"] for e in mod.dispatch.values()} == {expected}
+    assert not any(k in mod.state_dict() for k in mod._buffers if k.startswith("_"))  # derived: not saved
+    with torch.no_grad():
+        for n in (5, 200, 3):
+            x = torch.randn(n, 48)
+            assert rel_err(mod(x), reference(x, w, b, "gelu")) < 1e-5
+    half = mod.to(torch.bfloat16)  # dtype changes: choices start over, derived buffers follow
+    assert half.dispatch == {} and all(t.dtype != torch.float32 for t in half.buffers())
+    mod.activation = None  # a new activation: new choices
+    assert mod.dispatch == {} and mod._plans == {}
+
+
+def test_module_reset_after_in_place_edit():
+    mod, w, _ = _layer(backend="dense", bias=False)
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        y1 = mod(x)
+        mod.values.mul_(2)
+        mod.reset()
+        torch.testing.assert_close(mod(x), 2 * y1)
+
+
+def test_module_load_state_dict_resets_choices():
+    src, w, b = _layer(seed=1, backend="dense")
+    dst, _, _ = _layer(seed=2, backend="dense")
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        dst(x)
+        assert dst.dispatch
+        dst.load_state_dict(src.state_dict())
+        assert not dst.dispatch
+        assert rel_err(dst(x), reference(x, w, b)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- compile / export
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense"])
+def test_compiled_module_matches_eager_without_recompiles(backend):
+    """CPU inductor: one graph per input shape, none after; prepared choices are looked up, never guarded on
+    tensor identity (a second layer of the same kind reuses the compiled code)."""
+    mod, w, b = _layer(backend=backend, activation="gelu")
+    compiled = torch.compile(mod, dynamic=False, fullgraph=True)
+    x1, x2 = torch.randn(2, 5, 48), torch.randn(3, 5, 48)
+    with torch.no_grad():
+        eager1, eager2 = mod(x1), mod(x2)  # eager first: choices made and derived tensors built
+        torch.testing.assert_close(compiled(x1), eager1)
+        assert _graphs() == 1
+        for _ in range(3):
+            compiled(torch.randn(2, 5, 48))
+        assert _graphs() == 1
+        torch.testing.assert_close(compiled(x2), eager2)
+        assert _graphs() == 2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x1)
+            compiled(x2)
+        other = BlockSparseLinear.from_bsr(2 * mod.values, mod.crow_indices, mod.col_indices, mod.shape, b,
+                                           activation="gelu", backend=backend)  # fmt: skip
+        other(x1), other(x2)
+        torch.testing.assert_close(torch.compile(other, dynamic=False)(x1), other(x1))
+    assert _graphs() == 2  # same structure and choices, other tensors: the compiled code is reused
+
+
+def test_compiled_unprepared_module_traces_a_static_choice():
+    mod, w, b = _layer(block=(16, 8))  # rectangular block on CPU: auto runs dense
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        y = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
+    assert rel_err(y, reference(x, w, b)) < 1e-5 and mod.dispatch == {}  # nothing decided inside the trace
+
+
+def test_functional_bsr_linear_compiles():
+    w = random_block_sparse(64, 48, (16, 16), 0.4)
+    values, crow, col = dense_to_bsr(w, 16)
+    bias = torch.randn(64)
+
+    def f(x):
+        return bsr_linear(x, values, crow, col, (64, 48), bias, "gelu")
+
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert rel_err(y, reference(x, w, bias, "gelu")) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_torch_export(backend):
+    mod, w, b = _layer(backend=backend, activation="gelu")
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        mod(x)
+    ep = torch.export.export(mod, (x,))
+    code = ep.graph_module.code
+    if backend == "torch":
+        assert "torch.ops.superblock.bsr_linear.default" in code
+    else:
+        assert "aten.linear" in code
+    assert "lifted_tensor" not in code  # every tensor the op reads is a parameter or buffer of the module
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), mod(x))
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def _dense_mha_pair(batch_first=True):
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    sparse = BlockSparseMultiheadAttention.from_mha(mha, 16, backend="dense").eval()
+    return mha, sparse
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_with_dense_projections_takes_torch_fast_path(batch_first, monkeypatch):
+    mha, smha = _dense_mha_pair(batch_first)
+    calls = []
+    native = torch._native_multi_head_attention
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a: calls.append(1) or native(*a))
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        ref = mha(x, x, x, need_weights=False)[0]
+        calls.clear()
+        out, weights = smha(x, x, x, need_weights=False)
+    assert calls == [1] and weights is None
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    calls.clear()
+    kpm = torch.zeros(3, 7, dtype=torch.bool) if batch_first else torch.zeros(7, 3, dtype=torch.bool)
+    kpm[0, -1] = True
+    with torch.no_grad():  # masks: the SDPA path
+        ref = mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        calls.clear()
+        torch.testing.assert_close(smha(x, x, x, key_padding_mask=kpm)[0], ref, atol=1e-5, rtol=1e-4)
+    assert not calls
+
+
+def test_attention_compiles_without_recompiles():
+    mha, smha = _dense_mha_pair()
+    smha.in_proj.backend = "torch"  # one sparse projection: the SDPA path with the custom op
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        ref = smha(x, x, x)[0]
+        compiled = torch.compile(smha, dynamic=False, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, x, x)[0], ref, atol=1e-5, rtol=1e-4)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x, x, x)
+        torch.testing.assert_close(ref, mha(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-4)
+    assert _graphs() == 1
+
+
+def test_module_training_path_has_gradients():
+    mod, w, b = _layer(backend="auto")
+    x = torch.randn(4, 48, requires_grad=True)
+    y = mod(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(4, 48))
+    assert F.linear(x, w, b).allclose(y, atol=1e-5)

@@ -1,0 +1,109 @@
+"""Serving runtimes on CPU: load_sparse / make_runtime with runtime=eager|compile|cudagraph, evaluate's runtime option.
+
+CUDA graphs need a GPU (tests/gpu/test_export_gpu.py); here cudagraph must fall back to eager with a warning.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from superblock.evaluate import evaluate
+from superblock.export import ServingModel, export_checkpoint, load_sparse, make_runtime
+from superblock.kernels import BlockSparseLinear, tuning
+from tests.unit.test_export_helpers import logits, make_run, probe
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    make_run(root / "run", sparsity=0.75)
+    export_checkpoint(root / "run", root / "export", device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None)
+    return root / "export"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"runtime": "tensorrt"}, r"runtime='tensorrt' is not one of \['eager', 'compile', 'cudagraph'\]"),
+        ({"runtime": "compile", "batch_sizes": []}, "non-empty list of positive ints"),
+        ({"runtime": "compile", "batch_sizes": [0, 8]}, "positive ints"),
+        ({"runtime": "compile", "batch_sizes": [1.5]}, "positive ints"),
+        ({"runtime": "compile", "batch_sizes": "8"}, "positive ints"),
+        ({"runtime": "compile", "batch_sizes": [2], "compile_options": "max-autotune"}, "compile_options"),
+    ],
+)
+def test_bad_runtime_options(exported, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_sparse(exported, **kwargs)
+
+
+def test_eager_runtime_warms_up_every_layer(exported):
+    model = load_sparse(exported, batch_sizes=[1, 4])
+    assert not isinstance(model, ServingModel)
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    tokens = 65  # micro_vit: 64 patches + class token
+    assert layers and all(set(m.dispatch) == {tuning.token_bucket(tokens), tuning.token_bucket(4 * tokens)}
+                          for m in layers)  # fmt: skip
+    x = probe(n=3)
+    torch.testing.assert_close(logits(model, x), logits(load_sparse(exported), x))
+
+
+def test_cudagraph_on_cpu_falls_back_to_eager_with_a_warning(exported):
+    with pytest.warns(RuntimeWarning, match="cudagraph.*running it eagerly"):
+        model = load_sparse(exported, runtime="cudagraph", batch_sizes=[2])
+    assert not isinstance(model, ServingModel)
+    x = probe(n=2)
+    torch.testing.assert_close(logits(model, x), logits(load_sparse(exported), x))
+
+
+def test_compile_runtime_matches_eager_and_never_recompiles(exported):
+    """CPU inductor: one graph per batch size at load, then any batch size (padded up, or split beyond the largest)
+    runs without compiling again."""
+    eager = load_sparse(exported)
+    model = load_sparse(exported, runtime="compile", batch_sizes=[2, 4])
+    assert isinstance(model, ServingModel) and model.batch_sizes == (2, 4)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert sum(isinstance(m, BlockSparseLinear) for m in model.modules()) > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (1, 2, 3, 4, 9):
+            x = probe(n=n)
+            torch.testing.assert_close(logits(model, x), logits(eager, x), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert model.bucket(3) == 4 and model.bucket(9) == 4
+
+
+def test_make_runtime_on_any_model():
+    """A plain model (the dense baseline of a benchmark) gets the same runtime; sample_shape is needed when the
+    model does not say its input size."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 5)).eval()
+    with pytest.raises(ValueError, match="sample_shape"):
+        make_runtime(net, "compile", batch_sizes=[2])
+    served = make_runtime(net, "compile", batch_sizes=[2, 8], sample_shape=(12,), compile_options={"backend": "eager"})
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), net(x))
+    assert "runtime=compile" in repr(served)
+
+
+def test_evaluate_with_compile_runtime(exported, tmp_path):
+    latency = {"batch_size": 2, "warmup": 1, "repeats": 2, "rounds": 1, "inputs": 2}
+    result = evaluate(
+        exported, "bsr", device="cpu", accuracy=False, latency=latency, runtime="compile", output=tmp_path / "e.json",
+        echo=lambda _: None,
+    )  # fmt: skip
+    assert result["runtime"] == "compile" and result["runtime_batch_sizes"] == [2]
+    assert result["speedup"] > 0 and result["latency"]["bsr"]["median_ms"] > 0
+    with pytest.raises(ValueError, match="runtime"):
+        evaluate(exported, "bsr", device="cpu", accuracy=False, latency=latency, runtime="jit", echo=lambda _: None)
