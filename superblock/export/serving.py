@@ -13,7 +13,8 @@ what it needs; nothing is measured inside a trace or a capture afterwards.
 
   eager      the model itself (warmed up when batch sizes are given); kernels tuned for eager (host time counts)
   compile    torch.compile(model, dynamic=False): one graph per batch size, compiled at warm-up; a batch is padded
-             up to the smallest batch size >= it, so serving never recompiles; kernels tuned for eager
+             up to the smallest batch size >= it, so serving never recompiles; kernels tuned for eager (for GPU
+             time with compile_options={"mode": "reduce-overhead"}, which replays CUDA graphs)
   cudagraph  one CUDA graph per batch size with static input / output buffers (all graphs share one memory pool);
              a batch is copied into the smallest buffer that holds it and the output rows sliced and copied out;
              kernels tuned for GPU time (tuning target "graph"). On a CPU model there are no CUDA graphs: the
@@ -36,6 +37,7 @@ from superblock.kernels import BlockSparseLinear
 RUNTIMES = ("eager", "compile", "cudagraph")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
 TUNING_TARGETS = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 def check_runtime(runtime: str, batch_sizes: Sequence[int] | int | None) -> tuple[int, ...] | None:
@@ -66,6 +68,15 @@ def image_shape(model: nn.Module, model_spec: dict | None = None) -> tuple[int, 
         raise ValueError("cannot tell the model's input size: pass sample_shape=(channels, height, width)")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return channels, int(h), int(w)
+
+
+def tuning_target(runtime: str, compile_options: dict | None = None) -> str:
+    """What `auto` should optimize for a runtime: GPU time when the model runs as CUDA graphs (cudagraph, or
+    torch.compile modes that use them), else eager time (host launch overhead counts)."""
+    mode = (compile_options or {}).get("mode") or ""
+    if runtime == "compile" and mode in CUDAGRAPH_COMPILE_MODES:
+        return "graph"
+    return TUNING_TARGETS[runtime]
 
 
 def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -130,7 +141,7 @@ def make_runtime(
     if sizes is None and runtime != "eager":
         sizes = DEFAULT_BATCH_SIZES
     model.eval()
-    set_tuning_target(model, TUNING_TARGETS[runtime])
+    set_tuning_target(model, tuning_target(runtime, compile_options))
     if sizes is None:
         return model
     shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
@@ -165,6 +176,9 @@ class ServingModel(nn.Module):
         self.device, self.dtype = _model_place(model)
         self._graphs: dict[int, tuple] = {}
         self._compiled: Callable | None = None
+        # outputs of a graph replay live in the graph's memory and are overwritten by the next call: copy them out
+        mode = (compile_options or {}).get("mode") or ""
+        self._copy_out = runtime == "cudagraph" or mode in CUDAGRAPH_COMPILE_MODES
         if runtime == "compile":
             self._compile(dict(compile_options or {}))
         else:
@@ -233,7 +247,9 @@ class ServingModel(nn.Module):
         if n != b:
             x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
         y = self._compiled(x.contiguous())
-        return y if n == b else tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, y)
+        if n == b and not self._copy_out:
+            return y
+        return tree_map(lambda t: (t[:n].clone() if self._copy_out else t[:n]) if isinstance(t, torch.Tensor) else t, y)
 
     def extra_repr(self) -> str:
         return f"runtime={self.runtime}, batch_sizes={list(self.batch_sizes)}, sample_shape={list(self.sample_shape)}"
