@@ -30,6 +30,22 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Image-folder transforms, built by timm's transform factory (train: random-resized crop, flips, RandAugment
+    from data.randaugment, random erasing; eval: resize + centre crop). Defaults are ImageNet's; small images
+    want the `data=small_images` preset (mild crops, no flips, no centre crop)."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area fraction
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float | None = None
+    re_prob: float = 0.0  # random erasing
+    crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre-crop size
+    interpolation: str = "bicubic"  # bilinear | bicubic | nearest | random
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"
     root: str | None = None
@@ -41,6 +57,7 @@ class DataConfig:
     eval_batch_size: int | None = None
     num_workers: int = 0
     randaugment: str | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -219,12 +236,27 @@ def check(c: TrainConfig) -> None:
     _one_of(t.device, DEVICES, "trainer.device")
     _positive(c.data.batch_size, "data.batch_size")
     _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
+    _check_augment(c.data.augment)
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
     _one_of(c.sweep.measure_dtype, ("auto", "fp32", "bf16", "fp16"), "sweep.measure_dtype")
     _one_of(c.sweep.measure_layout, ("auto", "bsr", "dense"), "sweep.measure_layout")
     _positive(c.sweep.measure_batch_size, "sweep.measure_batch_size")
+
+
+def _check_augment(a: AugmentConfig) -> None:
+    for key, pair in (("scale", a.scale), ("ratio", a.ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            raise ConfigError(f"data.augment.{key} must be [low, high] with 0 < low <= high, got {list(pair)}")
+    if a.scale[1] > 1:
+        raise ConfigError(f"data.augment.scale is a fraction of the image area: at most 1, got {list(a.scale)}")
+    for key in ("hflip", "vflip", "re_prob"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
+    if not 0.0 < a.crop_pct <= 1.0:
+        raise ConfigError(f"data.augment.crop_pct must be in (0, 1], got {a.crop_pct}")
+    _one_of(a.interpolation, ("bilinear", "bicubic", "nearest", "random"), "data.augment.interpolation")
 
 
 def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
@@ -295,6 +296,7 @@ def build_datasets(
     randaugment: str | None = None,
     num_classes: int | None = None,
     val_only: bool = False,
+    augment: dict[str, Any] | None = None,
 ) -> DataBundle:
     """Build the train and val datasets of ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -303,7 +305,8 @@ def build_datasets(
     quick runs. ``randaugment`` is a timm RandAugment string such as ``rand-m9-mstd0.5-inc1`` or
     ``torchvision``; it applies to the training split of image datasets only. ``num_classes`` only
     applies to synthetic data (2..10). ``val_only`` builds (and needs on disk) only the validation split,
-    e.g. to evaluate on a val-only copy of ImageNet.
+    e.g. to evaluate on a val-only copy of ImageNet. ``augment`` sets the image-folder transforms
+    (:func:`image_transforms`).
     """
     for label, value in (("train_size", train_size), ("val_size", val_size)):
         if value is not None and value < 1:
@@ -315,7 +318,7 @@ def build_datasets(
     if num_classes is not None:
         raise ValueError(f"num_classes is fixed by the {name} dataset; only synthetic data takes it")
     if name == "imagefolder":
-        bundle = _imagefolder_bundle(root, image_size or 224, randaugment, val_only)
+        bundle = _imagefolder_bundle(root, image_size or 224, randaugment, val_only, augment)
     elif name in ("cifar10", "cifar100"):
         bundle = _cifar_bundle(name, root, image_size or 32, download, randaugment, val_only)
     else:
@@ -388,30 +391,47 @@ def _pillow13_safe(transform: Callable) -> Callable:
     return transform
 
 
-def _vit_transforms(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: str | None
-) -> tuple[Callable, Callable]:
-    """The usual ViT/DeiT recipe: random-resized crops for training, resize + centre crop (0.875) for eval."""
-    from torchvision import transforms as T
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "vflip": 0.0, "color_jitter": None,
+    "re_prob": 0.0, "crop_pct": 0.875, "interpolation": "bicubic",
+}
 
-    bicubic = T.InterpolationMode.BICUBIC
-    train = T.Compose([
-        T.RandomResizedCrop(image_size, interpolation=bicubic),
-        T.RandomHorizontalFlip(),
-        *_randaugment(randaugment, image_size, mean),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-    val = T.Compose([
-        T.Resize(int(image_size / 0.875), interpolation=bicubic),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+
+def image_transforms(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: str | None,
+    augment: dict[str, Any] | None = None,
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's factory; `augment` overrides :data:`AUGMENT_DEFAULTS` (ImageNet's
+    recipe: random-resized crops of 8-100% of the area, horizontal flips, eval centre crop of 0.875).
+
+    ``randaugment``: a timm string (``rand-m9-mstd0.5-inc1``), ``torchvision`` or None."""
+    from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
+
+    unknown = set(augment or {}) - set(AUGMENT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown data.augment keys {sorted(unknown)}: use {sorted(AUGMENT_DEFAULTS)}")
+    a = {**AUGMENT_DEFAULTS, **(augment or {})}
+    timm_aa = randaugment if randaugment and randaugment != "torchvision" else None
+    if randaugment and not (randaugment == "torchvision" or randaugment.startswith("rand")):
+        _randaugment(randaugment, image_size, mean)  # raises the clear error
+    train = transforms_imagenet_train(
+        image_size, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=a["hflip"], vflip=a["vflip"],
+        color_jitter=a["color_jitter"], auto_augment=timm_aa, interpolation=a["interpolation"],
+        mean=mean, std=std, re_prob=a["re_prob"],
+    )
+    if randaugment == "torchvision":  # on the PIL image, before ToTensor
+        at = next(i for i, t in enumerate(train.transforms) if "ToTensor" in type(t).__name__)
+        train.transforms[at:at] = _randaugment(randaugment, image_size, mean)
+    for t in train.transforms:
+        _pillow13_safe(t)
+    interp = "bicubic" if a["interpolation"] == "random" else a["interpolation"]
+    val = transforms_imagenet_eval(image_size, crop_pct=a["crop_pct"], interpolation=interp, mean=mean, std=std)
     return train, val
 
 
-def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | None, val_only: bool) -> DataBundle:
+def _imagefolder_bundle(
+    root: str | None, image_size: int, randaugment: str | None, val_only: bool, augment: dict[str, Any] | None
+) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
     layout = "expected <root>/train/<class>/<image> and <root>/val/<class>/<image>"
@@ -423,7 +443,7 @@ def _imagefolder_bundle(root: str | None, image_size: int, randaugment: str | No
     for split in ("val",) if val_only else ("train", "val"):
         if not (base / split).is_dir():
             raise ValueError(f"missing {base / split} ({layout})")
-    train_tf, val_tf = _vit_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment)
+    train_tf, val_tf = image_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment, augment)
     val = ImageFolder(str(base / "val"), transform=val_tf)
     if val_only:
         return DataBundle(None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes)

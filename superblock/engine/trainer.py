@@ -168,7 +168,7 @@ class Trainer:
         c = self.cfg.data
         self.bundle = build_datasets(
             c.name, root=c.root, image_size=c.image_size, download=c.download, train_size=c.train_size,
-            val_size=c.val_size, seed=self.cfg.seed, randaugment=c.randaugment,
+            val_size=c.val_size, seed=self.cfg.seed, randaugment=c.randaugment, augment=asdict(c.augment),
         )
         self.train_loader, self.val_loader, self.sampler = build_loaders(
             self.bundle, batch_size=c.batch_size, num_workers=c.num_workers, seed=self.cfg.seed,

@@ -56,6 +56,10 @@ def test_default_config_is_the_embedded_run():
         (["trainer.precision=fp8"], "trainer.precision"),
         (["logger.mode=sometimes"], "logger.mode"),
         (["+model.unknown_key=1"], "unknown_key"),
+        (["data.augment.scale=[0.5,2.0]"], "data.augment.scale"),
+        (["data.augment.hflip=1.5"], "data.augment.hflip"),
+        (["data.augment.crop_pct=0"], "data.augment.crop_pct"),
+        (["data.augment.interpolation=lanczos9"], "data.augment.interpolation"),
     ],
 )
 def test_validation_messages(overrides, message):

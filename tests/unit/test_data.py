@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -20,6 +21,8 @@ from superblock.data import (
     build_datasets,
     build_loaders,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stack(ds: SyntheticShapes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,3 +269,34 @@ def test_val_only_imagefolder_needs_no_train_split(tmp_path) -> None:
     assert bundle.train is None and bundle.num_classes == 2 and len(bundle.val) == 6
     images, labels = next(iter(build_val_loader(bundle, batch_size=6)))
     assert images.shape == (6, 3, 24, 24) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_transforms_follow_the_augment_settings() -> None:
+    from superblock.data import IMAGENET_MEAN, IMAGENET_STD, image_transforms
+
+    train, val = image_transforms(32, IMAGENET_MEAN, IMAGENET_STD, None, {"hflip": 0.0, "scale": [0.9, 1.0],
+                                                                         "crop_pct": 1.0})
+    names = [type(t).__name__ for t in train.transforms]
+    assert "RandomHorizontalFlip" not in names and train.transforms[0].scale == (0.9, 1.0)
+    assert val.transforms[0].size == 32  # no centre crop margin
+    _, val = image_transforms(32, IMAGENET_MEAN, IMAGENET_STD, None)
+    assert val.transforms[0].size == int(32 / 0.875)  # ImageNet's default
+    with pytest.raises(ValueError, match="unknown data.augment keys"):
+        image_transforms(32, IMAGENET_MEAN, IMAGENET_STD, None, {"flip": 0.0})
+    train, _ = image_transforms(32, IMAGENET_MEAN, IMAGENET_STD, "torchvision", {"re_prob": 0.5})
+    names = [type(t).__name__ for t in train.transforms]
+    assert names.index("RandAugment") < names.index("MaybeToTensor") < names.index("RandomErasing")
+
+
+def test_digits_tree_writer(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_tree", ROOT / "scripts" / "digits_tree.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    counts = mod.write_digits_tree(tmp_path)
+    assert counts == {"train": 1438, "val": 359}
+    bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=32,
+                            augment={"hflip": 0.0, "crop_pct": 1.0})
+    assert bundle.num_classes == 10 and bundle.val[0][0].shape == (3, 32, 32)
