@@ -118,6 +118,16 @@ class TrainerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a dense teacher (a run dir, a checkpoint, an export dir or a weights file)."""
+
+    teacher: str | None = None  # null: no distillation
+    alpha: float = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation loss
+    temperature: float = 2.0  # soft targets: KL(softmax(t / T) || softmax(s / T)) * T^2
+    hard: bool = False  # true: cross-entropy with the teacher's argmax instead of soft targets
+
+
+@dataclass
 class LoggerConfig:
     name: str = "console"  # console | wandb (console + metrics.jsonl are always on)
     project: str = "superblock"
@@ -143,6 +153,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     run_dir: str | None = None  # default: Hydra's output dir
     meta: dict[str, Any] = field(default_factory=dict)  # free-form notes (experiment name, expected result)
@@ -237,6 +248,9 @@ def check(c: TrainConfig) -> None:
     _positive(c.data.batch_size, "data.batch_size")
     _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
     _check_augment(c.data.augment)
+    if not 0.0 <= c.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")
+    _positive(c.distill.temperature, "distill.temperature")
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")

@@ -160,8 +160,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
     initialisation; position embeddings are resampled when the image size differs. Any other mismatch
     raises ValueError, because silently skipping weights would train a half-initialised model.
     """
-    state = _read_state_dict(_resolve_local_file(path))
-    state = _strip_wrapper_prefixes(state)
+    load_state(model, _read_state_dict(_resolve_local_file(path)), str(path))
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a plain (unmasked) state dict into ``model`` with :func:`load_pretrained`'s rules; ``source`` names
+    where it came from in error messages."""
+    path = source
+    state = _strip_wrapper_prefixes(dict(state))
     if any(".parametrizations." in key for key in state):
         raise ValueError(
             f"{path} holds a block-masked (sparsified) state dict; rebuild it with "

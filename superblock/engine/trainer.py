@@ -26,10 +26,13 @@ from superblock.engine.checkpoint import (
     save_checkpoint,
     write_json_atomically,
 )
+from superblock.engine.distill import distillation_loss, load_teacher
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import evaluate
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
+from superblock.engine.pretrained import is_run_source, load_run_weights
+from superblock.engine.timer import StepTimer
 from superblock.logging import MetricLogger, build_logger
 from superblock.models import build_model, model_spec
 from superblock.sparsity import block_sparsity, get_controller, iter_block_masks, normalize_block_size, sparsify
@@ -195,7 +198,14 @@ class Trainer:
             name, num_classes=self.bundle.num_classes, image_size=m.image_size or self.bundle.image_size,
             pretrained=m.pretrained, **m.kwargs,
         )
-        model = build_model(**self.model_spec)
+        from_run = is_run_source(m.pretrained)  # a dense (or masked) superblock run to start from
+        model = build_model(**{**self.model_spec, "pretrained": None} if from_run else self.model_spec)
+        if from_run:
+            load_run_weights(model, m.pretrained)
+        self.teacher = self._teacher_timer = None
+        if self.cfg.distill.teacher:
+            self.teacher = load_teacher(self.cfg.distill.teacher, {**self.model_spec, "pretrained": None}, self.device)
+            self._teacher_timer = StepTimer(self.device)
         self.sparsity_spec = sparsity_spec(self.cfg, self.steps_per_epoch)
         self.report = None
         if self.sparsity_spec:
@@ -214,6 +224,8 @@ class Trainer:
             )
         if self.cfg.trainer.compile:
             self.train_model = torch.compile(self.train_model)
+            if self.teacher is not None:
+                self.teacher = torch.compile(self.teacher)
 
     def _build_optim(self) -> None:
         o, t = self.cfg.optim, self.cfg.trainer
@@ -293,9 +305,16 @@ class Trainer:
     def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype))
+        with autocast:
             logits = self.train_model(images)
-        return self.criterion(logits.float(), targets)
+        loss = self.criterion(logits.float(), targets)
+        if self.teacher is None:
+            return loss
+        d = self.cfg.distill
+        with autocast, torch.no_grad(), self._teacher_timer:  # the teacher sees the same (mixed) batch
+            teacher_logits = self.teacher(images)
+        return distillation_loss(logits, teacher_logits, loss, d.alpha, d.temperature, d.hard)
 
     def _optimizer_step(self) -> None:
         t = self.cfg.trainer
@@ -396,8 +415,10 @@ class Trainer:
         metrics = {
             "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "sparsity": ctrl.sparsity if ctrl else 0.0, "images_per_s": images / elapsed,
-            "epoch": self.progress.epoch,
+            "step_ms": 1000.0 * elapsed / max(steps_in_window, 1), "epoch": self.progress.epoch,
         }
+        if self._teacher_timer is not None:  # the distillation teacher's share of the step time
+            metrics["teacher_ms"] = self._teacher_timer.pop_ms() / max(steps_in_window, 1)
         if self.logger:
             self.logger.log(metrics, step)
         if self.bar is not None:

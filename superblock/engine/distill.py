@@ -1,0 +1,78 @@
+"""Knowledge distillation: a frozen dense teacher's logits as (soft or hard) targets for the sparse student.
+
+The teacher comes from a superblock run directory or training checkpoint (masks folded), an export directory
+(its folded dense weights) or a plain weights file (then it has the student's architecture). It runs in eval
+mode, without gradients, under the student's autocast, once per batch (on the mixed batch when mixup/cutmix is
+on), and is never stored in the student's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from superblock.engine.pretrained import classifier_classes, is_run_source, run_model
+from superblock.models import build_model
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    task_loss: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    hard: bool = False,
+) -> torch.Tensor:
+    """(1 - alpha) * task_loss + alpha * D, D = T^2 * KL(softmax(teacher / T) || softmax(student / T)) (batch mean),
+    or with `hard`, the cross-entropy of the student against the teacher's argmax."""
+    if alpha == 0.0:
+        return task_loss
+    student, teacher = student.float(), teacher.float()
+    if hard:
+        d = F.cross_entropy(student, teacher.argmax(dim=-1))
+    else:
+        t = temperature
+        d = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
+                     log_target=True) * (t * t)
+    return (1.0 - alpha) * task_loss + alpha * d
+
+
+def _export_teacher(path: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    dense = path / "dense_state_dict.safetensors"
+    if not dense.is_file():
+        raise ValueError(f"distill.teacher={path}: the export has no {dense.name} (export it again)")
+    model = build_model(**{**manifest["model_spec"], "pretrained": None})
+    model.load_state_dict(load_file(str(dense)))
+    return model
+
+
+def load_teacher(path: str | Path, student_spec: dict, device: torch.device) -> nn.Module:
+    """The frozen teacher at `path`, on `device`, in eval mode, with no trainable parameters.
+
+    A run directory or checkpoint: its model (EMA weights when it has them), masks folded. An export directory:
+    its folded dense weights. A weights file (.safetensors / .pt / .pth): the student's architecture with those
+    weights. ValueError when the teacher's classes differ from the student's."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise ValueError(f"distill.teacher={path}: no such run directory, export directory or weights file")
+    if p.is_dir() and (p / "manifest.json").is_file():
+        model = _export_teacher(p)
+    elif is_run_source(p):
+        model = run_model(p)
+    else:
+        model = build_model(**{**student_spec, "pretrained": str(p)})
+    classes = classifier_classes(model)
+    if classes is not None and classes != student_spec["num_classes"]:
+        raise ValueError(
+            f"distill.teacher={path} predicts {classes} classes, the student {student_spec['num_classes']}: "
+            "use a teacher trained on the same data"
+        )
+    model.requires_grad_(False)
+    return model.to(device).eval()
