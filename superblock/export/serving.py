@@ -11,20 +11,24 @@ Every runtime first warms the model up in eager mode at each batch size, so ever
 kernel for those token counts (backend="auto" measures once per GPU, see superblock.kernels.tuning) and builds
 what it needs; nothing is measured inside a trace or a capture afterwards.
 
-  eager      the model itself (warmed up when batch sizes are given); kernels tuned for eager (host time counts)
+  eager      the model itself (warmed up when batch sizes are given); kernels tuned for eager (host time counts),
+             then, on CUDA, checked as a whole against dense kernels per batch size (check_against_dense)
   compile    torch.compile(model, dynamic=False): one graph per batch size, compiled at warm-up; a batch is padded
              up to the smallest batch size >= it, so serving never recompiles; kernels tuned for eager (for GPU
              time with compile_options={"mode": "reduce-overhead"}, which replays CUDA graphs)
   cudagraph  one CUDA graph per batch size with static input / output buffers (all graphs share one memory pool);
              a batch is copied into the smallest buffer that holds it and the output rows sliced and copied out;
-             kernels tuned for GPU time (tuning target "graph"). On a CPU model there are no CUDA graphs: the
-             eager model is returned, with a RuntimeWarning.
+             kernels tuned for GPU time (tuning target "graph"). With compile_options (even {}), the model is
+             torch.compile'd first and the compiled code captured (inductor's fusions without its launch cost).
+             On a CPU model there are no CUDA graphs: the eager model is returned, with a RuntimeWarning.
 
 Rows of a batch must be independent (true of ViTs in eval mode): padding rows hold stale or zero inputs.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from superblock.kernels import BlockSparseLinear
+from superblock.kernels import BlockSparseLinear, tuning
 
 RUNTIMES = ("eager", "compile", "cudagraph")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
@@ -110,6 +114,78 @@ def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: Sequence
     return model
 
 
+def _time_forward(model: nn.Module, x: torch.Tensor, reps: int) -> float:
+    """Mean wall time of reps eager forwards in ms, synchronised at both ends (host launch time counts)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        model(x)
+    sync()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _layer_tokens(model: nn.Module, layers: list[BlockSparseLinear], x: torch.Tensor) -> dict:
+    """{layer: token count it sees} for one forward of x."""
+    seen: dict = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(mod, args[0].numel() // mod.in_features))
+        for m in layers
+    ]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _use(choices: dict, buckets: dict) -> None:
+    """Set each layer's choice for its bucket (None: none, so the next eager call decides again)."""
+    for m, entry in choices.items():
+        if entry is None:
+            m.dispatch.pop(buckets[m], None)
+        else:
+            m.dispatch[buckets[m]] = entry
+        m._plans.clear()
+
+
+@torch.no_grad()
+def check_against_dense(
+    model: nn.Module, batch_sizes: Sequence[int], sample_shape: Sequence[int], *, rounds: int = 3, reps: int = 5
+) -> dict[int, dict]:
+    """Per batch size, time the whole model (eager) with its tuned choices and with every block-sparse layer's
+    choice for that many tokens set to the dense kernel, and keep the faster (interleaved medians).
+
+    Layers are tuned one at a time, each as if alone; in an eager model near the point where the host's launches
+    take as long as the GPU's work, a kernel with a faster GPU time but a slower launch can make the whole model
+    slower. This is the model-level check that eager serving is never slower than dense at the named batch sizes.
+    Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    device, dtype = _model_place(model)
+    report: dict[int, dict] = {}
+    for b in sorted(batch_sizes):
+        x = torch.randn(b, *sample_shape, device=device).to(dtype)
+        buckets = {m: tuning.token_bucket(n) for m, n in _layer_tokens(model, layers, x).items()}
+        tuned = {m: m.dispatch.get(bk) for m, bk in buckets.items()}
+        if all(e is not None and e["backend"] == "dense" for e in tuned.values()):
+            continue
+
+        dense = {m: {**(e or {}), "backend": "dense", "config": None, "precision": m._precision()}
+                 for m, e in tuned.items()}  # fmt: skip
+        times: dict[str, list[float]] = {"tuned": [], "dense": []}
+        for _ in range(rounds):
+            for name, choices in (("tuned", tuned), ("dense", dense)):
+                _use(choices, buckets)
+                model(x)  # plans (and the dense weights, once) are built outside the timing
+                times[name].append(_time_forward(model, x, reps))
+        t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
+        kept = "dense" if t_dense < t_tuned else "tuned"
+        _use(dense if kept == "dense" else tuned, buckets)
+        report[b] = {"tuned_ms": round(t_tuned, 4), "dense_ms": round(t_dense, 4), "kept": kept}
+    return report
+
+
 def make_runtime(
     model: nn.Module,
     runtime: str = "eager",
@@ -117,15 +193,19 @@ def make_runtime(
     batch_sizes: Sequence[int] | int | None = None,
     sample_shape: Sequence[int] | None = None,
     compile_options: dict | None = None,
+    check_dense: bool | None = None,
 ) -> nn.Module:
     """Wrap an inference model (eval mode, on its device and dtype; any model, with or without BlockSparseLinear
     layers) for `runtime` ("eager" | "compile" | "cudagraph", see the module docstring).
 
     `batch_sizes`: the batch sizes to warm up, compile or capture (default (1, 8, 32, 256) for compile /
     cudagraph, none for eager). `sample_shape`: one input's shape without the batch dimension (default: the
-    image shape of a torchvision / timm ViT). `compile_options`: extra torch.compile arguments (e.g.
-    {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}). Inputs are cast to the model's device
-    and dtype. Returns the model itself for eager, else a ServingModel around it.
+    image shape of a torchvision / timm ViT). `compile_options`: torch.compile arguments for compile (e.g.
+    {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}); given for cudagraph ({} is enough), the
+    model is compiled first and the compiled code captured. `check_dense` (eager; default on CUDA): time the
+    whole model per batch size with its tuned kernels and with dense ones and keep the faster
+    (check_against_dense; the report is left in `model.dense_check`). Inputs are cast to the model's device and
+    dtype. Returns the model itself for eager, else a ServingModel around it.
     """
     sizes = check_runtime(runtime, batch_sizes)
     if compile_options is not None and not isinstance(compile_options, dict):
@@ -147,8 +227,10 @@ def make_runtime(
     shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
     warm_up(model, sizes, shape)
     if runtime == "eager":
+        if check_dense if check_dense is not None else device.type == "cuda":
+            model.dense_check = check_against_dense(model, sizes, shape)
         return model
-    return ServingModel(model, runtime, sizes, shape, compile_options or {})
+    return ServingModel(model, runtime, sizes, shape, compile_options)
 
 
 class ServingModel(nn.Module):
@@ -179,15 +261,16 @@ class ServingModel(nn.Module):
         # outputs of a graph replay live in the graph's memory and are overwritten by the next call: copy them out
         mode = (compile_options or {}).get("mode") or ""
         self._copy_out = runtime == "cudagraph" or mode in CUDAGRAPH_COMPILE_MODES
-        if runtime == "compile":
-            self._compile(dict(compile_options or {}))
-        else:
-            self._capture()
+        self.compiled = runtime == "compile" or compile_options is not None
+        if self.compiled:
+            self._compile(dict(compile_options or {}), warm=runtime == "compile")
+        if runtime == "cudagraph":
+            self._capture(self._compiled if self.compiled else self.model)
 
     # ------------------------------------------------------------------------------------------------ build
 
     @torch.no_grad()
-    def _compile(self, options: dict) -> None:
+    def _compile(self, options: dict, warm: bool = True) -> None:
         options.setdefault("dynamic", False)
         # one graph per batch size: make room for all of them under dynamo's per-frame recompile limit
         config = torch._dynamo.config
@@ -195,23 +278,23 @@ class ServingModel(nn.Module):
         setattr(config, name, max(getattr(config, name), len(self.batch_sizes) + 2))
         # a plain attribute, not a submodule: the compiled wrapper holds the same model
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
-        for b in self.batch_sizes:  # one graph per batch size, compiled now
+        for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now
             self._compiled(torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
-    def _capture(self) -> None:
+    def _capture(self, fn: Callable) -> None:
         pool = None
         for b in sorted(self.batch_sizes, reverse=True):  # largest first: the shared pool is sized once
             x = torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side):  # (and compiles, for a compiled fn: never inside the capture)
                 for _ in range(2):
-                    self.model(x)
+                    fn(x)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                y = self.model(x)
+                y = fn(x)
             pool = graph.pool()
             self._graphs[b] = (graph, x, y)
         torch.cuda.synchronize(self.device)
@@ -252,4 +335,7 @@ class ServingModel(nn.Module):
         return tree_map(lambda t: (t[:n].clone() if self._copy_out else t[:n]) if isinstance(t, torch.Tensor) else t, y)
 
     def extra_repr(self) -> str:
-        return f"runtime={self.runtime}, batch_sizes={list(self.batch_sizes)}, sample_shape={list(self.sample_shape)}"
+        return (
+            f"runtime={self.runtime}, compiled={self.compiled}, batch_sizes={list(self.batch_sizes)}, "
+            f"sample_shape={list(self.sample_shape)}"
+        )

@@ -63,13 +63,16 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     return c
 
 
-def candidate_configs(M: int, bh: int, bw: int, dtype: torch.dtype, precision: str = "ieee") -> list[dict]:
+def candidate_configs(
+    M: int, bh: int, bw: int, dtype: torch.dtype, precision: str = "ieee", target: str = "eager"
+) -> list[dict]:
     """Short list of launch configurations worth measuring for one problem; the first is the default.
 
     Distilled from the sweep in docs/kernel_notes.md (H200, Triton 3.6): with many tokens the TMA variant
     with 128-token tiles, 4 warps and 2 stages wins for blocks >= 32 (each block row has only a few blocks,
     so deeper pipelines buy nothing and cost occupancy); 16-wide blocks want 2-4 block rows per program;
-    with few tokens the descriptor set-up costs more than TMA saves; fp32 in IEEE runs on the FMA units.
+    with few tokens the descriptor set-up costs more than TMA saves (not under CUDA graphs: target "graph" adds
+    TMA and smaller tiles there); fp32 in IEEE runs on the FMA units.
     """
     large = M > 8192
     if dtype == torch.float32 and precision == "ieee":
@@ -95,6 +98,9 @@ def candidate_configs(M: int, bh: int, bw: int, dtype: torch.dtype, precision: s
         cands = [_cfg(128, 1, 4, 2, True), _cfg(256, 1, 8, 2, True), _cfg(256, 1, 4, 2, True), _cfg(128, 1, 4, 2)]
     else:
         cands = [_cfg(64, 1, 4, 3), _cfg(128, 1, 8, 3), _cfg(32, 1, 4, 2)]
+        if target == "graph":
+            # under CUDA graphs the TMA descriptors' host cost is gone, and few tokens want more, smaller programs
+            cands += [_cfg(64, 1, 4, 2, True), _cfg(128, 1, 4, 2, True), _cfg(16, 1, 2, 2), _cfg(32, 1, 2, 3)]
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     out, seen = [], set()
     for c in cands:
@@ -358,7 +364,7 @@ def measure(
     if "triton" in backends and _runners.triton_usable(x2d, values):
         # configurations compete on GPU time (graph replays); the winner then on eager time with the others
         y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
-        for cfg in candidates or candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision):
+        for cfg in candidates or candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision, target):
             label = "triton:" + ",".join(f"{k}={v}" for k, v in cfg.items())
             run = lambda c=cfg: run_cfg(c, y)  # noqa: E731
             try:

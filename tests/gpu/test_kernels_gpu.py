@@ -99,7 +99,11 @@ def test_every_candidate_config(mode, block, tokens):
     values, crow, col = dense_to_bsr(w, block)
     x = torch.randn(3, tokens // 3 + 1, in_f, device="cuda").to(dtype)
     ref = reference(x, w, None, None)
-    for cfg in tuning_mod.candidate_configs(x.shape[0] * x.shape[1], *block, dtype, prec):
+    M = x.shape[0] * x.shape[1]
+    cands = tuning_mod.candidate_configs(M, *block, dtype, prec) + tuning_mod.candidate_configs(
+        M, *block, dtype, prec, "graph"
+    )
+    for cfg in {tuple(sorted(c.items())): c for c in cands}.values():
         try:
             y = run_poisoned(x, values, crow, col, (out_f, in_f), None, None, prec, cfg)
         except Exception as err:  # a config the tuner would skip (out of resources) is not an error

@@ -107,3 +107,27 @@ def test_evaluate_with_compile_runtime(exported, tmp_path):
     assert result["speedup"] > 0 and result["latency"]["bsr"]["median_ms"] > 0
     with pytest.raises(ValueError, match="runtime"):
         evaluate(exported, "bsr", device="cpu", accuracy=False, latency=latency, runtime="jit", echo=lambda _: None)
+
+
+def test_eager_check_against_dense_keeps_the_faster(exported, monkeypatch):
+    """The whole-model check: where the tuned block-sparse kernels make the model slower than dense kernels (here
+    made slow on purpose), the layers' choices for that batch size become dense; the outputs stay the same."""
+    import time as _time
+
+    from superblock.kernels import ops
+
+    slow = ops.bsr_linear_impl
+
+    def sleepy(*args, **kwargs):
+        _time.sleep(0.002)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "bsr_linear_impl", sleepy)
+    model = load_sparse(exported)
+    ref = logits(model, probe(n=2))
+    served = make_runtime(model, "eager", batch_sizes=[2], sample_shape=(3, 32, 32), check_dense=True)
+    assert served is model and model.dense_check[2]["kept"] == "dense"
+    assert model.dense_check[2]["dense_ms"] < model.dense_check[2]["tuned_ms"]
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    assert all(e["backend"] == "dense" for m in layers for e in m.dispatch.values())
+    torch.testing.assert_close(logits(model, probe(n=2)), ref)
