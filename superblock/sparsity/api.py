@@ -142,6 +142,15 @@ def _validate_targets(found: list[Target], block: tuple[int, int]) -> None:
             )
 
 
+def _reads_weight_through_linear_only(module: nn.Module) -> bool:
+    """nn.Linear / nn.MultiheadAttention with their own forward: every read of the weight goes to F.linear, which
+    autocast casts to its dtype anyway, so handing it the masked weight already in that dtype changes nothing."""
+    forward = type(module).forward
+    return (isinstance(module, nn.Linear) and forward is nn.Linear.forward) or (
+        isinstance(module, nn.MultiheadAttention) and forward is nn.MultiheadAttention.forward
+    )
+
+
 def sparsify(
     model: nn.Module,
     sparsity: float = 0.9,
@@ -201,6 +210,7 @@ def sparsify(
         return report
     plain = {id(t.module): type(t.module) for t in found if not parametrize.is_parametrized(t.module)}
     for t, (_, mask) in zip(found, masks, strict=True):
+        mask.cast_ok = _reads_weight_through_linear_only(t.module)
         parametrize.register_parametrization(t.module, t.param_name, mask, unsafe=True)
         if fixed_weight:
             t.module.parametrizations[t.param_name].original.requires_grad_(False)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from superblock.sparsity import fused
 from superblock.sparsity.blocks import BlockSize, apply_block_mask, grid_shape, tile_norms, tile_sum
 
 if TYPE_CHECKING:
@@ -27,23 +28,53 @@ class _MaskedWeight(torch.autograd.Function):
     Forward uses the hard 0/1 mask; backward sends the weight grad * mask to the weight and the gradient of the
     mask (grad * weight, summed over each tile) straight through to the scores. One saved tensor (the weight, which
     is alive anyway) and no expanded mask in memory on the divisible path.
+
+    `dtype` is the dtype of the result: the autocast dtype in eager autocast for weights that only F.linear reads
+    (autocast would cast there anyway), else the weight's. In eager mode on CUDA one fused kernel does the forward
+    and one the backward (superblock.sparsity.fused); elsewhere, and under torch.compile (whose compiler fuses the
+    plain formulation with its neighbours), plain tensor ops do.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, block: BlockSize):
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, block: BlockSize, dtype):
         ctx.block = block
+        ctx.fused = False
         ctx.save_for_backward(weight, mask)
-        return apply_block_mask(weight, mask, block)
+        if not torch.compiler.is_compiling() and fused.usable(weight, block):
+            try:
+                out = fused.masked_weight(weight, mask, block, dtype)
+                ctx.fused = True
+                return out
+            except Exception as err:  # a Triton/driver problem must not stop training: plain path from now on
+                fused.disable(err)
+        out = apply_block_mask(weight, mask, block)
+        return out if dtype == weight.dtype else out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, mask = ctx.saved_tensors
-        grad_weight = grad_scores = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = apply_block_mask(grad, mask, ctx.block)
-        if ctx.needs_input_grad[1]:
-            grad_scores = tile_sum(grad.float() * weight.float(), ctx.block)
-        return grad_weight, grad_scores, None, None
+        need_weight, need_scores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.fused:
+            try:
+                grad_weight, grad_scores = fused.masked_weight_backward(
+                    grad, weight, mask, ctx.block, need_weight, need_scores
+                )
+                return grad_weight, grad_scores, None, None, None
+            except Exception as err:
+                fused.disable(err)
+        grad = grad.to(weight.dtype)
+        grad_weight = apply_block_mask(grad, mask, ctx.block) if need_weight else None
+        grad_scores = tile_sum(grad.float() * weight.float(), ctx.block) if need_scores else None
+        return grad_weight, grad_scores, None, None, None
+
+
+def _result_dtype(weight: torch.Tensor) -> torch.dtype:
+    """In eager autocast, the autocast dtype when it is a lower precision than the weight's; else the weight's."""
+    device = weight.device.type
+    if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
+        return weight.dtype
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16) else weight.dtype
 
 
 def init_scores(
@@ -88,6 +119,9 @@ class BlockMask(nn.Module):
         self.fixed_mask = fixed_mask
         self.scores = nn.Parameter(init_scores(weight, block, score_init, generator), requires_grad=not fixed_mask)
         self.register_buffer("mask", torch.ones(self.scores.shape, dtype=weight.dtype, device=weight.device))
+        # Set by sparsify when the owning module reads the weight only through F.linear (which autocast casts
+        # anyway): then eager autocast gets the masked weight directly in the autocast dtype.
+        self.cast_ok = False
         self._controller: SparsityController | None = None
 
     @property
@@ -109,7 +143,8 @@ class BlockMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # Nothing but tensor math here: no Python state to guard on, nothing that breaks a torch.compile graph.
         # The mask buffer is kept fresh from outside (controller.step(), load_state_dict, refresh_masks).
-        return _MaskedWeight.apply(weight, self.scores, self.mask, self.block)
+        dtype = _result_dtype(weight) if self.cast_ok else weight.dtype
+        return _MaskedWeight.apply(weight, self.scores, self.mask, self.block, dtype)
 
     def extra_repr(self) -> str:
         return f"shape={self.weight_shape}, block={self.block}, tiles={tuple(self.scores.shape)}"

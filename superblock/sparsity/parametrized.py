@@ -5,32 +5,67 @@ each encoder layer's attention a new type: Dynamo guards on the type of `self`, 
 at its recompile limit. Modules of one original class with the same masked parameter names therefore share one
 class here. Its properties look the tensor up on `self` (torch's look up the first module they were made for, in
 their `parametrize.cached()` path), so sharing is safe.
+
+`nn.MultiheadAttention.forward` reads `in_proj_weight` three times in training (twice for its fast-path checks)
+and more in eval: in eager mode the shared class evaluates each masked tensor once per forward call of such a
+module. Under torch.compile nothing is cached (the compiler removes the unused reads itself).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 _NAMES_ATTR = "_superblock_parametrized"
+_READS = "_superblock_reads"  # instance attribute: {name: value} while a read-caching forward runs
 _SHARED: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
 def _property(name: str) -> property:
     def get(self: nn.Module) -> Tensor:
         plist = self.parametrizations[name]
-        if parametrize._cache_enabled:  # inside `parametrize.cached()`: evaluate once per module and name
-            key = (id(self), name)
-            value = parametrize._cache.get(key)
-            if value is None:
-                value = parametrize._cache[key] = plist()
-            return value
+        if not torch.compiler.is_compiling():
+            reads = self.__dict__.get(_READS)
+            if reads is not None:  # inside a read-caching forward (MultiheadAttention): evaluate once per call
+                value = reads.get(name)
+                if value is None:
+                    value = reads[name] = plist()
+                return value
+            if parametrize._cache_enabled:  # inside `parametrize.cached()`: evaluate once per module and name
+                key = (id(self), name)
+                value = parametrize._cache.get(key)
+                if value is None:
+                    value = parametrize._cache[key] = plist()
+                return value
         return plist()
 
     def set_(self: nn.Module, value: Tensor) -> None:
         self.parametrizations[name].right_inverse(value)
 
     return property(get, set_)
+
+
+def _caching_forward(base_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`base_forward` with every masked tensor of the module (and of its masked children, e.g. `out_proj`)
+    evaluated at most once per call, in eager mode."""
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or _READS in self.__dict__:
+            return base_forward(self, *args, **kwargs)
+        owners = [self, *(m for m in self.children() if _NAMES_ATTR in vars(type(m)))]
+        for m in owners:
+            m.__dict__[_READS] = {}
+        try:
+            return base_forward(self, *args, **kwargs)
+        finally:
+            for m in owners:
+                m.__dict__.pop(_READS, None)
+
+    return forward
 
 
 def _intact(cls: type, names: tuple[str, ...]) -> bool:
@@ -50,6 +85,8 @@ def share_class(module: nn.Module, base: type) -> None:
         dct.update({name: _property(name) for name in names})
         dct[_NAMES_ATTR] = names
         dct["__module__"] = torch_cls.__module__
+        if issubclass(base, nn.MultiheadAttention):
+            dct["forward"] = _caching_forward(base.forward)
         cls = type(torch_cls.__name__, (base,), dct)
         _SHARED[(base, names)] = cls
     module.__class__ = cls

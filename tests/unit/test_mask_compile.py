@@ -236,3 +236,35 @@ def test_ema_copy_masks_follow_its_own_averaged_scores():
     live = _masks(model)
     assert any(not torch.equal(a, b) for a, b in zip(masks, live, strict=True)), "EMA masks just copy the live ones"
     assert all(int(a.sum()) == int(b.sum()) for a, b in zip(masks, live, strict=True))
+
+
+def test_multihead_attention_evaluates_each_masked_weight_once_per_forward(monkeypatch):
+    """nn.MultiheadAttention reads in_proj_weight three times per training forward (fast-path checks) and more in
+    eval: eager evaluates every masked tensor once per call, and keeps nothing after it."""
+    from collections import Counter
+
+    from superblock.sparsity import BlockMask
+
+    torch.manual_seed(0)
+    model = tiny_tv_vit()
+    sparsify(model, sparsity=0.5, block_size=16, targets=["mlp", "attn"])
+    folded = fold_masks(copy.deepcopy(model)).eval()
+    calls = Counter()
+    forward = BlockMask.forward
+
+    def counting(self, weight):
+        calls[id(self)] += 1
+        return forward(self, weight)
+
+    monkeypatch.setattr(BlockMask, "forward", counting)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    assert len(calls) == 8 and set(calls.values()) == {1}
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == 8 and set(calls.values()) == {1}
+    with torch.no_grad():
+        torch.testing.assert_close(out, folded(x), atol=1e-5, rtol=1e-5)
+    assert not any("_superblock_reads" in m.__dict__ for m in model.modules())

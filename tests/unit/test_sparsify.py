@@ -417,3 +417,36 @@ def test_load_state_dict_refreshes_masks_without_extra_call():
         iter_block_masks(src), iter_block_masks(ema), iter_block_masks(dst), before, strict=True
     ):
         assert torch.equal(a.mask, e.mask) and torch.equal(d.mask, b)
+
+
+@pytest.mark.parametrize("build", ["torchvision", "timm"])
+def test_eager_autocast_direct_cast_matches_plain_path(build):
+    """In eager autocast the masked weight is produced directly in the autocast dtype (for weights only F.linear
+    reads): same forward as masking in fp32 and letting autocast cast, same gradients."""
+    torch.manual_seed(0)
+    if build == "torchvision":
+        model = tiny_tv_vit()
+        nn.init.normal_(model.heads.head.weight)
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=7)
+    sparsify(model, sparsity=0.5, block_size=16, targets=["mlp", "attn"])
+    assert all(m.cast_ok for _, _, _, m in iter_block_masks(model))
+    plain = copy.deepcopy(model)
+    for _, _, _, m in iter_block_masks(plain):
+        m.cast_ok = False
+    folded = fold_masks(copy.deepcopy(model))
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for net in (model, plain, folded):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x)
+        y.float().square().mean().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0], outs[2], atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (_, module, name, _), *_ = iter_block_masks(model)
+        assert getattr(module, name).dtype == torch.bfloat16
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
