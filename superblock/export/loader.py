@@ -13,7 +13,7 @@ from torch import nn
 from superblock.export.convert import Layer, install_bsr, unpack_tensors
 from superblock.export.format import WEIGHTS, ExportError, read_manifest, verify_file
 from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
-from superblock.export.serving import check_runtime, image_shape, make_runtime
+from superblock.export.serving import check_runtime, compile_settings, image_shape, make_runtime
 from superblock.kernels import BACKENDS, fuse_linear_gelu
 
 
@@ -69,7 +69,7 @@ def load_sparse(
     *,
     runtime: str = "eager",
     batch_sizes: Sequence[int] | int | None = None,
-    compile_options: dict | None = None,
+    compile_options: dict | bool | None = None,
     fuse_gelu: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -83,12 +83,14 @@ def load_sparse(
     superblock.export.serving.make_runtime): eager returns the model (warmed up, i.e. tuned, at `batch_sizes` when
     given); compile / cudagraph return a ServingModel that compiled / captured one graph per batch size (default:
     the export's batch sizes, else 1, 8, 32, 256) and pads every batch up to the next of them. cudagraph on a CPU
-    device falls back to eager with a RuntimeWarning. `compile_options` go to torch.compile.
+    device falls back to eager with a RuntimeWarning. `compile_options` go to torch.compile (cudagraph compiles
+    before capturing unless compile_options=False).
     Raises ExportError for a missing, edited or mismatched export, ValueError for bad options. Eval mode.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     sizes = check_runtime(runtime, batch_sizes)
+    compile_settings(runtime, compile_options)  # bad options fail before anything is loaded
     path = Path(path)
     manifest = read_manifest(path)
     device = resolve_device(device)

@@ -14,13 +14,13 @@ what it needs; nothing is measured inside a trace or a capture afterwards.
   eager      the model itself (warmed up when batch sizes are given); kernels tuned for eager (host time counts),
              then, on CUDA, checked as a whole against dense kernels per batch size (check_against_dense)
   compile    torch.compile(model, dynamic=False): one graph per batch size, compiled at warm-up; a batch is padded
-             up to the smallest batch size >= it, so serving never recompiles; kernels tuned for eager (for GPU
-             time with compile_options={"mode": "reduce-overhead"}, which replays CUDA graphs)
-  cudagraph  one CUDA graph per batch size with static input / output buffers (all graphs share one memory pool);
-             a batch is copied into the smallest buffer that holds it and the output rows sliced and copied out;
-             kernels tuned for GPU time (tuning target "graph"). With compile_options (even {}), the model is
-             torch.compile'd first and the compiled code captured (inductor's fusions without its launch cost).
-             On a CPU model there are no CUDA graphs: the eager model is returned, with a RuntimeWarning.
+             up to the smallest batch size >= it, so serving never recompiles; kernels tuned and checked as for
+             eager (or tuned for GPU time with compile_options={"mode": "reduce-overhead"}, which replays graphs)
+  cudagraph  the model torch.compile'd (inductor's fusions; compile_options=False captures the eager model
+             instead), then one CUDA graph per batch size with static input / output buffers (all graphs share
+             one memory pool); a batch is copied into the smallest buffer that holds it and the output rows
+             sliced and copied out; kernels tuned for GPU time (tuning target "graph"). On a CPU model there are
+             no CUDA graphs: the eager model is returned, with a RuntimeWarning.
 
 Rows of a batch must be independent (true of ViTs in eval mode): padding rows hold stale or zero inputs.
 """
@@ -72,6 +72,23 @@ def image_shape(model: nn.Module, model_spec: dict | None = None) -> tuple[int, 
         raise ValueError("cannot tell the model's input size: pass sample_shape=(channels, height, width)")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return channels, int(h), int(w)
+
+
+def compile_settings(runtime: str, compile_options: dict | bool | None) -> dict | None:
+    """The torch.compile arguments a runtime uses (None: not compiled). compile: always compiled (True / None mean
+    defaults); cudagraph: compiled unless compile_options is False; eager: never (options are an error)."""
+    if compile_options is not None and not isinstance(compile_options, (dict, bool)):
+        raise ValueError(f"compile_options must be a dict of torch.compile arguments (or True / False), got "
+                         f"{compile_options!r}")  # fmt: skip
+    if runtime == "eager":
+        if compile_options not in (None, False):
+            raise ValueError("compile_options apply to runtime='compile' or 'cudagraph', not 'eager'")
+        return None
+    if compile_options is False:
+        if runtime == "compile":
+            raise ValueError("runtime='compile' with compile_options=False: use runtime='eager'")
+        return None
+    return dict(compile_options) if isinstance(compile_options, dict) else {}
 
 
 def tuning_target(runtime: str, compile_options: dict | None = None) -> str:
@@ -160,8 +177,8 @@ def check_against_dense(
     Layers are tuned one at a time, each as if alone; in an eager model near the point where the host's launches
     take as long as the GPU's work, a kernel with a faster GPU time but a slower launch can make the whole model
     slower. This is the model-level check that eager serving is never slower than dense at the named batch sizes.
-    Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
-    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    Only layers with backend="auto" are changed. Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
     device, dtype = _model_place(model)
     report: dict[int, dict] = {}
     for b in sorted(batch_sizes):
@@ -192,7 +209,7 @@ def make_runtime(
     *,
     batch_sizes: Sequence[int] | int | None = None,
     sample_shape: Sequence[int] | None = None,
-    compile_options: dict | None = None,
+    compile_options: dict | bool | None = None,
     check_dense: bool | None = None,
 ) -> nn.Module:
     """Wrap an inference model (eval mode, on its device and dtype; any model, with or without BlockSparseLinear
@@ -200,16 +217,15 @@ def make_runtime(
 
     `batch_sizes`: the batch sizes to warm up, compile or capture (default (1, 8, 32, 256) for compile /
     cudagraph, none for eager). `sample_shape`: one input's shape without the batch dimension (default: the
-    image shape of a torchvision / timm ViT). `compile_options`: torch.compile arguments for compile (e.g.
-    {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}); given for cudagraph ({} is enough), the
-    model is compiled first and the compiled code captured. `check_dense` (eager; default on CUDA): time the
-    whole model per batch size with its tuned kernels and with dense ones and keep the faster
-    (check_against_dense; the report is left in `model.dense_check`). Inputs are cast to the model's device and
-    dtype. Returns the model itself for eager, else a ServingModel around it.
+    image shape of a torchvision / timm ViT). `compile_options`: torch.compile arguments (e.g.
+    {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}) for compile and cudagraph (which
+    compiles by default; False captures the eager model). `check_dense` (eager and compile, tuned for eager time;
+    default on CUDA): time the whole model per batch size with its tuned kernels and with dense ones and keep
+    the faster (check_against_dense; the report is left in `model.dense_check`). Inputs are cast to the model's
+    device and dtype. Returns the model itself for eager, else a ServingModel around it.
     """
     sizes = check_runtime(runtime, batch_sizes)
-    if compile_options is not None and not isinstance(compile_options, dict):
-        raise ValueError(f"compile_options must be a dict of torch.compile arguments, got {compile_options!r}")
+    options = compile_settings(runtime, compile_options)
     device, _ = _model_place(model)
     if runtime == "cudagraph" and device.type != "cuda":
         warnings.warn(
@@ -217,26 +233,28 @@ def make_runtime(
             RuntimeWarning,
             stacklevel=2,
         )
-        runtime = "eager"
+        runtime, options = "eager", None
     if sizes is None and runtime != "eager":
         sizes = DEFAULT_BATCH_SIZES
     model.eval()
-    set_tuning_target(model, tuning_target(runtime, compile_options))
+    target = tuning_target(runtime, options)
+    set_tuning_target(model, target)
     if sizes is None:
         return model
     shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
     warm_up(model, sizes, shape)
+    if target == "eager" and (check_dense if check_dense is not None else device.type == "cuda"):
+        model.dense_check = check_against_dense(model, sizes, shape)
     if runtime == "eager":
-        if check_dense if check_dense is not None else device.type == "cuda":
-            model.dense_check = check_against_dense(model, sizes, shape)
         return model
-    return ServingModel(model, runtime, sizes, shape, compile_options)
+    return ServingModel(model, runtime, sizes, shape, options)
 
 
 class ServingModel(nn.Module):
     """A model served through torch.compile or CUDA graphs at fixed batch sizes (build with make_runtime).
 
-    `model` is the eager model inside (its modules, e.g. BlockSparseLinear, are reachable through
+    `compile_options`: torch.compile arguments, or None for a cudagraph of the eager model. `model` is the eager
+    model inside (its modules, e.g. BlockSparseLinear, are reachable through
     `.modules()`); `runtime`, `batch_sizes` and `sample_shape` say how it is served. Inference only (no_grad).
     """
 
@@ -261,7 +279,9 @@ class ServingModel(nn.Module):
         # outputs of a graph replay live in the graph's memory and are overwritten by the next call: copy them out
         mode = (compile_options or {}).get("mode") or ""
         self._copy_out = runtime == "cudagraph" or mode in CUDAGRAPH_COMPILE_MODES
-        self.compiled = runtime == "compile" or compile_options is not None
+        self.compiled = compile_options is not None
+        if runtime == "compile" and not self.compiled:
+            raise ValueError("runtime='compile' needs compile_options (a dict, {} for torch.compile's defaults)")
         if self.compiled:
             self._compile(dict(compile_options or {}), warm=runtime == "compile")
         if runtime == "cudagraph":
