@@ -43,8 +43,14 @@ def masked_logits(masked, x):
 def test_export_on_gpu_auto_layout(vit_b16, dtype, runtime):
     root, masked = vit_b16
     result = export_checkpoint(
-        root / "run", root / f"export_{dtype}", dtype=dtype, device="cuda", layout="auto", batch_sizes=[1, 32],
-        runtime=runtime, echo=lambda _: None,
+        root / "run",
+        root / f"export_{dtype}",
+        dtype=dtype,
+        device="cuda",
+        layout="auto",
+        batch_sizes=[1, 32],
+        runtime=runtime,
+        echo=lambda _: None,
     )
     eq = result.manifest["equivalence"]
     assert eq["passed"] and eq["device"].startswith("cuda") and eq["dtype"] == dtype
@@ -81,7 +87,13 @@ def test_evaluate_latency_on_gpu(vit_b16, tmp_path):
         export_checkpoint(root / "run", path, device="cuda", layout="bsr", echo=lambda _: None)
     latency = {"batch_size": 64, "warmup": 3, "repeats": 12, "rounds": 3}
     result = evaluate(
-        path, "bsr", device="cuda", dtype="bf16", accuracy=False, latency=latency, output=tmp_path / "eval.json",
+        path,
+        "bsr",
+        device="cuda",
+        dtype="bf16",
+        accuracy=False,
+        latency=latency,
+        output=tmp_path / "eval.json",
         echo=lambda _: None,
     )
     assert result["latency"]["bsr"]["median_ms"] > 0 and result["speedup"] > 0
