@@ -185,9 +185,11 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return self._differentiable(x)
-        plan = self._plans.get(x.numel() // self.in_features)
+        m = x.numel() // self.in_features
+        traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+        plan = self._traced_plan(x, m) if traced else self._plans.get(m)
         if plan is None:
-            plan = self._plan(x, x.numel() // self.in_features)
+            plan = self._plan(x, m)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
         kind, names = plan[0], plan[1]
         if kind == "dense":
@@ -196,9 +198,9 @@ class BlockSparseLinear(nn.Module):
         crow, col, gidx = (self._buffers[n] if type(n) is str else n for n in names)
         args = (x, self.values, crow, col, gidx, self.bias, self.out_features, self._activation or "none", kind,
                 plan[3], plan[2])  # fmt: skip
-        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
-            return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
-        return ops.bsr_linear_op(*args)
+        if traced:
+            return ops.bsr_linear_op(*args)
+        return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
 
     def _differentiable(self, x: torch.Tensor) -> torch.Tensor:
         if self._backend == "triton":
@@ -242,6 +244,17 @@ class BlockSparseLinear(nn.Module):
         if not traced:
             self._plans[m] = plan
         return plan
+
+    def _traced_plan(self, x: torch.Tensor, m) -> tuple:
+        """The plan inside torch.compile / torch.export: the prepared choice of the bucket holding m, found by
+        comparisons only, so with dynamic shapes the graph holds for the whole bucket (guards m <= b, m > b / 2)
+        instead of one token count; the static choice (_static_choice) for a bucket never prepared."""
+        entry = None
+        for b, e in self.dispatch.items():
+            if m <= b and (b <= 16 or m > b // 2):
+                entry = e
+                break
+        return self._build(entry if entry is not None else self._static_choice(x), x, traced=True)
 
     def _precision(self) -> str:
         return self.fp32_precision or get_fp32_precision()

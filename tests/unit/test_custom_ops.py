@@ -158,6 +158,19 @@ def test_compiled_module_matches_eager_without_recompiles(backend):
     assert _graphs() == 2  # same structure and choices, other tensors: the compiled code is reused
 
 
+def test_dynamic_shapes_compile_once_per_token_bucket():
+    """With dynamic shapes a graph holds for a whole token bucket of the prepared choices (guards on ranges, not on
+    the token count): two buckets, two graphs, whatever the batch sizes inside them."""
+    mod, w, b = _layer(backend="dense", activation="gelu")
+    mod.prepare([10, 20])  # buckets 16 and 32
+    compiled = torch.compile(mod, dynamic=True, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for n in (14, 12, 9, 25, 30, 17):
+            x = torch.randn(n, 48)
+            assert rel_err(compiled(x), reference(x, w, b, "gelu")) < 1e-5
+    assert _graphs() == 2
+
+
 def test_compiled_unprepared_module_traces_a_static_choice():
     mod, w, b = _layer(block=(16, 8))  # rectangular block on CPU: auto runs dense
     x = torch.randn(4, 48)
