@@ -2,9 +2,14 @@
 
 y = bsr_linear(x, values, crow_indices, col_indices, (out, in), bias, activation="gelu")
 layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks dropped
+layer.prepare([197, 1576])                                    # choose (tune) per token bucket now, outside traces
 fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
+
+Every product runs through the custom operator torch.ops.superblock.bsr_linear (ops.py), so torch.compile and
+torch.export see one node per layer.
 """
 
+from superblock.kernels import ops  # noqa: F401 - registers torch.ops.superblock.*
 from superblock.kernels.bsr_linear import (
     BACKENDS,
     FP32_PRECISIONS,
