@@ -106,40 +106,50 @@ def test_fused_eager_kernels_match_plain_path(autocast):
         torch.testing.assert_close(g1[n], g0[n], atol=tol * float(g0[n].abs().max()), rtol=tol, msg=n)
 
 
-@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("mode", ["default", pytest.param("max-autotune-no-cudagraphs", marks=pytest.mark.slow)])
 def test_compiled_bf16_training_matches_eager_without_recompiles(mode):
-    """Compiled masked training (bf16 autocast): one graph, no recompilation after step 1, the losses and masks of
-    eager training (fused kernels there, the plain formulation under the compiler)."""
+    """Compiled masked training (bf16 autocast): one graph, no recompilation after step 1; at every step the
+    compiled output equals the eager output of the same weights and masks, and the masks follow the scores.
+
+    (Whole eager and compiled trajectories are not compared here: in bf16 their score gradients differ by rounding,
+    which flips near-tied tiles and lets the runs drift apart; tests/unit/test_mask_compile.py compares whole
+    trajectories in fp32 on CPU.)
+    """
     from torch._dynamo.utils import counters
+
+    from superblock.sparsity import kept_blocks
 
     x = torch.randn(8, 3, 64, 64, device="cuda")
     y = torch.randint(0, 10, (8,), device="cuda")
     torch._dynamo.reset()
     counters.clear()
-    results = []
-    for compiled in (True, False):
-        model = _small_vit()
-        ids = {id(p) for p in mask_parameters(model)}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        opt = torch.optim.SGD([{"params": rest}, {"params": mask_parameters(model), "lr": 20.0}], lr=0.01)
-        run = torch.compile(model, mode=None if mode == "default" else mode) if compiled else model
-        losses, masks = [], []
-        for _ in range(4):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(run(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            get_controller(model).step()
-            losses.append(loss.detach())
-            masks.append([m.mask.clone() for _, _, _, m in iter_block_masks(model)])
-        results.append((torch.stack(losses), masks))
+    model = _small_vit()
+    ids = {id(p) for p in mask_parameters(model)}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": mask_parameters(model), "lr": 0.05}], fused=True)
+    run = torch.compile(model, mode=None if mode == "default" else mode)
+    ctrl = get_controller(model)
+    first = [m.mask.clone() for _, _, _, m in iter_block_masks(model)]
+    frames = []
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(x)
+            with torch.no_grad():
+                ref = model(x)  # eager, same weights and masks
+        frames.append(counters["frames"]["total"])
+        scale = float(ref.float().abs().max())  # bf16 through 4 layers: compare at the scale of the logits
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2 * scale, rtol=3e-2)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ctrl.step()
+        for _, _, _, m in iter_block_masks(model):  # the refreshed mask is the top-k of the updated scores
+            k = kept_blocks(m.n_blocks, ctrl.sparsity)
+            kth = m.scores.detach().flatten().topk(k).values[-1]
+            assert int(m.mask.sum()) == k and bool((m.scores[m.mask.bool()] >= kth).all())
     stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "frames", "graph_break", "resumes")}
-    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1, stats
+    assert counters["stats"]["unique_graphs"] == 1, stats
+    assert frames == [frames[0]] * 4, f"recompiled after step 1: {frames}"
     assert not counters["graph_break"] and not counters["resumes"], stats
-    (lc, mc), (le, me) = results
-    torch.testing.assert_close(lc, le, atol=3e-2, rtol=3e-2)
-    pairs = [(a, b) for step_c, step_e in zip(mc, me, strict=True) for a, b in zip(step_c, step_e, strict=True)]
-    agree = sum(float((a == b).float().mean()) for a, b in pairs) / len(pairs)
-    assert agree > 0.98, f"compiled and eager masks agree on only {agree:.3f} of tiles"
-    assert any(not torch.equal(a, b) for a, b in zip(mc[0], mc[-1], strict=True)), "masks never changed"
+    last = [m.mask for _, _, _, m in iter_block_masks(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(first, last, strict=True)), "masks never changed"
