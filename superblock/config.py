@@ -75,6 +75,7 @@ class SparsityConfig:
     initial: float = 0.0
     start_epoch: float = 0.0
     ramp_epochs: float = 0.0
+    ramp_fraction: float | None = None  # ramp over this fraction of all training steps (overrides ramp_epochs)
     score_init: str = "kaiming"
     fixed_weight: bool = False
     fixed_mask: bool = False
@@ -217,8 +218,10 @@ def check(c: TrainConfig) -> None:
         _one_of(s.schedule, SCHEDULES, "sparsity.schedule")
         _one_of(s.allocation, ("layerwise", "global"), "sparsity.allocation")
         _one_of(s.score_init, ("kaiming", "magnitude"), "sparsity.score_init")
-        if s.schedule != "constant" and s.ramp_epochs <= 0:
-            raise ConfigError(f"sparsity.schedule={s.schedule} needs sparsity.ramp_epochs > 0")
+        if s.ramp_fraction is not None and not 0.0 < s.ramp_fraction <= 1.0:
+            raise ConfigError(f"sparsity.ramp_fraction must be in (0, 1] or null, got {s.ramp_fraction}")
+        if s.schedule != "constant" and s.ramp_epochs <= 0 and s.ramp_fraction is None:
+            raise ConfigError(f"sparsity.schedule={s.schedule} needs sparsity.ramp_epochs > 0 or a ramp_fraction")
         if s.fixed_weight and s.fixed_mask:
             raise ConfigError("sparsity.fixed_weight and sparsity.fixed_mask together train nothing: choose one")
         if not s.targets:

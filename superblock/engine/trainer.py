@@ -95,17 +95,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def sparsity_spec(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any] | None:
+def sparsity_spec(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> dict[str, Any] | None:
     """Flat keyword arguments of `sparsify` (JSON-able; stored in checkpoints)."""
     s = cfg.sparsity
     if not s.enabled:
         return None
     block = normalize_block_size(s.block_size)
+    ramp = s.ramp_fraction * total_steps if s.ramp_fraction is not None else s.ramp_epochs * steps_per_epoch
     return {
         "sparsity": s.level, "block_size": list(block), "targets": list(s.targets), "exclude": list(s.exclude),
         "skip_first_block": s.skip_first_block, "skip_head": s.skip_head, "allocation": s.allocation,
         "min_density": s.min_density, "schedule": s.schedule, "initial_sparsity": s.initial,
-        "ramp_steps": int(round(s.ramp_epochs * steps_per_epoch)),
+        "ramp_steps": int(round(ramp)),
         "start_step": int(round(s.start_epoch * steps_per_epoch)),
         "score_init": s.score_init, "fixed_weight": s.fixed_weight, "fixed_mask": s.fixed_mask,
     }
@@ -206,7 +207,7 @@ class Trainer:
         if self.cfg.distill.teacher:
             self.teacher = load_teacher(self.cfg.distill.teacher, {**self.model_spec, "pretrained": None}, self.device)
             self._teacher_timer = StepTimer(self.device)
-        self.sparsity_spec = sparsity_spec(self.cfg, self.steps_per_epoch)
+        self.sparsity_spec = sparsity_spec(self.cfg, self.steps_per_epoch, self.total_steps)
         self.report = None
         if self.sparsity_spec:
             if self.cfg.sparsity.strict_blocks:

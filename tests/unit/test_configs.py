@@ -51,7 +51,8 @@ def test_default_config_is_the_embedded_run():
     "overrides,message",
     [
         (["sparsity.level=1.5"], "sparsity.level"),
-        (["sparsity.schedule=cubic", "sparsity.ramp_epochs=0"], "ramp_epochs"),
+        (["sparsity.schedule=cubic", "sparsity.ramp_epochs=0", "sparsity.ramp_fraction=null"], "ramp_epochs"),
+        (["sparsity.ramp_fraction=1.5"], "sparsity.ramp_fraction"),
         (["data=imagefolder"], "data.root is required"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["logger.mode=sometimes"], "logger.mode"),
