@@ -60,7 +60,8 @@ def _train(model, run, steps, inputs):
         out.square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ctrl.step()
+        if ctrl is not None:
+            ctrl.step()
         outs.append(out.detach())
         masks.append(_masks(model))
     return outs, masks
@@ -268,3 +269,34 @@ def test_multihead_attention_evaluates_each_masked_weight_once_per_forward(monke
     with torch.no_grad():
         torch.testing.assert_close(out, folded(x), atol=1e-5, rtol=1e-5)
     assert not any("_superblock_reads" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.slow
+def test_compiled_ddp_training_compiles_like_dense_without_recompiles(tmp_path):
+    """torch.compile(DDP(model)) (as the trainer wraps it): the masked model compiles into as many graphs as the
+    dense one (DDP's optimizer splits at bucket boundaries) and never recompiles after the first step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+
+        def graphs(masked):
+            torch.manual_seed(0)
+            model = tiny_tv_vit()
+            nn.init.normal_(model.heads.head.weight, std=0.5)
+            if masked:
+                sparsify(model, sparsity=0.5, block_size=16, targets=["mlp", "attn"], seed=0)
+            ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            torch._dynamo.reset()
+            counters.clear()
+            counter = CompileCounterWithBackend("eager")
+            run = torch.compile(ddp, backend=counter)
+            frames = []
+            _train(model, lambda x: (run(x), frames.append(counter.frame_count))[0], 4, [torch.randn(4, 3, 16, 16)])
+            return counter.frame_count, frames, counters["stats"]["unique_graphs"]
+
+        dense, masked = graphs(False), graphs(True)
+        assert masked[1] == [masked[0]] * 4, "recompiled after the first step"
+        assert masked[0] == dense[0] and masked[2] == dense[2]
+    finally:
+        dist.destroy_process_group()
