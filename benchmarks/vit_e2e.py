@@ -1,21 +1,24 @@
-"""Whole-model inference latency: torchvision ViTs with block-sparse MLP (+ attention) weights vs dense.
+"""Whole-model inference: torchvision ViTs with block-sparse MLP (+ attention) weights vs dense, in the runtimes
+users serve with (eager, torch.compile, CUDA graphs), at small and large batches, from one process.
 
-    python benchmarks/vit_e2e.py                                  # vit_b_16, vit_h_14 x batch 1/32/256 x bf16/fp32
-    python benchmarks/vit_e2e.py --models vit_b_16 --batches 256 --dtypes bf16 --block 32
+    python benchmarks/vit_e2e.py                                      # vit_b_16, bf16, blocks 64,32, all runtimes
+    python benchmarks/vit_e2e.py --dtypes bf16,fp32 --blocks 64 --runtimes eager,cudagraph --batches 1,8,32,256
 
 Random init (no downloads). In every encoder layer, `sparsity` of the blocks of the MLP weights (and, with
---attn, of the attention in_proj / out_proj) are zeroed at random (exact count). The dense model runs those
-weights with cuBLAS (torchvision's own modules); the sparse model replaces the MLP Linears by
-BlockSparseLinear (fc1 with GELU fused) and the attention by BlockSparseMultiheadAttention, backend="auto"
-(tuned on the first forward, before timing). Latency: CUDA-event median over --reps forwards; batches up to
---graph-max-batch are also timed as CUDA-graph replays (launch overhead out of the picture).
+--attn, of the attention in_proj / out_proj) are zeroed at random at the largest block size (exact count); a
+smaller block size reuses that pattern (each large block is whole small blocks, same density). The dense model
+keeps those (zero-filled) weights on cuBLAS; the sparse one gets BlockSparseLinear (fc1 with GELU fused) and
+BlockSparseMultiheadAttention, backend="auto". Both go through the same `superblock.export.make_runtime(model,
+runtime, batch_sizes=...)` that `load_sparse(..., runtime=...)` uses: eager (tuned per batch size, whole-model
+dense check), compile (torch.compile, one graph per batch size), cudagraph (compiled, one CUDA graph per batch
+size). Latency: wall clock over --reps calls after a sync (host overhead included), median of --rounds
+interleaved rounds. Dynamo recompilations after warm-up are counted and reported (must be 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import statistics
@@ -28,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from superblock.export import make_runtime  # noqa: E402
 from superblock.kernels import (  # noqa: E402
     BlockSparseLinear,
     BlockSparseMultiheadAttention,
     fuse_linear_gelu,
 )
-from superblock.kernels import tuning as tuning_mod  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,16 +44,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vit_b_16,vit_h_14")
-    p.add_argument("--batches", default="256,32,1")
-    p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--model", default="vit_b_16")
+    p.add_argument("--batches", default="1,8,32,256")
+    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--blocks", default="64,32")
+    p.add_argument("--runtimes", default="eager,compile,cudagraph")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=True, help="attention sparse too")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--graph-max-batch", type=int, default=32)
-    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of both models")
-    p.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="parallel compile")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tag", default="vit_e2e")
     return p.parse_args(argv)
@@ -86,133 +88,66 @@ def to_block_sparse(model, block, attn, backend="auto"):
     return model
 
 
-def precompile(model_name, dtype_name, batches, args):
-    """Compile every kernel the sparse model's auto-tuning will try, in parallel side processes."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import torchvision.models as tvm
-    from bsr_linear import warm_kernels  # the per-layer benchmark's helper
-
-    with torch.device("meta"):
-        m = getattr(tvm, model_name)()
-    E, H = m.hidden_dim, m.mlp_dim
-    tokens = (m.image_size // m.patch_size) ** 2 + 1
-    dtype = DTYPES[dtype_name]
-    jobs = []
-    for b in batches:
-        M = b * tokens
-        shapes = [(H, E, "gelu"), (E, H, None)] + ([(3 * E, E, None), (E, E, None)] if args.attn else [])
-        for N, K, act in shapes:
-            cfgs = tuning_mod.candidate_configs(M, args.block, args.block, dtype, "ieee")
-            job = {"N": N, "K": K, "M": M, "block": (args.block, args.block), "dtype": str(dtype).split(".")[-1],
-                   "prec": "ieee", "bias": True, "act": act, "configs": cfgs, "torch": True}  # fmt: skip
-            jobs.append(job)
-    warm_kernels(jobs, args.workers)
-
-
-def time_eager(model, x, reps):
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        model(x)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
-def time_graph(model, x, reps):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    return time_eager(lambda _x: graph.replay(), x, reps)
-
-
-def profile_table(model, x, rows: int = 14) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            model(x)
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
         torch.cuda.synchronize()
-    averages = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total"):
-        try:
-            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
-        except Exception:
-            continue
-    return "(profiler table unavailable)"
 
 
-def backend_counts(model, tokens):
-    counts: dict[str, int] = {}
-    scope = tuning_mod.scope_for()
-    for m in model.modules():
-        if isinstance(m, BlockSparseLinear):
-            key = tuning_mod.problem_key(
-                tokens, *m.shape, *m.block_size, m.values.shape[0], m.values.dtype, "ieee", m.bias is not None,
-                m.activation,
-            )  # fmt: skip
-            entry = tuning_mod.lookup(scope, key)
-            name = entry["backend"] if entry else "untuned"
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+def wall_ms(model, x, reps: int) -> float:
+    _sync(x)
+    start = time.perf_counter()
+    for _ in range(reps):
+        model(x)
+    _sync(x)
+    return 1000.0 * (time.perf_counter() - start) / reps
 
 
-def run(model_name, dtype_name, batch, args):
+def recompiles() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+
+
+def build_dense(model_name: str, dtype: torch.dtype, block: int, sparsity: float, attn: bool):
     import torchvision.models as tvm
 
-    dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     with torch.device("cuda"):
         dense = getattr(tvm, model_name)().eval()
     with torch.no_grad():  # torchvision zero-inits the head: give the logits something to compare
         dense.heads.head.weight.normal_(0.0, 0.02)
-    sparsify_weights(dense, args.block, args.sparsity, args.attn)
-    dense = dense.to(dtype)
-    sparse = to_block_sparse(copy.deepcopy(dense), args.block, args.attn)
-    size = dense.image_size
-    x = torch.randn(batch, 3, size, size, device="cuda").to(dtype)
-    row = {"model": model_name, "dtype": dtype_name, "batch": batch, "block": args.block, "sparsity": args.sparsity}
-    row["attn_sparse"] = args.attn
+    sparsify_weights(dense, block, sparsity, attn)
+    return dense.to(dtype)
+
+
+def measure(dense, sparse, runtime: str, batches: list[int], args) -> list[dict]:
+    shape = (3, dense.image_size, dense.image_size)
+    t0 = time.time()
+    d = make_runtime(dense, runtime, batch_sizes=batches, sample_shape=shape)
+    s = make_runtime(sparse, runtime, batch_sizes=batches, sample_shape=shape)
+    setup_s = time.time() - t0
+    before = recompiles()
+    rows = []
     with torch.inference_mode():
-        t0 = time.time()
-        ref = dense(x).double()
-        y = sparse(x).double()  # first forward: auto measures each new layer kind once
-        row["tune_s"] = round(time.time() - t0, 1)
-        row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
-        tokens = batch * ((size // dense.patch_size) ** 2 + 1)
-        row["backends"] = json.dumps(backend_counts(sparse, tokens))
-        row["dense_ms"] = time_eager(dense, x, args.reps)
-        row["sparse_ms"] = time_eager(sparse, x, args.reps)
-        row["speedup"] = row["dense_ms"] / row["sparse_ms"]
-        if args.profile:
-            for name, model in (("dense", dense), ("sparse", sparse)):
-                print(f"--- {model_name} {dtype_name} batch {batch} {name}: top GPU kernels (3 forwards)")
-                print(profile_table(model, x))
-        if batch <= args.graph_max_batch:
-            try:
-                row["dense_graph_ms"] = time_graph(dense, x, args.reps)
-                row["sparse_graph_ms"] = time_graph(sparse, x, args.reps)
-                row["graph_speedup"] = row["dense_graph_ms"] / row["sparse_graph_ms"]
-            except Exception as err:  # capture is best effort
-                row["graph_error"] = str(err).splitlines()[0][:80]
-    del dense, sparse
-    torch.cuda.empty_cache()
-    return row
-
-
-FIELDS = [
-    "model", "dtype", "batch", "block", "sparsity", "attn_sparse", "dense_ms", "sparse_ms", "speedup",
-    "dense_graph_ms", "sparse_graph_ms", "graph_speedup", "rel_err", "backends", "tune_s", "graph_error",
-]  # fmt: skip
+        for b in batches:
+            p = next(dense.parameters())
+            x = torch.randn(b, *shape, device=p.device).to(p.dtype)
+            ref, y = d(x).double(), s(x).double()
+            err = ((y - ref).norm() / ref.norm()).item()
+            dm, sm = [], []
+            for _ in range(args.rounds):  # interleaved: clocks and neighbours drift alike for both
+                dm.append(wall_ms(d, x, args.reps))
+                sm.append(wall_ms(s, x, args.reps))
+            dms, sms = statistics.median(dm), statistics.median(sm)
+            rows.append({"runtime": runtime, "batch": b, "dense_ms": dms, "sparse_ms": sms, "speedup": dms / sms,
+                         "rel_err": err, "setup_s": round(setup_s, 1)})
+    after = recompiles()
+    for r in rows:
+        r["recompiles_after_warmup"] = after - before
+    del d, s
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
@@ -222,33 +157,40 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with (out_dir / f"{args.tag}.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for model_name in args.models.split(","):
-            for dtype_name in args.dtypes.split(","):
-                batches = [int(b) for b in args.batches.split(",")]
-                precompile(model_name, dtype_name, batches, args)
-                for batch in batches:
-                    row = run(model_name, dtype_name, batch, args)
-                    rows.append(row)
-                    writer.writerow(row)
-                    fh.flush()
-                    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    batches = [int(b) for b in args.batches.split(",")]
+    blocks = sorted((int(b) for b in args.blocks.split(",")), reverse=True)
+    rows: list[dict] = []
+    log = (out_dir / f"{args.tag}.jsonl").open("a")
+    for dtype_name in args.dtypes.split(","):
+        dense = build_dense(args.model, DTYPES[dtype_name], blocks[0], args.sparsity, args.attn)
+        for block in blocks:
+            template = to_block_sparse(copy.deepcopy(dense), block, args.attn)
+            for runtime in args.runtimes.split(","):
+                sparse = copy.deepcopy(template)  # each runtime tunes and checks its own copy
+                for r in measure(dense, sparse, runtime, batches, args):
+                    r.update(model=args.model, dtype=dtype_name, block=block, sparsity=args.sparsity)
+                    rows.append(r)
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     lines = [
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, block {args.block}, sparsity {args.sparsity}, "
-        f"attention sparse: {args.attn}",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, sparsity {args.sparsity}, "
+        f"attention sparse: {args.attn}, {time.strftime('%Y-%m-%d')}; speedup = dense ms / sparse ms, same runtime",
         "",
-        "| model | dtype | batch | dense ms | sparse ms | speedup | graph dense ms | graph sparse ms | graph speedup | rel err | backends |",  # noqa: E501
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | block | runtime | " + " | ".join(f"b{b}" for b in batches) + " | recompiles after warm-up |",
+        "|---|---|---|" + "---|" * len(batches) + "---|",
     ]
-    for r in rows:
-        g = [f"{r[k]:.3f}" if k in r else "-" for k in ("dense_graph_ms", "sparse_graph_ms", "graph_speedup")]
-        lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
-            f"{r['speedup']:.2f} | {g[0]} | {g[1]} | {g[2]} | {r['rel_err']:.1e} | {r['backends']} |"
-        )
+    for dtype_name in args.dtypes.split(","):
+        for block in blocks:
+            for runtime in args.runtimes.split(","):
+                key = (dtype_name, block, runtime)
+                mine = {r["batch"]: r for r in rows if (r["dtype"], r["block"], r["runtime"]) == key}
+                if not mine:
+                    continue
+                cells = [f"{mine[b]['speedup']:.2f}x ({mine[b]['dense_ms']:.2f}/{mine[b]['sparse_ms']:.2f})"
+                         if b in mine else "-" for b in batches]
+                rec = max(r["recompiles_after_warmup"] for r in mine.values())
+                lines.append(f"| {dtype_name} | {block} | {runtime} | " + " | ".join(cells) + f" | {rec} |")
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

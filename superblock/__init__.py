@@ -6,6 +6,7 @@ from superblock.sparsity import (
     fold_masks,
     get_controller,
     mask_parameters,
+    refresh_masks,
     sparsify,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "get_controller",
     "load_sparse",
     "mask_parameters",
+    "refresh_masks",
     "sparsify",
 ]
 

@@ -243,11 +243,13 @@ def make_runtime(
         return model
     shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
     warm_up(model, sizes, shape)
-    if target == "eager" and (check_dense if check_dense is not None else device.type == "cuda"):
-        model.dense_check = check_against_dense(model, sizes, shape)
+    check = target == "eager" and (check_dense if check_dense is not None else device.type == "cuda")
     if runtime == "eager":
+        if check:
+            model.dense_check = check_against_dense(model, sizes, shape)
         return model
-    return ServingModel(model, runtime, sizes, shape, options)
+    # compile: checked on the compiled model itself, whose host overhead differs from eager's
+    return ServingModel(model, runtime, sizes, shape, options, check_dense=check and runtime == "compile")
 
 
 class ServingModel(nn.Module):
@@ -265,6 +267,7 @@ class ServingModel(nn.Module):
         batch_sizes: Sequence[int],
         sample_shape: Sequence[int],
         compile_options: dict | None = None,
+        check_dense: bool = False,
     ) -> None:
         super().__init__()
         if runtime not in ("compile", "cudagraph"):
@@ -284,6 +287,9 @@ class ServingModel(nn.Module):
             raise ValueError("runtime='compile' needs compile_options (a dict, {} for torch.compile's defaults)")
         if self.compiled:
             self._compile(dict(compile_options or {}), warm=runtime == "compile")
+        self.dense_check: dict[int, dict] = {}
+        if check_dense and runtime == "compile":
+            self.dense_check = self._check_compiled_against_dense()
         if runtime == "cudagraph":
             self._capture(self._compiled if self.compiled else self.model)
 
@@ -295,11 +301,41 @@ class ServingModel(nn.Module):
         # one graph per batch size: make room for all of them under dynamo's per-frame recompile limit
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), len(self.batch_sizes) + 2))
+        # (twice: the compiled dense check traces a dense variant per batch size too)
+        setattr(config, name, max(getattr(config, name), 2 * len(self.batch_sizes) + 2))
         # a plain attribute, not a submodule: the compiled wrapper holds the same model
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
         for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now
             self._compiled(torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype))
+
+    @torch.no_grad()
+    def _check_compiled_against_dense(self, rounds: int = 3, reps: int = 5) -> dict[int, dict]:
+        """check_against_dense for the compiled model: per batch size, time the graph traced with the tuned
+        choices and the one traced with dense kernels (the choices are read while tracing, so each has its own
+        graph), keep the faster. Under torch.compile's default mode small batches are host-bound and every custom
+        op call costs host time that cuBLAS calls inside the graph do not; eager timing cannot see that."""
+        layers = [m for m in self.model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
+        report: dict[int, dict] = {}
+        for b in self.batch_sizes:
+            x = torch.randn(b, *self.sample_shape, device=self.device).to(self.dtype)
+            buckets = {m: tuning.token_bucket(n) for m, n in _layer_tokens(self.model, layers, x).items()}
+            tuned = {m: m.dispatch.get(bk) for m, bk in buckets.items()}
+            if all(e is not None and e["backend"] == "dense" for e in tuned.values()):
+                continue
+            dense = {m: {**(e or {}), "backend": "dense", "config": None, "precision": m._precision()}
+                     for m, e in tuned.items()}  # fmt: skip
+            times: dict[str, list[float]] = {"tuned": [], "dense": []}
+            for _ in range(rounds):
+                for label, choices in (("tuned", tuned), ("dense", dense)):
+                    _use(choices, buckets)
+                    self._compiled(x)  # traced (once) with these choices
+                    times[label].append(_time_forward(self._compiled, x, reps))
+            t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
+            kept = "dense" if t_dense < t_tuned else "tuned"
+            _use(dense if kept == "dense" else tuned, buckets)
+            self._compiled(x)
+            report[b] = {"tuned_ms": round(t_tuned, 4), "dense_ms": round(t_dense, 4), "kept": kept}
+        return report
 
     @torch.no_grad()
     def _capture(self, fn: Callable) -> None:

@@ -132,3 +132,27 @@ def test_eager_check_against_dense_keeps_the_faster(exported, monkeypatch, faste
     kinds = {e["backend"] for m in layers for e in m.dispatch.values()}
     assert kinds == ({"dense"} if faster == "dense" else {"torch"})  # CPU auto: MKL for fp32 square blocks
     torch.testing.assert_close(logits(model, probe(n=2)), ref)
+
+
+@pytest.mark.parametrize("faster", ["dense", "tuned"])
+def test_compile_check_against_dense_times_the_compiled_graphs(exported, monkeypatch, faster):
+    """runtime=compile checks the compiled model, not the eager one: per batch size, the graph traced with the tuned
+    choices and the one traced with dense kernels are timed, the faster kept; afterwards calls reuse that graph
+    (no recompilation) and give the same outputs. The clock charges what the layers' current choices run."""
+    from superblock.export import serving
+
+    model = load_sparse(exported)
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+
+    def fake_time(fn, x, reps):
+        kinds = [e["backend"] for m in layers for e in m.dispatch.values()]
+        return 1.0 + sum((kind == "dense") == (faster == "tuned") for kind in kinds)
+
+    monkeypatch.setattr(serving, "_time_forward", fake_time)
+    ref = logits(model, probe(n=2))
+    served = make_runtime(model, "compile", batch_sizes=[2], sample_shape=(3, 32, 32), check_dense=True)
+    assert served.dense_check[2]["kept"] == faster, served.dense_check
+    kinds = {e["backend"] for m in layers for e in m.dispatch.values()}
+    assert kinds == ({"dense"} if faster == "dense" else {"torch"})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(logits(served, probe(n=2)), ref, atol=1e-5, rtol=1e-5)
