@@ -169,22 +169,21 @@ def data_config(target: Target, overrides: dict | None) -> dict:
 
 
 def val_loader(data: dict, seed: int, model_spec: dict, batch_size: int | None):
-    """The validation loader of a data config (same seed as the run, so synthetic data is the same images)."""
-    from superblock.data import build_datasets, build_loaders
+    """The validation loader of a data config (same seed as the run, so synthetic data is the same images, and the
+    run's eval transforms). Only the val split is built and needed on disk (a val-only ImageNet copy works)."""
+    from superblock.data import build_datasets, build_val_loader
 
     kwargs = {k: data[k] for k in DATA_KEYS if data.get(k) is not None}
     kwargs["image_size"] = kwargs.get("image_size") or model_spec["image_size"]
-    bundle = build_datasets(kwargs.pop("name"), seed=seed, **kwargs)
+    if isinstance(data.get("augment"), dict):
+        kwargs["augment"] = dict(data["augment"])
+    bundle = build_datasets(kwargs.pop("name"), seed=seed, val_only=True, **kwargs)
     if bundle.image_size != model_spec["image_size"]:
         raise ValueError(f"data image size {bundle.image_size} != the model's {model_spec['image_size']}")
     if bundle.num_classes != model_spec["num_classes"]:
         raise ValueError(f"data has {bundle.num_classes} classes, the model {model_spec['num_classes']}")
     bs = batch_size or data.get("eval_batch_size") or data.get("batch_size") or 128
-    _, loader, _ = build_loaders(
-        bundle, batch_size=bs, num_workers=data.get("num_workers", 0) or 0, seed=seed, distributed=False,
-        eval_batch_size=bs,
-    )
-    return bundle, loader
+    return bundle, build_val_loader(bundle, batch_size=bs, num_workers=data.get("num_workers", 0) or 0)
 
 
 @torch.no_grad()

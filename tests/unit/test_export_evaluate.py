@@ -92,3 +92,20 @@ def test_bad_input(run_and_export, tmp_path):
     with pytest.raises(ValueError, match="no data config"):
         run_eval(tmp_path / "run")
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_evaluation_data_needs_only_the_val_split(tmp_path):
+    """A val-only ImageFolder copy (no train/ folder) is enough to evaluate; the run's eval transforms apply."""
+    from PIL import Image
+
+    from superblock.evaluate import val_loader
+
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (60 * i, 100, 200)).save(tmp_path / "val" / c / f"{i}.png")
+    data = {"name": "imagefolder", "root": str(tmp_path), "augment": {"crop_pct": 1.0, "hflip": 0.0}}
+    bundle, loader = val_loader(data, seed=0, model_spec={"image_size": 16, "num_classes": 2}, batch_size=4)
+    assert bundle.train is None and len(bundle.val) == 6
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1]
