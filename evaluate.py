@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from superblock.evaluate import evaluate
-    from superblock.export.cli import plain_args, run_cli
+    from superblock.cli import evaluate_main
 
-    run_cli(evaluate, plain_args(cfg))
+    evaluate_main(cfg)
 
 
 if __name__ == "__main__":

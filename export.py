@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from superblock.export import export_checkpoint
-    from superblock.export.cli import plain_args, run_cli
+    from superblock.cli import export_main
 
-    run_cli(export_checkpoint, plain_args(cfg))
+    export_main(cfg)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from superblock.sparsity import (
     refresh_masks,
     sparsify,
 )
-
-__version__ = "0.1.0"
+from superblock.version import __version__ as __version__  # the facade re-exports it
 
 __all__ = [
     "SparsityReport",

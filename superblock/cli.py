@@ -1,4 +1,5 @@
-"""Glue between Hydra and the trainer: validate, pick the run dir, run, report, exit with a clear status."""
+"""Entry-point glue between Hydra and the library (train.py, export.py, evaluate.py): validate, run, report, exit
+with a clear status. Nothing in the package imports this module."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import contextlib
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from superblock.config import ConfigError, TrainConfig, to_config
 from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
@@ -36,6 +39,41 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 def fail(message: str, code: int = 2) -> None:
     print(f"superblock: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def plain_args(cfg: DictConfig, required: tuple[str, ...] = ("checkpoint",)) -> dict[str, Any]:
+    """The config (without the hydra node) as a dict; a clear error for a required value left unset."""
+    for key in required:
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+            fail(f"{key}=<path> is required, e.g. {key}=outputs/<run dir>", 2)
+    keys = [k for k in cfg if k != "hydra"]
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", "") or "a value"
+        fail(f"missing value for {key}: set it on the command line, e.g. {key}=...", 2)
+
+
+def run_cli(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """Call fn(**args); user mistakes and bad inputs (ValueError, missing files) exit 1 with one line."""
+    try:
+        return fn(**args)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err), 1)
+
+
+def export_main(cfg: DictConfig) -> None:
+    """Entry of `python export.py`."""
+    from superblock.export import export_checkpoint
+
+    run_cli(export_checkpoint, plain_args(cfg))
+
+
+def evaluate_main(cfg: DictConfig) -> None:
+    """Entry of `python evaluate.py`."""
+    from superblock.evaluate import evaluate
+
+    run_cli(evaluate, plain_args(cfg))
 
 
 def train_main(cfg: DictConfig) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from superblock.engine.checkpoint import write_json_atomically
 from superblock.engine.evaluation import topk_correct
 from superblock.export import (
     Layer,
@@ -39,7 +40,6 @@ from superblock.export import (
     read_manifest,
     resolve_device,
 )
-from superblock.export.format import write_json_atomically
 from superblock.export.layout import assign_layouts
 from superblock.export.runtime import dtype_name
 from superblock.export.serving import check_runtime, make_runtime

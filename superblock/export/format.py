@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from superblock.engine.checkpoint import umask, write_json_atomically  # noqa: F401 - re-exported
+from superblock.engine.checkpoint import umask
 
 FORMAT = "superblock-sparse"
 VERSION = 1

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import superblock
 from superblock.export.convert import Layer, masked_layers, pack_tensors
 from superblock.export.format import (
     DENSE_WEIGHTS,
@@ -35,6 +34,7 @@ from superblock.export.serving import DEFAULT_BATCH_SIZES, RUNTIMES, check_runti
 from superblock.export.serving import image_shape as serving_image_shape
 from superblock.export.source import Source, load_source
 from superblock.sparsity import fold_masks, get_controller
+from superblock.version import __version__
 
 EXPORT_ROOT = Path("exports")
 
@@ -103,7 +103,7 @@ def _manifest(src: Source, layers: list[Layer], dtype: torch.dtype, policy: dict
         "layout_policy": policy,
         "source": src.summary(),
         "torch_version": torch.__version__,
-        "superblock_version": superblock.__version__,
+        "superblock_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -1,0 +1,334 @@
+"""The package's layering, checked from the source: imports point down (or sideways), never up, and never in a circle.
+
+Every module under superblock/ is parsed with `ast`; every import counts (module level and inside functions,
+`importlib.import_module("superblock...")` too), except those under `if TYPE_CHECKING:`. Layers, low to high,
+are in LAYERS (docs/architecture.md, "Layers"). The package root superblock/__init__.py is a facade: it may
+import anything, and nothing may import it (`import superblock`, `from superblock import <not a submodule>`).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "superblock"
+SRC = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = SRC / PACKAGE
+
+# A module belongs to the layer of its longest prefix here. A module may import its own layer or lower ones.
+LAYERS: dict[str, int] = {
+    # 0: no superblock imports outside the layer
+    "superblock.sparsity": 0,
+    "superblock.logging": 0,
+    "superblock.version": 0,
+    "superblock.utils": 0,  # reserved for tiny dependency-free helpers
+    "superblock.io": 0,
+    # 1: building blocks
+    "superblock.kernels": 1,
+    "superblock.config": 1,
+    "superblock.models": 1,
+    "superblock.data": 1,
+    # 2: training
+    "superblock.engine": 2,
+    # 3: sparse export and loading
+    "superblock.export": 3,
+    # 4: consumers of exports and runs
+    "superblock.evaluate": 4,
+    "superblock.report": 4,
+    "superblock.sweep": 4,
+    # 5: entry-point glue (Hydra -> functions, exit codes)
+    "superblock.cli": 5,
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str  # module name
+    target: str  # module name (a submodule when `from pkg import submodule`)
+    file: str  # path relative to the repository
+    line: int
+    names: tuple[str, ...] = ()  # for `from X import a, b`: the names taken from X itself
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def module_name(path: Path, root: Path = SRC) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def discover(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
+    return {module_name(p, package_dir.parent): p for p in sorted(package_dir.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _resolve(target: str, modules: set[str]) -> str:
+    """The longest known module that `target` names (an attribute path resolves to its module)."""
+    parts = target.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ".".join(parts[:n])
+        if name in modules:
+            return name
+    return target
+
+
+class _Collector(ast.NodeVisitor):
+    def __init__(self, module: str, is_package: bool, file: str, modules: set[str]) -> None:
+        self.module, self.is_package, self.file, self.modules = module, is_package, file, modules
+        self.found: list[Import] = []
+
+    def _add(self, target: str, line: int, names: tuple[str, ...] = ()) -> None:
+        if target == PACKAGE or target.startswith(PACKAGE + "."):
+            self.found.append(Import(self.module, _resolve(target, self.modules), self.file, line, names))
+
+    def visit_If(self, node: ast.If) -> None:
+        if _is_type_checking(node.test):
+            for child in node.orelse:  # only the `if TYPE_CHECKING:` body is exempt
+                self.visit(child)
+            return
+        self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name, node.lineno)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.level:
+            base = self.module.split(".")
+            if not self.is_package:
+                base = base[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            source = ".".join(base + ([node.module] if node.module else []))
+        else:
+            source = node.module or ""
+        from_source = []
+        for alias in node.names:
+            sub = f"{source}.{alias.name}"
+            if alias.name != "*" and sub in self.modules:
+                self._add(sub, node.lineno)
+            else:
+                from_source.append(alias.name)
+        if from_source:
+            self._add(source, node.lineno, tuple(from_source))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+        if name in ("import_module", "__import__") and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                self._add(arg.value, node.lineno)
+        self.generic_visit(node)
+
+
+def collect_imports(modules: dict[str, Path], root: Path = SRC) -> list[Import]:
+    known = set(modules)
+    found: list[Import] = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        collector = _Collector(name, path.name == "__init__.py", str(path.relative_to(root)), known)
+        collector.visit(tree)
+        found.extend(collector.found)
+    return found
+
+
+def layer_of(module: str) -> tuple[str, int] | None:
+    """(the LAYERS key, its layer) for a module, or None when the module has no layer."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return key, LAYERS[key]
+    return None
+
+
+def find_cycles(imports: list[Import]) -> list[list[Import]]:
+    """One shortest cycle (as its import statements) per strongly connected group of modules."""
+    edges: dict[str, dict[str, Import]] = defaultdict(dict)
+    for imp in imports:
+        edges[imp.importer].setdefault(imp.target, imp)
+    nodes = sorted(set(edges) | {t for out in edges.values() for t in out})
+
+    # Tarjan's strongly connected components (iterative).
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    groups: list[list[str]] = []
+    counter = 0
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, it = work[-1]
+            advanced = False
+            for nxt in it:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter
+                    counter += 1
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(edges[nxt]))))
+                    advanced = True
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1 or node in edges[node]:
+                    groups.append(sorted(group))
+
+    cycles = []
+    for group in groups:
+        members = set(group)
+        start = group[0]
+        # breadth-first from start back to start, inside the group: the shortest cycle through it
+        prev: dict[str, str] = {}
+        frontier = [start]
+        seen = set()
+        end = None
+        while frontier and end is None:
+            nxt_frontier = []
+            for node in frontier:
+                for target in sorted(edges[node]):
+                    if target not in members:
+                        continue
+                    if target == start:
+                        end = node
+                        break
+                    if target not in seen:
+                        seen.add(target)
+                        prev[target] = node
+                        nxt_frontier.append(target)
+                if end is not None:
+                    break
+            frontier = nxt_frontier
+        path = [end]
+        while path[-1] != start:
+            path.append(prev[path[-1]])
+        path.reverse()  # start ... end, and end imports start
+        cycles.append([edges[a][b] for a, b in zip(path, path[1:] + [start], strict=True)])
+    return cycles
+
+
+@pytest.fixture(scope="module")
+def modules() -> dict[str, Path]:
+    found = discover()
+    assert PACKAGE in found and len(found) > 10, f"no package found under {PACKAGE_DIR}"
+    return found
+
+
+@pytest.fixture(scope="module")
+def imports(modules: dict[str, Path]) -> list[Import]:
+    return collect_imports(modules)
+
+
+def _fmt(imp: Import) -> str:
+    what = f"{imp.target} ({', '.join(imp.names)})" if imp.names else imp.target
+    return f"  {imp.where()}: {imp.importer} imports {what}"
+
+
+def test_every_module_has_a_layer(modules):
+    missing = sorted(m for m in modules if m != PACKAGE and layer_of(m) is None)
+    if missing:
+        pytest.fail(
+            "modules without a layer (add them to LAYERS in tests/unit/test_layering.py and to the table in "
+            "docs/architecture.md):\n  " + "\n  ".join(missing),
+            pytrace=False,
+        )
+
+
+def test_no_module_imports_a_higher_layer(imports):
+    bad = []
+    for imp in imports:
+        if imp.importer == PACKAGE or imp.target == PACKAGE:
+            continue  # the facade may import anything; imports of the root are their own test
+        src, dst = layer_of(imp.importer), layer_of(imp.target)
+        if src and dst and dst[1] > src[1]:
+            bad.append(f"{_fmt(imp)}: layer {src[1]} ({src[0]}) -> layer {dst[1]} ({dst[0]})")
+    if bad:
+        pytest.fail("imports from a lower layer into a higher one:\n" + "\n".join(bad), pytrace=False)
+
+
+def test_no_module_imports_the_package_root(imports):
+    bad = [_fmt(imp) for imp in imports if imp.target == PACKAGE and imp.importer != PACKAGE]
+    if bad:
+        pytest.fail(
+            "the package root superblock/__init__.py is a facade for users; modules import the submodule that "
+            "defines the name instead:\n" + "\n".join(bad),
+            pytrace=False,
+        )
+
+
+def test_no_import_cycles(imports):
+    cycles = find_cycles(imports)
+    text = []
+    for cycle in cycles:
+        text.append(" -> ".join([imp.importer for imp in cycle] + [cycle[0].importer]))
+        text.extend(_fmt(imp) for imp in cycle)
+    if cycles:
+        pytest.fail(
+            "import cycles (module level and inside functions; TYPE_CHECKING excluded):\n" + "\n".join(text),
+            pytrace=False,
+        )
+
+
+def test_the_checker_sees_function_level_imports_and_skips_type_checking(tmp_path):
+    pkg = tmp_path / "superblock"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from superblock.sub import b\n")
+    (pkg / "sub" / "a.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import superblock\n"
+        "if TYPE_CHECKING:\n"
+        "    from superblock.sub import b\n"
+        "def f():\n"
+        "    from . import b\n"
+        "    from .b import thing\n"
+        "    importlib.import_module('superblock.sub.b')\n"
+    )
+    (pkg / "sub" / "b.py").write_text("def g():\n    from superblock.sub.a import f\n")
+    found = collect_imports(discover(pkg), tmp_path)
+    got = sorted((i.importer, i.target, i.line) for i in found)
+    assert got == [
+        ("superblock.sub", "superblock.sub.b", 1),
+        ("superblock.sub.a", "superblock", 2),
+        ("superblock.sub.a", "superblock.sub.b", 6),
+        ("superblock.sub.a", "superblock.sub.b", 7),
+        ("superblock.sub.a", "superblock.sub.b", 8),
+        ("superblock.sub.b", "superblock.sub.a", 2),
+    ]
+    (cycle,) = find_cycles(found)
+    assert {(i.importer, i.target) for i in cycle} == {
+        ("superblock.sub.a", "superblock.sub.b"),
+        ("superblock.sub.b", "superblock.sub.a"),
+    }
