@@ -169,7 +169,13 @@ def _use(choices: dict, buckets: dict) -> None:
 
 @torch.no_grad()
 def check_against_dense(
-    model: nn.Module, batch_sizes: Sequence[int], sample_shape: Sequence[int], *, rounds: int = 3, reps: int = 5
+    model: nn.Module,
+    batch_sizes: Sequence[int],
+    sample_shape: Sequence[int],
+    *,
+    rounds: int = 3,
+    reps: int = 5,
+    run: Callable | None = None,
 ) -> dict[int, dict]:
     """Per batch size, time the whole model (eager) with its tuned choices and with every block-sparse layer's
     choice for that many tokens set to the dense kernel, and keep the faster (interleaved medians).
@@ -177,7 +183,10 @@ def check_against_dense(
     Layers are tuned one at a time, each as if alone; in an eager model near the point where the host's launches
     take as long as the GPU's work, a kernel with a faster GPU time but a slower launch can make the whole model
     slower. This is the model-level check that eager serving is never slower than dense at the named batch sizes.
-    Only layers with backend="auto" are changed. Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
+    Only layers with backend="auto" are changed. `run` is what is timed (default: the eager model; a compiled
+    model reads the choices while tracing, so each set of choices gets its own graph, built before it is timed).
+    Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
+    run = model if run is None else run
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
     device, dtype = _model_place(model)
     report: dict[int, dict] = {}
@@ -194,8 +203,8 @@ def check_against_dense(
         for _ in range(rounds):
             for name, choices in (("tuned", tuned), ("dense", dense)):
                 _use(choices, buckets)
-                model(x)  # plans (and the dense weights, once) are built outside the timing
-                times[name].append(_time_forward(model, x, reps))
+                run(x)  # plans (dense weights, compiled graphs: once) are built outside the timing
+                times[name].append(_time_forward(run, x, reps))
         t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
         kept = "dense" if t_dense < t_tuned else "tuned"
         _use(dense if kept == "dense" else tuned, buckets)
@@ -289,7 +298,9 @@ class ServingModel(nn.Module):
             self._compile(dict(compile_options or {}), warm=runtime == "compile")
         self.dense_check: dict[int, dict] = {}
         if check_dense and runtime == "compile":
-            self.dense_check = self._check_compiled_against_dense()
+            # on the compiled model itself: under torch.compile small batches are host-bound and every custom-op
+            # call costs host time that inlined cuBLAS calls do not; eager timing cannot see that
+            self.dense_check = check_against_dense(model, self.batch_sizes, self.sample_shape, run=self._compiled)
         if runtime == "cudagraph":
             self._capture(self._compiled if self.compiled else self.model)
 
@@ -307,35 +318,6 @@ class ServingModel(nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
         for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now
             self._compiled(torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype))
-
-    @torch.no_grad()
-    def _check_compiled_against_dense(self, rounds: int = 3, reps: int = 5) -> dict[int, dict]:
-        """check_against_dense for the compiled model: per batch size, time the graph traced with the tuned
-        choices and the one traced with dense kernels (the choices are read while tracing, so each has its own
-        graph), keep the faster. Under torch.compile's default mode small batches are host-bound and every custom
-        op call costs host time that cuBLAS calls inside the graph do not; eager timing cannot see that."""
-        layers = [m for m in self.model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
-        report: dict[int, dict] = {}
-        for b in self.batch_sizes:
-            x = torch.randn(b, *self.sample_shape, device=self.device).to(self.dtype)
-            buckets = {m: tuning.token_bucket(n) for m, n in _layer_tokens(self.model, layers, x).items()}
-            tuned = {m: m.dispatch.get(bk) for m, bk in buckets.items()}
-            if all(e is not None and e["backend"] == "dense" for e in tuned.values()):
-                continue
-            dense = {m: {**(e or {}), "backend": "dense", "config": None, "precision": m._precision()}
-                     for m, e in tuned.items()}  # fmt: skip
-            times: dict[str, list[float]] = {"tuned": [], "dense": []}
-            for _ in range(rounds):
-                for label, choices in (("tuned", tuned), ("dense", dense)):
-                    _use(choices, buckets)
-                    self._compiled(x)  # traced (once) with these choices
-                    times[label].append(_time_forward(self._compiled, x, reps))
-            t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
-            kept = "dense" if t_dense < t_tuned else "tuned"
-            _use(dense if kept == "dense" else tuned, buckets)
-            self._compiled(x)
-            report[b] = {"tuned_ms": round(t_tuned, 4), "dense_ms": round(t_dense, 4), "kept": kept}
-        return report
 
     @torch.no_grad()
     def _capture(self, fn: Callable) -> None:
