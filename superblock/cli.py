@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from superblock.config import ConfigError, TrainConfig, to_config
+from superblock.devices import dtype_name_or_auto
 from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
 
 
@@ -130,7 +131,7 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
     from superblock.export import export_checkpoint
 
     sw = conf.sweep
-    dtype = sw.measure_dtype if sw.measure_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    dtype = dtype_name_or_auto(sw.measure_dtype)  # on the device export and evaluate pick (auto)
     try:
         export_checkpoint(run_dir, run_dir / "export", dtype=dtype, layout=sw.measure_layout,
                           batch_size=sw.measure_batch_size, overwrite=True)

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
 
@@ -160,8 +161,8 @@ class TrainConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # free-form notes (experiment name, expected result)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = DTYPE_CHOICES  # auto | fp32 | bf16 | fp16 (superblock.devices says what auto means)
+DEVICES = DEVICE_CHOICES  # auto | cpu | cuda
 OPTIMIZERS = ("adamw", "sgd")
 LOGGERS = ("console", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -257,7 +258,7 @@ def check(c: TrainConfig) -> None:
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
-    _one_of(c.sweep.measure_dtype, ("auto", "fp32", "bf16", "fp16"), "sweep.measure_dtype")
+    _one_of(c.sweep.measure_dtype, DTYPE_CHOICES, "sweep.measure_dtype")
     _one_of(c.sweep.measure_layout, ("auto", "bsr", "dense"), "sweep.measure_layout")
     _positive(c.sweep.measure_batch_size, "sweep.measure_batch_size")
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from superblock.devices import dtype_name, parse_dtype, resolve_device
 from superblock.engine.checkpoint import write_json_atomically
 from superblock.engine.evaluation import topk_correct
 from superblock.export import (
@@ -36,12 +37,9 @@ from superblock.export import (
     load_sparse,
     masked_layers,
     pack_tensors,
-    parse_dtype,
     read_manifest,
-    resolve_device,
 )
 from superblock.export.layout import assign_layouts
-from superblock.export.runtime import dtype_name
 from superblock.export.serving import check_runtime, make_runtime
 from superblock.export.source import Source
 from superblock.kernels import fuse_linear_gelu

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from superblock.devices import cuda_available, resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,11 +29,10 @@ class DistInfo:
 
 
 def pick_device(preference: str) -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
+    """trainer.device (auto | cpu | cuda) as a device; what auto means is superblock.devices'."""
+    if preference == "cuda" and not cuda_available():
         raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda")
+    return resolve_device(preference)
 
 
 def init_distributed(preference: str = "auto") -> DistInfo:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from superblock.config import TrainConfig, check_strict_blocks
+from superblock.devices import dtype_name_or_auto, parse_dtype
 from superblock.data import build_datasets, build_loaders, skip_batches
 from superblock.engine.checkpoint import (
     load_checkpoint,
@@ -113,11 +114,11 @@ def sparsity_spec(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> d
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    """trainer.precision on `device` as the autocast dtype; None for fp32 (no autocast)."""
+    precision = dtype_name_or_auto(precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("trainer.precision=fp16 needs a CUDA GPU: use fp32 or bf16 on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return None if precision == "fp32" else parse_dtype(precision)
 
 
 def mask_digest(model: nn.Module) -> str:

@@ -1,43 +1,18 @@
-"""Devices and dtypes by name, and an early, clear error when a device cannot run a dtype."""
+"""An early, clear error when a device cannot run a dtype, and the export check's tolerance per dtype. Device and
+dtype names (and what `auto` means) live in superblock.devices; they are re-exported here."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from superblock.devices import DTYPES, dtype_name, parse_dtype, resolve_device
+
+__all__ = ["DTYPES", "TOLERANCES", "dtype_name", "ensure_runnable", "parse_dtype", "resolve_device"]
+
 # Largest accepted error of exported vs training-model logits, relative to the largest reference logit.
 # Reduced precision rounds every layer's output, so the tolerance grows with the mantissa it drops.
 TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise ValueError(f"dtype {name} is not supported: use one of {list(DTYPES)}")
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not one of {list(DTYPES)}")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """'auto' means CUDA when available, else CPU; asking for CUDA without one is a clear error."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not a torch device: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} was asked for but CUDA is not available here: use device=cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name} is not supported: use auto, cpu or cuda")
-    return device
 
 
 def ensure_runnable(dtype: torch.dtype, device: torch.device) -> None:

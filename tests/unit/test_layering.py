@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "superblock.sparsity": 0,
     "superblock.logging": 0,
     "superblock.version": 0,
+    "superblock.devices": 0,  # device / dtype names and what auto means
     "superblock.utils": 0,  # reserved for tiny dependency-free helpers
     "superblock.io": 0,
     # 1: building blocks
