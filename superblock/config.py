@@ -116,7 +116,6 @@ class TrainerConfig:
     log_every_steps: int = 10
     val_every_epochs: int = 1
     threads: int | None = None  # torch CPU threads; None: torch's default
-    fault_at_step: int | None = None  # testing: SIGKILL ourselves after this optimizer step
 
 
 @dataclass

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from superblock.config import TrainConfig, check_strict_blocks
-from superblock.devices import dtype_name_or_auto, parse_dtype
 from superblock.data import build_datasets, build_loaders, skip_batches
+from superblock.devices import dtype_name_or_auto, parse_dtype
 from superblock.engine.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_path,
@@ -145,6 +145,15 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return total, kept
 
 
+FAULT_AT_STEP_ENV = "SUPERBLOCK_FAULT_AT_STEP"
+
+
+def fault_at_step() -> int | None:
+    """Tests only: $SUPERBLOCK_FAULT_AT_STEP=N makes the run SIGKILL itself right after optimizer step N."""
+    value = os.environ.get(FAULT_AT_STEP_ENV, "").strip()
+    return int(value) if value else None
+
+
 class Trainer:
     """One training run. `fit()` returns the summary dict (also written to summary.json)."""
 
@@ -167,6 +176,7 @@ class Trainer:
         self.logger: MetricLogger | None = None
         self.bar = None
         self._warm = False
+        self._fault_at_step = fault_at_step()
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_data(self) -> None:
@@ -390,8 +400,8 @@ class Trainer:
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 self._check_finite(window_loss)
                 self.save()
-            if t.fault_at_step is not None and step == t.fault_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+            if step == self._fault_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             if step >= self.total_steps:
                 self.bar.close()
                 return self.progress.batch_in_epoch >= usable

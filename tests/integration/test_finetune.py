@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import SMOKE, run_train, summary_of  # noqa: E402
+from test_train import SMOKE, fault_at, run_train, summary_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_distilled_finetune_resumes_exactly_and_logs_teacher_time(dense_run, tmp
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run_train(*common, "trainer.fault_at_step=11", f"hydra.run.dir={killed}").returncode == -9
+    assert run_train(*common, f"hydra.run.dir={killed}", env=fault_at(11)).returncode == -9
     proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = summary_of(straight), summary_of(killed)
