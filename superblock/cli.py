@@ -106,7 +106,7 @@ def train_main(cfg: DictConfig) -> dict[str, Any] | None:
         if dist.is_main:
             write_summary(run_dir, summary)
             print_final(summary)
-            if conf.sweep.measure:
+            if conf.measure.enabled:
                 measure_speed(run_dir, conf)
         cleanup()
         return summary
@@ -130,15 +130,15 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
     from superblock.evaluate import evaluate
     from superblock.export import export_checkpoint
 
-    sw = conf.sweep
-    dtype = dtype_name_or_auto(sw.measure_dtype)  # on the device export and evaluate pick (auto)
+    m = conf.measure
+    dtype = dtype_name_or_auto(m.dtype)  # on the device export and evaluate pick (auto)
     try:
-        export_checkpoint(run_dir, run_dir / "export", dtype=dtype, layout=sw.measure_layout,
-                          batch_size=sw.measure_batch_size, overwrite=True)
+        export_checkpoint(run_dir, run_dir / "export", dtype=dtype, layout=m.layout,
+                          batch_size=m.batch_size, overwrite=True)
         result = evaluate(run_dir / "export", mode="bsr", dtype=dtype, accuracy=False,
-                          latency={"batch_size": sw.measure_batch_size}, output=run_dir / "eval.json")
+                          latency={"batch_size": m.batch_size}, output=run_dir / "eval.json")
         print(f"measured speedup vs dense: {result.get('speedup', float('nan')):.2f}x ({dtype}, batch "
-              f"{sw.measure_batch_size}, {result.get('device')})", flush=True)
+              f"{m.batch_size}, {result.get('device')})", flush=True)
         return result
     except Exception as err:  # noqa: BLE001 - a failed measurement must not fail a finished training job
         print(f"superblock: warning: speed measurement failed: {err}", file=sys.stderr, flush=True)

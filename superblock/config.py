@@ -138,11 +138,14 @@ class LoggerConfig:
 
 
 @dataclass
-class SweepConfig:
-    measure: bool = False  # after training: export, then time the sparse model vs dense -> <run dir>/eval.json
-    measure_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    measure_batch_size: int = 64
-    measure_layout: str = "auto"  # export layout: auto | bsr | dense
+class MeasureConfig:
+    """After training: export the run, then time the sparse model vs dense -> <run dir>/eval.json (speed next to
+    accuracy in every job of a sweep)."""
+
+    enabled: bool = False
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    batch_size: int = 64
+    layout: str = "auto"  # export layout: auto | bsr | dense
 
 
 @dataclass
@@ -153,7 +156,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     run_dir: str | None = None  # default: Hydra's output dir
@@ -257,9 +260,9 @@ def check(c: TrainConfig) -> None:
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
-    _one_of(c.sweep.measure_dtype, DTYPE_CHOICES, "sweep.measure_dtype")
-    _one_of(c.sweep.measure_layout, ("auto", "bsr", "dense"), "sweep.measure_layout")
-    _positive(c.sweep.measure_batch_size, "sweep.measure_batch_size")
+    _one_of(c.measure.dtype, DTYPE_CHOICES, "measure.dtype")
+    _one_of(c.measure.layout, ("auto", "bsr", "dense"), "measure.layout")
+    _positive(c.measure.batch_size, "measure.batch_size")
 
 
 def _check_augment(a: AugmentConfig) -> None:

@@ -75,8 +75,8 @@ def test_failed_job_is_listed_without_breaking_the_sweep_or_report(tmp_path):
 @pytest.mark.slow
 def test_measure_puts_speed_next_to_accuracy(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "sweep.measure=true", "sweep.measure_batch_size=8",
-                     "sweep.measure_layout=bsr", f"hydra.sweep.dir={sweep}")
+    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "measure.enabled=true", "measure.batch_size=8",
+                     "measure.layout=bsr", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()]
     assert (job / "eval.json").is_file() and (job / "export" / "manifest.json").is_file()
