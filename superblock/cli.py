@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from superblock.config import ConfigError, TrainConfig, to_config
 from superblock.devices import dtype_name_or_auto
 from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
+from superblock.rundir import RunDir, RunSummary
 
 
 def _hydra_context() -> tuple[str | None, bool]:
@@ -92,24 +94,25 @@ def train_main(cfg: DictConfig) -> dict[str, Any] | None:
         # One run directory, chosen on rank 0 and shared: ranks must never disagree about where to write.
         run_dir = Path(broadcast_object(conf.run_dir or hydra_dir or "outputs/run")).resolve()
         resume = find_resume(conf.trainer.resume, run_dir)
-        if resume is not None and resume.parent.name == "checkpoints":
-            run_dir = resume.parent.parent  # resuming a run (this one or another) continues it in place
+        owner = RunDir.of_checkpoint(resume) if resume is not None else None
+        if owner is not None:
+            run_dir = owner.path  # resuming a run (this one or another) continues it in place
         resolved = plain_config(cfg)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+            OmegaConf.save(OmegaConf.create(resolved), RunDir(run_dir).config)
         trainer = Trainer(conf, run_dir, dist, resolved)
         if resume is not None and dist.is_main:
             print(f"resuming from {resume}", flush=True)
         summary = trainer.fit(resume)
-        summary["wall_time_s"] = time.perf_counter() - start
+        summary.wall_time_s = time.perf_counter() - start
         if dist.is_main:
             write_summary(run_dir, summary)
             print_final(summary)
             if conf.measure.enabled:
                 measure_speed(run_dir, conf)
         cleanup()
-        return summary
+        return summary.to_dict()
     except (ConfigError, ValueError, TrainingDiverged, FileNotFoundError, RuntimeError) as err:
         code = 1 if isinstance(err, TrainingDiverged) else 2
         if isinstance(err, RuntimeError) and not isinstance(err, TrainingDiverged):
@@ -130,13 +133,12 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
     from superblock.evaluate import evaluate
     from superblock.export import export_checkpoint
 
-    m = conf.measure
+    m, run = conf.measure, RunDir(run_dir)
     dtype = dtype_name_or_auto(m.dtype)  # on the device export and evaluate pick (auto)
     try:
-        export_checkpoint(run_dir, run_dir / "export", dtype=dtype, layout=m.layout,
-                          batch_size=m.batch_size, overwrite=True)
-        result = evaluate(run_dir / "export", mode="bsr", dtype=dtype, accuracy=False,
-                          latency={"batch_size": m.batch_size}, output=run_dir / "eval.json")
+        export_checkpoint(run.path, run.export, dtype=dtype, layout=m.layout, batch_size=m.batch_size, overwrite=True)
+        result = evaluate(run.export, mode="bsr", dtype=dtype, accuracy=False,
+                          latency={"batch_size": m.batch_size}, output=run.eval)
         print(f"measured speedup vs dense: {result.get('speedup', float('nan')):.2f}x ({dtype}, batch "
               f"{m.batch_size}, {result.get('device')})", flush=True)
         return result
@@ -151,17 +153,16 @@ def write_failed(run_dir: Path, cfg: DictConfig, err: BaseException, wall: float
 
     # Reporting a failure must never hide the original error.
     with contextlib.suppress(Exception):
-        write_summary(run_dir, {**failure_summary(run_dir, cfg, err), "wall_time_s": wall})
+        write_summary(run_dir, replace(failure_summary(run_dir, cfg, err), wall_time_s=wall))
 
 
-def print_final(summary: dict[str, Any]) -> None:
-    sp = summary["mean_block_sparsity"]
+def print_final(s: RunSummary) -> None:
     line = (
-        f"\nval top-1 {summary['val_top1']:.2f}% (top-5 {summary['val_top5']:.2f}%) | "
-        f"measured block sparsity {sp:.3f} over {len(summary['block_sparsity'])} weights "
-        f"(block {summary['block_size']}) | params kept {summary['params_kept']:,}/{summary['params_total']:,}"
-        if summary["block_size"]
-        else f"\nval top-1 {summary['val_top1']:.2f}% (top-5 {summary['val_top5']:.2f}%) | dense model"
+        f"\nval top-1 {s.val_top1:.2f}% (top-5 {s.val_top5:.2f}%) | "
+        f"measured block sparsity {s.mean_block_sparsity:.3f} over {len(s.block_sparsity)} weights "
+        f"(block {s.block_size}) | params kept {s.params_kept:,}/{s.params_total:,}"
+        if s.block_size
+        else f"\nval top-1 {s.val_top1:.2f}% (top-5 {s.val_top5:.2f}%) | dense model"
     )
     print(line)
-    print(f"run directory: {summary['run_dir']}", flush=True)
+    print(f"run directory: {s.run_dir}", flush=True)

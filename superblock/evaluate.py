@@ -43,6 +43,7 @@ from superblock.export.layout import assign_layouts
 from superblock.export.serving import check_runtime, make_runtime
 from superblock.export.source import Source
 from superblock.kernels import fuse_linear_gelu
+from superblock.rundir import RunDir
 
 MODES = ("masked", "folded", "bsr", "all")
 FORMS = ("masked", "folded", "bsr")
@@ -65,8 +66,8 @@ class Target:
     def output_dir(self) -> Path:
         if self.kind == "export" or self.path.is_dir():
             return self.path
-        parent = self.path.parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        run = RunDir.of_checkpoint(self.path)
+        return run.path if run is not None else self.path.parent
 
 
 def open_target(path: str | Path) -> Target:
@@ -301,7 +302,7 @@ def evaluate(
         timed = {f: r for f, r in runners.items() if f != "masked" or mode == "masked"}
         result["latency"] = {"batch_size": bs, **measure_latency(timed, shape, dev, bs, latency_cfg)}
         result.update(headline(result["latency"], mode))
-    out = Path(output) if output else target.output_dir / "eval.json"
+    out = Path(output) if output else RunDir(target.output_dir).eval
     write_json_atomically(out, result)
     echo(table(result))
     echo(f"wrote {out}")

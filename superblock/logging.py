@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from superblock.rundir import RunDir
+
 
 class MetricSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
@@ -91,7 +93,7 @@ def build_logger(
 ) -> MetricLogger:
     if not enabled:
         return MetricLogger([])
-    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[MetricSink] = [JsonlSink(RunDir(run_dir).metrics)]
     if name == "wandb":
         sinks.append(WandbSink(run_dir, config, project, entity, mode, tags or [], name=run_dir.name))
     return MetricLogger(sinks)

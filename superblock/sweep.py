@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from superblock import report
 from superblock.engine.checkpoint import write_json_atomically
+from superblock.rundir import RunDir, RunSummary
 
 PROGRESS_LOG = "progress.log"
 
@@ -39,30 +40,33 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
 
 
-def failure_summary(run_dir: Path, job_cfg: DictConfig | None, exc: BaseException, sparsity_choice: Any = None) -> dict:
-    """A summary.json (docs/architecture.md schema, metrics left out) for a job that raised before the trainer
-    wrote one. Unresolved: the failure may be a broken interpolation."""
+def failure_summary(
+    run_dir: Path, job_cfg: DictConfig | None, exc: BaseException, sparsity_choice: Any = None
+) -> RunSummary:
+    """The summary (metrics left out) of a job that raised before the trainer wrote one, with the grid point from
+    its config. Unresolved: the failure may be a broken interpolation."""
     cfg = OmegaConf.to_container(job_cfg, resolve=False) if job_cfg is not None else {}
     assert isinstance(cfg, dict)
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    return {
-        "status": "failed",
-        "error": _error_text(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "model": model.get("name"),
+    return RunSummary(
+        status="failed",
+        error=_error_text(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        model=model.get("name"),
         **report.sparsity_fields(cfg, sparsity_choice),
-        "run_dir": str(run_dir),
-    }
+        run_dir=str(run_dir),
+    )
 
 
 def record_failure(run_dir: Path, job_return: JobReturn) -> Path | None:
     """Write a failed summary.json for a job that raised, unless the trainer already wrote one."""
-    path = run_dir / report.SUMMARY
+    path = RunDir(run_dir).summary
     exc = job_return._return_value  # `return_value` re-raises for failed jobs
     if job_return.status != JobStatus.FAILED or path.exists() or not isinstance(exc, BaseException):
         return None
     choice = OmegaConf.select(job_return.hydra_cfg, "hydra.runtime.choices.sparsity") if job_return.hydra_cfg else None
-    write_json_atomically(path, failure_summary(run_dir, job_return.cfg, exc, choice))  # never seen half-written
+    summary = failure_summary(run_dir, job_return.cfg, exc, choice)
+    write_json_atomically(path, summary.to_dict())  # never seen half-written
     return path
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from superblock.rundir import RunDir
+
 FORMAT = "superblock-checkpoint"
 VERSION = 1
 
@@ -84,13 +86,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A run directory means its checkpoints/last.pt; a file is used as is."""
+    """A run directory means its checkpoints/last.pt (or a last.pt right in it); a file is used as is."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        run = RunDir(path)
+        for candidate in (run.last, path / run.last.name):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"no checkpoint in run directory {path} (expected checkpoints/last.pt)")
+        raise CheckpointError(
+            f"no checkpoint in run directory {path} (expected {run.last.relative_to(path).as_posix()})"
+        )
     return path
 
 

@@ -36,6 +36,7 @@ from superblock.engine.pretrained import is_run_source, load_run_weights
 from superblock.engine.timer import StepTimer
 from superblock.logging import MetricLogger, build_logger
 from superblock.models import build_model, model_spec
+from superblock.rundir import RunDir, RunSummary
 from superblock.sparsity import block_sparsity, get_controller, iter_block_masks, normalize_block_size, sparsify
 
 
@@ -155,11 +156,13 @@ def fault_at_step() -> int | None:
 
 
 class Trainer:
-    """One training run. `fit()` returns the summary dict (also written to summary.json)."""
+    """One training run in `run_dir` (layout: superblock.rundir.RunDir). `fit()` returns its RunSummary (train.py
+    writes it to summary.json)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, resolved_config: dict) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.run = RunDir(run_dir)
         self.dist = dist
         self.device = dist.device
         self.resolved_config = resolved_config
@@ -264,10 +267,6 @@ class Trainer:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
     # ---------------------------------------------------------------------------------------- checkpoints
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
     def state(self) -> dict[str, Any]:
         return {
             "model_spec": self.model_spec,
@@ -287,10 +286,11 @@ class Trainer:
             "metrics": dict(self.progress.last_metrics),
         }
 
-    def save(self, name: str = "last.pt") -> None:
+    def save(self, path: Path | None = None) -> None:
+        """Checkpoint to `path` (default: the run's last.pt) on rank 0."""
         self._rng_states = all_gather_object(rng_state())  # each rank resumes its own random streams
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / name, self.state())
+            save_checkpoint(path or self.run.last, self.state())
         barrier()
 
     def resume_from(self, path: Path) -> None:
@@ -357,7 +357,7 @@ class Trainer:
         if what is not None:
             raise TrainingDiverged(
                 f"{what} by step {self.progress.step}: training stopped. The last good checkpoint is "
-                f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or enable trainer.grad_clip and resume"
+                f"{self.run.last}; lower optim.lr or enable trainer.grad_clip and resume"
             )
 
     def _train_epoch(self, epoch: int) -> bool:
@@ -447,7 +447,7 @@ class Trainer:
             metrics.update({f"ema_{k}": v for k, v in ema.items()})
         return metrics
 
-    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+    def fit(self, resume: Path | None = None) -> RunSummary:
         t = self.cfg.trainer
         if resume is not None:
             self.resume_from(resume)
@@ -490,10 +490,11 @@ class Trainer:
             )
         if metrics["val_top1"] > self.progress.best_top1:
             self.progress.best_top1, self.progress.best_top5 = metrics["val_top1"], metrics["val_top5"]
-            self.save("best.pt")
+            self.save(self.run.best)
 
     # --------------------------------------------------------------------------------------------- summary
-    def summary(self, status: str) -> dict[str, Any]:
+    def summary(self, status: str) -> RunSummary:
+        """What summary.json says about this run now (wall_time_s is left to the caller, who timed the whole job)."""
         digests = all_gather_object(mask_digest(self.model))
         spec = self.sparsity_spec
         masked = {n for n, _, _, _ in iter_block_masks(self.model)}
@@ -502,32 +503,30 @@ class Trainer:
             measured = {n: v for n, v in block_sparsity(self.model, spec["block_size"]).items() if n in masked}
         total, kept = model_size(self.model)
         p, m = self.progress, self.progress.last_metrics
-        summary = {
-            "status": status, "error": None, "model": self.cfg.model.name,
-            "sparsity": spec["sparsity"] if spec else 0.0,
-            "block_size": spec["block_size"] if spec else None,
-            "targets": spec["targets"] if spec else [],
-            "val_top1": m.get("val_top1"), "val_top5": m.get("val_top5"),
-            "ema_val_top1": m.get("ema_val_top1"),
-            "best_val_top1": p.best_top1, "best_val_top5": p.best_top5,
-            "block_sparsity": measured,
-            "mean_block_sparsity": sum(measured.values()) / len(measured) if measured else 0.0,
-            "params_total": total, "params_kept": kept,
-            "wall_time_s": None, "images_per_s": _rate(p.train_images, p.train_seconds)
+        return RunSummary(
+            status=status, error=None, model=self.cfg.model.name,
+            sparsity=spec["sparsity"] if spec else 0.0,
+            block_size=spec["block_size"] if spec else None,
+            targets=spec["targets"] if spec else [],
+            val_top1=m.get("val_top1"), val_top5=m.get("val_top5"), ema_val_top1=m.get("ema_val_top1"),
+            best_val_top1=p.best_top1, best_val_top5=p.best_top5,
+            block_sparsity=measured,
+            mean_block_sparsity=sum(measured.values()) / len(measured) if measured else 0.0,
+            params_total=total, params_kept=kept,
+            wall_time_s=None, images_per_s=_rate(p.train_images, p.train_seconds)
             or _rate(p.warmup_images, p.warmup_seconds),
-            "epochs": p.epoch, "steps": p.step, "world_size": self.dist.world_size,
-            "masks_equal_across_ranks": len(set(digests)) == 1, "mask_digest": digests[0],
-            "run_dir": str(self.run_dir),
-        }
-        return summary
+            epochs=p.epoch, steps=p.step, world_size=self.dist.world_size,
+            masks_equal_across_ranks=len(set(digests)) == 1, mask_digest=digests[0],
+            run_dir=str(self.run_dir),
+        )
 
 
 def _rate(images: int, seconds: float) -> float | None:
     return images / seconds if seconds > 0 else None
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_json_atomically(run_dir / "summary.json", summary)
+def write_summary(run_dir: Path, summary: RunSummary) -> None:
+    write_json_atomically(RunDir(run_dir).summary, summary.to_dict())
 
 
 def find_resume(resume: Any, run_dir: Path) -> Path | None:
@@ -535,7 +534,7 @@ def find_resume(resume: Any, run_dir: Path) -> Path | None:
     if resume in (False, None, "false", "False"):
         return None
     if resume in (True, "true", "True"):
-        path = run_dir / "checkpoints" / "last.pt"
+        path = RunDir(run_dir).last
         return path if path.is_file() else None
     path = resolve_checkpoint_path(Path(str(resume)).expanduser())
     if not path.is_file():

@@ -14,8 +14,7 @@ from superblock.engine.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint_path,
 )
-
-CONFIG_FILE = "config.yaml"
+from superblock.rundir import RunDir
 
 
 @dataclass
@@ -59,15 +58,17 @@ class Source:
 def _run_dir_of(path: Path, checkpoint: Path) -> Path | None:
     if path.is_dir():
         return path
+    run = RunDir.of_checkpoint(checkpoint)
+    if run is not None:
+        return run.path
     parent = checkpoint.parent
-    if parent.name == "checkpoints":
-        return parent.parent
-    return parent if (parent / CONFIG_FILE).exists() else None
+    return parent if RunDir(parent).config.exists() else None
 
 
 def read_run_config(run_dir: Path | None) -> dict:
     """The resolved config a run saved (config.yaml), as plain JSON-able data; {} when there is none."""
-    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+    config_file = RunDir(run_dir).config if run_dir is not None else None
+    if config_file is None or not config_file.is_file():
         return {}
     try:
         from omegaconf import OmegaConf
@@ -77,11 +78,11 @@ def read_run_config(run_dir: Path | None) -> dict:
         if OmegaConf is None:
             import yaml
 
-            conf = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+            conf = yaml.safe_load(config_file.read_text())
         else:
-            conf = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+            conf = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     except Exception as err:  # omegaconf/yaml raise many types for a damaged file
-        raise CheckpointError(f"{run_dir / CONFIG_FILE} cannot be read: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{config_file} cannot be read: {str(err).splitlines()[0]}") from None
     return json.loads(json.dumps(conf, default=str))
 
 

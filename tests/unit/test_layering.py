@@ -33,12 +33,6 @@ LAYERS: dict[str, int] = {
     "superblock.config": 1,
     "superblock.models": 1,
     "superblock.data": 1,
-    "superblock.data.bundle": 1,
-    "superblock.data.synthetic": 1,
-    "superblock.data.transforms": 1,
-    "superblock.data.folders": 1,
-    "superblock.data.datasets": 1,
-    "superblock.data.loaders": 1,
     # 2: training
     "superblock.engine": 2,
     # 3: sparse export and loading
@@ -46,12 +40,6 @@ LAYERS: dict[str, int] = {
     # 4: consumers of exports and runs
     "superblock.evaluate": 4,
     "superblock.report": 4,
-    "superblock.report.runs": 4,
-    "superblock.report.table": 4,
-    "superblock.report.plot": 4,
-    "superblock.report.writer": 4,
-    "superblock.report.cli": 4,
-    "superblock.report.__main__": 4,
     "superblock.sweep": 4,
     # 5: entry-point glue (Hydra -> functions, exit codes)
     "superblock.cli": 5,
