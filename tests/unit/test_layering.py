@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "superblock.logging": 0,
     "superblock.version": 0,
     "superblock.devices": 0,  # device / dtype names and what auto means
+    "superblock.rundir": 0,  # run-directory layout (RunDir) and summary.json schema (RunSummary)
     "superblock.utils": 0,  # reserved for tiny dependency-free helpers
     "superblock.io": 0,
     # 1: building blocks
@@ -33,6 +34,12 @@ LAYERS: dict[str, int] = {
     "superblock.config": 1,
     "superblock.models": 1,
     "superblock.data": 1,
+    "superblock.data.bundle": 1,
+    "superblock.data.synthetic": 1,
+    "superblock.data.transforms": 1,
+    "superblock.data.folders": 1,
+    "superblock.data.datasets": 1,
+    "superblock.data.loaders": 1,
     # 2: training
     "superblock.engine": 2,
     # 3: sparse export and loading
@@ -40,6 +47,12 @@ LAYERS: dict[str, int] = {
     # 4: consumers of exports and runs
     "superblock.evaluate": 4,
     "superblock.report": 4,
+    "superblock.report.runs": 4,
+    "superblock.report.table": 4,
+    "superblock.report.plot": 4,
+    "superblock.report.writer": 4,
+    "superblock.report.cli": 4,
+    "superblock.report.__main__": 4,
     "superblock.sweep": 4,
     # 5: entry-point glue (Hydra -> functions, exit codes)
     "superblock.cli": 5,
