@@ -138,7 +138,7 @@ def status_counts(rows: Sequence[dict]) -> str:
 def _speed_context(rows: Sequence[dict]) -> str:
     measured = {(row["device"], row["dtype"]) for row in rows if row["speedup"] is not None}
     if not measured:
-        return "Speedup: not measured (run evaluate.py, or sweep with `sweep.measure=true`); plot x-axis = density."
+        return "Speedup: not measured (run evaluate.py, or sweep with `measure.enabled=true`); plot x-axis = density."
     where = "; ".join(f"{device or '?'} {dtype or '?'}" for device, dtype in sorted(measured, key=str))
     return f"Speedup: measured vs dense on {where}."
 
