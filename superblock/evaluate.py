@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from superblock.devices import dtype_name, parse_dtype, resolve_device
-from superblock.engine.checkpoint import write_json_atomically
 from superblock.engine.evaluation import topk_correct
 from superblock.export import (
     Layer,
@@ -42,6 +41,7 @@ from superblock.export import (
 from superblock.export.layout import assign_layouts
 from superblock.export.serving import check_runtime, make_runtime
 from superblock.export.source import Source
+from superblock.io import write_json_atomically
 from superblock.kernels import fuse_linear_gelu
 from superblock.rundir import RunDir
 

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from superblock import report
-from superblock.engine.checkpoint import write_json_atomically
+from superblock.io import write_json_atomically
 from superblock.rundir import RunDir, RunSummary
 
 PROGRESS_LOG = "progress.log"

@@ -21,12 +21,7 @@ from tqdm import tqdm
 from superblock.config import TrainConfig, check_strict_blocks
 from superblock.data import build_datasets, build_loaders, skip_batches
 from superblock.devices import dtype_name_or_auto, parse_dtype
-from superblock.engine.checkpoint import (
-    load_checkpoint,
-    resolve_checkpoint_path,
-    save_checkpoint,
-    write_json_atomically,
-)
+from superblock.engine.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from superblock.engine.distill import distillation_loss, load_teacher
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
@@ -34,6 +29,7 @@ from superblock.engine.evaluation import evaluate
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
 from superblock.engine.pretrained import is_run_source, load_run_weights
 from superblock.engine.timer import StepTimer
+from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
 from superblock.models import build_model, model_spec
 from superblock.rundir import RunDir, RunSummary

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from superblock.engine.checkpoint import umask
+from superblock.io import umask
 
 FORMAT = "superblock-sparse"
 VERSION = 1

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from superblock.io import write_text_atomically
 from superblock.kernels import _runners, _triton_bsr
 
 FORMAT = "superblock-tuning"
@@ -216,10 +216,7 @@ def _write_disk(scope: str, key: str, entry: dict) -> None:
         scopes = _read_disk()  # merge: other processes may have written meanwhile
         scopes.setdefault(scope, {})[key] = entry
         payload = json.dumps({"format": FORMAT, "version": VERSION, "scopes": scopes}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
+        write_text_atomically(path, payload)  # umask permissions, like any other file we write
     except OSError as err:
         if not _warned_write:
             warnings.warn(f"could not write tuning cache {path}: {err}", stacklevel=3)

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from superblock.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, umask, write_json_atomically
+from superblock.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from superblock.io import umask, write_json_atomically
 
 
 def test_atomic_files_get_umask_permissions_not_mkstemp_0600(tmp_path):
@@ -24,3 +25,14 @@ def test_garbage_is_a_checkpoint_error(tmp_path):
     (tmp_path / "x.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_tuning_cache_is_written_atomically_with_umask_permissions(tmp_path, monkeypatch):
+    from superblock.kernels import tuning
+
+    monkeypatch.setenv("SUPERBLOCK_CACHE_DIR", str(tmp_path))
+    tuning.record("scope", "key", {"backend": "dense"})
+    path = tuning.cache_path()
+    assert path.parent == tmp_path and (path.stat().st_mode & 0o777) == 0o666 & ~umask()
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    tuning.clear_tuning()
