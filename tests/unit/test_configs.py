@@ -91,3 +91,34 @@ def test_sweep_configs_switch_to_multirun():
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"sweep={path.stem}"], return_hydra_config=True)
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.params, path
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "defaults":
+                yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_value_an_experiment_sets_survives_composition(path):
+    """train.yaml's own keys are merged last (_self_): a key it spelled would silently override every experiment
+    (distill.teacher did: sparse fine-tuning ran without its teacher). Group defaults belong in groups."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    overrides = [*NEEDS_ROOT, f"experiment={path.stem}", "model.pretrained=/tmp/dense_run"]
+    cfg = OmegaConf.to_container(_compose("train", overrides), resolve=True)
+    for key, value in _leaves(raw):
+        got = cfg
+        for part in key.split("."):
+            got = got[part]
+        if isinstance(value, str) and value.startswith("${"):
+            continue
+        if value == "???":
+            continue
+        assert got == value, f"{path.name}: {key} = {value!r} became {got!r}"
+    if path.stem == "sparse_finetune":
+        assert cfg["distill"]["teacher"] == "/tmp/dense_run" and cfg["sparsity"]["score_init"] == "magnitude"
