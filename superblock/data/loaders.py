@@ -4,7 +4,6 @@ of (seed, epoch, index), exact evaluation shards, worker caps, and mid-epoch res
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
 import random
@@ -16,12 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from superblock.data.bundle import DataBundle
 from superblock.data.synthetic import SyntheticShapes
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Mixed, not added: seed + epoch would give runs with seeds 0 and 1 the same orders shifted by one epoch.
-    digest = hashlib.blake2b(f"sampler/{seed}/{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from superblock.seeding import seed_everything, stable_seed
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -39,16 +33,11 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(stable_seed("sampler", self.seed, self.epoch))
         return iter(torch.randperm(self.size, generator=g).tolist())
 
     def __len__(self) -> int:
         return self.size
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"sample/{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
@@ -57,9 +46,7 @@ def _seeded_rngs(seed: int) -> Iterator[None]:
     with 0 workers the samples are loaded in the training process, whose own RNG streams must not move."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         try:
             yield
         finally:
@@ -85,7 +72,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         if isinstance(key, tuple):
             epoch, index = key
-            with _seeded_rngs(_sample_seed(self.seed, epoch, index)):
+            with _seeded_rngs(stable_seed("sample", self.seed, epoch, index)):
                 return self.dataset[index]
         return self.dataset[key]
 

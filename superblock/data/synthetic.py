@@ -6,7 +6,6 @@ vectorised pass and ``_synthetic_bundle`` pairs a train and a val split into a :
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from superblock.data.bundle import DataBundle
+from superblock.seeding import stable_seed
 
 # Fixed constants, not the data's statistics (its mean is ~0.3: dark backgrounds): for models trained from
 # scratch any fixed affine map works, and these keep pixels within about [-1.7, 1.7].
@@ -106,19 +106,13 @@ _SHAPES: tuple[tuple[str, Callable[[Tensor, Tensor, Tensor], Tensor]], ...] = (
 SYNTHETIC_CLASSES = tuple(name for name, _ in _SHAPES)
 
 
-def _image_seed(seed: int, split: str, index: int) -> int:
-    # Python's hash() is salted per process; blake2b gives the same image in every process and on every rank.
-    digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def _draw_randomness(seed: int, split: str, indices: range, image_size: int) -> tuple[Tensor, Tensor]:
     """Per-image uniform parameters [N, _NUM_PARAMS] and pixel noise [N, 3, H, W], each from its own seed."""
     g = torch.Generator()
     params = torch.empty(len(indices), _NUM_PARAMS)
     noise = torch.empty(len(indices), 3, image_size, image_size)
     for row, index in enumerate(indices):
-        g.manual_seed(_image_seed(seed, split, index))
+        g.manual_seed(stable_seed(seed, split, index))
         params[row] = torch.rand(_NUM_PARAMS, generator=g)
         noise[row] = torch.randn(3, image_size, image_size, generator=g)
     return params, noise

@@ -33,6 +33,7 @@ from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
 from superblock.models import build_model, model_spec
 from superblock.rundir import RunDir, RunSummary
+from superblock.seeding import seed_everything, stable_seed
 from superblock.sparsity import block_sparsity, get_controller, iter_block_masks, normalize_block_size, sparsify
 
 
@@ -56,19 +57,10 @@ class Progress:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s training randomness (dropout, drop-path, mixup/cutmix draws): rank 0 keeps the
     run's seed, so a single-process run is unchanged; other ranks get their own streams."""
-    if rank == 0:
-        return seed
-    digest = hashlib.blake2b(f"rank/{seed}/{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return seed if rank == 0 else stable_seed("rank", seed, rank)
 
 
 def rng_state() -> dict[str, Any]:
