@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("fresh_dynamo"),  # tests/conftest.py
 ]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/gpu is not a package: reach tests.unit
@@ -36,12 +37,6 @@ def micro_export(tmp_path_factory):
     return root / "export"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

@@ -12,13 +12,7 @@ from torch._dynamo.utils import counters
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, _runners, bsr_linear, dense_to_bsr, ops
 from tests.unit.test_kernels import random_block_sparse, reference, rel_err
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def _layer(out_f=64, in_f=48, block=(16, 16), backend="auto", activation=None, bias=True, seed=0):
