@@ -41,6 +41,10 @@ LAYERS: dict[str, int] = {
     "superblock.data.folders": 1,
     "superblock.data.datasets": 1,
     "superblock.data.loaders": 1,
+    "superblock.data.corpus": 1,  # text sources: a local tree or the stdlib's own source files
+    "superblock.data.tokenizer": 1,  # byte-level and local Hugging Face tokenizers
+    "superblock.data.text": 1,  # causal-LM windows and text classification datasets
+    "superblock.data.metrics": 1,  # perplexity, token-weighted loss
     # 2: training
     "superblock.engine": 2,
     # 3: sparse export and loading
