@@ -1,4 +1,11 @@
-"""Which weights get block masks: presets (mlp, attn, all_linear) and glob patterns on module/parameter names."""
+"""Which weights get block masks: presets (mlp, attn, all_linear) and glob patterns on module/parameter names.
+
+Presets know timm / torchvision ViTs and the transformers families: BERT / RoBERTa (`attention.*` is attention,
+`intermediate.dense` and the block's own `output.dense` the feed-forward), GPT-2 (`attn.c_attn` / `attn.c_proj`,
+`mlp.c_fc` / `mlp.c_proj`, all `Conv1D`) and Llama / Mistral / Qwen (`self_attn.*_proj`, `mlp.*_proj`). Output
+heads (`lm_head`, classifier / `score` heads, BERT's pooler and `cls` head) and weights tied to an embedding stay
+dense under a preset; a pattern naming them still masks them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,20 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 PRESETS = ("mlp", "attn", "all_linear")
 # Name parts that mark a feed-forward block (timm Mlp, torchvision MLPBlock, common transformer names).
-MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "mlp_block"}
+MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "mlp_block", "intermediate"}
 # Name parts that mark attention (timm Attention, torchvision self_attention = nn.MultiheadAttention, HF-style).
 ATTN_PARTS = {"attn", "attention", "self_attention", "self_attn", "cross_attn", "mha"}
-HEAD_PARTS = {"head", "heads", "classifier"}
+# BERT's FFN down projection is `layer.<i>.output.dense` (`attention.output.dense` is attention's): `output` counts
+# as feed-forward only right below a block index.
+BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.\d+\.output(?:\.|$)")
+# Classifier heads (timm, torchvision, HF `classifier` / `score`), HF language-model heads (`lm_head`, BERT's
+# `cls.predictions`) and BERT's pooler: task layers that are small next to the body and that fine-tuning replaces.
+HEAD_PARTS = {"head", "heads", "classifier", "lm_head", "score", "pooler", "cls"}
 # The index of a transformer block in timm (blocks.0), torchvision (layers.encoder_layer_0), HF (layer.0, h.0).
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(?:encoder_layer_)?(\d+)(?:\.|$)")
 # Parameters of nn.MultiheadAttention that are projection weights read directly by its forward.
@@ -37,11 +50,33 @@ class Target:
         return tuple(getattr(self.module, self.param_name).shape)
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    """The module's `weight` as stored (under a parametrization: the original, without computing the mask)."""
+    plists = getattr(module, "parametrizations", None)
+    if plists is not None and "weight" in plists:
+        return getattr(plists["weight"], "original", None)
+    weight = module._parameters.get("weight")
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers `Conv1D` (GPT-2 style): a linear layer whose weight is stored as (in, out), `nf` outputs.
+
+    Recognised by class name and shape rather than by isinstance, so that transformers (an optional dependency) is
+    not imported; masked modules get a subclass of it, hence the look at the whole MRO."""
+    if not any(cls.__name__ == "Conv1D" for cls in type(module).__mro__):
+        return False
+    weight = _stored_weight(module)
+    nf = getattr(module, "nf", None)
+    return isinstance(nf, int) and weight is not None and weight.dim() == 2 and weight.shape[1] == nf
+
+
 def linear_weights(model: nn.Module) -> list[Target]:
-    """Every projection weight of the model: nn.Linear weights and nn.MultiheadAttention input projections."""
+    """Every projection weight of the model: nn.Linear and transformers Conv1D weights, nn.MultiheadAttention
+    input projections."""
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             found.append(Target(name, "weight", module))
         elif isinstance(module, nn.MultiheadAttention):
             found.extend(Target(name, p, module) for p in MHA_WEIGHTS if getattr(module, p, None) is not None)
@@ -60,13 +95,38 @@ def in_preset(target: Target, preset: str) -> bool:
         return any(p in ATTN_PARTS or p.startswith("attn") for p in parts)
     if preset == "mlp":
         # timm's `attn.proj` is not an MLP weight, even in a model whose blocks are named "mlp_*".
-        return any(p in MLP_PARTS for p in parts) and not in_preset(target, "attn")
+        ffn = any(p in MLP_PARTS for p in parts) or BLOCK_OUTPUT.search(target.module_name) is not None
+        return ffn and not in_preset(target, "attn")
     raise ValueError(f"unknown preset {preset!r}: use one of {PRESETS}")
 
 
-def is_head(target: Target, model: nn.Module) -> bool:
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    """A transformers model's LM head (`get_output_embeddings`), whatever it is called; None for other models."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        head = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def is_head(target: Target, model: nn.Module, embeddings: set[int] | None = None) -> bool:
+    """A classifier / LM head or pooler, or a weight tied to an embedding (GPT-2's lm_head is its token table).
+
+    `embeddings`: ids of the model's embedding weights (computed when not given)."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(classifier, nn.Module) and target.module is classifier:
+        return True
+    if target.module is _output_embeddings(model):
+        return True
+    weight = target.module._parameters.get(target.param_name)
+    if weight is not None and id(weight) in (_embedding_weights(model) if embeddings is None else embeddings):
         return True
     parts = _parts(target.module_name)
     return any(p in HEAD_PARTS for p in parts) or target.module_name == "fc"
@@ -134,10 +194,13 @@ def select_targets(
     if not targets:
         raise ValueError(f"targets is empty: give presets {PRESETS} and/or glob patterns such as 'blocks.*.mlp.fc1'")
     candidates = linear_weights(model)
+    embeddings = _embedding_weights(model)
     chosen: dict[str, Target] = {}
     for entry in targets:
         if entry in PRESETS:
-            hits = [t for t in candidates if in_preset(t, entry) and not (skip_head and is_head(t, model))]
+            hits = [
+                t for t in candidates if in_preset(t, entry) and not (skip_head and is_head(t, model, embeddings))
+            ]
             if not hits:
                 raise ValueError(f"preset {entry!r} matches no weight of {type(model).__name__}: use a glob pattern")
         else:

@@ -1,0 +1,137 @@
+"""Presets on tiny transformers models (BERT, GPT-2, Llama): exactly the expected weights get masks, the heads and
+embeddings stay dense, and the masked model computes what its folded copy computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from superblock.sparsity import block_sparsity, fold_masks, iter_block_masks, select_targets, sparsify
+from superblock.sparsity.targets import is_conv1d
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+
+CONFIGS = {
+    "bert": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+    "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
+    "llama": {
+        "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64,
+    },
+}  # fmt: skip
+PER_BLOCK = {
+    "bert": {
+        "attn": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+        "mlp": ["intermediate.dense", "output.dense"],
+    },
+    "gpt2": {"attn": ["attn.c_attn", "attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
+    "llama": {
+        "attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    },
+}
+PREFIX = {"bert": "bert.encoder.layer", "gpt2": "transformer.h", "llama": "model.layers"}
+
+
+def build(model_type: str, task: str = "causal_lm") -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **CONFIGS[model_type])
+    if task == "causal_lm":
+        if model_type == "bert":
+            config.is_decoder = True
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    config.num_labels = 3
+    config.pad_token_id = 0
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def expected(model_type: str, presets: list[str]) -> list[str]:
+    names = []
+    for i in range(2):
+        for preset in ("attn", "mlp"):
+            if preset in presets:
+                names += [f"{PREFIX[model_type]}.{i}.{m}.weight" for m in PER_BLOCK[model_type][preset]]
+    return names
+
+
+def tokens(n: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("presets", [["mlp"], ["attn"], ["mlp", "attn"]])
+def test_presets_select_the_block_projections(model_type, presets):
+    for task in ("causal_lm", "sequence_classification"):
+        model = build(model_type, task)
+        got = [t.name for t in select_targets(model, presets)]
+        assert sorted(got) == sorted(expected(model_type, presets)), task
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_all_linear_leaves_heads_poolers_and_embeddings_dense(model_type):
+    for task in ("causal_lm", "sequence_classification"):
+        model = build(model_type, task)
+        got = {t.name for t in select_targets(model, "all_linear")}
+        assert got == set(expected(model_type, ["attn", "mlp"])), task
+        # without skip_head the heads are linear weights like any other (GPT-2's tied lm_head included)
+        more = {t.name for t in select_targets(model, "all_linear", skip_head=False)} - got
+        heads = {"bert": {"cls.predictions.transform.dense.weight", "cls.predictions.decoder.weight"},
+                 "gpt2": {"lm_head.weight"}, "llama": {"lm_head.weight"}}[model_type]  # fmt: skip
+        if task == "sequence_classification":
+            heads = {"bert": {"bert.pooler.dense.weight", "classifier.weight"}}.get(model_type, {"score.weight"})
+        assert more == heads, task
+
+
+def test_gpt2_conv1d_masks_follow_the_stored_in_out_layout():
+    model = build("gpt2")
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert is_conv1d(c_fc) and tuple(c_fc.weight.shape) == (32, 128)  # (in, out)
+    report = sparsify(model, sparsity=0.5, block_size=(8, 32), targets=["mlp", "attn"], seed=0)
+    row = dict(zip(report.names, report.rows, strict=True))["transformer.h.0.mlp.c_fc.weight"]
+    assert row.shape == (32, 128) and row.total == (32 // 8) * (128 // 32)
+    assert is_conv1d(model.transformer.h[0].mlp.c_fc)  # still recognised once parametrized
+    masks = {name: m for name, _, _, m in iter_block_masks(model)}
+    assert tuple(masks["transformer.h.0.mlp.c_fc.weight"].mask.shape) == (4, 4)
+    # the check of block against weight size uses the stored shape: 64 rows fit c_attn's (out) 96, not its (in) 32
+    with pytest.raises(ValueError, match=r"larger than weight transformer\.h\.0\.attn\.c_attn\.weight"):
+        sparsify(build("gpt2"), block_size=(64, 8), targets=["attn"])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_masked_output_equals_folded_output(model_type):
+    model = build(model_type)
+    sparsify(model, sparsity=0.6, block_size=8, targets=["mlp", "attn"], seed=0)
+    x = tokens()
+    with torch.no_grad():
+        masked = model(x).logits
+        folded_model = fold_masks(copy.deepcopy(model))
+        folded = folded_model(x).logits
+        dense_model = build(model_type)  # same seed: the unmasked weights
+        dense = dense_model(x).logits
+    torch.testing.assert_close(folded, masked, rtol=0, atol=1e-6)
+    assert not torch.allclose(masked, dense, atol=1e-3)  # the masks do change the model
+    zeros = block_sparsity(folded_model, 8)
+    for name in expected(model_type, ["attn", "mlp"]):
+        assert zeros[name] == pytest.approx(0.6, abs=0.13), name
+    dense_names = [n for n in zeros if n not in expected(model_type, ["attn", "mlp"])]
+    assert dense_names and all(zeros[n] == 0.0 for n in dense_names)
+    # embeddings (and every other unmasked tensor) are the dense model's, untouched
+    dense_state = dense_model.state_dict()
+    masked_modules = {name.rpartition(".")[0] for name in expected(model_type, ["attn", "mlp"])}
+    untouched = [k for k in dense_state if k.rpartition(".")[0] not in masked_modules]
+    assert any("embed" in k or "wte" in k for k in untouched)
+    assert all(torch.equal(folded_model.state_dict()[k], dense_state[k]) for k in untouched)
+
+
+def test_patterns_still_reach_heads_and_name_conv1d_modules():
+    model = build("gpt2")
+    assert [t.name for t in select_targets(model, "transformer.h.1.mlp.c_proj")] == [
+        "transformer.h.1.mlp.c_proj.weight"
+    ]
+    assert [t.name for t in select_targets(build("llama"), ["lm_head"])] == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="matches no"):
+        select_targets(model, "transformer.h.*.mlp.fc1")
