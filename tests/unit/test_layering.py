@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "superblock.kernels": 1,
     "superblock.config": 1,
     "superblock.models": 1,
+    "superblock.hf_models": 1,  # transformers models by name (hf:<model_type> | hf:<dir>)
     "superblock.data": 1,
     "superblock.data.bundle": 1,
     "superblock.data.synthetic": 1,
