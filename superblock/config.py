@@ -24,10 +24,12 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "tiny_vit"
-    source: str = "auto"  # auto | tiny | torchvision | timm
+    source: str = "auto"  # auto | tiny | torchvision | timm | hf (transformers)
     pretrained: str | None = None  # a local file: no hub downloads at run time
     image_size: int | None = None  # None: follow the data
     kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str = "auto"  # transformers models: causal_lm | sequence_classification; auto: what the data is
+    config: dict[str, Any] = field(default_factory=dict)  # transformers config overrides (tiny twins: n_layer=2)
 
 
 @dataclass
@@ -59,6 +61,9 @@ class DataConfig:
     num_workers: int = 0
     randaugment: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seq_len: int = 128  # text: tokens per training sequence
+    tokenizer: str | None = None  # text: a local tokenizer directory; None: UTF-8 bytes
+    max_bytes: int | None = None  # text: cap on the corpus read (None: the dataset's default)
 
 
 @dataclass
@@ -168,7 +173,8 @@ DEVICES = DEVICE_CHOICES  # auto | cpu | cuda
 OPTIMIZERS = ("adamw", "sgd")
 LOGGERS = ("console", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
-MODEL_SOURCES = ("auto", "tiny", "torchvision", "timm")
+MODEL_SOURCES = ("auto", "tiny", "torchvision", "timm", "hf")
+MODEL_TASKS = ("auto", "causal_lm", "sequence_classification")
 
 
 def _first_line(err: Exception) -> str:
@@ -210,6 +216,8 @@ def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> 
 def check(c: TrainConfig) -> None:
     """Cross-field checks that a schema cannot express."""
     _one_of(c.model.source, MODEL_SOURCES, "model.source")
+    _one_of(c.model.task, MODEL_TASKS, "model.task")
+    _check_text(c)
     s = c.sparsity
     if s.enabled:
         try:
@@ -263,6 +271,19 @@ def check(c: TrainConfig) -> None:
     _one_of(c.measure.dtype, DTYPE_CHOICES, "measure.dtype")
     _one_of(c.measure.layout, ("auto", "bsr", "dense"), "measure.layout")
     _positive(c.measure.batch_size, "measure.batch_size")
+
+
+def _check_text(c: TrainConfig) -> None:
+    """Text data feeds token ids: only a transformers model reads them, and mixup/cutmix mean nothing there."""
+    hf = c.model.source == "hf" or c.model.name.startswith("hf:")
+    if c.data.name == "text" and not hf:
+        raise ConfigError(f"data=text needs a language model: use model=hf (got model.name={c.model.name!r})")
+    if hf and c.data.name != "text" and c.model.task == "causal_lm":
+        raise ConfigError(f"model.task=causal_lm trains on token streams: use data=text (got data={c.data.name})")
+    if c.data.name == "text" and (c.trainer.mixup > 0 or c.trainer.cutmix > 0):
+        raise ConfigError("trainer.mixup / trainer.cutmix mix images: set them to 0 for data=text")
+    _positive(c.data.seq_len, "data.seq_len")
+    _positive(c.data.max_bytes, "data.max_bytes")
 
 
 def _check_augment(a: AugmentConfig) -> None:

@@ -1,12 +1,18 @@
-"""Validation loop: top-1 / top-5 / loss, summed over every rank under DDP."""
+"""Validation: top-1 / top-5 / loss (and perplexity for language models), summed over every rank under DDP.
+
+A sequence model's every token position counts as one prediction: top-1 is then next-token accuracy."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from superblock.engine.distributed import all_reduce_sum
+from superblock.engine.ema import ModelEma
+from superblock.engine.objective import flat_predictions, logits_of
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -26,18 +32,39 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+    sequences = False
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(images)
-        top1, top5 = topk_correct(logits.float(), targets)
+            logits = logits_of(model(inputs))
+        sequences = logits.dim() == 3
+        logits, targets = flat_predictions(logits.float(), targets)
+        top1, top5 = topk_correct(logits, targets)
         totals += torch.stack(
-            [criterion(logits.float(), targets).double(), top1.double(), top5.double(),
+            [criterion(logits, targets).double(), top1.double(), top5.double(),
              torch.tensor(len(targets), dtype=torch.float64, device=device)]
         )
     all_reduce_sum(totals)
     model.train(was_training)
     loss, top1, top5, count = totals.tolist()
     count = max(count, 1.0)
-    return {"val_loss": loss / count, "val_top1": 100.0 * top1 / count, "val_top5": 100.0 * top5 / count}
+    metrics = {"val_loss": loss / count, "val_top1": 100.0 * top1 / count, "val_top5": 100.0 * top5 / count}
+    if sequences:
+        metrics["val_perplexity"] = perplexity(loss / count)
+    return metrics
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood per token), inf instead of an overflow."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+def validate(
+    model: nn.Module, ema: ModelEma | None, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
+) -> dict[str, float]:
+    """The model's validation metrics, and its EMA copy's as `ema_<name>` when there is one."""
+    metrics = evaluate(model, loader, device, autocast_dtype)
+    if ema is not None:
+        metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, loader, device, autocast_dtype).items()})
+    return metrics

@@ -1,0 +1,64 @@
+"""The training objective: the task loss on one batch (mixup/cutmix, label smoothing), plus distillation.
+
+Tasks: image classification (logits (B, C), targets (B,) or mixed soft targets) and causal language modelling
+(logits (B, T, V), targets (B, T) = the next tokens), where every token position counts as one prediction.
+Models may return a tensor or a `transformers` output object (its `.logits`).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from superblock.engine.distill import distillation_loss
+from superblock.engine.timer import StepTimer
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or a `transformers` ModelOutput's `.logits`."""
+    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+
+
+def flat_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) logits and (N,) or (N, C) targets: a sequence model's (B, T, V) logits count every position."""
+    if logits.dim() == 3:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return logits, targets
+
+
+class Objective:
+    """loss = the task loss, mixed with a frozen teacher's soft (or hard) targets when one is given.
+
+    `mixup`: a timm Mixup (the criterion then takes soft targets). The teacher runs under the same autocast, without
+    gradients, on the same (mixed) batch; its time is summed in `teacher_timer`."""
+
+    def __init__(
+        self,
+        criterion: nn.Module,
+        mixup: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        alpha: float = 0.0,
+        temperature: float = 1.0,
+        hard: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        self.criterion, self.mixup, self.teacher = criterion, mixup, teacher
+        self.alpha, self.temperature, self.hard = alpha, temperature, hard
+        self.teacher_timer = StepTimer(device or torch.device("cpu")) if teacher is not None else None
+
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast: AbstractContextManager
+    ) -> torch.Tensor:
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets)
+        with autocast:
+            logits = logits_of(model(inputs))
+        logits, targets = flat_predictions(logits, targets)
+        loss = self.criterion(logits.float(), targets)
+        if self.teacher is None:
+            return loss
+        with autocast, torch.no_grad(), self.teacher_timer:  # the teacher sees the same (mixed) batch
+            teacher_logits, _ = flat_predictions(logits_of(self.teacher(inputs)), targets)
+        return distillation_loss(logits, teacher_logits, loss, self.alpha, self.temperature, self.hard)
