@@ -1,4 +1,4 @@
-"""build_datasets: a dataset name and options -> a :class:`DataBundle` (synthetic, imagefolder, cifar10/100)."""
+"""build_datasets: a dataset name and options -> a :class:`DataBundle` (synthetic, imagefolder, cifar10/100, text)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch.utils.data import Dataset, Subset
 from superblock.data.bundle import DataBundle
 from superblock.data.folders import _cifar_bundle, _imagefolder_bundle
 from superblock.data.synthetic import _synthetic_bundle
+from superblock.data.text import text_bundle
 
-DATASET_NAMES = ("synthetic", "imagefolder", "cifar10", "cifar100")
+DATASET_NAMES = ("synthetic", "imagefolder", "cifar10", "cifar100", "text")
 
 
 def build_datasets(
@@ -26,6 +27,10 @@ def build_datasets(
     num_classes: int | None = None,
     val_only: bool = False,
     augment: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+    tokenizer: str | None = None,
+    max_bytes: int | None = None,
+    task: str | None = None,
 ) -> DataBundle:
     """Build the train and val datasets of ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -36,6 +41,12 @@ def build_datasets(
     applies to synthetic data (2..10). ``val_only`` builds (and needs on disk) only the validation split,
     e.g. to evaluate on a val-only copy of ImageNet. ``augment`` sets the image-folder transforms
     (:func:`image_transforms`).
+
+    ``text`` (:func:`text_bundle`) reads ``root`` (``None``: the Python stdlib's own source) with ``tokenizer``
+    (``None``: UTF-8 bytes; else a local tokenizer directory), ``max_bytes`` of it, into ``seq_len``-token samples
+    for ``task`` (``causal_lm``, ``sequence_classification`` or ``None``: from the layout). Its caps are evenly
+    spaced, not seeded; the image arguments (``image_size``, ``download``, ``randaugment``, ``augment``) do not
+    apply to it, and the text ones apply only to it.
     """
     for label, value in (("train_size", train_size), ("val_size", val_size)):
         if value is not None and value < 1:
@@ -46,6 +57,8 @@ def build_datasets(
         return bundle
     if num_classes is not None:
         raise ValueError(f"num_classes is fixed by the {name} dataset; only synthetic data takes it")
+    if name == "text":
+        return text_bundle(root, seq_len, tokenizer, max_bytes, train_size, val_size, task, val_only)
     if name == "imagefolder":
         bundle = _imagefolder_bundle(root, image_size or 224, randaugment, val_only, augment)
     elif name in ("cifar10", "cifar100"):

@@ -147,7 +147,8 @@ def build_loaders(
     ``batch_size`` is per process. Under ``distributed=True`` the train split is sharded with
     DistributedSampler(shuffle=True, seed=seed) and the val split with :class:`ShardSampler`
     (torch.distributed must be initialised). Train order is a pure function of (seed, epoch) either way, and the
-    random augmentation of each sample a pure function of (seed, epoch, index) (:class:`SeededSamples`).
+    random augmentation of each sample a pure function of (seed, epoch, index) (:class:`SeededSamples`; not for
+    a dataset whose ``random_augmentation`` is False, such as text windows).
     ``num_workers`` is capped at this process's share of the CPUs (:func:`usable_workers`).
     """
     if batch_size < 1:
@@ -179,9 +180,11 @@ def build_loaders(
                 _ = ds.images
     common = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
     # Augmentations are seeded per sample (SeededSamples); the generator only fixes the workers' base seeds.
+    # Datasets that draw no random numbers (text: random_augmentation = False) skip the per-sample RNG reseeding.
+    augmented = getattr(bundle.train, "random_augmentation", True)
     train = DataLoader(
-        SeededSamples(bundle.train, seed), batch_size=batch_size, sampler=EpochTagged(train_sampler),
-        drop_last=drop_last,
+        SeededSamples(bundle.train, seed) if augmented else bundle.train, batch_size=batch_size,
+        sampler=EpochTagged(train_sampler) if augmented else train_sampler, drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, sampler=val_sampler, **common)
