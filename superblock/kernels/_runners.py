@@ -17,12 +17,16 @@ import torch.nn.functional as F
 from superblock.kernels import _triton_bsr
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# a Triton launch configuration travels through the custom op as a list of ints in this order
-CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA")
+# a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
+# the decode kernel (few tokens, SPLIT programs per block row) and is left off the list when 0 (the tiled kernel),
+# so the five-entry lists of earlier tuning tables and exports keep their meaning
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT")
+_DEFAULTS = {"TMA": 0, "SPLIT": 0}
 
 
 def config_to_list(config: dict) -> list[int]:
-    return [int(config.get(k, 0 if k == "TMA" else 1)) for k in CONFIG_KEYS]
+    values = [int(config.get(k, _DEFAULTS.get(k, 1))) for k in CONFIG_KEYS]
+    return values if values[-1] else values[:-1]
 
 
 _configs: dict[tuple, dict] = {}
@@ -34,10 +38,12 @@ def config_from_list(values: Sequence[int]) -> dict:
     key = tuple(values)
     cfg = _configs.get(key)
     if cfg is None:
-        if len(key) != len(CONFIG_KEYS):
+        if len(key) not in (len(CONFIG_KEYS) - 1, len(CONFIG_KEYS)):
             raise ValueError(f"a triton config has {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}")
-        cfg = dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=True))
+        cfg = dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))
         cfg["TMA"] = bool(cfg["TMA"])
+        if cfg.get("SPLIT", 0) == 0:
+            cfg.pop("SPLIT", None)
         _configs[key] = cfg
     return cfg
 
@@ -166,6 +172,8 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
     if x2d.shape[0] == 0:
         return y
     group = int(config.get("G", 1))
+    if int(config.get("SPLIT", 0)) >= 1 and group > 1:
+        raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
     if config.get("TMA") and (group > 1 or not _triton_bsr.tma_ok(x2d, y, values)):

@@ -169,6 +169,108 @@ if HAS_TRITON:
         y_desc.store([m0, pid_n * BH], acc.to(y_desc.dtype))
 
 
+    @triton.jit
+    def _bsr_decode_kernel(
+        x_ptr,
+        w_ptr,
+        crow_ptr,
+        col_ptr,
+        b_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_om,
+        stride_os,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        FINAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        # Few tokens: the weight is the traffic. SPLIT programs share one block row, program s taking its kept
+        # blocks s, s + SPLIT, ... (adjacent programs read adjacent blocks), so nnz / SPLIT-ish programs keep
+        # every SM's loads in flight even when a block row holds 20+ blocks. Each writes an fp32 partial sum
+        # (out_ptr = [SPLIT, M, n_rows * BH]) that _decode_reduce_kernel adds up; with SPLIT == 1 (FINAL) the
+        # program owns the row and writes y with the epilogue itself.
+        pid = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        row = pid // SPLIT
+        s = pid - row * SPLIT
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BW)
+        offs_n = tl.arange(0, BH)
+        m_mask = offs_m < M
+        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
+        start = tl.load(crow_ptr + row).to(tl.int64)
+        end = tl.load(crow_ptr + row + 1).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+        for e in range(start + s, end, SPLIT):
+            k0 = tl.load(col_ptr + e) * BW
+            if EVEN_K:
+                a = tl.load(x_base + k0, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_base + e * (BH * BW))
+            else:
+                k_mask = (k0 + offs_k) < K
+                a = tl.load(x_base + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                # padding columns of W must not leak (a NaN there times a zero x is still NaN)
+                b = tl.load(w_base + e * (BH * BW), mask=k_mask[None, :], other=0.0)
+            if PRECISION == "none":
+                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
+                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        n_glob = row * BH + offs_n
+        if FINAL:
+            n_mask = n_glob < N
+            if HAS_BIAS:
+                acc = acc + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+            ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + n_glob[None, :]
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            ptrs = out_ptr + s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + n_glob[None, :]
+            tl.store(ptrs, acc, mask=m_mask[:, None])
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        p_ptr,
+        b_ptr,
+        y_ptr,
+        N,
+        stride_ps,
+        stride_pm,
+        stride_ym,
+        SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+    ):
+        # y[m, n] = act(sum_s partial[s, m, n] + bias[n]); a fixed summation order, so results are deterministic
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1).to(tl.int64)
+        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(p_ptr + s * stride_ps + m * stride_pm + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        tl.store(y_ptr + m * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def grouped_layout(crow: torch.Tensor, col: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     """Union layout for G block rows per program: (gcrow [n_groups+1], gcol [n_union], gidx [n_union, G]).
 
@@ -232,7 +334,10 @@ def launch(
     precision: str,
     config: dict,
 ) -> torch.Tensor:
-    """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1."""
+    """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1; a config with
+    SPLIT >= 1 runs the decode kernel (launch_decode) instead."""
+    if int(config.get("SPLIT", 0)) >= 1:
+        return launch_decode(x2d, values, crow, col, bias, y, n_out, k_in, activation, precision, config)
     M = x2d.shape[0]
     bh, bw = int(values.shape[1]), int(values.shape[2])
     group = int(config.get("G", 1))
@@ -247,49 +352,60 @@ def launch(
         w_desc = TensorDescriptor.from_tensor(values.view(-1, bw), [bh, bw])
         y_desc = TensorDescriptor.from_tensor(y, [block_m, bh])
         _bsr_linear_tma_kernel[grid](
-            x_desc,
-            w_desc,
-            crow,
-            col,
-            b_arg,
-            y_desc,
-            n_out,
-            n_groups,
-            BH=bh,
-            BW=bw,
-            BLOCK_M=block_m,
-            HAS_BIAS=bias is not None,
-            ACT=act,
-            PRECISION=prec,
-            UPCAST=INTERPRET,
-            num_warps=int(config["num_warps"]),
-            num_stages=int(config["num_stages"]),
-        )
+            x_desc, w_desc, crow, col, b_arg, y_desc, n_out, n_groups, BH=bh, BW=bw, BLOCK_M=block_m,
+            HAS_BIAS=bias is not None, ACT=act, PRECISION=prec, UPCAST=INTERPRET,
+            num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
+        )  # fmt: skip
         return y
     _bsr_linear_kernel[grid](
-        x2d,
-        values,
-        crow,
-        col,
-        gidx if gidx is not None else col,
-        b_arg,
-        y,
-        M,
-        n_out,
-        k_in,
-        x2d.stride(0),
-        y.stride(0),
-        n_groups,
-        BH=bh,
-        BW=bw,
-        G=group,
-        BLOCK_M=block_m,
-        EVEN_K=(k_in % bw == 0),
-        HAS_BIAS=bias is not None,
-        ACT=act,
-        PRECISION=prec,
-        UPCAST=INTERPRET,
-        num_warps=int(config["num_warps"]),
+        x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, M, n_out, k_in, x2d.stride(0),
+        y.stride(0), n_groups, BH=bh, BW=bw, G=group, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0),
+        HAS_BIAS=bias is not None, ACT=act, PRECISION=prec, UPCAST=INTERPRET,
+        num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
+    )  # fmt: skip
+    return y
+
+
+REDUCE_BLOCK_N = 256
+
+
+def launch_decode(
+    x2d: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    n_out: int,
+    k_in: int,
+    activation: str | None,
+    precision: str,
+    config: dict,
+) -> torch.Tensor:
+    """The decode kernel into y [M, n_out]: grid (block rows * SPLIT, token tiles), then (SPLIT > 1) the reduction.
+
+    The fp32 partial sums are a fresh tensor from torch's caching allocator: no host sync, and inside a CUDA-graph
+    capture it comes from the graph's private pool, so the launch captures and replays like any other op."""
+    M = x2d.shape[0]
+    bh, bw = int(values.shape[1]), int(values.shape[2])
+    split = int(config["SPLIT"])
+    block_m = int(config["BLOCK_M"])
+    n_rows = crow.numel() - 1
+    prec = _precision_arg(x2d.dtype, precision)
+    act = ACT_CODES[activation]
+    b_arg = bias if bias is not None else y
+    final = split == 1
+    part = y if final else torch.empty(split, M, n_rows * bh, device=y.device, dtype=torch.float32)
+    stride_os = 0 if final else part.stride(0)
+    _bsr_decode_kernel[(n_rows * split, triton.cdiv(M, block_m))](
+        x2d, values, crow, col, b_arg, part, M, n_out, k_in, x2d.stride(0), part.stride(-2), stride_os,
+        BH=bh, BW=bw, SPLIT=split, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0), FINAL=final, HAS_BIAS=bias is not None,
+        ACT=act, PRECISION=prec, UPCAST=INTERPRET, num_warps=int(config["num_warps"]),
         num_stages=int(config["num_stages"]),
-    )
+    )  # fmt: skip
+    if not final:
+        _decode_reduce_kernel[(triton.cdiv(n_out, REDUCE_BLOCK_N), M)](
+            part, b_arg, y, n_out, part.stride(0), part.stride(1), y.stride(0), SPLIT=split, BLOCK_N=REDUCE_BLOCK_N,
+            HAS_BIAS=bias is not None, ACT=act, num_warps=4,
+        )  # fmt: skip
     return y

@@ -188,87 +188,93 @@ def bsr_linear(
     [..., out] in x's dtype. `activation` is None or "gelu" (exact erf GELU, nn.GELU()). fp32 inputs are
     multiplied in true fp32 unless `allow_tf32=True`, `fp32_precision="tf32"|"tf32x3"` or
     set_fp32_precision(...) says otherwise (triton backend; torch/dense follow torch's own matmul settings).
-    `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA).
+    `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA, and SPLIT >= 1
+    for the decode kernel: few tokens, SPLIT programs per block row).
     `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly).
     Padding entries of `values` (beyond out/in) must be finite; from_dense writes zeros there.
 
-    Under torch.compile / torch.export, `auto` is not measured: CUDA runs the triton kernel with its tuned
-    (or default) single-row-group configuration, CPU follows the CPU rule. For per-layer tuned choices
-    inside compiled models use BlockSparseLinear (prepared before compiling).
+    Under torch.compile / torch.export `auto` is not measured: CUDA runs the triton kernel's default (G=1)
+    configuration, CPU the CPU rule; for tuned choices there use BlockSparseLinear, prepared before compiling.
     """
     if fp32_precision is None:
         fp32_precision = "tf32" if allow_tf32 else _settings["fp32_precision"]
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    out_f, in_f, bh, bw = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)
+    grads = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    needs_grad = torch.is_grad_enabled() and grads
+    out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
-    shape = (out_f, in_f)
-    traced = _traced(x)
-    x2d = x.reshape(-1, in_f)
-
-    if backend == "auto":
-        if needs_grad:
-            backend = "dense"
-        elif x.device.type != "cuda":  # MKL's BSR matmul: fp32/fp64, square blocks
-            backend = "torch" if x.dtype in (torch.float32, torch.float64) and bh == bw else "dense"
-        elif traced:
-            backend = "triton" if _runners.triton_usable(x, values) else "dense"
-        else:
-            choice = _tuning.choose((x2d, values, crow_indices, col_indices, shape, bias, activation), fp32_precision)
-            backend = choice["backend"]
-            if backend == "triton":
-                config = choice["config"]
-    elif backend == "triton" and needs_grad:
-        raise ValueError("backend='triton' is inference only (no backward); use backend='dense' to train")
+    shape, traced, x2d = (out_f, in_f), _traced(x), x.reshape(-1, in_f)
+    args = (x2d, values, crow_indices, col_indices, shape, bias, activation)
+    backend, config = _pick_backend(args, backend, config, needs_grad, traced, fp32_precision)
     if needs_grad:  # differentiable torch ops (training, tests of gradients)
         y = _runners.run_dense(x2d, bsr_to_dense(values, crow_indices, col_indices, shape), bias, activation)
-        y = y.reshape(*x.shape[:-1], out_f)
-        if out is not None:
-            _check_out(out, x.shape[:-1], out_f, x).copy_(y.reshape(-1, out_f))
-            return out
-        return y
-
-    gidx = None
-    cfg_list: list[int] = []
-    crow, col = crow_indices, col_indices
+        return _finish(y, out, x, out_f)
+    gidx, cfg_list, crow, col = None, [], crow_indices, col_indices
     if backend == "triton":
-        if config is None and traced:
-            config = _tuning.candidate_configs(x2d.shape[0], bh, bw, x.dtype, fp32_precision)[0]
-        elif config is None:
-            config = _tuning.default_config(
-                x2d.shape[0], out_f, in_f, bh, bw, x.dtype, fp32_precision, values.shape[0], bias is not None,
-                activation,
-            )
-        group = int(config.get("G", 1))
-        if traced and group > 1:  # the grouped layout is built on the host: not inside a trace
-            config, group = {**config, "G": 1}, 1
-        if group > 1:
-            crow, col, gidx = _cache.get(values, crow_indices, col_indices, ("group", group),
-                                         lambda: _runners.layout_for(crow_indices, col_indices, group))  # fmt: skip
-        elif not traced:
-            crow, col = _runners.index32(crow_indices, col_indices)
-        cfg_list = _runners.config_to_list(config)
-    act = activation or "none"
+        crow, col, gidx, cfg_list = _triton_args(args, config, traced, fp32_precision)
     if backend == "dense" and not traced:  # the dense weight built once per weight (and inference-mode state)
         key = ("dense", shape, torch.is_inference_mode_enabled())
         w = _cache.get(values, crow_indices, col_indices, key, lambda: bsr_to_dense(values, crow_indices, col_indices, shape))  # noqa: E501
-        y = _runners.run_dense(x2d, w, bias, activation)
-        if out is not None:
-            _check_out(out, x.shape[:-1], out_f, x).copy_(y)
-            return out
-        return y.reshape(*x.shape[:-1], out_f)
-    if out is not None:
-        y2d = _check_out(out, x.shape[:-1], out_f, x)
+        return _finish(_runners.run_dense(x2d, w, bias, activation), out, x, out_f)
+    op_args = (values, crow, col, gidx, bias, out_f, activation or "none", backend, fp32_precision, cfg_list)
+    if out is None:
+        return (ops.bsr_linear_op if traced else ops.bsr_linear_impl)(x, *op_args)
+    y2d = _check_out(out, x.shape[:-1], out_f, x)
+    if traced:
+        y2d.copy_(ops.bsr_linear_op(x2d, *op_args).reshape(-1, out_f))
+    else:
+        ops.bsr_linear_impl(x2d, *op_args, y2d)
+    return out
+
+
+def _pick_backend(args, backend: str, config: dict | None, needs_grad: bool, traced: bool, precision: str):
+    """(backend, config) for a call: `auto` resolved (tuned in eager CUDA code, a static rule elsewhere)."""
+    x2d, values = args[0], args[1]
+    if backend == "auto":
+        if needs_grad:
+            return "dense", config
+        if x2d.device.type != "cuda":  # MKL's BSR matmul: fp32/fp64, square blocks
+            square = values.shape[1] == values.shape[2]
+            return ("torch" if x2d.dtype in (torch.float32, torch.float64) and square else "dense"), config
         if traced:
-            y2d.copy_(ops.bsr_linear_op(x2d, values, crow, col, gidx, bias, out_f, act, backend, fp32_precision,
-                                        cfg_list).reshape(-1, out_f))  # fmt: skip
-            return out
-        ops.bsr_linear_impl(x2d, values, crow, col, gidx, bias, out_f, act, backend, fp32_precision, cfg_list, y2d)
+            return ("triton" if _runners.triton_usable(x2d, values) else "dense"), config
+        choice = _tuning.choose(args, precision)
+        return choice["backend"], (choice["config"] if choice["backend"] == "triton" else config)
+    if backend == "triton" and needs_grad:
+        raise ValueError("backend='triton' is inference only (no backward); use backend='dense' to train")
+    return backend, config
+
+
+def _triton_args(args, config: dict | None, traced: bool, precision: str):
+    """(crow, col, gidx, config list) the triton backend runs on: the config (given, tuned or default) and, for
+    G > 1, the grouped layout (built on the host, so never inside a trace: G falls back to 1 there)."""
+    x2d, values, crow_indices, col_indices, shape, bias, activation = args
+    bh, bw = values.shape[1:]
+    if config is None and traced:
+        config = _tuning.candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision)[0]
+    elif config is None:
+        config = _tuning.default_config(
+            x2d.shape[0], *shape, bh, bw, x2d.dtype, precision, values.shape[0], bias is not None, activation
+        )
+    group = int(config.get("G", 1))
+    if traced and group > 1:
+        config, group = {**config, "G": 1}, 1
+    gidx = None
+    crow, col = crow_indices, col_indices
+    if group > 1:
+        crow, col, gidx = _cache.get(values, crow_indices, col_indices, ("group", group),
+                                     lambda: _runners.layout_for(crow_indices, col_indices, group))  # fmt: skip
+    elif not traced:
+        crow, col = _runners.index32(crow_indices, col_indices)
+    return crow, col, gidx, _runners.config_to_list(config)
+
+
+def _finish(y2d: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, out_f: int) -> torch.Tensor:
+    """A [M, out] result as the caller asked for it: copied into `out`, or shaped like x."""
+    if out is not None:
+        _check_out(out, x.shape[:-1], out_f, x).copy_(y2d.reshape(-1, out_f))
         return out
-    call = ops.bsr_linear_op if traced else ops.bsr_linear_impl
-    return call(x, values, crow, col, gidx, bias, out_f, act, backend, fp32_precision, cfg_list)
+    return y2d.reshape(*x.shape[:-1], out_f)
 
 
 def _check_out(out: torch.Tensor, lead, out_f: int, x: torch.Tensor) -> torch.Tensor:

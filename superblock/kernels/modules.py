@@ -471,23 +471,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, None]:
         self_attn = query is key and key is value
-        if (
-            self_attn
-            and query.dim() == 3
-            and key_padding_mask is None
-            and attn_mask is None
-            and not is_causal
-            and not torch.is_grad_enabled()
-            and type(query) is torch.Tensor
-            and not torch.compiler.is_compiling()
-        ):
-            native = self._native_weights(query)
-            if native is not None:  # both projections run dense here: torch's fused MHA kernel, as nn.MHA's
-                x = query if self.batch_first else query.transpose(0, 1)
-                o = torch._native_multi_head_attention(
-                    x, x, x, self._embed(x), self.num_heads, *native, None, False, True, None
-                )[0]
-                return (o if self.batch_first else o.transpose(0, 1)), None
+        if self_attn and key_padding_mask is None and attn_mask is None and not is_causal:
+            o = self._native_forward(query)
+            if o is not None:
+                return o, None
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (1, L, E)
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
@@ -496,14 +483,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         E = self._embed(query)
         H = self.num_heads
         B, L, _ = query.shape
-        if self_attn:  # one kernel over the packed (3E, E) projection, viewed as q / k / v heads
-            q, k, v = self.in_proj(query).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)
-            S = L
-        else:  # cross-attention: project each input, keep its slice
-            S = key.shape[1]
-            q = self.in_proj(query)[..., :E].reshape(B, L, H, E // H).transpose(1, 2)
-            k = self.in_proj(key)[..., E : 2 * E].reshape(B, S, H, E // H).transpose(1, 2)
-            v = self.in_proj(value)[..., 2 * E :].reshape(B, S, H, E // H).transpose(1, 2)
+        S = key.shape[1]
+        q, k, v = self._project(query, key, value, self_attn, E)
         mask = None
         if attn_mask is not None or key_padding_mask is not None:
             mask = _sdpa_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
@@ -521,6 +502,33 @@ class BlockSparseMultiheadAttention(nn.Module):
         elif not self.batch_first:
             o = o.transpose(0, 1)
         return o, None
+
+    def _native_forward(self, query: torch.Tensor) -> torch.Tensor | None:
+        """torch's fused MHA kernel (as nn.MultiheadAttention's fast path) when both projections run dense for
+        this input in eager inference; None otherwise."""
+        if query.dim() != 3 or torch.is_grad_enabled() or type(query) is not torch.Tensor:
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        native = self._native_weights(query)
+        if native is None:
+            return None
+        x = query if self.batch_first else query.transpose(0, 1)
+        o = torch._native_multi_head_attention(x, x, x, self._embed(x), self.num_heads, *native, None, False, True)
+        return o[0] if self.batch_first else o[0].transpose(0, 1)
+
+    def _project(self, query, key, value, self_attn: bool, E: int) -> tuple[torch.Tensor, ...]:
+        """q, k, v as (B, H, L|S, E/H): one kernel over the packed (3E, E) projection for self-attention; for
+        cross-attention each input is projected and its slice kept."""
+        H = self.num_heads
+        B, L, _ = query.shape
+        if self_attn:
+            return self.in_proj(query).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)
+        S = key.shape[1]
+        q = self.in_proj(query)[..., :E].reshape(B, L, H, E // H).transpose(1, 2)
+        k = self.in_proj(key)[..., E : 2 * E].reshape(B, S, H, E // H).transpose(1, 2)
+        v = self.in_proj(value)[..., 2 * E :].reshape(B, S, H, E // H).transpose(1, 2)
+        return q, k, v
 
     def _embed(self, x: torch.Tensor) -> int:
         return self.embed_dim or x.shape[-1]

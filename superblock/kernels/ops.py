@@ -11,8 +11,10 @@ y = act(x @ W^T + bias), W block-sparse over the zero-padded (ceil(out/bh)*bh, c
   backend     "triton" (CUDA) | "torch" (torch's BSR kernels) | "dense" (the dense weight rebuilt per call:
               a reference; modules run their dense choice as F.linear with a weight prepared at load time)
   precision   fp32 products in the triton backend: "ieee" | "tf32" | "tf32x3" (ignored otherwise)
-  config      triton launch configuration [BLOCK_M, G, num_warps, num_stages, TMA] ([] for other backends);
-              with G > 1, crow/col are the grouped layout and gidx its block map (kernels._runners.layout_for)
+  config      triton launch configuration [BLOCK_M, G, num_warps, num_stages, TMA] or [..., TMA, SPLIT] ([] for
+              other backends); with G > 1, crow/col are the grouped layout and gidx its block map
+              (kernels._runners.layout_for); SPLIT >= 1 runs the decode kernel (few tokens: SPLIT programs per
+              block row, fp32 partial sums reduced by a second kernel; kernels._triton_bsr.launch_decode)
 
 torch.compile and torch.export see one opaque node with a fake (meta) implementation: no guards on tensor
 identity, no Python inside. Every choice (backend, config) is an argument: callers decide outside the trace.

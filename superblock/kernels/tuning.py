@@ -63,8 +63,32 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     return c
 
 
+DECODE_MAX_TOKENS = 64  # the decode kernel competes up to this many tokens (issue 12: M <= 64)
+
+
+def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict]:
+    """Decode-kernel configurations (SPLIT >= 1) for few tokens: one token tile of up to 64 rows, and SPLIT
+    programs per block row so that each program reads 1, 2, 4 or 8 kept blocks. Fewer blocks per program put more
+    loads in flight (few tokens: the weight read is the whole cost); more keep the fp32 partial sums, which grow
+    with M * SPLIT, small."""
+    block_m = min(DECODE_MAX_TOKENS, max(16, 1 << (max(int(M), 1) - 1).bit_length()))
+    out = []
+    for per_program in (1, 2, 4, 8):
+        split = 1 << max(0, math.ceil(math.log2(max(blocks_per_row / per_program, 1.0))))
+        c = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
+        c["SPLIT"] = min(split, 64)
+        out.append(c)
+    return out
+
+
 def candidate_configs(
-    M: int, bh: int, bw: int, dtype: torch.dtype, precision: str = "ieee", target: str = "eager"
+    M: int,
+    bh: int,
+    bw: int,
+    dtype: torch.dtype,
+    precision: str = "ieee",
+    target: str = "eager",
+    blocks_per_row: float | None = None,
 ) -> list[dict]:
     """Short list of launch configurations worth measuring for one problem; the first is the default.
 
@@ -72,7 +96,8 @@ def candidate_configs(
     with 128-token tiles, 4 warps and 2 stages wins for blocks >= 32 (each block row has only a few blocks,
     so deeper pipelines buy nothing and cost occupancy); 16-wide blocks want 2-4 block rows per program;
     with few tokens the descriptor set-up costs more than TMA saves (not under CUDA graphs: target "graph" adds
-    TMA and smaller tiles there); fp32 in IEEE runs on the FMA units.
+    TMA and smaller tiles there); fp32 in IEEE runs on the FMA units. With at most DECODE_MAX_TOKENS tokens and
+    `blocks_per_row` (kept blocks / block rows) given, the decode kernel's configurations (decode_configs) join.
     """
     large = M > 8192
     if dtype == torch.float32 and precision == "ieee":
@@ -101,6 +126,8 @@ def candidate_configs(
         if target == "graph":
             # under CUDA graphs the TMA descriptors' host cost is gone, and few tokens want more, smaller programs
             cands += [_cfg(64, 1, 4, 2, True), _cfg(128, 1, 4, 2, True), _cfg(16, 1, 2, 2), _cfg(32, 1, 2, 3)]
+    if blocks_per_row is not None and M <= DECODE_MAX_TOKENS:
+        cands += decode_configs(M, bh, bw, blocks_per_row)  # after the tiled ones: the default stays first
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     out, seen = [], set()
     for c in cands:
@@ -332,6 +359,37 @@ def _can_measure(x: torch.Tensor) -> bool:
     return not (compiling is not None and compiling())
 
 
+def _time_triton(args, precision: str, candidates: list[dict]):
+    """GPU time of each Triton launch configuration that runs here: ({label: ms}, {label: config}, runner); the
+    runner allocates its output unless given one, as the op does."""
+    x2d, values, crow, col, shape, bias, activation = args
+    layouts: dict[int, tuple] = {}
+    y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
+
+    def run_cfg(cfg, out=None):
+        group = int(cfg.get("G", 1))
+        if group not in layouts:
+            layouts[group] = _runners.layout_for(crow, col, group)
+        lc, lcol, gidx = layouts[group]
+        return _runners.run_triton(x2d, values, lc, lcol, gidx, bias, shape[0], activation, precision, cfg, out)
+
+    gpu_ms: dict[str, float] = {}
+    configs: dict[str, dict] = {}
+    for cfg in candidates:
+        label = "triton:" + ",".join(f"{k}={v}" for k, v in cfg.items())
+        run = lambda c=cfg: run_cfg(c, y)  # noqa: E731
+        try:
+            run()
+        except Exception:  # e.g. out of shared memory for this tile shape
+            continue
+        try:
+            gpu_ms[label] = time_graph(run)
+        except Exception:  # capture not possible here: eager timing
+            gpu_ms[label] = time_cuda(run)
+        configs[label] = cfg
+    return gpu_ms, configs, run_cfg
+
+
 def measure(
     args,
     precision: str,
@@ -341,44 +399,23 @@ def measure(
 ):
     """Time every backend (and every Triton candidate) on these arguments; returns {label: ms}, best entry.
 
-    args = (x2d, values, crow, col, (out, in), bias, activation). Triton configurations compete on GPU time;
-    backends on eager time (target "eager": launch overhead included) or GPU time (target "graph")."""
+    args = (x2d, values, crow, col, (out, in), bias, activation). Triton configurations (the decode kernel's among
+    them for few tokens) compete on GPU time; the winner then against the other backends on eager time (target
+    "eager": launch overhead included) or GPU time (target "graph")."""
     x2d, values, crow, col, shape, bias, activation = args
-    bh, bw = values.shape[1:]
+    graph = target == "graph"
     times: dict[str, float] = {}
-    configs: dict[str, dict] = {}
     gpu_ms: dict[str, float] = {}
+    configs: dict[str, dict] = {}
     best_cfg = None
-    layouts: dict[int, tuple] = {}
-
-    def run_cfg(cfg, y=None):
-        group = int(cfg.get("G", 1))
-        if group not in layouts:
-            layouts[group] = _runners.layout_for(crow, col, group)
-        lc, lcol, gidx = layouts[group]
-        return _runners.run_triton(x2d, values, lc, lcol, gidx, bias, shape[0], activation, precision, cfg, y)
-
     if "triton" in backends and _runners.triton_usable(x2d, values):
-        # configurations compete on GPU time (graph replays); the winner then on eager time with the others
-        y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
-        for cfg in candidates or candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision, target):
-            label = "triton:" + ",".join(f"{k}={v}" for k, v in cfg.items())
-            run = lambda c=cfg: run_cfg(c, y)  # noqa: E731
-            try:
-                run()
-            except Exception:  # e.g. out of shared memory for this tile shape
-                continue
-            try:
-                gpu_ms[label] = time_graph(run)
-            except Exception:  # capture not possible here: eager timing
-                gpu_ms[label] = time_cuda(run)
-            configs[label] = cfg
+        if not candidates:
+            per_row = values.shape[0] / max(crow.numel() - 1, 1)
+            candidates = candidate_configs(x2d.shape[0], *values.shape[1:], x2d.dtype, precision, target, per_row)
+        gpu_ms, configs, run_cfg = _time_triton(args, precision, candidates)
         if gpu_ms:
             best_cfg = min(gpu_ms, key=gpu_ms.get)
-            times[best_cfg] = time_cuda(lambda: run_cfg(configs[best_cfg]))
-    graph = target == "graph"
-    if graph and best_cfg is not None:
-        times[best_cfg] = gpu_ms[best_cfg]
+            times[best_cfg] = gpu_ms[best_cfg] if graph else time_cuda(lambda: run_cfg(configs[best_cfg]))
 
     def timed(fn):
         if graph:
@@ -394,8 +431,13 @@ def measure(
         w = _runners.bsr_to_dense(values, crow, col, shape)
         times["dense"] = timed(lambda: _runners.run_dense(x2d, w, bias, activation))
         del w
+    return times, _entry(times, configs, gpu_ms, best_cfg)
+
+
+def _entry(times: dict, configs: dict, gpu_ms: dict, best_cfg: str | None) -> dict:
+    """The tuning-table entry of a measurement: the fastest backend, dense unless beaten by DENSE_MARGIN."""
     if not times:
-        return times, {"backend": "dense", "times_us": {}}
+        return {"backend": "dense", "times_us": {}}
     best = min(times, key=times.get)
     if "dense" in times and best != "dense" and times[best] > DENSE_MARGIN * times["dense"]:
         best = "dense"
@@ -404,7 +446,7 @@ def measure(
         entry["triton_config"] = configs[best_cfg]
         entry["gpu_us"] = {k: round(v * 1000.0, 2) for k, v in gpu_ms.items()}
     entry["times_us"] = {k: round(v * 1000.0, 2) for k, v in times.items()}
-    return times, entry
+    return entry
 
 
 def choose(args, precision: str, target: str | None = None) -> dict:

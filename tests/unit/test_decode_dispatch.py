@@ -1,0 +1,158 @@
+"""The decode kernel's dispatch on CPU: its launch configurations (SPLIT), how they travel through the custom op's
+config list, how tuning offers them for few tokens, and (slow, Triton interpreter) its numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from superblock.kernels import BlockSparseLinear, _runners
+from superblock.kernels import tuning as tuning_mod
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_lists_carry_split_and_keep_old_lists():
+    tiled = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 3, "TMA": False}
+    assert _runners.config_to_list(tiled) == [64, 1, 4, 3, 0]  # five entries: earlier tables and exports
+    assert "SPLIT" not in _runners.config_from_list([64, 1, 4, 3, 0])
+    decode = {**tiled, "BLOCK_M": 16, "SPLIT": 8}
+    assert _runners.config_to_list(decode) == [16, 1, 4, 3, 0, 8]
+    assert _runners.config_from_list([16, 1, 4, 3, 0, 8]) == decode
+    assert "SPLIT" not in _runners.config_from_list([16, 1, 4, 3, 0, 0])
+    with pytest.raises(ValueError, match="entries"):
+        _runners.config_from_list([16, 1, 4, 3, 0, 8, 1])
+
+
+def test_decode_kernel_needs_plain_block_rows():
+    x, values = torch.zeros(1, 64), torch.zeros(1, 32, 32)
+    crow, col = torch.tensor([0, 1, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    cfg = {"BLOCK_M": 16, "G": 2, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": 2}
+    with pytest.raises(ValueError, match="G == 1"):
+        _runners.run_triton(x, values, crow, col, None, None, 64, None, "ieee", cfg)
+
+
+@pytest.mark.parametrize("per_row", [1.0, 6.4, 22.4, 200.0])
+def test_decode_configs_split_block_rows(per_row):
+    cands = tuning_mod.decode_configs(1, 64, 64, per_row)
+    splits = [c["SPLIT"] for c in cands]
+    assert all(s >= 1 and s & (s - 1) == 0 and s <= 64 for s in splits)
+    assert all(c["G"] == 1 and c["BLOCK_M"] == 16 for c in cands)
+    # the most split configuration leaves about one kept block per program (capped at 64 programs per row)
+    assert max(splits) == min(64, 1 << max(0, (int(-(-per_row // 1)) - 1).bit_length()))
+    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(17, 64, 64, per_row)] == [32] * 4
+    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(64, 64, 64, per_row)] == [64] * 4
+
+
+def test_candidates_add_decode_only_for_few_tokens():
+    for target in ("eager", "graph"):
+        base = tuning_mod.candidate_configs(8, 64, 64, torch.bfloat16, "ieee", target)
+        few = tuning_mod.candidate_configs(8, 64, 64, torch.bfloat16, "ieee", target, blocks_per_row=22.4)
+        assert few[0] == base[0]  # the default (static choice inside traces) is unchanged
+        assert [c for c in few if "SPLIT" not in c] == base
+        assert any(c.get("SPLIT", 0) >= 1 for c in few)
+        many = tuning_mod.candidate_configs(2048, 64, 64, torch.bfloat16, "ieee", target, blocks_per_row=22.4)
+        assert not any("SPLIT" in c for c in many)
+
+
+def _sparse_layer(out_f=256, in_f=1024, block=64, per_row=8):
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = out_f // block, in_f // block
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        keep[r, torch.randperm(cols, generator=gen)[:per_row]] = True
+    w = torch.randn(out_f, in_f, generator=gen) * keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return BlockSparseLinear.from_dense(w, torch.randn(out_f), block_size=block)
+
+
+@pytest.mark.parametrize("target", ["eager", "graph"])
+def test_measure_offers_the_decode_kernel_and_records_it(monkeypatch, target):
+    """Tuning hands the decode configurations (with the layer's blocks per row) to the timing, and a decode
+    configuration that wins is what the entry, the module's plan and the op's config list carry."""
+    seen = {}
+
+    def fake_time_triton(args, precision, candidates):
+        seen["candidates"] = candidates
+        configs = {f"triton:{i}": c for i, c in enumerate(candidates)}
+        gpu = {k: (0.25 if c.get("SPLIT") == 8 else 1.0) for k, c in configs.items()}
+        return gpu, configs, lambda cfg, out=None: None
+
+    monkeypatch.setattr(tuning_mod, "_time_triton", fake_time_triton)
+    monkeypatch.setattr(_runners, "triton_usable", lambda *a: True)
+    # eager: the triton winner is timed first (0.5 ms), then dense (1 ms); graph: dense 1 ms, triton its GPU time
+    eager_ms = iter([0.5, 1.0])
+    monkeypatch.setattr(tuning_mod, "time_cuda", lambda fn, *a, **k: (fn(), next(eager_ms))[1])
+    monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    layer = _sparse_layer()
+    x2d = torch.randn(1, layer.in_features)
+    args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
+    times, entry = tuning_mod.measure(args, "ieee", backends=("triton", "dense"), target=target)
+    assert any(c.get("SPLIT") == 8 for c in seen["candidates"])  # 8 kept blocks per row: one per program
+    assert times["dense"] == 1.0
+    assert entry["backend"] == "triton" and entry["config"]["SPLIT"] == 8
+    assert entry["triton_config"]["SPLIT"] == 8
+    plan = layer._build({"backend": "triton", "config": entry["config"], "precision": "ieee"}, x2d, traced=False)
+    assert plan[2][-1] == 8 and len(plan[2]) == len(_runners.CONFIG_KEYS)
+
+
+def test_measure_keeps_dense_when_decode_is_not_faster(monkeypatch):
+    def fake_time_triton(args, precision, candidates):
+        configs = {f"triton:{i}": c for i, c in enumerate(candidates)}
+        return dict.fromkeys(configs, 1.0), configs, lambda cfg, out=None: None
+
+    monkeypatch.setattr(tuning_mod, "_time_triton", fake_time_triton)
+    monkeypatch.setattr(_runners, "triton_usable", lambda *a: True)
+    monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    layer = _sparse_layer()
+    x2d = torch.randn(1, layer.in_features)
+    args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
+    _, entry = tuning_mod.measure(args, "ieee", backends=("triton", "dense"), target="graph")
+    assert entry["backend"] == "dense"  # within DENSE_MARGIN of dense: dense
+
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import torch, sys
+    sys.path.insert(0, "tests/unit")
+    from test_kernels import random_block_sparse, reference, rel_err
+    from superblock.kernels import BlockSparseLinear, bsr_linear, dense_to_bsr
+    torch.manual_seed(0)
+    # (out, in), block: ragged N and K (not block multiples), a 16x32 block; random_block_sparse empties a row
+    for (out_f, in_f), block in (((96, 64), (32, 32)), ((100, 70), (16, 16)), ((130, 96), (32, 16))):
+        for split, block_m in ((1, 16), (2, 16), (3, 32)):
+            cfg = {"BLOCK_M": block_m, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": split}
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+                w = random_block_sparse(out_f, in_f, block, 0.5, dtype)
+                values, crow, col = dense_to_bsr(w, block)
+                for m in (1, 3, 17):
+                    x, b = torch.randn(m, in_f).to(dtype), torch.randn(out_f).to(dtype)
+                    for bias, act in ((None, None), (b, "gelu"), (b, None)):
+                        y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
+                        err = rel_err(y, reference(x, w, bias, act))
+                        assert err < tol, (out_f, in_f, block, split, m, dtype, act, err)
+    layer = BlockSparseLinear.from_dense(random_block_sparse(96, 64, (32, 32), 0.5), torch.randn(96), block_size=32)
+    layer.dispatch[16] = {"backend": "triton", "config": {**cfg, "BLOCK_M": 16}, "precision": "ieee"}
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        err = rel_err(layer(x), reference(x, layer.to_dense_weight(), layer.bias))
+    assert err < 1e-5, err
+    print("decode interpreter ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_decode_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "decode interpreter ok" in proc.stdout
