@@ -285,10 +285,7 @@ def evaluate(
         "weight_bytes": {f: weight_bytes(m) for f, m in models.items()},
     }
     if sizes is None and runtime != "eager":
-        wanted = [int(latency_cfg.get("batch_size", 64))] if latency_on else []
-        if accuracy:
-            wanted.append(int(batch_size or data_cfg.get("eval_batch_size") or data_cfg.get("batch_size") or 128))
-        sizes = check_runtime(runtime, wanted or None)
+        sizes = _served_sizes(runtime, latency_cfg if latency_on else None, data_cfg, batch_size)
     serve(models, runtime, list(sizes) if sizes else None, shape)
     result.update(runtime=runtime, runtime_batch_sizes=list(sizes) if sizes else None)
     runners = {f: _runner(f, m, dev, torch_dtype) for f, m in models.items()}
@@ -307,6 +304,14 @@ def evaluate(
     echo(table(result))
     echo(f"wrote {out}")
     return result
+
+
+def _served_sizes(runtime: str, latency: dict | None, data_cfg: dict | None, batch_size: int | None):
+    """The batch sizes a compiled / graphed runtime prepares by default: the timed one and the accuracy one."""
+    wanted = [int(latency.get("batch_size", 64))] if latency is not None else []
+    if data_cfg is not None:
+        wanted.append(int(batch_size or data_cfg.get("eval_batch_size") or data_cfg.get("batch_size") or 128))
+    return check_runtime(runtime, wanted or None)
 
 
 def headline(lat: dict, mode: str) -> dict:

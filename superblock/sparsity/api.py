@@ -208,6 +208,15 @@ def sparsify(
     )
     if dry_run:
         return report
+    _install(model, found, masks, controller, fixed_weight)
+    return report
+
+
+def _install(
+    model: nn.Module, found: list, masks: list[tuple[str, BlockMask]], controller: SparsityController,
+    fixed_weight: bool,
+) -> None:
+    """Register each mask as its weight's parametrization and attach the controller to the model."""
     plain = {id(t.module): type(t.module) for t in found if not parametrize.is_parametrized(t.module)}
     for t, (_, mask) in zip(found, masks, strict=True):
         mask.cast_ok = _reads_weight_through_linear_only(t.module)
@@ -222,7 +231,6 @@ def sparsify(
     # A plain attribute (see SparsityController); deepcopy (EMA) copies it along with the masks it points to.
     object.__setattr__(model, CONTROLLER_ATTR, controller)
     model.register_load_state_dict_post_hook(_refresh_after_load)
-    return report
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
