@@ -4,12 +4,11 @@ A sequence model's every token position counts as one prediction: top-1 is then 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from superblock.data.metrics import perplexity
 from superblock.engine.distributed import all_reduce_sum
 from superblock.engine.ema import ModelEma
 from superblock.engine.objective import flat_predictions, logits_of
@@ -53,11 +52,6 @@ def evaluate(
     if sequences:
         metrics["val_perplexity"] = perplexity(loss / count)
     return metrics
-
-
-def perplexity(mean_nll: float) -> float:
-    """exp(mean negative log-likelihood per token), inf instead of an overflow."""
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
 def validate(
