@@ -27,7 +27,7 @@ from superblock.data import (
     stdlib_corpus,
     text_bundle,
 )
-from superblock.data.corpus import split_of
+from superblock.data.corpus import split_of, stdlib_root
 
 
 def _write(root: Path, files: dict[str, str | bytes]) -> Path:
@@ -114,7 +114,8 @@ def test_stdlib_corpus_is_deterministic_fast_and_within_budget() -> None:
     assert all(not n.startswith(("site-packages", "test/")) for n in corpus.train.names + corpus.val.names)
     assert corpus.info["bytes"]["train"] <= 270_000 and corpus.info["bytes"]["val"] <= 30_000
     assert corpus.info["bytes"]["train"] > 250_000 and corpus.info["bytes"]["val"] > 10_000
-    assert "def " in corpus.train.docs[-1] or "import" in "".join(corpus.train.docs)
+    assert corpus.train.names == sorted(corpus.train.names)  # a fixed file order
+    assert corpus.train.docs[0] == (stdlib_root() / corpus.train.names[0]).read_text("utf-8")
     assert stdlib_corpus(max_bytes=100_000).info["sha256"] != corpus.info["sha256"]
 
 
@@ -125,6 +126,8 @@ def test_default_text_bundle_through_build_datasets() -> None:
     x, y = bundle.val[len(bundle.val) - 1]
     assert x.shape == y.shape == (64,) and torch.equal(x[1:], y[:-1])
     assert build_datasets("text", seq_len=64, max_bytes=100_000, val_only=True).train is None
+    images = build_datasets("synthetic", train_size=8, val_size=8)  # image bundles keep the old defaults
+    assert (images.task, images.vocab_size, images.seq_len, images.corpus) == ("image_classification", None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer dirs
@@ -156,6 +159,11 @@ def test_local_tokenizer_directory(tmp_path) -> None:
     assert (x.tolist(), y.tolist()) == ([6, 3, 7], [3, 7, 2])
     assert bundle.val.tokens.tolist() == [3, 9, 5, 6, 8, 4, 0, 2]  # unknown word -> [UNK]
     assert bundle.corpus["tokenizer"] == str(tok_dir) and bundle.corpus["tokenizer_class"]
+    classes = _write(tmp_path / "classes", {"train/a/1.txt": "the cat", "train/b/1.txt": "a dog sat on the mat",
+                                            "val/a/1.txt": "cat", "val/b/1.txt": "dog"})
+    labelled = text_bundle(str(classes), seq_len=4, tokenizer=str(tok_dir))
+    rows = [(x.tolist(), y) for x, y in (labelled.train[0], labelled.train[1])]
+    assert rows == [([3, 4, 1, 1], 0), ([8, 9, 5, 6], 1)]  # padded with [PAD] = 1; truncated to 4 tokens
 
 
 # ---------------------------------------------------------------------------------------------- classification
