@@ -1,4 +1,5 @@
-"""Build ViTs by name: tiny torchvision twins, torchvision ViTs, or any timm model (``timm:<name>``).
+"""Build models by name: tiny torchvision twins, torchvision ViTs, any timm model (``timm:<name>``) or a Hugging Face
+transformers model (``hf:<model_type>`` / ``hf:<local dir>``, see superblock.hf_models).
 
 Weights never come from the network at run time: ``pretrained`` is a local file, so a job on an offline
 cluster node behaves the same as on a laptop.
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import vision_transformer as tv_vit
+
+from superblock.hf_models import build_hf_model, hf_model_spec, is_hf_name
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
-def default_image_size(name: str) -> int:
-    """Input resolution a model is built for when no ``image_size`` is given."""
+def default_image_size(name: str) -> int | None:
+    """Input resolution a model is built for when no ``image_size`` is given (None for text models)."""
+    if is_hf_name(name):
+        return None
     if name in _TINY_CONFIGS:
         return _TINY_CONFIGS[name]["image_size"]
     return _TORCHVISION_DEFAULT_SIZE.get(name, 224)
@@ -69,10 +74,14 @@ def build_model(
     ``image_size=None`` means the model's own default (32 for the tiny twins, 224 for most others).
     ``kwargs`` override architecture fields: patch_size, num_layers, num_heads, hidden_dim, mlp_dim,
     dropout, attention_dropout for the tiny twins; dropout, attention_dropout for torchvision ViTs;
-    anything ``timm.create_model`` accepts for ``timm:<name>``.
+    anything ``timm.create_model`` accepts for ``timm:<name>``; ``task`` and ``config`` (transformers config
+    overrides) for ``hf:<model_type>`` / ``hf:<dir>``, where ``num_classes`` is the vocabulary size of a causal LM,
+    ``image_size`` is ignored and ``pretrained`` is a local transformers weights directory.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if is_hf_name(name):
+        return build_hf_model(name, num_classes, pretrained, **kwargs)
     size = default_image_size(name) if image_size is None else int(image_size)
     if name in _TINY_CONFIGS:
         model = _build_tiny(name, num_classes, size, kwargs)
@@ -82,7 +91,10 @@ def build_model(
         model = _build_timm(name[len(_TIMM_PREFIX) :], num_classes, size, kwargs)
     else:
         valid = ", ".join(MODEL_NAMES)
-        raise ValueError(f"unknown model {name!r}; valid names: {valid}, or timm:<timm model name>")
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {valid}, timm:<timm model name>, hf:<transformers model_type> "
+            "(hf:gpt2, hf:llama, hf:bert) or hf:<local transformers directory>"
+        )
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -100,7 +112,10 @@ def model_spec(
     ``image_size`` is resolved to an int so the spec does not depend on future default changes. To rebuild a
     model whose weights come from a checkpoint, drop ``pretrained`` (``{**spec, "pretrained": None}``): the
     file may not exist on the machine that rebuilds it, and the checkpoint's weights replace it anyway.
+    ``hf:`` models have no image size (None) and take ``task`` / ``config`` only (see hf_models.hf_model_spec).
     """
+    if is_hf_name(name):
+        return hf_model_spec(name, num_classes, pretrained, **kwargs)
     size = default_image_size(name) if image_size is None else int(image_size)
     spec = {"name": name, "num_classes": int(num_classes), "image_size": size, "pretrained": pretrained}
     spec.update(kwargs)

@@ -4,6 +4,7 @@ embeddings stay dense, and the masked model computes what its folded copy comput
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -135,3 +136,79 @@ def test_patterns_still_reach_heads_and_name_conv1d_modules():
     assert [t.name for t in select_targets(build("llama"), ["lm_head"])] == ["lm_head.weight"]
     with pytest.raises(ValueError, match="matches no"):
         select_targets(model, "transformer.h.*.mlp.fc1")
+
+
+# ------------------------------------------------------------------------------------------------ hf: model names
+
+TINY_GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
+
+
+def test_hf_model_type_builds_the_plain_transformers_model():
+    from superblock.models import build_model, model_spec
+
+    spec = model_spec("hf:gpt2", num_classes=VOCAB, image_size=224, config=TINY_GPT2)
+    assert spec == {"name": "hf:gpt2", "num_classes": VOCAB, "image_size": None, "pretrained": None,
+                    "task": "causal_lm", "config": TINY_GPT2}  # fmt: skip
+    model = build_model(**spec)
+    assert isinstance(model, transformers.GPT2LMHeadModel) and len(model.transformer.h) == 2
+    assert model.config.vocab_size == VOCAB and model.lm_head.out_features == VOCAB  # the tokenizer's vocabulary
+    assert model.config.eos_token_id is None  # GPT-2's 50256 is no token of a 61-token vocabulary
+    assert next(model.parameters()).dtype == torch.float32
+    out = model.eval().generate(tokens(1, 4), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+    clf = build_model("hf:bert", 3, task="sequence_classification", config=CONFIGS["bert"])
+    assert isinstance(clf, transformers.BertForSequenceClassification) and clf.classifier.out_features == 3
+
+
+def test_hf_local_directory_config_and_weights(tmp_path):
+    from superblock.models import build_model, model_spec
+
+    source = build("llama")
+    source.save_pretrained(tmp_path / "tiny")
+    spec = model_spec(f"hf:{tmp_path / 'tiny'}", num_classes=VOCAB)
+    # spelled out, so that a checkpoint rebuilds without the directory; its weights are the pretrained ones
+    assert spec["name"] == "hf:llama" and spec["pretrained"] == str(tmp_path / "tiny")
+    assert spec["config"]["num_key_value_heads"] == 2 and spec["image_size"] is None
+    x = tokens()
+    with torch.no_grad():
+        want = source(x).logits
+        torch.testing.assert_close(build_model(**spec).eval()(x).logits, want)
+        torch.testing.assert_close(build_model(f"hf:{tmp_path / 'tiny'}", VOCAB).eval()(x).logits, want)
+        fresh = build_model(**{**spec, "pretrained": None}).eval()
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in source.parameters()]
+    # a vocabulary that is not the weights' resizes the embeddings (and the lm_head)
+    bigger = build_model("hf:llama", VOCAB + 3, pretrained=str(tmp_path / "tiny"), config=CONFIGS["llama"])
+    assert bigger.lm_head.out_features == VOCAB + 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "hf:gtp2"}, r"unknown transformers model type 'gtp2'.*did you mean hf:gpt2"),
+        ({"name": "hf:gpt2", "config": {"n_layers": 2}}, r"GPT2Config has no field 'n_layers' \(did you mean n_layer"),
+        ({"name": "hf:gpt2", "task": "seq2seq"}, r"task='seq2seq' is not one of"),
+        ({"name": "hf:gpt2", "patch_size": 4}, r"does not take \['patch_size'\]"),
+        ({"name": "hf:openai-community/gpt2"}, r"is not a local directory. Models are never downloaded"),
+        ({"name": "hf:vit"}, r"has no causal_lm head"),
+        ({"name": "hf:gpt2", "num_classes": 0}, r"num_classes must be >= 1"),
+        ({"name": "hf:gpt2", "pretrained": "gpt2.safetensors"}, r"must be a local directory with transformers"),
+    ],
+)
+def test_hf_model_errors_name_the_fix(kwargs, message):
+    from superblock.models import build_model
+
+    with pytest.raises(ValueError, match=message):
+        build_model(**{"num_classes": 5, **kwargs})
+
+
+def test_missing_transformers_says_how_to_install(monkeypatch, tmp_path):
+    from superblock.hf_models import TransformersMissing
+    from superblock.models import build_model, model_spec
+
+    (tmp_path / "config.json").write_text("{\"model_type\": \"gpt2\"}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` sees when not installed
+    for call in (lambda: build_model("hf:gpt2", 5), lambda: model_spec(f"hf:{tmp_path}", 5)):
+        with pytest.raises(TransformersMissing, match=r"transformers is not installed: pip install -e '\.\[lm\]'"):
+            call()
+    assert issubclass(TransformersMissing, ImportError) and issubclass(TransformersMissing, ValueError)
