@@ -14,6 +14,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOP_LEVEL = {p.stem for p in CONFIGS.glob("*.yaml")}
 GROUP_FILES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS and "hydra" not in p.parts)
 NEEDS_ROOT = ("data.root=/tmp/dataset",)
+# Options that only make sense with a partner: token data trains language models (and they read tokens).
+PARTNERS = {"data/text": ("model.name=hf:gpt2", "model.source=hf"), "model/hf": ("data=text",)}
 
 
 def _compose(name: str, overrides: list[str]):
@@ -28,7 +30,8 @@ def test_there_are_configs_to_check():
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_group_option_composes_and_validates(path):
     group = path.parent.relative_to(CONFIGS).as_posix()
-    cfg = _compose("train", [f"{group}={path.stem}", *NEEDS_ROOT])
+    partners = PARTNERS.get(f"{group}/{path.stem}", ())
+    cfg = _compose("train", [f"{group}={path.stem}", *NEEDS_ROOT, *partners])
     if group == "sweep":
         return  # sweep configs only switch Hydra to multirun with a grid; the job config is checked above
     conf = to_config(cfg)
