@@ -1,0 +1,291 @@
+"""A Llama-architecture causal LM with Llama-3-8B dimensions, block-sparse vs dense: prefill and greedy decode.
+
+    PYTHONPATH=. python benchmarks/lm_e2e.py --out $OUT                  # 32 layers, prefill 2048, decode 256 tokens
+    PYTHONPATH=. python benchmarks/lm_e2e.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \
+        --vocab 1000 --prefill 64 --prompt 8 --new-tokens 8 --device cpu   # a smoke run of the same code on a CPU
+
+transformers' LlamaForCausalLM (hidden 4096, intermediate 14336, 32 heads, 8 kv heads, vocab 128256) with random
+weights, nothing downloaded, bf16, SDPA attention. In every decoder layer `sparsity` of the 64x64 blocks of q/k/v/o
+and gate/up/down are zeroed at random (exact count per weight); the dense model keeps those zero-filled weights on
+cuBLAS, the sparse one replaces each of those nn.Linear by BlockSparseLinear.from_dense (backend "auto", tuned for
+the CUDA-graph target at 1 and `--prefill` tokens); embeddings and lm_head stay dense in both. Same process, same
+runtime, same inputs:
+
+  prefill  ms of one forward over `--prefill` tokens (batch 1, no cache, logits of the last token only, as
+           generate() computes them), replayed from a CUDA graph (eager if the capture fails: the table says)
+  decode   greedy tokens/s at batch 1: a StaticCache, the one-token step (forward, argmax, position += 1) captured
+           in a CUDA graph and replayed `--new-tokens` times after a `--prompt`-token prefill. Before timing, the
+           replayed steps' logits are checked against the eager steps' and against a cache-free forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from superblock.kernels import BlockSparseLinear  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--reps", type=int, default=10, help="prefill calls per timing round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    return p.parse_args(argv)
+
+
+def build_dense(args) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, num_hidden_layers=args.layers, vocab_size=args.vocab,
+        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in PROJECTIONS:
+                zero_random_blocks(layer.get_submodule(name).weight, args.block, args.sparsity, gen)
+    return model
+
+
+def zero_random_blocks(w: torch.Tensor, block: int, sparsity: float, gen: torch.Generator) -> None:
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols, generator=gen)[: round((1 - sparsity) * rows * cols)]] = True
+    full = keep.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    w.mul_(full[: w.shape[0], : w.shape[1]].to(w.device, w.dtype))
+
+
+def to_sparse(dense: nn.Module, args) -> nn.Module:
+    model = copy.deepcopy(dense)
+    for layer in model.model.layers:
+        for name in PROJECTIONS:
+            parent_name, attr = name.rsplit(".", 1)
+            parent = layer.get_submodule(parent_name)
+            mod = BlockSparseLinear.from_dense(getattr(parent, attr), block_size=args.block)
+            mod.tuning_target = "graph"
+            setattr(parent, attr, mod)
+    t0 = time.time()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, BlockSparseLinear):
+                mod.prepare([1, args.prefill])
+    print(f"tuned and prepared the sparse layers in {time.time() - t0:.1f} s", flush=True)
+    return model
+
+
+def on_gpu(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device: str) -> None:
+    if on_gpu(device):
+        torch.cuda.synchronize()
+
+
+def capture(fn, device: str):
+    """A CUDA graph of fn() (after a warm-up call on a side stream), or None off CUDA."""
+    if not on_gpu(device):
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def prefill_ms(model, args) -> tuple[float, str]:
+    ids = torch.randint(0, args.vocab, (1, args.prefill), device=args.device, generator=None)
+
+    def fn():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    runtime, run = "eager", fn
+    with torch.no_grad():
+        fn()
+        try:
+            graph = capture(fn, args.device)
+            if graph is not None:
+                runtime, run = "cuda graph", graph.replay
+        except Exception as err:  # e.g. a host sync inside the model: report eager
+            print(f"prefill capture failed ({type(err).__name__}: {str(err)[:200]}); timing eager", flush=True)
+        times = []
+        for _ in range(args.rounds):
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
+                run()
+            sync(args.device)
+            times.append(1000.0 * (time.perf_counter() - t0) / args.reps)
+    return statistics.median(times), runtime
+
+
+class Decoder:
+    """Greedy batch-1 decoding around a transformers StaticCache with every tensor at a fixed address, so that the
+    one-token step (forward, argmax, position += 1) can be captured in a CUDA graph and replayed."""
+
+    def __init__(self, model, args, prompt: torch.Tensor) -> None:
+        from transformers import StaticCache
+
+        self.model, self.prompt = model, prompt
+        self.cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.new_tokens + 16)
+        params = inspect.signature(type(model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
+        dev = prompt.device
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(1, model.config.vocab_size, dtype=torch.float32, device=dev)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor):
+        kw = {self.cache_kw: self.cache, "position_ids": positions.view(1, -1), "use_cache": True, "logits_to_keep": 1}
+        if self.with_cache_position:
+            kw["cache_position"] = positions.view(-1)
+        return self.model(input_ids=ids, **kw).logits[:, -1].float()
+
+    def prefill(self) -> None:
+        if getattr(self.cache, "is_initialized", False):
+            self.cache.reset()  # zero the keys / values and the write position, in place
+        n = self.prompt.shape[1]
+        logits = self._forward(self.prompt, torch.arange(n, device=self.prompt.device))
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.fill_(n)
+
+    def step(self) -> None:
+        self.logits.copy_(self._forward(self.tok, self.pos))
+        self.tok.copy_(self.logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(args.device)
+    dec = Decoder(model, args, prompt)
+    checks = {}
+    with torch.no_grad():
+        dec.prefill()
+        eager, toks = [], [dec.tok.clone()]
+        for _ in range(3):
+            dec.step()
+            eager.append(dec.logits.clone())
+            toks.append(dec.tok.clone())
+        full = model(input_ids=torch.cat([prompt, *toks[:3]], dim=1), use_cache=False).logits.float()
+        checks["step_vs_cache_free"] = max(rel(eager[i], full[:, args.prompt + i]) for i in range(3))
+        runtime, run = "eager", dec.step
+        try:
+            graph = capture(dec.step, args.device)
+            if graph is not None:
+                dec.prefill()
+                replayed = []
+                for _ in range(3):
+                    graph.replay()
+                    replayed.append(dec.logits.clone())
+                checks["graph_vs_eager"] = max(rel(r, e) for r, e in zip(replayed, eager, strict=True))
+                if checks["graph_vs_eager"] > 1e-2:
+                    raise RuntimeError(f"replayed steps differ from eager ones: {checks['graph_vs_eager']:.2e}")
+                runtime, run = "cuda graph", graph.replay
+        except Exception as err:
+            print(f"decode capture failed ({type(err).__name__}: {str(err)[:200]}); timing eager", flush=True)
+        rates = []
+        for _ in range(args.rounds):
+            dec.prefill()
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.new_tokens):
+                run()
+            sync(args.device)
+            rates.append(args.new_tokens / (time.perf_counter() - t0))
+    return statistics.median(rates), runtime, checks
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    dense = build_dense(args)
+    sparse = to_sparse(dense, args)
+    print(f"built both models in {time.time() - t0:.1f} s", flush=True)
+    rows = {}
+    for name, model in (("dense", dense), ("sparse", sparse)):
+        ms, prefill_rt = prefill_ms(model, args)
+        tps, decode_rt, checks = decode_tokens_per_s(model, args)
+        rows[name] = {"prefill_ms": ms, "prefill_runtime": prefill_rt, "decode_tok_s": tps,
+                      "decode_runtime": decode_rt, "checks": checks}  # fmt: skip
+        print(json.dumps({name: rows[name]}), flush=True)
+        if on_gpu(args.device):
+            torch.cuda.empty_cache()
+    d, s = rows["dense"], rows["sparse"]
+    device = torch.cuda.get_device_name() if on_gpu(args.device) else "cpu"
+    dims = (f"hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / {args.kv_heads} kv, "
+            f"{args.layers} layers, vocab {args.vocab}")  # fmt: skip
+    lines = [
+        f"{device}, torch {torch.__version__}, bf16, LlamaForCausalLM ({dims}), sparsity {args.sparsity} block "
+        f"{args.block} on q/k/v/o/gate/up/down, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| measure | dense | sparse | speedup | runtime (dense / sparse) |",
+        "|---|---|---|---|---|",
+        f"| prefill {args.prefill} tokens (ms) | {d['prefill_ms']:.2f} | {s['prefill_ms']:.2f} | "
+        f"**{d['prefill_ms'] / s['prefill_ms']:.2f}x** | {d['prefill_runtime']} / {s['prefill_runtime']} |",
+        f"| greedy decode, batch 1 (tokens/s; prompt {args.prompt}, {args.new_tokens} new) | {d['decode_tok_s']:.1f} "
+        f"| {s['decode_tok_s']:.1f} | **{s['decode_tok_s'] / d['decode_tok_s']:.2f}x** | {d['decode_runtime']} / "
+        f"{s['decode_runtime']} |",
+    ]
+    text = "\n".join(lines)
+    (out_dir / "lm_e2e.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (out_dir / "lm_e2e.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Llama-3-8B layer shapes, block-sparse vs dense, at decode and prefill token counts (issue 12).
+
+    PYTHONPATH=. python benchmarks/lm_layers.py --out $OUT
+    PYTHONPATH=. python benchmarks/lm_layers.py --layers gate_up,down --tokens 1,8 --out $OUT
+
+For each layer (gate/up 4096->14336, down 14336->4096, qkv 4096->6144, o 4096->4096) and token count M, with a
+random block mask (exactly `sparsity` of the blocks zeroed) in bf16:
+
+  dense      F.linear (cuBLAS) on the zero-filled weight
+  torch BSR  F.linear with torch's sparse BSR weight
+  ours       BlockSparseLinear, backend="auto", prepared (tuned) for the runtime measured: "eager" or "graph"
+
+each in eager (wall clock per call, host overhead included) and under a CUDA graph (GPU time per call: replays of
+one graph of many calls). Each operand set is cycled through enough copies of the weight (same mask, fresh values)
+that the weights read between two uses of one copy exceed the L2 cache (`--l2-mib`): a decode step reads every
+layer's weights from DRAM once, and so does this benchmark, sparse and dense alike.
+
+bound: the best a block-sparse kernel could do against this dense time, dense_ms / max(t_mem, t_mma): t_mem = the
+bytes of the kept blocks, their indices, x and y at the bandwidth cuBLAS reaches on the dense weight at one token
+(memory-bound, small M); t_mma = cuBLAS on a dense layer with the inner dimension cut to the kept fraction
+(compute-bound, large M). Both in the CUDA-graph runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from superblock.kernels import BlockSparseLinear, _runners, dense_to_bsr  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
+LAYERS = {"gate_up": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--tokens", default="1,8,32,2048,8192")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--l2-mib", type=float, default=200.0, help="weight bytes cycled between two uses of one copy")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-torch-bsr", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    return p.parse_args(argv)
+
+
+def random_block_weight(out_f: int, in_f: int, block: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    rows, cols = out_f // block, in_f // block
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols, generator=gen)[: round((1 - sparsity) * rows * cols)]] = True
+    mask = keep.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return (torch.randn(out_f, in_f, generator=gen) * 0.02 * mask).to("cuda", torch.bfloat16)
+
+
+def copies_for(nbytes: int, l2_mib: float) -> int:
+    return max(2, math.ceil(l2_mib * 2**20 / max(nbytes, 1)))
+
+
+def eager_ms(fns, reps: int) -> float:
+    """Wall clock per call over `reps` calls cycling through fns (host overhead included)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    return 1000.0 * (time.perf_counter() - t0) / reps
+
+
+def graph_ms(fns, min_calls: int = 40) -> float:
+    """GPU time per call: one CUDA graph of whole cycles through fns, replayed (median of 5 replays)."""
+    calls = len(fns) * max(1, math.ceil(min_calls / len(fns)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+def both(fns, args) -> tuple[float, float]:
+    e = statistics.median(eager_ms(fns, args.reps) for _ in range(args.rounds))
+    return e, graph_ms(fns)
+
+
+def try_both(fns, args) -> tuple[float | None, float | None]:
+    try:
+        e = statistics.median(eager_ms(fns, args.reps) for _ in range(args.rounds))
+    except Exception as err:  # torch's BSR path has no kernel for some shapes / dtypes
+        print(f"  torch BSR eager failed: {type(err).__name__}: {str(err)[:120]}", flush=True)
+        return None, None
+    try:
+        return e, graph_ms(fns)
+    except Exception as err:
+        print(f"  torch BSR graph failed: {type(err).__name__}: {str(err)[:120]}", flush=True)
+        return e, None
+
+
+def choice_label(mod: BlockSparseLinear, m: int) -> str:
+    from superblock.kernels.tuning import token_bucket
+
+    entry = mod.dispatch.get(token_bucket(m), {})
+    cfg = entry.get("config") or {}
+    if entry.get("backend") != "triton":
+        return str(entry.get("backend"))
+    if cfg.get("SPLIT"):
+        return f"decode S{cfg['SPLIT']} BM{cfg['BLOCK_M']}"
+    return f"tiled BM{cfg['BLOCK_M']}{' TMA' if cfg.get('TMA') else ''}"
+
+
+def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen) -> list[dict]:
+    w0 = random_block_weight(out_f, in_f, args.block, args.sparsity, gen)
+    values, crow, col = dense_to_bsr(w0, args.block)
+    kept = values.numel() * 2 + (crow.numel() + col.numel()) * 4
+    n_dense, n_sparse = copies_for(w0.numel() * 2, args.l2_mib), copies_for(kept, args.l2_mib)
+    vals = [values] + [torch.randn_like(values) * 0.02 for _ in range(n_sparse - 1)]
+    dense_w = [_runners.bsr_to_dense(v, crow, col, (out_f, in_f)) for v in vals[:n_dense]]
+    mods = {rt: [BlockSparseLinear.from_bsr(v, crow, col, (out_f, in_f)) for v in vals] for rt in ("eager", "graph")}
+    for rt, ms in mods.items():
+        for mod in ms:
+            mod.tuning_target = rt
+    bsr_w = [_runners.torch_bsr_weight(v, crow, col, (out_f, in_f), torch.bfloat16) for v in vals]
+    k_cut = max(args.block, round(in_f * (1 - args.sparsity) / args.block) * args.block)
+    w_cut = [torch.randn(out_f, k_cut, device="cuda", dtype=torch.bfloat16) for _ in range(n_dense)]
+    bw_gbs = None
+    rows = []
+    for m in sorted(set(tokens) | {1}):
+        x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        x_cut = x[:, :k_cut].contiguous()
+        with torch.no_grad():
+            for ms in mods.values():
+                for mod in ms:
+                    mod.prepare(m)
+            err = (mods["graph"][0](x).double() - x.double() @ dense_w[0].double().t()).norm().item()
+            err /= (x.double() @ dense_w[0].double().t()).norm().item()
+            d_e, d_g = both([lambda w=w, x=x: F.linear(x, w) for w in dense_w], args)
+            if bw_gbs is None:  # the bandwidth cuBLAS reaches on this dense weight at one token
+                bw_gbs = (w0.numel() * 2) / (d_g * 1e6)
+            t_e = t_g = None
+            if not args.no_torch_bsr:
+                t_e, t_g = try_both([lambda w=w, x=x: F.linear(x, w) for w in bsr_w], args)
+            o_e = statistics.median(eager_ms([lambda mod=mod, x=x: mod(x) for mod in mods["eager"]], args.reps)
+                                    for _ in range(args.rounds))  # fmt: skip
+            o_g = graph_ms([lambda mod=mod, x=x: mod(x) for mod in mods["graph"]])
+            cut_g = graph_ms([lambda w=w, x=x_cut: F.linear(x, w) for w in w_cut])
+        if m not in tokens:
+            continue
+        io = (m * in_f + m * out_f) * 2
+        t_mem = (kept + io) / (bw_gbs * 1e6)
+        bound = d_g / max(t_mem, cut_g)
+        row = {"layer": name, "out": out_f, "in": in_f, "M": m, "dense_eager_ms": d_e, "dense_graph_ms": d_g,
+               "torch_bsr_eager_ms": t_e, "torch_bsr_graph_ms": t_g, "ours_eager_ms": o_e, "ours_graph_ms": o_g,
+               "ours_eager_x": d_e / o_e, "ours_graph_x": d_g / o_g,
+               "torch_bsr_eager_x": d_e / t_e if t_e else None, "torch_bsr_graph_x": d_g / t_g if t_g else None,
+               "bound_x": bound, "bound_mem_x": d_g / t_mem, "bound_mma_x": d_g / cut_g,
+               "choice_eager": choice_label(mods["eager"][0], m), "choice_graph": choice_label(mods["graph"][0], m),
+               "rel_err": err, "copies_dense": n_dense, "copies_sparse": n_sparse, "dense_gbs": bw_gbs}  # fmt: skip
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def fmt_x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, sparsity {args.sparsity}, block "
+        f"{args.block}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms in the same runtime",
+        "",
+        "| layer | M | dense eager / graph (ms) | torch BSR eager / graph | ours eager / graph | bound | ours picks "
+        "(eager / graph) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} {r['in']}->{r['out']} | {r['M']} | {r['dense_eager_ms']:.4f} / {r['dense_graph_ms']:.4f} "
+            f"| {fmt_x(r['torch_bsr_eager_x'])} / {fmt_x(r['torch_bsr_graph_x'])} "
+            f"| {fmt_x(r['ours_eager_x'])} / **{fmt_x(r['ours_graph_x'])}** | {fmt_x(r['bound_x'])} "
+            f"| {r['choice_eager']} / {r['choice_graph']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("lm_layers needs a CUDA GPU")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in args.layers.split(","):
+        out_f, in_f = LAYERS[name]
+        rows += bench_layer(name, out_f, in_f, tokens, args, gen)
+        torch.cuda.empty_cache()
+    text = table(rows, args)
+    (out_dir / "lm_layers.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "lm_layers.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
