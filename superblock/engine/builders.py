@@ -82,11 +82,18 @@ def build_model_spec(model: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
     kwargs = dict(model.kwargs)
     if name.startswith("hf:"):
         kwargs.setdefault("task", model.task if model.task != "auto" else bundle_task(bundle))
-        kwargs.setdefault("config", dict(model.config))
+        kwargs.setdefault("config", {**token_ids(bundle), **model.config})
     return model_spec(
         name, num_classes=bundle.num_classes, image_size=model.image_size or bundle.image_size or None,
         pretrained=model.pretrained, **kwargs,
     )
+
+
+def token_ids(bundle: DataBundle) -> dict[str, int]:
+    """The data's special tokens for a transformers config (generate() stops at eos, pads with pad)."""
+    eos, pad = getattr(bundle, "eos_id", None), getattr(bundle, "pad_id", None)
+    ids = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def bundle_task(bundle: DataBundle) -> str:
