@@ -5,6 +5,11 @@ on a training run (pack, then install, no files): `masked_layers` says which wei
 `pack_tensors` turns a folded model into a flat {key: tensor} dict with BSR triplets for the chosen layers, and
 `install_bsr` swaps the owning modules for block-sparse ones (BlockSparseLinear; for torchvision's
 nn.MultiheadAttention, which reads its weights directly, the whole module is replaced).
+
+A transformers `Conv1D` (GPT-2) stores its weight as (in, out) and is masked in that layout; its Layer describes the
+(out, in) weight that is stored as BSR (`transposed`, shape and block swapped), and it becomes a BlockSparseLinear.
+Weights tied to each other (GPT-2's lm_head and token embedding) are stored once (safetensors refuses shared
+tensors): `tied_keys` names the copies, `untie`/`retie` drop and restore them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from superblock.export.format import BSR_SUFFIXES, LAYOUTS, ExportError, bsr_keys
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, dense_to_bsr
 from superblock.sparsity import iter_block_masks
+from superblock.sparsity.targets import is_conv1d
 
 Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 MHA_IN, MHA_OUT, LINEAR = "mha.in_proj", "mha.out_proj", "linear"
@@ -35,6 +41,7 @@ class Layer:
     layout: str = "bsr"
     reason: str | None = None
     timing: dict = field(default_factory=dict)
+    transposed: bool = False  # the model stores the weight as (in, out) (transformers Conv1D): shape is (out, in)
 
     @property
     def total_blocks(self) -> int:
@@ -59,12 +66,42 @@ class Layer:
         if layer.layout not in LAYOUTS:
             raise ExportError(f"manifest layer {layer.name} has layout {layer.layout!r}, not one of {LAYOUTS}")
         layer.reason, layer.timing = d.get("reason"), d.get("timing") or {}
+        layer.transposed = bool(d.get("transposed", False))
         return layer
+
+    def stored(self, weight: torch.Tensor) -> torch.Tensor:
+        """The (out, in) weight stored as BSR, from the weight as the model holds it."""
+        return weight.t() if self.transposed else weight
 
 
 def masked_layers(model: nn.Module) -> list[Layer]:
-    """A Layer for every weight of `model` that carries a block mask, in model order."""
-    return [Layer(name, tuple(m.weight_shape), tuple(m.block)) for name, _, _, m in iter_block_masks(model)]
+    """A Layer for every weight of `model` that carries a block mask, in model order (Conv1D: transposed)."""
+    layers = []
+    for name, module, _, m in iter_block_masks(model):
+        shape, block = tuple(m.weight_shape), tuple(m.block)
+        if is_conv1d(module):
+            layers.append(Layer(name, shape[::-1], block[::-1], transposed=True))
+        else:
+            layers.append(Layer(name, shape, block))
+    return layers
+
+
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{key: earlier key holding the same tensor} of a state dict (tied weights, e.g. lm_head and embeddings)."""
+    seen: dict[tuple, str] = {}
+    tied = {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen.setdefault(ident, key)
+    return tied
+
+
+def retie(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict with the tied copies that `pack_tensors` left out put back (loading fills both ends)."""
+    return {**state, **{key: state[source] for key, source in tied.items() if source in state}}
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -87,6 +124,8 @@ def owner(model: nn.Module, name: str) -> tuple[str, str | None]:
         if module_name and isinstance(_module(model, parent_name), nn.MultiheadAttention):
             return parent_name, MHA_OUT
         return module_name, LINEAR
+    if param == "weight" and is_conv1d(module):
+        return module_name, LINEAR
     return module_name, None
 
 
@@ -94,7 +133,7 @@ def unsupported_reason(model: nn.Module, name: str) -> str | None:
     """Why a masked weight must stay dense, or None when it can be stored and run as BSR."""
     module_name, kind = owner(model, name)
     if kind is None:
-        return "not an nn.Linear or nn.MultiheadAttention projection weight: no block-sparse module for it"
+        return "not an nn.Linear, Conv1D or nn.MultiheadAttention projection weight: no block-sparse module for it"
     if kind in (MHA_IN, MHA_OUT):
         mha = _module(model, module_name)
         if mha.in_proj_weight is None:
@@ -114,11 +153,16 @@ def pack_tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Triplet]]:
     """Flat tensors of a folded model for safetensors: BSR triplets for `layout == "bsr"` layers, else dense.
 
-    Floating tensors are cast to `dtype` first (so BSR values are exactly the cast dense values). Fills in each
-    layer's `nnz_blocks`. Returns (tensors, {weight name: triplet} of the BSR layers).
+    Floating tensors are cast to `dtype` first (so BSR values are exactly the cast dense values). Tied copies
+    (tied_keys) are left out. Fills in each layer's `nnz_blocks`. Returns (tensors, {weight name: triplet} of the
+    BSR layers).
     """
+    state = model.state_dict()
+    tied = tied_keys(state)
     tensors = {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
+        if key in tied:
+            continue
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -127,7 +171,7 @@ def pack_tensors(
     for layer in layers:
         if layer.name not in tensors:
             raise ExportError(f"{layer.name} is not in the folded model's state dict (was the model folded?)")
-        triplet = bsr_of(tensors[layer.name], layer.block)
+        triplet = bsr_of(layer.stored(tensors[layer.name]), layer.block)
         layer.nnz_blocks = int(triplet[0].shape[0])
         if layer.layout == "bsr":
             del tensors[layer.name]
@@ -181,7 +225,13 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _sparse_linear(triplet: Triplet, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> nn.Module:
+    """A BlockSparseLinear for an (out, in) `weight` (only its shape is read: the values are the triplet's)."""
     return BlockSparseLinear.from_bsr(*triplet, tuple(weight.shape), bias=bias, backend=backend)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a transformers Conv1D (a transposed view of its (in, out) one)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def _sparse_attention(mha: nn.MultiheadAttention, in_bsr: Triplet | None, out_bsr: Triplet | None, backend: str):
@@ -224,7 +274,7 @@ def install_bsr(model: nn.Module, bsr: dict[str, Triplet], backend: str = "auto"
         module = _module(model, module_name)
         if family == LINEAR:
             bias = None if module.bias is None else module.bias.detach()
-            new = _sparse_linear(parts[LINEAR], module.weight, bias, backend)
+            new = _sparse_linear(parts[LINEAR], linear_weight(module), bias, backend)
         else:
             new = _sparse_attention(module, parts.get(MHA_IN), parts.get(MHA_OUT), backend)
         _replace(model, module_name, new)

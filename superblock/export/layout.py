@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from superblock.export.convert import MHA_IN, MHA_OUT, Layer, owner, unsupported_reason
+from superblock.export.convert import MHA_IN, MHA_OUT, Layer, linear_weight, owner, unsupported_reason
 from superblock.export.runtime import dtype_name
+from superblock.export.serving import SampleInput, as_sample
 from superblock.export.timing import compare_latency
 from superblock.kernels import BlockSparseLinear, tuning
 
@@ -22,14 +23,17 @@ LAYOUT_TOLERANCE = 0.02
 
 
 @torch.no_grad()
-def tokens_per_image(model: nn.Module, names: list[str], image_shape: tuple[int, ...]) -> dict[str, int]:
-    """Rows each masked weight multiplies per image (ViT: patches + class token), from one forward of 1 image."""
+def tokens_per_image(
+    model: nn.Module, names: list[str], image_shape: SampleInput | tuple[int, ...]
+) -> dict[str, int]:
+    """Rows each masked weight multiplies per sample (ViT: patches + class token; LM: the sample's tokens), from one
+    forward of 1 sample (`image_shape`: an image shape or a SampleInput, e.g. token ids)."""
     seen: dict[str, int] = {}
     hooks = []
     for name in names:
         module_name, kind = owner(model, name)
         module = model.get_submodule(module_name) if module_name else model
-        width = module.embed_dim if kind in (MHA_IN, MHA_OUT) else module.in_features
+        width = module.embed_dim if kind in (MHA_IN, MHA_OUT) else linear_weight(module).shape[1]
 
         def record(_mod, args, kwargs, name=name, width=width):
             x = args[0] if args else next(iter(kwargs.values()))
@@ -38,7 +42,7 @@ def tokens_per_image(model: nn.Module, names: list[str], image_shape: tuple[int,
         hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
     try:
         param = next(model.parameters())
-        model(torch.zeros(1, *image_shape, device=param.device, dtype=param.dtype))
+        model(as_sample(image_shape).make(1, param.device, param.dtype, fill="zeros"))
     finally:
         for h in hooks:
             h.remove()
@@ -97,7 +101,7 @@ def _weight_and_bias(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.T
         return module.in_proj_weight, module.in_proj_bias
     if kind == MHA_OUT:
         return module.out_proj.weight, module.out_proj.bias
-    return module.weight, module.bias
+    return linear_weight(module), module.bias
 
 
 def assign_layouts(model: nn.Module, layers: list[Layer], mode: str) -> None:
@@ -120,7 +124,7 @@ def choose_layouts(
     device: torch.device,
     dtype: torch.dtype,
     batch_sizes: Sequence[int],
-    image_shape: tuple[int, ...],
+    image_shape: SampleInput | tuple[int, ...],
     backend: str = "auto",
     runtime: str = "eager",
     repeats: int = 10,
@@ -132,7 +136,8 @@ def choose_layouts(
     `dtype`, its block-sparse module (tuned for `runtime`) is not slower than the dense product at any of
     `batch_sizes` and faster at one of them at least. Timed as the runtime runs: GPU time (CUDA-graph replays)
     for cudagraph on CUDA, eager calls otherwise (compile too: its custom-op and matmul launches are eager ones).
-    `timing` keeps the per-batch numbers.
+    `timing` keeps the per-batch numbers. `image_shape`: one input's shape, or a SampleInput (token ids for a
+    language model: a batch of b sequences is b x their length rows for every layer).
     """
     assign_layouts(model, layers, mode)
     measured = [layer for layer in layers if layer.layout == "bsr" and mode == "auto"]

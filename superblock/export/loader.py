@@ -10,10 +10,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from superblock.export.convert import Layer, install_bsr, unpack_tensors
+from superblock.export.convert import Layer, install_bsr, retie, unpack_tensors
 from superblock.export.format import WEIGHTS, ExportError, read_manifest, verify_file
 from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
-from superblock.export.serving import check_runtime, compile_settings, image_shape, make_runtime
+from superblock.export.serving import check_runtime, compile_settings, make_runtime, sample_input
 from superblock.kernels import BACKENDS, fuse_linear_gelu
 
 
@@ -42,12 +42,18 @@ def build_from_spec(model_spec: dict) -> nn.Module:
         return build_model(**spec)
     if _has_unsaved_buffers(model):
         return build_model(**spec)
-    return model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu")
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # to_empty gives each end of a tied pair its own tensor: tie them again (transformers)
+    return model
 
 
-def load_dense_into(model: nn.Module, state: dict[str, torch.Tensor], expected_missing: set[str]) -> None:
-    """Load `state` into `model`; every model key must be in it except `expected_missing`, and nothing extra."""
-    result = model.load_state_dict(state, strict=False)
+def load_dense_into(
+    model: nn.Module, state: dict[str, torch.Tensor], expected_missing: set[str], tied: dict[str, str] | None = None
+) -> None:
+    """Load `state` into `model`; every model key must be in it except `expected_missing`, and nothing extra.
+    `tied`: the manifest's {key: key it is tied to}, copies the export left out."""
+    result = model.load_state_dict(retie(state, tied or {}), strict=False)
     missing = set(result.missing_keys) - expected_missing
     if missing or result.unexpected_keys:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(result.unexpected_keys)[:3]}"
@@ -100,7 +106,7 @@ def load_sparse(
     layers = manifest_layers(manifest)
     dense, bsr = unpack_tensors(_load_safetensors(file), layers)
     model = build_from_spec(manifest["model_spec"])
-    load_dense_into(model, dense, expected_missing=set(bsr))
+    load_dense_into(model, dense, expected_missing=set(bsr), tied=manifest.get("tied"))
     install_bsr(model, bsr, backend=backend)
     if fuse_gelu:
         fuse_linear_gelu(model)
@@ -110,7 +116,7 @@ def load_sparse(
     if runtime == "eager" and sizes is None:
         return model
     return make_runtime(
-        model, runtime, batch_sizes=sizes, sample_shape=image_shape(model, manifest["model_spec"]),
+        model, runtime, batch_sizes=sizes, sample_shape=sample_input(model, manifest["model_spec"]),
         compile_options=compile_options,
     )
 
@@ -123,6 +129,6 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu", dtype: str
     ensure_runnable(dtype, device)
     state = _load_safetensors(verify_file(path, manifest, "dense"))
     model = build_from_spec(manifest["model_spec"])
-    load_dense_into(model, state, expected_missing=set())
+    load_dense_into(model, state, expected_missing=set(), tied=manifest.get("tied"))
     return model.to(device=device, dtype=dtype).eval()
 

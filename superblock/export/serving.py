@@ -23,6 +23,9 @@ what it needs; nothing is measured inside a trace or a capture afterwards.
              no CUDA graphs: the eager model is returned, with a RuntimeWarning.
 
 Rows of a batch must be independent (true of ViTs in eval mode): padding rows hold stale or zero inputs.
+
+A sample input is images (standard-normal, the scale of normalized pixels) or, for language models, token ids:
+`sample_input(model, model_spec)` says which, `SampleInput.make(batch, ...)` builds a batch of them.
 """
 
 from __future__ import annotations
@@ -31,17 +34,74 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
 
 RUNTIMES = ("eager", "compile", "cudagraph")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
 TUNING_TARGETS = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+# Tokens per sequence of a language model's sample input (warm-up, layout timing, the export's equivalence probe):
+# every projection then sees batch x this many rows, the prefill shape.
+LM_SAMPLE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SampleInput:
+    """What one input of a model looks like, without the batch dimension: `shape`, and `vocab_size` for token ids
+    (int64 in [0, vocab_size)); floats (standard normal, in the model's dtype) when it is None."""
+
+    shape: tuple[int, ...]
+    vocab_size: int | None = None
+
+    def make(
+        self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None, fill: str = "random",
+    ) -> torch.Tensor:  # fmt: skip
+        """A batch of inputs on `device` (`dtype` applies to float inputs only). fill="zeros" for static buffers.
+        Drawn on the CPU when a generator is given (so a seed means the same inputs everywhere)."""
+        size = (batch, *self.shape)
+        if fill == "zeros":
+            kind = torch.int64 if self.vocab_size is not None else dtype
+            return torch.zeros(size, device=device, dtype=kind)
+        where = "cpu" if generator is not None else device
+        if self.vocab_size is not None:
+            x = torch.randint(0, self.vocab_size, size, generator=generator, device=where)
+        else:
+            x = torch.randn(size, generator=generator, device=where).to(dtype)
+        return x.to(device)
+
+
+def as_sample(sample: SampleInput | Sequence[int]) -> SampleInput:
+    """A SampleInput from itself or from a shape of float inputs (the older spelling: `sample_shape`)."""
+    return sample if isinstance(sample, SampleInput) else SampleInput(tuple(int(s) for s in sample))
+
+
+def sample_input(model: nn.Module, model_spec: dict | None = None) -> SampleInput:
+    """The sample input of a model: LM_SAMPLE_TOKENS token ids (at most the model's positions) for a transformers
+    language model, else an image of image_shape(model, model_spec)."""
+    if is_language_model(model):
+        length = min(LM_SAMPLE_TOKENS, max_positions(model) or LM_SAMPLE_TOKENS)
+        return SampleInput((length,), int(model.config.vocab_size))
+    return SampleInput(image_shape(model, model_spec))
+
+
+def model_output(output) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, a transformers output's `.logits`, or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
 
 
 def check_runtime(runtime: str, batch_sizes: Sequence[int] | int | None) -> tuple[int, ...] | None:
@@ -120,12 +180,14 @@ def set_tuning_target(model: nn.Module, target: str | None) -> int:
 
 
 @torch.no_grad()
-def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: Sequence[int]) -> nn.Module:
-    """One eager forward per batch size (largest first) on random inputs of the model's device and dtype: every
-    BlockSparseLinear makes (and measures) its choice for those token counts. Returns the model."""
+def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: SampleInput | Sequence[int]) -> nn.Module:
+    """One eager forward per batch size (largest first) on random inputs of the model's device and dtype (token
+    ids for a SampleInput with a vocabulary): every BlockSparseLinear makes (and measures) its choice for those
+    token counts. Returns the model."""
     device, dtype = _model_place(model)
+    sample = as_sample(sample_shape)
     for b in sorted(batch_sizes, reverse=True):
-        model(torch.randn(b, *sample_shape, device=device).to(dtype))
+        model(sample.make(b, device, dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return model
@@ -171,7 +233,7 @@ def _use(choices: dict, buckets: dict) -> None:
 def check_against_dense(
     model: nn.Module,
     batch_sizes: Sequence[int],
-    sample_shape: Sequence[int],
+    sample_shape: SampleInput | Sequence[int],
     *,
     rounds: int = 3,
     reps: int = 5,
@@ -185,13 +247,15 @@ def check_against_dense(
     slower. This is the model-level check that eager serving is never slower than dense at the named batch sizes.
     Only layers with backend="auto" are changed. `run` is what is timed (default: the eager model; a compiled
     model reads the choices while tracing, so each set of choices gets its own graph, built before it is timed).
+    `sample_shape`: one input's shape (images) or a SampleInput (token ids for a language model).
     Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
     run = model if run is None else run
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
     device, dtype = _model_place(model)
+    sample = as_sample(sample_shape)
     report: dict[int, dict] = {}
     for b in sorted(batch_sizes):
-        x = torch.randn(b, *sample_shape, device=device).to(dtype)
+        x = sample.make(b, device, dtype)
         buckets = {m: tuning.token_bucket(n) for m, n in _layer_tokens(model, layers, x).items()}
         tuned = {m: m.dispatch.get(bk) for m, bk in buckets.items()}
         if all(e is not None and e["backend"] == "dense" for e in tuned.values()):
@@ -217,7 +281,7 @@ def make_runtime(
     runtime: str = "eager",
     *,
     batch_sizes: Sequence[int] | int | None = None,
-    sample_shape: Sequence[int] | None = None,
+    sample_shape: SampleInput | Sequence[int] | None = None,
     compile_options: dict | bool | None = None,
     check_dense: bool | None = None,
 ) -> nn.Module:
@@ -225,8 +289,9 @@ def make_runtime(
     layers) for `runtime` ("eager" | "compile" | "cudagraph", see the module docstring).
 
     `batch_sizes`: the batch sizes to warm up, compile or capture (default (1, 8, 32, 256) for compile /
-    cudagraph, none for eager). `sample_shape`: one input's shape without the batch dimension (default: the
-    image shape of a torchvision / timm ViT). `compile_options`: torch.compile arguments (e.g.
+    cudagraph, none for eager). `sample_shape`: one input's shape without the batch dimension, or a SampleInput
+    (default: sample_input(model), token ids for a transformers language model, else a ViT's image shape).
+    `compile_options`: torch.compile arguments (e.g.
     {"mode": "max-autotune-no-cudagraphs"} or {"backend": "aot_eager"}) for compile and cudagraph (which
     compiles by default; False captures the eager model). `check_dense` (eager and compile, tuned for eager time;
     default on CUDA): time the whole model per batch size with its tuned kernels and with dense ones and keep
@@ -250,7 +315,7 @@ def make_runtime(
     set_tuning_target(model, target)
     if sizes is None:
         return model
-    shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else image_shape(model)
+    shape = as_sample(sample_shape) if sample_shape is not None else sample_input(model)
     warm_up(model, sizes, shape)
     check = target == "eager" and (check_dense if check_dense is not None else device.type == "cuda")
     if runtime == "eager":
@@ -274,7 +339,7 @@ class ServingModel(nn.Module):
         model: nn.Module,
         runtime: str,
         batch_sizes: Sequence[int],
-        sample_shape: Sequence[int],
+        sample_shape: SampleInput | Sequence[int],
         compile_options: dict | None = None,
         check_dense: bool = False,
     ) -> None:
@@ -284,7 +349,8 @@ class ServingModel(nn.Module):
         self.model = model
         self.runtime = runtime
         self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
-        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.sample = as_sample(sample_shape)
+        self.sample_shape = self.sample.shape
         self.device, self.dtype = _model_place(model)
         self._graphs: dict[int, tuple] = {}
         self._compiled: Callable | None = None
@@ -300,7 +366,7 @@ class ServingModel(nn.Module):
         if check_dense and runtime == "compile":
             # on the compiled model itself: under torch.compile small batches are host-bound and every custom-op
             # call costs host time that inlined cuBLAS calls do not; eager timing cannot see that
-            self.dense_check = check_against_dense(model, self.batch_sizes, self.sample_shape, run=self._compiled)
+            self.dense_check = check_against_dense(model, self.batch_sizes, self.sample, run=self._compiled)
         if runtime == "cudagraph":
             self._capture(self._compiled if self.compiled else self.model)
 
@@ -317,13 +383,13 @@ class ServingModel(nn.Module):
         # a plain attribute, not a submodule: the compiled wrapper holds the same model
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
         for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now
-            self._compiled(torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype))
+            self._compiled(self.sample.make(b, self.device, self.dtype, fill="zeros"))
 
     @torch.no_grad()
     def _capture(self, fn: Callable) -> None:
         pool = None
         for b in sorted(self.batch_sizes, reverse=True):  # largest first: the shared pool is sized once
-            x = torch.zeros(b, *self.sample_shape, device=self.device, dtype=self.dtype)
+            x = self.sample.make(b, self.device, self.dtype, fill="zeros")
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # (and compiles, for a compiled fn: never inside the capture)
@@ -364,7 +430,7 @@ class ServingModel(nn.Module):
             static_x[:n].copy_(x)
             graph.replay()
             return tree_map(lambda t: t[:n].clone() if isinstance(t, torch.Tensor) else t, static_y)
-        x = x.to(self.device, self.dtype)
+        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)  # token ids stay ints
         if n != b:
             x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
         y = self._compiled(x.contiguous())

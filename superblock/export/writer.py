@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from superblock.export.convert import Layer, masked_layers, pack_tensors
+from superblock.export.convert import Layer, masked_layers, pack_tensors, tied_keys
 from superblock.export.format import (
     DENSE_WEIGHTS,
     FORMAT,
@@ -30,7 +30,15 @@ from superblock.export.format import (
 from superblock.export.layout import MODES, choose_layouts
 from superblock.export.loader import load_sparse
 from superblock.export.runtime import TOLERANCES, dtype_name, ensure_runnable, parse_dtype, resolve_device
-from superblock.export.serving import DEFAULT_BATCH_SIZES, RUNTIMES, check_runtime
+from superblock.export.serving import (
+    DEFAULT_BATCH_SIZES,
+    RUNTIMES,
+    SampleInput,
+    as_sample,
+    check_runtime,
+    model_output,
+    sample_input,
+)
 from superblock.export.serving import image_shape as serving_image_shape
 from superblock.export.source import Source, load_source
 from superblock.sparsity import fold_masks, get_controller
@@ -56,15 +64,29 @@ def image_shape(model: nn.Module, model_spec: dict) -> tuple[int, int, int]:
         raise ExportError("cannot tell the model's input size: the checkpoint's model_spec has no image_size") from None
 
 
+def model_sample(model: nn.Module, model_spec: dict) -> SampleInput:
+    """The model's sample input (token ids for a language model, else images), or ExportError."""
+    try:
+        return sample_input(model, model_spec)
+    except ValueError:
+        raise ExportError("cannot tell the model's input size: the checkpoint's model_spec has no image_size") from None
+
+
 def fold_copy(model: nn.Module) -> nn.Module:
     """A folded (plain) copy of a masked model; the masked model is left as it is."""
     clone = copy.deepcopy(model)
     return fold_masks(clone) if get_controller(clone) is not None else clone
 
 
-def make_probe(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
-    """The fixed equivalence probe: n standard-normal images (the scale of normalized inputs)."""
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+def make_probe(shape: SampleInput | tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """The fixed equivalence probe: n standard-normal images (the scale of normalized inputs) of `shape`, or n
+    sequences of token ids uniform over the vocabulary for a SampleInput of a language model."""
+    return as_sample(shape).make(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _on(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x on `device`, float inputs in `dtype` (token ids stay int64)."""
+    return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
 
 
 @torch.no_grad()
@@ -110,11 +132,12 @@ def _manifest(src: Source, layers: list[Layer], dtype: torch.dtype, policy: dict
 
 @torch.no_grad()
 def _equivalence(masked: nn.Module, folded: nn.Module, export_dir: Path, probe: dict, device, dtype, backend) -> dict:
-    x = make_probe(probe["shape"], probe["n"], probe["seed"])
-    reference = masked.to(device)(x.to(device))
+    """Logits of the export (loaded back from `export_dir`) and of the folded model against the masked model's."""
+    x = make_probe(probe["sample"], probe["n"], probe["seed"])
+    reference = model_output(masked.to(device)(_on(x, device)))
     exported = load_sparse(export_dir, device=device, dtype=dtype, backend=backend)
-    result = logits_error(reference, exported(x.to(device, dtype)))
-    result["folded"] = logits_error(reference, folded.to(device)(x.to(device)))
+    result = logits_error(reference, model_output(exported(_on(x, device, dtype))))
+    result["folded"] = logits_error(reference, model_output(folded.to(device)(_on(x, device))))
     tol = probe["tolerance"]
     result.update(tolerance=tol, passed=result["max_rel_err"] <= tol, probe_batch=probe["n"], probe_seed=probe["seed"])
     result.update(device=str(device), dtype=dtype_name(dtype), backend=backend)
@@ -156,12 +179,13 @@ def export_checkpoint(
     """Export a training run (run directory or checkpoint file) to a sparse checkpoint directory.
 
     Folds the masks, stores every masked weight as BSR (layout=bsr), dense (layout=dense) or, for layout=auto, BSR
-    only where its block-sparse module is never slower than dense at any of `batch_sizes` (images per batch) on
+    only where its block-sparse module is never slower than dense at any of `batch_sizes` (inputs per batch) on
     `device` in `dtype` as served by `runtime` ("eager" | "compile" | "cudagraph") and faster at one of them
     (per-batch timings go to the manifest). `batch_size` (one int) is the older spelling of batch_sizes=[N]. Writes
     the folded dense state dict beside it, and checks the exported model's logits against the masked training
-    model's on a fixed probe batch (the export fails if the error exceeds the dtype's tolerance). Written to a
-    temporary directory and renamed at the end.
+    model's on a fixed probe batch (the export fails if the error exceeds the dtype's tolerance). Language models
+    (hf: model specs) are probed and timed with sequences of token ids. Written to a temporary directory and
+    renamed at the end.
     """
     sizes = _check_args(layout, runtime, batch_size if batch_size is not None else batch_sizes, probe_batch, tolerance)
     torch_dtype, dev = parse_dtype(dtype), resolve_device(device)
@@ -173,37 +197,54 @@ def export_checkpoint(
     masked = src.model(use_ema)
     layers = masked_layers(masked)
     folded = fold_copy(masked)
-    shape = image_shape(folded, src.state["model_spec"])
+    sample = model_sample(folded, src.state["model_spec"])
     echo(f"exporting {src.checkpoint} ({len(layers)} masked weights) -> {output} [{dtype_name(torch_dtype)}]")
     choose_layouts(
-        folded, layers, layout, device=dev, dtype=torch_dtype, batch_sizes=sizes, image_shape=shape, backend=backend,
+        folded, layers, layout, device=dev, dtype=torch_dtype, batch_sizes=sizes, image_shape=sample, backend=backend,
         runtime=runtime,
     )  # fmt: skip
-    tensors, _ = pack_tensors(folded, layers, torch_dtype)
-    dense_tensors, _ = pack_tensors(folded, [], torch_dtype)
     policy = {"mode": layout, "device": str(dev), "batch_sizes": list(sizes), "runtime": runtime, "backend": backend}
-    manifest = _manifest(src, layers, torch_dtype, policy)
-    manifest["sizes"] = _sizes(layers, tensors, torch_dtype)
-    manifest["source"]["use_ema"] = use_ema
+    files, manifest = _contents(src, folded, layers, torch_dtype, policy, sample, use_ema)
     tolerance = tolerance or TOLERANCES[dtype_name(torch_dtype)]
-    probe = {"shape": shape, "n": probe_batch, "seed": probe_seed, "tolerance": tolerance}
+    probe = {"sample": sample, "n": probe_batch, "seed": probe_seed, "tolerance": tolerance}
 
-    def fill(tmp: Path) -> dict:
-        _save(tensors, tmp / WEIGHTS)
-        _save(dense_tensors, tmp / DENSE_WEIGHTS)
-        manifest["files"] = {"weights": file_entry(tmp / WEIGHTS), "dense": file_entry(tmp / DENSE_WEIGHTS)}
-        write_json(tmp / MANIFEST, seal(manifest))
-        manifest["equivalence"] = _equivalence(masked, folded, tmp, probe, dev, torch_dtype, backend)
-        if not manifest["equivalence"]["passed"]:
-            raise ExportError(_equivalence_failure(manifest["equivalence"]))
-        final = seal(json.loads(json.dumps(manifest)))
-        write_json(tmp / MANIFEST, final)
-        return final
+    def check(tmp: Path) -> dict:
+        return _equivalence(masked, folded, tmp, probe, dev, torch_dtype, backend)
 
-    final = write_dir_atomically(output, fill, overwrite=overwrite)
+    final = write_dir_atomically(output, lambda tmp: _fill(tmp, files, manifest, check), overwrite=overwrite)
     result = ExportResult(output, final)
     echo(str(result))
     return result
+
+
+def _contents(
+    src: Source, folded: nn.Module, layers: list[Layer], dtype: torch.dtype, policy: dict, sample: SampleInput,
+    use_ema: bool,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The tensors of both weights files ({file name: tensors}) and the manifest without files and equivalence."""
+    tensors, _ = pack_tensors(folded, layers, dtype)
+    dense_tensors, _ = pack_tensors(folded, [], dtype)
+    manifest = _manifest(src, layers, dtype, policy)
+    manifest["sizes"] = _sizes(layers, tensors, dtype)
+    manifest["source"]["use_ema"] = use_ema
+    manifest["tied"] = tied_keys(folded.state_dict())
+    manifest["sample_input"] = {"shape": list(sample.shape), "vocab_size": sample.vocab_size}
+    return {WEIGHTS: tensors, DENSE_WEIGHTS: dense_tensors}, manifest
+
+
+def _fill(tmp: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict, check: Callable[[Path], dict]) -> dict:
+    """Write the weights files and the manifest into `tmp`, load the export back and check it (ExportError when its
+    logits differ from the training model's); returns the final, sealed manifest."""
+    for name, tensors in files.items():
+        _save(tensors, tmp / name)
+    manifest["files"] = {"weights": file_entry(tmp / WEIGHTS), "dense": file_entry(tmp / DENSE_WEIGHTS)}
+    write_json(tmp / MANIFEST, seal(manifest))
+    manifest["equivalence"] = check(tmp)
+    if not manifest["equivalence"]["passed"]:
+        raise ExportError(_equivalence_failure(manifest["equivalence"]))
+    final = seal(json.loads(json.dumps(manifest)))
+    write_json(tmp / MANIFEST, final)
+    return final
 
 
 def _equivalence_failure(eq: dict) -> str:
@@ -212,6 +253,11 @@ def _equivalence_failure(eq: dict) -> str:
         f"({eq['max_rel_err']:.3g} of the largest logit) > tolerance {eq['tolerance']:.3g} for {eq['dtype']} on "
         f"{eq['device']} with backend {eq['backend']}; nothing was written. Try dtype=fp32 or another backend"
     )
+
+
+def _probe_kind(manifest: dict) -> str:
+    vocab = (manifest.get("sample_input") or {}).get("vocab_size")
+    return "images" if vocab is None else f"sequences of {manifest['sample_input']['shape'][0]} tokens"
 
 
 def _mb(n: int) -> str:
@@ -236,8 +282,8 @@ def summary_table(manifest: dict, path: Path | None = None) -> str:
     eq = manifest.get("equivalence")
     if eq:
         lines.append(
-            f"equivalence ({eq['probe_batch']} probe images, {eq['dtype']}, {eq['device']}): max abs err "
-            f"{eq['max_abs_err']:.3g}, rel {eq['max_rel_err']:.3g} <= {eq['tolerance']:.3g}, "
+            f"equivalence ({eq['probe_batch']} probe {_probe_kind(manifest)}, {eq['dtype']}, {eq['device']}): "
+            f"max abs err {eq['max_abs_err']:.3g}, rel {eq['max_rel_err']:.3g} <= {eq['tolerance']:.3g}, "
             f"top-1 agreement {eq['top1_agreement']:.3f}"
         )
     if path is not None:
