@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,13 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
     loss_resumed = {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m}
     assert loss_resumed == pytest.approx(loss, rel=1e-5)
+
+
+def test_causal_lm_trains_under_two_process_ddp(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    proc = run_train(*LM_TINY, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", cmd=cmd,
+                     env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path)
+    assert s["world_size"] == 2 and s["masks_equal_across_ranks"] is True and s["steps"] == 6
+    assert math.isfinite(s["val_perplexity"])
