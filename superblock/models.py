@@ -81,7 +81,7 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if is_hf_name(name):
-        return build_hf_model(name, num_classes, pretrained, **kwargs)
+        return _build_hf(name, num_classes, pretrained, kwargs)
     size = default_image_size(name) if image_size is None else int(image_size)
     if name in _TINY_CONFIGS:
         model = _build_tiny(name, num_classes, size, kwargs)
@@ -154,6 +154,16 @@ def _build_torchvision(name: str, num_classes: int, image_size: int, kwargs: dic
     return _TORCHVISION_BUILDERS[name](weights=None, num_classes=num_classes, image_size=image_size, **kwargs)
 
 
+def _build_hf(name: str, num_classes: int, pretrained: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    # A weights directory goes to transformers' from_pretrained; a weights file (a state dict, e.g. a folded
+    # export's dense_state_dict.safetensors) loads like any other model's.
+    weights_file = pretrained is not None and Path(os.fspath(pretrained)).expanduser().is_file()
+    model = build_hf_model(name, num_classes, None if weights_file else pretrained, **kwargs)
+    if weights_file:
+        load_pretrained(model, pretrained)
+    return model
+
+
 def _build_timm(name: str, num_classes: int, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
     import timm  # imported lazily: it is slow to import and only needed for timm models
 
@@ -189,6 +199,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
             "superblock.engine.checkpoint.model_from_checkpoint, or export it to fold the masks first"
         )
     target = model.state_dict()
+    _fill_tied(state, target)
     heads = _head_prefixes(model)
     dropped = _drop_mismatched_heads(state, target, heads)
     _resample_position_embeddings(model, state, target)
@@ -205,6 +216,21 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     for key in dropped:
         state[key] = target[key]  # keep the freshly initialised head
     model.load_state_dict(state, strict=True)
+
+
+def _fill_tied(state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Files store tied weights once (transformers' lm_head and token embedding share one tensor; safetensors refuses
+    shared tensors): a model key that is missing from `state` but shares its tensor with a key that is there gets
+    that key's value."""
+    by_storage: dict[tuple, list[str]] = {}
+    for key, t in target.items():
+        if t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
+    for keys in by_storage.values():
+        present = [k for k in keys if k in state]
+        if present and len(keys) > 1:
+            for key in keys:
+                state.setdefault(key, state[present[0]])
 
 
 def _resolve_local_file(path: str | os.PathLike[str]) -> Path:

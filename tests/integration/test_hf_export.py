@@ -10,6 +10,7 @@ from superblock.export import export_checkpoint, load_folded, load_sparse, make_
 from superblock.export.serving import LM_SAMPLE_TOKENS, SampleInput, check_against_dense
 from superblock.export.writer import fold_copy
 from superblock.kernels import BlockSparseLinear
+from superblock.models import build_model
 from tests.unit.test_export_helpers import make_run
 
 transformers = pytest.importorskip("transformers")
@@ -67,6 +68,9 @@ def test_gpt2_export_load_sparse_logits_equal_the_masked_model(gpt2):
         dense = load_folded(root / "exp")
         assert count(dense, "Conv1D") == 8 and dense.lm_head.weight is dense.transformer.wte.weight
         torch.testing.assert_close(dense(x).logits, want, rtol=1e-5, atol=1e-5)
+        # and so does build_model with that file as pretrained weights (the tied lm_head filled from the embedding)
+        spec = {**result.manifest["model_spec"], "pretrained": str(root / "exp" / "dense_state_dict.safetensors")}
+        torch.testing.assert_close(build_model(**spec).eval()(x).logits, want, rtol=1e-5, atol=1e-5)
     eq = result.manifest["equivalence"]
     assert eq["passed"] and eq["max_rel_err"] < 1e-5 and eq["top1_agreement"] == 1.0
 
