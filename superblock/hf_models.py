@@ -170,6 +170,15 @@ def make_config(name: str, num_classes: int, task: str, overrides: Mapping[str, 
     return config
 
 
+def _fp32(transformers) -> dict[str, torch.dtype]:
+    """Build in fp32 whatever dtype the config or weights carry (training keeps fp32 weights; export casts). The
+    keyword is `dtype` since transformers 4.56, `torch_dtype` before."""
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype" if new else "torch_dtype": torch.float32}
+
+
 def _auto_class(transformers, task: str):
     return transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
 
@@ -208,14 +217,14 @@ def build_hf_model(
     weights = _weights_dir(name, pretrained)
     if weights is None:
         try:
-            return auto.from_config(cfg, dtype=torch.float32)
+            return auto.from_config(cfg, **_fp32(transformers))
         except ValueError as err:
             first = str(err).splitlines()[0]
             raise ValueError(f"model {name!r} has no {task} head in transformers ({first})") from None
     if task == "causal_lm":
         cfg.vocab_size = _stored_vocab_size(weights, cfg.vocab_size)
     model = auto.from_pretrained(
-        weights, config=cfg, dtype=torch.float32, local_files_only=True, trust_remote_code=False
+        weights, config=cfg, local_files_only=True, trust_remote_code=False, **_fp32(transformers)
     )
     if task == "causal_lm" and model.get_input_embeddings().num_embeddings != num_classes:
         log.warning("resizing the token embeddings of %s from %d to %d (the tokenizer's vocabulary size)",

@@ -180,6 +180,9 @@ def test_hf_local_directory_config_and_weights(tmp_path):
     # a vocabulary that is not the weights' resizes the embeddings (and the lm_head)
     bigger = build_model("hf:llama", VOCAB + 3, pretrained=str(tmp_path / "tiny"), config=CONFIGS["llama"])
     assert bigger.lm_head.out_features == VOCAB + 3
+    # weights saved in bf16 train in fp32 (the export casts to the serving dtype)
+    source.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in build_model(f"hf:{tmp_path / 'bf16'}", VOCAB).parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize(
