@@ -36,10 +36,11 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         d.copy_(s)
 
 
-def _standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Scores on a common scale across layers (global ranking): zero mean, unit std per layer."""
-    std = scores.std(unbiased=False) if scores.numel() > 1 else scores.new_tensor(1.0)
-    return (scores - scores.mean()) / (std + 1e-12)
+def _scale_of(scores: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of a layer's scores: its reference scale for global ranking."""
+    flat = scores.detach().reshape(-1).float()
+    std = float(flat.std(unbiased=False)) if flat.numel() > 1 else 1.0
+    return float(flat.mean()), std if std > 0 else 1.0
 
 
 class SparsityController:
@@ -69,6 +70,11 @@ class SparsityController:
         self._masks = list(masks)
         for _, mask in self._masks:
             mask.attach(self)
+        # Global ranking compares scores of different layers, whose initial scales differ (fan-in, weight norms).
+        # Each layer is put on a common scale by the mean / std its scores had at the start, fixed from then on:
+        # standardizing by the live statistics instead would cancel exactly the signal global allocation is for (a
+        # layer whose scores all rise would keep the same share of tiles).
+        self._reference = [_scale_of(m.scores) for _, m in self._masks] if allocation == "global" else []
         self._check_floor_fits(max(schedule.initial, schedule.final))
 
     @property
@@ -140,9 +146,11 @@ class SparsityController:
     def _refresh_global(self, masks: list[BlockMask]) -> None:
         total = sum(m.n_blocks for m in masks)
         budget = kept_blocks(total, self.sparsity)
+        reference = {id(m): ref for (_, m), ref in zip(self._masks, self._reference, strict=True)}
         ranked = []
         for m in masks:
-            z = _standardize(m.scores.detach().reshape(-1).float())
+            mean, std = reference[id(m)]
+            z = (m.scores.detach().reshape(-1).float() - mean) / std
             # Each layer's best `floor` tiles jump the global queue, so the per-layer minimum always holds.
             floor_idx = torch.argsort(z, descending=True, stable=True)[: self._floor(m)]
             ranked.append(z.index_fill(0, floor_idx, float("inf")))
@@ -158,6 +166,7 @@ class SparsityController:
             "schedule": self.schedule.to_dict(),
             "allocation": self.allocation,
             "min_density": self.min_density,
+            "reference": [list(r) for r in self._reference],
         }
 
     def set_state(self, state: dict) -> None:
@@ -168,6 +177,8 @@ class SparsityController:
                 f"(schedule {self.schedule.to_dict()}, allocation {self.allocation}): sparsify with the same settings"
             )
         self._step_count = int(state["step"])  # load_state_dict refreshes once, after every tensor is loaded
+        if state.get("reference") and len(state["reference"]) == len(self._masks):
+            self._reference = [(float(a), float(b)) for a, b in state["reference"]]
 
     def __repr__(self) -> str:
         return (

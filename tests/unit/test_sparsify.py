@@ -296,6 +296,27 @@ def test_global_allocation_keeps_total_density_and_floor():
         sparsify(Net(), sparsity=0.9, block_size=8, targets=["mlp"], allocation="global", min_density=0.5)
 
 
+def test_global_allocation_follows_learned_cross_layer_signal():
+    """Scores that rise in one layer relative to the others win that layer more tiles (per-layer standardization by
+    the live statistics would cancel this); at the start both layers get about the same share, as with layerwise."""
+    torch.manual_seed(0)
+    net = Net(((64, 64), (64, 64), (32, 64)))
+    sparsify(net, sparsity=0.5, block_size=8, targets=["mlp.0", "mlp.1"], allocation="global", seed=0)
+    ctrl = get_controller(net)
+    masks = [m for _, m in ctrl.masks]
+    start = [int(m.mask.sum()) for m in masks]
+    assert sum(start) == 64 and abs(start[0] - start[1]) <= 4, start
+    with torch.no_grad():
+        masks[0].scores.add_(10 * masks[0].scores.std())  # layer 0 learned it matters more than layer 1
+    ctrl.refresh()
+    kept = [int(m.mask.sum()) for m in masks]
+    assert sum(kept) == 64 and kept[0] > 60, kept
+    resumed = Net(((64, 64), (64, 64), (32, 64)))
+    sparsify(resumed, sparsity=0.5, block_size=8, targets=["mlp.0", "mlp.1"], allocation="global", seed=1)
+    resumed.load_state_dict(net.state_dict())  # the reference scales travel in the checkpoint
+    assert [int(m.mask.sum()) for _, m in get_controller(resumed).masks] == kept
+
+
 def test_optimizer_groups_from_mask_parameters():
     net = Net()
     sparsify(net, block_size=8, targets=["mlp"])
