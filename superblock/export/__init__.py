@@ -6,6 +6,7 @@ result = export_checkpoint("outputs/<run>", "exports/<run>", dtype="bf16", layou
 model = load_sparse("exports/<run>", device="cuda")     # BlockSparseLinear / block-sparse attention inside
 served = load_sparse("exports/<run>", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 8, 32, 256])
 fast = make_runtime(my_model, "compile", batch_sizes=[1, 8, 32, 256])  # any model (BlockSparseLinear inside or not)
+lm = load_sparse("exports/<lm run>")         # a transformers model (hf: spec): lm.generate(ids, max_new_tokens=20)
 ```
 The on-disk format is described in superblock/export/format.py and docs/export.md.
 """
@@ -14,7 +15,15 @@ from superblock.export.convert import Layer, install_bsr, masked_layers, pack_te
 from superblock.export.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
 from superblock.export.loader import load_folded, load_sparse
 from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device
-from superblock.export.serving import RUNTIMES, ServingModel, make_runtime, set_tuning_target, warm_up
+from superblock.export.serving import (
+    RUNTIMES,
+    SampleInput,
+    ServingModel,
+    make_runtime,
+    sample_input,
+    set_tuning_target,
+    warm_up,
+)
 from superblock.export.source import Source, load_source
 from superblock.export.timing import compare_latency
 from superblock.export.writer import ExportResult, export_checkpoint, fold_copy, image_shape, summary_table
@@ -23,6 +32,7 @@ __all__ = [
     "DTYPES",
     "FORMAT",
     "RUNTIMES",
+    "SampleInput",
     "TOLERANCES",
     "VERSION",
     "ExportError",
@@ -46,6 +56,7 @@ __all__ = [
     "parse_dtype",
     "read_manifest",
     "resolve_device",
+    "sample_input",
     "set_tuning_target",
     "summary_table",
     "warm_up",

@@ -7,6 +7,11 @@
   manifest.json                  format, model_spec, per-layer layout, source run, equivalence, sha256 of both files
 ```
 
+Manifest keys added for transformers models (absent in older exports, read as their defaults): a layer's
+`transposed` (the model stores that weight as (in, out), a GPT-2 Conv1D; `shape` / `block` describe the stored
+(out, in) BSR weight), `tied` ({key: key it shares its tensor with}: stored once, put back at load) and
+`sample_input` ({"shape", "vocab_size"}: what the probe and timings fed, token ids when vocab_size is set).
+
 Nothing in the directory is a pickle, so loading it can never run code. The manifest carries the sha256 of each
 weights file and a checksum of its own content, so an edited or mismatched file is refused instead of loaded.
 """

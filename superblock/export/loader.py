@@ -91,6 +91,8 @@ def load_sparse(
     the export's batch sizes, else 1, 8, 32, 256) and pads every batch up to the next of them. cudagraph on a CPU
     device falls back to eager with a RuntimeWarning. `compile_options` go to torch.compile (cudagraph compiles
     before capturing unless compile_options=False).
+    A transformers model (an `hf:` model_spec) comes back as the transformers model itself, its projections
+    (GPT-2's Conv1D included) BlockSparseLinear, so `generate()` and its KV caches work; its runtimes feed token ids.
     Raises ExportError for a missing, edited or mismatched export, ValueError for bad options. Eval mode.
     """
     if backend not in BACKENDS:
