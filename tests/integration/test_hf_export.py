@@ -135,3 +135,28 @@ def test_bert_sequence_classifier_exports_with_its_head_dense(tmp_path):
     x = ids(3, 9)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_llama_on_cuda_bf16_generates_eagerly_with_a_static_cache_and_under_cuda_graphs(tmp_path):
+    """Run on the device machine: python -m pytest -m gpu tests/integration/test_hf_export.py"""
+    config = {**LLAMA, "hidden_size": 256, "intermediate_size": 512, "max_position_embeddings": 256}
+    masked = hf_run(tmp_path / "run", "llama", config, num_classes=512, block_size=32)
+    result = export(tmp_path / "run", tmp_path / "exp", dtype="bf16", device="cuda")
+    assert result.manifest["equivalence"]["passed"]
+    model = load_sparse(tmp_path / "exp", device="cuda", dtype="bf16")
+    assert count(model, "BlockSparseLinear") == 14
+    prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        want = fold_copy(masked).to("cuda", torch.bfloat16).eval()(prompt).logits.float()
+        got = model(prompt).logits.float()
+    assert (got - want).abs().max() <= 6e-2 * want.abs().max()
+    eager = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    static = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert eager.shape == (1, 20) and torch.equal(static, eager)
+    served = load_sparse(tmp_path / "exp", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 4],
+                         compile_options=False)  # fmt: skip
+    x = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(served(x).logits, model(x).logits, rtol=0, atol=2e-2)
