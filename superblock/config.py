@@ -116,6 +116,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per transformer block: models too big for one device)
     resume: Any = False  # false | true (this run dir) | path to a run dir or checkpoint
     checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
     log_every_steps: int = 10
@@ -259,6 +260,10 @@ def check(c: TrainConfig) -> None:
     _positive(t.cutmix, "trainer.cutmix", allow_zero=True)
     _one_of(t.precision, PRECISIONS, "trainer.precision")
     _one_of(t.device, DEVICES, "trainer.device")
+    _one_of(t.strategy, ("ddp", "fsdp"), "trainer.strategy")
+    if t.strategy == "fsdp" and t.ema_decay:
+        raise ConfigError("trainer.ema_decay with trainer.strategy=fsdp is not supported: a whole EMA copy on every "
+                          "rank defeats sharding; set trainer.ema_decay=null")
     _positive(c.data.batch_size, "data.batch_size")
     _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
     _check_augment(c.data.augment)

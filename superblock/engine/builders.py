@@ -25,6 +25,7 @@ from superblock.engine.distill import load_teacher
 from superblock.engine.objective import Objective
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
 from superblock.engine.pretrained import is_run_source, load_run_weights
+from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
 from superblock.sparsity import SparsityReport, normalize_block_size, sparsify
 
@@ -135,10 +136,17 @@ def build_student(
     return model, sparsify(model, **sparsify_args, seed=seed)
 
 
-def wrap_for_training(model: nn.Module, device: torch.device, *, distributed: bool, compile: bool) -> nn.Module:
-    """The module the loop calls: DDP around the model when distributed, compiled when asked."""
+def wrap_for_training(
+    model: nn.Module, device: torch.device, *, distributed: bool, compile: bool, strategy: str = "ddp"
+) -> nn.Module:
+    """The module the loop calls: DDP around the model when distributed (or the model itself sharded in place with
+    FSDP2 under strategy="fsdp"), compiled when asked."""
     wrapped = model
-    if distributed:
+    if strategy == "fsdp":
+        if not distributed:
+            raise ValueError("trainer.strategy=fsdp shards over processes: launch with torchrun --nproc_per_node>=2")
+        shard_model(model)
+    elif distributed:
         # Masks are buffers that every rank derives from identical scores: no need to broadcast them each step.
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False

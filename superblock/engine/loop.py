@@ -102,6 +102,7 @@ def optimizer_step(parts: StepParts, progress: Progress) -> None:
     # The norm is computed anyway (max_norm=inf only measures): a non-finite one is counted on the device, no
     # sync, and checked before anything is logged or checkpointed. fp16's scaler skips such steps itself.
     norm = nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
     if not parts.scaler.is_enabled():
         parts.nonfinite_grads += (~torch.isfinite(norm)).to(parts.nonfinite_grads.dtype)
     parts.scaler.step(parts.optimizer)

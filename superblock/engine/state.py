@@ -18,6 +18,7 @@ from torch import nn
 
 from superblock.engine.distributed import all_gather_object
 from superblock.engine.ema import ModelEma
+from superblock.engine.sharding import full_state, is_sharded, load_full_state
 from superblock.seeding import seed_everything, stable_seed
 
 
@@ -108,12 +109,17 @@ class TrainState:
     rng: RankStreams
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's training part. Under FSDP a collective (whole tensors gathered): call on every rank."""
         p = self.progress
+        if is_sharded(self.model):
+            model, optimizer = full_state(self.model, self.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
+            "model": model,
             "ema": self.ema.module.state_dict() if self.ema else None,
             "ema_updates": self.ema.updates if self.ema else 0,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             **self.rng.state_dict(),
@@ -124,10 +130,13 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        if is_sharded(self.model):
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.ema and state.get("ema") is not None:
             self.ema.load(state["ema"], state.get("ema_updates", 0))
-        self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress.load_state_dict(state["progress"])

@@ -33,6 +33,7 @@ from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import validate
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
+from superblock.engine.sharding import full_model_state, is_sharded
 from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed, rng_state, set_rng_state
 from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
@@ -99,14 +100,16 @@ class Trainer:
         self.model = model.to(self.device)
         self.objective = build_objective(t, cfg.distill, num_classes=self.bundle.num_classes,
                                          student_spec=self.model_spec, device=self.device)
+        ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
+        # Before the optimizer: FSDP replaces the parameters with sharded ones.
+        train_model = wrap_for_training(self.model, self.device, distributed=dist.distributed, compile=t.compile,
+                                        strategy=t.strategy)
         optimizer, lr_scheduler, scaler = build_optimization(
             self.model, cfg.optim, scores_lr=cfg.sparsity.scores_lr, total_steps=self.total_steps,
             steps_per_epoch=self.data.steps_per_epoch, amp_dtype=self.amp_dtype,
         )
-        ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
         self.parts = StepParts(
-            self.model, wrap_for_training(self.model, self.device, distributed=dist.distributed, compile=t.compile),
-            self.objective, optimizer, lr_scheduler, scaler, ema, self.device, self.amp_dtype,
+            self.model, train_model, self.objective, optimizer, lr_scheduler, scaler, ema, self.device, self.amp_dtype,
             t.accumulate_grad_batches, t.grad_clip, dist.distributed, torch.zeros((), device=self.device),
         )
         # From here on every rank draws its own dropout / drop-path / mixup numbers (data: see SeededSamples).
@@ -132,10 +135,12 @@ class Trainer:
         return {**identity, **self.state.state_dict()}
 
     def save(self, path: Path | None = None) -> None:
-        """Checkpoint to `path` (default: the run's last.pt) on rank 0."""
+        """Checkpoint to `path` (default: the run's last.pt) on rank 0 (every rank takes part: the random streams,
+        and under FSDP the tensors, are gathered)."""
         self.state.rng.gather()  # each rank resumes its own random streams
+        checkpoint = self.checkpoint()
         if self.dist.is_main:
-            save_checkpoint(path or self.run.last, self.checkpoint())
+            save_checkpoint(path or self.run.last, checkpoint)
         barrier()
 
     def resume_from(self, path: Path) -> None:
@@ -229,15 +234,28 @@ class Trainer:
             self.save(self.run.best)
 
     # --------------------------------------------------------------------------------------------- summary
+    def _whole_model(self) -> nn.Module | None:
+        """The model with whole tensors: itself, or under FSDP an unsharded CPU copy on rank 0 (a collective; None
+        on the other ranks, whose summary is not written)."""
+        if not is_sharded(self.model):
+            return self.model
+        state = full_model_state(self.model)
+        if not self.dist.is_main:
+            return None
+        copy, _ = build_student({**self.model_spec, "pretrained": None}, self.sparsity_spec, strict_blocks=False,
+                                seed=self.cfg.seed)
+        copy.load_state_dict(state)
+        return copy
+
     def summary(self, status: str) -> RunSummary:
         """What summary.json says about this run now (wall_time_s is left to the caller, who timed the whole job)."""
         digests = all_gather_object(mask_digest(self.model))
-        spec = self.sparsity_spec
-        masked = {n for n, _, _, _ in iter_block_masks(self.model)}
+        spec, model = self.sparsity_spec, self._whole_model()
+        masked = {n for n, _, _, _ in iter_block_masks(model)} if model is not None else set()
         measured = {}
-        if spec:
-            measured = {n: v for n, v in block_sparsity(self.model, spec["block_size"]).items() if n in masked}
-        total, kept = model_size(self.model)
+        if spec and model is not None:
+            measured = {n: v for n, v in block_sparsity(model, spec["block_size"]).items() if n in masked}
+        total, kept = model_size(model) if model is not None else (None, None)
         p, m = self.progress, self.progress.last_metrics
         return RunSummary(
             status=status, error=None, model=self.cfg.model.name,

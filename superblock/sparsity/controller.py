@@ -36,9 +36,16 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         d.copy_(s)
 
 
+def _full(scores: torch.Tensor) -> torch.Tensor:
+    """A layer's whole score matrix, detached: under FSDP2 (`fully_shard`) scores are DTensor shards, gathered here
+    (a collective: every rank refreshes at the same step) so every rank chooses the same mask."""
+    scores = scores.detach()
+    return scores.full_tensor() if hasattr(scores, "full_tensor") else scores
+
+
 def _scale_of(scores: torch.Tensor) -> tuple[float, float]:
     """(mean, std) of a layer's scores: its reference scale for global ranking."""
-    flat = scores.detach().reshape(-1).float()
+    flat = _full(scores).reshape(-1).float()
     std = float(flat.std(unbiased=False)) if flat.numel() > 1 else 1.0
     return float(flat.mean()), std if std > 0 else 1.0
 
@@ -139,7 +146,7 @@ class SparsityController:
         for m in masks:
             groups[(m.n_blocks, m.scores.device)].append(m)
         for (n, _), group in groups.items():
-            stacked = torch.stack([m.scores.detach().reshape(-1).float() for m in group])
+            stacked = torch.stack([_full(m.scores).reshape(-1).float() for m in group])
             hard = _topk_rows(stacked, kept_blocks(n, sparsity))
             _copy_into([m.mask for m in group], [row.view(m.mask.shape) for m, row in zip(group, hard, strict=True)])
 
@@ -150,7 +157,7 @@ class SparsityController:
         ranked = []
         for m in masks:
             mean, std = reference[id(m)]
-            z = (m.scores.detach().reshape(-1).float() - mean) / std
+            z = (_full(m.scores).reshape(-1).float() - mean) / std
             # Each layer's best `floor` tiles jump the global queue, so the per-layer minimum always holds.
             floor_idx = torch.argsort(z, descending=True, stable=True)[: self._floor(m)]
             ranked.append(z.index_fill(0, floor_idx, float("inf")))

@@ -54,6 +54,9 @@ def test_default_config_is_the_embedded_run():
     "overrides,message",
     [
         (["sparsity.level=1.5"], "sparsity.level"),
+        (["trainer.strategy=zero3"], "trainer.strategy"),
+        (["trainer.strategy=fsdp", "trainer.ema_decay=0.99"], "trainer.ema_decay"),
+        (["data=text"], "data=text needs a language model"),
         (["sparsity.schedule=cubic", "sparsity.ramp_epochs=0", "sparsity.ramp_fraction=null"], "ramp_epochs"),
         (["sparsity.ramp_fraction=1.5"], "sparsity.ramp_fraction"),
         (["data=imagefolder"], "data.root is required"),
