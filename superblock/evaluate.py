@@ -21,14 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from superblock.data.metrics import perplexity
 from superblock.devices import dtype_name, parse_dtype, resolve_device
 from superblock.engine.evaluation import topk_correct
+from superblock.engine.objective import flat_predictions
 from superblock.export import (
     Layer,
+    SampleInput,
     compare_latency,
     ensure_runnable,
     fold_copy,
-    image_shape,
     install_bsr,
     is_export_dir,
     load_folded,
@@ -37,9 +39,10 @@ from superblock.export import (
     masked_layers,
     pack_tensors,
     read_manifest,
+    sample_input,
 )
 from superblock.export.layout import assign_layouts
-from superblock.export.serving import check_runtime, make_runtime
+from superblock.export.serving import check_runtime, make_runtime, model_output
 from superblock.export.source import Source
 from superblock.io import write_json_atomically
 from superblock.kernels import fuse_linear_gelu
@@ -48,6 +51,7 @@ from superblock.rundir import RunDir
 MODES = ("masked", "folded", "bsr", "all")
 FORMS = ("masked", "folded", "bsr")
 DATA_KEYS = ("name", "root", "download", "image_size", "train_size", "val_size", "randaugment", "num_classes")
+TEXT_KEYS = ("name", "root", "train_size", "val_size", "seq_len", "tokenizer", "max_bytes")
 
 
 @dataclass
@@ -132,7 +136,7 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def serve(models: dict[str, nn.Module], runtime: str, batch_sizes: list[int], shape: tuple[int, ...]) -> None:
+def serve(models: dict[str, nn.Module], runtime: str, batch_sizes: list[int], shape: SampleInput) -> None:
     """Put the folded and bsr forms behind the same serving runtime (in place); masked stays eager."""
     for form in ("folded", "bsr"):
         if form in models:
@@ -142,12 +146,13 @@ def serve(models: dict[str, nn.Module], runtime: str, batch_sizes: list[int], sh
 def _runner(form: str, model: nn.Module, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], Any]:
     """Forward of one form: masked runs under autocast (fp32 weights), the others in `dtype` directly."""
     if form != "masked":
-        return lambda x: model(x.to(dtype))
+        # Token ids stay integers; images take the weights' dtype.
+        return lambda x: model_output(model(x if not x.is_floating_point() else x.to(dtype)))
     enabled = dtype != torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-            return model(x)
+            return model_output(model(x))
 
     return run
 
@@ -172,12 +177,14 @@ def val_loader(data: dict, seed: int, model_spec: dict, batch_size: int | None):
     run's eval transforms). Only the val split is built and needed on disk (a val-only ImageNet copy works)."""
     from superblock.data import build_datasets, build_val_loader
 
-    kwargs = {k: data[k] for k in DATA_KEYS if data.get(k) is not None}
-    kwargs["image_size"] = kwargs.get("image_size") or model_spec["image_size"]
-    if isinstance(data.get("augment"), dict):
+    text = data.get("name") == "text"
+    kwargs = {k: data[k] for k in (TEXT_KEYS if text else DATA_KEYS) if data.get(k) is not None}
+    if not text:
+        kwargs["image_size"] = kwargs.get("image_size") or model_spec["image_size"]
+    if isinstance(data.get("augment"), dict) and not text:
         kwargs["augment"] = dict(data["augment"])
     bundle = build_datasets(kwargs.pop("name"), seed=seed, val_only=True, **kwargs)
-    if bundle.image_size != model_spec["image_size"]:
+    if not text and bundle.image_size != model_spec["image_size"]:
         raise ValueError(f"data image size {bundle.image_size} != the model's {model_spec['image_size']}")
     if bundle.num_classes != model_spec["num_classes"]:
         raise ValueError(f"data has {bundle.num_classes} classes, the model {model_spec['num_classes']}")
@@ -191,16 +198,21 @@ def measure_accuracy(
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Top-1/top-5 of every form on the same batches, and how each form's logits differ from the first form's."""
     names = list(runners)
-    counts = {n: torch.zeros(2, dtype=torch.float64) for n in names}
+    counts = {n: torch.zeros(3, dtype=torch.float64) for n in names}  # top-1, top-5, summed loss
     diffs = {n: {"max_abs_logit_diff": 0.0, "disagreements": 0} for n in names[1:]}
     seen = 0
-    for i, (images, targets) in enumerate(loader):
+    for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        images, targets = images.to(device), targets.to(device)
-        logits = {n: runners[n](images).float() for n in names}
+        inputs, targets = inputs.to(device), targets.to(device)
+        # A language model's every token is one prediction (flat_predictions), as in training.
+        raw = {n: runners[n](inputs).float() for n in names}
+        sequences = next(iter(raw.values())).dim() == 3
+        logits = {n: flat_predictions(r, targets)[0] for n, r in raw.items()}
+        targets = targets.reshape(-1)
         for n in names:
-            counts[n] += torch.stack([c.double().cpu() for c in topk_correct(logits[n], targets)])
+            loss = torch.nn.functional.cross_entropy(logits[n], targets, reduction="sum").double().cpu()
+            counts[n] += torch.stack([*(c.double().cpu() for c in topk_correct(logits[n], targets)), loss])
         ref = logits[names[0]]
         for n in names[1:]:
             diffs[n]["max_abs_logit_diff"] = max(diffs[n]["max_abs_logit_diff"], (logits[n] - ref).abs().max().item())
@@ -208,22 +220,31 @@ def measure_accuracy(
         seen += len(targets)
     if seen == 0:
         raise ValueError("the validation split is empty: check data.root / data.val_size")
-    acc = {n: {"top1": 100 * c[0].item() / seen, "top5": 100 * c[1].item() / seen, "images": seen}
-           for n, c in counts.items()}
+    acc = {n: _accuracy_entry(c, seen, sequences) for n, c in counts.items()}
     for d in diffs.values():
         d.update(reference=names[0], top1_agreement=1.0 - d["disagreements"] / seen)
     return acc, diffs
+
+
+def _accuracy_entry(counts: torch.Tensor, seen: int, sequences: bool) -> dict[str, float]:
+    """Top-1 / top-5 in percent (next-token accuracy for a language model, with its loss and perplexity)."""
+    top1, top5, loss = counts.tolist()
+    entry = {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
+    if sequences:
+        return {**entry, "loss": loss / seen, "perplexity": perplexity(loss / seen), "tokens": seen}
+    return {**entry, "images": seen}
 
 
 # ------------------------------------------------------------------------------------------------- latency
 
 
 def measure_latency(
-    runners: dict[str, Callable], shape: tuple[int, ...], device: torch.device, batch_size: int, cfg: dict
+    runners: dict[str, Callable], sample: SampleInput, device: torch.device, batch_size: int, cfg: dict
 ) -> dict[str, dict]:
-    """Per form: median ms per batch, images/s and speedup over the dense (folded) model, measured side by side."""
+    """Per form: median ms per batch, images/s and speedup over the dense (folded) model, measured side by side.
+    A language model's batch is `batch_size` sequences of the sample's length (random token ids)."""
     n_inputs = max(1, int(cfg.get("inputs", 4)))
-    inputs = [torch.randn(batch_size, *shape, device=device) for _ in range(n_inputs)]
+    inputs = [sample.make(batch_size, device) for _ in range(n_inputs)]
     reps = {k: int(cfg.get(k, v)) for k, v in (("warmup", 3), ("repeats", 30), ("rounds", 3))}
     stats = compare_latency(runners, inputs, device, **reps)
     dense = stats.get("folded", {}).get("median_ms")
@@ -278,7 +299,7 @@ def evaluate(
     models = build_models(target, forms, dev, torch_dtype, backend, use_ema)
     if not models:
         raise ValueError(f"nothing to evaluate in mode={mode}: {'; '.join(target.notes)}")
-    shape = image_shape(next(iter(models.values())), target.model_spec)
+    shape = sample_input(next(iter(models.values())), target.model_spec)
     result: dict[str, Any] = {
         "checkpoint": str(target.path.resolve()), "kind": target.kind, "mode": mode, "device": str(dev),
         "dtype": dtype_name(torch_dtype), "backend": backend, "notes": target.notes,

@@ -104,3 +104,28 @@ def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
     a, b = summary_of(straight), summary_of(killed)
     assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-5)
     assert b["mask_digest"] == a["mask_digest"]
+
+
+def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
+    """The documented LM path: train.py -> export.py -> evaluate.py -> load_sparse(...).generate()."""
+    from superblock.export import load_folded, load_sparse
+    from tests.integration.test_export_eval import QUICK_EVAL, run
+
+    run_dir, export_dir = tmp_path / "run", tmp_path / "exp"
+    assert run_train(*LM_TINY, f"hydra.run.dir={run_dir}").returncode == 0
+    out = run("export.py", f"checkpoint={run_dir}", f"output={export_dir}", "layout=bsr", "device=cpu",
+              "probe_batch=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run("evaluate.py", f"checkpoint={export_dir}", "mode=all", *QUICK_EVAL, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((export_dir / "eval.json").read_text())
+    acc = result["accuracy"]
+    assert set(acc) == {"masked", "folded", "bsr"}
+    # next-token predictions of one batch (8 x 32 tokens): the three forms agree, perplexity is reported
+    assert acc["bsr"]["tokens"] == acc["masked"]["tokens"] > 0
+    assert acc["bsr"]["perplexity"] == pytest.approx(acc["masked"]["perplexity"], rel=1e-3)
+    assert result["agreement"]["bsr"]["top1_agreement"] > 0.99
+    sparse, dense = load_sparse(export_dir), load_folded(export_dir)
+    prompt = torch.tensor([list(b"def main():\n    ")])
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 256}
+    assert torch.equal(sparse.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
