@@ -10,16 +10,19 @@ from torch import nn
 
 from superblock.engine.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
 from superblock.models import load_state
+from superblock.rundir import RunDir
 from superblock.sparsity import fold_masks, get_controller
 
 
 def is_run_source(path: str | Path | None) -> bool:
-    """A run directory or a superblock training checkpoint (as opposed to a plain weights file)."""
+    """A run directory or a superblock training checkpoint (as opposed to a plain weights file, or a transformers
+    weights directory: config.json and no checkpoints/)."""
     if path is None:
         return False
     p = Path(str(path)).expanduser()
     if p.is_dir():
-        return True
+        run = RunDir(p)
+        return run.last.exists() or run.best.exists() or not (p / "config.json").is_file()
     if p.is_file() and p.suffix in (".pt", ".pth"):
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)

@@ -129,3 +129,20 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     prompt = torch.tensor([list(b"def main():\n    ")])
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 256}
     assert torch.equal(sparse.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
+
+
+def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
+    from superblock.engine.pretrained import is_run_source
+    from superblock.models import build_model
+
+    model = build_model("hf:gpt2", 257, task="causal_lm", config={"n_layer": 1, "n_embd": 32, "n_head": 2})
+    model.save_pretrained(tmp_path / "hf")
+    assert not is_run_source(tmp_path / "hf")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert is_run_source(tmp_path / "run")  # a run dir (its missing checkpoint is reported by the loader)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert is_run_source(tmp_path / "run")
+    built = build_model("hf:gpt2", 257, pretrained=str(tmp_path / "hf"), task="causal_lm",
+                        config={"n_layer": 1, "n_embd": 32, "n_head": 2})
+    assert torch.equal(built.transformer.wte.weight, model.transformer.wte.weight)
