@@ -244,7 +244,22 @@ def check(c: TrainConfig) -> None:
     _positive(c.optim.lr, "optim.lr")
     _positive(c.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(c.optim.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
-    t = c.trainer
+    _check_trainer(c.trainer)
+    _positive(c.data.batch_size, "data.batch_size")
+    _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
+    _check_augment(c.data.augment)
+    if not 0.0 <= c.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")
+    _positive(c.distill.temperature, "distill.temperature")
+    _one_of(c.logger.name, LOGGERS, "logger.name")
+    if c.logger.mode is not None:
+        _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
+    _one_of(c.measure.dtype, DTYPE_CHOICES, "measure.dtype")
+    _one_of(c.measure.layout, ("auto", "bsr", "dense"), "measure.layout")
+    _positive(c.measure.batch_size, "measure.batch_size")
+
+
+def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.max_epochs, "trainer.max_epochs")
     _positive(t.max_steps, "trainer.max_steps")
     _positive(t.accumulate_grad_batches, "trainer.accumulate_grad_batches")
@@ -264,18 +279,6 @@ def check(c: TrainConfig) -> None:
     if t.strategy == "fsdp" and t.ema_decay:
         raise ConfigError("trainer.ema_decay with trainer.strategy=fsdp is not supported: a whole EMA copy on every "
                           "rank defeats sharding; set trainer.ema_decay=null")
-    _positive(c.data.batch_size, "data.batch_size")
-    _positive(c.data.num_workers, "data.num_workers", allow_zero=True)
-    _check_augment(c.data.augment)
-    if not 0.0 <= c.distill.alpha <= 1.0:
-        raise ConfigError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")
-    _positive(c.distill.temperature, "distill.temperature")
-    _one_of(c.logger.name, LOGGERS, "logger.name")
-    if c.logger.mode is not None:
-        _one_of(c.logger.mode, WANDB_MODES, "logger.mode")
-    _one_of(c.measure.dtype, DTYPE_CHOICES, "measure.dtype")
-    _one_of(c.measure.layout, ("auto", "bsr", "dense"), "measure.layout")
-    _positive(c.measure.batch_size, "measure.batch_size")
 
 
 def _check_text(c: TrainConfig) -> None:
