@@ -231,8 +231,13 @@ def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
                     graph.replay()
                     replayed.append(dec.logits.clone())
                 checks["graph_vs_eager"] = max(rel(r, e) for r, e in zip(replayed, eager, strict=True))
-                if checks["graph_vs_eager"] > 1e-2:
-                    raise RuntimeError(f"replayed steps differ from eager ones: {checks['graph_vs_eager']:.2e}")
+                checks["graph_vs_cache_free"] = max(rel(r, full[:, args.prompt + i]) for i, r in enumerate(replayed))
+                # bf16 through 32 layers: eager steps differ from a cache-free forward by ~1e-2 already, and fp32
+                # atomic sums (the decode kernel) are not bit-reproducible; a wrong capture (stale positions, a
+                # baked-in cache slot) is off by far more than that
+                limit = max(3e-2, 2 * checks["step_vs_cache_free"])
+                if checks["graph_vs_cache_free"] > limit:
+                    raise RuntimeError(f"replayed steps are off: {checks['graph_vs_cache_free']:.2e} > {limit:.2e}")
                 runtime, run = "cuda graph", graph.replay
         except Exception as err:
             print(f"decode capture failed ({type(err).__name__}: {str(err)[:200]}); timing eager", flush=True)
@@ -256,12 +261,13 @@ def main(argv=None):
     dense = build_dense(args)
     sparse = to_sparse(dense, args)
     print(f"built both models in {time.time() - t0:.1f} s", flush=True)
-    rows = {}
+    rows: dict[str, dict] = {}
     for name, model in (("dense", dense), ("sparse", sparse)):
+        t0 = time.time()
         ms, prefill_rt = prefill_ms(model, args)
         tps, decode_rt, checks = decode_tokens_per_s(model, args)
         rows[name] = {"prefill_ms": ms, "prefill_runtime": prefill_rt, "decode_tok_s": tps,
-                      "decode_runtime": decode_rt, "checks": checks}  # fmt: skip
+                      "decode_runtime": decode_rt, "checks": checks, "seconds": time.time() - t0}  # fmt: skip
         print(json.dumps({name: rows[name]}), flush=True)
         if on_gpu(args.device):
             torch.cuda.empty_cache()

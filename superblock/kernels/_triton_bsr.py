@@ -170,35 +170,52 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _decode_epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
+                         ACT: tl.constexpr):  # fmt: skip
+        n_mask = n_glob < N
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # exact (erf) GELU, as nn.GELU()
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _bsr_decode_kernel(
         x_ptr,
         w_ptr,
         crow_ptr,
         col_ptr,
         b_ptr,
-        out_ptr,
+        y_ptr,
+        part_ptr,
+        cnt_ptr,
         M,
         N,
         K,
         stride_xm,
-        stride_om,
-        stride_os,
+        stride_ym,
+        stride_pm,
+        stride_ps,
         BH: tl.constexpr,
         BW: tl.constexpr,
         SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         EVEN_K: tl.constexpr,
-        FINAL: tl.constexpr,
+        MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         # Few tokens: the weight is the traffic. SPLIT programs share one block row, program s taking its kept
-        # blocks s, s + SPLIT, ... (adjacent programs read adjacent blocks), so nnz / SPLIT-ish programs keep
-        # every SM's loads in flight even when a block row holds 20+ blocks. Each writes an fp32 partial sum
-        # (out_ptr = [SPLIT, M, n_rows * BH]) that _decode_reduce_kernel adds up; with SPLIT == 1 (FINAL) the
-        # program owns the row and writes y with the epilogue itself.
+        # blocks s, s + SPLIT, ... (adjacent programs read adjacent blocks), so ~nnz / SPLIT programs keep every
+        # SM's loads in flight even when a block row holds 20+ blocks. The SPLIT partial sums of a row meet:
+        #   MODE 0  SPLIT == 1: the program owns its row and writes y itself
+        #   MODE 1  each writes its fp32 partial to part[s] ([SPLIT, M, n_rows*BH]); _decode_reduce_kernel adds them
+        #   MODE 2  each adds its partial into a zeroed fp32 workspace (part, [M, n_rows*BH]) with atomics, then
+        #           bumps the row's arrival counter; the last to arrive takes the sum out, zeroes the sums and the
+        #           counter and writes y: one launch, and the workspace is left zeroed for the next call
         pid = tl.program_id(0)
         pid_m = tl.program_id(1)
         row = pid // SPLIT
@@ -230,17 +247,27 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         n_glob = row * BH + offs_n
-        if FINAL:
-            n_mask = n_glob < N
-            if HAS_BIAS:
-                acc = acc + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-            ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + n_glob[None, :]
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-        else:
-            ptrs = out_ptr + s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + n_glob[None, :]
+        if MODE == 0:
+            _decode_epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+        elif MODE == 1:
+            ptrs = part_ptr + s * stride_ps + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
             tl.store(ptrs, acc, mask=m_mask[:, None])
+        else:
+            ws = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
+            tl.atomic_add(ws, acc, mask=m_mask[:, None], sem="relaxed")
+            # every thread's adds are issued before the counter moves; the counter's acq_rel orders them (and,
+            # for the last arrival, everyone else's) around the hand-over
+            tl.debug_barrier()
+            c_ptr = cnt_ptr + pid_m * (tl.num_programs(0) // SPLIT) + row
+            arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                # read through the atomic unit (L2, where the others' adds landed), then put the zeros back: no
+                # other program touches this row's sums or counter again in this launch
+                zeros = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+                total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
+                tl.store(ws, zeros, mask=m_mask[:, None])
+                tl.store(c_ptr, 0)
+                _decode_epilogue(total, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -367,6 +394,35 @@ def launch(
 
 
 REDUCE_BLOCK_N = 256
+# MODE 2's zeroed workspaces (fp32 sums, int32 arrival counters), one pair per device, kept zero by the kernel
+# itself. Never freed: a CUDA graph that captured a launch keeps their addresses. Up to this many fp32 sums.
+WORKSPACE_MAX = 64 * 32768
+_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def decode_workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The device's zeroed (sums, counters) workspace with room for this launch, grown outside CUDA-graph
+    captures only (a capture would allocate from the graph's private pool): None when it cannot be had now.
+
+    Calls on one device share it, so two decode launches must not run at the same time on two streams of one
+    device (the stream order of one stream, eager or replayed, serializes them)."""
+    cuda = device.type == "cuda"
+    if n_sums > WORKSPACE_MAX or not (cuda or INTERPRET):
+        return None
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
+    ws = _workspaces.get(index)
+    if ws is not None and ws[0].numel() >= n_sums and ws[1].numel() >= n_counters:
+        return ws
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    if ws is not None:
+        _retired.append(ws)  # a captured graph may still point at it
+    size = max(n_sums, 16 * 16384, 0 if ws is None else ws[0].numel())
+    count = max(n_counters, 4096, 0 if ws is None else ws[1].numel())
+    ws = (torch.zeros(size, device=device, dtype=torch.float32), torch.zeros(count, device=device, dtype=torch.int32))
+    _workspaces[index] = ws
+    return ws
 
 
 def launch_decode(
@@ -382,28 +438,34 @@ def launch_decode(
     precision: str,
     config: dict,
 ) -> torch.Tensor:
-    """The decode kernel into y [M, n_out]: grid (block rows * SPLIT, token tiles), then (SPLIT > 1) the reduction.
-
-    The fp32 partial sums are a fresh tensor from torch's caching allocator: no host sync, and inside a CUDA-graph
-    capture it comes from the graph's private pool, so the launch captures and replays like any other op."""
+    """The decode kernel into y [M, n_out]: grid (block rows * SPLIT, token tiles). With SPLIT > 1 the partial sums
+    meet in the device's zeroed workspace, one launch (MODE 2), or, when no workspace can be had (first call inside
+    a CUDA-graph capture, many tokens), in a fresh fp32 tensor that a second kernel reduces (MODE 1): no host sync
+    either way, and inside a capture that tensor comes from the graph's private pool."""
     M = x2d.shape[0]
     bh, bw = int(values.shape[1]), int(values.shape[2])
-    split = int(config["SPLIT"])
-    block_m = int(config["BLOCK_M"])
+    split, block_m = int(config["SPLIT"]), int(config["BLOCK_M"])
     n_rows = crow.numel() - 1
-    prec = _precision_arg(x2d.dtype, precision)
-    act = ACT_CODES[activation]
+    m_tiles = triton.cdiv(M, block_m)
     b_arg = bias if bias is not None else y
-    final = split == 1
-    part = y if final else torch.empty(split, M, n_rows * bh, device=y.device, dtype=torch.float32)
-    stride_os = 0 if final else part.stride(0)
-    _bsr_decode_kernel[(n_rows * split, triton.cdiv(M, block_m))](
-        x2d, values, crow, col, b_arg, part, M, n_out, k_in, x2d.stride(0), part.stride(-2), stride_os,
-        BH=bh, BW=bw, SPLIT=split, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0), FINAL=final, HAS_BIAS=bias is not None,
-        ACT=act, PRECISION=prec, UPCAST=INTERPRET, num_warps=int(config["num_warps"]),
-        num_stages=int(config["num_stages"]),
+    mode, part, cnt, stride_ps = 0, y, crow, 0
+    if split > 1:
+        ws = decode_workspace(y.device, M * n_rows * bh, m_tiles * n_rows)
+        if ws is not None:
+            mode, (part, cnt) = 2, ws
+        else:
+            mode = 1
+            part = torch.empty(split, M, n_rows * bh, device=y.device, dtype=torch.float32)
+            stride_ps = part.stride(0)
+    stride_pm = n_rows * bh if mode else 0
+    act = ACT_CODES[activation]
+    _bsr_decode_kernel[(n_rows * split, m_tiles)](
+        x2d, values, crow, col, b_arg, y, part, cnt, M, n_out, k_in, x2d.stride(0), y.stride(0), stride_pm, stride_ps,
+        BH=bh, BW=bw, SPLIT=split, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0), MODE=mode, HAS_BIAS=bias is not None,
+        ACT=act, PRECISION=_precision_arg(x2d.dtype, precision), UPCAST=INTERPRET,
+        num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
     )  # fmt: skip
-    if not final:
+    if mode == 1:
         _decode_reduce_kernel[(triton.cdiv(n_out, REDUCE_BLOCK_N), M)](
             part, b_arg, y, n_out, part.stride(0), part.stride(1), y.stride(0), SPLIT=split, BLOCK_N=REDUCE_BLOCK_N,
             HAS_BIAS=bias is not None, ACT=act, num_warps=4,

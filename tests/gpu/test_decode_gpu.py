@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from superblock.kernels import BlockSparseLinear, bsr_linear, dense_to_bsr  # noqa: E402
+from superblock.kernels import BlockSparseLinear, _triton_bsr, bsr_linear, dense_to_bsr  # noqa: E402
 from superblock.kernels import tuning as tuning_mod  # noqa: E402
 
 DTYPES = {"bf16": (torch.bfloat16, 1e-2), "fp16": (torch.float16, 2e-3), "fp32": (torch.float32, 1e-5)}
@@ -57,9 +57,16 @@ def decode_cfg(m, split, warps=4, stages=2):
     return {"BLOCK_M": block_m, "G": 1, "num_warps": warps, "num_stages": stages, "TMA": False, "SPLIT": split}
 
 
+@pytest.mark.parametrize("reduction", ["workspace", "two_kernels"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-b{s[2][0]}x{s[2][1]}")
-def test_decode_kernel_matches_float64(dtype_name, shape):
+def test_decode_kernel_matches_float64(dtype_name, shape, reduction, monkeypatch):
+    """SPLIT > 1 sums in the device's zeroed workspace (one launch) or, without one, in fp32 partials that a
+    second kernel reduces; both against float64, and the workspace is left zeroed."""
+    if reduction == "two_kernels":
+        if dtype_name != "bf16":
+            pytest.skip("the reduction path does not depend on the dtype: bf16 only")
+        monkeypatch.setattr(_triton_bsr, "WORKSPACE_MAX", 0)
     dtype, tol = DTYPES[dtype_name]
     out_f, in_f, block = shape
     w = random_weight(out_f, in_f, block, 0.3, dtype, seed=out_f)
@@ -75,6 +82,9 @@ def test_decode_kernel_matches_float64(dtype_name, shape):
     x = torch.randn(40, in_f, device="cuda").to(dtype)
     y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, None, "triton", config=decode_cfg(16, 4))
     check(y, reference(x, w, bias), tol, f"{dtype_name} M=40 BLOCK_M=16")
+    torch.cuda.synchronize()
+    for sums, counters in _triton_bsr._workspaces.values():
+        assert sums.abs().sum().item() == 0 and counters.abs().sum().item() == 0, "workspace left dirty"
 
 
 def test_tuning_measures_the_decode_kernel(tmp_path, monkeypatch):
@@ -103,39 +113,49 @@ def test_tuning_measures_the_decode_kernel(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("split", [1, 8])
 def test_decode_under_cuda_graph_and_compile(split):
-    """The decode kernel (through BlockSparseLinear and the custom op) inside a CUDA graph and under torch.compile
-    (fullgraph, inductor and reduce-overhead) gives the eager output, with no recompilation."""
+    """Two decode layers in sequence (through BlockSparseLinear and the custom op; with SPLIT 8 they share the
+    workspace) inside a CUDA graph and under torch.compile (fullgraph, inductor and reduce-overhead) give the
+    eager output (up to the order of fp32 atomic sums), with no recompilation."""
     from torch._dynamo.utils import counters
 
     dtype = torch.bfloat16
-    w = random_weight(1536, 1024, (64, 64), 0.15, dtype, 11)
+    w1 = random_weight(1536, 1024, (64, 64), 0.15, dtype, 11)
+    w2 = random_weight(1024, 1536, (64, 64), 0.15, dtype, 12)
     bias = torch.randn(1536, device="cuda").to(dtype)
-    mod = BlockSparseLinear.from_dense(w, bias, 64, activation="gelu", backend="triton")
-    mod.dispatch[16] = {"backend": "triton", "config": decode_cfg(1, split), "precision": "ieee"}
+    model = torch.nn.Sequential(
+        BlockSparseLinear.from_dense(w1, bias, 64, activation="gelu", backend="triton"),
+        BlockSparseLinear.from_dense(w2, None, 64, backend="triton"),
+    )
+    for mod in model:
+        mod.dispatch[16] = {"backend": "triton", "config": decode_cfg(1, split), "precision": "ieee"}
     xs = [torch.randn(1, 1, 1024, device="cuda").to(dtype) for _ in range(3)]
+
+    def close(y, ref, what):
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=what)
+
     with torch.no_grad():
-        eager = [mod(x) for x in xs]
+        eager = [model(x) for x in xs]
         for x, ref in zip(xs, eager, strict=True):
-            check(ref, reference(x, w, bias, "gelu"), 1e-2, "eager")
+            check(ref, reference(F.gelu(reference(x, w1, bias)).to(dtype), w2), 2e-2, "eager")
         x = xs[0].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            mod(x)
+            model(x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = mod(x)
+            y = model(x)
         for xi, ref in zip(xs, eager, strict=True):
             x.copy_(xi)
             graph.replay()
-            torch.testing.assert_close(y, ref, atol=0, rtol=0)
+            close(y, ref, "graph replay")
         for mode in ("default", "reduce-overhead"):
             torch._dynamo.reset()
             counters.clear()
-            compiled = torch.compile(mod, fullgraph=True, dynamic=False, mode=mode)
+            compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
             for _ in range(2):
                 for xi, ref in zip(xs, eager, strict=True):
-                    torch.testing.assert_close(compiled(xi).clone(), ref, atol=0, rtol=0)
+                    close(compiled(xi).clone(), ref, mode)
             assert counters["stats"]["unique_graphs"] == 1, mode
             assert not counters["recompiles"], mode

@@ -121,11 +121,15 @@ _INTERP_SCRIPT = textwrap.dedent(
     import torch, sys
     sys.path.insert(0, "tests/unit")
     from test_kernels import random_block_sparse, reference, rel_err
-    from superblock.kernels import BlockSparseLinear, bsr_linear, dense_to_bsr
+    from superblock.kernels import BlockSparseLinear, _triton_bsr, bsr_linear, dense_to_bsr
     torch.manual_seed(0)
-    # (out, in), block: ragged N and K (not block multiples), a 16x32 block; random_block_sparse empties a row
+    # (out, in), block: ragged N and K (not block multiples), a 16x32 block; random_block_sparse empties a row.
+    # SPLIT 1: one program per row; 2, 3: the shared zeroed workspace (one launch); "4r": fp32 partials reduced
+    # by a second kernel (what runs when no workspace can be had)
     for (out_f, in_f), block in (((96, 64), (32, 32)), ((100, 70), (16, 16)), ((130, 96), (32, 16))):
-        for split, block_m in ((1, 16), (2, 16), (3, 32)):
+        for split, block_m in ((1, 16), (2, 16), (3, 32), ("4r", 16)):
+            _triton_bsr.WORKSPACE_MAX = 0 if split == "4r" else 64 * 32768
+            split = 4 if split == "4r" else split
             cfg = {"BLOCK_M": block_m, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": split}
             for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
                 w = random_block_sparse(out_f, in_f, block, 0.5, dtype)
@@ -136,6 +140,8 @@ _INTERP_SCRIPT = textwrap.dedent(
                         y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
                         err = rel_err(y, reference(x, w, bias, act))
                         assert err < tol, (out_f, in_f, block, split, m, dtype, act, err)
+    sums, counters = _triton_bsr._workspaces[-1]
+    assert sums.abs().sum() == 0 and counters.abs().sum() == 0, "the workspace must be left zeroed"
     layer = BlockSparseLinear.from_dense(random_block_sparse(96, 64, (32, 32), 0.5), torch.randn(96), block_size=32)
     layer.dispatch[16] = {"backend": "triton", "config": {**cfg, "BLOCK_M": 16}, "precision": "ieee"}
     x = torch.randn(2, 5, 64)
