@@ -42,3 +42,25 @@ def test_gradient_reaches_the_student_only() -> None:
         t_logits = t * 1.0
     distillation_loss(s, t_logits, s.sum() * 0, 0.5, 2.0).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_objective_on_a_sequence_model_counts_every_token() -> None:
+    """A language model's (B, T, V) logits: the task loss and the distillation term are per-token means, as if
+    the B*T positions were one batch of classifications; the teacher sees the same inputs, without gradients."""
+    from contextlib import nullcontext
+
+    from superblock.engine.objective import Objective
+
+    torch.manual_seed(0)
+    vocab = 11
+    student = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))
+    teacher = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)).requires_grad_(False)
+    tokens, labels = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (3, 5))
+    objective = Objective(torch.nn.CrossEntropyLoss(), teacher=teacher, alpha=0.3, temperature=2.0)
+    loss = objective(student, tokens, labels, nullcontext())
+    s, t = student(tokens).reshape(-1, vocab), teacher(tokens).reshape(-1, vocab)
+    expected = distillation_loss(s, t, F.cross_entropy(s, labels.reshape(-1)), 0.3, 2.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert objective.teacher_timer.pop_ms() > 0
