@@ -42,10 +42,11 @@ from superblock.export import (
     sample_input,
 )
 from superblock.export.layout import assign_layouts
-from superblock.export.serving import check_runtime, make_runtime, model_output
+from superblock.export.serving import check_runtime, make_runtime
 from superblock.export.source import Source
 from superblock.io import write_json_atomically
 from superblock.kernels import fuse_linear_gelu
+from superblock.models import model_logits
 from superblock.rundir import RunDir
 
 MODES = ("masked", "folded", "bsr", "all")
@@ -147,12 +148,12 @@ def _runner(form: str, model: nn.Module, device: torch.device, dtype: torch.dtyp
     """Forward of one form: masked runs under autocast (fp32 weights), the others in `dtype` directly."""
     if form != "masked":
         # Token ids stay integers; images take the weights' dtype.
-        return lambda x: model_output(model(x if not x.is_floating_point() else x.to(dtype)))
+        return lambda x: model_logits(model(x if not x.is_floating_point() else x.to(dtype)))
     enabled = dtype != torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-            return model_output(model(x))
+            return model_logits(model(x))
 
     return run
 

@@ -53,6 +53,18 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
+def model_logits(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a transformers output's `.logits`, or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+
+
 def default_image_size(name: str) -> int | None:
     """Input resolution a model is built for when no ``image_size`` is given (None for text models)."""
     if is_hf_name(name):

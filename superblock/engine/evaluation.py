@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from superblock.data.metrics import perplexity
 from superblock.engine.distributed import all_reduce_sum
 from superblock.engine.ema import ModelEma
-from superblock.engine.objective import flat_predictions, logits_of
+from superblock.engine.objective import flat_predictions
+from superblock.models import model_logits
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -36,7 +37,7 @@ def evaluate(
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = logits_of(model(inputs))
+            logits = model_logits(model(inputs))
         sequences = logits.dim() == 3
         logits, targets = flat_predictions(logits.float(), targets)
         top1, top5 = topk_correct(logits, targets)

@@ -14,11 +14,7 @@ from torch import nn
 
 from superblock.engine.distill import distillation_loss
 from superblock.engine.timer import StepTimer
-
-
-def logits_of(output: object) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, or a `transformers` ModelOutput's `.logits`."""
-    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+from superblock.models import model_logits
 
 
 def flat_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +50,11 @@ class Objective:
         if self.mixup is not None:
             inputs, targets = self.mixup(inputs, targets)
         with autocast:
-            logits = logits_of(model(inputs))
+            logits = model_logits(model(inputs))
         logits, targets = flat_predictions(logits, targets)
         loss = self.criterion(logits.float(), targets)
         if self.teacher is None:
             return loss
         with autocast, torch.no_grad(), self.teacher_timer:  # the teacher sees the same (mixed) batch
-            teacher_logits, _ = flat_predictions(logits_of(self.teacher(inputs)), targets)
+            teacher_logits, _ = flat_predictions(model_logits(self.teacher(inputs)), targets)
         return distillation_loss(logits, teacher_logits, loss, self.alpha, self.temperature, self.hard)

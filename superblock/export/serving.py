@@ -92,18 +92,6 @@ def sample_input(model: nn.Module, model_spec: dict | None = None) -> SampleInpu
     return SampleInput(image_shape(model, model_spec))
 
 
-def model_output(output) -> torch.Tensor:
-    """The logits of a model's output: the tensor itself, a transformers output's `.logits`, or a tuple's first."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
-
-
 def check_runtime(runtime: str, batch_sizes: Sequence[int] | int | None) -> tuple[int, ...] | None:
     """Validate the runtime name and batch sizes; returns the sorted distinct batch sizes (None stays None)."""
     if runtime not in RUNTIMES:

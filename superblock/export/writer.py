@@ -36,11 +36,11 @@ from superblock.export.serving import (
     SampleInput,
     as_sample,
     check_runtime,
-    model_output,
     sample_input,
 )
 from superblock.export.serving import image_shape as serving_image_shape
 from superblock.export.source import Source, load_source
+from superblock.models import model_logits
 from superblock.sparsity import fold_masks, get_controller
 from superblock.version import __version__
 
@@ -134,10 +134,10 @@ def _manifest(src: Source, layers: list[Layer], dtype: torch.dtype, policy: dict
 def _equivalence(masked: nn.Module, folded: nn.Module, export_dir: Path, probe: dict, device, dtype, backend) -> dict:
     """Logits of the export (loaded back from `export_dir`) and of the folded model against the masked model's."""
     x = make_probe(probe["sample"], probe["n"], probe["seed"])
-    reference = model_output(masked.to(device)(_on(x, device)))
+    reference = model_logits(masked.to(device)(_on(x, device)))
     exported = load_sparse(export_dir, device=device, dtype=dtype, backend=backend)
-    result = logits_error(reference, model_output(exported(_on(x, device, dtype))))
-    result["folded"] = logits_error(reference, model_output(folded.to(device)(_on(x, device))))
+    result = logits_error(reference, model_logits(exported(_on(x, device, dtype))))
+    result["folded"] = logits_error(reference, model_logits(folded.to(device)(_on(x, device))))
     tol = probe["tolerance"]
     result.update(tolerance=tol, passed=result["max_rel_err"] <= tol, probe_batch=probe["n"], probe_seed=probe["seed"])
     result.update(device=str(device), dtype=dtype_name(dtype), backend=backend)
