@@ -112,15 +112,7 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
 
-        n_glob = pid_n * BN + offs_n
-        n_mask = n_glob < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        if ACT == 1:  # exact (erf) GELU, as nn.GELU()
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
     def _bsr_linear_tma_kernel(
@@ -170,8 +162,9 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _decode_epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
-                         ACT: tl.constexpr):  # fmt: skip
+    def _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr):  # fmt: skip
+        # bias, activation and the masked store of y: shared by the tiled and the decode kernels
         n_mask = n_glob < N
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -248,7 +241,7 @@ if HAS_TRITON:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         n_glob = row * BH + offs_n
         if MODE == 0:
-            _decode_epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
         elif MODE == 1:
             ptrs = part_ptr + s * stride_ps + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
             tl.store(ptrs, acc, mask=m_mask[:, None])
@@ -267,7 +260,7 @@ if HAS_TRITON:
                 total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
                 tl.store(ws, zeros, mask=m_mask[:, None])
                 tl.store(c_ptr, 0)
-                _decode_epilogue(total, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+                _epilogue(total, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
     def _decode_reduce_kernel(
