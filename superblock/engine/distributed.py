@@ -91,5 +91,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a rank that tears down gloo while another still works on rank-0-only
+    writes (summary, speed measurement) can abort ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
