@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 CSV_FIELDS = (
     "run", "model", "sparsity", "block_size", "targets", "val_top1", "val_top5", "best_val_top1", "best_val_top5",
-    "ema_val_top1", "delta", "mean_block_sparsity", "params_kept_frac", "params_kept", "params_total", "speedup",
-    "latency_ms", "dense_latency_ms", "device", "dtype", "wall_time_s", "images_per_s", "epochs", "steps", "status",
-    "error", "run_dir",
+    "ema_val_top1", "val_perplexity", "delta", "mean_block_sparsity", "params_kept_frac", "params_kept",
+    "params_total", "speedup", "latency_ms", "dense_latency_ms", "device", "dtype", "wall_time_s", "images_per_s",
+    "epochs", "steps", "status", "error", "run_dir",
 )  # fmt: skip
 
 
@@ -115,6 +115,9 @@ def markdown_table(rows: Sequence[dict], metric: str = "val_top1") -> str:
     acc = accuracy_spec(rows)
     header = ["run", "model", "sparsity", "block", "targets", "val top-1", "val top-5", f"Δ {metric} vs dense",
               "block sparsity", "params kept", "speedup", "wall time", "status"]  # fmt: skip
+    lm = any(row.get("val_perplexity") is not None for row in rows)  # language models: next-token top-1, perplexity
+    if lm:
+        header.insert(7, "val perplexity")
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
     for row in rows:
         cells = [
@@ -124,6 +127,8 @@ def markdown_table(rows: Sequence[dict], metric: str = "val_top1") -> str:
             fmt_num(row["params_kept_frac"], ".1%"), fmt_num(row["speedup"], ".2f", "x"),
             fmt_duration(row["wall_time_s"]), _status_cell(row),
         ]  # fmt: skip
+        if lm:
+            cells.insert(7, fmt_num(row.get("val_perplexity"), ".3f"))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 

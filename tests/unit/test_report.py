@@ -229,6 +229,18 @@ def test_mixed_models_warn_and_compare_each_to_its_own_dense(tmp_path: Path, cap
     _assert_png(paths["plot"])
 
 
+def test_language_model_runs_get_a_perplexity_column(tmp_path: Path) -> None:
+    for name, sparsity, top1, ppl in (("dense", None, 52.0, 5.8), ("sparse", 0.7, 46.0, 7.2)):
+        summary = _summary("hf:gpt2", sparsity or 0.0, 32 if sparsity else None, top1) | {"val_perplexity": ppl}
+        make_run(tmp_path, name, model="hf:gpt2", sparsity=sparsity, block=32 if sparsity else None, summary=summary)
+    paths = write_report(collect_runs([tmp_path]), tmp_path / "out")
+    table = _markdown_table(Path(paths["md"]).read_text())
+    column = table[0].index("val perplexity")
+    assert sorted(row[column] for row in table[2:]) == ["5.800", "7.200"]
+    with open(paths["csv"], newline="") as f:
+        assert {row["run"]: float(row["val_perplexity"]) for row in csv.DictReader(f)} == {"dense": 5.8, "sparse": 7.2}
+
+
 def test_list_of_run_dirs_and_metric_choice(sweep: Path, tmp_path: Path) -> None:
     runs = [sweep / "0", sweep / "4"]
     assert main([*map(str, runs), "--metric", "best_val_top1"]) == 0  # default out: their common parent
