@@ -146,3 +146,15 @@ def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
     built = build_model("hf:gpt2", 257, pretrained=str(tmp_path / "hf"), task="causal_lm",
                         config={"n_layer": 1, "n_embd": 32, "n_head": 2})
     assert torch.equal(built.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_compiled_lm_distils_from_a_dense_lm(tmp_path):
+    """trainer.compile and distill.teacher on a language model: per-token soft targets from a dense LM run."""
+    dense, student = tmp_path / "dense", tmp_path / "student"
+    assert run_train(*LM_TINY, "sparsity=none", f"hydra.run.dir={dense}").returncode == 0
+    proc = run_train(*LM_TINY, "trainer.compile=true", f"distill.teacher={dense}", f"hydra.run.dir={student}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(student)
+    assert s["status"] == "completed" and math.isfinite(s["val_perplexity"])
+    logged = [m for m in _metrics(student) if "train_loss" in m]
+    assert logged and all(m["teacher_ms"] > 0 for m in logged)
