@@ -74,10 +74,9 @@ def _options(**kwargs: Any):
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts with whole tensors on the CPU. A collective: call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    options = _options(cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def full_model_state(model: nn.Module) -> dict:

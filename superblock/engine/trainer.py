@@ -138,7 +138,8 @@ class Trainer:
         """Checkpoint to `path` (default: the run's last.pt) on rank 0 (every rank takes part: the random streams,
         and under FSDP the tensors, are gathered)."""
         self.state.rng.gather()  # each rank resumes its own random streams
-        checkpoint = self.checkpoint()
+        # Under FSDP building the checkpoint gathers the shards (every rank takes part); otherwise rank 0 alone.
+        checkpoint = self.checkpoint() if self.dist.is_main or is_sharded(self.model) else None
         if self.dist.is_main:
             save_checkpoint(path or self.run.last, checkpoint)
         barrier()
