@@ -234,11 +234,15 @@ def check_against_dense(
     take as long as the GPU's work, a kernel with a faster GPU time but a slower launch can make the whole model
     slower. This is the model-level check that eager serving is never slower than dense at the named batch sizes.
     Only layers with backend="auto" are changed. `run` is what is timed (default: the eager model; a compiled
-    model reads the choices while tracing, so each set of choices gets its own graph, built before it is timed).
+    model reads the choices while tracing, so each set of choices gets its own graph, built before it is timed;
+    every dense weight is built first, so no graph rebuilds one per call).
     `sample_shape`: one input's shape (images) or a SampleInput (token ids for a language model).
     Returns {batch: {"tuned_ms", "dense_ms", "kept"}}."""
-    run = model if run is None else run
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear) and m.backend == "auto"]
+    if run is not None:  # a trace would rebuild a dense weight it never saw built in every call: build them now
+        for m in layers:
+            m.dense_weight_buffer()
+    run = model if run is None else run
     device, dtype = _model_place(model)
     sample = as_sample(sample_shape)
     report: dict[int, dict] = {}
@@ -363,11 +367,13 @@ class ServingModel(nn.Module):
     @torch.no_grad()
     def _compile(self, options: dict, warm: bool = True) -> None:
         options.setdefault("dynamic", False)
-        # one graph per batch size: make room for all of them under dynamo's per-frame recompile limit
+        # one graph per batch size: make room for all of them under dynamo's per-frame recompile limit (twice: the
+        # compiled dense check traces a dense variant per batch size too). Added to the limit, not a floor: models
+        # of one class share their forward's code object and its cache, so a dense baseline served in the same
+        # process (evaluate.py, benchmarks) would otherwise use up the room and leave the next model eager.
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        # (twice: the compiled dense check traces a dense variant per batch size too)
-        setattr(config, name, max(getattr(config, name), 2 * len(self.batch_sizes) + 2))
+        setattr(config, name, getattr(config, name) + 2 * len(self.batch_sizes) + 2)
         # a plain attribute, not a submodule: the compiled wrapper holds the same model
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
         for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now

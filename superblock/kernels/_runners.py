@@ -159,9 +159,10 @@ def check_triton(x2d: torch.Tensor, values: torch.Tensor) -> None:
         )
 
 
-def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y=None):
+def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y=None, wrap=None):
     """The Triton kernel into y (allocated when None). crow/col are int32, and the grouped layout (with gidx)
-    when config['G'] > 1 (see layout_for). Host work per call: a few checks and the launch."""
+    when config['G'] > 1 (see layout_for). Host work per call: a few checks and the launch. `wrap`: see
+    _triton_bsr.launch (the tiled kernel inside a torch.library.triton_op)."""
     in_f = x2d.shape[1]
     if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
         x2d = x2d.contiguous()
@@ -176,6 +177,8 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if config.get("TMA") and (group > 1 or not _triton_bsr.tma_ok(x2d, y, values)):
+    if config.get("TMA") and (group > 1 or wrap is not None or not _triton_bsr.tma_ok(x2d, y, values)):
         config = {**config, "TMA": False}
-    return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config)
+    return _triton_bsr.launch(
+        x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config, wrap
+    )

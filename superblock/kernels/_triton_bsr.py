@@ -353,9 +353,14 @@ def launch(
     activation: str | None,
     precision: str,
     config: dict,
+    wrap=None,
 ) -> torch.Tensor:
     """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1; a config with
-    SPLIT >= 1 runs the decode kernel (launch_decode) instead."""
+    SPLIT >= 1 runs the decode kernel (launch_decode) instead. `wrap` (torch.library.wrap_triton, inside a
+    torch.library.triton_op) makes the tiled kernel's launch visible to torch.compile; TMA and decode
+    configurations are not launched that way (callers route them through the opaque custom op)."""
+    if wrap is not None and (int(config.get("SPLIT", 0)) >= 1 or config.get("TMA", False)):
+        raise ValueError("only the tiled kernel without TMA launches through wrap_triton")
     if int(config.get("SPLIT", 0)) >= 1:
         return launch_decode(x2d, values, crow, col, bias, y, n_out, k_in, activation, precision, config)
     M = x2d.shape[0]
@@ -363,7 +368,7 @@ def launch(
     group = int(config.get("G", 1))
     block_m = int(config["BLOCK_M"])
     n_groups = crow.numel() - 1
-    grid = (triton.cdiv(M, block_m) * n_groups,)
+    grid = (((M + block_m - 1) // block_m) * n_groups,)
     prec = _precision_arg(x2d.dtype, precision)
     act = ACT_CODES[activation]
     b_arg = bias if bias is not None else y
@@ -377,7 +382,8 @@ def launch(
             num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
         )  # fmt: skip
         return y
-    _bsr_linear_kernel[grid](
+    kernel = _bsr_linear_kernel if wrap is None else wrap(_bsr_linear_kernel)
+    kernel[grid](
         x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, M, n_out, k_in, x2d.stride(0),
         y.stride(0), n_groups, BH=bh, BW=bw, G=group, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0),
         HAS_BIAS=bias is not None, ACT=act, PRECISION=prec, UPCAST=INTERPRET,

@@ -180,6 +180,10 @@ class BlockSparseLinear(nn.Module):
     def to_dense_weight(self) -> torch.Tensor:
         return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
 
+    def dense_weight_buffer(self) -> str:
+        """Build (once, eager code) the dense weight a dense choice runs on; returns its buffer name."""
+        return self._derived("_dense_weight", self.to_dense_weight, traced=False)
+
     # ------------------------------------------------------------------------------------------- hot path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +203,8 @@ class BlockSparseLinear(nn.Module):
         args = (x, self.values, crow, col, gidx, self.bias, self.out_features, self._activation or "none", kind,
                 plan[3], plan[2])  # fmt: skip
         if traced:
+            if kind == "triton" and plan[4]:  # inductor launches the tiled kernel itself
+                return ops.bsr_linear_triton_op(*args[:8], *args[9:])
             return ops.bsr_linear_op(*args)
         return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
 
@@ -331,7 +337,8 @@ class BlockSparseLinear(nn.Module):
                 config["G"] = 1
             else:
                 names = layout
-        return ("triton", names, _runners.config_to_list(config), precision)
+        config_list = _runners.config_to_list(config)
+        return ("triton", names, config_list, precision, x.device.type == "cuda" and ops.tiled_config(config_list))
 
     # ------------------------------------------------------------------------------------------- state
 

@@ -16,6 +16,15 @@ y = act(x @ W^T + bias), W block-sparse over the zero-padded (ceil(out/bh)*bh, c
               (kernels._runners.layout_for); SPLIT >= 1 runs the decode kernel (few tokens: SPLIT programs per
               block row, fp32 partial sums reduced by a second kernel; kernels._triton_bsr.launch_decode)
 
+    superblock::bsr_linear_triton(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? gidx,
+                                  Tensor? bias, int out_features, str activation, str precision,
+                                  int[] config) -> Tensor
+
+The same product with backend "triton" and a tiled-kernel config (no TMA, no SPLIT), registered with
+torch.library.triton_op: torch.compile sees through it to the Triton kernel and launches that from its own
+generated code (no dispatcher, no Python of ours per call), which is what keeps small compiled batches from being
+host-bound. CUDA only; `tiled_config(config)` says whether a config qualifies.
+
 torch.compile and torch.export see one opaque node with a fake (meta) implementation: no guards on tensor
 identity, no Python inside. Every choice (backend, config) is an argument: callers decide outside the trace.
 """
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from superblock.kernels import _runners
+from superblock.kernels import _runners, _triton_bsr
 
 OP_ACTIVATIONS = ("none", "gelu")
 OP_BACKENDS = ("triton", "torch", "dense")
@@ -100,3 +109,42 @@ def _bsr_linear_fake(x, values, crow_indices, col_indices, gidx, bias, out_featu
     torch._check(activation in OP_ACTIVATIONS, lambda: f"activation must be one of {OP_ACTIVATIONS}")
     torch._check(backend in OP_BACKENDS, lambda: f"backend must be one of {OP_BACKENDS}")
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+# torch.library.triton_op arrived in torch 2.6; without it (or without triton) traced layers keep the opaque op
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and _triton_bsr.HAS_TRITON
+
+
+def tiled_config(config: list[int]) -> bool:
+    """Whether a triton config list runs through superblock::bsr_linear_triton (the tiled kernel, no TMA)."""
+    cfg = _runners.config_from_list(config)
+    return HAS_TRITON_OP and not cfg["TMA"] and int(cfg.get("SPLIT", 0)) == 0
+
+
+def _triton_op(fn):
+    return torch.library.triton_op("superblock::bsr_linear_triton", fn, mutates_args=()) if HAS_TRITON_OP else fn
+
+
+@_triton_op
+def bsr_linear_triton_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    gidx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    activation: str,
+    precision: str,
+    config: list[int],
+) -> torch.Tensor:
+    if not tiled_config(config):
+        raise ValueError(f"superblock::bsr_linear_triton runs the tiled kernel without TMA, got config {config}")
+    in_f = x.shape[-1]
+    x2d = x.reshape(-1, in_f)
+    act = None if activation == "none" else activation
+    y = _runners.run_triton(
+        x2d, values, crow_indices, col_indices, gidx, bias, out_features, act, precision,
+        _runners.config_from_list(config), wrap=torch.library.wrap_triton,
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], out_features)

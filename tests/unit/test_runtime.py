@@ -94,6 +94,24 @@ def test_make_runtime_on_any_model():
     assert "runtime=compile" in repr(served)
 
 
+def test_models_of_one_class_each_get_their_graphs():
+    """Models of one class share their forward's code object and so Dynamo's per-code recompile limit: every served
+    model adds its own room (a dense baseline next to the sparse model must not leave the latter running eagerly)."""
+    torch.manual_seed(0)
+    # (different widths: models with the same weight shapes share graphs, their weights being graph inputs)
+    nets = [nn.Sequential(nn.Linear(12, w), nn.GELU(), nn.Linear(w, 5)).eval() for w in (16, 24, 32)]
+    sizes = [1, 2, 3, 4, 5]
+    served = [make_runtime(n, "compile", batch_sizes=sizes, sample_shape=(12,), compile_options={"backend": "eager"})
+              for n in nets]  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == len(nets) * len(sizes)  # none skipped at the limit
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for net, fast in zip(nets, served, strict=True):
+            for b in sizes:
+                x = torch.randn(b, 12)
+                torch.testing.assert_close(fast(x), net(x))
+    assert counters["stats"]["unique_graphs"] == len(nets) * len(sizes)
+
+
 def test_evaluate_with_compile_runtime(exported, tmp_path):
     latency = {"batch_size": 2, "warmup": 1, "repeats": 2, "rounds": 1, "inputs": 2}
     result = evaluate(
@@ -147,6 +165,8 @@ def test_compile_check_against_dense_times_the_compiled_graphs(exported, monkeyp
     ref = logits(model, probe(n=2))
     served = make_runtime(model, "compile", batch_sizes=[2], sample_shape=(3, 32, 32), check_dense=True)
     assert served.dense_check[2]["kept"] == faster, served.dense_check
+    # the dense variant's graph reads built dense weights (it would rebuild one per call in the graph otherwise)
+    assert all("_dense_weight" in m._buffers for m in layers)
     kinds = {e["backend"] for m in layers for e in m.dispatch.values()}
     assert kinds == ({"dense"} if faster == "dense" else {"torch"})
     with torch._dynamo.config.patch(error_on_recompile=True):
