@@ -8,7 +8,6 @@ on), and is never stored in the student's checkpoints.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -42,15 +41,15 @@ def distillation_loss(
 
 
 def _export_teacher(path: Path) -> nn.Module:
-    from safetensors.torch import load_file
+    # the folded reader sits low enough for training to use (tests/unit/test_layering.py); imported here, where the
+    # export package is fully loaded, not at module import
+    from superblock.export.folded import read_folded
+    from superblock.export.format import ExportError
 
-    manifest = json.loads((path / "manifest.json").read_text())
-    dense = path / "dense_state_dict.safetensors"
-    if not dense.is_file():
-        raise ValueError(f"distill.teacher={path}: the export has no {dense.name} (export it again)")
-    model = build_model(**{**manifest["model_spec"], "pretrained": None})
-    model.load_state_dict(load_file(str(dense)))
-    return model
+    try:
+        return read_folded(path)
+    except ExportError as err:
+        raise ValueError(f"distill.teacher={path}: {err}") from None
 
 
 def load_teacher(path: str | Path, student_spec: dict, device: torch.device) -> nn.Module:

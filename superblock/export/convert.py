@@ -99,11 +99,6 @@ def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return tied
 
 
-def retie(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The state dict with the tied copies that `pack_tensors` left out put back (loading fills both ends)."""
-    return {**state, **{key: state[source] for key, source in tied.items() if source in state}}
-
-
 def _split(name: str) -> tuple[str, str]:
     module_name, _, param = name.rpartition(".")
     return module_name, param

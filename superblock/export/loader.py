@@ -6,58 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from superblock.export.convert import Layer, install_bsr, retie, unpack_tensors
+from superblock.export.convert import Layer, install_bsr, unpack_tensors
+from superblock.export.folded import build_from_spec, load_dense_into, load_safetensors, read_folded
 from superblock.export.format import WEIGHTS, ExportError, read_manifest, verify_file
 from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import check_runtime, compile_settings, make_runtime, sample_input
 from superblock.kernels import BACKENDS, fuse_linear_gelu
-
-
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ExportError(f"{file} cannot be read as safetensors ({err}): export the checkpoint again") from None
-
-
-def _has_unsaved_buffers(model: nn.Module) -> bool:
-    return any(m._non_persistent_buffers_set for m in model.modules())
-
-
-def build_from_spec(model_spec: dict) -> nn.Module:
-    """The plain model described by a manifest's model_spec, with uninitialised weights (all of them are loaded
-    next). Built on the meta device to skip the random init; a model with buffers that no state dict carries is
-    built normally instead, since those would stay uninitialised."""
-    from superblock.models import build_model
-
-    spec = {**model_spec, "pretrained": None}  # weights come from the export, never from a file or the hub
-    try:
-        with torch.device("meta"):
-            model = build_model(**spec)
-    except (RuntimeError, NotImplementedError, ValueError):
-        return build_model(**spec)
-    if _has_unsaved_buffers(model):
-        return build_model(**spec)
-    model = model.to_empty(device="cpu")
-    if callable(getattr(model, "tie_weights", None)):
-        model.tie_weights()  # to_empty gives each end of a tied pair its own tensor: tie them again (transformers)
-    return model
-
-
-def load_dense_into(
-    model: nn.Module, state: dict[str, torch.Tensor], expected_missing: set[str], tied: dict[str, str] | None = None
-) -> None:
-    """Load `state` into `model`; every model key must be in it except `expected_missing`, and nothing extra.
-    `tied`: the manifest's {key: key it is tied to}, copies the export left out."""
-    result = model.load_state_dict(retie(state, tied or {}), strict=False)
-    missing = set(result.missing_keys) - expected_missing
-    if missing or result.unexpected_keys:
-        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(result.unexpected_keys)[:3]}"
-        raise ExportError(f"the stored weights do not fit the model in the manifest ({detail})")
 
 
 def manifest_layers(manifest: dict) -> list[Layer]:
@@ -106,7 +62,7 @@ def load_sparse(
     ensure_runnable(dtype, device)
     file = verify_file(path, manifest, "weights") if verify else path / WEIGHTS
     layers = manifest_layers(manifest)
-    dense, bsr = unpack_tensors(_load_safetensors(file), layers)
+    dense, bsr = unpack_tensors(load_safetensors(file), layers)
     model = build_from_spec(manifest["model_spec"])
     load_dense_into(model, dense, expected_missing=set(bsr), tied=manifest.get("tied"))
     install_bsr(model, bsr, backend=backend)
@@ -129,8 +85,5 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu", dtype: str
     manifest = read_manifest(path)
     device, dtype = resolve_device(device), parse_dtype(dtype if dtype is not None else manifest["dtype"])
     ensure_runnable(dtype, device)
-    state = _load_safetensors(verify_file(path, manifest, "dense"))
-    model = build_from_spec(manifest["model_spec"])
-    load_dense_into(model, state, expected_missing=set(), tied=manifest.get("tied"))
-    return model.to(device=device, dtype=dtype).eval()
+    return read_folded(path, manifest).to(device=device, dtype=dtype).eval()
 

@@ -75,6 +75,29 @@ def test_gpt2_export_load_sparse_logits_equal_the_masked_model(gpt2):
     assert eq["passed"] and eq["max_rel_err"] < 1e-5 and eq["top1_agreement"] == 1.0
 
 
+def test_gpt2_export_is_a_verified_distillation_teacher(gpt2, tmp_path):
+    """distill.teacher=<export dir>: the folded model (tied lm_head put back) with the folded model's logits; an
+    export whose weights file was edited is refused, not loaded."""
+    import shutil
+
+    from superblock.engine.distill import load_teacher
+
+    masked, root, _ = gpt2
+    spec = read_manifest(root / "exp")["model_spec"]
+    teacher = load_teacher(root / "exp", spec, torch.device("cpu"))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x).logits, load_folded(root / "exp")(x).logits)
+    edited = tmp_path / "edited"
+    shutil.copytree(root / "exp", edited)
+    with (edited / "dense_state_dict.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        load_teacher(edited, spec, torch.device("cpu"))
+
+
 def test_gpt2_conv1d_is_stored_as_the_transposed_out_in_weight(gpt2):
     masked, root, _ = gpt2
     manifest = read_manifest(root / "exp")

@@ -50,6 +50,8 @@ LAYERS: dict[str, int] = {
     "superblock.engine": 2,
     # 3: sparse export and loading
     "superblock.export": 3,
+    "superblock.export.format": 1,  # the file format: manifest, checksums, atomic directory writes
+    "superblock.export.folded": 1,  # an export's folded dense model, verified (a teacher for training)
     # 4: consumers of exports and runs
     "superblock.evaluate": 4,
     "superblock.report": 4,
