@@ -25,7 +25,7 @@ from superblock.data.loaders import (
     skip_batches,
     usable_workers,
 )
-from superblock.data.metrics import IGNORE_INDEX, TokenLoss, count_tokens, perplexity
+from superblock.data.metrics import IGNORE_INDEX, perplexity
 from superblock.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_MEAN,
@@ -76,12 +76,10 @@ __all__ = [
     "SyntheticShapes",
     "TextClassification",
     "TextSplit",
-    "TokenLoss",
     "TokenWindows",
     "build_datasets",
     "build_loaders",
     "build_val_loader",
-    "count_tokens",
     "image_transforms",
     "load_corpus",
     "load_tokenizer",

@@ -16,11 +16,9 @@ from superblock.data import (
     BYTE_EOS,
     ByteTokenizer,
     DataBundle,
-    TokenLoss,
     TokenWindows,
     build_datasets,
     build_loaders,
-    count_tokens,
     load_corpus,
     perplexity,
     skip_batches,
@@ -193,28 +191,6 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
     nll = F.cross_entropy(logits.view(-1, vocab), labels.view(-1))
     assert perplexity(nll.item()) == pytest.approx(vocab, rel=1e-5)
     assert perplexity(0.0) == 1.0 and perplexity(1e6) == math.inf and math.isnan(perplexity(math.nan))
-
-
-def test_token_loss_weights_batches_by_tokens() -> None:
-    meter = TokenLoss()
-    meter.update(torch.tensor(1.0), count_tokens(torch.tensor([5, 7])))
-    labels = torch.tensor([[1, 2, 3, -100], [4, 5, 6, -100]])
-    meter.update(4.0, count_tokens(labels))  # 6 counted tokens
-    result = meter.compute()
-    assert result["tokens"] == 8 and result["loss"] == pytest.approx((1 * 2 + 4 * 6) / 8)
-    assert result["perplexity"] == pytest.approx(math.exp(3.25))
-    assert math.isnan(TokenLoss().compute()["loss"])
-
-
-def test_token_loss_all_reduce_single_process(tmp_path) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        meter = TokenLoss()
-        meter.update(torch.tensor(2.0), 3)
-        meter.all_reduce()
-        assert meter.compute() == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0)), "tokens": 3.0}
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- loaders
