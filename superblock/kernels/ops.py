@@ -52,9 +52,11 @@ def bsr_linear_impl(
     precision: str,
     config: list[int],
     out: torch.Tensor | None = None,
+    wrap=None,
 ) -> torch.Tensor:
     """The op's CPU/CUDA kernel, callable directly in eager code (no dispatcher: ~10 us less per call).
-    `out` (eager only) is a [..., out_features] contiguous tensor the result is written into."""
+    `out` (eager only) is a [..., out_features] contiguous tensor the result is written into. `wrap`: the triton
+    backend's launch wrapper (torch.library.wrap_triton inside superblock::bsr_linear_triton)."""
     in_f = x.shape[-1]
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f)
@@ -64,7 +66,7 @@ def bsr_linear_impl(
         _runners.check_triton(x2d, values)
         cfg = _runners.config_from_list(config)
         y = _runners.run_triton(
-            x2d, values, crow_indices, col_indices, gidx, bias, out_features, act, precision, cfg, y2d
+            x2d, values, crow_indices, col_indices, gidx, bias, out_features, act, precision, cfg, y2d, wrap
         )
     else:
         shape = (out_features, in_f)
@@ -140,11 +142,7 @@ def bsr_linear_triton_op(
 ) -> torch.Tensor:
     if not tiled_config(config):
         raise ValueError(f"superblock::bsr_linear_triton runs the tiled kernel without TMA, got config {config}")
-    in_f = x.shape[-1]
-    x2d = x.reshape(-1, in_f)
-    act = None if activation == "none" else activation
-    y = _runners.run_triton(
-        x2d, values, crow_indices, col_indices, gidx, bias, out_features, act, precision,
-        _runners.config_from_list(config), wrap=torch.library.wrap_triton,
+    return bsr_linear_impl(
+        x, values, crow_indices, col_indices, gidx, bias, out_features, activation, "triton", precision, config,
+        wrap=torch.library.wrap_triton,
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], out_features)
