@@ -3,6 +3,7 @@ users serve with (eager, torch.compile, CUDA graphs), at small and large batches
 
     python benchmarks/vit_e2e.py                                      # vit_b_16, bf16, blocks 64,32, all runtimes
     python benchmarks/vit_e2e.py --dtypes bf16,fp32 --blocks 64 --runtimes eager,cudagraph --batches 1,8,32,256
+    python benchmarks/vit_e2e.py --replot a.jsonl,b.jsonl --tag vit_e2e_all        # table + plot of saved rows
 
 Random init (no downloads). In every encoder layer, `sparsity` of the blocks of the MLP weights (and, with
 --attn, of the attention in_proj / out_proj) are zeroed at random at the largest block size (exact count); a
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tag", default="vit_e2e")
+    p.add_argument("--replot", default=None,
+                   help="comma-separated .jsonl files of earlier runs: redraw their table and plot, measure nothing")
     return p.parse_args(argv)
 
 
@@ -150,13 +153,69 @@ def measure(dense, sparse, runtime: str, batches: list[int], args) -> list[dict]
     return rows
 
 
+def table(rows: list[dict], title: str) -> list[str]:
+    """The markdown table of measured rows: one line per (dtype, block, runtime), one column per batch size."""
+    batches = sorted({r["batch"] for r in rows})
+    lines = [
+        title,
+        "",
+        "| dtype | block | runtime | " + " | ".join(f"b{b}" for b in batches) + " | recompiles after warm-up |",
+        "|---|---|---|" + "---|" * len(batches) + "---|",
+    ]
+    for key in dict.fromkeys((r["dtype"], r["block"], r["runtime"]) for r in rows):
+        mine = {r["batch"]: r for r in rows if (r["dtype"], r["block"], r["runtime"]) == key}
+        cells = [f"{mine[b]['speedup']:.2f}x ({mine[b]['dense_ms']:.2f}/{mine[b]['sparse_ms']:.2f})"
+                 if b in mine else "-" for b in batches]  # fmt: skip
+        rec = max(r["recompiles_after_warmup"] for r in mine.values())
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {rec} |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speedup over dense (same runtime) against batch size, one line per (runtime, dtype, block)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="dense, same runtime")
+    for key in dict.fromkeys((r["runtime"], r["dtype"], r["block"]) for r in rows):
+        pts = sorted((r["batch"], r["speedup"]) for r in rows if (r["runtime"], r["dtype"], r["block"]) == key)
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", label=f"{key[0]}, {key[1]}, block {key[2]}")
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size (images)")
+    ax.set_ylabel("speedup over dense (x)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replot(files: str, out_dir: Path, tag: str) -> None:
+    rows = [json.loads(line) for f in files.split(",") for line in Path(f).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"no rows in {files}")
+    model = rows[0].get("model", "vit")
+    lines = table(rows, f"{model}, sparsity {rows[0].get('sparsity')}; rows of {files}")
+    (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out_dir / f"{tag}.png", f"{model}: block-sparse vs dense in each runtime")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        return replot(args.replot, out_dir, args.tag)
     if not torch.cuda.is_available():
         raise SystemExit("vit_e2e needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     blocks = sorted((int(b) for b in args.blocks.split(",")), reverse=True)
     rows: list[dict] = []
@@ -173,25 +232,12 @@ def main(argv=None):
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-    lines = [
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, sparsity {args.sparsity}, "
-        f"attention sparse: {args.attn}, {time.strftime('%Y-%m-%d')}; speedup = dense ms / sparse ms, same runtime",
-        "",
-        "| dtype | block | runtime | " + " | ".join(f"b{b}" for b in batches) + " | recompiles after warm-up |",
-        "|---|---|---|" + "---|" * len(batches) + "---|",
-    ]
-    for dtype_name in args.dtypes.split(","):
-        for block in blocks:
-            for runtime in args.runtimes.split(","):
-                key = (dtype_name, block, runtime)
-                mine = {r["batch"]: r for r in rows if (r["dtype"], r["block"], r["runtime"]) == key}
-                if not mine:
-                    continue
-                cells = [f"{mine[b]['speedup']:.2f}x ({mine[b]['dense_ms']:.2f}/{mine[b]['sparse_ms']:.2f})"
-                         if b in mine else "-" for b in batches]
-                rec = max(r["recompiles_after_warmup"] for r in mine.values())
-                lines.append(f"| {dtype_name} | {block} | {runtime} | " + " | ".join(cells) + f" | {rec} |")
+    title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, sparsity {args.sparsity}, "
+             f"attention sparse: {args.attn}, {time.strftime('%Y-%m-%d')}; speedup = dense ms / sparse ms, "
+             "same runtime")  # fmt: skip
+    lines = table(rows, title)
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out_dir / f"{args.tag}.png", f"{args.model}, {args.sparsity:.0%} block-sparse vs dense, same runtime")
     print("\n".join(lines))
 
 

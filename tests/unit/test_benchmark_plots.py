@@ -1,0 +1,27 @@
+"""The speed benchmark's report half runs without a GPU: saved rows give the markdown table and the plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import vit_e2e  # noqa: E402
+
+ROWS = Path(__file__).resolve().parents[2] / "docs" / "data" / "vit_e2e_2026-11-29.jsonl"
+
+
+def test_replot_draws_the_table_and_plot_of_saved_rows(tmp_path, capsys):
+    vit_e2e.main(["--replot", str(ROWS), "--out", str(tmp_path), "--tag", "t"])
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    table = (tmp_path / "t.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| bf16") or line.startswith("| fp32")]
+    assert len(body) == len({(r["dtype"], r["block"], r["runtime"]) for r in rows})
+    compile_row = next(line for line in body if "| compile |" in line)
+    assert "1.83x (23.61/12.89)" in compile_row  # b256 of the saved compile rows
+    assert "| fp32 | 64 | cudagraph | 1.09x (2.07/1.91) | - |" in table[-1]  # fp32 was not run at batch 8
+    png = (tmp_path / "t.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "compile" in capsys.readouterr().out
