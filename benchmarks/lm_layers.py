@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-torch-bsr", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--replot", default=None, help="an earlier run's lm_layers.json: redraw its plot, measure nothing")
     return p.parse_args(argv)
 
 
@@ -213,12 +214,42 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Per layer: speedup over dense (same runtime) against tokens M, ours eager and under a CUDA graph, and the
+    bound (the lesser of memory and MMA limits at this density)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        mine = sorted((r for r in rows if r["layer"] == name), key=lambda r: r["M"])
+        ms = [r["M"] for r in mine]
+        for key, label, style in (("ours_graph_x", "ours, CUDA graph", "o-"), ("ours_eager_x", "ours, eager", "s-"),
+                                  ("bound_x", "bound", "k:")):  # fmt: skip
+            ax.plot(ms, [r[key] if r[key] is not None else float("nan") for r in mine], style, label=label)
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name} {mine[0]['in']}->{mine[0]['out']}", fontsize=9)
+        ax.set_xlabel("tokens M")
+    axes[0][0].set_ylabel("speedup over dense (x)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("lm_layers needs a CUDA GPU")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), out_dir / "lm_layers.png")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("lm_layers needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -229,6 +260,7 @@ def main(argv=None):
     text = table(rows, args)
     (out_dir / "lm_layers.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "lm_layers.md").write_text(text + "\n")
+    plot(rows, out_dir / "lm_layers.png")
     print(text)
 
 

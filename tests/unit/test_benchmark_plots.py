@@ -1,4 +1,4 @@
-"""The speed benchmark's report half runs without a GPU: saved rows give the markdown table and the plot."""
+"""The speed benchmarks' report half runs without a GPU: saved rows give the markdown table and the plot."""
 
 from __future__ import annotations
 
@@ -25,3 +25,12 @@ def test_replot_draws_the_table_and_plot_of_saved_rows(tmp_path, capsys):
     png = (tmp_path / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "compile" in capsys.readouterr().out
+
+
+def test_lm_layers_replot_draws_saved_rows(tmp_path):
+    from benchmarks import lm_layers
+
+    saved = ROWS.parent / "lm_layers_2026-11-29.json"
+    lm_layers.main(["--replot", str(saved), "--out", str(tmp_path)])
+    png = (tmp_path / "lm_layers.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
