@@ -116,6 +116,8 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
         "ramp_steps": int(round(ramp)),
         "start_step": int(round(s.start_epoch * steps_per_epoch)),
         "score_init": s.score_init, "fixed_weight": s.fixed_weight, "fixed_mask": s.fixed_mask,
+        # only when set: the spec of runs from before the option stays equal, so they still resume
+        **({"freeze_after_ramp": True} if s.freeze_after_ramp else {}),
     }
 
 

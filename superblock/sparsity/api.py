@@ -169,6 +169,7 @@ def sparsify(
     score_init: str = "kaiming",
     fixed_weight: bool = False,
     fixed_mask: bool = False,
+    freeze_after_ramp: bool = False,
     seed: int | None = None,
     dry_run: bool = False,
 ) -> SparsityReport:
@@ -198,7 +199,9 @@ def sparsify(
     masks = [
         (t.name, BlockMask(getattr(t.module, t.param_name), block, score_init, fixed_mask, generator)) for t in found
     ]
-    controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density)
+    # frozen after the ramp: the masks of the first step at the final sparsity are kept from then on
+    freeze = start_step + (ramp_steps if schedule != "constant" else 0) if freeze_after_ramp else None
+    controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze)
     controller.refresh(force=True)
     report = SparsityReport(
         rows=[LayerRow(name, tuple(m.weight_shape), block, int(m.mask.sum().item()), m.n_blocks) for name, m in masks],

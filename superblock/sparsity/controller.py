@@ -65,14 +65,18 @@ class SparsityController:
         schedule: SparsitySchedule,
         allocation: str = "layerwise",
         min_density: float = 0.0,
+        freeze_step: int | None = None,
     ) -> None:
         if allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}: use one of {ALLOCATIONS}")
         if not 0.0 <= min_density <= 1.0:
             raise ValueError(f"min_density must be in [0, 1], got {min_density}")
+        if freeze_step is not None and freeze_step < 0:
+            raise ValueError(f"freeze_step must be >= 0 (an optimizer step), got {freeze_step}")
         self.schedule = schedule
         self.allocation = allocation
         self.min_density = min_density
+        self.freeze_step = freeze_step
         self._step_count = 0
         self._masks = list(masks)
         for _, mask in self._masks:
@@ -92,6 +96,11 @@ class SparsityController:
     def sparsity(self) -> float:
         """Target sparsity at the current step."""
         return self.schedule.value(self._step_count)
+
+    @property
+    def frozen(self) -> bool:
+        """Past `freeze_step`: the masks stay as they were at that step (scores no longer move them)."""
+        return self.freeze_step is not None and self._step_count > self.freeze_step
 
     @property
     def step_count(self) -> int:
@@ -127,8 +136,10 @@ class SparsityController:
     def refresh(self, force: bool = False) -> None:
         """Recompute hard masks from the current scores and schedule position, in place.
 
-        Fixed masks are only (re)computed when `force` is set.
+        Fixed masks, and every mask once the controller is `frozen`, are only (re)computed when `force` is set.
         """
+        if self.frozen and not force:
+            return
         live = [(n, m) for n, m in self._masks if force or not m.fixed_mask]
         if not live:
             return
@@ -174,14 +185,17 @@ class SparsityController:
             "allocation": self.allocation,
             "min_density": self.min_density,
             "reference": [list(r) for r in self._reference],
+            **({"freeze_step": self.freeze_step} if self.freeze_step is not None else {}),
         }
 
     def set_state(self, state: dict) -> None:
-        if state.get("schedule") != self.schedule.to_dict() or state.get("allocation") != self.allocation:
+        if (state.get("schedule") != self.schedule.to_dict() or state.get("allocation") != self.allocation
+                or state.get("freeze_step") != self.freeze_step):  # fmt: skip
             raise ValueError(
                 "checkpoint was trained with a different sparsity recipe "
-                f"(schedule {state.get('schedule')}, allocation {state.get('allocation')}) than this model "
-                f"(schedule {self.schedule.to_dict()}, allocation {self.allocation}): sparsify with the same settings"
+                f"(schedule {state.get('schedule')}, allocation {state.get('allocation')}, freeze_step "
+                f"{state.get('freeze_step')}) than this model (schedule {self.schedule.to_dict()}, allocation "
+                f"{self.allocation}, freeze_step {self.freeze_step}): sparsify with the same settings"
             )
         self._step_count = int(state["step"])  # load_state_dict refreshes once, after every tensor is loaded
         if state.get("reference") and len(state["reference"]) == len(self._masks):

@@ -128,3 +128,13 @@ def test_every_value_an_experiment_sets_survives_composition(path):
         assert got == value, f"{path.name}: {key} = {value!r} became {got!r}"
     if path.stem == "sparse_finetune":
         assert cfg["distill"]["teacher"] == "/tmp/dense_run" and cfg["sparsity"]["score_init"] == "magnitude"
+
+
+def test_freeze_after_ramp_reaches_sparsify_only_when_set():
+    """sparsity.freeze_after_ramp=true reaches sparsify(); unset, the spec stays what runs from before the option
+    stored (so they still resume: a spec mismatch refuses a checkpoint)."""
+    from superblock.engine.builders import sparsity_spec
+
+    plain = sparsity_spec(to_config(_compose("train", [])).sparsity, steps_per_epoch=10, total_steps=100)
+    frozen = sparsity_spec(to_config(_compose("train", ["sparsity.freeze_after_ramp=true"])).sparsity, 10, 100)
+    assert "freeze_after_ramp" not in plain and frozen == {**plain, "freeze_after_ramp": True}

@@ -133,6 +133,42 @@ def test_fixed_mask_freezes_mask_and_trains_weights():
     assert not torch.equal(net.mlp[0].parametrizations.weight.original, w)
 
 
+def test_freeze_after_ramp_keeps_the_masks_of_the_ramps_end():
+    """freeze_after_ramp: masks follow the scores until the ramp reaches the final sparsity, then stay as they were
+    at that step (weights go on training); a state dict round trip keeps the frozen masks, not ones recomputed from
+    the loaded scores; refresh(force=True) still recomputes."""
+    kw = dict(sparsity=0.5, block_size=8, targets=["mlp"], schedule="linear", ramp_steps=3, freeze_after_ramp=True)
+    net = Net(((48, 40), (30, 48)))
+    sparsify(net, **kw)
+    ctrl = get_controller(net)
+    assert ctrl.freeze_step == 3 and not ctrl.frozen
+    _train_steps(net, n=3)
+    assert ctrl.step_count == 3 and ctrl.sparsity == 0.5 and not ctrl.frozen
+    at_end = [m.mask.clone() for _, _, _, m in iter_block_masks(net)]
+    w = net.mlp[0].parametrizations.weight.original.detach().clone()
+    for _, _, _, m in iter_block_masks(net):  # scores that would pick other tiles
+        m.scores.data.copy_(-m.scores.data)
+    _train_steps(net, n=2)
+    assert ctrl.frozen and ctrl.step_count == 5
+    assert all(torch.equal(m.mask, a) for (_, _, _, m), a in zip(iter_block_masks(net), at_end, strict=True))
+    assert not torch.equal(net.mlp[0].parametrizations.weight.original, w)
+    refresh_masks(net)  # the documented refresh does not unfreeze
+    assert all(torch.equal(m.mask, a) for (_, _, _, m), a in zip(iter_block_masks(net), at_end, strict=True))
+
+    other = Net(((48, 40), (30, 48)))
+    sparsify(other, **kw)
+    other.load_state_dict(_roundtrip(net.state_dict()))
+    assert get_controller(other).frozen
+    assert all(torch.equal(m.mask, a) for (_, _, _, m), a in zip(iter_block_masks(other), at_end, strict=True))
+    plain = Net(((48, 40), (30, 48)))
+    sparsify(plain, **{**kw, "freeze_after_ramp": False})
+    with pytest.raises(ValueError, match="freeze_step"):
+        plain.load_state_dict(_roundtrip(net.state_dict()))
+
+    ctrl.refresh(force=True)
+    assert any(not torch.equal(m.mask, a) for (_, _, _, m), a in zip(iter_block_masks(net), at_end, strict=True))
+
+
 def test_masks_follow_scores_after_optimizer_steps():
     net = Net(((48, 40), (30, 48)))
     sparsify(net, sparsity=0.5, block_size=8, targets=["mlp"])
