@@ -181,13 +181,8 @@ def sparsify(
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
     block = normalize_block_size(block_size)
-    sched = SparsitySchedule(
-        final=check_sparsity(sparsity),
-        kind=schedule,
-        initial=initial_sparsity,
-        start_step=start_step,
-        ramp_steps=ramp_steps,
-    )
+    sched = SparsitySchedule(final=check_sparsity(sparsity), kind=schedule, initial=initial_sparsity,
+                             start_step=start_step, ramp_steps=ramp_steps)  # fmt: skip
     if score_init not in SCORE_INITS:
         raise ValueError(f"unknown score_init {score_init!r}: use one of {SCORE_INITS}")
     if fixed_weight and fixed_mask:
@@ -199,8 +194,7 @@ def sparsify(
     masks = [
         (t.name, BlockMask(getattr(t.module, t.param_name), block, score_init, fixed_mask, generator)) for t in found
     ]
-    # frozen after the ramp: the masks of the first step at the final sparsity are kept from then on
-    freeze = start_step + (ramp_steps if schedule != "constant" else 0) if freeze_after_ramp else None
+    freeze = _ramp_end(sched) if freeze_after_ramp else None
     controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze)
     controller.refresh(force=True)
     report = SparsityReport(
@@ -213,6 +207,11 @@ def sparsify(
         return report
     _install(model, found, masks, controller, fixed_weight)
     return report
+
+
+def _ramp_end(schedule: SparsitySchedule) -> int:
+    """The first step at the final sparsity: where freeze_after_ramp keeps the masks from."""
+    return schedule.start_step + (schedule.ramp_steps if schedule.kind != "constant" else 0)
 
 
 def _install(
