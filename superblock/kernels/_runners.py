@@ -177,7 +177,7 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if config.get("TMA") and (group > 1 or wrap is not None or not _triton_bsr.tma_ok(x2d, y, values)):
+    if config.get("TMA") and (group > 1 or not _triton_bsr.tma_ok(x2d, y, values)):
         config = {**config, "TMA": False}
     return _triton_bsr.launch(
         x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config, wrap

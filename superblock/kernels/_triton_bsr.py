@@ -358,9 +358,7 @@ def launch(
     """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1; a config with
     SPLIT >= 1 runs the decode kernel (launch_decode) instead. `wrap` (torch.library.wrap_triton, inside a
     torch.library.triton_op) makes the tiled kernel's launch visible to torch.compile; TMA and decode
-    configurations are not launched that way (callers route them through the opaque custom op)."""
-    if wrap is not None and (int(config.get("SPLIT", 0)) >= 1 or config.get("TMA", False)):
-        raise ValueError("only the tiled kernel without TMA launches through wrap_triton")
+    configurations are not launched that way (superblock::bsr_linear_triton refuses them: ops.tiled_config)."""
     if int(config.get("SPLIT", 0)) >= 1:
         return launch_decode(x2d, values, crow, col, bias, y, n_out, k_in, activation, precision, config)
     M = x2d.shape[0]

@@ -194,7 +194,7 @@ def sparsify(
     masks = [
         (t.name, BlockMask(getattr(t.module, t.param_name), block, score_init, fixed_mask, generator)) for t in found
     ]
-    freeze = _ramp_end(sched) if freeze_after_ramp else None
+    freeze = sched.end_step if freeze_after_ramp else None
     controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze)
     controller.refresh(force=True)
     report = SparsityReport(
@@ -207,11 +207,6 @@ def sparsify(
         return report
     _install(model, found, masks, controller, fixed_weight)
     return report
-
-
-def _ramp_end(schedule: SparsitySchedule) -> int:
-    """The first step at the final sparsity: where freeze_after_ramp keeps the masks from."""
-    return schedule.start_step + (schedule.ramp_steps if schedule.kind != "constant" else 0)
 
 
 def _install(

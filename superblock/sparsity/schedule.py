@@ -42,6 +42,11 @@ class SparsitySchedule:
         if self.kind != "constant" and self.ramp_steps == 0:
             raise ValueError(f"a {self.kind} schedule needs ramp_steps > 0 (number of optimizer steps of the ramp)")
 
+    @property
+    def end_step(self) -> int:
+        """The first step at the final sparsity."""
+        return self.start_step + (self.ramp_steps if self.kind != "constant" else 0)
+
     def value(self, step: int) -> float:
         if self.kind == "constant":
             return self.final
