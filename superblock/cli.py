@@ -8,15 +8,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from superblock.config import ConfigError, TrainConfig, to_config
+from superblock.config import ConfigError, TrainConfig, to_config, to_evaluate_config, to_export_config
 from superblock.devices import dtype_name_or_auto
 from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
 from superblock.rundir import RunDir, RunSummary
@@ -44,17 +43,13 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def plain_args(cfg: DictConfig, required: tuple[str, ...] = ("checkpoint",)) -> dict[str, Any]:
-    """The config (without the hydra node) as a dict; a clear error for a required value left unset."""
-    for key in required:
-        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
-            fail(f"{key}=<path> is required, e.g. {key}=outputs/<run dir>", 2)
-    keys = [k for k in cfg if k != "hydra"]
+def typed_args(convert: Callable[[DictConfig], Any], cfg: DictConfig) -> dict[str, Any]:
+    """The config typed and checked by `convert` (superblock.config), as keyword arguments; a config mistake
+    exits 2 with one line."""
     try:
-        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", "") or "a value"
-        fail(f"missing value for {key}: set it on the command line, e.g. {key}=...", 2)
+        return asdict(convert(cfg))
+    except ConfigError as err:
+        fail(str(err), 2)
 
 
 def run_cli(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
@@ -69,14 +64,14 @@ def export_main(cfg: DictConfig) -> None:
     """Entry of `python export.py`."""
     from superblock.export import export_checkpoint
 
-    run_cli(export_checkpoint, plain_args(cfg))
+    run_cli(export_checkpoint, typed_args(to_export_config, cfg))
 
 
 def evaluate_main(cfg: DictConfig) -> None:
     """Entry of `python evaluate.py`."""
     from superblock.evaluate import evaluate
 
-    run_cli(evaluate, plain_args(cfg))
+    run_cli(evaluate, typed_args(to_evaluate_config, cfg))
 
 
 def train_main(cfg: DictConfig) -> dict[str, Any] | None:

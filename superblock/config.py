@@ -6,10 +6,11 @@ change (`ConfigError`, a ValueError). Builders then receive flat keyword argumen
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "tiny_vit"
-    source: str = "auto"  # auto | tiny | torchvision | timm | hf (transformers)
+    source: str = "tiny"  # auto | tiny | torchvision | timm | hf (transformers)
     pretrained: str | None = None  # a local file: no hub downloads at run time
     image_size: int | None = None  # None: follow the data
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +54,7 @@ class DataConfig:
     name: str = "synthetic"
     root: str | None = None
     download: bool = False
-    image_size: int | None = None
+    image_size: int | None = 32  # None: the dataset's own size
     train_size: int | None = None
     val_size: int | None = None
     batch_size: int = 128
@@ -77,11 +78,11 @@ class SparsityConfig:
     skip_head: bool = True
     allocation: str = "layerwise"
     min_density: float = 0.0
-    schedule: str = "constant"
+    schedule: str = "cubic"  # constant | linear | cubic
     initial: float = 0.0
     start_epoch: float = 0.0
     ramp_epochs: float = 0.0
-    ramp_fraction: float | None = None  # ramp over this fraction of all training steps (overrides ramp_epochs)
+    ramp_fraction: float | None = 0.5  # ramp over this fraction of all training steps (overrides ramp_epochs)
     score_init: str = "kaiming"
     fixed_weight: bool = False
     fixed_mask: bool = False
@@ -93,7 +94,7 @@ class SparsityConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9
@@ -106,7 +107,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
+    max_epochs: int = 5
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
     accumulate_grad_batches: int = 1
     grad_clip: float | None = 1.0
@@ -170,6 +171,63 @@ class TrainConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # free-form notes (experiment name, expected result)
 
 
+@dataclass
+class ExportConfig:
+    """`python export.py` (configs/export.yaml): the keyword arguments of superblock.export.export_checkpoint."""
+
+    checkpoint: str = MISSING  # run directory (its checkpoints/last.pt) or a checkpoint file
+    output: str | None = None  # None: exports/<run dir name>
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    layout: str = "auto"  # auto | bsr | dense
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    batch_sizes: Any = field(default_factory=lambda: [1, 8, 32, 256])  # a list of batch sizes, or one int
+    runtime: str = "eager"  # eager | compile | cudagraph
+    batch_size: int | None = None  # older spelling of one batch size: batch_size=N is batch_sizes=[N]
+    backend: str = "auto"  # auto | triton | torch | dense
+    probe_batch: int = 4
+    probe_seed: int = 0
+    tolerance: float | None = None  # None: the dtype's tolerance
+    use_ema: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class LatencyConfig:
+    """evaluate.py's latency measurement (`latency.*`)."""
+
+    enabled: bool = True
+    batch_size: int = 64  # inputs per timed batch
+    warmup: int = 3
+    repeats: int = 30  # timed batches per model, split over `rounds` interleaved rounds
+    rounds: int = 3
+    inputs: int = 4  # distinct random batches, rotated
+
+
+# evaluate.py's `data:` node: null keys keep the run's own data config; any DataConfig key may be set.
+EVAL_DATA_KEYS = ("name", "root", "download", "image_size", "train_size", "val_size", "batch_size",
+                  "eval_batch_size", "num_workers", "randaugment")
+
+
+@dataclass
+class EvaluateConfig:
+    """`python evaluate.py` (configs/evaluate.yaml): the keyword arguments of superblock.evaluate.evaluate."""
+
+    checkpoint: str = MISSING  # run directory, checkpoint file, or export directory
+    mode: str = "all"  # masked | folded | bsr | all
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    backend: str = "auto"  # auto | triton | torch | dense
+    runtime: str = "eager"  # eager | compile | cudagraph
+    batch_sizes: Any = None  # runtime batch sizes; None: latency.batch_size and the eval batch size
+    use_ema: bool = False
+    batch_size: int | None = None  # eval batch size; None: the run's
+    max_batches: int | None = None
+    accuracy: bool = True
+    output: str | None = None  # eval.json path; None: <run or export dir>/eval.json
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    data: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(EVAL_DATA_KEYS))  # overrides of the run's
+
+
 PRECISIONS = DTYPE_CHOICES  # auto | fp32 | bf16 | fp16 (superblock.devices says what auto means)
 DEVICES = DEVICE_CHOICES  # auto | cpu | cuda
 OPTIMIZERS = ("adamw", "sgd")
@@ -177,28 +235,39 @@ LOGGERS = ("console", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 MODEL_SOURCES = ("auto", "tiny", "torchvision", "timm", "hf")
 MODEL_TASKS = ("auto", "causal_lm", "sequence_classification")
+T = TypeVar("T")
 
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
-def to_config(cfg: DictConfig | dict) -> TrainConfig:
-    """Merge a composed config into the schema and check it; ConfigError with one actionable line otherwise."""
-    schema = OmegaConf.structured(TrainConfig)
+def _typed(schema: type[T], cfg: DictConfig | dict, precheck: Callable[[DictConfig], None] | None = None) -> T:
+    """`cfg` (without its hydra node) merged into the dataclass `schema`: unknown keys, wrong types and unset
+    mandatory values become one ConfigError line. `precheck` sees the merged node first (clearer messages)."""
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
     try:
-        merged = OmegaConf.merge(schema, raw)
-        if merged.data.name == "imagefolder" and not merged.data.root:
-            raise ConfigError("data.root is required for data=imagefolder: pass data.root=/path/with/train/and/val")
-        conf: TrainConfig = OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        if precheck is not None:
+            precheck(merged)
+        return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", "") or "a value"
         raise ConfigError(f"missing value for {key}: set it on the command line, e.g. {key}=...") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "")
         raise ConfigError(f"bad config{f' at {key}' if key else ''}: {_first_line(err)}") from None
+
+
+def _data_root_given(merged: DictConfig) -> None:
+    if merged.data.name == "imagefolder" and not merged.data.root:
+        raise ConfigError("data.root is required for data=imagefolder: pass data.root=/path/with/train/and/val")
+
+
+def to_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Merge a composed config into the schema and check it; ConfigError with one actionable line otherwise."""
+    conf = _typed(TrainConfig, cfg, _data_root_given)
     check(conf)
     return conf
 
@@ -317,3 +386,39 @@ def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, in
             f"sparsity.block_size={list(block)} does not divide {len(bad)} targeted weight(s), e.g. {bad[0]}: "
             "choose a block size that divides them, exclude them, or set sparsity.strict_blocks=false"
         )
+
+
+def _checkpoint_given(merged: DictConfig) -> None:
+    if OmegaConf.is_missing(merged, "checkpoint") or merged.checkpoint in (None, ""):
+        raise ConfigError("checkpoint=<path> is required, e.g. checkpoint=outputs/<run dir>")
+
+
+def _check_backend(backend: str) -> None:
+    from superblock.kernels.bsr_linear import BACKENDS  # lazily: training never needs the kernels' names
+
+    _one_of(backend, BACKENDS, "backend")
+
+
+def to_export_config(cfg: DictConfig | dict) -> ExportConfig:
+    """export.py's config, typed and checked; ConfigError with one actionable line otherwise. Layout, runtime,
+    dtype, device, batch sizes and the probe are checked by export_checkpoint itself, first thing."""
+    conf = _typed(ExportConfig, cfg, _checkpoint_given)
+    _check_backend(conf.backend)
+    return conf
+
+
+def to_evaluate_config(cfg: DictConfig | dict) -> EvaluateConfig:
+    """evaluate.py's config, typed and checked; ConfigError with one actionable line otherwise. Mode, runtime,
+    dtype, device and runtime batch sizes are checked by evaluate itself, first thing."""
+    conf = _typed(EvaluateConfig, cfg, _checkpoint_given)
+    _check_backend(conf.backend)
+    _positive(conf.batch_size, "batch_size")
+    _positive(conf.max_batches, "max_batches")
+    for key in ("batch_size", "repeats", "rounds", "inputs"):
+        _positive(getattr(conf.latency, key), f"latency.{key}")
+    _positive(conf.latency.warmup, "latency.warmup", allow_zero=True)
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(conf.data) - known)
+    if unknown:
+        raise ConfigError(f"data.{unknown[0]} is not a data option: use one of {sorted(known)}")
+    return conf
