@@ -39,16 +39,20 @@ from superblock.data.text import TEXT_TASKS, TextClassification, TokenWindows, t
 from superblock.data.tokenizer import BYTE_EOS, BYTE_VOCAB, ByteTokenizer, HFTokenizer, load_tokenizer
 from superblock.data.transforms import (
     AUGMENT_DEFAULTS,
+    AUGMENT_RECIPES,
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SMALL_IMAGE_MAX,
     image_transforms,
     posterize_bits,
+    resolve_augment,
 )
 
 __all__ = [
     "AUGMENT_DEFAULTS",
+    "AUGMENT_RECIPES",
     "BYTE_EOS",
     "BYTE_VOCAB",
     "CIFAR_MEAN",
@@ -58,6 +62,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SMALL_IMAGE_MAX",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_MEAN",
     "SYNTHETIC_STD",
@@ -85,6 +90,7 @@ __all__ = [
     "load_tokenizer",
     "perplexity",
     "posterize_bits",
+    "resolve_augment",
     "render_shapes",
     "skip_batches",
     "stdlib_corpus",

@@ -19,6 +19,7 @@ class DataBundle:
     mean / std, and say what a language model needs: ``vocab_size``, ``seq_len``, the ``pad_id`` / ``eos_id``
     tokens and ``corpus``, a JSON-able description of the text read (source, Python version, sha256, tokens).
     A causal-LM bundle's ``num_classes`` is the vocabulary size (every token is a class of the next-token loss).
+    ``transforms`` (image folders) is the sentence saying which augmentation recipe was chosen and why.
     """
 
     train: Dataset | None
@@ -34,3 +35,4 @@ class DataBundle:
     pad_id: int | None = None
     eos_id: int | None = None
     corpus: dict[str, Any] | None = None
+    transforms: str | None = None  # image folders: which augmentation recipe was chosen, and why

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -19,7 +20,10 @@ from superblock.data.transforms import (
     IMAGENET_STD,
     _randaugment,
     image_transforms,
+    resolve_augment,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _imagefolder_bundle(
@@ -36,17 +40,21 @@ def _imagefolder_bundle(
     for split in ("val",) if val_only else ("train", "val"):
         if not (base / split).is_dir():
             raise ValueError(f"missing {base / split} ({layout})")
-    train_tf, val_tf = image_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment, augment)
+    settings, randaugment, note = resolve_augment(augment, randaugment, image_size)
+    log.info("%s", note)
+    train_tf, val_tf = image_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment, settings)
     val = ImageFolder(str(base / "val"), transform=val_tf)
     if val_only:
-        return DataBundle(None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes)
+        return DataBundle(None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes,
+                          transforms=note)
     train = ImageFolder(str(base / "train"), transform=train_tf)
     if train.classes != val.classes:
         raise ValueError(
             f"{base / 'train'} and {base / 'val'} have different class folders "
             f"({len(train.classes)} vs {len(val.classes)}); labels would not line up"
         )
-    return DataBundle(train, val, len(train.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, train.classes)
+    return DataBundle(train, val, len(train.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, train.classes,
+                      transforms=note)
 
 
 def _cifar_bundle(
