@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from superblock.sparsity.blocks import normalize_block_size
+from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
 
 
@@ -37,16 +38,19 @@ class ModelConfig:
 class AugmentConfig:
     """Image-folder transforms, built by timm's transform factory (train: random-resized crop, flips, RandAugment
     from data.randaugment, random erasing; eval: resize + centre crop). Defaults are ImageNet's; small images
-    want the `data=small_images` preset (mild crops, no flips, no centre crop)."""
+    want the `data=small_images` preset (mild crops, no flips, no centre crop). recipe=auto (data=imagefolder's
+    default) picks one of the two by image size (superblock.data.transforms.resolve_augment); a null field takes
+    the recipe's value, a set one wins."""
 
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area fraction
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
-    hflip: float = 0.5
-    vflip: float = 0.0
+    recipe: str = "imagenet"  # auto | imagenet | small
+    scale: list[float] | None = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area fraction
+    ratio: list[float] | None = field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
+    hflip: float | None = 0.5
+    vflip: float | None = 0.0
     color_jitter: float | None = None
-    re_prob: float = 0.0  # random erasing
-    crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre-crop size
-    interpolation: str = "bicubic"  # bilinear | bicubic | nearest | random
+    re_prob: float | None = 0.0  # random erasing
+    crop_pct: float | None = 0.875  # eval: resize to size / crop_pct, centre-crop size
+    interpolation: str | None = "bicubic"  # bilinear | bicubic | nearest | random
 
 
 @dataclass
@@ -89,6 +93,7 @@ class SparsityConfig:
     freeze_after_ramp: bool = False  # keep the masks fixed once the schedule reaches the final sparsity
     scores_lr: float | None = None  # None: the optimizer's lr
     strict_blocks: bool = False  # require block-multiple shapes (plain BSR export with no padded edge tiles)
+    permute: str = "none"  # none | mlp | mlp+heads: permute hidden units so large weights share tiles
 
 
 @dataclass
@@ -124,6 +129,8 @@ class TrainerConfig:
     log_every_steps: int = 10
     val_every_epochs: int = 1
     threads: int | None = None  # torch CPU threads; None: torch's default
+    fused_mask: bool = True  # eager CUDA: fused Triton kernels for masked weights; false: the plain PyTorch path
+    fault_at_step: int | None = None  # resume drills and tests: SIGKILL the process right after this optimizer step
 
 
 @dataclass
@@ -309,6 +316,7 @@ def check(c: TrainConfig) -> None:
         if not s.targets:
             raise ConfigError("sparsity.targets is empty: e.g. sparsity.targets=[mlp,attn]")
         _positive(s.scores_lr, "sparsity.scores_lr")
+        _check_permute(s, c.trainer)
     _one_of(c.optim.name, OPTIMIZERS, "optim.name")
     _one_of(c.optim.lr_schedule, ("cosine", "constant"), "optim.lr_schedule")
     _positive(c.optim.lr, "optim.lr")
@@ -337,6 +345,7 @@ def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.log_every_steps, "trainer.log_every_steps")
     _positive(t.val_every_epochs, "trainer.val_every_epochs")
     _positive(t.checkpoint_every_steps, "trainer.checkpoint_every_steps", allow_zero=True)
+    _positive(t.fault_at_step, "trainer.fault_at_step")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
@@ -364,18 +373,33 @@ def _check_text(c: TrainConfig) -> None:
     _positive(c.data.max_bytes, "data.max_bytes")
 
 
+def _check_permute(s: SparsityConfig, t: TrainerConfig) -> None:
+    _one_of(s.permute, PERMUTE_MODES, "sparsity.permute")
+    if s.permute == "none":
+        return
+    block = normalize_block_size(s.block_size)
+    if block[0] != block[1]:
+        raise ConfigError(f"sparsity.permute={s.permute} needs square tiles, got sparsity.block_size={list(block)}: "
+                          "use e.g. sparsity.block_size=32 or sparsity.permute=none")
+    if t.strategy == "fsdp":
+        raise ConfigError(f"sparsity.permute={s.permute} permutes whole weights, which FSDP shards: use "
+                          "trainer.strategy=ddp or sparsity.permute=none")
+
+
 def _check_augment(a: AugmentConfig) -> None:
-    for key, pair in (("scale", a.scale), ("ratio", a.ratio)):
-        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+    _one_of(a.recipe, ("auto", "imagenet", "small"), "data.augment.recipe")
+    for key, pair in (("scale", a.scale), ("ratio", a.ratio)):  # null: the recipe's value
+        if pair is not None and (len(pair) != 2 or not 0 < pair[0] <= pair[1]):
             raise ConfigError(f"data.augment.{key} must be [low, high] with 0 < low <= high, got {list(pair)}")
-    if a.scale[1] > 1:
+    if a.scale is not None and a.scale[1] > 1:
         raise ConfigError(f"data.augment.scale is a fraction of the image area: at most 1, got {list(a.scale)}")
     for key in ("hflip", "vflip", "re_prob"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
+        if getattr(a, key) is not None and not 0.0 <= getattr(a, key) <= 1.0:
             raise ConfigError(f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
-    if not 0.0 < a.crop_pct <= 1.0:
+    if a.crop_pct is not None and not 0.0 < a.crop_pct <= 1.0:
         raise ConfigError(f"data.augment.crop_pct must be in (0, 1], got {a.crop_pct}")
-    _one_of(a.interpolation, ("bilinear", "bicubic", "nearest", "random"), "data.augment.interpolation")
+    if a.interpolation is not None:
+        _one_of(a.interpolation, ("bilinear", "bicubic", "nearest", "random"), "data.augment.interpolation")
 
 
 def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:
