@@ -128,6 +128,7 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
     log_every_steps: int = 10
     val_every_epochs: int = 1
+    progress_every_s: float = 30.0  # stderr not a terminal: a progress line per epoch, at most one per this often
     threads: int | None = None  # torch CPU threads; None: torch's default
     fused_mask: bool = True  # eager CUDA: fused Triton kernels for masked weights; false: the plain PyTorch path
     fault_at_step: int | None = None  # resume drills and tests: SIGKILL the process right after this optimizer step
@@ -344,6 +345,7 @@ def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.grad_clip, "trainer.grad_clip")
     _positive(t.log_every_steps, "trainer.log_every_steps")
     _positive(t.val_every_epochs, "trainer.val_every_epochs")
+    _positive(t.progress_every_s, "trainer.progress_every_s", allow_zero=True)
     _positive(t.checkpoint_every_steps, "trainer.checkpoint_every_steps", allow_zero=True)
     _positive(t.fault_at_step, "trainer.fault_at_step")
     if not 0.0 <= t.label_smoothing < 1.0:

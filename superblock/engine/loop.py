@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from superblock.data import skip_batches
 from superblock.engine.ema import ModelEma
 from superblock.engine.objective import Objective
+from superblock.engine.progress import epoch_progress
 from superblock.engine.state import Progress
 from superblock.sparsity import get_controller
 
@@ -66,6 +66,7 @@ class EpochPlan:
     checkpoint_every_steps: int = 0
     fault_at_step: int | None = None  # tests only: SIGKILL right after this step
     show_progress: bool = True
+    progress_every_s: float = 30.0  # off a terminal: a plain progress line per epoch and at most one per this often
 
 
 @dataclass
@@ -142,8 +143,8 @@ def train_one_epoch(
     Hooks: `on_log(window, step)` at logging steps returns the progress bar's postfix; `on_checkpoint(window)` at
     checkpoint steps; `on_end(window)` with the unlogged rest when the loader is exhausted."""
     skip = progress.batch_in_epoch
-    bar = tqdm(total=plan.usable_batches, initial=skip, desc=f"epoch {plan.epoch + 1}/{plan.max_epochs}",
-               unit="batch", disable=not plan.show_progress, dynamic_ncols=True, leave=True)
+    bar = epoch_progress(plan.usable_batches, skip, f"epoch {plan.epoch + 1}/{plan.max_epochs}",
+                         enabled=plan.show_progress, every_s=plan.progress_every_s, step=lambda: progress.step)
     window = Window(torch.zeros((), device=parts.device))
     parts.train_model.train()
     try:

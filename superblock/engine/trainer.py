@@ -168,6 +168,7 @@ class Trainer:
             epoch, t.max_epochs, self.data.steps_per_epoch * t.accumulate_grad_batches, self.total_steps,
             t.log_every_steps, t.checkpoint_every_steps, fault_at_step(), self.dist.is_main,
         )
+        plan.progress_every_s = t.progress_every_s
         return train_one_epoch(self.parts, self.data.train_loader, self.progress, plan, self._log_train,
                                self._save_checked, self._check, self.dist.world_size)
 

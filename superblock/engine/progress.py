@@ -1,0 +1,81 @@
+"""Training progress on the console: tqdm's bar on a terminal, plain lines anywhere else.
+
+A bar redraws itself with carriage returns; written to a file or a pipe (a job's log, `... 2>&1 | tee`), every
+redraw becomes a frame in the log. When its stream is not a terminal, `epoch_progress` returns `ProgressLines`
+instead: the same fields (epoch, batches, optimizer step, rate, elapsed, ETA and the bar's postfix: loss, lr,
+sparsity, images/s) as one plain line at the end of every epoch and at most one every `every_s` seconds within it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether `stream` is an interactive terminal (False for files, pipes and streams without isatty)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+class ProgressLines:
+    """The progress bar's interface (update / set_postfix / close) writing plain lines to `file` (default: stderr,
+    where the bar would draw): one when closed (the epoch's end, or where it stopped) and, within the epoch, at most
+    one every `every_s` seconds (0: none). `step()` is the current optimizer step."""
+
+    def __init__(
+        self, total: int, initial: int, desc: str, every_s: float, step: Callable[[], int],
+        file: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
+        self.step, self.file, self.clock = step, file, clock
+        self.postfix: dict[str, Any] = {}
+        self._initial, self._start = initial, clock()
+        self._last_time, self._last_n = self._start, None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.every_s > 0 and self.n < self.total and self.clock() - self._last_time >= self.every_s:
+            self._write()
+
+    def set_postfix(self, postfix: dict[str, Any]) -> None:
+        self.postfix = dict(postfix)
+
+    def close(self) -> None:
+        if self.n != self._last_n:
+            self._write()
+
+    def line(self) -> str:
+        elapsed = self.clock() - self._start
+        done = self.n - self._initial
+        rate = done / elapsed if elapsed > 0 and done else None
+        eta = tqdm.format_interval((self.total - self.n) / rate) if rate else "?"
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        fields = [f"{self.n}/{self.total} batches ({pct:.0f}%)", f"step {self.step()}",
+                  f"{rate:.2f} batch/s" if rate else "? batch/s",
+                  f"elapsed {tqdm.format_interval(elapsed)}", f"ETA {eta}"]  # fmt: skip
+        fields += [f"{k}={v}" for k, v in self.postfix.items()]
+        return f"{self.desc}: " + ", ".join(fields)
+
+    def _write(self) -> None:
+        file = self.file if self.file is not None else sys.stderr
+        print(self.line(), file=file, flush=True)
+        self._last_time, self._last_n = self.clock(), self.n
+
+
+def epoch_progress(
+    total: int, initial: int, desc: str, *, enabled: bool, every_s: float, step: Callable[[], int],
+    stream: TextIO | None = None,
+) -> tqdm | ProgressLines:  # fmt: skip
+    """The progress display of one epoch: tqdm's bar (disabled when not `enabled`, e.g. on ranks other than 0) when
+    `stream` (default stderr, tqdm's) is a terminal, else ProgressLines."""
+    if enabled and not is_terminal(stream if stream is not None else sys.stderr):
+        return ProgressLines(total, initial, desc, every_s, step, file=stream)
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True,
+                leave=True, file=stream)  # fmt: skip

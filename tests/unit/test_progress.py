@@ -1,0 +1,71 @@
+"""Training progress: tqdm's bar on a terminal; plain lines (no carriage-return frames) in a log or a pipe."""
+
+from __future__ import annotations
+
+import io
+
+from tqdm import tqdm
+
+from superblock.engine.progress import ProgressLines, epoch_progress, is_terminal
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run_epoch(every_s: float, batches: int = 10, seconds_per_batch: float = 4.0) -> list[str]:
+    out, clock, step = io.StringIO(), Clock(), [100]
+    bar = ProgressLines(batches, 0, "epoch 2/3", every_s, lambda: step[0], file=out, clock=clock)
+    for i in range(batches):
+        clock.t += seconds_per_batch
+        step[0] += 1
+        bar.update(1)
+        if i == 4:
+            bar.set_postfix({"loss": "2.301", "lr": "1.00e-03"})
+    bar.close()
+    return out.getvalue().splitlines()
+
+
+def test_one_line_per_epoch_when_the_interval_is_longer_than_the_epoch():
+    lines = run_epoch(every_s=60.0)  # a 40 s epoch
+    assert lines == ["epoch 2/3: 10/10 batches (100%), step 110, 0.25 batch/s, elapsed 00:40, ETA 00:00, "
+                     "loss=2.301, lr=1.00e-03"]  # fmt: skip
+
+
+def test_at_most_one_line_per_interval_within_an_epoch():
+    lines = run_epoch(every_s=10.0)  # a line after 12 s, 24 s, 36 s, then the epoch's end at 40 s
+    assert [ln.split(",")[0] for ln in lines] == [
+        "epoch 2/3: 3/10 batches (30%)", "epoch 2/3: 6/10 batches (60%)", "epoch 2/3: 9/10 batches (90%)",
+        "epoch 2/3: 10/10 batches (100%)",
+    ]
+    assert "step 103" in lines[0] and "ETA 00:28" in lines[0] and "loss=" not in lines[0] and "loss=2.301" in lines[1]
+    assert len(run_epoch(every_s=0.0)) == 1  # 0: the epoch's end only
+
+
+def test_a_resumed_epoch_counts_its_rate_from_where_it_resumed():
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLines(10, 6, "epoch 1/1", 30.0, lambda: 6, file=out, clock=clock)
+    clock.t = 2.0
+    bar.update(4)
+    bar.close()
+    bar.close()  # nothing new: no second line
+    assert out.getvalue().splitlines() == [
+        "epoch 1/1: 10/10 batches (100%), step 6, 2.00 batch/s, elapsed 00:02, ETA 00:00"]
+
+
+def test_bar_on_a_terminal_lines_elsewhere():
+    assert isinstance(epoch_progress(5, 0, "e", enabled=True, every_s=30, step=lambda: 0, stream=Terminal()), tqdm)
+    lines = epoch_progress(5, 0, "e", enabled=True, every_s=30, step=lambda: 0, stream=io.StringIO())
+    assert isinstance(lines, ProgressLines)
+    off = epoch_progress(5, 0, "e", enabled=False, every_s=30, step=lambda: 0, stream=io.StringIO())
+    assert isinstance(off, tqdm) and off.disable  # other ranks: nothing at all
+    assert is_terminal(Terminal()) and not is_terminal(io.StringIO()) and not is_terminal(object())
