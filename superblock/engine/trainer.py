@@ -8,7 +8,6 @@ is `validate` (engine/evaluation.py). The Trainer only wires them and owns the r
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
 from superblock.rundir import RunDir, RunSummary
 from superblock.seeding import seed_everything
-from superblock.sparsity import block_sparsity, get_controller, iter_block_masks
+from superblock.sparsity import block_sparsity, fused, get_controller, iter_block_masks
 
 __all__ = [
     "Progress", "Trainer", "TrainingDiverged", "find_resume", "rank_seed", "rng_state", "seed_everything",
@@ -71,15 +70,6 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return total, kept
 
 
-FAULT_AT_STEP_ENV = "SUPERBLOCK_FAULT_AT_STEP"
-
-
-def fault_at_step() -> int | None:
-    """Tests only: $SUPERBLOCK_FAULT_AT_STEP=N makes the run SIGKILL itself right after optimizer step N."""
-    value = os.environ.get(FAULT_AT_STEP_ENV, "").strip()
-    return int(value) if value else None
-
-
 class Trainer:
     """One training run in `run_dir` (layout: superblock.rundir.RunDir). `fit()` returns its RunSummary (train.py
     writes it to summary.json)."""
@@ -89,6 +79,7 @@ class Trainer:
         self.run_dir, self.run, self.resolved_config = run_dir, RunDir(run_dir), resolved_config
         t = cfg.trainer
         self.amp_dtype = autocast_dtype(t.precision, self.device)
+        fused.set_enabled(t.fused_mask)  # process-wide: the masked weights' fused eager CUDA kernels
         seed_everything(cfg.seed)  # same model init and scores on every rank
         self.data = build_data(cfg.data, seed=cfg.seed, distributed=dist.distributed,
                                accumulate=t.accumulate_grad_batches, max_epochs=t.max_epochs, max_steps=t.max_steps)
@@ -166,7 +157,7 @@ class Trainer:
         self.data.sampler.set_epoch(epoch)  # order and augmentations: functions of (seed, epoch[, index])
         plan = EpochPlan(
             epoch, t.max_epochs, self.data.steps_per_epoch * t.accumulate_grad_batches, self.total_steps,
-            t.log_every_steps, t.checkpoint_every_steps, fault_at_step(), self.dist.is_main,
+            t.log_every_steps, t.checkpoint_every_steps, t.fault_at_step, self.dist.is_main,
         )
         plan.progress_every_s = t.progress_every_s
         return train_one_epoch(self.parts, self.data.train_loader, self.progress, plan, self._log_train,

@@ -9,8 +9,8 @@ tile here does:
   backward  grad_weight[tile] = grad[tile] * mask[tile] (in the weight's dtype) and
             grad_scores[tile] = sum(grad[tile] * weight[tile]) (fp32), from one read of grad and weight.
 Used only in eager mode on CUDA: under torch.compile the plain formulation is traced and the compiler fuses it
-with its neighbours. Any failure to compile or launch a kernel switches this path off for the process (with a
-warning) and the plain PyTorch formulation takes over.
+with its neighbours. `trainer.fused_mask=false` (`set_enabled(False)`) switches this path off for the process, and
+so does any failure to compile or launch a kernel (with a warning); the plain PyTorch formulation takes over.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 _MAX_TILE = 128 * 128  # elements per program; larger tiles would spill registers: use the plain path
-_state = {"enabled": os.environ.get("SUPERBLOCK_FUSED_MASK", "1") != "0"}
+_state = {"enabled": True}  # trainer.fused_mask=false turns it off (set_enabled); a kernel failure too (disable)
 
 
 def _pow2(n: int) -> int:
@@ -46,6 +46,11 @@ def usable(weight: torch.Tensor, block: BlockSize) -> bool:
         and (weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         and _pow2(block[0]) * _pow2(block[1]) <= _MAX_TILE
     )
+
+
+def set_enabled(enabled: bool) -> None:
+    """Whether masked weights may use the fused kernels in this process (the trainer sets trainer.fused_mask)."""
+    _state["enabled"] = bool(enabled)
 
 
 @contextmanager

@@ -91,7 +91,7 @@ def test_resume_after_sigkill_with_workers_and_randaugment_on_jpegs(tmp_path) ->
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_train(*common, f"hydra.run.dir={killed}", env=fault_at(9))
+    proc = run_train(*common, f"hydra.run.dir={killed}", fault_at(9))
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed in epoch 2 (6 steps/epoch), last checkpoint at 8
     proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -52,7 +52,7 @@ def test_distilled_finetune_resumes_exactly_and_logs_teacher_time(dense_run, tmp
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run_train(*common, f"hydra.run.dir={killed}", env=fault_at(11)).returncode == -9
+    assert run_train(*common, f"hydra.run.dir={killed}", fault_at(11)).returncode == -9
     proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = summary_of(straight), summary_of(killed)

@@ -48,7 +48,7 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     common = [*LM_TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train(*common, f"hydra.run.dir={straight}").returncode == 0
-    crashed = run_train(*common, f"hydra.run.dir={killed}", env=fault_at(3))
+    crashed = run_train(*common, f"hydra.run.dir={killed}", fault_at(3))
     assert crashed.returncode != 0
     resumed = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -98,7 +98,7 @@ def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
     common = ["trainer.strategy=fsdp", "trainer.checkpoint_every_steps=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _two_process(*common, f"hydra.run.dir={straight}").returncode == 0
-    assert _two_process(*common, f"hydra.run.dir={killed}", env=fault_at(3)).returncode != 0
+    assert _two_process(*common, f"hydra.run.dir={killed}", fault_at(3)).returncode != 0
     resumed = _two_process(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = summary_of(straight), summary_of(killed)

@@ -23,9 +23,9 @@ def run_train(*args: str, env: dict | None = None, cmd: list[str] | None = None,
     )
 
 
-def fault_at(step: int) -> dict[str, str]:
-    """The environment that makes a run SIGKILL itself after optimizer step `step` (the trainer's test hook)."""
-    return {"SUPERBLOCK_FAULT_AT_STEP": str(step)}
+def fault_at(step: int) -> str:
+    """The override that makes a run SIGKILL itself right after optimizer step `step` (trainer.fault_at_step)."""
+    return f"trainer.fault_at_step={step}"
 
 
 def summary_of(run_dir: Path) -> dict:
@@ -63,7 +63,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     common = [*SMOKE, "trainer.max_epochs=2", "trainer.checkpoint_every_steps=3", "trainer.log_every_steps=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train(*common, f"hydra.run.dir={straight}").returncode == 0
-    proc = run_train(*common, f"hydra.run.dir={killed}", env=fault_at(11))
+    proc = run_train(*common, f"hydra.run.dir={killed}", fault_at(11))
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid-epoch 2, last checkpoint at step 9
     assert not (killed / "summary.json").exists()
     proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")

@@ -115,3 +115,23 @@ def test_export_and_evaluate_configs_type_the_composed_yaml():
     v = to_evaluate_config(ev)
     assert isinstance(v, EvaluateConfig) and v.latency.repeats == 5 and v.data["name"] == "text"
     assert asdict(v)["latency"] == {**asdict(EvaluateConfig().latency), "repeats": 5}
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_trainer_fused_mask_sets_the_process_switch(tmp_path, flag):
+    """trainer.fused_mask (once $SUPERBLOCK_FUSED_MASK) reaches the fused mask kernels' process-wide switch."""
+    import torch
+
+    from superblock.config import to_config
+    from superblock.engine.distributed import DistInfo
+    from superblock.engine.trainer import Trainer
+    from superblock.sparsity import fused
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", f"trainer.fused_mask={flag}"])
+    fused.set_enabled(not flag)
+    try:
+        Trainer(to_config(cfg), tmp_path, DistInfo(0, 1, 0, torch.device("cpu")), {})
+        assert fused._state["enabled"] is flag
+    finally:
+        fused.set_enabled(True)

@@ -61,6 +61,7 @@ def test_default_config_is_the_embedded_run():
         (["sparsity.ramp_fraction=1.5"], "sparsity.ramp_fraction"),
         (["data=imagefolder"], "data.root is required"),
         (["trainer.precision=fp8"], "trainer.precision"),
+        (["trainer.fault_at_step=0"], "trainer.fault_at_step must be > 0"),
         (["logger.mode=sometimes"], "logger.mode"),
         (["+model.unknown_key=1"], "unknown_key"),
         (["data.augment.scale=[0.5,2.0]"], "data.augment.scale"),

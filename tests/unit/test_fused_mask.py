@@ -76,7 +76,7 @@ CHECK = textwrap.dedent(
 
 
 def test_fused_kernels_match_plain_formulation():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SUPERBLOCK_FUSED_MASK": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "FUSED-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 
