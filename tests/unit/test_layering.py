@@ -4,6 +4,10 @@ Every module under superblock/ is parsed with `ast`; every import counts (module
 `importlib.import_module("superblock...")` too), except those under `if TYPE_CHECKING:`. Layers, low to high,
 are in LAYERS (docs/architecture.md, "Layers"). The package root superblock/__init__.py is a facade: it may
 import anything, and nothing may import it (`import superblock`, `from superblock import <not a submodule>`).
+
+Importing a submodule runs its packages' `__init__.py` first: `from superblock.export.folded import x` runs
+superblock/export/__init__.py and everything it imports at module level. Those imports are charged to the importer
+too (`charge_package_inits`), unless the importer sits inside that package (then its `__init__` is already running).
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Import:
     file: str  # path relative to the repository
     line: int
     names: tuple[str, ...] = ()  # for `from X import a, b`: the names taken from X itself
+    toplevel: bool = True  # runs when the module is imported (not inside a function)
+    via: str = ""  # a charged import: the package __init__ (file:line) that makes it, run by this import
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -110,10 +116,19 @@ class _Collector(ast.NodeVisitor):
     def __init__(self, module: str, is_package: bool, file: str, modules: set[str]) -> None:
         self.module, self.is_package, self.file, self.modules = module, is_package, file, modules
         self.found: list[Import] = []
+        self.depth = 0  # functions entered: imports inside them run only when called
 
     def _add(self, target: str, line: int, names: tuple[str, ...] = ()) -> None:
         if target == PACKAGE or target.startswith(PACKAGE + "."):
-            self.found.append(Import(self.module, _resolve(target, self.modules), self.file, line, names))
+            resolved = _resolve(target, self.modules)
+            self.found.append(Import(self.module, resolved, self.file, line, names, toplevel=self.depth == 0))
+
+    def _in_function(self, node: ast.AST) -> None:
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _in_function
 
     def visit_If(self, node: ast.If) -> None:
         if _is_type_checking(node.test):
@@ -164,6 +179,27 @@ def collect_imports(modules: dict[str, Path], root: Path = SRC) -> list[Import]:
         collector.visit(tree)
         found.extend(collector.found)
     return found
+
+
+def charge_package_inits(imports: list[Import], modules: dict[str, Path], root: Path = SRC) -> list[Import]:
+    """The imports a package's `__init__.py` makes at module level, charged to every module that imports a
+    submodule of that package from outside it (importing a.b.c runs a/__init__.py and a/b/__init__.py first)."""
+    inits: dict[str, list[Import]] = defaultdict(list)
+    for imp in imports:
+        if imp.toplevel and modules[imp.importer].name == "__init__.py":
+            inits[imp.importer].append(imp)
+    charged = []
+    for imp in imports:
+        parts = imp.target.split(".")
+        for n in range(1, len(parts)):
+            package = ".".join(parts[:n])
+            if imp.importer == package or imp.importer.startswith(package + "."):
+                continue  # the importer is inside the package: its __init__ has already run
+            for dep in inits.get(package, ()):
+                if dep.target != imp.target:
+                    via = f"{modules[package].relative_to(root)}:{dep.line}"
+                    charged.append(Import(imp.importer, dep.target, imp.file, imp.line, via=via))
+    return charged
 
 
 def layer_of(module: str) -> tuple[str, int] | None:
@@ -270,12 +306,14 @@ def modules() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def imports(modules: dict[str, Path]) -> list[Import]:
-    return collect_imports(modules)
+    direct = collect_imports(modules)
+    return direct + charge_package_inits(direct, modules)
 
 
 def _fmt(imp: Import) -> str:
     what = f"{imp.target} ({', '.join(imp.names)})" if imp.names else imp.target
-    return f"  {imp.where()}: {imp.importer} imports {what}"
+    via = f" via {imp.via}" if imp.via else ""
+    return f"  {imp.where()}: {imp.importer} imports {what}{via}"
 
 
 def test_every_module_has_a_layer(modules):
@@ -288,16 +326,40 @@ def test_every_module_has_a_layer(modules):
         )
 
 
-def test_no_module_imports_a_higher_layer(imports):
+# Known upward imports through a package __init__ (importer, the __init__ that runs): each to be removed by
+# restructuring, not by growing this list. A stale entry fails test_known_init_charges_are_still_real.
+KNOWN_INIT_CHARGES = {
+    # distill reads an export-directory teacher through export/folded.py + export/format.py (layer 1), but that runs
+    # export/__init__.py: serving, writer, loader, kernels and engine.checkpoint. Issue 21 item 3 (artifacts package).
+    ("superblock.engine.distill", "superblock/export/__init__.py"),
+}
+
+
+def _upward(imports: list[Import]) -> list[tuple[Import, str]]:
     bad = []
     for imp in imports:
         if imp.importer == PACKAGE or imp.target == PACKAGE:
             continue  # the facade may import anything; imports of the root are their own test
         src, dst = layer_of(imp.importer), layer_of(imp.target)
         if src and dst and dst[1] > src[1]:
-            bad.append(f"{_fmt(imp)}: layer {src[1]} ({src[0]}) -> layer {dst[1]} ({dst[0]})")
+            bad.append((imp, f"{_fmt(imp)}: layer {src[1]} ({src[0]}) -> layer {dst[1]} ({dst[0]})"))
+    return bad
+
+
+def _known(imp: Import) -> bool:
+    return bool(imp.via) and (imp.importer, imp.via.rsplit(":", 1)[0]) in KNOWN_INIT_CHARGES
+
+
+def test_no_module_imports_a_higher_layer(imports):
+    bad = [text for imp, text in _upward(imports) if not _known(imp)]
     if bad:
         pytest.fail("imports from a lower layer into a higher one:\n" + "\n".join(bad), pytrace=False)
+
+
+def test_known_init_charges_are_still_real(imports):
+    seen = {(imp.importer, imp.via.rsplit(":", 1)[0]) for imp, _ in _upward(imports) if imp.via}
+    stale = sorted(KNOWN_INIT_CHARGES - seen)
+    assert not stale, f"fixed: remove these from KNOWN_INIT_CHARGES: {stale}"
 
 
 def test_no_module_imports_the_package_root(imports):
@@ -354,3 +416,24 @@ def test_the_checker_sees_function_level_imports_and_skips_type_checking(tmp_pat
         ("superblock.sub.a", "superblock.sub.b"),
         ("superblock.sub.b", "superblock.sub.a"),
     }
+
+
+def test_importing_a_submodule_is_charged_its_packages_init(tmp_path):
+    """`from superblock.high.low import x` runs superblock/high/__init__.py: its module-level imports are charged
+    to the importer (not its function-level ones, and not to modules inside the package)."""
+    pkg = tmp_path / "superblock"
+    (pkg / "high").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "high" / "__init__.py").write_text(
+        "from superblock.high.heavy import h\ndef lazy():\n    from superblock.high.lazy import z\n"
+    )
+    for name in ("low", "heavy", "lazy"):
+        (pkg / "high" / f"{name}.py").write_text("")
+    (pkg / "high" / "inner.py").write_text("from superblock.high.low import y\n")
+    (pkg / "user.py").write_text("def f():\n    from superblock.high.low import x\n")
+    modules = discover(pkg)
+    direct = collect_imports(modules, tmp_path)
+    charged = charge_package_inits(direct, modules, tmp_path)
+    assert [(i.importer, i.target, i.line, i.via) for i in charged] == [
+        ("superblock.user", "superblock.high.heavy", 2, f"{Path('superblock/high/__init__.py')}:1")
+    ]
