@@ -135,3 +135,18 @@ def test_trainer_fused_mask_sets_the_process_switch(tmp_path, flag):
         assert fused._state["enabled"] is flag
     finally:
         fused.set_enabled(True)
+
+
+def test_readme_lists_every_config_group_and_option():
+    """README's table of config groups names every group folder and every option file under configs/."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2] for line in readme.splitlines()
+            if line.startswith("| `") and line.split("|")[1].strip().strip("`").endswith("/")}
+    missing = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        if path.parent == CONFIGS:
+            continue
+        group = f"{path.parent.relative_to(CONFIGS).as_posix()}/"
+        if group not in rows or path.stem not in rows[group].replace("*", "").replace(",", " ").split():
+            missing.append(f"{group}{path.stem}")
+    assert not missing, f"README's config group table misses: {missing}"
