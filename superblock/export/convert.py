@@ -207,6 +207,20 @@ def _check_triplet(layer: Layer, triplet: Triplet) -> None:
             f"stored BSR tensors of {layer.name} ({', '.join(BSR_SUFFIXES)} shapes {[tuple(t.shape) for t in triplet]})"
             f" do not match the manifest (shape {layer.shape}, block {layer.block}, {layer.nnz_blocks} blocks)"
         )
+    _check_indices(layer, crow, col)
+
+
+def _check_indices(layer: Layer, crow: torch.Tensor, col: torch.Tensor) -> None:
+    """Indices a kernel can follow without reading outside the weight: rows that start at 0, never step back and
+    end at nnz; columns inside the block grid. A corrupt file that passed as safetensors stops here."""
+    cols = math.ceil(layer.shape[1] / layer.block[1])
+    ints = not crow.is_floating_point() and not col.is_floating_point() and crow.dtype != torch.bool
+    ok = ints and int(crow[0]) == 0 and int(crow[-1]) == layer.nnz_blocks and bool((crow.diff() >= 0).all())
+    if ok and col.numel():
+        ok = int(col.min()) >= 0 and int(col.max()) < cols
+    if not ok:
+        raise ExportError(f"stored BSR indices of {layer.name} are corrupt (row pointers or columns outside its "
+                          f"{math.ceil(layer.shape[0] / layer.block[0])} x {cols} block grid): export it again")
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

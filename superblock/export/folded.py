@@ -11,14 +11,39 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from superblock.export.format import ExportError, read_manifest, verify_file
+from superblock.export.format import DENSE_WEIGHTS, WEIGHTS, ExportError, read_manifest, verify_file
 
 
 def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, copied into memory. safetensors maps the file: a mapped tensor would change
+    when the file is edited in place after loading, and crash the process (SIGBUS) when it is truncated."""
     try:
-        return load_file(str(file))
+        return {name: t.clone() for name, t in load_file(str(file)).items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ExportError(f"{file} cannot be read as safetensors ({err}): export the checkpoint again") from None
+
+
+def _stamp(file: Path) -> tuple[int, int, int] | None:
+    try:
+        s = file.stat()
+    except OSError:
+        return None
+    return s.st_ino, s.st_size, s.st_mtime_ns
+
+
+def read_weights(path: str | Path, manifest: dict, key: str, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of an export's weights file (`manifest['files'][key]`), checked against the manifest's sha256
+    first when `verify`. ExportError if the file is replaced or written while it is read: what was checked is what
+    is loaded, or nothing is."""
+    default = {"weights": WEIGHTS, "dense": DENSE_WEIGHTS}[key]
+    file = Path(path) / (manifest["files"][key]["name"] if verify else default)
+    before = _stamp(file)
+    if verify:
+        verify_file(path, manifest, key)
+    tensors = load_safetensors(file)
+    if _stamp(file) != before:
+        raise ExportError(f"{file} changed while it was being loaded (an export written over it?): load it again")
+    return tensors
 
 
 def _has_unsaved_buffers(model: nn.Module) -> bool:
@@ -67,7 +92,7 @@ def read_folded(path: str | Path, manifest: dict | None = None) -> nn.Module:
     against the manifest's sha256 first. `manifest`: read_manifest(path), when the caller has it already."""
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
-    state = load_safetensors(verify_file(path, manifest, "dense"))
+    state = read_weights(path, manifest, "dense")
     model = build_from_spec(manifest["model_spec"])
     load_dense_into(model, state, expected_missing=set(), tied=manifest.get("tied"))
     return model

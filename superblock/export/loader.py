@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,11 +11,13 @@ import torch
 from torch import nn
 
 from superblock.export.convert import Layer, install_bsr, unpack_tensors
-from superblock.export.folded import build_from_spec, load_dense_into, load_safetensors, read_folded
-from superblock.export.format import WEIGHTS, ExportError, read_manifest, verify_file
+from superblock.export.folded import build_from_spec, load_dense_into, read_folded, read_weights
+from superblock.export.format import ExportError, read_manifest
 from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import check_runtime, compile_settings, make_runtime, sample_input
 from superblock.kernels import BACKENDS, fuse_linear_gelu
+
+log = logging.getLogger(__name__)
 
 
 def manifest_layers(manifest: dict) -> list[Layer]:
@@ -55,28 +59,37 @@ def load_sparse(
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     sizes = check_runtime(runtime, batch_sizes)
     compile_settings(runtime, compile_options)  # bad options fail before anything is loaded
-    path = Path(path)
+    path, start = Path(path), time.perf_counter()
+    log.info("load_sparse: loading %s (runtime=%s)", path, runtime)
     manifest = read_manifest(path)
     device = resolve_device(device)
     dtype = parse_dtype(dtype if dtype is not None else manifest["dtype"])
     ensure_runnable(dtype, device)
-    file = verify_file(path, manifest, "weights") if verify else path / WEIGHTS
+    model = _build(path, manifest, backend, fuse_gelu, verify).to(device=device, dtype=dtype).eval()
+    log.info("load_sparse: built the model (%d block-sparse weights) on %s in %.1f s",
+             sum(layer.layout == "bsr" for layer in manifest_layers(manifest)), device, time.perf_counter() - start)
+    if sizes is None and runtime != "eager":
+        sizes = (manifest.get("layout_policy") or {}).get("batch_sizes") or None
+    if runtime == "eager" and sizes is None:
+        return model
+    served = make_runtime(
+        model, runtime, batch_sizes=sizes, sample_shape=sample_input(model, manifest["model_spec"]),
+        compile_options=compile_options,
+    )
+    log.info("load_sparse: %s ready for runtime=%s in %.1f s", path, runtime, time.perf_counter() - start)
+    return served
+
+
+def _build(path: Path, manifest: dict, backend: str, fuse_gelu: bool, verify: bool) -> nn.Module:
+    """The model of an export on the CPU in the export's dtype: dense weights loaded, BSR layers installed."""
     layers = manifest_layers(manifest)
-    dense, bsr = unpack_tensors(load_safetensors(file), layers)
+    dense, bsr = unpack_tensors(read_weights(path, manifest, "weights", verify=verify), layers)
     model = build_from_spec(manifest["model_spec"])
     load_dense_into(model, dense, expected_missing=set(bsr), tied=manifest.get("tied"))
     install_bsr(model, bsr, backend=backend)
     if fuse_gelu:
         fuse_linear_gelu(model)
-    model = model.to(device=device, dtype=dtype).eval()
-    if sizes is None and runtime != "eager":
-        sizes = (manifest.get("layout_policy") or {}).get("batch_sizes") or None
-    if runtime == "eager" and sizes is None:
-        return model
-    return make_runtime(
-        model, runtime, batch_sizes=sizes, sample_shape=sample_input(model, manifest["model_spec"]),
-        compile_options=compile_options,
-    )
+    return model
 
 
 def load_folded(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):

@@ -30,7 +30,9 @@ A sample input is images (standard-normal, the scale of normalized pixels) or, f
 
 from __future__ import annotations
 
+import logging
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,6 +44,8 @@ from torch.utils._pytree import tree_map
 
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "cudagraph")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
@@ -308,14 +312,34 @@ def make_runtime(
     if sizes is None:
         return model
     shape = as_sample(sample_shape) if sample_shape is not None else sample_input(model)
-    warm_up(model, sizes, shape)
+    _timed(f"warmed up at batch sizes {list(sizes)} (every block-sparse layer chose its kernels)", warm_up, model,
+           sizes, shape)  # fmt: skip
     check = target == "eager" and (check_dense if check_dense is not None else device.type == "cuda")
     if runtime == "eager":
         if check:
-            model.dense_check = check_against_dense(model, sizes, shape)
+            model.dense_check = _timed("checked the whole model against dense kernels", check_against_dense, model,
+                                       sizes, shape)  # fmt: skip
         return model
     # compile: checked on the compiled model itself, whose host overhead differs from eager's
     return ServingModel(model, runtime, sizes, shape, options, check_dense=check and runtime == "compile")
+
+
+def _timed(what: str, fn: Callable, *args):
+    """fn(*args), logged at INFO with its wall time."""
+    start = time.perf_counter()
+    out = fn(*args)
+    log.info("%s in %.1f s", what, time.perf_counter() - start)
+    return out
+
+
+def compile_cache_dir() -> str:
+    """Where inductor caches compiled graphs ($TORCHINDUCTOR_CACHE_DIR, else torch's default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return cache_dir()
+    except (ImportError, AttributeError, OSError):  # a torch without it: say where to set it
+        return "$TORCHINDUCTOR_CACHE_DIR"
 
 
 class ServingModel(nn.Module):
@@ -324,6 +348,12 @@ class ServingModel(nn.Module):
     `compile_options`: torch.compile arguments, or None for a cudagraph of the eager model. `model` is the eager
     model inside (its modules, e.g. BlockSparseLinear, are reachable through
     `.modules()`); `runtime`, `batch_sizes` and `sample_shape` say how it is served. Inference only (no_grad).
+
+    Inputs: float inputs are cast to the model's dtype and copied to its device (outputs stay there); token ids
+    for token-id models, floats for the others, else a ValueError; under cudagraph the shape after the batch
+    dimension must be `sample_shape` (the static buffers'), under compile another shape compiles another graph.
+    Calls from several threads are correct: one call at a time runs (a lock around copy-in, replay and copy-out;
+    a call on another CUDA stream waits for the previous call's work first).
     """
 
     def __init__(
@@ -346,6 +376,8 @@ class ServingModel(nn.Module):
         self.device, self.dtype = _model_place(model)
         self._graphs: dict[int, tuple] = {}
         self._compiled: Callable | None = None
+        self._lock = threading.Lock()  # graphs share static buffers and one memory pool: one call at a time
+        self._stream: torch.cuda.Stream | None = None  # the stream of the last call
         # outputs of a graph replay live in the graph's memory and are overwritten by the next call: copy them out
         mode = (compile_options or {}).get("mode") or ""
         self._copy_out = runtime == "cudagraph" or mode in CUDAGRAPH_COMPILE_MODES
@@ -353,6 +385,8 @@ class ServingModel(nn.Module):
         if runtime == "compile" and not self.compiled:
             raise ValueError("runtime='compile' needs compile_options (a dict, {} for torch.compile's defaults)")
         if self.compiled:
+            log.info("torch.compile at batch sizes %s: can take a minute on a cold compile cache, seconds on a warm "
+                     "one (%s; docs/export.md, 'Start-up time')", list(self.batch_sizes), compile_cache_dir())
             self._compile(dict(compile_options or {}), warm=runtime == "compile")
         self.dense_check: dict[int, dict] = {}
         if check_dense and runtime == "compile":
@@ -377,23 +411,29 @@ class ServingModel(nn.Module):
         # a plain attribute, not a submodule: the compiled wrapper holds the same model
         object.__setattr__(self, "_compiled", torch.compile(self.model, **options))
         for b in self.batch_sizes if warm else ():  # one graph per batch size, compiled now
-            self._compiled(self.sample.make(b, self.device, self.dtype, fill="zeros"))
+            _timed(f"compiled batch {b}", self._compiled, self.sample.make(b, self.device, self.dtype, fill="zeros"))
 
     @torch.no_grad()
     def _capture(self, fn: Callable) -> None:
         pool = None
         for b in sorted(self.batch_sizes, reverse=True):  # largest first: the shared pool is sized once
             x = self.sample.make(b, self.device, self.dtype, fill="zeros")
+            start = time.perf_counter()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # (and compiles, for a compiled fn: never inside the capture)
                 for _ in range(2):
                     fn(x)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            warmed = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 y = fn(x)
             pool = graph.pool()
+            log.info("%s batch %d in %.1f s, captured its CUDA graph in %.2f s",
+                     "compiled and warmed up" if self.compiled else "warmed up", b, warmed - start,
+                     time.perf_counter() - warmed)  # fmt: skip
             self._graphs[b] = (graph, x, y)
         torch.cuda.synchronize(self.device)
 
@@ -408,6 +448,7 @@ class ServingModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
+        self._check_input(x)
         n = x.shape[0]
         if n == 0:
             raise ValueError("empty batch")
@@ -417,11 +458,37 @@ class ServingModel(nn.Module):
             return tree_map(lambda *ts: torch.cat(ts) if isinstance(ts[0], torch.Tensor) else ts[0], *parts)
         return self._run(x)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """ValueError naming what was expected for an input no graph can run (see the class docstring)."""
+        ids = self.sample.vocab_size is not None
+        want = f"{'token ids' if ids else 'float inputs'} of shape (batch, {', '.join(map(str, self.sample_shape))})"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"this served model takes a tensor of {want}, got {type(x).__name__}")
+        kind = x.dtype in (torch.int64, torch.int32) if ids else x.is_floating_point()
+        strict = self.runtime == "cudagraph"  # static input buffers: one shape
+        shape_ok = tuple(x.shape[1:]) == self.sample_shape if strict else x.dim() == len(self.sample_shape) + 1
+        if not (kind and shape_ok):
+            raise ValueError(f"this served model ({self.runtime}) takes {want}, got a {str(x.dtype)[6:]} tensor of "
+                             f"shape {tuple(x.shape)}")  # fmt: skip
+
     def _run(self, x: torch.Tensor):
+        with self._lock:
+            if self.device.type == "cuda":
+                self._follow_last_call()
+            return self._run_locked(x)
+
+    def _follow_last_call(self) -> None:
+        """Order this call after the last one when it comes on another stream (graph memory is shared)."""
+        stream = torch.cuda.current_stream(self.device)
+        if self._stream is not None and stream != self._stream:
+            stream.wait_stream(self._stream)
+        self._stream = stream
+
+    def _run_locked(self, x: torch.Tensor):
         n, b = x.shape[0], self.bucket(x.shape[0])
         if self.runtime == "cudagraph":
             graph, static_x, static_y = self._graphs[b]
-            static_x[:n].copy_(x)
+            static_x[:n].copy_(x)  # casts a float input to the model's dtype, copies it to the model's device
             graph.replay()
             return tree_map(lambda t: t[:n].clone() if isinstance(t, torch.Tensor) else t, static_y)
         x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)  # token ids stay ints
