@@ -27,8 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from superblock.kernels import _runners, ops
-from superblock.kernels import tuning as _tuning
+from superblock.kernels import _runners, dispatch, ops
 from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
 
 BACKENDS = ("auto", "triton", "torch", "dense")
@@ -228,34 +227,15 @@ def bsr_linear(
 
 
 def _pick_backend(args, backend: str, config: dict | None, needs_grad: bool, traced: bool, precision: str):
-    """(backend, config) for a call: `auto` resolved (tuned in eager CUDA code, a static rule elsewhere)."""
-    x2d, values = args[0], args[1]
-    if backend == "auto":
-        if needs_grad:
-            return "dense", config
-        if x2d.device.type != "cuda":  # MKL's BSR matmul: fp32/fp64, square blocks
-            square = values.shape[1] == values.shape[2]
-            return ("torch" if x2d.dtype in (torch.float32, torch.float64) and square else "dense"), config
-        if traced:
-            return ("triton" if _runners.triton_usable(x2d, values) else "dense"), config
-        choice = _tuning.choose(args, precision)
-        return choice["backend"], (choice["config"] if choice["backend"] == "triton" else config)
-    if backend == "triton" and needs_grad:
-        raise ValueError("backend='triton' is inference only (no backward); use backend='dense' to train")
-    return backend, config
+    """(backend, config) for a call: the one dispatch rule (kernels.dispatch.choose)."""
+    choice = dispatch.choose(args, backend, precision, traced=traced, needs_grad=needs_grad, config=config)
+    return choice.backend, choice.config
 
 
-def _triton_args(args, config: dict | None, traced: bool, precision: str):
-    """(crow, col, gidx, config list) the triton backend runs on: the config (given, tuned or default) and, for
+def _triton_args(args, config: dict, traced: bool, precision: str):
+    """(crow, col, gidx, config list) the triton backend runs on: the config (dispatch.choose's) and, for
     G > 1, the grouped layout (built on the host, so never inside a trace: G falls back to 1 there)."""
     x2d, values, crow_indices, col_indices, shape, bias, activation = args
-    bh, bw = values.shape[1:]
-    if config is None and traced:
-        config = _tuning.candidate_configs(x2d.shape[0], bh, bw, x2d.dtype, precision)[0]
-    elif config is None:
-        config = _tuning.default_config(
-            x2d.shape[0], *shape, bh, bw, x2d.dtype, precision, values.shape[0], bias is not None, activation
-        )
     group = int(config.get("G", 1))
     if traced and group > 1:
         config, group = {**config, "G": 1}, 1

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from superblock.kernels import _runners, ops
+from superblock.kernels import dispatch as _dispatch
 from superblock.kernels import tuning as _tuning
 from superblock.kernels.bsr_linear import ACTIVATIONS, BACKENDS, bsr_to_dense, get_fp32_precision
+from superblock.kernels.dispatch import Choice, Plan
 from superblock.sparsity.blocks import normalize_block_size
 
 
@@ -79,7 +81,7 @@ class BlockSparseLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block_size = (bh, bw)
         self.dispatch: dict[int, dict] = {}
-        self._plans: dict[int, tuple] = {}
+        self._plans: dict[int, Plan] = {}
         self._activation = activation
         self._backend = backend
         self.tuning_target: str | None = None
@@ -195,15 +197,16 @@ class BlockSparseLinear(nn.Module):
         if plan is None:
             plan = self._plan(x, m)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
-        kind, names = plan[0], plan[1]
+        kind, names = plan.backend, plan.tensors
         if kind == "dense":
             y = F.linear(x, self._buffers[names] if type(names) is str else names, self.bias)
             return F.gelu(y) if self._activation == "gelu" else y
         crow, col, gidx = (self._buffers[n] if type(n) is str else n for n in names)
-        args = (x, self.values, crow, col, gidx, self.bias, self.out_features, self._activation or "none", kind,
-                plan[3], plan[2])  # fmt: skip
+        activation = self._activation or "none"
+        args = (x, self.values, crow, col, gidx, self.bias, self.out_features, activation, kind, plan.precision,
+                plan.config)  # fmt: skip
         if traced:
-            if kind == "triton" and plan[4]:  # inductor launches the tiled kernel itself
+            if kind == "triton" and plan.inductor:  # inductor launches the tiled kernel itself
                 return ops.bsr_linear_triton_op(*args[:8], *args[9:])
             return ops.bsr_linear_op(*args)
         return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
@@ -226,6 +229,37 @@ class BlockSparseLinear(nn.Module):
                 self._plan(x, int(m))
         return self
 
+    def choices(self) -> dict[int, Choice]:
+        """This layer's decisions so far, per token bucket (kernels.tuning.token_bucket)."""
+        return {b: Choice.from_dict(e, self.precision) for b, e in self.dispatch.items()}
+
+    def set_choice(self, bucket: int, choice: Choice | dict | None) -> None:
+        """Pin the choice for a token bucket (None: forget it, so the next eager call decides again)."""
+        if choice is None:
+            self.dispatch.pop(int(bucket), None)
+        else:
+            entry = choice if isinstance(choice, Choice) else Choice.from_dict(choice, self.precision)
+            self.dispatch[int(bucket)] = entry.as_dict()
+        self._plans.clear()
+
+    def set_tuning_target(self, target: str | None) -> None:
+        """What `auto` optimizes here ("eager" | "graph" | None = the global target); a change forgets the
+        choices made for the old one."""
+        if target is not None and target not in _tuning.TARGETS:
+            raise ValueError(f"tuning target must be one of {_tuning.TARGETS} or None, got {target!r}")
+        if target != self.tuning_target:
+            self.tuning_target = target
+            self._forget()
+
+    def clear_plans(self) -> None:
+        """Drop the per-token-count plans (kept choices stay); the next call of each size rebuilds its plan."""
+        self._plans.clear()
+
+    @property
+    def precision(self) -> str:
+        """The fp32 precision of this layer's triton products (its own, else the module-wide setting)."""
+        return self.fp32_precision or get_fp32_precision()
+
     def reset(self) -> None:
         """Forget the dispatch table and the derived tensors (after editing values / indices in place)."""
         for name in [n for n in self._buffers if n.startswith("_")]:
@@ -238,7 +272,7 @@ class BlockSparseLinear(nn.Module):
             self.dispatch.clear()
             self._plans.clear()
 
-    def _plan(self, x: torch.Tensor, m: int) -> tuple:
+    def _plan(self, x: torch.Tensor, m: int) -> Plan:
         traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
         bucket = _tuning.token_bucket(m)
         entry = self.dispatch.get(bucket)
@@ -251,7 +285,7 @@ class BlockSparseLinear(nn.Module):
             self._plans[m] = plan
         return plan
 
-    def _traced_plan(self, x: torch.Tensor, m) -> tuple:
+    def _traced_plan(self, x: torch.Tensor, m) -> Plan:
         """The plan inside torch.compile / torch.export: the prepared choice of the bucket holding m, found by
         comparisons only, so with dynamic shapes the graph holds for the whole bucket (guards m <= b, m > b / 2)
         instead of one token count; the static choice (_static_choice) for a bucket never prepared."""
@@ -262,42 +296,13 @@ class BlockSparseLinear(nn.Module):
                 break
         return self._build(entry if entry is not None else self._static_choice(x), x, traced=True)
 
-    def _precision(self) -> str:
-        return self.fp32_precision or get_fp32_precision()
-
     def _static_choice(self, x: torch.Tensor) -> dict:
         """What a never-prepared bucket runs inside a trace: no measurement, no host sync."""
-        backend = self._backend
-        if backend == "auto":
-            bh, bw = self.block_size
-            if x.device.type != "cuda":
-                backend = "torch" if x.dtype in (torch.float32, torch.float64) and bh == bw else "dense"
-            else:
-                backend = "triton" if _runners.triton_usable(x, self.values) else "dense"
-        config = None
-        if backend == "triton":
-            m = x.numel() // self.in_features
-            config = _tuning.candidate_configs(m, *self.block_size, x.dtype, self._precision())[0]
-        return {"backend": backend, "config": config, "precision": self._precision()}
+        return _dispatch.static_choice(x, self.values, self._backend, self.precision).as_dict()
 
     def _choose(self, x2d: torch.Tensor) -> dict:
-        precision, backend, config = self._precision(), self._backend, None
-        bh, bw = self.block_size
-        if backend == "auto":
-            if x2d.device.type != "cuda":  # MKL's BSR matmul: fp32/fp64, square blocks
-                backend = "torch" if x2d.dtype in (torch.float32, torch.float64) and bh == bw else "dense"
-            else:
-                args = (x2d, self.values, self.crow_indices, self.col_indices, self.shape, self.bias, self._activation)
-                choice = _tuning.choose(args, precision, target=self.tuning_target)
-                backend, config = choice["backend"], choice.get("config")
-        if backend == "triton":
-            _runners.check_triton(x2d, self.values)
-            if config is None:
-                config = _tuning.default_config(
-                    x2d.shape[0], *self.shape, bh, bw, x2d.dtype, precision, self.values.shape[0],
-                    self.bias is not None, self._activation, self.tuning_target,
-                )  # fmt: skip
-        return {"backend": backend, "config": config, "precision": precision}
+        args = (x2d, self.values, self.crow_indices, self.col_indices, self.shape, self.bias, self._activation)
+        return _dispatch.choose(args, self._backend, self.precision, target=self.tuning_target).as_dict()
 
     def _derived(self, name: str, build, traced: bool, n: int = 1):
         """The buffer name(s) of a tensor (n == 1) or n tensors derived from the weight, built once in eager code
@@ -313,17 +318,17 @@ class BlockSparseLinear(nn.Module):
                 self.register_buffer(k, t, persistent=False)
         return names[0] if n == 1 else tuple(names)
 
-    def _build(self, entry: dict, x: torch.Tensor, traced: bool) -> tuple:
-        """A plan: (backend, tensors, config list, precision); tensors are buffer names, or (inside a trace,
-        for a layer never prepared) tensors computed in the graph."""
+    def _build(self, entry: dict, x: torch.Tensor, traced: bool) -> Plan:
+        """The plan of a choice; its tensors are buffer names, or (inside a trace, for a layer never prepared)
+        tensors computed in the graph."""
         backend, precision = entry["backend"], entry["precision"]
         if backend == "dense":
             name = self._derived("_dense_weight", self.to_dense_weight, traced)
-            return ("dense", self.to_dense_weight() if name is None else name, [], precision)
+            return Plan("dense", self.to_dense_weight() if name is None else name, [], precision)
         if backend == "torch":
             idx = self._derived("_index64", lambda: (self.crow_indices.long(), self.col_indices.long()), traced, 2)
             crow, col = idx if idx is not None else ("crow_indices", "col_indices")
-            return ("torch", (crow, col, None), [], precision)
+            return Plan("torch", (crow, col, None), [], precision)
         if backend != "triton":
             raise ValueError(f"unknown backend {backend!r} in the dispatch table")
         config = dict(entry["config"])
@@ -338,7 +343,7 @@ class BlockSparseLinear(nn.Module):
             else:
                 names = layout
         config_list = _runners.config_to_list(config)
-        return ("triton", names, config_list, precision, x.device.type == "cuda" and ops.tiled_config(config_list))
+        return Plan("triton", names, config_list, precision, x.device.type == "cuda" and ops.tiled_config(config_list))
 
     # ------------------------------------------------------------------------------------------- state
 

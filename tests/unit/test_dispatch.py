@@ -1,0 +1,79 @@
+"""kernels.dispatch: one rule decides the backend for the functional op and for BlockSparseLinear."""
+
+import pytest
+import torch
+
+from superblock.kernels import BlockSparseLinear, bsr_linear, dispatch
+from superblock.kernels.dispatch import Choice, Plan
+from superblock.kernels.modules import dense_to_bsr
+
+
+def _weight(dtype=torch.float32, block=(16, 16)):
+    w = torch.randn(64, 48, dtype=dtype)
+    w[:16] = 0  # an empty block row
+    w[:, 32:] = 0
+    return w, dense_to_bsr(w, block)
+
+
+def _args(x, bsr, w, bias=None):
+    values, crow, col = bsr
+    return (x.reshape(-1, x.shape[-1]), values, crow, col, tuple(w.shape), bias, None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block", "expected"),
+    [(torch.float32, (16, 16), "torch"), (torch.bfloat16, (16, 16), "dense"), (torch.float32, (16, 32), "dense")],
+)
+def test_cpu_rule_is_the_same_for_the_function_and_the_module(dtype, block, expected):
+    w, bsr = _weight(dtype, block)
+    x = torch.randn(5, 48, dtype=dtype)
+    assert dispatch.choose(_args(x, bsr, w), "auto", "ieee").backend == expected
+    assert dispatch.cpu_backend(dtype, block) == expected
+    mod = BlockSparseLinear.from_bsr(*bsr, w.shape)
+    with torch.no_grad():
+        mod(x)
+    assert [c.backend for c in mod.choices().values()] == [expected]
+    torch.testing.assert_close(mod(x), bsr_linear(x, *bsr, w.shape), rtol=2e-2, atol=2e-2)
+
+
+def test_gradients_pick_dense_and_triton_refuses_them():
+    w, bsr = _weight()
+    x = torch.randn(3, 48)
+    assert dispatch.choose(_args(x, bsr, w), "auto", "ieee", needs_grad=True).backend == "dense"
+    with pytest.raises(ValueError, match="inference only"):
+        dispatch.choose(_args(x, bsr, w), "triton", "ieee", needs_grad=True)
+
+
+def test_explicit_triton_on_cpu_says_why_it_cannot_run():
+    w, bsr = _weight()
+    with pytest.raises(ValueError, match="needs CUDA"):
+        dispatch.choose(_args(torch.randn(3, 48), bsr, w), "triton", "ieee")
+
+
+def test_choice_round_trips_and_rejects_unknown_backends():
+    c = Choice("triton", {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2}, "tf32", measured=False)
+    assert Choice.from_dict(c.as_dict()) == c
+    assert Choice.from_dict({"backend": "dense", "config": {"BLOCK_M": 1}}).config is None
+    with pytest.raises(ValueError, match="backend"):
+        Choice("cutlass")
+
+
+def test_module_public_dispatch_methods_pin_forget_and_retarget():
+    w, bsr = _weight()
+    mod = BlockSparseLinear.from_bsr(*bsr, w.shape)
+    x = torch.randn(7, 48)
+    with torch.no_grad():
+        mod(x)
+        (bucket,) = mod.choices()
+        assert mod.choices()[bucket].backend == "torch"
+        mod.set_choice(bucket, Choice("dense"))
+        y = mod(x)
+        assert isinstance(mod._plans[7], Plan) and mod._plans[7].backend == "dense"
+        torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
+        mod.set_choice(bucket, None)
+        assert mod.choices() == {}
+        mod(x)
+        mod.set_tuning_target("graph")  # a new target: earlier choices were made for another one
+        assert mod.choices() == {} and mod.tuning_target == "graph"
+    with pytest.raises(ValueError, match="tuning target"):
+        mod.set_tuning_target("fastest")
