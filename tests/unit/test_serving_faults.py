@@ -204,6 +204,29 @@ def test_calls_from_several_threads_are_correct_and_run_one_at_a_time(served, ea
         torch.testing.assert_close(y, expected[i], atol=1e-5, rtol=1e-5)
 
 
+def test_the_eager_model_called_from_several_threads_is_correct(root):
+    """runtime=eager is the model itself, with no lock: concurrent calls (each layer's kernel choice and derived
+    tensors made on first use, possibly in two threads at once) still give every caller its own answer."""
+    model = load_sparse(root / "a")
+    inputs = [probe(n=1 + i % 5, seed=i) for i in range(20)]
+    ref = load_sparse(root / "a")  # another copy, called from this thread alone
+    expected = [logits(ref, x) for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+
+    def worker(k: int) -> None:
+        for i in range(k, len(inputs), 4):
+            results[i] = logits(model, inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(len(inputs)))
+    for i, y in results.items():
+        torch.testing.assert_close(y, expected[i], atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ logging
 
 
