@@ -24,6 +24,7 @@ from superblock.devices import dtype_name_or_auto, parse_dtype
 from superblock.engine.distill import load_teacher
 from superblock.engine.objective import Objective
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
+from superblock.engine.permutation import permute_before_masks, record
 from superblock.engine.pretrained import is_run_source, load_run_weights
 from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
@@ -122,9 +123,11 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
 
 
 def build_student(
-    spec: dict[str, Any], sparsify_args: dict[str, Any] | None, *, strict_blocks: bool, seed: int
+    spec: dict[str, Any], sparsify_args: dict[str, Any] | None, *, strict_blocks: bool, seed: int,
+    permute: str = "none",
 ) -> tuple[nn.Module, SparsityReport | None]:
-    """The model to train: built from `spec` (weights from a file or a superblock run), then masked."""
+    """The model to train: built from `spec` (weights from a file or a superblock run), then masked; with `permute`
+    and masks chosen from step 0, its hidden units are permuted to fit the tiles first (engine/permutation.py)."""
     pretrained = spec.get("pretrained")
     from_run = is_run_source(pretrained)  # a dense (or masked) superblock run to start from
     model = build_model(**({**spec, "pretrained": None} if from_run else spec))
@@ -135,7 +138,11 @@ def build_student(
     if strict_blocks:
         dry = sparsify(model, **sparsify_args, dry_run=True)
         check_strict_blocks({r.name: r.shape for r in dry.rows}, normalize_block_size(dry.rows[0].block))
-    return model, sparsify(model, **sparsify_args, seed=seed)
+    permuted = permute_before_masks(model, permute, sparsify_args)
+    report = sparsify(model, **sparsify_args, seed=seed)
+    if permuted is not None:
+        record(model, permuted, step=0)
+    return model, report
 
 
 def wrap_for_training(

@@ -32,6 +32,7 @@ from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import validate
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
+from superblock.engine.permutation import describe, schedule_permutation
 from superblock.engine.sharding import full_model_state, is_sharded
 from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed, rng_state, set_rng_state
 from superblock.io import write_json_atomically
@@ -87,7 +88,8 @@ class Trainer:
         self.model_spec = build_model_spec(cfg.model, self.bundle)
         self.sparsity_spec = sparsity_spec(cfg.sparsity, self.data.steps_per_epoch, self.total_steps)
         model, self.report = build_student(self.model_spec, self.sparsity_spec,
-                                           strict_blocks=cfg.sparsity.strict_blocks, seed=cfg.seed)
+                                           strict_blocks=cfg.sparsity.strict_blocks, seed=cfg.seed,
+                                           permute=cfg.sparsity.permute)
         self.model = model.to(self.device)
         self.objective = build_objective(t, cfg.distill, num_classes=self.bundle.num_classes,
                                          student_spec=self.model_spec, device=self.device)
@@ -103,6 +105,8 @@ class Trainer:
             self.model, train_model, self.objective, optimizer, lr_scheduler, scaler, ema, self.device, self.amp_dtype,
             t.accumulate_grad_batches, t.grad_clip, dist.distributed, torch.zeros((), device=self.device),
         )
+        schedule_permutation(self.model, cfg.sparsity.permute, self.sparsity_spec, optimizer, ema, seed=cfg.seed,
+                             announce=dist.is_main)
         # From here on every rank draws its own dropout / drop-path / mixup numbers (data: see SeededSamples).
         seed_everything(rank_seed(cfg.seed, dist.rank))
         self.state = TrainState(self.model, optimizer, lr_scheduler, scaler, ema, Progress(),
@@ -199,6 +203,8 @@ class Trainer:
                 self.logger.sinks[0].truncate_after(self.progress.step)
             if self.dist.is_main and self.report is not None and resume is None:
                 print(self.report)
+                for line in filter(None, [describe(self.model)]):
+                    print(line)
             while self.progress.step < self.total_steps and self.progress.epoch < t.max_epochs:
                 epoch = self.progress.epoch
                 finished = self._train_epoch(epoch)

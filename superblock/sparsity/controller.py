@@ -10,7 +10,9 @@ same tensor objects, so a compiled graph keeps reading them) and chooses k from 
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -79,6 +81,10 @@ class SparsityController:
         self.freeze_step = freeze_step
         self._step_count = 0
         self._masks = list(masks)
+        # Set when the stored weights were permuted to fit the tiles (superblock.sparsity.permute): saved with the
+        # state, so a resumed run knows the permutation is in its weights already and never applies it twice.
+        self.permutation: dict | None = None
+        self._step_hooks: list[Callable[[int], None]] = []
         for _, mask in self._masks:
             mask.attach(self)
         # Global ranking compares scores of different layers, whose initial scales differ (fan-in, weight norms).
@@ -115,8 +121,25 @@ class SparsityController:
         self.refresh()
 
     def step(self) -> None:
-        """Advance the schedule by one optimizer step and recompute the masks (call after `optimizer.step()`)."""
+        """Advance the schedule by one optimizer step and recompute the masks (call after `optimizer.step()`).
+        Step hooks run first, with the new step number, before the masks of that step are chosen."""
+        for hook in self._step_hooks:
+            hook(self._step_count + 1)
         self.step_count = self._step_count + 1
+
+    def add_step_hook(self, hook: Callable[[int], None]) -> None:
+        """Call `hook(step)` in every `step()`, before that step's masks are chosen (not saved, not copied)."""
+        self._step_hooks.append(hook)
+
+    def __deepcopy__(self, memo: dict) -> SparsityController:
+        # A copy (an EMA model, a model folded for export) follows its own schedule position; hooks that act on the
+        # live training state (its optimizer) stay with the original.
+        cls = type(self)
+        copy_ = cls.__new__(cls)
+        memo[id(self)] = copy_
+        for key, value in self.__dict__.items():
+            setattr(copy_, key, [] if key == "_step_hooks" else copy.deepcopy(value, memo))
+        return copy_
 
     def _check_floor_fits(self, sparsity: float) -> None:
         if self.allocation != "global":
@@ -186,6 +209,7 @@ class SparsityController:
             "min_density": self.min_density,
             "reference": [list(r) for r in self._reference],
             **({"freeze_step": self.freeze_step} if self.freeze_step is not None else {}),
+            **({"permutation": dict(self.permutation)} if self.permutation is not None else {}),
         }
 
     def set_state(self, state: dict) -> None:
@@ -198,6 +222,7 @@ class SparsityController:
                 f"{self.allocation}, freeze_step {self.freeze_step}): sparsify with the same settings"
             )
         self._step_count = int(state["step"])  # load_state_dict refreshes once, after every tensor is loaded
+        self.permutation = dict(state["permutation"]) if state.get("permutation") else None
         if state.get("reference") and len(state["reference"]) == len(self._masks):
             self._reference = [(float(a), float(b)) for a, b in state["reference"]]
 

@@ -1,0 +1,56 @@
+"""sparsity.permute through train.py: applied once (at step 0 or at the ramp's start), kept by resume, folded by
+export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superblock.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from superblock.export import export_checkpoint, load_sparse
+from tests.integration.test_train import SMOKE, fault_at, run_train, summary_of
+
+PERMUTED = [*SMOKE, "sparsity.permute=mlp+heads", "sparsity.block_size=16", "sparsity.score_init=magnitude",
+            "trainer.max_epochs=2", "trainer.checkpoint_every_steps=4", "trainer.log_every_steps=1"]
+
+
+def _permutation_record(run_dir) -> dict:
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    extra = next(v for k, v in state.items() if k.endswith("_extra_state"))
+    return extra["permutation"]
+
+
+@pytest.mark.parametrize(("start_epoch", "step"), [(0, 0), (1, 8)])  # smoke: 8 steps an epoch
+def test_permuted_run_resumes_without_permuting_again_and_exports(tmp_path, start_epoch: int, step: int) -> None:
+    common = [*PERMUTED, f"sparsity.start_epoch={start_epoch}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(*common, f"hydra.run.dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"permutation (mlp+heads) at step {step}" in proc.stdout or f"step {step}: permutation" in proc.stdout
+    record = _permutation_record(straight)
+    assert record["step"] == step and record["permuted"] > 0 and record["kept_after"] > record["kept_before"]
+
+    proc = run_train(*common, f"hydra.run.dir={killed}", fault_at(10))  # last checkpoint: step 8
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "permutation" not in proc.stdout  # in the weights already: not announced, not applied again
+    assert _permutation_record(killed) == record
+    a, b = summary_of(straight), summary_of(killed)
+    for key in ("val_top1", "steps", "mask_digest"):
+        assert a[key] == b[key], key
+    wa = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(killed / "checkpoints" / "last.pt")["model"]
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+
+    # export folds the permuted weights as they are: the exported model is the masked training model
+    result = export_checkpoint(straight, tmp_path / "export", layout="bsr", device="cpu", batch_sizes=[2],
+                               echo=lambda _line: None)
+    assert result is not None
+    masked = model_from_checkpoint(load_checkpoint(straight / "checkpoints" / "last.pt")).eval()
+    served = load_sparse(tmp_path / "export").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), masked(x), rtol=1e-4, atol=1e-4)

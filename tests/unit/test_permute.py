@@ -1,0 +1,173 @@
+"""sparsity.permute: permutations of hidden units / attention dims that fit the tiles, the function unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from superblock.config import ConfigError, to_config
+from superblock.models import build_model
+from superblock.sparsity import fold_masks, iter_block_masks, sparsify
+from superblock.sparsity.permute import (
+    _Problem,
+    apply_permutations,
+    find_couplings,
+    permute_model,
+    reset_scores,
+    search,
+    stored,
+)
+
+TEXT = {"task": "causal_lm", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}}
+
+
+@torch.no_grad()
+def _uneven(model: nn.Module, seed: int = 0) -> None:
+    """Trained weights are not i.i.d.: rows of very different norms, so that where they sit in the grid matters."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.mul_(torch.rand(p.shape[0], 1, generator=g).pow(3) * 3)
+        elif not p.any():
+            p.normal_(0.0, 0.1, generator=g)
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    if name.startswith("hf:"):
+        pytest.importorskip("transformers")
+        config = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32} if name == "hf:gpt2" else {
+            "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "max_position_embeddings": 32}
+        model = build_model(name, num_classes=97, task="causal_lm", config=config)
+        return model.eval(), torch.randint(0, 97, (2, 12))
+    kwargs = {"depth": 2, "embed_dim": 64, "num_heads": 2} if name.startswith("timm:") else {}
+    model = build_model(name, num_classes=10, image_size=32, **kwargs)
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("name", ["micro_vit", "timm:vit_tiny_patch16_224", "hf:gpt2", "hf:llama"])
+@pytest.mark.parametrize("block", [8, 16, 64])
+def test_function_unchanged_and_more_magnitude_kept(name: str, block: int) -> None:
+    torch.set_num_threads(1)
+    model, x = _model(name)
+    _uneven(model)
+    before = copy.deepcopy(model)
+    report = permute_model(model, "mlp+heads", block_size=(block, block), sparsity=0.8,
+                           targets=["all_linear"] if name == "hf:llama" else ["mlp", "attn"])
+    assert report.couplings > 0
+    torch.testing.assert_close(_logits(model, x), _logits(before, x), rtol=1e-5, atol=1e-5)
+    assert report.kept_after >= report.kept_before
+    if block < 64:  # with rows of uneven norms there is always something to gather at small blocks
+        assert report.permuted > 0 and report.kept_after > report.kept_before + 1e-3
+        changed = [n for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True)
+                   if not torch.equal(p, q)]
+        assert changed, "a permutation was reported but no weight moved"
+
+
+def test_couplings_of_each_layout() -> None:
+    model, _ = _model("micro_vit")
+    names = [c.name for c in find_couplings(model, "mlp+heads", (8, 8))[0]]
+    assert "encoder.layers.encoder_layer_0.mlp" in names
+    assert "encoder.layers.encoder_layer_0.self_attention:qk" in names  # head dim 32 holds whole 8-tiles
+    heads = [c.name for c in find_couplings(model, "mlp+heads", (64, 64))[0]]
+    assert "encoder.layers.encoder_layer_0.self_attention:heads" in heads  # a 64-tile spans two 32-wide heads
+    assert all(":" not in n for n in (c.name for c in find_couplings(model, "mlp", (8, 8))[0]))
+    assert find_couplings(model, "none", (8, 8)) == ([], [])
+    with pytest.raises(ValueError, match="mlp\\+heads"):
+        find_couplings(model, "everything", (8, 8))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_search_never_loses_magnitude_even_on_ragged_shapes(seed: int) -> None:
+    torch.manual_seed(seed)
+    mlp = nn.Sequential()
+    mlp.fc1, mlp.act, mlp.fc2 = nn.Linear(40, 100), nn.GELU(), nn.Linear(100, 36)  # 100 hidden: a ragged edge tile
+    holder = nn.Module()
+    holder.mlp = mlp
+    _uneven(holder, seed)
+    [coupling], _ = find_couplings(holder, "mlp", (16, 16))
+    targeted = {(id(mlp.fc1), "weight"), (id(mlp.fc2), "weight")}
+    before, after, perm = search(_Problem(coupling, targeted, (16, 16), 0.75))
+    assert after >= before and sorted(perm.tolist()) == list(range(100))
+
+
+def test_optimizer_state_is_permuted_with_the_weights() -> None:
+    """Training on after a permutation equals permuting after training on: Adam's moments moved with the weights."""
+    model, x = _model("micro_vit")
+    _uneven(model)
+    model.train()
+    # eps: gradients that are exactly 0 in theory (attention's k bias) are float noise that Adam would blow up to lr
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3)
+
+    def step(m: nn.Module, o: torch.optim.Optimizer) -> None:
+        torch.manual_seed(1)
+        m(x).square().mean().backward()
+        o.step()
+        o.zero_grad()
+
+    step(model, opt)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, eps=1e-3)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own step counters
+    report = permute_model(model, "mlp+heads", block_size=(8, 8), sparsity=0.8, optimizers=[opt])
+    assert report.permuted > 0
+    step(model, opt)  # permuted, then a step
+    step(twin, twin_opt)  # a step, then the same permutation
+    apply_permutations(twin, report.perms, (8, 8), "mlp+heads", [twin_opt])
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], twin_opt.state[q][key], rtol=1e-4, atol=1e-9)
+
+
+def test_a_masked_model_folds_to_the_unpermuted_model_under_the_same_masks() -> None:
+    """Export needs nothing to undo: the folded permuted model computes what the dense, unpermuted model computes
+    with the same (un-permuted) element masks."""
+    model, x = _model("micro_vit")
+    _uneven(model)
+    dense = copy.deepcopy(model)
+    report = permute_model(model, "mlp+heads", block_size=(8, 8), sparsity=0.8)
+    sparsify(model, sparsity=0.8, block_size=8, score_init="magnitude")
+    folded = fold_masks(copy.deepcopy(model))
+    torch.testing.assert_close(_logits(folded, x), _logits(model, x), rtol=1e-5, atol=1e-5)
+    inverse = {k: torch.argsort(p) for k, p in report.perms.items()}
+    apply_permutations(folded, inverse, (8, 8), "mlp+heads")  # back to the dense model's order
+    originals = dict(dense.named_parameters())
+    for name, p in folded.named_parameters():
+        torch.testing.assert_close(p, originals[name] * (p != 0), msg=name)  # the dense weights, masked
+    assert any((p == 0).any() for p in folded.parameters())
+    torch.testing.assert_close(_logits(folded, x), _logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_permuting_a_masked_model_and_drawing_its_scores_again() -> None:
+    model, x = _model("micro_vit")
+    _uneven(model)
+    sparsify(model, sparsity=0.8, block_size=8, score_init="magnitude")
+    originals = {n: stored(m, p).clone() for n, m, p, _ in iter_block_masks(model)}
+    permute_model(model, "mlp", block_size=(8, 8), sparsity=0.8)
+    reset_scores(model, "magnitude")
+    for name, module, pname, mask in iter_block_masks(model):
+        fresh = stored(module, pname)
+        if not torch.equal(fresh, originals[name]):
+            from superblock.sparsity.mask import init_scores
+
+            torch.testing.assert_close(mask.scores, init_scores(fresh, (8, 8), "magnitude"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"permute": "all"}, "sparsity.permute"),
+    ({"permute": "mlp", "block_size": [16, 32]}, "square tiles"),
+])
+def test_config_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        to_config({"sparsity": overrides})
+    with pytest.raises(ConfigError, match="FSDP"):
+        to_config({"sparsity": {"permute": "mlp"}, "trainer": {"strategy": "fsdp"}})
