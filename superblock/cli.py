@@ -4,6 +4,7 @@ with a clear status. Nothing in the package imports this module."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 import traceback
@@ -52,8 +53,20 @@ def typed_args(convert: Callable[[DictConfig], Any], cfg: DictConfig) -> dict[st
         fail(str(err), 2)
 
 
+def show_serving_log() -> None:
+    """What loading and serving build (warm-up, compiled graphs, CUDA graphs, with times) on stderr: INFO messages of
+    superblock.export, which Python would otherwise drop (export / evaluate run with Hydra's logging off)."""
+    log = logging.getLogger("superblock.export")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def run_cli(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
     """Call fn(**args); user mistakes and bad inputs (ValueError, missing files) exit 1 with one line."""
+    show_serving_log()
     try:
         return fn(**args)
     except (ValueError, FileNotFoundError) as err:
