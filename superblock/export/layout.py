@@ -71,7 +71,7 @@ def _measure(weight, bias, block, tokens: dict[int, int], device, dtype, backend
     for batch, n in sorted(tokens.items()):
         inputs = [torch.randn(n, w.shape[1], device=device, dtype=dtype) for _ in range(2)]
         sparse(inputs[0])  # the layer's choice for this many tokens (measured here for backend=auto on CUDA)
-        kernel = sparse.dispatch[tuning.token_bucket(n)]["backend"]
+        kernel = sparse.choices()[tuning.token_bucket(n)].backend
         ms = _time({"dense": lambda x: F.linear(x, w, b), "bsr": sparse}, inputs, device, graph, repeats)
         rows.append({"batch": batch, "tokens": n, "dense_ms": round(ms["dense"], 4), "bsr_ms": round(ms["bsr"], 4),
                      "kernel": kernel})  # fmt: skip

@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_map
 
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
+from superblock.kernels.dispatch import Choice
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,7 @@ def set_tuning_target(model: nn.Module, target: str | None) -> int:
     target); layers whose target changes forget their earlier choices. Returns how many layers there are."""
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
     for layer in layers:
-        if layer.tuning_target != target:
-            layer.tuning_target = target
-            layer.dispatch.clear()
-            layer._plans.clear()
+        layer.set_tuning_target(target)
     return len(layers)
 
 
@@ -213,12 +211,8 @@ def _layer_tokens(model: nn.Module, layers: list[BlockSparseLinear], x: torch.Te
 
 def _use(choices: dict, buckets: dict) -> None:
     """Set each layer's choice for its bucket (None: none, so the next eager call decides again)."""
-    for m, entry in choices.items():
-        if entry is None:
-            m.dispatch.pop(buckets[m], None)
-        else:
-            m.dispatch[buckets[m]] = entry
-        m._plans.clear()
+    for m, choice in choices.items():
+        m.set_choice(buckets[m], choice)
 
 
 @torch.no_grad()
@@ -253,12 +247,11 @@ def check_against_dense(
     for b in sorted(batch_sizes):
         x = sample.make(b, device, dtype)
         buckets = {m: tuning.token_bucket(n) for m, n in _layer_tokens(model, layers, x).items()}
-        tuned = {m: m.dispatch.get(bk) for m, bk in buckets.items()}
-        if all(e is not None and e["backend"] == "dense" for e in tuned.values()):
+        tuned = {m: m.choices().get(bk) for m, bk in buckets.items()}
+        if all(c is not None and c.backend == "dense" for c in tuned.values()):
             continue
 
-        dense = {m: {**(e or {}), "backend": "dense", "config": None, "precision": m._precision()}
-                 for m, e in tuned.items()}  # fmt: skip
+        dense = {m: Choice("dense", None, m.precision) for m in tuned}
         times: dict[str, list[float]] = {"tuned": [], "dense": []}
         for _ in range(rounds):
             for name, choices in (("tuned", tuned), ("dense", dense)):

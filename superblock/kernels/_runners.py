@@ -14,19 +14,24 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from superblock.kernels import _triton_bsr
+from superblock.kernels import _gluon_bsr, _triton_bsr
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
-# the decode kernel (few tokens, SPLIT programs per block row) and is left off the list when 0 (the tiled kernel),
-# so the five-entry lists of earlier tuning tables and exports keep their meaning
-CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT")
-_DEFAULTS = {"TMA": 0, "SPLIT": 0}
+# the decode kernel (few tokens, SPLIT programs per block row), XS >= 1 the x-stationary Gluon kernel on sm_90 (XS
+# row chunks; _gluon_bsr). Trailing zeros are left off the list (the tiled kernel), so the five-entry lists of
+# earlier tuning tables and exports keep their meaning
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS")
+_DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0}
+_OPTIONAL = ("SPLIT", "XS")  # dropped from a config dict when 0
+MIN_CONFIG_LEN = len(CONFIG_KEYS) - len(_OPTIONAL)
 
 
 def config_to_list(config: dict) -> list[int]:
     values = [int(config.get(k, _DEFAULTS.get(k, 1))) for k in CONFIG_KEYS]
-    return values if values[-1] else values[:-1]
+    while len(values) > MIN_CONFIG_LEN and values[-1] == 0:
+        values.pop()
+    return values
 
 
 _configs: dict[tuple, dict] = {}
@@ -38,12 +43,15 @@ def config_from_list(values: Sequence[int]) -> dict:
     key = tuple(values)
     cfg = _configs.get(key)
     if cfg is None:
-        if len(key) not in (len(CONFIG_KEYS) - 1, len(CONFIG_KEYS)):
-            raise ValueError(f"a triton config has {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}")
+        if not MIN_CONFIG_LEN <= len(key) <= len(CONFIG_KEYS):
+            raise ValueError(
+                f"a triton config has {MIN_CONFIG_LEN} to {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}"
+            )
         cfg = dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))
         cfg["TMA"] = bool(cfg["TMA"])
-        if cfg.get("SPLIT", 0) == 0:
-            cfg.pop("SPLIT", None)
+        for k in _OPTIONAL:
+            if cfg.get(k, 0) == 0:
+                cfg.pop(k, None)
         _configs[key] = cfg
     return cfg
 
@@ -173,6 +181,8 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
     if x2d.shape[0] == 0:
         return y
     group = int(config.get("G", 1))
+    if int(config.get("XS", 0)) >= 1:
+        return _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y)
     if int(config.get("SPLIT", 0)) >= 1 and group > 1:
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
@@ -182,3 +192,19 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
     return _triton_bsr.launch(
         x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config, wrap
     )
+
+
+def _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y):
+    """The x-stationary Gluon kernel (config XS >= 1), or a clear error where it cannot run."""
+    block_m, stages = int(config["BLOCK_M"]), int(config["num_stages"])
+    if int(config.get("G", 1)) != 1 or int(config.get("SPLIT", 0)):
+        raise ValueError("the x-stationary kernel (XS >= 1) walks plain block rows: it needs G == 1 and no SPLIT")
+    if not (_gluon_bsr.usable(x2d, values, out_f, block_m, stages) and _gluon_bsr.tma_aligned(y)):
+        raise ValueError(
+            "the x-stationary kernel (XS >= 1) needs an sm_90 GPU, bf16/fp16, K a multiple of the block width, "
+            f"16-byte aligned rows and x's tile in shared memory; not {tuple(x2d.shape)} x {tuple(values.shape)} "
+            f"{x2d.dtype} with BLOCK_M={block_m}"
+        )
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    return _gluon_bsr.launch(x2d, values, crow, col, bias, y, out_f, activation, config)

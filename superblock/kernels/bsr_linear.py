@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from superblock.kernels import _runners, dispatch, ops
+from superblock.kernels import tuning as _tuning
 from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
 
 BACKENDS = ("auto", "triton", "torch", "dense")
@@ -227,8 +228,16 @@ def bsr_linear(
 
 
 def _pick_backend(args, backend: str, config: dict | None, needs_grad: bool, traced: bool, precision: str):
-    """(backend, config) for a call: the one dispatch rule (kernels.dispatch.choose)."""
-    choice = dispatch.choose(args, backend, precision, traced=traced, needs_grad=needs_grad, config=config)
+    """(backend, config) for a call: the one dispatch rule (kernels.dispatch.choose). In eager CUDA code `auto`'s
+    choice is kept per weight and token bucket, so a call after the first costs a dict lookup, not a tuning-table
+    lookup (which formats keys and asks the driver: ~20 us, enough to lose to cuBLAS at a few thousand tokens)."""
+    x2d, values, crow, col, _shape, bias, activation = args
+    if backend == "auto" and not needs_grad and not traced and x2d.device.type == "cuda" and config is None:
+        key = ("choice", _tuning.token_bucket(x2d.shape[0]), x2d.dtype, x2d.device, precision, bias is not None,
+               activation, _tuning.get_tuning_target(), _tuning.generation())  # fmt: skip
+        choice = _cache.get(values, crow, col, key, lambda: dispatch.choose(args, backend, precision))
+    else:
+        choice = dispatch.choose(args, backend, precision, traced=traced, needs_grad=needs_grad, config=config)
     return choice.backend, choice.config
 
 

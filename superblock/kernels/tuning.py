@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from superblock.io import write_text_atomically
-from superblock.kernels import _runners, _triton_bsr
+from superblock.kernels import _gluon_bsr, _runners, _triton_bsr
 
 FORMAT = "superblock-tuning"
 VERSION = 1
@@ -30,6 +30,8 @@ VERSION = 1
 DENSE_MARGIN = 0.97
 
 _lock = threading.RLock()
+# bumped whenever the table changes (record, load, clear): callers that memoize a choice key on it
+_generation = {"value": 0}
 _table: dict[str, dict[str, dict]] = {}
 _disk_loaded = False
 _warned_write = False
@@ -78,6 +80,29 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
         c = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
         c["SPLIT"] = min(split, 64)
         out.append(c)
+    return out
+
+
+XSTAT_SHAPES = ((64, 8), (128, 8), (64, 4))  # (BLOCK_M, W ring depth) of the x-stationary kernel's candidates
+
+
+def xstat_configs(x2d: torch.Tensor, values: torch.Tensor, n_out: int) -> list[dict]:
+    """Configurations of the x-stationary Gluon kernel (sm_90, 16-bit, x's token tile in shared memory) for this
+    problem: each shape with enough row chunks (XS) that the programs fill every SM twice over, since a program's
+    MMAs are small and its latency wants company. Empty where the kernel cannot run."""
+    if x2d.device.type != "cuda" or x2d.shape[0] == 0:
+        return []
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    n_rows = -(-n_out // int(values.shape[1]))
+    out = []
+    for block_m, stages in XSTAT_SHAPES:
+        if not _gluon_bsr.usable(x2d, values, n_out, block_m, stages):
+            continue
+        smem = _gluon_bsr.smem_bytes(block_m, x2d.shape[1], *values.shape[1:], stages)
+        per_sm = max(1, _gluon_bsr.SMEM_BUDGET // smem)
+        tiles = -(-x2d.shape[0] // block_m)
+        chunks = max(1, min(n_rows, -(-2 * sms * per_sm // tiles)))
+        out.append({**_cfg(block_m, 1, 4, stages), "XS": chunks})
     return out
 
 
@@ -162,8 +187,26 @@ def token_bucket(m: int) -> int:
     return 1 << max(4, (max(int(m), 1) - 1).bit_length())
 
 
+def generation() -> int:
+    """Changes whenever the table does: a memoized choice made at another generation may be stale."""
+    return _generation["value"]
+
+
+_device_names: dict = {}
+
+
+def _device_name(device: torch.device | None) -> str:
+    # asking the driver takes ~10 us: once per device (a per-call cost in `auto` before it was memoized)
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return _device_names[index]
+
+
 def scope_for(device: torch.device | None = None) -> str:
-    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+    if isinstance(device, torch.device) and device.type != "cuda":
+        device = None
+    name = _device_name(device) if torch.cuda.is_available() else "cpu"
     tv = getattr(_triton_bsr.triton, "__version__", "none") if _triton_bsr.HAS_TRITON else "none"
     return f"{name}|torch-{torch.__version__}|triton-{tv}"
 
@@ -263,6 +306,7 @@ def load_tuning(table: dict, persist: bool = False) -> None:
     scopes = _check_table(table)
     _ensure_loaded()
     with _lock:
+        _generation["value"] += 1
         for scope, entries in scopes.items():
             _table.setdefault(scope, {}).update(copy.deepcopy(entries))
     if persist:
@@ -275,6 +319,7 @@ def clear_tuning() -> None:
     """Forget the in-memory table (the disk cache is read again on next use)."""
     global _disk_loaded
     with _lock:
+        _generation["value"] += 1
         _table.clear()
         _disk_loaded = False
 
@@ -287,6 +332,7 @@ def lookup(scope: str, key: str) -> dict | None:
 
 def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
     with _lock:
+        _generation["value"] += 1
         _table.setdefault(scope, {})[key] = entry
     if persist:
         _write_disk(scope, key, entry)
@@ -412,6 +458,7 @@ def measure(
         if not candidates:
             per_row = values.shape[0] / max(crow.numel() - 1, 1)
             candidates = candidate_configs(x2d.shape[0], *values.shape[1:], x2d.dtype, precision, target, per_row)
+            candidates = candidates + xstat_configs(x2d, values, shape[0])
         gpu_ms, configs, run_cfg = _time_triton(args, precision, candidates)
         if gpu_ms:
             best_cfg = min(gpu_ms, key=gpu_ms.get)

@@ -26,8 +26,10 @@ def test_config_lists_carry_split_and_keep_old_lists():
     assert _runners.config_to_list(decode) == [16, 1, 4, 3, 0, 8]
     assert _runners.config_from_list([16, 1, 4, 3, 0, 8]) == decode
     assert "SPLIT" not in _runners.config_from_list([16, 1, 4, 3, 0, 0])
+    assert _runners.config_from_list([64, 1, 4, 8, 0, 0, 2]) == {**tiled, "num_stages": 8, "XS": 2}  # x-stationary
+    assert _runners.config_to_list({**tiled, "XS": 2}) == [64, 1, 4, 3, 0, 0, 2]
     with pytest.raises(ValueError, match="entries"):
-        _runners.config_from_list([16, 1, 4, 3, 0, 8, 1])
+        _runners.config_from_list([16, 1, 4, 3, 0, 8, 1, 1])
 
 
 def test_decode_kernel_needs_plain_block_rows():
@@ -98,7 +100,7 @@ def test_measure_offers_the_decode_kernel_and_records_it(monkeypatch, target):
     assert entry["backend"] == "triton" and entry["config"]["SPLIT"] == 8
     assert entry["triton_config"]["SPLIT"] == 8
     plan = layer._build({"backend": "triton", "config": entry["config"], "precision": "ieee"}, x2d, traced=False)
-    assert plan[2][-1] == 8 and len(plan[2]) == len(_runners.CONFIG_KEYS)
+    assert plan.config[-1] == 8 and len(plan.config) == _runners.CONFIG_KEYS.index("SPLIT") + 1
 
 
 def test_measure_keeps_dense_when_decode_is_not_faster(monkeypatch):

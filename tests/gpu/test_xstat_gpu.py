@@ -1,0 +1,114 @@
+"""GPU tests of the x-stationary Gluon kernel (sm_90, config XS >= 1) against a float64 masked-dense reference, on
+awkward problems: output dims that are not block multiples, empty block rows, one kept block, token counts that
+are not tile multiples. Outputs are poisoned with NaN first, so an unwritten tile fails. Quick: ~20 s on an H200.
+Also run under compute-sanitizer by scripts/sanitize_kernels.sh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU"
+    ),
+]
+
+from superblock.kernels import BlockSparseLinear, _gluon_bsr, bsr_linear, dense_to_bsr  # noqa: E402
+from superblock.kernels import tuning as tuning_mod  # noqa: E402
+
+
+def sparse_weight(out_f, in_f, block, density, seed, *, empty_rows=True, only_one=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bh, bw = block
+    rows, cols = -(-out_f // bh), -(-in_f // bw)
+    keep = torch.rand(rows, cols, generator=g, device="cuda") < density
+    if only_one:
+        keep.zero_()
+        keep[rows // 2, cols - 1] = True
+    elif empty_rows:
+        keep[::3] = False
+        keep[1, 0] = True
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
+    w = torch.randn(out_f, in_f, generator=g, device="cuda") * mask / (in_f * density) ** 0.5
+    return w.to(torch.bfloat16)
+
+
+def reference(x, w, bias, activation):
+    y = x.double() @ w.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return F.gelu(y) if activation == "gelu" else y
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def xs_config(block_m=64, stages=8, chunks=1):
+    return {"BLOCK_M": block_m, "G": 1, "num_warps": 4, "num_stages": stages, "TMA": False, "XS": chunks}
+
+
+CASES = [  # (out, in, block, density)
+    (3072, 768, (16, 16), 0.1),
+    (2304, 768, (32, 32), 0.1),
+    (200, 768, (32, 32), 0.3),  # 200 outputs: the last block row is partly outside the matrix
+    (776, 256, (16, 16), 0.2),
+    (512, 1536, (64, 64), 0.2),
+    (64, 64, (16, 32), 0.5),  # non-square blocks
+]
+
+
+@pytest.mark.parametrize(("out_f", "in_f", "block", "density"), CASES)
+@pytest.mark.parametrize("tokens", [1, 17, 65, 300])
+@pytest.mark.parametrize(("block_m", "chunks"), [(64, 1), (128, 3)])
+def test_xstat_matches_dense(out_f, in_f, block, density, tokens, block_m, chunks):
+    w = sparse_weight(out_f, in_f, block, density, seed=tokens + out_f)
+    values, crow, col = dense_to_bsr(w, block)
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(out_f, device="cuda", dtype=torch.bfloat16)
+    if not _gluon_bsr.usable(x, values, out_f, block_m, 8):
+        pytest.skip("x's tile does not fit in shared memory at this BLOCK_M")
+    for b, act in ((bias, "gelu"), (None, None)):
+        out = torch.full((tokens, out_f), float("nan"), device="cuda", dtype=torch.bfloat16)
+        bsr_linear(x, values, crow, col, w.shape, b, act, "triton", config=xs_config(block_m, 8, chunks), out=out)
+        assert rel_err(out, reference(x, w, b, act)) < 1e-2
+
+
+def test_xstat_one_kept_block_and_many_token_tiles():
+    w = sparse_weight(256, 512, (16, 16), 0.1, seed=3, only_one=True)
+    values, crow, col = dense_to_bsr(w, 16)
+    assert values.shape[0] == 1
+    x = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((1000, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+    bsr_linear(x, values, crow, col, w.shape, None, None, "triton", config=xs_config(64, 4, 2), out=out)
+    assert rel_err(out, reference(x, w, None, None)) < 1e-2
+
+
+def test_xstat_refuses_problems_it_cannot_run_with_a_clear_error():
+    w = sparse_weight(256, 100, (16, 16), 0.3, seed=4)  # K = 100 is not a multiple of the block width
+    values, crow, col = dense_to_bsr(w, 16)
+    x = torch.randn(8, 100, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x-stationary"):
+        bsr_linear(x, values, crow, col, w.shape, None, None, "triton", config=xs_config())
+    with pytest.raises(ValueError, match="x-stationary"):
+        bsr_linear(x.float(), values.float(), crow, col, w.shape, None, None, "triton", config=xs_config())
+
+
+def test_xstat_under_a_cuda_graph_and_picked_by_the_tuner():
+    w = sparse_weight(3072, 768, (16, 16), 0.1, seed=5)
+    layer = BlockSparseLinear.from_dense(w, torch.randn(3072, device="cuda", dtype=torch.bfloat16), 16)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+    cands = tuning_mod.xstat_configs(x, layer.values, 3072)
+    assert cands and all(c["XS"] >= 1 for c in cands)
+    layer.set_choice(tuning_mod.token_bucket(4096), {"backend": "triton", "config": cands[0]})
+    with torch.no_grad():
+        layer(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+    assert rel_err(y, reference(x, w, layer.bias, None)) < 1e-2
