@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from superblock.engine.distill import distillation_loss
-from superblock.engine.timer import StepTimer
 from superblock.models import model_logits
+from superblock.timing import StepTimer
 
 
 def flat_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ from superblock.export.serving import (
     warm_up,
 )
 from superblock.export.source import Source, load_source
-from superblock.export.timing import compare_latency
 from superblock.export.writer import ExportResult, export_checkpoint, fold_copy, image_shape, summary_table
+from superblock.timing import compare_latency
 
 __all__ = [
     "DTYPES",

@@ -12,8 +12,8 @@ from torch import nn
 from superblock.export.convert import MHA_IN, MHA_OUT, Layer, linear_weight, owner, unsupported_reason
 from superblock.export.runtime import dtype_name
 from superblock.export.serving import SampleInput, as_sample
-from superblock.export.timing import compare_latency
 from superblock.kernels import BlockSparseLinear, tuning
+from superblock.timing import compare_latency, time_graph
 
 MODES = ("auto", "bsr", "dense")
 # how each serving runtime is timed per layer: GPU time for CUDA graphs, eager calls otherwise
@@ -53,7 +53,7 @@ def _time(fns: dict, inputs: list, device: torch.device, graph: bool, repeats: i
     """Median ms per call of each function: CUDA-graph replays (GPU time) for graph, else interleaved eager calls."""
     if graph:
         x = inputs[0]
-        return {name: tuning.time_graph(lambda f=fn: f(x), budget_ms=2.0, repeats=max(3, repeats // 3))
+        return {name: time_graph(lambda f=fn: f(x), budget_ms=2.0, repeats=max(3, repeats // 3))
                 for name, fn in fns.items()}  # fmt: skip
     stats = compare_latency(fns, inputs, device, warmup=2, repeats=repeats, rounds=2)
     return {name: stats[name]["median_ms"] for name in fns}

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_map
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.kernels.dispatch import Choice
+from superblock.timing import wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +184,6 @@ def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: SampleIn
     return model
 
 
-def _time_forward(model: nn.Module, x: torch.Tensor, reps: int) -> float:
-    """Mean wall time of reps eager forwards in ms, synchronised at both ends (host launch time counts)."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        model(x)
-    sync()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
 def _layer_tokens(model: nn.Module, layers: list[BlockSparseLinear], x: torch.Tensor) -> dict:
     """{layer: token count it sees} for one forward of x."""
     seen: dict = {}
@@ -257,7 +247,7 @@ def check_against_dense(
             for name, choices in (("tuned", tuned), ("dense", dense)):
                 _use(choices, buckets)
                 run(x)  # plans (dense weights, compiled graphs: once) are built outside the timing
-                times[name].append(_time_forward(run, x, reps))
+                times[name].append(wall_ms(run, x, reps))
         t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
         kept = "dense" if t_dense < t_tuned else "tuned"
         _use(dense if kept == "dense" else tuned, buckets)
@@ -454,15 +444,17 @@ class ServingModel(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         """ValueError naming what was expected for an input no graph can run (see the class docstring)."""
         ids = self.sample.vocab_size is not None
+        if isinstance(x, torch.Tensor):
+            kind = x.dtype in (torch.int64, torch.int32) if ids else x.is_floating_point()
+            strict = self.runtime == "cudagraph"  # static input buffers: one shape
+            shape_ok = tuple(x.shape[1:]) == self.sample_shape if strict else x.dim() == len(self.sample_shape) + 1
+            if kind and shape_ok:
+                return
         want = f"{'token ids' if ids else 'float inputs'} of shape (batch, {', '.join(map(str, self.sample_shape))})"
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"this served model takes a tensor of {want}, got {type(x).__name__}")
-        kind = x.dtype in (torch.int64, torch.int32) if ids else x.is_floating_point()
-        strict = self.runtime == "cudagraph"  # static input buffers: one shape
-        shape_ok = tuple(x.shape[1:]) == self.sample_shape if strict else x.dim() == len(self.sample_shape) + 1
-        if not (kind and shape_ok):
-            raise ValueError(f"this served model ({self.runtime}) takes {want}, got a {str(x.dtype)[6:]} tensor of "
-                             f"shape {tuple(x.shape)}")  # fmt: skip
+        raise ValueError(f"this served model ({self.runtime}) takes {want}, got a {str(x.dtype)[6:]} tensor of shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
 
     def _run(self, x: torch.Tensor):
         with self._lock:

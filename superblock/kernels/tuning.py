@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import threading
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from superblock.io import write_text_atomically
 from superblock.kernels import _gluon_bsr, _runners, _triton_bsr
+from superblock.timing import time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
 VERSION = 1
@@ -340,60 +340,6 @@ def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # measuring
-
-
-def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
-    """Median over `repeats` batches of the mean time of fn() in ms (CUDA events); fn is run once first."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    reps = int(min(max(budget_ms / est, 2), 50))
-    times = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
-def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
-    """GPU time of fn() in ms, without host launch overhead: replays of a CUDA graph of several calls.
-
-    Picks among launch configurations of one kernel, where host overhead is the same for all and would
-    hide the differences at small token counts. fn must not allocate (pass preallocated outputs)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    reps = int(min(max(budget_ms / max(start.elapsed_time(end), 1e-3), 2), 20))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
 
 
 def _can_measure(x: torch.Tensor) -> bool:

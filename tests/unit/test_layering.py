@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "superblock.rundir": 0,  # run-directory layout (RunDir) and summary.json schema (RunSummary)
     "superblock.utils": 0,  # reserved for tiny dependency-free helpers
     "superblock.io": 0,
+    "superblock.timing": 0,  # CUDA events, CUDA-graph replays, wall clock, interleaved comparisons, step timers
     "superblock.seeding": 0,  # process-independent seeds, seeding the global RNGs
     # 1: building blocks
     "superblock.kernels": 1,

@@ -135,7 +135,7 @@ def test_eager_check_against_dense_keeps_the_faster(exported, monkeypatch, faste
         plans = [p[0] for m in model.modules() if isinstance(m, BlockSparseLinear) for p in m._plans.values()]
         return 1.0 + sum((kind == "dense") == (faster == "tuned") for kind in plans)
 
-    monkeypatch.setattr(serving, "_time_forward", fake_time)
+    monkeypatch.setattr(serving, "wall_ms", fake_time)
     model = load_sparse(exported)
     ref = logits(model, probe(n=2))
     served = make_runtime(model, "eager", batch_sizes=[2], sample_shape=(3, 32, 32), check_dense=True)
@@ -161,7 +161,7 @@ def test_compile_check_against_dense_times_the_compiled_graphs(exported, monkeyp
         kinds = [e["backend"] for m in layers for e in m.dispatch.values()]
         return 1.0 + sum((kind == "dense") == (faster == "tuned") for kind in kinds)
 
-    monkeypatch.setattr(serving, "_time_forward", fake_time)
+    monkeypatch.setattr(serving, "wall_ms", fake_time)
     ref = logits(model, probe(n=2))
     served = make_runtime(model, "compile", batch_sizes=[2], sample_shape=(3, 32, 32), check_dense=True)
     assert served.dense_check[2]["kept"] == faster, served.dense_check

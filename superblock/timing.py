@@ -1,0 +1,186 @@
+"""Timing, one home: CUDA events, CUDA-graph replays, wall clock with syncs, interleaved side-by-side comparisons and
+the training step's lazily read timers. Used by kernel tuning (kernels.tuning), layout and serving decisions
+(export), evaluation, the trainer and the benchmarks.
+
+  time_cuda(fn)            GPU time per call in ms from CUDA events over back-to-back calls (host overhead shows
+                           when the GPU outruns the launches)
+  time_graph(fn)           GPU time per call in ms from replays of a CUDA graph of several calls (no host overhead)
+  wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
+  compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift)
+  StepTimer                sums the time spent in a block of the training step, read only when the log asks
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
+    """Median over `repeats` batches of the mean time of fn() in ms (CUDA events); fn is run once first."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max(budget_ms / est, 2), 50))
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
+    """GPU time of fn() in ms, without host launch overhead: replays of a CUDA graph of several calls.
+
+    Picks among launch configurations of one kernel, where host overhead is the same for all and would
+    hide the differences at small token counts. fn must not allocate (pass preallocated outputs)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = int(min(max(budget_ms / max(start.elapsed_time(end), 1e-3), 2), 20))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def wall_ms(fn: Callable[[Any], Any], x: Any, reps: int) -> float:
+    """Mean wall time of reps calls fn(x) in ms, synchronised at both ends (host launch time counts)."""
+    cuda = isinstance(x, torch.Tensor) and x.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(x)
+    sync()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device, n: int, offset: int) -> list:
+    """Time n calls (ms each), cycling through inputs so no call reuses the previous call's input in cache."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for i, (start, end) in enumerate(events):
+            x = inputs[(offset + i) % len(inputs)]
+            start.record()
+            fn(x)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for i in range(n):
+        x = inputs[(offset + i) % len(inputs)]
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+# no_grad, not inference_mode: torch's CPU BSR matmul fails inside inference_mode on a sparse weight built outside
+# it ("Cannot set version_counter for inference tensor"), and the kernels cache that weight across calls.
+@torch.no_grad()
+def compare_latency(
+    fns: dict[str, Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 3,
+) -> dict[str, dict[str, float]]:
+    """{name: {median_ms, min_ms, p90_ms, n}} per function, measured interleaved in `rounds` rounds.
+
+    Interleaving (a round of each function, then the next round) spreads clock and thermal drift evenly over the
+    functions, so their ratio is fair. Each round runs `repeats // rounds` timed calls after `warmup` untimed ones.
+    """
+    per_round = max(1, repeats // max(1, rounds))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(max(1, rounds)):
+        for name, fn in fns.items():
+            for i in range(warmup if r == 0 else 1):
+                fn(inputs[i % len(inputs)])
+            _sync(device)
+            samples[name] += _time_calls(fn, inputs, device, per_round, offset=r * per_round)
+    return {name: _stats(ts) for name, ts in samples.items()}
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "median_ms": statistics.median(ordered),
+        "min_ms": ordered[0],
+        "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "n": len(ordered),
+    }
+
+
+class StepTimer:
+    """Context manager summing the time spent inside it; `pop_ms()` returns the sum since the last pop (ms).
+
+    On CUDA, events are recorded around the block and read at `pop_ms()` (the logging step syncs anyway); on the
+    CPU, wall-clock time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> StepTimer:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, end))
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self._seconds += time.perf_counter() - self._start
+
+    def pop_ms(self) -> float:
+        if self.cuda:
+            if self._events:
+                self._events[-1][1].synchronize()
+            ms = sum(start.elapsed_time(end) for start, end in self._events)
+            self._events.clear()
+            return ms
+        ms, self._seconds = 1000.0 * self._seconds, 0.0
+        return ms
