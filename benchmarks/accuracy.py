@@ -1,149 +1,347 @@
-"""Accuracy of sparse recipes next to dense, on real offline data, several seeds: one table and one plot.
+"""Accuracy of sparse recipes next to dense, as a grid of real training runs: one row per run and a summary table.
 
-    python scripts/digits_tree.py data/digits
-    python benchmarks/accuracy.py --data digits --root data/digits --out docs/results_digits
-    python benchmarks/accuracy.py --data synthetic --epochs 5 --out docs/results_synthetic
+The grid is recipe x permutation x block size x sparsity x seed, plus one dense run per seed. Every job is a real
+`python train.py` run (run dir kept under <out>/runs/<name>, its console output in stdout.log there); --parallel N
+runs N at once (several fit on one GPU: --device cuda). A run whose summary.json exists is read, not run again, so
+a cut-short grid continues where it stopped.
 
-For every seed: a dense run; then at every (sparsity, block size): the reference recipe (sparsity=
-supermask_reference), our from-scratch default (sparsity=supermask) and our fine-tune of that seed's dense run
-with distillation from it (experiment=sparse_finetune). Every row trains for the same epochs on the same data.
-Each job is a real `python train.py` run (its run dir kept under --out/runs); --jobs runs several at once.
-Writes <out>/results.md (mean +- std over seeds, gap to dense), results.json and accuracy.png.
+    # the frontier on one H200 (a ~8-minute device call): digits, wider ViT, 3 recipes x permutation on/off
+    python benchmarks/accuracy.py --preset digits_wide --root data/digits --device cuda --parallel 12 \\
+        --recipes reference,default,magnitude_frozen --permute none,mlp+heads --blocks 16,32,64 \\
+        --levels 0.8,0.9 --seeds 0,1,2 --epochs 30 --budget-minutes 8 --out docs/frontier/digits_wide
+    # the LM testbed (perplexity per byte; fewer steps per run to fit the budget)
+    python benchmarks/accuracy.py --preset lm_small --device cuda --parallel 6 --recipes reference,default \\
+        --permute none,mlp+heads --blocks 32,64 --levels 0.8 --seeds 0 --max-steps 1500 --budget-minutes 8 \\
+        --out docs/frontier/lm_small
+    python benchmarks/accuracy.py ... --dry-run       # the job list and the grid's size; nothing runs
+    # the older digits table (docs/results.md): tiny_vit, blocks 8 / 16, with the fine-tune + KD recipe
+    python benchmarks/accuracy.py --data digits --root data/digits --epochs 30 --jobs 2 --threads 1 --out <dir> \\
+        --recipes reference,default,finetune --blocks 8,16
+
+Budget: with --budget-minutes M no run starts once the runs so far say it would not end within M minutes of the
+start, and runs still going at M minutes are stopped (their rows say so); dense runs go first, then the sparse
+runs seed by seed, so a cut grid still has every configuration at its first seed. Without a budget it runs all.
+Writes <out>/runs.jsonl (a row per run, as each ends), runs.csv, results.md (mean +- std over seeds of the metric
+and of its gap to the same seed's dense run), results.json and accuracy.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Data / model presets: train.py overrides ({root}: --root) and the metric read from summary.json.
+PRESETS = {
+    "digits": (["data=small_images", "data.root={root}", "data.image_size=16"], "val_top1"),
+    "synthetic": (["data=synthetic"], "val_top1"),
+    "digits_wide": (["experiment=digits_wide", "data.root={root}"], "val_top1"),
+    "lm_tiny": (["experiment=lm_tiny"], "val_perplexity"),
+    "lm_small": (["experiment=lm_small"], "val_perplexity"),
+}
 RECIPES = {
     "reference": ["sparsity=supermask_reference"],
-    "ours (scratch)": ["sparsity=supermask"],
-    "ours (fine-tune + KD)": ["experiment=sparse_finetune"],
+    "default": ["sparsity=supermask"],
+    "magnitude_frozen": ["sparsity=magnitude_frozen"],
+    "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
 }
+PERMUTE_TAGS = {"none": "p0", "mlp": "pm", "mlp+heads": "pmh"}
+_PERMUTATION_LINE = re.compile(r"kept magnitude ([0-9.]+) -> ([0-9.]+)")
 
 
-def data_args(args) -> list[str]:
-    if args.data == "digits":
-        return ["data=small_images", f"data.root={args.root}", "data.image_size=16"]
-    return ["data=synthetic"]
+def _csv(cast):
+    return lambda text: [cast(v) for v in text.split(",") if v]
 
 
-def run(job: dict, args) -> dict:
-    run_dir = Path(args.out) / "runs" / job["name"]
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        cmd = [sys.executable, "train.py", *data_args(args), f"seed={job['seed']}", f"trainer.max_epochs={args.epochs}",
-               f"trainer.threads={args.threads}", f"hydra.run.dir={run_dir}", *args.extra, *job["overrides"]]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"FAILED {job['name']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-            return {**job, "val_top1": None}
-    s = json.loads(summary.read_text())
-    print(f"done {job['name']}: {s['val_top1']:.2f}%", flush=True)
-    return {**job, "val_top1": s["val_top1"], "wall_time_s": s.get("wall_time_s")}
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", "--data", dest="preset", choices=sorted(PRESETS), default="digits")
+    p.add_argument("--root", default="data/digits", help="the image tree of the digits presets (written if missing)")
+    p.add_argument("--recipes", type=_csv(str), default=["reference", "default", "magnitude_frozen"],
+                   help=f"comma-separated, of {sorted(RECIPES)}")
+    p.add_argument("--permute", type=_csv(str), default=["none"], help="comma-separated: none,mlp,mlp+heads")
+    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
+    p.add_argument("--levels", type=_csv(float), default=[0.8, 0.9])
+    p.add_argument("--blocks", type=_csv(int), default=[16, 32, 64])
+    p.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs of every run (default: the preset's)")
+    p.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps of every run")
+    p.add_argument("--start-epoch", type=float, default=None,
+                   help="sparsity.start_epoch of every sparse run: a dense warm-up before the ramp (and the moment a "
+                        "permutation happens)")
+    p.add_argument("--parallel", "--jobs", dest="parallel", type=int, default=1, help="runs at once")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("extra", nargs="*", help="more train.py overrides for every run")
+    args = p.parse_args(argv)
+    bad = sorted(set(args.recipes) - set(RECIPES)) + sorted(set(args.permute) - set(PERMUTE_TAGS))
+    if bad:
+        p.error(f"unknown recipe / permutation {bad}: recipes {sorted(RECIPES)}, permutations {sorted(PERMUTE_TAGS)}")
+    if "finetune" in args.recipes and PRESETS[args.preset][0][0].startswith("experiment="):
+        p.error(f"--recipes finetune is experiment=sparse_finetune: it cannot be combined with --preset {args.preset}")
+    return args
 
 
-def jobs_for(args) -> tuple[list[dict], list[dict]]:
-    dense, sparse = [], []
+# -------------------------------------------------------------------------------------------------------- jobs
+
+
+def jobs_for(args: argparse.Namespace) -> list[dict]:
+    """Dense runs first (one per seed), then the sparse grid seed by seed."""
+    out = Path(args.out).resolve()
+    jobs = [{"name": f"dense_s{s}", "recipe": "dense", "permute": "none", "level": 0.0, "block": None, "seed": s,
+             "overrides": ["sparsity=none"]} for s in args.seeds]
     for seed in args.seeds:
-        dense_dir = Path(args.out).resolve() / "runs" / f"dense_s{seed}"
-        dense.append({"name": f"dense_s{seed}", "recipe": "dense", "seed": seed, "level": 0.0, "block": None,
-                      "overrides": ["sparsity=none"]})
         for level in args.levels:
             for block in args.blocks:
-                for recipe, overrides in RECIPES.items():
-                    extra = [f"sparsity.level={level}", f"sparsity.block_size={block}"]
-                    if "fine-tune" in recipe:
-                        extra += [f"model.pretrained={dense_dir}"]
-                    tag = recipe.split()[0] + ("_ft" if "fine-tune" in recipe else "")
-                    sparse.append({"name": f"{tag}_l{level}_b{block}_s{seed}", "recipe": recipe, "seed": seed,
-                                   "level": level, "block": block, "overrides": [*overrides, *extra]})
-    return dense, sparse
+                for recipe in args.recipes:
+                    for permute in args.permute:
+                        jobs.append(_sparse_job(args, out, recipe, permute, level, block, seed))
+    return jobs
 
 
-def table(results: list[dict]) -> tuple[str, list[dict]]:
-    groups: dict[tuple, list[float]] = {}
-    for r in results:
-        if r["val_top1"] is not None:
-            groups.setdefault((r["recipe"], r["level"], r["block"]), []).append(r["val_top1"])
-    dense = statistics.mean(groups.get(("dense", 0.0, None), [float("nan")]))
-    rows = []
-    for (recipe, level, block), vals in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][2]), kv[0][0])):
-        mean = statistics.mean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        rows.append({"recipe": recipe, "sparsity": level, "block": block, "mean": mean, "std": std,
-                     "gap": mean - dense, "seeds": len(vals)})
-    lines = ["| recipe | sparsity | block | val top-1 (mean +- std) | gap to dense | seeds |",
-             "|---|---|---|---|---|---|"]
+def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: int, seed: int) -> dict:
+    extra = [f"sparsity.level={level}", f"sparsity.block_size={block}", f"sparsity.permute={permute}"]
+    if args.start_epoch is not None:
+        extra.append(f"sparsity.start_epoch={args.start_epoch}")
+    if recipe == "finetune":
+        extra.append(f"model.pretrained={out / 'runs' / f'dense_s{seed}'}")
+    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}_s{seed}"
+    return {"name": name, "recipe": recipe, "permute": permute, "level": level, "block": block, "seed": seed,
+            "overrides": [*RECIPES[recipe], *extra]}
+
+
+def command(job: dict, args: argparse.Namespace) -> list[str]:
+    data, _ = PRESETS[args.preset]
+    run_dir = Path(args.out).resolve() / "runs" / job["name"]
+    cmd = [sys.executable, "train.py", *(o.format(root=args.root) for o in data), *job["overrides"],
+           f"seed={job['seed']}", f"trainer.threads={args.threads}", f"trainer.device={args.device}",
+           f"hydra.run.dir={run_dir}"]
+    if args.epochs is not None:
+        cmd.append(f"trainer.max_epochs={args.epochs}")
+    if args.max_steps is not None:
+        cmd.append(f"trainer.max_steps={args.max_steps}")
+    return [*cmd, *args.extra]
+
+
+class Budget:
+    """When to stop starting runs (and stop running ones): --budget-minutes from the start of the grid."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.start = time.time()
+        self.deadline = None if minutes is None else self.start + 60 * minutes
+        self.walls: list[float] = []
+        self.lock = threading.Lock()
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def can_start(self) -> bool:
+        left = self.left()
+        with self.lock:
+            typical = statistics.median(self.walls) if self.walls else 0.0
+        return left is None or left > typical
+
+    def finished(self, wall: float) -> None:
+        with self.lock:
+            self.walls.append(wall)
+
+
+def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
+    """One training run (or the summary it already left): the row it adds to runs.jsonl."""
+    _, metric = PRESETS[args.preset]
+    run_dir = Path(args.out).resolve() / "runs" / job["name"]
+    row = {k: v for k, v in job.items() if k != "overrides"} | {"metric": metric, "value": None, "status": "ok"}
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        if not budget.can_start():
+            return {**row, "status": "skipped (budget)"}
+        row["status"] = _train(job, args, budget, run_dir)
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        row.update(value=s.get(metric), wall_time_s=s.get("wall_time_s"), status="ok")
+        row.update(_permutation(run_dir))
+    print(f"{row['status']:>18} {job['name']}: {metric} {row['value']}", flush=True)
+    return row
+
+
+def _train(job: dict, args: argparse.Namespace, budget: Budget, run_dir: Path) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
+    start, left = time.time(), budget.left()
+    with open(run_dir / "stdout.log", "w") as log:
+        try:
+            proc = subprocess.run(command(job, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=None if left is None else max(1.0, left))
+        except subprocess.TimeoutExpired:
+            return "killed (budget)"
+    budget.finished(time.time() - start)
+    if proc.returncode != 0:
+        tail = (run_dir / "stdout.log").read_text().strip().splitlines()[-1:]
+        return f"failed ({proc.returncode}): {tail}"
+    return "ok"
+
+
+def _permutation(run_dir: Path) -> dict:
+    """Kept magnitude before / after the permutation, from the run's console output (when it permuted)."""
+    log = run_dir / "stdout.log"
+    match = _PERMUTATION_LINE.search(log.read_text()) if log.exists() else None
+    return {"kept_before": float(match[1]), "kept_after": float(match[2])} if match else {}
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per configuration: metric and gap to the same seed's dense run, mean and std over seeds."""
+    dense = {r["seed"]: r["value"] for r in rows if r["recipe"] == "dense" and r["value"] is not None}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['sparsity']:.0%} | {r['block'] or '-'} | {r['mean']:.2f} +- {r['std']:.2f} "
-                     f"| {r['gap']:+.2f} | {r['seeds']} |")
-    return "\n".join(lines), rows
+        if r["value"] is not None:
+            groups.setdefault((r["recipe"], r["permute"], r["level"], r["block"]), []).append(r)
+    out = []
+    for (recipe, permute, level, block), mine in groups.items():
+        mean, std = _mean_std([r["value"] for r in mine])
+        gaps = [r["value"] - dense[r["seed"]] for r in mine if r["seed"] in dense]
+        gap, gap_std = _mean_std(gaps) if gaps else (math.nan, math.nan)
+        kept = [(r["kept_before"], r["kept_after"]) for r in mine if "kept_before" in r]
+        out.append({"recipe": recipe, "permute": permute, "sparsity": level, "block": block, "mean": mean,
+                    "std": std, "gap": gap, "gap_std": gap_std, "seeds": len(mine),
+                    "kept_before": statistics.mean(k[0] for k in kept) if kept else None,
+                    "kept_after": statistics.mean(k[1] for k in kept) if kept else None})
+    return sorted(out, key=lambda e: (e["sparsity"], e["block"] or 0, e["recipe"] != "dense", e["recipe"],
+                                      e["permute"]))
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def table(entries: list[dict], metric: str) -> str:
+    lines = [f"| recipe | permute | sparsity | block | {metric} (mean +- std) | gap to dense (mean +- std) | "
+             "kept magnitude before -> after | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        kept = f"{e['kept_before']:.3f} -> {e['kept_after']:.3f}" if e["kept_before"] is not None else "-"
+        gap = "-" if e["recipe"] == "dense" or math.isnan(e["gap"]) else f"{e['gap']:+.2f} +- {e['gap_std']:.2f}"
+        lines.append(f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | "
+                     f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} | {kept} | {e['seeds']} |")
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    dense = next((r for r in rows if r["recipe"] == "dense"), None)
-    if dense:
-        ax.axhline(dense["mean"], color="black", lw=1, ls="--", label=f"dense {dense['mean']:.1f}%")
-    for recipe, marker in zip(RECIPES, "osD", strict=True):
-        for block, shade in zip(sorted({r["block"] for r in rows if r["block"]}), (0.45, 0.9), strict=False):
-            mine = [r for r in rows if r["recipe"] == recipe and r["block"] == block]
-            pts = sorted((r["sparsity"], r["mean"], r["std"]) for r in mine)
+    levels = sorted({e["sparsity"] for e in entries if e["recipe"] != "dense"})
+    fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
+    for ax, level in zip(axes[0], levels, strict=False):
+        for key in sorted({(e["recipe"], e["permute"]) for e in entries if e["sparsity"] == level}):
+            pts = sorted((e["block"], e["gap"], e["gap_std"]) for e in entries
+                         if (e["recipe"], e["permute"]) == key and e["sparsity"] == level and not math.isnan(e["gap"]))
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
-                ax.errorbar([100 * x for x in xs], ys, yerr=es, marker=marker, capsize=3, alpha=shade,
-                            label=f"{recipe}, block {block}")
-    ax.set_xlabel("block sparsity (%)")
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, ls="-" if key[1] == "none" else "--",
+                            label=f"{key[0]}, permute {key[1]}")
+        ax.axhline(0.0, color="black", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size")
+        ax.set_ylabel(f"{metric} - dense")
+        ax.set_title(f"{title}: {level:.0%} sparsity")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("digits", "synthetic"), default="digits")
-    p.add_argument("--root", default="data/digits")
-    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--levels", type=lambda s: [float(v) for v in s.split(",")], default=[0.8, 0.9])
-    p.add_argument("--blocks", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16])
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="docs/results")
-    p.add_argument("extra", nargs="*", help="more train.py overrides for every job")
-    args = p.parse_args(argv)
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    """The digits presets read an image tree: write it (scikit-learn's bundled digits, offline) when missing."""
+    if "{root}" not in " ".join(PRESETS[args.preset][0]) or (Path(args.root) / "train").is_dir():
+        return
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        sys.exit(f"--root {args.root} holds no image tree and scikit-learn is missing: pip install scikit-learn "
+                 f"&& python scripts/digits_tree.py {args.root}")
+    subprocess.run([sys.executable, "scripts/digits_tree.py", args.root], cwd=ROOT, check=True)
+
+
+def describe(jobs: list[dict], args: argparse.Namespace) -> str:
+    sparse = len(jobs) - len(args.seeds)
+    waves = math.ceil(len(jobs) / max(1, args.parallel))
+    return (f"{len(jobs)} runs ({len(args.seeds)} dense + {sparse} sparse = {len(args.recipes)} recipes x "
+            f"{len(args.permute)} permutations x {len(args.blocks)} blocks x {len(args.levels)} sparsities x "
+            f"{len(args.seeds)} seeds), {args.parallel} at a time: {waves} waves of runs"
+            + (f"; budget {args.budget_minutes:g} min" if args.budget_minutes else ""))
+
+
+def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
+    budget, rows, lock = Budget(args.budget_minutes), [], threading.Lock()
+    rows_file = Path(args.out) / "runs.jsonl"
+
+    def one(job: dict) -> dict:
+        row = run(job, args, budget)
+        with lock, open(rows_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    dense = [j for j in jobs if j["recipe"] == "dense"]
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        rows += list(pool.map(one, dense))  # fine-tuning starts from them
+        rows += list(pool.map(one, [j for j in jobs if j["recipe"] != "dense"]))
+    return rows
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace, head: str) -> str:
+    out = Path(args.out)
+    metric = PRESETS[args.preset][1]
+    entries = summarize(rows)
+    md = head + table(entries, metric) + "\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"rows": entries, "runs": rows}, indent=1))
+    keys = sorted({k for r in rows for k in r})
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    if any(e["recipe"] != "dense" for e in entries):
+        plot(entries, out / "accuracy.png", args.preset, metric)
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    jobs = jobs_for(args)
+    print(describe(jobs, args), flush=True)
+    if args.dry_run:
+        for job in jobs:
+            print(" ".join(command(job, args)[1:]))
+        return
+    ensure_data(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.time()
-    dense, sparse = jobs_for(args)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: run(j, args), dense))  # fine-tuning needs the dense runs first
-        results += list(pool.map(lambda j: run(j, args), sparse))
-    md, rows = table(results)
+    rows = run_all(jobs, args)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    head = (f"{args.data}, {args.epochs} epochs, seeds {args.seeds}, tiny_vit, CPU; {time.strftime('%Y-%m-%d')}; "
-            f"{(time.time() - start) / 60:.0f} min\n\n`{cmd}`\n\n")
-    (Path(args.out) / "results.md").write_text(head + md + "\n")
-    (Path(args.out) / "results.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
-    plot(rows, Path(args.out) / "accuracy.png", f"{args.data}: accuracy vs block sparsity ({args.epochs} epochs)")
-    print(head + md)
+    done = sum(r["status"] == "ok" for r in rows)
+    head = (f"{args.preset}, seeds {args.seeds}, device {args.device}, {args.parallel} runs at a time; "
+            f"{time.strftime('%Y-%m-%d')}; {(time.time() - start) / 60:.1f} min; {done} of {len(rows)} runs "
+            f"finished\n\n`{cmd}`\n\n")
+    print(write_outputs(rows, args, head))
 
 
 if __name__ == "__main__":

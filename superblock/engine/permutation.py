@@ -33,9 +33,16 @@ def _permute_args(spec: dict[str, Any]) -> dict[str, Any]:
             **{k: spec[k] for k in _TARGET_KEYS if k in spec}}
 
 
+def first_cut(spec: dict[str, Any]) -> int:
+    """The first step at which tiles can be cut: the ramp's start when it ramps up from 0 (a constant schedule, or a
+    ramp from a non-zero initial sparsity, cuts from step 0)."""
+    ramps_from_dense = spec.get("schedule", "constant") != "constant" and not spec.get("initial_sparsity", 0.0)
+    return int(spec.get("start_step", 0)) if ramps_from_dense else 0
+
+
 def permute_before_masks(model: nn.Module, mode: str, spec: dict[str, Any] | None) -> PermutationReport | None:
     """Permute a freshly built (not yet sparsified) model when its masks are chosen from step 0; else None."""
-    if mode == "none" or not spec or spec.get("start_step", 0) > 0:
+    if mode == "none" or not spec or first_cut(spec) > 0:
         return None
     return permute_model(model, mode, **_permute_args(spec))
 
@@ -53,9 +60,9 @@ def schedule_permutation(
 ) -> None:
     """Permute at the ramp's first step when the ramp starts later than step 0 (a hook on the controller)."""
     controller = get_controller(model)
-    if mode == "none" or not spec or controller is None or spec.get("start_step", 0) == 0:
+    if mode == "none" or not spec or controller is None or first_cut(spec) == 0:
         return
-    start = int(spec["start_step"])
+    start = first_cut(spec)
 
     def hook(step: int) -> None:
         if step != start or controller.permutation is not None:  # resumed past it: the weights hold it already
