@@ -213,7 +213,8 @@ class _Problem:
 
     def _add_view(self, s: Slot, key: tuple[int, str], block: BlockSize) -> None:
         c = self.c
-        w = stored(s.module, s.name).detach().movedim(s.dim, 0).double().pow(2)
+        # The search runs on the CPU in float64 whatever the weights' device: small matrices, exact ties.
+        w = stored(s.module, s.name).detach().movedim(s.dim, 0).to("cpu", torch.float64).pow(2)
         bd, bo = block[s.dim], block[1 - s.dim]
         if s.start % bd or bd % c.unit:
             raise _Skip(f"{c.name}: block {bd} does not fit its slot at {s.start}")

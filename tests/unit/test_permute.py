@@ -171,3 +171,11 @@ def test_config_errors(overrides: dict, message: str) -> None:
         to_config({"sparsity": overrides})
     with pytest.raises(ConfigError, match="FSDP"):
         to_config({"sparsity": {"permute": "mlp"}, "trainer": {"strategy": "fsdp"}})
+
+
+def test_the_permutation_happens_when_tiles_are_first_cut() -> None:
+    from superblock.engine.permutation import first_cut
+
+    assert first_cut({"schedule": "cubic", "start_step": 40, "initial_sparsity": 0.0}) == 40  # after a dense warm-up
+    assert first_cut({"schedule": "cubic", "start_step": 40, "initial_sparsity": 0.5}) == 0  # cut from the start
+    assert first_cut({"schedule": "constant", "start_step": 40}) == 0
