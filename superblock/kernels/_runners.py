@@ -99,17 +99,29 @@ def layout_for(
     return (*index32(crow, col), None)
 
 
-def epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    if bias is not None:
-        y = y + bias
+def out_width(out_f: int, activation: str | None) -> int:
+    """Columns of y for a weight of `out_f` rows: "silu_mul" (a gated MLP's [gate; up]) halves them."""
+    return out_f // 2 if activation == "silu_mul" else out_f
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The activation of a pre-activation y = x @ W^T + b (for "silu_mul", [gate | up] -> silu(gate) * up)."""
     if activation == "gelu":
-        y = F.gelu(y)
+        return F.gelu(y)
+    if activation == "silu_mul":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
     return y
 
 
+def epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias
+    return activate(y, activation)
+
+
 def run_dense(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
-    y = F.linear(x2d, weight, bias)
-    return F.gelu(y) if activation == "gelu" else y
+    return activate(F.linear(x2d, weight, bias), activation)
 
 
 def torch_bsr_weight(values, crow, col, shape, compute_dtype):
@@ -176,22 +188,38 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         x2d = x2d.contiguous()
     if not values.is_contiguous():
         values = values.contiguous()
+    n_out = out_width(out_f, activation)
     if y is None:
-        y = torch.empty(x2d.shape[0], out_f, device=x2d.device, dtype=x2d.dtype)
+        y = torch.empty(x2d.shape[0], n_out, device=x2d.device, dtype=x2d.dtype)
     if x2d.shape[0] == 0:
         return y
     group = int(config.get("G", 1))
+    if activation == "silu_mul":
+        _check_glu(out_f, int(values.shape[1]), config)
     if int(config.get("XS", 0)) >= 1:
         return _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y)
     if int(config.get("SPLIT", 0)) >= 1 and group > 1:
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if config.get("TMA") and (group > 1 or not _triton_bsr.tma_ok(x2d, y, values)):
+    if config.get("TMA") and (group > 1 or activation == "silu_mul" or not _triton_bsr.tma_ok(x2d, y, values)):
         config = {**config, "TMA": False}
     return _triton_bsr.launch(
-        x2d, values, crow, col, gidx, bias, y, out_f, in_f, activation, precision, config, wrap
+        x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap
     )
+
+
+def _check_glu(out_f: int, bh: int, config: dict) -> None:
+    """A [gate; up] weight (activation "silu_mul") the Triton kernels can pair: the up rows start on a block row
+    and, with G block rows per program, on a group boundary; no x-stationary kernel."""
+    group = int(config.get("G", 1))
+    if out_f % (2 * bh) or (out_f // (2 * bh)) % group:
+        raise ValueError(
+            f"activation 'silu_mul' needs a [gate; up] weight whose halves ({out_f} rows / 2) are a multiple of "
+            f"G={group} block rows of {bh}"
+        )
+    if int(config.get("XS", 0)) >= 1:
+        raise ValueError("activation 'silu_mul' has no x-stationary kernel (XS >= 1); use the tiled or decode kernel")
 
 
 def _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y):

@@ -9,6 +9,11 @@ G*bh even when bh is 16 or 32. The union layout is built once on the host (`grou
 
 The problem is memory bound at ViT sizes and 80-95% sparsity (each output is written once, each input read
 once from DRAM; the MMA work is 5-20% of dense), see docs/kernel_notes.md.
+
+Activation "silu_mul" (code 2) is a gated MLP's gate and up projections in one product: the weight is [gate; up]
+(2 * n_rows block rows, n_rows = N / bh, the up rows starting at block row n_rows) and y = silu(x @ Wg^T + bg) *
+(x @ Wu^T + bu) has N columns. The program of output row group r walks gate group r and up group r + n_groups
+into two accumulators (x tiles of columns both keep are read twice, from L2), so neither half is ever written out.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ try:
 except Exception:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
-ACT_CODES = {None: 0, "gelu": 1}
+ACT_CODES = {None: 0, "gelu": 1, "silu_mul": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 if HAS_TRITON:
+    GLU = tl.constexpr(ACT_CODES["silu_mul"])  # two accumulators (gate, up) per program
 
     @triton.jit
     def _bsr_linear_kernel(
@@ -70,20 +76,47 @@ if HAS_TRITON:
         pid_n = pid - pid_m * n_groups
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BW)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
-        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BW)[None, :]
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        acc = _tiled_row(acc, x_base, w_ptr, col_ptr, gidx_ptr, crow_ptr + pid_n, m_mask, K, BH, BW, G, EVEN_K,
+                         PRECISION, UPCAST)  # fmt: skip
+        if ACT == GLU:  # the up rows' groups follow the gate rows' (n_groups of each)
+            up = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+            up = _tiled_row(up, x_base, w_ptr, col_ptr, gidx_ptr, crow_ptr + n_groups + pid_n, m_mask, K, BH, BW, G,
+                            EVEN_K, PRECISION, UPCAST)  # fmt: skip
+            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS)
+        else:
+            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS, ACT)
+
+    @triton.jit
+    def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # acc += a @ b^T in the requested fp32 precision ("none": the inputs' own, 16-bit on tensor cores)
+        if PRECISION == "none":
+            if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
+                acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _tiled_row(acc, x_base, w_ptr, col_ptr, gidx_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                   G: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+        # acc += the (BLOCK_M, G*BH) tile of x @ W^T of one (grouped) block row, whose row pointer is at row_ptr
+        BN: tl.constexpr = G * BH
+        offs_k = tl.arange(0, BW)
+        offs_n = tl.arange(0, BN)
         if G == 1:
             w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
         else:
             w_inner = (offs_n % BH)[:, None] * BW + offs_k[None, :]
             sub = offs_n // BH
-
         # int64 loop bounds: the loop index scales into `values` (nnz * bh * bw may pass 2**31)
-        start = tl.load(crow_ptr + pid_n).to(tl.int64)
-        end = tl.load(crow_ptr + pid_n + 1).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        start = tl.load(row_ptr).to(tl.int64)
+        end = tl.load(row_ptr + 1).to(tl.int64)
         for e in range(start, end):
             c = tl.load(col_ptr + e)
             k0 = c * BW
@@ -104,15 +137,8 @@ if HAS_TRITON:
             if not EVEN_K:
                 # padding columns of W must not leak (a NaN there times a zero x is still NaN)
                 b = tl.where(k_mask[None, :], b, tl.zeros_like(b))
-            if PRECISION == "none":
-                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
-                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
-            else:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-
-        _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS, ACT)
+            acc = _mma(acc, a, b, PRECISION, UPCAST)
+        return acc
 
     @triton.jit
     def _bsr_linear_tma_kernel(
@@ -174,6 +200,17 @@ if HAS_TRITON:
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _epilogue_glu(gate, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr):
+        # silu(gate + bg) * (up + bu) into y's N columns; the bias is [gate's N; up's N]
+        n_mask = n_glob < N
+        if HAS_BIAS:
+            gate = gate + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            up = up + tl.load(b_ptr + N + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = gate * tl.sigmoid(gate) * up
+        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _bsr_decode_kernel(
         x_ptr,
         w_ptr,
@@ -209,19 +246,67 @@ if HAS_TRITON:
         #   MODE 2  each adds its partial into a zeroed fp32 workspace (part, [M, n_rows*BH]) with atomics, then
         #           bumps the row's arrival counter; the last to arrive takes the sum out, zeroes the sums and the
         #           counter and writes y: one launch, and the workspace is left zeroed for the next call
+        # ACT == GLU: block row `row` of the gate and row n_rows + row of the up projection, two accumulators; the
+        # partial sums of the up rows sit n_rows * BH columns after the gate rows' (part / workspace rows are as
+        # wide as the weight's 2 * n_rows * BH rows)
         pid = tl.program_id(0)
         pid_m = tl.program_id(1)
         row = pid // SPLIT
         s = pid - row * SPLIT
+        n_rows = tl.num_programs(0) // SPLIT
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BW)
         offs_n = tl.arange(0, BH)
         m_mask = offs_m < M
-        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
-        start = tl.load(crow_ptr + row).to(tl.int64)
-        end = tl.load(crow_ptr + row + 1).to(tl.int64)
+        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BW)[None, :]
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+        acc = _decode_row(acc, x_base, w_ptr, col_ptr, crow_ptr + row, s, m_mask, K, BH, BW, SPLIT, EVEN_K,
+                          PRECISION, UPCAST)  # fmt: skip
+        up = acc
+        if ACT == GLU:
+            up = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+            up = _decode_row(up, x_base, w_ptr, col_ptr, crow_ptr + n_rows + row, s, m_mask, K, BH, BW, SPLIT, EVEN_K,
+                             PRECISION, UPCAST)  # fmt: skip
+        n_glob = row * BH + offs_n
+        up_off = n_rows * BH
+        if MODE == 0:
+            _decode_out(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+        elif MODE == 1:
+            ptrs = part_ptr + s * stride_ps + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
+            tl.store(ptrs, acc, mask=m_mask[:, None])
+            if ACT == GLU:
+                tl.store(ptrs + up_off, up, mask=m_mask[:, None])
+        else:
+            ws = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
+            tl.atomic_add(ws, acc, mask=m_mask[:, None], sem="relaxed")
+            if ACT == GLU:
+                tl.atomic_add(ws + up_off, up, mask=m_mask[:, None], sem="relaxed")
+            # every thread's adds are issued before the counter moves; the counter's acq_rel orders them (and,
+            # for the last arrival, everyone else's) around the hand-over
+            tl.debug_barrier()
+            c_ptr = cnt_ptr + pid_m * n_rows + row
+            arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                # read through the atomic unit (L2, where the others' adds landed), then put the zeros back: no
+                # other program touches this row's sums or counter again in this launch
+                zeros = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+                total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
+                tl.store(ws, zeros, mask=m_mask[:, None])
+                total_up = total
+                if ACT == GLU:
+                    total_up = tl.atomic_add(ws + up_off, zeros, mask=m_mask[:, None], sem="acquire")
+                    tl.store(ws + up_off, zeros, mask=m_mask[:, None])
+                tl.store(c_ptr, 0)
+                _decode_out(total, total_up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+
+    @triton.jit
+    def _decode_row(acc, x_base, w_ptr, col_ptr, row_ptr, s, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):  # fmt: skip
+        # acc += program s's share (kept blocks s, s + SPLIT, ...) of one block row, whose row pointer is at row_ptr
+        offs_k = tl.arange(0, BW)
+        w_base = w_ptr + tl.arange(0, BH)[:, None] * BW + offs_k[None, :]
+        start = tl.load(row_ptr).to(tl.int64)
+        end = tl.load(row_ptr + 1).to(tl.int64)
         for e in range(start + s, end, SPLIT):
             k0 = tl.load(col_ptr + e) * BW
             if EVEN_K:
@@ -232,35 +317,16 @@ if HAS_TRITON:
                 a = tl.load(x_base + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 # padding columns of W must not leak (a NaN there times a zero x is still NaN)
                 b = tl.load(w_base + e * (BH * BW), mask=k_mask[None, :], other=0.0)
-            if PRECISION == "none":
-                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
-                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
-            else:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        n_glob = row * BH + offs_n
-        if MODE == 0:
-            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
-        elif MODE == 1:
-            ptrs = part_ptr + s * stride_ps + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
-            tl.store(ptrs, acc, mask=m_mask[:, None])
+            acc = _mma(acc, a, b, PRECISION, UPCAST)
+        return acc
+
+    @triton.jit
+    def _decode_out(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
+                    ACT: tl.constexpr):  # fmt: skip
+        if ACT == GLU:
+            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS)
         else:
-            ws = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
-            tl.atomic_add(ws, acc, mask=m_mask[:, None], sem="relaxed")
-            # every thread's adds are issued before the counter moves; the counter's acq_rel orders them (and,
-            # for the last arrival, everyone else's) around the hand-over
-            tl.debug_barrier()
-            c_ptr = cnt_ptr + pid_m * (tl.num_programs(0) // SPLIT) + row
-            arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                # read through the atomic unit (L2, where the others' adds landed), then put the zeros back: no
-                # other program touches this row's sums or counter again in this launch
-                zeros = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-                total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
-                tl.store(ws, zeros, mask=m_mask[:, None])
-                tl.store(c_ptr, 0)
-                _epilogue(total, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -271,23 +337,32 @@ if HAS_TRITON:
         stride_ps,
         stride_pm,
         stride_ym,
+        up_off,
         SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr,
     ):
-        # y[m, n] = act(sum_s partial[s, m, n] + bias[n]); a fixed summation order, so results are deterministic
+        # y[m, n] = act(sum_s partial[s, m, n] + bias[n]); a fixed summation order, so results are deterministic.
+        # ACT == GLU: silu(gate) * up, the up sums `up_off` columns after the gate sums, its bias N after the gate's
         pid_n = tl.program_id(0)
         m = tl.program_id(1).to(tl.int64)
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for s in range(SPLIT):
             acc += tl.load(p_ptr + s * stride_ps + m * stride_pm + offs, mask=mask, other=0.0)
+            if ACT == GLU:
+                up += tl.load(p_ptr + s * stride_ps + m * stride_pm + up_off + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if ACT == GLU:
+                up += tl.load(b_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT == 1:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        if ACT == GLU:
+            acc = acc * tl.sigmoid(acc) * up
         tl.store(y_ptr + m * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -358,7 +433,8 @@ def launch(
     """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1; a config with
     SPLIT >= 1 runs the decode kernel (launch_decode) instead. `wrap` (torch.library.wrap_triton, inside a
     torch.library.triton_op) makes the tiled kernel's launch visible to torch.compile; TMA and decode
-    configurations are not launched that way (superblock::bsr_linear_triton refuses them: ops.tiled_config)."""
+    configurations are not launched that way (superblock::bsr_linear_triton refuses them: ops.tiled_config).
+    activation "silu_mul": n_out is y's width N, the weight [gate; up] has twice its block rows (and groups); no TMA."""
     if int(config.get("SPLIT", 0)) >= 1:
         return launch_decode(x2d, values, crow, col, bias, y, n_out, k_in, activation, precision, config)
     M = x2d.shape[0]
@@ -366,11 +442,13 @@ def launch(
     group = int(config.get("G", 1))
     block_m = int(config["BLOCK_M"])
     n_groups = crow.numel() - 1
+    if activation == "silu_mul":
+        n_groups //= 2
     grid = (((M + block_m - 1) // block_m) * n_groups,)
     prec = _precision_arg(x2d.dtype, precision)
     act = ACT_CODES[activation]
     b_arg = bias if bias is not None else y
-    if config.get("TMA", False) and group == 1:
+    if config.get("TMA", False) and group == 1 and activation != "silu_mul":
         x_desc = TensorDescriptor.from_tensor(x2d, [block_m, bw])
         w_desc = TensorDescriptor.from_tensor(values.view(-1, bw), [bh, bw])
         y_desc = TensorDescriptor.from_tensor(y, [block_m, bh])
@@ -442,19 +520,20 @@ def launch_decode(
     M = x2d.shape[0]
     bh, bw = int(values.shape[1]), int(values.shape[2])
     split, block_m = int(config["SPLIT"]), int(config["BLOCK_M"])
-    n_rows = crow.numel() - 1
+    n_weight_rows = crow.numel() - 1
+    n_rows = n_weight_rows // 2 if activation == "silu_mul" else n_weight_rows  # programs' block rows of y
     m_tiles = triton.cdiv(M, block_m)
     b_arg = bias if bias is not None else y
     mode, part, cnt, stride_ps = 0, y, crow, 0
-    if split > 1:
-        ws = decode_workspace(y.device, M * n_rows * bh, m_tiles * n_rows)
+    if split > 1:  # partial sums as wide as the weight's rows (silu_mul: gate's, then up's)
+        ws = decode_workspace(y.device, M * n_weight_rows * bh, m_tiles * n_rows)
         if ws is not None:
             mode, (part, cnt) = 2, ws
         else:
             mode = 1
-            part = torch.empty(split, M, n_rows * bh, device=y.device, dtype=torch.float32)
+            part = torch.empty(split, M, n_weight_rows * bh, device=y.device, dtype=torch.float32)
             stride_ps = part.stride(0)
-    stride_pm = n_rows * bh if mode else 0
+    stride_pm = n_weight_rows * bh if mode else 0
     act = ACT_CODES[activation]
     _bsr_decode_kernel[(n_rows * split, m_tiles)](
         x2d, values, crow, col, b_arg, y, part, cnt, M, n_out, k_in, x2d.stride(0), y.stride(0), stride_pm, stride_ps,
@@ -464,7 +543,7 @@ def launch_decode(
     )  # fmt: skip
     if mode == 1:
         _decode_reduce_kernel[(triton.cdiv(n_out, REDUCE_BLOCK_N), M)](
-            part, b_arg, y, n_out, part.stride(0), part.stride(1), y.stride(0), SPLIT=split, BLOCK_N=REDUCE_BLOCK_N,
-            HAS_BIAS=bias is not None, ACT=act, num_warps=4,
+            part, b_arg, y, n_out, part.stride(0), part.stride(1), y.stride(0), n_rows * bh, SPLIT=split,
+            BLOCK_N=REDUCE_BLOCK_N, HAS_BIAS=bias is not None, ACT=act, num_warps=4,
         )  # fmt: skip
     return y

@@ -7,7 +7,9 @@
 y = act(x @ W^T + bias), W block-sparse over the zero-padded (ceil(out/bh)*bh, ceil(in/bw)*bw) matrix; x is
 [..., in], y is [..., out_features] in x's dtype (a new, contiguous tensor; nothing is mutated or aliased).
 
-  activation  "none" | "gelu" (exact erf GELU, fused into the kernel's epilogue)
+  activation  "none" | "gelu" (exact erf GELU, fused into the kernel's epilogue) | "silu_mul" (a gated MLP's gate
+              and up projections: W = [gate; up], out_features = 2N rows with N a multiple of the block height,
+              bias [gate's N; up's N]; y = silu(x @ Wg^T + bg) * (x @ Wu^T + bu) is [..., N])
   backend     "triton" (CUDA) | "torch" (torch's BSR kernels) | "dense" (the dense weight rebuilt per call:
               a reference; modules run their dense choice as F.linear with a weight prepared at load time)
   precision   fp32 products in the triton backend: "ieee" | "tf32" | "tf32x3" (ignored otherwise)
@@ -35,7 +37,7 @@ import torch
 
 from superblock.kernels import _runners, _triton_bsr
 
-OP_ACTIVATIONS = ("none", "gelu")
+OP_ACTIVATIONS = ("none", "gelu", "silu_mul")
 OP_BACKENDS = ("triton", "torch", "dense")
 
 
@@ -55,13 +57,14 @@ def bsr_linear_impl(
     wrap=None,
 ) -> torch.Tensor:
     """The op's CPU/CUDA kernel, callable directly in eager code (no dispatcher: ~10 us less per call).
-    `out` (eager only) is a [..., out_features] contiguous tensor the result is written into. `wrap`: the triton
+    `out` (eager only) is a [..., y's width] contiguous tensor the result is written into. `wrap`: the triton
     backend's launch wrapper (torch.library.wrap_triton inside superblock::bsr_linear_triton)."""
     in_f = x.shape[-1]
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f)
     act = None if activation == "none" else activation
-    y2d = None if out is None else out.view(-1, out_features)
+    n_out = _runners.out_width(out_features, act)
+    y2d = None if out is None else out.view(-1, n_out)
     if backend == "triton":
         _runners.check_triton(x2d, values)
         cfg = _runners.config_from_list(config)
@@ -80,7 +83,7 @@ def bsr_linear_impl(
         if y2d is not None:
             y2d.copy_(y)
             y = y2d
-    return out if out is not None else y.reshape(*lead, out_features)
+    return out if out is not None else y.reshape(*lead, n_out)
 
 
 @torch.library.custom_op("superblock::bsr_linear", mutates_args=())
@@ -110,7 +113,7 @@ def _bsr_linear_fake(x, values, crow_indices, col_indices, gidx, bias, out_featu
     torch._check(values.dim() == 3, lambda: "values must be [nnz_blocks, bh, bw]")
     torch._check(activation in OP_ACTIVATIONS, lambda: f"activation must be one of {OP_ACTIVATIONS}")
     torch._check(backend in OP_BACKENDS, lambda: f"backend must be one of {OP_BACKENDS}")
-    return x.new_empty(*x.shape[:-1], out_features)
+    return x.new_empty(*x.shape[:-1], _runners.out_width(out_features, None if activation == "none" else activation))
 
 
 # torch.library.triton_op arrived in torch 2.6; without it (or without triton) traced layers keep the opaque op
