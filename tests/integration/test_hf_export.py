@@ -119,7 +119,9 @@ def test_llama_load_sparse_generates_what_the_folded_model_generates(tmp_path):
     masked = hf_run(tmp_path / "run", "llama", LLAMA)
     export(tmp_path / "run", tmp_path / "exp")
     model = load_sparse(tmp_path / "exp")
-    assert isinstance(model, transformers.LlamaForCausalLM) and count(model, "BlockSparseLinear") == 14
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    # 14 block-sparse weights, loaded fused: q/k/v one product, gate/up one (silu * up fused), o, down
+    assert count(model, "BlockSparseLinear") == 6 and count(model, "FusedGateUpLinear") == 2
     assert isinstance(model.lm_head, torch.nn.Linear)  # the head stays dense
     folded = fold_copy(masked).eval()
     prompt = ids(1, 6, seed=3)
@@ -169,7 +171,7 @@ def test_llama_on_cuda_bf16_generates_eagerly_with_a_static_cache_and_under_cuda
     result = export(tmp_path / "run", tmp_path / "exp", dtype="bf16", device="cuda")
     assert result.manifest["equivalence"]["passed"]
     model = load_sparse(tmp_path / "exp", device="cuda", dtype="bf16")
-    assert count(model, "BlockSparseLinear") == 14
+    assert count(model, "BlockSparseLinear") == 6 and count(model, "FusedGateUpLinear") == 2  # fused q/k/v, gate/up
     prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         want = fold_copy(masked).to("cuda", torch.bfloat16).eval()(prompt).logits.float()
