@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/lm_layers.py --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --layers gate_up,down --tokens 1,8 --out $OUT
+    PYTHONPATH=. python benchmarks/lm_layers.py --fused --layers gate_up,qkv --tokens 1,8,32,2048 --out $OUT
 
 For each layer (gate/up 4096->14336, down 14336->4096, qkv 4096->6144, o 4096->4096) and token count M, with a
 random block mask (exactly `sparsity` of the blocks zeroed) in bf16:
@@ -14,6 +15,11 @@ each in eager (wall clock per call, host overhead included) and under a CUDA gra
 one graph of many calls). Each operand set is cycled through enough copies of the weight (same mask, fresh values)
 that the weights read between two uses of one copy exceed the L2 cache (`--l2-mib`): a decode step reads every
 layer's weights from DRAM once, and so does this benchmark, sparse and dense alike.
+
+--fused: gate_up is one product over [gate; up] (4096 -> 2 x 14336) with silu(gate) * up in the kernel (activation
+"silu_mul", FusedGateUpLinear; dense: F.linear over the stacked weight, then silu * up), and qkv one product over
+q, k, v's stacked rows (as FusedQKV runs it). Those rows add "ours unfused": the same kept blocks as separate
+BlockSparseLinear layers (gate and up, then torch's silu * up; q, k and v), and fused / unfused speedups.
 
 bound: the best a block-sparse kernel could do against this dense time, dense_ms / max(t_mem, t_mma): t_mem = the
 bytes of the kept blocks, their indices, x and y at the bandwidth cuBLAS reaches on the dense weight at one token
@@ -39,9 +45,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear, _runners, dense_to_bsr  # noqa: E402
+from superblock.kernels.fused import FusedGateUpLinear  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
 LAYERS = {"gate_up": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
+# --fused: (weight rows, activation, the separate layers' rows) of the fused products
+FUSED = {"gate_up": (2 * 14336, "silu_mul", (14336, 14336)), "qkv": (6144, None, (4096, 1024, 1024))}
 
 
 def parse_args(argv=None):
@@ -54,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-torch-bsr", action="store_true")
+    p.add_argument("--fused", action="store_true",
+                   help="gate_up and qkv as the fused products load_sparse builds, next to the same blocks unfused")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--replot", default=None, help="an earlier run's lm_layers.json: redraw its plot, measure nothing")
     return p.parse_args(argv)
@@ -139,18 +150,49 @@ def choice_label(mod: BlockSparseLinear, m: int) -> str:
     return f"tiled BM{cfg['BLOCK_M']}{' TMA' if cfg.get('TMA') else ''}"
 
 
-def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen) -> list[dict]:
+def split_rows(values, crow, col, bh: int, sizes) -> list[tuple]:
+    """The BSR triplets of consecutive row ranges (`sizes` rows each, block-row multiples) of one BSR weight."""
+    out, r0 = [], 0
+    for n in sizes:
+        r1 = r0 + n // bh
+        a, b = int(crow[r0]), int(crow[r1])
+        out.append((values[a:b], crow[r0 : r1 + 1] - crow[r0], col[a:b]))
+        r0 = r1
+    return out
+
+
+def unfused_fns(vals, crow, col, in_f: int, activation, parts, x, bh: int) -> dict[str, list]:
+    """Per runtime, calls running the same kept blocks as separate layers (gate, up, silu * up; or q, k, v)."""
+    fns = {}
+    for rt in ("eager", "graph"):
+        fns[rt] = []
+        for v in vals:
+            layers = [BlockSparseLinear.from_bsr(*t, (n, in_f)) for t, n in
+                      zip(split_rows(v, crow, col, bh, parts), parts, strict=True)]  # fmt: skip
+            for mod in layers:
+                mod.tuning_target = rt
+                mod.prepare(x.shape[0])
+            if activation == "silu_mul":
+                fns[rt].append(lambda g=layers[0], u=layers[1], x=x: F.silu(g(x)) * u(x))
+            else:
+                fns[rt].append(lambda ls=layers, x=x: [mod(x) for mod in ls])
+    return fns
+
+
+def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, activation=None, parts=None):
     w0 = random_block_weight(out_f, in_f, args.block, args.sparsity, gen)
     values, crow, col = dense_to_bsr(w0, args.block)
     kept = values.numel() * 2 + (crow.numel() + col.numel()) * 4
     n_dense, n_sparse = copies_for(w0.numel() * 2, args.l2_mib), copies_for(kept, args.l2_mib)
     vals = [values] + [torch.randn_like(values) * 0.02 for _ in range(n_sparse - 1)]
     dense_w = [_runners.bsr_to_dense(v, crow, col, (out_f, in_f)) for v in vals[:n_dense]]
-    mods = {rt: [BlockSparseLinear.from_bsr(v, crow, col, (out_f, in_f)) for v in vals] for rt in ("eager", "graph")}
+    cls = FusedGateUpLinear if activation == "silu_mul" else BlockSparseLinear
+    mods = {rt: [cls.from_bsr(v, crow, col, (out_f, in_f)) for v in vals] for rt in ("eager", "graph")}
     for rt, ms in mods.items():
         for mod in ms:
             mod.tuning_target = rt
     bsr_w = [_runners.torch_bsr_weight(v, crow, col, (out_f, in_f), torch.bfloat16) for v in vals]
+    n_y = _runners.out_width(out_f, activation)
     k_cut = max(args.block, round(in_f * (1 - args.sparsity) / args.block) * args.block)
     w_cut = [torch.randn(out_f, k_cut, device="cuda", dtype=torch.bfloat16) for _ in range(n_dense)]
     bw_gbs = None
@@ -162,21 +204,27 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen) 
             for ms in mods.values():
                 for mod in ms:
                     mod.prepare(m)
-            err = (mods["graph"][0](x).double() - x.double() @ dense_w[0].double().t()).norm().item()
-            err /= (x.double() @ dense_w[0].double().t()).norm().item()
-            d_e, d_g = both([lambda w=w, x=x: F.linear(x, w) for w in dense_w], args)
+            ref = _runners.run_dense(x.double(), dense_w[0].double(), None, activation)
+            err = (mods["graph"][0](x).double() - ref).norm().item() / ref.norm().item()
+            d_e, d_g = both([lambda w=w, x=x: _runners.run_dense(x, w, None, activation) for w in dense_w], args)
             if bw_gbs is None:  # the bandwidth cuBLAS reaches on this dense weight at one token
                 bw_gbs = (w0.numel() * 2) / (d_g * 1e6)
             t_e = t_g = None
             if not args.no_torch_bsr:
-                t_e, t_g = try_both([lambda w=w, x=x: F.linear(x, w) for w in bsr_w], args)
+                t_e, t_g = try_both([lambda w=w, x=x: _runners.activate(F.linear(x, w), activation) for w in bsr_w],
+                                    args)  # fmt: skip
             o_e = statistics.median(eager_ms([lambda mod=mod, x=x: mod(x) for mod in mods["eager"]], args.reps)
                                     for _ in range(args.rounds))  # fmt: skip
             o_g = graph_ms([lambda mod=mod, x=x: mod(x) for mod in mods["graph"]])
             cut_g = graph_ms([lambda w=w, x=x_cut: F.linear(x, w) for w in w_cut])
+            u_e = u_g = None
+            if parts and m in tokens:
+                unf = unfused_fns(vals, crow, col, in_f, activation, parts, x, args.block)
+                u_e = statistics.median(eager_ms(unf["eager"], args.reps) for _ in range(args.rounds))
+                u_g = graph_ms(unf["graph"])
         if m not in tokens:
             continue
-        io = (m * in_f + m * out_f) * 2
+        io = (m * in_f + m * n_y) * 2
         t_mem = (kept + io) / (bw_gbs * 1e6)
         bound = d_g / max(t_mem, cut_g)
         row = {"layer": name, "out": out_f, "in": in_f, "M": m, "dense_eager_ms": d_e, "dense_graph_ms": d_g,
@@ -185,7 +233,10 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen) 
                "torch_bsr_eager_x": d_e / t_e if t_e else None, "torch_bsr_graph_x": d_g / t_g if t_g else None,
                "bound_x": bound, "bound_mem_x": d_g / t_mem, "bound_mma_x": d_g / cut_g,
                "choice_eager": choice_label(mods["eager"][0], m), "choice_graph": choice_label(mods["graph"][0], m),
-               "rel_err": err, "copies_dense": n_dense, "copies_sparse": n_sparse, "dense_gbs": bw_gbs}  # fmt: skip
+               "rel_err": err, "copies_dense": n_dense, "copies_sparse": n_sparse, "dense_gbs": bw_gbs,
+               "activation": activation, "unfused_eager_ms": u_e, "unfused_graph_ms": u_g,
+               "fused_vs_unfused_eager_x": u_e / o_e if u_e else None,
+               "fused_vs_unfused_graph_x": u_g / o_g if u_g else None}  # fmt: skip
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return rows
@@ -201,15 +252,17 @@ def table(rows: list[dict], args) -> str:
         f"{args.block}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms in the same runtime",
         "",
         "| layer | M | dense eager / graph (ms) | torch BSR eager / graph | ours eager / graph | bound | ours picks "
-        "(eager / graph) |",
-        "|---|---|---|---|---|---|---|",
+        "(eager / graph) | fused vs unfused (eager / graph) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        act = " silu_mul" if r.get("activation") == "silu_mul" else ""
         lines.append(
-            f"| {r['layer']} {r['in']}->{r['out']} | {r['M']} | {r['dense_eager_ms']:.4f} / {r['dense_graph_ms']:.4f} "
-            f"| {fmt_x(r['torch_bsr_eager_x'])} / {fmt_x(r['torch_bsr_graph_x'])} "
+            f"| {r['layer']} {r['in']}->{r['out']}{act} | {r['M']} | {r['dense_eager_ms']:.4f} / "
+            f"{r['dense_graph_ms']:.4f} | {fmt_x(r['torch_bsr_eager_x'])} / {fmt_x(r['torch_bsr_graph_x'])} "
             f"| {fmt_x(r['ours_eager_x'])} / **{fmt_x(r['ours_graph_x'])}** | {fmt_x(r['bound_x'])} "
-            f"| {r['choice_eager']} / {r['choice_graph']} |"
+            f"| {r['choice_eager']} / {r['choice_graph']} "
+            f"| {fmt_x(r.get('fused_vs_unfused_eager_x'))} / {fmt_x(r.get('fused_vs_unfused_graph_x'))} |"
         )
     return "\n".join(lines)
 
@@ -255,12 +308,16 @@ def main(argv=None):
     rows = []
     for name in args.layers.split(","):
         out_f, in_f = LAYERS[name]
-        rows += bench_layer(name, out_f, in_f, tokens, args, gen)
+        activation = parts = None
+        if args.fused and name in FUSED:
+            out_f, activation, parts = FUSED[name]
+        rows += bench_layer(name, out_f, in_f, tokens, args, gen, activation, parts)
         torch.cuda.empty_cache()
     text = table(rows, args)
-    (out_dir / "lm_layers.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "lm_layers.md").write_text(text + "\n")
-    plot(rows, out_dir / "lm_layers.png")
+    stem = "lm_layers_fused" if args.fused else "lm_layers"
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    plot(rows, out_dir / f"{stem}.png")
     print(text)
 
 
