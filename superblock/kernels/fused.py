@@ -139,8 +139,9 @@ class FusedQKV(nn.Module):
         self.sizes = tuple(int(s) for s in sizes)
         q, k, v = self.sizes
         self.bounds = ((0, q), (q, q + k), (q + k, q + k + v))
-        self._key: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
+        # (input, product) of the last q call, read and written whole: a thread switch cannot pair one call's input
+        # with another's product (threads sharing an eager model only ever compute again)
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_qkv(cls, q: BlockSparseLinear, k: BlockSparseLinear, v: BlockSparseLinear) -> FusedQKV:
@@ -152,13 +153,14 @@ class FusedQKV(nn.Module):
 
     def serve(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Projection `index` (0 q, 1 k, 2 v) of x: a view of the fused product."""
-        if index == 0 or self._out is None or self._key is not x:
-            self._key, self._out = x, self.proj(x)
-        out = self._out
+        kept = self._kept
+        if index == 0 or kept is None or kept[0] is not x:
+            kept = (x, self.proj(x))
+            self._kept = kept
         if index == 2:
-            self._key = self._out = None
+            self._kept = None
         a, b = self.bounds[index]
-        return out[..., a:b]
+        return kept[1][..., a:b]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v) of x, from one product."""

@@ -131,4 +131,4 @@ def test_tiny_llama_fused_generates_like_unfused_eager_compiled_and_graphed():
             out["y"] = fused(ids).logits
         graph.replay()
         torch.testing.assert_close(out["y"].float(), got, rtol=0, atol=1e-2)
-        assert fused.model.layers[0].self_attn.qkv_proj._out is None
+        assert fused.model.layers[0].self_attn.qkv_proj._kept is None

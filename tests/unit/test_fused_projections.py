@@ -93,13 +93,13 @@ def test_qkv_slices_compute_once_per_input_and_keep_nothing():
     x, other = torch.randn(4, 32), torch.randn(4, 32)
     with torch.no_grad():
         outs = [q(x), k(x), v(x)]
-        assert len(calls) == 1 and fused._out is None and fused._key is None  # one product, nothing kept after v
+        assert len(calls) == 1 and fused._kept is None  # one product, nothing kept after v
         assert outs[1].data_ptr() == outs[0].data_ptr() + 32 * 4  # views of the one product
         # another input for k / v (cross-attention, an odd call order) is computed afresh: slower, never wrong
         torch.testing.assert_close(q(x), sep[0](x))
         torch.testing.assert_close(k(other), sep[1](other))
         torch.testing.assert_close(v(x), sep[2](x))
-        assert len(calls) == 4 and fused._out is None
+        assert len(calls) == 4 and fused._kept is None
         # an interrupted sequence (q only) leaves a product that the next q replaces, whatever its input
         q(x)
         x.add_(1.0)  # the same tensor object with new contents
@@ -189,7 +189,7 @@ def test_fuse_projections_on_a_tiny_llama_keeps_logits_and_generation():
         assert torch.equal(fused.generate(ids[:1], max_new_tokens=6, do_sample=False), want)
         static = fused.generate(ids[:1], max_new_tokens=6, do_sample=False, cache_implementation="static")
         assert torch.equal(static, want)
-    assert attn.qkv_proj._out is None  # nothing kept between calls
+    assert attn.qkv_proj._kept is None  # nothing kept between calls
 
 
 def test_gate_up_fusion_needs_pairable_rows_and_silu():
