@@ -9,7 +9,7 @@ into shared memory once (K / bw TMA boxes of [BM, bw], one mbarrier), then walks
 kept block it indexes the resident x box by the block's column at run time (`x_smem.index(col)`: what plain Triton
 cannot express) and issues one warpgroup MMA (wgmma, HGMMA in SASS) against the block, which streams through a
 STAGES-deep ring of TMA copies. At the end of a block row the accumulator gets bias and GELU and leaves through a
-double-buffered TMA store. So x is read from memory once per program, W (small: the kept blocks) from L2.
+ring of up to 4 TMA stores in flight. So x is read from memory once per program, W (small: the kept blocks) from L2.
 
 Limits: x's tile must fit in shared memory (BM * K * 2 bytes + the W ring + 2 y tiles <= ~220 KB: K <= 1536 at
 BM=64), 16-bit dtypes, K and the row stride 16-byte aligned, K a multiple of bw (no padding columns to mask),
@@ -47,9 +47,20 @@ if HAS_GLUON:
     _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def smem_bytes(block_m: int, k_in: int, bh: int, bw: int, stages: int, elem: int = 2) -> int:
-    """Shared memory one program takes: the resident x tile, the W ring, two y tiles, the barriers."""
-    return elem * (block_m * k_in + stages * bh * bw + 2 * block_m * bh) + 8 * (stages + 1)
+Y_BUFS = 4  # y tiles in flight to memory: a TMA store takes ~1-2 us to land, longer than a short block row
+
+
+def smem_bytes(block_m: int, k_in: int, bh: int, bw: int, stages: int, elem: int = 2, y_bufs: int = Y_BUFS) -> int:
+    """Shared memory one program takes: the resident x tile, the W ring, the y tiles in flight, the barriers."""
+    return elem * (block_m * k_in + stages * bh * bw + y_bufs * block_m * bh) + 8 * (stages + 1)
+
+
+def y_buffers(block_m: int, k_in: int, bh: int, bw: int, stages: int) -> int:
+    """How many y tiles fit beside x's tile and the W ring (2 to Y_BUFS)."""
+    for n in range(Y_BUFS, 2, -1):
+        if smem_bytes(block_m, k_in, bh, bw, stages, y_bufs=n) <= SMEM_BUDGET:
+            return n
+    return 2
 
 
 def usable(x2d: torch.Tensor, values: torch.Tensor, n_out: int, block_m: int = 64, stages: int = 4) -> bool:
@@ -66,7 +77,7 @@ def usable(x2d: torch.Tensor, values: torch.Tensor, n_out: int, block_m: int = 6
         return False
     if not tma_aligned(x2d) or values.data_ptr() % 16:
         return False
-    return smem_bytes(block_m, k_in, bh, bw, stages) <= SMEM_BUDGET
+    return smem_bytes(block_m, k_in, bh, bw, stages, y_bufs=2) <= SMEM_BUDGET
 
 
 def tma_aligned(t: torch.Tensor) -> bool:
@@ -93,6 +104,7 @@ if HAS_GLUON:
         KB: gl.constexpr,
         STAGES: gl.constexpr,
         LAG: gl.constexpr,
+        YB: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         ACT: gl.constexpr,
         WARPS_M: gl.constexpr,
@@ -112,7 +124,7 @@ if HAS_GLUON:
 
         x_smem = gl.allocate_shared_memory(dtype, [KB, BM, BW], x_desc.layout)
         w_smem = gl.allocate_shared_memory(dtype, [STAGES, BH, BW], w_desc.layout)
-        y_smem = gl.allocate_shared_memory(dtype, [2, BM, BH], y_desc.layout)
+        y_smem = gl.allocate_shared_memory(dtype, [YB, BM, BH], y_desc.layout)
         x_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         w_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(x_bar, count=1)
@@ -176,12 +188,15 @@ if HAS_GLUON:
                 acc = acc + gl.expand_dims(bias, 0)
             if ACT == 1:  # exact (erf) GELU, as nn.GELU()
                 acc = 0.5 * acc * (1.0 + gl.erf(acc * 0.7071067811865476))
-            yb = (r - r0) % 2
-            tma.store_wait(pendings=1)  # the store that last used this y buffer has left it
+            yb = (r - r0) % YB
+            tma.store_wait(pendings=YB - 1)  # the store that last used this y buffer has left it
             y_smem.index(yb).store(acc.to(dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(y_desc, [m0, r * BH], y_smem.index(yb))
 
+        # Triton 3.6's Gluon front end carries a variable through a loop only when it is read after the loop (else
+        # every row would reuse the first row's bounds): these are read by a store that never fires (beg >= 0)
+        gl.store(crow_ptr + r0, beg + end1 + end2, mask=beg < 0)
         tma.store_wait(pendings=0)
         mbarrier.invalidate(x_bar)
         for p in gl.static_range(STAGES):
@@ -229,7 +244,8 @@ def launch(
     grid = (triton.cdiv(M, block_m) * chunks,)
     _xstat_kernel[grid](
         x_desc, w_desc, y_desc, crow, col, bias if bias is not None else y, n_out, n_rows, chunks,
-        BM=block_m, BH=bh, BW=bw, KB=k_in // bw, STAGES=stages, LAG=lag, HAS_BIAS=bias is not None,
+        BM=block_m, BH=bh, BW=bw, KB=k_in // bw, STAGES=stages, LAG=lag,
+        YB=y_buffers(block_m, k_in, bh, bw, stages), HAS_BIAS=bias is not None,
         ACT=1 if activation == "gelu" else 0, WARPS_M=wm, WARPS_N=wn, INSTR_N=instr_n, num_warps=warps,
     )  # fmt: skip
     return y
