@@ -97,12 +97,21 @@ def test_xstat_refuses_problems_it_cannot_run_with_a_clear_error():
         bsr_linear(x.float(), values.float(), crow, col, w.shape, None, None, "triton", config=xs_config())
 
 
-def test_xstat_under_a_cuda_graph_and_picked_by_the_tuner():
+def test_xstat_under_a_cuda_graph_and_offered_to_the_tuner(monkeypatch):
     w = sparse_weight(3072, 768, (16, 16), 0.1, seed=5)
     layer = BlockSparseLinear.from_dense(w, torch.randn(3072, device="cuda", dtype=torch.bfloat16), 16)
     x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
     cands = tuning_mod.xstat_configs(x, layer.values, 3072)
     assert cands and all(c["XS"] >= 1 for c in cands)
+    seen = {}
+    monkeypatch.setattr(tuning_mod, "_time_triton", lambda a, p, c: (seen.setdefault("c", c), ({}, {}, None))[1])
+    tuning_mod.set_xstat(True)
+    try:
+        args = (x, layer.values, layer.crow_indices, layer.col_indices, layer.shape, None, None)
+        tuning_mod.measure(args, "ieee", backends=("triton",))
+    finally:
+        tuning_mod.set_xstat(False)
+    assert any(c.get("XS") for c in seen["c"])
     layer.set_choice(tuning_mod.token_bucket(4096), {"backend": "triton", "config": cands[0]})
     with torch.no_grad():
         layer(x)
