@@ -65,7 +65,11 @@ def show_serving_log() -> None:
 
 
 def run_cli(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
-    """Call fn(**args); user mistakes and bad inputs (ValueError, missing files) exit 1 with one line."""
+    """Call fn(**args) after applying `kernels.*`; user mistakes and bad inputs (ValueError, missing files) exit 1
+    with one line."""
+    from superblock.kernels import tuning
+
+    tuning.configure(**args.pop("kernels", {}))
     show_serving_log()
     try:
         return fn(**args)

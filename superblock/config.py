@@ -180,6 +180,14 @@ class TrainConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """`kernels.*` of export.py / evaluate.py: superblock.kernels.tuning.configure."""
+
+    tune: bool = True  # false: `auto` measures nothing and takes built-in defaults
+    cache_dir: str | None = None  # where the tuning table lives; None: ~/.cache/superblock
+
+
+@dataclass
 class ExportConfig:
     """`python export.py` (configs/export.yaml): the keyword arguments of superblock.export.export_checkpoint."""
 
@@ -197,6 +205,7 @@ class ExportConfig:
     tolerance: float | None = None  # None: the dtype's tolerance
     use_ema: bool = False
     overwrite: bool = False
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 @dataclass
@@ -233,6 +242,7 @@ class EvaluateConfig:
     accuracy: bool = True
     output: str | None = None  # eval.json path; None: <run or export dir>/eval.json
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(EVAL_DATA_KEYS))  # overrides of the run's
 
 

@@ -4,7 +4,9 @@ A choice is keyed by the problem (out x in, block, density in percent, dtype / f
 activation, token-count bucket) inside a scope naming the device and the torch / triton versions. The table
 lives in memory and in `$SUPERBLOCK_CACHE_DIR/tuning.json` (default `~/.cache/superblock/tuning.json`), so a
 GPU is measured once; `tuning_table()` / `load_tuning()` let an export manifest carry it to another machine.
-Set SUPERBLOCK_TUNE=0 to skip measuring (built-in defaults are used instead).
+`configure(tune=False)` skips measuring (built-in defaults are used instead); `configure(cache_dir=...)` moves the
+table. export.py / evaluate.py set both from their `kernels.tune` / `kernels.cache_dir` keys; a process that sets
+neither starts from the environment (SUPERBLOCK_TUNE=0, SUPERBLOCK_CACHE_DIR, SUPERBLOCK_TUNE_FOR).
 """
 
 from __future__ import annotations
@@ -250,8 +252,23 @@ def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, ta
     return key if target == "eager" else key + "|" + target
 
 
+_knobs = {"tune": os.environ.get("SUPERBLOCK_TUNE", "1") != "0", "cache_dir": os.environ.get("SUPERBLOCK_CACHE_DIR")}
+
+
+def configure(tune: bool | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+    """Whether `auto` may measure (tune=False: built-in defaults) and where the table lives on disk (cache_dir;
+    default ~/.cache/superblock). Arguments left None keep their value. A new cache_dir is read on next use."""
+    global _disk_loaded
+    if tune is not None:
+        _knobs["tune"] = bool(tune)
+    if cache_dir is not None:
+        with _lock:
+            _knobs["cache_dir"] = str(cache_dir)
+            _disk_loaded = False
+
+
 def cache_path() -> Path:
-    root = os.environ.get("SUPERBLOCK_CACHE_DIR")
+    root = _knobs["cache_dir"] or os.environ.get("SUPERBLOCK_CACHE_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "superblock"
     return base / "tuning.json"
 
@@ -356,7 +373,7 @@ def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
 
 
 def _can_measure(x: torch.Tensor) -> bool:
-    if os.environ.get("SUPERBLOCK_TUNE", "1") == "0":
+    if not _knobs["tune"]:
         return False
     if torch.cuda.is_current_stream_capturing():
         return False

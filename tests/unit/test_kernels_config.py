@@ -1,0 +1,37 @@
+"""kernels.tune / kernels.cache_dir: the tuning knobs are config keys of export.py and evaluate.py."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from superblock.cli import run_cli
+from superblock.config import ConfigError, to_evaluate_config, to_export_config
+from superblock.kernels import tuning
+
+
+@pytest.fixture
+def knobs():
+    saved = dict(tuning._knobs)
+    yield
+    tuning._knobs.update(saved)
+    tuning.clear_tuning()
+
+
+def test_configure_moves_the_cache_and_turns_measuring_off(tmp_path, knobs):
+    tuning.configure(cache_dir=tmp_path / "t")
+    assert tuning.cache_path() == tmp_path / "t" / "tuning.json"
+    tuning.configure(tune=False)
+    assert not tuning._can_measure(torch.zeros(1))  # the knob is read first: no CUDA query on this path
+    tuning.configure(tune=True)
+    assert tuning._knobs["tune"] is True
+
+
+def test_export_and_evaluate_configs_carry_kernel_keys_and_the_cli_applies_them(tmp_path, knobs):
+    conf = to_export_config(OmegaConf.create({"checkpoint": "run", "kernels": {"tune": False, "cache_dir": "x"}}))
+    assert conf.kernels.tune is False and conf.kernels.cache_dir == "x"
+    assert to_evaluate_config(OmegaConf.create({"checkpoint": "run"})).kernels.tune is True
+    with pytest.raises(ConfigError, match="kernels"):
+        to_export_config(OmegaConf.create({"checkpoint": "run", "kernels": {"tunes": False}}))
+    seen = {}
+    run_cli(lambda **kw: seen.update(kw), {"a": 1, "kernels": {"tune": False, "cache_dir": str(tmp_path)}})
+    assert seen == {"a": 1} and tuning._knobs == {"tune": False, "cache_dir": str(tmp_path)}
