@@ -5,6 +5,7 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
   time_cuda(fn)            GPU time per call in ms from CUDA events over back-to-back calls (host overhead shows
                            when the GPU outruns the launches)
   time_graph(fn)           GPU time per call in ms from replays of a CUDA graph of several calls (no host overhead)
+  capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
   compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift)
   StepTimer                sums the time spent in a block of the training step, read only when the log asks
@@ -41,6 +42,21 @@ def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def capture_graph(fn: Callable[[], Any], reps: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `reps` calls of fn(), captured after one warm-up call on a side stream (so that lazy
+    initialisation and allocator growth happen outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph
+
+
 def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
     """GPU time of fn() in ms, without host launch overhead: replays of a CUDA graph of several calls.
 
@@ -54,15 +70,7 @@ def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
     end.record()
     end.synchronize()
     reps = int(min(max(budget_ms / max(start.elapsed_time(end), 1e-3), 2), 20))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    graph = capture_graph(fn, reps)
     graph.replay()
     times = []
     for _ in range(repeats):
