@@ -10,7 +10,10 @@ if int(os.environ.get("RANK", "0")) > 0:
     # Under torchrun only rank 0 owns a run directory (shared with the others at start-up): keep Hydra from
     # creating one per rank.
     sys.argv += [
-        "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"
+        "hydra.output_subdir=null",
+        "hydra.run.dir=.",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
     ]
 
 

@@ -68,17 +68,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", "--data", dest="preset", choices=sorted(PRESETS), default="digits")
     p.add_argument("--root", default="data/digits", help="the image tree of the digits presets (written if missing)")
-    p.add_argument("--recipes", type=_csv(str), default=["reference", "default", "magnitude_frozen"],
-                   help=f"comma-separated, of {sorted(RECIPES)}")
+    p.add_argument(
+        "--recipes",
+        type=_csv(str),
+        default=["reference", "default", "magnitude_frozen"],
+        help=f"comma-separated, of {sorted(RECIPES)}",
+    )
     p.add_argument("--permute", type=_csv(str), default=["none"], help="comma-separated: none,mlp,mlp+heads")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
     p.add_argument("--levels", type=_csv(float), default=[0.8, 0.9])
     p.add_argument("--blocks", type=_csv(int), default=[16, 32, 64])
     p.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs of every run (default: the preset's)")
     p.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps of every run")
-    p.add_argument("--start-epoch", type=float, default=None,
-                   help="sparsity.start_epoch of every sparse run: a dense warm-up before the ramp (and the moment a "
-                        "permutation happens)")
+    p.add_argument(
+        "--start-epoch",
+        type=float,
+        default=None,
+        help="sparsity.start_epoch of every sparse run: a dense warm-up before the ramp (and the moment a "
+        "permutation happens)",
+    )
     p.add_argument("--parallel", "--jobs", dest="parallel", type=int, default=1, help="runs at once")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
@@ -101,8 +109,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def jobs_for(args: argparse.Namespace) -> list[dict]:
     """Dense runs first (one per seed), then the sparse grid seed by seed."""
     out = Path(args.out).resolve()
-    jobs = [{"name": f"dense_s{s}", "recipe": "dense", "permute": "none", "level": 0.0, "block": None, "seed": s,
-             "overrides": ["sparsity=none"]} for s in args.seeds]
+    jobs = [
+        {
+            "name": f"dense_s{s}",
+            "recipe": "dense",
+            "permute": "none",
+            "level": 0.0,
+            "block": None,
+            "seed": s,
+            "overrides": ["sparsity=none"],
+        }
+        for s in args.seeds
+    ]
     for seed in args.seeds:
         for level in args.levels:
             for block in args.blocks:
@@ -119,16 +137,30 @@ def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block:
     if recipe == "finetune":
         extra.append(f"model.pretrained={out / 'runs' / f'dense_s{seed}'}")
     name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}_s{seed}"
-    return {"name": name, "recipe": recipe, "permute": permute, "level": level, "block": block, "seed": seed,
-            "overrides": [*RECIPES[recipe], *extra]}
+    return {
+        "name": name,
+        "recipe": recipe,
+        "permute": permute,
+        "level": level,
+        "block": block,
+        "seed": seed,
+        "overrides": [*RECIPES[recipe], *extra],
+    }
 
 
 def command(job: dict, args: argparse.Namespace) -> list[str]:
     data, _ = PRESETS[args.preset]
     run_dir = Path(args.out).resolve() / "runs" / job["name"]
-    cmd = [sys.executable, "train.py", *(o.format(root=args.root) for o in data), *job["overrides"],
-           f"seed={job['seed']}", f"trainer.threads={args.threads}", f"trainer.device={args.device}",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *(o.format(root=args.root) for o in data),
+        *job["overrides"],
+        f"seed={job['seed']}",
+        f"trainer.threads={args.threads}",
+        f"trainer.device={args.device}",
+        f"hydra.run.dir={run_dir}",
+    ]
     if args.epochs is not None:
         cmd.append(f"trainer.max_epochs={args.epochs}")
     if args.max_steps is not None:
@@ -183,8 +215,14 @@ def _train(job: dict, args: argparse.Namespace, budget: Budget, run_dir: Path) -
     start, left = time.time(), budget.left()
     with open(run_dir / "stdout.log", "w") as log:
         try:
-            proc = subprocess.run(command(job, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=None if left is None else max(1.0, left))
+            proc = subprocess.run(
+                command(job, args),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=None if left is None else max(1.0, left),
+            )
         except subprocess.TimeoutExpired:
             return "killed (budget)"
     budget.finished(time.time() - start)
@@ -221,22 +259,39 @@ def summarize(rows: list[dict]) -> list[dict]:
         gaps = [r["value"] - dense[r["seed"]] for r in mine if r["seed"] in dense]
         gap, gap_std = _mean_std(gaps) if gaps else (math.nan, math.nan)
         kept = [(r["kept_before"], r["kept_after"]) for r in mine if "kept_before" in r]
-        out.append({"recipe": recipe, "permute": permute, "sparsity": level, "block": block, "mean": mean,
-                    "std": std, "gap": gap, "gap_std": gap_std, "seeds": len(mine),
-                    "kept_before": statistics.mean(k[0] for k in kept) if kept else None,
-                    "kept_after": statistics.mean(k[1] for k in kept) if kept else None})
-    return sorted(out, key=lambda e: (e["sparsity"], e["block"] or 0, e["recipe"] != "dense", e["recipe"],
-                                      e["permute"]))
+        out.append(
+            {
+                "recipe": recipe,
+                "permute": permute,
+                "sparsity": level,
+                "block": block,
+                "mean": mean,
+                "std": std,
+                "gap": gap,
+                "gap_std": gap_std,
+                "seeds": len(mine),
+                "kept_before": statistics.mean(k[0] for k in kept) if kept else None,
+                "kept_after": statistics.mean(k[1] for k in kept) if kept else None,
+            }
+        )
+    return sorted(
+        out, key=lambda e: (e["sparsity"], e["block"] or 0, e["recipe"] != "dense", e["recipe"], e["permute"])
+    )
 
 
 def table(entries: list[dict], metric: str) -> str:
-    lines = [f"| recipe | permute | sparsity | block | {metric} (mean +- std) | gap to dense (mean +- std) | "
-             "kept magnitude before -> after | seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| recipe | permute | sparsity | block | {metric} (mean +- std) | gap to dense (mean +- std) | "
+        "kept magnitude before -> after | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in entries:
         kept = f"{e['kept_before']:.3f} -> {e['kept_after']:.3f}" if e["kept_before"] is not None else "-"
         gap = "-" if e["recipe"] == "dense" or math.isnan(e["gap"]) else f"{e['gap']:+.2f} +- {e['gap_std']:.2f}"
-        lines.append(f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | "
-                     f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} | {kept} | {e['seeds']} |")
+        lines.append(
+            f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | "
+            f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} | {kept} | {e['seeds']} |"
+        )
     return "\n".join(lines)
 
 
@@ -250,12 +305,22 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
     fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
     for ax, level in zip(axes[0], levels, strict=False):
         for key in sorted({(e["recipe"], e["permute"]) for e in entries if e["sparsity"] == level}):
-            pts = sorted((e["block"], e["gap"], e["gap_std"]) for e in entries
-                         if (e["recipe"], e["permute"]) == key and e["sparsity"] == level and not math.isnan(e["gap"]))
+            pts = sorted(
+                (e["block"], e["gap"], e["gap_std"])
+                for e in entries
+                if (e["recipe"], e["permute"]) == key and e["sparsity"] == level and not math.isnan(e["gap"])
+            )
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, ls="-" if key[1] == "none" else "--",
-                            label=f"{key[0]}, permute {key[1]}")
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    marker="o",
+                    capsize=3,
+                    ls="-" if key[1] == "none" else "--",
+                    label=f"{key[0]}, permute {key[1]}",
+                )
         ax.axhline(0.0, color="black", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("block size")
@@ -276,18 +341,22 @@ def ensure_data(args: argparse.Namespace) -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        sys.exit(f"--root {args.root} holds no image tree and scikit-learn is missing: pip install scikit-learn "
-                 f"&& python scripts/digits_tree.py {args.root}")
+        sys.exit(
+            f"--root {args.root} holds no image tree and scikit-learn is missing: pip install scikit-learn "
+            f"&& python scripts/digits_tree.py {args.root}"
+        )
     subprocess.run([sys.executable, "scripts/digits_tree.py", args.root], cwd=ROOT, check=True)
 
 
 def describe(jobs: list[dict], args: argparse.Namespace) -> str:
     sparse = len(jobs) - len(args.seeds)
     waves = math.ceil(len(jobs) / max(1, args.parallel))
-    return (f"{len(jobs)} runs ({len(args.seeds)} dense + {sparse} sparse = {len(args.recipes)} recipes x "
-            f"{len(args.permute)} permutations x {len(args.blocks)} blocks x {len(args.levels)} sparsities x "
-            f"{len(args.seeds)} seeds), {args.parallel} at a time: {waves} waves of runs"
-            + (f"; budget {args.budget_minutes:g} min" if args.budget_minutes else ""))
+    return (
+        f"{len(jobs)} runs ({len(args.seeds)} dense + {sparse} sparse = {len(args.recipes)} recipes x "
+        f"{len(args.permute)} permutations x {len(args.blocks)} blocks x {len(args.levels)} sparsities x "
+        f"{len(args.seeds)} seeds), {args.parallel} at a time: {waves} waves of runs"
+        + (f"; budget {args.budget_minutes:g} min" if args.budget_minutes else "")
+    )
 
 
 def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -338,9 +407,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_all(jobs, args)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     done = sum(r["status"] == "ok" for r in rows)
-    head = (f"{args.preset}, seeds {args.seeds}, device {args.device}, {args.parallel} runs at a time; "
-            f"{time.strftime('%Y-%m-%d')}; {(time.time() - start) / 60:.1f} min; {done} of {len(rows)} runs "
-            f"finished\n\n`{cmd}`\n\n")
+    head = (
+        f"{args.preset}, seeds {args.seeds}, device {args.device}, {args.parallel} runs at a time; "
+        f"{time.strftime('%Y-%m-%d')}; {(time.time() - start) / 60:.1f} min; {done} of {len(rows)} runs "
+        f"finished\n\n`{cmd}`\n\n"
+    )
     print(write_outputs(rows, args, head))
 
 

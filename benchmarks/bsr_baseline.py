@@ -80,18 +80,24 @@ def build_models(args, block: int, dtype: torch.dtype, device: torch.device, bac
 def run_config(args, block: int, dtype_name: str, device: torch.device, backends: list[str]) -> dict:
     dtype = parse_dtype(dtype_name)
     models = build_models(args, block, dtype, device, backends)
-    inputs = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype)
-              for _ in range(4)]
+    inputs = [
+        torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype) for _ in range(4)
+    ]
     with torch.no_grad():
         reference = models["dense"](inputs[0]).float()
         errors = {b: (models[b](inputs[0]).float() - reference).abs().max().item() for b in backends}
-    stats = compare_latency(
-        models, inputs, device, warmup=args.warmup, repeats=args.repeats, rounds=3
-    )
+    stats = compare_latency(models, inputs, device, warmup=args.warmup, repeats=args.repeats, rounds=3)
     dense_ms = stats["dense"]["median_ms"]
-    row = {"model": args.model, "dtype": dtype_name, "block": block, "sparsity": args.sparsity,
-           "batch": args.batch_size, "dense_ms": dense_ms, "dense_img_s": args.batch_size * 1e3 / dense_ms,
-           "weights_mb": {n: weight_bytes(m) / 2**20 for n, m in models.items()}}
+    row = {
+        "model": args.model,
+        "dtype": dtype_name,
+        "block": block,
+        "sparsity": args.sparsity,
+        "batch": args.batch_size,
+        "dense_ms": dense_ms,
+        "dense_img_s": args.batch_size * 1e3 / dense_ms,
+        "weights_mb": {n: weight_bytes(m) / 2**20 for n, m in models.items()},
+    }
     for b in backends:
         ms = stats[b]["median_ms"]
         row[b] = {"ms": ms, "speedup": dense_ms / ms, "img_s": args.batch_size * 1e3 / ms, "max_abs_err": errors[b]}

@@ -242,8 +242,18 @@ def _warm_worker(job):
     failed = 0
     for cfg in job["configs"]:
         try:
-            bsr_linear(x, values, crow, col, (N, K), bias, job.get("act"), backend="triton",
-                       fp32_precision=job["prec"], config=cfg)  # fmt: skip
+            bsr_linear(
+                x,
+                values,
+                crow,
+                col,
+                (N, K),
+                bias,
+                job.get("act"),
+                backend="triton",
+                fp32_precision=job["prec"],
+                config=cfg,
+            )
         except Exception:
             failed += 1
     if job.get("torch"):
@@ -275,8 +285,16 @@ def precompile(cases, args):
             N, K = LAYERS[case["layer"]]
             configs = case_configs(case, args, M)
             for i in range(0, len(configs), 4):  # small jobs spread well over the workers
-                job = {"N": N, "K": K, "M": M, "block": case["block"], "dtype": str(dtype).split(".")[-1],
-                       "prec": prec, "configs": configs[i : i + 4], "torch": i == 0}  # fmt: skip
+                job = {
+                    "N": N,
+                    "K": K,
+                    "M": M,
+                    "block": case["block"],
+                    "dtype": str(dtype).split(".")[-1],
+                    "prec": prec,
+                    "configs": configs[i : i + 4],
+                    "torch": i == 0,
+                }
                 jobs.append(job)
     warm_kernels(jobs, args.workers)
 
@@ -330,8 +348,9 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
     if best is not None:
 
         def ours(x):
-            return bsr_linear(x, t["values"], t["crow"], t["col"], shape, backend="triton", fp32_precision=prec,
-                              config=best)  # fmt: skip
+            return bsr_linear(
+                x, t["values"], t["crow"], t["col"], shape, backend="triton", fp32_precision=prec, config=best
+            )
 
         row["ours_ms"] = bench(_rotating(ours, t["xs"]), args.rep_ms)
         row["ours_config"] = json.dumps(best, separators=(",", ":"))
@@ -357,10 +376,28 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
 
 
 FIELDS = [
-    "layer", "N", "K", "block", "sparsity", "mode", "batch", "tokens", "dense_ms", "torch_ms", "ours_ms",
-    "auto_ms", "auto_backend", "reduced_ms", "bytes_ms", "torch_x", "ours_x", "auto_x", "bound_x",
-    "ours_config", "torch_error",
-]  # fmt: skip
+    "layer",
+    "N",
+    "K",
+    "block",
+    "sparsity",
+    "mode",
+    "batch",
+    "tokens",
+    "dense_ms",
+    "torch_ms",
+    "ours_ms",
+    "auto_ms",
+    "auto_backend",
+    "reduced_ms",
+    "bytes_ms",
+    "torch_x",
+    "ours_x",
+    "auto_x",
+    "bound_x",
+    "ours_config",
+    "torch_error",
+]
 
 
 def markdown(rows):

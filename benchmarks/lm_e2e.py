@@ -43,8 +43,15 @@ from superblock.kernels import BlockSparseLinear  # noqa: E402
 from superblock.kernels.fused import fuse_projections  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def parse_args(argv=None):
@@ -63,13 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10, help="prefill calls per timing round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step (dense and sparse alike) before its CUDA graph: "
-                        "fuses the norms, rotary embeddings and residual adds, about half of an unfused decode step "
-                        "(prefill, mostly large matmuls, stays uncompiled)")
-    p.add_argument("--fuse", choices=("off", "on", "both"), default="off",
-                   help="the sparse model's q/k/v and gate/up as fused products (on), one layer per weight (off), or "
-                        "both models measured")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-token decode step (dense and sparse alike) before its CUDA graph: "
+        "fuses the norms, rotary embeddings and residual adds, about half of an unfused decode step "
+        "(prefill, mostly large matmuls, stays uncompiled)",
+    )
+    p.add_argument(
+        "--fuse",
+        choices=("off", "on", "both"),
+        default="off",
+        help="the sparse model's q/k/v and gate/up as fused products (on), one layer per weight (off), or "
+        "both models measured",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args(argv)
 
@@ -78,10 +92,16 @@ def build_dense(args) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, num_hidden_layers=args.layers, vocab_size=args.vocab,
-        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_hidden_layers=args.layers,
+        vocab_size=args.vocab,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -282,8 +302,10 @@ def report(rows: dict[str, dict], args) -> str:
     """The markdown table: dense against each sparse variant (unfused "sparse", fused "sparse_fused")."""
     d = rows["dense"]
     device = torch.cuda.get_device_name() if on_gpu(args.device) else "cpu"
-    dims = (f"hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / {args.kv_heads} kv, "
-            f"{args.layers} layers, vocab {args.vocab}")  # fmt: skip
+    dims = (
+        f"hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / {args.kv_heads} kv, "
+        f"{args.layers} layers, vocab {args.vocab}"
+    )
     runtime = "torch.compile + " if args.compile else ""
     lines = [
         f"{device}, torch {torch.__version__}, bf16, LlamaForCausalLM ({dims}), sparsity {args.sparsity} block "
@@ -320,8 +342,14 @@ def main(argv=None):
         t0 = time.time()
         ms, prefill_rt = prefill_ms(model, args)
         tps, decode_rt, checks = decode_tokens_per_s(model, args)
-        rows[name] = {"prefill_ms": ms, "prefill_runtime": prefill_rt, "decode_tok_s": tps,
-                      "decode_runtime": decode_rt, "checks": checks, "seconds": time.time() - t0}  # fmt: skip
+        rows[name] = {
+            "prefill_ms": ms,
+            "prefill_runtime": prefill_rt,
+            "decode_tok_s": tps,
+            "decode_runtime": decode_rt,
+            "checks": checks,
+            "seconds": time.time() - t0,
+        }
         print(json.dumps({name: rows[name]}), flush=True)
         if on_gpu(args.device):
             torch.cuda.empty_cache()

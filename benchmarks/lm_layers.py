@@ -63,8 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-torch-bsr", action="store_true")
-    p.add_argument("--fused", action="store_true",
-                   help="gate_up and qkv as the fused products load_sparse builds, next to the same blocks unfused")
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="gate_up and qkv as the fused products load_sparse builds, next to the same blocks unfused",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--replot", default=None, help="an earlier run's lm_layers.json: redraw its plot, measure nothing")
     return p.parse_args(argv)
@@ -167,8 +170,10 @@ def unfused_fns(vals, crow, col, in_f: int, activation, parts, x, bh: int) -> di
     for rt in ("eager", "graph"):
         fns[rt] = []
         for v in vals:
-            layers = [BlockSparseLinear.from_bsr(*t, (n, in_f)) for t, n in
-                      zip(split_rows(v, crow, col, bh, parts), parts, strict=True)]  # fmt: skip
+            layers = [
+                BlockSparseLinear.from_bsr(*t, (n, in_f))
+                for t, n in zip(split_rows(v, crow, col, bh, parts), parts, strict=True)
+            ]
             for mod in layers:
                 mod.tuning_target = rt
                 mod.prepare(x.shape[0])
@@ -211,10 +216,12 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, 
                 bw_gbs = (w0.numel() * 2) / (d_g * 1e6)
             t_e = t_g = None
             if not args.no_torch_bsr:
-                t_e, t_g = try_both([lambda w=w, x=x: _runners.activate(F.linear(x, w), activation) for w in bsr_w],
-                                    args)  # fmt: skip
-            o_e = statistics.median(eager_ms([lambda mod=mod, x=x: mod(x) for mod in mods["eager"]], args.reps)
-                                    for _ in range(args.rounds))  # fmt: skip
+                t_e, t_g = try_both(
+                    [lambda w=w, x=x: _runners.activate(F.linear(x, w), activation) for w in bsr_w], args
+                )
+            o_e = statistics.median(
+                eager_ms([lambda mod=mod, x=x: mod(x) for mod in mods["eager"]], args.reps) for _ in range(args.rounds)
+            )
             o_g = graph_ms([lambda mod=mod, x=x: mod(x) for mod in mods["graph"]])
             cut_g = graph_ms([lambda w=w, x=x_cut: F.linear(x, w) for w in w_cut])
             u_e = u_g = None
@@ -227,16 +234,36 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, 
         io = (m * in_f + m * n_y) * 2
         t_mem = (kept + io) / (bw_gbs * 1e6)
         bound = d_g / max(t_mem, cut_g)
-        row = {"layer": name, "out": out_f, "in": in_f, "M": m, "dense_eager_ms": d_e, "dense_graph_ms": d_g,
-               "torch_bsr_eager_ms": t_e, "torch_bsr_graph_ms": t_g, "ours_eager_ms": o_e, "ours_graph_ms": o_g,
-               "ours_eager_x": d_e / o_e, "ours_graph_x": d_g / o_g,
-               "torch_bsr_eager_x": d_e / t_e if t_e else None, "torch_bsr_graph_x": d_g / t_g if t_g else None,
-               "bound_x": bound, "bound_mem_x": d_g / t_mem, "bound_mma_x": d_g / cut_g,
-               "choice_eager": choice_label(mods["eager"][0], m), "choice_graph": choice_label(mods["graph"][0], m),
-               "rel_err": err, "copies_dense": n_dense, "copies_sparse": n_sparse, "dense_gbs": bw_gbs,
-               "activation": activation, "unfused_eager_ms": u_e, "unfused_graph_ms": u_g,
-               "fused_vs_unfused_eager_x": u_e / o_e if u_e else None,
-               "fused_vs_unfused_graph_x": u_g / o_g if u_g else None}  # fmt: skip
+        row = {
+            "layer": name,
+            "out": out_f,
+            "in": in_f,
+            "M": m,
+            "dense_eager_ms": d_e,
+            "dense_graph_ms": d_g,
+            "torch_bsr_eager_ms": t_e,
+            "torch_bsr_graph_ms": t_g,
+            "ours_eager_ms": o_e,
+            "ours_graph_ms": o_g,
+            "ours_eager_x": d_e / o_e,
+            "ours_graph_x": d_g / o_g,
+            "torch_bsr_eager_x": d_e / t_e if t_e else None,
+            "torch_bsr_graph_x": d_g / t_g if t_g else None,
+            "bound_x": bound,
+            "bound_mem_x": d_g / t_mem,
+            "bound_mma_x": d_g / cut_g,
+            "choice_eager": choice_label(mods["eager"][0], m),
+            "choice_graph": choice_label(mods["graph"][0], m),
+            "rel_err": err,
+            "copies_dense": n_dense,
+            "copies_sparse": n_sparse,
+            "dense_gbs": bw_gbs,
+            "activation": activation,
+            "unfused_eager_ms": u_e,
+            "unfused_graph_ms": u_g,
+            "fused_vs_unfused_eager_x": u_e / o_e if u_e else None,
+            "fused_vs_unfused_graph_x": u_g / o_g if u_g else None,
+        }
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return rows
@@ -280,8 +307,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         mine = sorted((r for r in rows if r["layer"] == name), key=lambda r: r["M"])
         ms = [r["M"] for r in mine]
-        for key, label, style in (("ours_graph_x", "ours, CUDA graph", "o-"), ("ours_eager_x", "ours, eager", "s-"),
-                                  ("bound_x", "bound", "k:")):  # fmt: skip
+        for key, label, style in (
+            ("ours_graph_x", "ours, CUDA graph", "o-"),
+            ("ours_eager_x", "ours, eager", "s-"),
+            ("bound_x", "bound", "k:"),
+        ):
             ax.plot(ms, [r[key] if r[key] is not None else float("nan") for r in mine], style, label=label)
         ax.axhline(1.0, color="grey", lw=1, ls="--")
         ax.set_xscale("log", base=2)

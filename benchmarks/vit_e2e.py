@@ -56,8 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tag", default="vit_e2e")
-    p.add_argument("--replot", default=None,
-                   help="comma-separated .jsonl files of earlier runs: redraw their table and plot, measure nothing")
+    p.add_argument(
+        "--replot",
+        default=None,
+        help="comma-separated .jsonl files of earlier runs: redraw their table and plot, measure nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -142,8 +145,17 @@ def measure(dense, sparse, runtime: str, batches: list[int], args) -> list[dict]
                 dm.append(wall_ms(d, x, args.reps))
                 sm.append(wall_ms(s, x, args.reps))
             dms, sms = statistics.median(dm), statistics.median(sm)
-            rows.append({"runtime": runtime, "batch": b, "dense_ms": dms, "sparse_ms": sms, "speedup": dms / sms,
-                         "rel_err": err, "setup_s": round(setup_s, 1)})
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "batch": b,
+                    "dense_ms": dms,
+                    "sparse_ms": sms,
+                    "speedup": dms / sms,
+                    "rel_err": err,
+                    "setup_s": round(setup_s, 1),
+                }
+            )
     after = recompiles()
     for r in rows:
         r["recompiles_after_warmup"] = after - before
@@ -164,8 +176,10 @@ def table(rows: list[dict], title: str) -> list[str]:
     ]
     for key in dict.fromkeys((r["dtype"], r["block"], r["runtime"]) for r in rows):
         mine = {r["batch"]: r for r in rows if (r["dtype"], r["block"], r["runtime"]) == key}
-        cells = [f"{mine[b]['speedup']:.2f}x ({mine[b]['dense_ms']:.2f}/{mine[b]['sparse_ms']:.2f})"
-                 if b in mine else "-" for b in batches]  # fmt: skip
+        cells = [
+            f"{mine[b]['speedup']:.2f}x ({mine[b]['dense_ms']:.2f}/{mine[b]['sparse_ms']:.2f})" if b in mine else "-"
+            for b in batches
+        ]
         rec = max(r["recompiles_after_warmup"] for r in mine.values())
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {rec} |")
     return lines
@@ -232,9 +246,11 @@ def main(argv=None):
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-    title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, sparsity {args.sparsity}, "
-             f"attention sparse: {args.attn}, {time.strftime('%Y-%m-%d')}; speedup = dense ms / sparse ms, "
-             "same runtime")  # fmt: skip
+    title = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, sparsity {args.sparsity}, "
+        f"attention sparse: {args.attn}, {time.strftime('%Y-%m-%d')}; speedup = dense ms / sparse ms, "
+        "same runtime"
+    )
     lines = table(rows, title)
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     plot(rows, out_dir / f"{args.tag}.png", f"{args.model}, {args.sparsity:.0%} block-sparse vs dense, same runtime")

@@ -149,10 +149,14 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
     dtype = dtype_name_or_auto(m.dtype)  # on the device export and evaluate pick (auto)
     try:
         export_checkpoint(run.path, run.export, dtype=dtype, layout=m.layout, batch_size=m.batch_size, overwrite=True)
-        result = evaluate(run.export, mode="bsr", dtype=dtype, accuracy=False,
-                          latency={"batch_size": m.batch_size}, output=run.eval)
-        print(f"measured speedup vs dense: {result.get('speedup', float('nan')):.2f}x ({dtype}, batch "
-              f"{m.batch_size}, {result.get('device')})", flush=True)
+        result = evaluate(
+            run.export, mode="bsr", dtype=dtype, accuracy=False, latency={"batch_size": m.batch_size}, output=run.eval
+        )
+        print(
+            f"measured speedup vs dense: {result.get('speedup', float('nan')):.2f}x ({dtype}, batch "
+            f"{m.batch_size}, {result.get('device')})",
+            flush=True,
+        )
         return result
     except Exception as err:  # noqa: BLE001 - a failed measurement must not fail a finished training job
         print(f"superblock: warning: speed measurement failed: {err}", file=sys.stderr, flush=True)

@@ -221,8 +221,18 @@ class LatencyConfig:
 
 
 # evaluate.py's `data:` node: null keys keep the run's own data config; any DataConfig key may be set.
-EVAL_DATA_KEYS = ("name", "root", "download", "image_size", "train_size", "val_size", "batch_size",
-                  "eval_batch_size", "num_workers", "randaugment")
+EVAL_DATA_KEYS = (
+    "name",
+    "root",
+    "download",
+    "image_size",
+    "train_size",
+    "val_size",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "randaugment",
+)
 
 
 @dataclass
@@ -368,8 +378,10 @@ def _check_trainer(t: TrainerConfig) -> None:
     _one_of(t.device, DEVICES, "trainer.device")
     _one_of(t.strategy, ("ddp", "fsdp"), "trainer.strategy")
     if t.strategy == "fsdp" and t.ema_decay:
-        raise ConfigError("trainer.ema_decay with trainer.strategy=fsdp is not supported: a whole EMA copy on every "
-                          "rank defeats sharding; set trainer.ema_decay=null")
+        raise ConfigError(
+            "trainer.ema_decay with trainer.strategy=fsdp is not supported: a whole EMA copy on every "
+            "rank defeats sharding; set trainer.ema_decay=null"
+        )
 
 
 def _check_text(c: TrainConfig) -> None:
@@ -391,11 +403,15 @@ def _check_permute(s: SparsityConfig, t: TrainerConfig) -> None:
         return
     block = normalize_block_size(s.block_size)
     if block[0] != block[1]:
-        raise ConfigError(f"sparsity.permute={s.permute} needs square tiles, got sparsity.block_size={list(block)}: "
-                          "use e.g. sparsity.block_size=32 or sparsity.permute=none")
+        raise ConfigError(
+            f"sparsity.permute={s.permute} needs square tiles, got sparsity.block_size={list(block)}: "
+            "use e.g. sparsity.block_size=32 or sparsity.permute=none"
+        )
     if t.strategy == "fsdp":
-        raise ConfigError(f"sparsity.permute={s.permute} permutes whole weights, which FSDP shards: use "
-                          "trainer.strategy=ddp or sparsity.permute=none")
+        raise ConfigError(
+            f"sparsity.permute={s.permute} permutes whole weights, which FSDP shards: use "
+            "trainer.strategy=ddp or sparsity.permute=none"
+        )
 
 
 def _check_augment(a: AugmentConfig) -> None:

@@ -267,6 +267,20 @@ def _forms(mode: str, latency_on: bool) -> list[str]:
     return [f for f in FORMS if f in forms]
 
 
+def _header(target, mode: str, dev: torch.device, torch_dtype: torch.dtype, backend: str, models: dict) -> dict:
+    """What eval.json says about the evaluation itself: its source, mode, device, dtype, backend and weight bytes."""
+    return {
+        "checkpoint": str(target.path.resolve()),
+        "kind": target.kind,
+        "mode": mode,
+        "device": str(dev),
+        "dtype": dtype_name(torch_dtype),
+        "backend": backend,
+        "notes": target.notes,
+        "weight_bytes": {f: weight_bytes(m) for f, m in models.items()},
+    }
+
+
 def evaluate(
     checkpoint: str | Path,
     mode: str = "all",
@@ -301,11 +315,7 @@ def evaluate(
     if not models:
         raise ValueError(f"nothing to evaluate in mode={mode}: {'; '.join(target.notes)}")
     shape = sample_input(next(iter(models.values())), target.model_spec)
-    result: dict[str, Any] = {
-        "checkpoint": str(target.path.resolve()), "kind": target.kind, "mode": mode, "device": str(dev),
-        "dtype": dtype_name(torch_dtype), "backend": backend, "notes": target.notes,
-        "weight_bytes": {f: weight_bytes(m) for f, m in models.items()},
-    }
+    result = _header(target, mode, dev, torch_dtype, backend, models)
     if sizes is None and runtime != "eager":
         sizes = _served_sizes(runtime, latency_cfg if latency_on else None, data_cfg, batch_size)
     serve(models, runtime, list(sizes) if sizes else None, shape)
@@ -365,9 +375,13 @@ def table(result: dict) -> str:
     for f in forms:
         a, g, t = acc.get(f, {}), agree.get(f, {}), lat.get(f, {})
         cells = [
-            _fmt(a.get("top1"), ".2f", 7), _fmt(a.get("top5"), ".2f", 7), _fmt(g.get("top1_agreement"), ".4f", 7),
-            _fmt(g.get("max_abs_logit_diff"), ".2e", 11), _fmt(t.get("median_ms"), ".2f", 9),
-            _fmt(t.get("images_per_s"), ".1f", 9), _fmt(t.get("speedup_vs_dense"), ".2f", 8, "x"),
+            _fmt(a.get("top1"), ".2f", 7),
+            _fmt(a.get("top5"), ".2f", 7),
+            _fmt(g.get("top1_agreement"), ".4f", 7),
+            _fmt(g.get("max_abs_logit_diff"), ".2e", 11),
+            _fmt(t.get("median_ms"), ".2f", 9),
+            _fmt(t.get("images_per_s"), ".1f", 9),
+            _fmt(t.get("speedup_vs_dense"), ".2f", 8, "x"),
             _fmt(result["weight_bytes"][f] / 2**20, ".2f", 10),
         ]
         lines.append(f"{f:<7} " + " ".join(cells))
@@ -382,4 +396,3 @@ def table(result: dict) -> str:
         lines.append(f"agree / max|dlogit|: vs {ref} on the same batches")
     lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
-

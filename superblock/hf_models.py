@@ -32,7 +32,10 @@ INSTALL = "pip install -e '.[lm]'"
 CONFIG_FILE = "config.json"
 # A directory holds weights when one of these is in it (sharded checkpoints have an index file).
 WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 # Special-token fields that must name a token of the vocabulary (or be None).
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -227,8 +230,12 @@ def build_hf_model(
         weights, config=cfg, local_files_only=True, trust_remote_code=False, **_fp32(transformers)
     )
     if task == "causal_lm" and model.get_input_embeddings().num_embeddings != num_classes:
-        log.warning("resizing the token embeddings of %s from %d to %d (the tokenizer's vocabulary size)",
-                    weights, model.get_input_embeddings().num_embeddings, num_classes)  # fmt: skip
+        log.warning(
+            "resizing the token embeddings of %s from %d to %d (the tokenizer's vocabulary size)",
+            weights,
+            model.get_input_embeddings().num_embeddings,
+            num_classes,
+        )
         model.resize_token_embeddings(int(num_classes))
     return model
 
@@ -264,8 +271,9 @@ def hf_model_spec(
     try:
         json.dumps(overrides)
     except TypeError as err:
-        raise ValueError(f"config overrides of {name!r} must be JSON-able (numbers, strings, lists, dicts): {err}") \
-            from None
+        raise ValueError(
+            f"config overrides of {name!r} must be JSON-able (numbers, strings, lists, dicts): {err}"
+        ) from None
     path = local_dir(name)
     if path is not None:
         base = base_config(name)
@@ -275,9 +283,13 @@ def hf_model_spec(
             pretrained = str(path)
         name = f"{HF_PREFIX}{base.model_type}"
     return {
-        "name": name, "num_classes": int(num_classes), "image_size": None, "pretrained": pretrained,
-        "task": task, "config": overrides,
-    }  # fmt: skip
+        "name": name,
+        "num_classes": int(num_classes),
+        "image_size": None,
+        "pretrained": pretrained,
+        "task": task,
+        "config": overrides,
+    }
 
 
 def is_language_model(model: nn.Module) -> bool:

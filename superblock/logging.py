@@ -51,7 +51,13 @@ class WandbSink:
     """Weights & Biases, imported lazily. mode: online/offline/disabled (default: $WANDB_MODE, else online)."""
 
     def __init__(
-        self, run_dir: Path, config: dict, project: str, entity: str | None, mode: str | None, tags: list[str],
+        self,
+        run_dir: Path,
+        config: dict,
+        project: str,
+        entity: str | None,
+        mode: str | None,
+        tags: list[str],
         name: str | None = None,
     ) -> None:
         try:
@@ -61,8 +67,14 @@ class WandbSink:
         mode = mode or os.environ.get("WANDB_MODE") or "online"
         self._wandb = wandb
         self.run = wandb.init(
-            project=project, entity=entity, mode=mode, dir=str(run_dir), config=config, tags=list(tags),
-            name=name, reinit=True,
+            project=project,
+            entity=entity,
+            mode=mode,
+            dir=str(run_dir),
+            config=config,
+            tags=list(tags),
+            name=name,
+            reinit=True,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -88,8 +100,14 @@ class MetricLogger:
 
 
 def build_logger(
-    name: str, run_dir: Path, enabled: bool, config: dict, project: str = "superblock",
-    entity: str | None = None, mode: str | None = None, tags: list[str] | None = None,
+    name: str,
+    run_dir: Path,
+    enabled: bool,
+    config: dict,
+    project: str = "superblock",
+    entity: str | None = None,
+    mode: str | None = None,
+    tags: list[str] | None = None,
 ) -> MetricLogger:
     if not enabled:
         return MetricLogger([])

@@ -28,10 +28,20 @@ log = logging.getLogger(__name__)
 # micro_vit: smoke tests that must finish in seconds.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny_vit": {
-        "image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256,
+        "image_size": 32,
+        "patch_size": 4,
+        "num_layers": 4,
+        "num_heads": 4,
+        "hidden_dim": 128,
+        "mlp_dim": 256,
     },
     "micro_vit": {
-        "image_size": 32, "patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 64, "mlp_dim": 128,
+        "image_size": 32,
+        "patch_size": 4,
+        "num_layers": 2,
+        "num_heads": 2,
+        "hidden_dim": 64,
+        "mlp_dim": 128,
     },
 }
 _TINY_OVERRIDES = frozenset(
@@ -302,8 +312,7 @@ def _drop_mismatched_heads(
 ) -> list[str]:
     """Remove classifier weights whose shape differs from the model's; returns the model keys left to init."""
     mismatched = [
-        key for key in state
-        if key.startswith(heads) and key in target and state[key].shape != target[key].shape
+        key for key in state if key.startswith(heads) and key in target and state[key].shape != target[key].shape
     ]
     if not mismatched:
         return []

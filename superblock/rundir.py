@@ -107,8 +107,17 @@ class RunSummary:
     mask_digest: str | None = None
     run_dir: str | None = None
 
-    FAILED_FIELDS = ("status", "error", "traceback", "model", "sparsity", "block_size", "targets", "run_dir",
-                     "wall_time_s")  # fmt: skip
+    FAILED_FIELDS = (
+        "status",
+        "error",
+        "traceback",
+        "model",
+        "sparsity",
+        "block_size",
+        "targets",
+        "run_dir",
+        "wall_time_s",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of summary.json (see the class docstring for which fields a failed run has)."""

@@ -73,9 +73,11 @@ def record_failure(run_dir: Path, job_return: JobReturn) -> Path | None:
 def job_line(job_num: Any, run_dir: Path, metric: str = "val_top1") -> str:
     """`[sweep] job 3 completed | sparsity 0.8 block 32 | val_top1 61.2 val_top5 85 | ... | <run dir>`."""
     row = report.read_run(run_dir)
-    setting = "dense" if report.is_dense(row) else (
-        f"sparsity {report.fmt_num(row['sparsity'], 'g')} block {report.fmt_block(row['block_size'])}"
-    )  # fmt: skip
+    setting = (
+        "dense"
+        if report.is_dense(row)
+        else (f"sparsity {report.fmt_num(row['sparsity'], 'g')} block {report.fmt_block(row['block_size'])}")
+    )
     parts = [f"[sweep] job {job_num} {row['status']}", setting]
     if row["status"] == "completed":
         acc = report.accuracy_spec([row])

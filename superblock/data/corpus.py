@@ -25,10 +25,24 @@ DEFAULT_MAX_BYTES = 2_000_000
 VAL_PERCENT = 10  # share of the files (and of the byte budget) that go to val in a split-by-file corpus
 # Folders some distributions ship apart from the core stdlib (test suites, Tk, IDLE, venv, 2to3) or that are not
 # stdlib at all (installed packages): leaving them out keeps the default corpus the same wherever Python is.
-STDLIB_SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib", "tkinter",
-    "turtledemo", "lib2to3", "ensurepip", "venv", "distutils", "lib-dynload",
-})
+STDLIB_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "venv",
+        "distutils",
+        "lib-dynload",
+    }
+)
 LAYOUTS = "<root>/{train,val}.txt, <root>/{train,val}/**/*.txt, <root>/{train,val}/<class>/*.txt or <root>/**/*.txt"
 
 
@@ -104,8 +118,9 @@ def _split_by_file(base: Path, names: list[str], max_bytes: int | None, source: 
     return Corpus(train, val, None, _info(source, base, "split_by_file", train, val, max_bytes, digest))
 
 
-def _info(source: str, base: Path, layout: str, train: TextSplit | None, val: TextSplit,
-          max_bytes: int | None, digest: Any) -> dict[str, Any]:
+def _info(
+    source: str, base: Path, layout: str, train: TextSplit | None, val: TextSplit, max_bytes: int | None, digest: Any
+) -> dict[str, Any]:
     info: dict[str, Any] = {"source": source, "root": str(base), "layout": layout}
     if source == "stdlib":
         info["python"] = platform.python_version()
@@ -165,13 +180,15 @@ def _split_folders(base: Path, max_bytes: int | None, task: str | None, val_only
         layout, classes_out = "split_folders", None
     else:
         if not val_only and _class_folders(dirs["train"]) != classes:
-            raise ValueError(f"{dirs['train']} and {dirs['val']} have different class folders; labels would not "
-                             "line up")
+            raise ValueError(
+                f"{dirs['train']} and {dirs['val']} have different class folders; labels would not line up"
+            )
         splits = {s: _read_classes(d, classes, max_bytes, digest, s) for s, d in dirs.items()}
         layout, classes_out = "class_folders", classes
     train = splits.get("train")
-    return Corpus(train, splits["val"], classes_out,
-                  _info("local", base, layout, train, splits["val"], max_bytes, digest))
+    return Corpus(
+        train, splits["val"], classes_out, _info("local", base, layout, train, splits["val"], max_bytes, digest)
+    )
 
 
 def _split_files(base: Path, max_bytes: int | None, val_only: bool) -> Corpus:
@@ -182,12 +199,14 @@ def _split_files(base: Path, max_bytes: int | None, val_only: bool) -> Corpus:
             raise ValueError(f"missing {base / f'{s}.txt'} (expected {LAYOUTS})")
         splits[s] = _read(base, [f"{s}.txt"], max_bytes, digest, s)
     train = splits.get("train")
-    return Corpus(train, splits["val"], None, _info("local", base, "split_files", train, splits["val"], max_bytes,
-                                                   digest))
+    return Corpus(
+        train, splits["val"], None, _info("local", base, "split_files", train, splits["val"], max_bytes, digest)
+    )
 
 
-def local_corpus(root: str | Path, max_bytes: int | None = None, task: str | None = None,
-                 val_only: bool = False) -> Corpus:
+def local_corpus(
+    root: str | Path, max_bytes: int | None = None, task: str | None = None, val_only: bool = False
+) -> Corpus:
     """A corpus read from ``root`` (layouts: :data:`LAYOUTS`). ``max_bytes`` caps the bytes read per split
     (the split-by-file layout: in all, as for the stdlib); ``None`` reads everything."""
     base = Path(root).expanduser()
@@ -213,20 +232,25 @@ def _check_not_empty(corpus: Corpus, base: Path) -> None:
             continue
         if corpus.info["layout"] == "split_by_file" and not split.names:
             total = sum(corpus.info["files"].values())
-            raise ValueError(f"the {name} split of {base} is empty: its {total} .txt files are assigned to train or "
-                             f"val by a hash of their path and none went to {name}; with few files, put them in "
-                             f"{base}/train and {base}/val")
+            raise ValueError(
+                f"the {name} split of {base} is empty: its {total} .txt files are assigned to train or "
+                f"val by a hash of their path and none went to {name}; with few files, put them in "
+                f"{base}/train and {base}/val"
+            )
         where = "no .txt files" if not split.names else f"only empty files ({len(split.names)})"
         raise ValueError(f"the {name} split of {base} is empty: {where} (expected {LAYOUTS})")
 
 
-def load_corpus(root: str | Path | None, max_bytes: int | None = None, task: str | None = None,
-                val_only: bool = False) -> Corpus:
+def load_corpus(
+    root: str | Path | None, max_bytes: int | None = None, task: str | None = None, val_only: bool = False
+) -> Corpus:
     """``root=None``: the stdlib corpus (causal LM only); else :func:`local_corpus`."""
     if root is None or str(root) == "":
         if task == "sequence_classification":
-            raise ValueError("the default corpus (data.root=null) has no classes: sequence classification needs "
-                             "data.root=<dir with train/<class>/*.txt and val/<class>/*.txt>")
+            raise ValueError(
+                "the default corpus (data.root=null) has no classes: sequence classification needs "
+                "data.root=<dir with train/<class>/*.txt and val/<class>/*.txt>"
+            )
         corpus = stdlib_corpus(max_bytes)
         if val_only:
             corpus.train = None

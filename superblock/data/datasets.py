@@ -70,7 +70,6 @@ def build_datasets(
     return bundle
 
 
-
 def _seeded_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     n = len(dataset)  # type: ignore[arg-type]
     if size is None or size >= n:

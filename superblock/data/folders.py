@@ -45,16 +45,18 @@ def _imagefolder_bundle(
     train_tf, val_tf = image_transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, randaugment, settings)
     val = ImageFolder(str(base / "val"), transform=val_tf)
     if val_only:
-        return DataBundle(None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes,
-                          transforms=note)
+        return DataBundle(
+            None, val, len(val.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, val.classes, transforms=note
+        )
     train = ImageFolder(str(base / "train"), transform=train_tf)
     if train.classes != val.classes:
         raise ValueError(
             f"{base / 'train'} and {base / 'val'} have different class folders "
             f"({len(train.classes)} vs {len(val.classes)}); labels would not line up"
         )
-    return DataBundle(train, val, len(train.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, train.classes,
-                      transforms=note)
+    return DataBundle(
+        train, val, len(train.classes), image_size, IMAGENET_MEAN, IMAGENET_STD, train.classes, transforms=note
+    )
 
 
 def _cifar_bundle(
@@ -67,14 +69,16 @@ def _cifar_bundle(
     base = str(Path(root or f"data/{name}").expanduser())
     resize = [] if image_size == 32 else [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC)]
     # Classic CIFAR augmentation (pad-and-crop + flip) at the native 32 px, then resize for bigger models.
-    train_tf = T.Compose([
-        T.RandomCrop(32, padding=4),
-        T.RandomHorizontalFlip(),
-        *resize,
-        *_randaugment(randaugment, image_size, CIFAR_MEAN),
-        T.ToTensor(),
-        T.Normalize(CIFAR_MEAN, CIFAR_STD),
-    ])
+    train_tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            *resize,
+            *_randaugment(randaugment, image_size, CIFAR_MEAN),
+            T.ToTensor(),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
     val_tf = T.Compose([*resize, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
     val = _open_cifar(cls, name, base, False, download, val_tf)
     train = None if val_only else _open_cifar(cls, name, base, True, download, train_tf)

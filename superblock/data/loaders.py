@@ -116,8 +116,9 @@ def build_val_loader(bundle: DataBundle, batch_size: int, num_workers: int = 0) 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     workers = usable_workers(num_workers)
-    return DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        bundle.val, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
 
 
 def usable_workers(requested: int) -> int:
@@ -183,9 +184,12 @@ def build_loaders(
     # Datasets that draw no random numbers (text: random_augmentation = False) skip the per-sample RNG reseeding.
     augmented = getattr(bundle.train, "random_augmentation", True)
     train = DataLoader(
-        SeededSamples(bundle.train, seed) if augmented else bundle.train, batch_size=batch_size,
-        sampler=EpochTagged(train_sampler) if augmented else train_sampler, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), **common,
+        SeededSamples(bundle.train, seed) if augmented else bundle.train,
+        batch_size=batch_size,
+        sampler=EpochTagged(train_sampler) if augmented else train_sampler,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **common,
     )
     val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, sampler=val_sampler, **common)
     return train, val, train_sampler
@@ -212,7 +216,12 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
     if batches <= 0:
         return loader
     return DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
-        drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-        collate_fn=loader.collate_fn, generator=loader.generator,
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
+        generator=loader.generator,
     )

@@ -239,7 +239,6 @@ class SyntheticShapes(Dataset):
         return image, int(self.targets[index])
 
 
-
 SYNTHETIC_TRAIN_SIZE = 12_000
 SYNTHETIC_VAL_SIZE = 2_000
 

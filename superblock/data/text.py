@@ -83,8 +83,9 @@ def token_stream(docs: list[str], tokenizer: ByteTokenizer | HFTokenizer) -> np.
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _windows(split: TextSplit, name: str, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int,
-             size: int | None) -> TokenWindows:
+def _windows(
+    split: TextSplit, name: str, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int, size: int | None
+) -> TokenWindows:
     tokens = token_stream(split.docs, tokenizer)
     if len(tokens) < seq_len + 1:
         raise ValueError(
@@ -94,8 +95,9 @@ def _windows(split: TextSplit, name: str, tokenizer: ByteTokenizer | HFTokenizer
     return TokenWindows(tokens, seq_len, size)
 
 
-def _classified(split: TextSplit, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int,
-                size: int | None) -> TextClassification:
+def _classified(
+    split: TextSplit, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int, size: int | None
+) -> TextClassification:
     encoded = tokenizer.encode_documents(split.docs, max_length=seq_len, special_tokens=True)
     ids = np.full((len(encoded), seq_len), tokenizer.pad_id, dtype=token_dtype(tokenizer.vocab_size))
     for row, seq in zip(ids, encoded, strict=True):
@@ -104,8 +106,9 @@ def _classified(split: TextSplit, tokenizer: ByteTokenizer | HFTokenizer, seq_le
     return TextClassification(ids[keep], np.asarray(split.labels, dtype=np.int64)[keep])
 
 
-def _describe(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, datasets: dict[str, Dataset | None],
-              seq_len: int) -> dict[str, Any]:
+def _describe(
+    corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, datasets: dict[str, Dataset | None], seq_len: int
+) -> dict[str, Any]:
     """The bundle's ``corpus``: what was read (corpus.info), how it was tokenized, and a sha256 of the tokens."""
     info = dict(corpus.info)
     info["tokenizer"] = tokenizer.name
@@ -156,7 +159,17 @@ def text_bundle(
         train = None if corpus.train is None else _windows(corpus.train, "train", tok, seq_len, train_size)
         task, num_classes = "causal_lm", tok.vocab_size
     return DataBundle(
-        train, val, num_classes, 0, (), (), classes=corpus.classes, task=task, vocab_size=tok.vocab_size,
-        seq_len=seq_len, pad_id=tok.pad_id, eos_id=tok.eos_id,
+        train,
+        val,
+        num_classes,
+        0,
+        (),
+        (),
+        classes=corpus.classes,
+        task=task,
+        vocab_size=tok.vocab_size,
+        seq_len=seq_len,
+        pad_id=tok.pad_id,
+        eos_id=tok.eos_id,
         corpus=_describe(corpus, tok, {"train": train, "val": val}, seq_len),
     )

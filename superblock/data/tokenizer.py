@@ -100,7 +100,10 @@ class HFTokenizer:
         # verbose=False: long documents are cut into windows later, not fed whole to a model, so the
         # "sequence longer than the model's maximum" warning would be noise.
         out = self.tokenizer(
-            docs, add_special_tokens=special_tokens, truncation=max_length is not None, max_length=max_length,
+            docs,
+            add_special_tokens=special_tokens,
+            truncation=max_length is not None,
+            max_length=max_length,
             verbose=False,
         )["input_ids"]
         dtype = token_dtype(self.vocab_size)

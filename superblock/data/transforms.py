@@ -57,8 +57,14 @@ def _pillow13_safe(transform: Callable) -> Callable:
 
 
 AUGMENT_DEFAULTS: dict[str, Any] = {
-    "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "vflip": 0.0, "color_jitter": None,
-    "re_prob": 0.0, "crop_pct": 0.875, "interpolation": "bicubic",
+    "scale": (0.08, 1.0),
+    "ratio": (3 / 4, 4 / 3),
+    "hflip": 0.5,
+    "vflip": 0.0,
+    "color_jitter": None,
+    "re_prob": 0.0,
+    "crop_pct": 0.875,
+    "interpolation": "bicubic",
 }
 # The recipes `data.augment.recipe` names (configs/data/augment/<recipe>.yaml hold the same values) and the
 # RandAugment each implies when `data.randaugment=auto`. ImageNet's (random-resized crops down to 8%, flips, a
@@ -66,8 +72,16 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
 # 96%; small images get mild crops, no flips, no centre crop and no RandAugment.
 AUGMENT_RECIPES: dict[str, dict[str, Any]] = {
     "imagenet": dict(AUGMENT_DEFAULTS),
-    "small": {"scale": (0.75, 1.0), "ratio": (0.85, 1.18), "hflip": 0.0, "vflip": 0.0, "color_jitter": None,
-              "re_prob": 0.0, "crop_pct": 1.0, "interpolation": "bilinear"},
+    "small": {
+        "scale": (0.75, 1.0),
+        "ratio": (0.85, 1.18),
+        "hflip": 0.0,
+        "vflip": 0.0,
+        "color_jitter": None,
+        "re_prob": 0.0,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    },
 }
 RECIPE_RANDAUGMENT: dict[str, str | None] = {"imagenet": "rand-m9-mstd0.5-inc1", "small": None}
 SMALL_IMAGE_MAX = 64  # recipe=auto: images of at most this many pixels a side get the small-image recipe
@@ -103,7 +117,10 @@ def resolve_augment(
 
 
 def image_transforms(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: str | None,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    randaugment: str | None,
     augment: dict[str, Any] | None = None,
 ) -> tuple[Callable, Callable]:
     """(train, eval) transforms from timm's factory; `augment` overrides :data:`AUGMENT_DEFAULTS` (ImageNet's
@@ -120,9 +137,17 @@ def image_transforms(
     if randaugment and not (randaugment == "torchvision" or randaugment.startswith("rand")):
         _randaugment(randaugment, image_size, mean)  # raises the clear error
     train = transforms_imagenet_train(
-        image_size, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=a["hflip"], vflip=a["vflip"],
-        color_jitter=a["color_jitter"], auto_augment=timm_aa, interpolation=a["interpolation"],
-        mean=mean, std=std, re_prob=a["re_prob"],
+        image_size,
+        scale=tuple(a["scale"]),
+        ratio=tuple(a["ratio"]),
+        hflip=a["hflip"],
+        vflip=a["vflip"],
+        color_jitter=a["color_jitter"],
+        auto_augment=timm_aa,
+        interpolation=a["interpolation"],
+        mean=mean,
+        std=std,
+        re_prob=a["re_prob"],
     )
     if randaugment == "torchvision":  # on the PIL image, before ToTensor
         at = next(i for i, t in enumerate(train.transforms) if "ToTensor" in type(t).__name__)

@@ -50,7 +50,11 @@ def build_data(
     """Datasets and loaders of `data`, and how many optimizer steps an epoch and the whole run take."""
     bundle = build_datasets(data.name, seed=seed, **dataset_options(data))
     train_loader, val_loader, sampler = build_loaders(
-        bundle, batch_size=data.batch_size, num_workers=data.num_workers, seed=seed, distributed=distributed,
+        bundle,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        seed=seed,
+        distributed=distributed,
         eval_batch_size=data.eval_batch_size,
     )
     batches = len(train_loader)
@@ -71,7 +75,10 @@ def dataset_options(data: DataConfig) -> dict[str, Any]:
     if data.name == "text":
         return {**common, "seq_len": data.seq_len, "tokenizer": data.tokenizer, "max_bytes": data.max_bytes}
     return {
-        **common, "image_size": data.image_size, "download": data.download, "randaugment": data.randaugment,
+        **common,
+        "image_size": data.image_size,
+        "download": data.download,
+        "randaugment": data.randaugment,
         "augment": asdict(data.augment),
     }
 
@@ -86,8 +93,11 @@ def build_model_spec(model: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
         kwargs.setdefault("task", model.task if model.task != "auto" else bundle_task(bundle))
         kwargs.setdefault("config", {**token_ids(bundle), **model.config})
     return model_spec(
-        name, num_classes=bundle.num_classes, image_size=model.image_size or bundle.image_size or None,
-        pretrained=model.pretrained, **kwargs,
+        name,
+        num_classes=bundle.num_classes,
+        image_size=model.image_size or bundle.image_size or None,
+        pretrained=model.pretrained,
+        **kwargs,
     )
 
 
@@ -111,19 +121,32 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
     block = normalize_block_size(s.block_size)
     ramp = s.ramp_fraction * total_steps if s.ramp_fraction is not None else s.ramp_epochs * steps_per_epoch
     return {
-        "sparsity": s.level, "block_size": list(block), "targets": list(s.targets), "exclude": list(s.exclude),
-        "skip_first_block": s.skip_first_block, "skip_head": s.skip_head, "allocation": s.allocation,
-        "min_density": s.min_density, "schedule": s.schedule, "initial_sparsity": s.initial,
+        "sparsity": s.level,
+        "block_size": list(block),
+        "targets": list(s.targets),
+        "exclude": list(s.exclude),
+        "skip_first_block": s.skip_first_block,
+        "skip_head": s.skip_head,
+        "allocation": s.allocation,
+        "min_density": s.min_density,
+        "schedule": s.schedule,
+        "initial_sparsity": s.initial,
         "ramp_steps": int(round(ramp)),
         "start_step": int(round(s.start_epoch * steps_per_epoch)),
-        "score_init": s.score_init, "fixed_weight": s.fixed_weight, "fixed_mask": s.fixed_mask,
+        "score_init": s.score_init,
+        "fixed_weight": s.fixed_weight,
+        "fixed_mask": s.fixed_mask,
         # only when set: the spec of runs from before the option stays equal, so they still resume
         **({"freeze_after_ramp": True} if s.freeze_after_ramp else {}),
     }
 
 
 def build_student(
-    spec: dict[str, Any], sparsify_args: dict[str, Any] | None, *, strict_blocks: bool, seed: int,
+    spec: dict[str, Any],
+    sparsify_args: dict[str, Any] | None,
+    *,
+    strict_blocks: bool,
+    seed: int,
     permute: str = "none",
 ) -> tuple[nn.Module, SparsityReport | None]:
     """The model to train: built from `spec` (weights from a file or a superblock run), then masked; with `permute`
@@ -164,7 +187,11 @@ def wrap_for_training(
 
 
 def build_objective(
-    trainer: TrainerConfig, distill: DistillConfig, *, num_classes: int, student_spec: dict[str, Any],
+    trainer: TrainerConfig,
+    distill: DistillConfig,
+    *,
+    num_classes: int,
+    student_spec: dict[str, Any],
     device: torch.device,
 ) -> Objective:
     """The loss: cross-entropy (soft targets under mixup/cutmix), plus distillation when a teacher is named."""
@@ -173,8 +200,12 @@ def build_objective(
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup = Mixup(mixup_alpha=trainer.mixup, cutmix_alpha=trainer.cutmix,
-                      label_smoothing=trainer.label_smoothing, num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=trainer.mixup,
+            cutmix_alpha=trainer.cutmix,
+            label_smoothing=trainer.label_smoothing,
+            num_classes=num_classes,
+        )
         criterion: nn.Module = SoftTargetCrossEntropy()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
@@ -186,17 +217,33 @@ def build_objective(
 
 
 def build_optimization(
-    model: nn.Module, optim: OptimConfig, *, scores_lr: float | None, total_steps: int, steps_per_epoch: int,
+    model: nn.Module,
+    optim: OptimConfig,
+    *,
+    scores_lr: float | None,
+    total_steps: int,
+    steps_per_epoch: int,
     amp_dtype: torch.dtype | None,
 ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
     """Optimizer (scores in their own group), per-step lr schedule, and the fp16 loss scaler (off otherwise)."""
     optimizer = build_optimizer(
-        model, optim.name, lr=optim.lr, weight_decay=optim.weight_decay, scores_lr=scores_lr,
-        betas=tuple(optim.betas), momentum=optim.momentum, nesterov=optim.nesterov,
+        model,
+        optim.name,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        scores_lr=scores_lr,
+        betas=tuple(optim.betas),
+        momentum=optim.momentum,
+        nesterov=optim.nesterov,
     )
     scheduler = build_lr_scheduler(
-        optimizer, total_steps, int(round(optim.warmup_epochs * steps_per_epoch)), optim.lr, optim.min_lr,
-        optim.warmup_start_factor, optim.lr_schedule,
+        optimizer,
+        total_steps,
+        int(round(optim.warmup_epochs * steps_per_epoch)),
+        optim.lr,
+        optim.min_lr,
+        optim.warmup_start_factor,
+        optim.lr_schedule,
     )
     return optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 

@@ -35,8 +35,9 @@ def distillation_loss(
         d = F.cross_entropy(student, teacher.argmax(dim=-1))
     else:
         t = temperature
-        d = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
-                     log_target=True) * (t * t)
+        d = F.kl_div(
+            F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean", log_target=True
+        ) * (t * t)
     return (1.0 - alpha) * task_loss + alpha * d
 
 

@@ -42,8 +42,12 @@ def evaluate(
         logits, targets = flat_predictions(logits.float(), targets)
         top1, top5 = topk_correct(logits, targets)
         totals += torch.stack(
-            [criterion(logits, targets).double(), top1.double(), top5.double(),
-             torch.tensor(len(targets), dtype=torch.float64, device=device)]
+            [
+                criterion(logits, targets).double(),
+                top1.double(),
+                top5.double(),
+                torch.tensor(len(targets), dtype=torch.float64, device=device),
+            ]
         )
     all_reduce_sum(totals)
     model.train(was_training)

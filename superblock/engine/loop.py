@@ -143,8 +143,14 @@ def train_one_epoch(
     Hooks: `on_log(window, step)` at logging steps returns the progress bar's postfix; `on_checkpoint(window)` at
     checkpoint steps; `on_end(window)` with the unlogged rest when the loader is exhausted."""
     skip = progress.batch_in_epoch
-    bar = epoch_progress(plan.usable_batches, skip, f"epoch {plan.epoch + 1}/{plan.max_epochs}",
-                         enabled=plan.show_progress, every_s=plan.progress_every_s, step=lambda: progress.step)
+    bar = epoch_progress(
+        plan.usable_batches,
+        skip,
+        f"epoch {plan.epoch + 1}/{plan.max_epochs}",
+        enabled=plan.show_progress,
+        every_s=plan.progress_every_s,
+        step=lambda: progress.step,
+    )
     window = Window(torch.zeros((), device=parts.device))
     parts.train_model.train()
     try:

@@ -10,9 +10,7 @@ from torch import nn
 from superblock.sparsity import mask_parameters
 
 
-def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, scores_lr: float | None = None
-) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, scores_lr: float | None = None) -> list[dict]:
     """decay (2-D+ weights) / no_decay (biases, norms, embeddings' 1-D params) / scores (own lr, no decay)."""
     scores = {id(p) for p in mask_parameters(model)}
     decay, no_decay, score_params = [], [], []

@@ -29,8 +29,11 @@ _TARGET_KEYS = ("targets", "exclude", "skip_first_block", "skip_head")
 
 
 def _permute_args(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"block_size": tuple(spec["block_size"]), "sparsity": spec["sparsity"],
-            **{k: spec[k] for k in _TARGET_KEYS if k in spec}}
+    return {
+        "block_size": tuple(spec["block_size"]),
+        "sparsity": spec["sparsity"],
+        **{k: spec[k] for k in _TARGET_KEYS if k in spec},
+    }
 
 
 def first_cut(spec: dict[str, Any]) -> int:
@@ -55,8 +58,14 @@ def record(model: nn.Module, report: PermutationReport, step: int) -> None:
 
 
 def schedule_permutation(
-    model: nn.Module, mode: str, spec: dict[str, Any] | None, optimizer: torch.optim.Optimizer,
-    ema: ModelEma | None, *, seed: int, announce: bool,
+    model: nn.Module,
+    mode: str,
+    spec: dict[str, Any] | None,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEma | None,
+    *,
+    seed: int,
+    announce: bool,
 ) -> None:
     """Permute at the ramp's first step when the ramp starts later than step 0 (a hook on the controller)."""
     controller = get_controller(model)
@@ -92,6 +101,8 @@ def describe(model: nn.Module) -> str | None:
     r = controller.permutation if controller is not None else None
     if not r:
         return None
-    return (f"permutation ({r['mode']}) at step {r['step']}: kept magnitude {r['kept_before']:.4f} -> "
-            f"{r['kept_after']:.4f} ({r['kept_after'] - r['kept_before']:+.4f}); {r['permuted']} of {r['couplings']} "
-            "coupled groups permuted")
+    return (
+        f"permutation ({r['mode']}) at step {r['step']}: kept magnitude {r['kept_before']:.4f} -> "
+        f"{r['kept_after']:.4f} ({r['kept_after'] - r['kept_before']:+.4f}); {r['permuted']} of {r['couplings']} "
+        "coupled groups permuted"
+    )

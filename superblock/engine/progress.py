@@ -30,9 +30,15 @@ class ProgressLines:
     one every `every_s` seconds (0: none). `step()` is the current optimizer step."""
 
     def __init__(
-        self, total: int, initial: int, desc: str, every_s: float, step: Callable[[], int],
-        file: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
-    ) -> None:  # fmt: skip
+        self,
+        total: int,
+        initial: int,
+        desc: str,
+        every_s: float,
+        step: Callable[[], int],
+        file: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
         self.step, self.file, self.clock = step, file, clock
         self.postfix: dict[str, Any] = {}
@@ -57,9 +63,13 @@ class ProgressLines:
         rate = done / elapsed if elapsed > 0 and done else None
         eta = tqdm.format_interval((self.total - self.n) / rate) if rate else "?"
         pct = 100.0 * self.n / self.total if self.total else 100.0
-        fields = [f"{self.n}/{self.total} batches ({pct:.0f}%)", f"step {self.step()}",
-                  f"{rate:.2f} batch/s" if rate else "? batch/s",
-                  f"elapsed {tqdm.format_interval(elapsed)}", f"ETA {eta}"]  # fmt: skip
+        fields = [
+            f"{self.n}/{self.total} batches ({pct:.0f}%)",
+            f"step {self.step()}",
+            f"{rate:.2f} batch/s" if rate else "? batch/s",
+            f"elapsed {tqdm.format_interval(elapsed)}",
+            f"ETA {eta}",
+        ]
         fields += [f"{k}={v}" for k, v in self.postfix.items()]
         return f"{self.desc}: " + ", ".join(fields)
 
@@ -70,12 +80,26 @@ class ProgressLines:
 
 
 def epoch_progress(
-    total: int, initial: int, desc: str, *, enabled: bool, every_s: float, step: Callable[[], int],
+    total: int,
+    initial: int,
+    desc: str,
+    *,
+    enabled: bool,
+    every_s: float,
+    step: Callable[[], int],
     stream: TextIO | None = None,
-) -> tqdm | ProgressLines:  # fmt: skip
+) -> tqdm | ProgressLines:
     """The progress display of one epoch: tqdm's bar (disabled when not `enabled`, e.g. on ranks other than 0) when
     `stream` (default stderr, tqdm's) is a terminal, else ProgressLines."""
     if enabled and not is_terminal(stream if stream is not None else sys.stderr):
         return ProgressLines(total, initial, desc, every_s, step, file=stream)
-    return tqdm(total=total, initial=initial, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True,
-                leave=True, file=stream)  # fmt: skip
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="batch",
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=True,
+        file=stream,
+    )

@@ -42,8 +42,15 @@ from superblock.seeding import seed_everything
 from superblock.sparsity import block_sparsity, fused, get_controller, iter_block_masks
 
 __all__ = [
-    "Progress", "Trainer", "TrainingDiverged", "find_resume", "rank_seed", "rng_state", "seed_everything",
-    "set_rng_state", "write_summary",
+    "Progress",
+    "Trainer",
+    "TrainingDiverged",
+    "find_resume",
+    "rank_seed",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "write_summary",
 ]
 
 
@@ -82,37 +89,76 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.precision, self.device)
         fused.set_enabled(t.fused_mask)  # process-wide: the masked weights' fused eager CUDA kernels
         seed_everything(cfg.seed)  # same model init and scores on every rank
-        self.data = build_data(cfg.data, seed=cfg.seed, distributed=dist.distributed,
-                               accumulate=t.accumulate_grad_batches, max_epochs=t.max_epochs, max_steps=t.max_steps)
+        self.data = build_data(
+            cfg.data,
+            seed=cfg.seed,
+            distributed=dist.distributed,
+            accumulate=t.accumulate_grad_batches,
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+        )
         self.bundle, self.total_steps = self.data.bundle, self.data.total_steps
         self.model_spec = build_model_spec(cfg.model, self.bundle)
         self.sparsity_spec = sparsity_spec(cfg.sparsity, self.data.steps_per_epoch, self.total_steps)
-        model, self.report = build_student(self.model_spec, self.sparsity_spec,
-                                           strict_blocks=cfg.sparsity.strict_blocks, seed=cfg.seed,
-                                           permute=cfg.sparsity.permute)
+        model, self.report = build_student(
+            self.model_spec,
+            self.sparsity_spec,
+            strict_blocks=cfg.sparsity.strict_blocks,
+            seed=cfg.seed,
+            permute=cfg.sparsity.permute,
+        )
         self.model = model.to(self.device)
-        self.objective = build_objective(t, cfg.distill, num_classes=self.bundle.num_classes,
-                                         student_spec=self.model_spec, device=self.device)
-        ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
-        # Before the optimizer: FSDP replaces the parameters with sharded ones.
-        train_model = wrap_for_training(self.model, self.device, distributed=dist.distributed, compile=t.compile,
-                                        strategy=t.strategy)
-        optimizer, lr_scheduler, scaler = build_optimization(
-            self.model, cfg.optim, scores_lr=cfg.sparsity.scores_lr, total_steps=self.total_steps,
-            steps_per_epoch=self.data.steps_per_epoch, amp_dtype=self.amp_dtype,
+        self.parts = p = self._step_parts()
+        schedule_permutation(
+            self.model,
+            cfg.sparsity.permute,
+            self.sparsity_spec,
+            p.optimizer,
+            p.ema,
+            seed=cfg.seed,
+            announce=dist.is_main,
         )
-        self.parts = StepParts(
-            self.model, train_model, self.objective, optimizer, lr_scheduler, scaler, ema, self.device, self.amp_dtype,
-            t.accumulate_grad_batches, t.grad_clip, dist.distributed, torch.zeros((), device=self.device),
-        )
-        schedule_permutation(self.model, cfg.sparsity.permute, self.sparsity_spec, optimizer, ema, seed=cfg.seed,
-                             announce=dist.is_main)
         # From here on every rank draws its own dropout / drop-path / mixup numbers (data: see SeededSamples).
         seed_everything(rank_seed(cfg.seed, dist.rank))
-        self.state = TrainState(self.model, optimizer, lr_scheduler, scaler, ema, Progress(),
-                                RankStreams(cfg.seed, dist.rank, dist.world_size))
+        streams = RankStreams(cfg.seed, dist.rank, dist.world_size)
+        self.state = TrainState(self.model, p.optimizer, p.lr_scheduler, p.scaler, p.ema, Progress(), streams)
         self.logger: MetricLogger | None = None
         self._warm = False
+
+    def _step_parts(self) -> StepParts:
+        """The objective, the EMA copy, the wrapped model (DDP / FSDP / compiled) and the optimization of a step."""
+        cfg, t, dist = self.cfg, self.cfg.trainer, self.dist
+        self.objective = build_objective(
+            t, cfg.distill, num_classes=self.bundle.num_classes, student_spec=self.model_spec, device=self.device
+        )
+        ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
+        # Before the optimizer: FSDP replaces the parameters with sharded ones.
+        train_model = wrap_for_training(
+            self.model, self.device, distributed=dist.distributed, compile=t.compile, strategy=t.strategy
+        )
+        optimizer, lr_scheduler, scaler = build_optimization(
+            self.model,
+            cfg.optim,
+            scores_lr=cfg.sparsity.scores_lr,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.data.steps_per_epoch,
+            amp_dtype=self.amp_dtype,
+        )
+        return StepParts(
+            model=self.model,
+            train_model=train_model,
+            objective=self.objective,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=scaler,
+            ema=ema,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            accumulate=t.accumulate_grad_batches,
+            grad_clip=t.grad_clip,
+            distributed=dist.distributed,
+            nonfinite_grads=torch.zeros((), device=self.device),
+        )
 
     @property
     def progress(self) -> Progress:
@@ -125,8 +171,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint dict: the run's identity plus every part of the train state."""
-        identity = {"model_spec": self.model_spec, "sparsity_spec": self.sparsity_spec,
-                    "config": self.resolved_config}
+        identity = {"model_spec": self.model_spec, "sparsity_spec": self.sparsity_spec, "config": self.resolved_config}
         return {**identity, **self.state.state_dict()}
 
     def save(self, path: Path | None = None) -> None:
@@ -160,12 +205,26 @@ class Trainer:
         t = self.cfg.trainer
         self.data.sampler.set_epoch(epoch)  # order and augmentations: functions of (seed, epoch[, index])
         plan = EpochPlan(
-            epoch, t.max_epochs, self.data.steps_per_epoch * t.accumulate_grad_batches, self.total_steps,
-            t.log_every_steps, t.checkpoint_every_steps, t.fault_at_step, self.dist.is_main,
+            epoch,
+            t.max_epochs,
+            self.data.steps_per_epoch * t.accumulate_grad_batches,
+            self.total_steps,
+            t.log_every_steps,
+            t.checkpoint_every_steps,
+            t.fault_at_step,
+            self.dist.is_main,
         )
         plan.progress_every_s = t.progress_every_s
-        return train_one_epoch(self.parts, self.data.train_loader, self.progress, plan, self._log_train,
-                               self._save_checked, self._check, self.dist.world_size)
+        return train_one_epoch(
+            self.parts,
+            self.data.train_loader,
+            self.progress,
+            plan,
+            self._log_train,
+            self._save_checked,
+            self._check,
+            self.dist.world_size,
+        )
 
     def _log_train(self, window: Window, step: int) -> dict[str, str]:
         self._check(window)
@@ -178,25 +237,33 @@ class Trainer:
             self._warm = True
         ctrl = get_controller(self.model)
         metrics = {
-            "train_loss": window.mean_loss, "lr": self.parts.optimizer.param_groups[0]["lr"],
-            "sparsity": ctrl.sparsity if ctrl else 0.0, "images_per_s": window.images / elapsed,
-            "step_ms": 1000.0 * elapsed / max(window.steps, 1), "epoch": p.epoch,
+            "train_loss": window.mean_loss,
+            "lr": self.parts.optimizer.param_groups[0]["lr"],
+            "sparsity": ctrl.sparsity if ctrl else 0.0,
+            "images_per_s": window.images / elapsed,
+            "step_ms": 1000.0 * elapsed / max(window.steps, 1),
+            "epoch": p.epoch,
         }
         timer = self.objective.teacher_timer
         if timer is not None:  # the distillation teacher's share of the step time
             metrics["teacher_ms"] = timer.pop_ms() / max(window.steps, 1)
         if self.logger:
             self.logger.log(metrics, step)
-        return {"loss": f"{metrics['train_loss']:.3f}", "lr": f"{metrics['lr']:.2e}",
-                "sparsity": f"{metrics['sparsity']:.2f}", "img_s": f"{metrics['images_per_s']:.0f}"}
+        return {
+            "loss": f"{metrics['train_loss']:.3f}",
+            "lr": f"{metrics['lr']:.2e}",
+            "sparsity": f"{metrics['sparsity']:.2f}",
+            "img_s": f"{metrics['images_per_s']:.0f}",
+        }
 
     def fit(self, resume: Path | None = None) -> RunSummary:
         t = self.cfg.trainer
         if resume is not None:
             self.resume_from(resume)
         lc = self.cfg.logger
-        self.logger = build_logger(lc.name, self.run_dir, self.dist.is_main, self.resolved_config, lc.project,
-                                   lc.entity, lc.mode, lc.tags)
+        self.logger = build_logger(
+            lc.name, self.run_dir, self.dist.is_main, self.resolved_config, lc.project, lc.entity, lc.mode, lc.tags
+        )
         status = "failed"
         try:
             if resume is not None and self.dist.is_main:
@@ -241,8 +308,9 @@ class Trainer:
         state = full_model_state(self.model)
         if not self.dist.is_main:
             return None
-        copy, _ = build_student({**self.model_spec, "pretrained": None}, self.sparsity_spec, strict_blocks=False,
-                                seed=self.cfg.seed)
+        copy, _ = build_student(
+            {**self.model_spec, "pretrained": None}, self.sparsity_spec, strict_blocks=False, seed=self.cfg.seed
+        )
         copy.load_state_dict(state)
         return copy
 
@@ -257,27 +325,38 @@ class Trainer:
         total, kept = model_size(model) if model is not None else (None, None)
         p, m = self.progress, self.progress.last_metrics
         return RunSummary(
-            status=status, error=None, model=self.cfg.model.name,
+            status=status,
+            error=None,
+            model=self.cfg.model.name,
             sparsity=spec["sparsity"] if spec else 0.0,
             block_size=spec["block_size"] if spec else None,
             targets=spec["targets"] if spec else [],
-            val_top1=m.get("val_top1"), val_top5=m.get("val_top5"), ema_val_top1=m.get("ema_val_top1"),
+            val_top1=m.get("val_top1"),
+            val_top5=m.get("val_top5"),
+            ema_val_top1=m.get("ema_val_top1"),
             val_perplexity=m.get("val_perplexity"),
-            best_val_top1=p.best_top1, best_val_top5=p.best_top5,
+            best_val_top1=p.best_top1,
+            best_val_top5=p.best_top5,
             block_sparsity=measured,
             mean_block_sparsity=sum(measured.values()) / len(measured) if measured else 0.0,
-            params_total=total, params_kept=kept,
-            wall_time_s=None, images_per_s=_rate(p.train_images, p.train_seconds)
-            or _rate(p.warmup_images, p.warmup_seconds),
-            epochs=p.epoch, steps=p.step, world_size=self.dist.world_size,
-            masks_equal_across_ranks=len(set(digests)) == 1, mask_digest=digests[0],
+            params_total=total,
+            params_kept=kept,
+            wall_time_s=None,
+            images_per_s=_rate(p.train_images, p.train_seconds) or _rate(p.warmup_images, p.warmup_seconds),
+            epochs=p.epoch,
+            steps=p.step,
+            world_size=self.dist.world_size,
+            masks_equal_across_ranks=len(set(digests)) == 1,
+            mask_digest=digests[0],
             run_dir=str(self.run_dir),
         )
 
 
 def _validation_line(epoch: int, metrics: dict[str, float]) -> str:
-    line = (f"epoch {epoch + 1}: val top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
-            f"loss {metrics['val_loss']:.4f}")
+    line = (
+        f"epoch {epoch + 1}: val top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+        f"loss {metrics['val_loss']:.4f}"
+    )
     if "val_perplexity" in metrics:
         line += f"  perplexity {metrics['val_perplexity']:.2f}"
     if "ema_val_top1" in metrics:

@@ -219,8 +219,10 @@ def _check_indices(layer: Layer, crow: torch.Tensor, col: torch.Tensor) -> None:
     if ok and col.numel():
         ok = int(col.min()) >= 0 and int(col.max()) < cols
     if not ok:
-        raise ExportError(f"stored BSR indices of {layer.name} are corrupt (row pointers or columns outside its "
-                          f"{math.ceil(layer.shape[0] / layer.block[0])} x {cols} block grid): export it again")
+        raise ExportError(
+            f"stored BSR indices of {layer.name} are corrupt (row pointers or columns outside its "
+            f"{math.ceil(layer.shape[0] / layer.block[0])} x {cols} block grid): export it again"
+        )
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -23,9 +23,7 @@ LAYOUT_TOLERANCE = 0.02
 
 
 @torch.no_grad()
-def tokens_per_image(
-    model: nn.Module, names: list[str], image_shape: SampleInput | tuple[int, ...]
-) -> dict[str, int]:
+def tokens_per_image(model: nn.Module, names: list[str], image_shape: SampleInput | tuple[int, ...]) -> dict[str, int]:
     """Rows each masked weight multiplies per sample (ViT: patches + class token; LM: the sample's tokens), from one
     forward of 1 sample (`image_shape`: an image shape or a SampleInput, e.g. token ids)."""
     seen: dict[str, int] = {}
@@ -53,8 +51,9 @@ def _time(fns: dict, inputs: list, device: torch.device, graph: bool, repeats: i
     """Median ms per call of each function: CUDA-graph replays (GPU time) for graph, else interleaved eager calls."""
     if graph:
         x = inputs[0]
-        return {name: time_graph(lambda f=fn: f(x), budget_ms=2.0, repeats=max(3, repeats // 3))
-                for name, fn in fns.items()}  # fmt: skip
+        return {
+            name: time_graph(lambda f=fn: f(x), budget_ms=2.0, repeats=max(3, repeats // 3)) for name, fn in fns.items()
+        }
     stats = compare_latency(fns, inputs, device, warmup=2, repeats=repeats, rounds=2)
     return {name: stats[name]["median_ms"] for name in fns}
 
@@ -73,8 +72,15 @@ def _measure(weight, bias, block, tokens: dict[int, int], device, dtype, backend
         sparse(inputs[0])  # the layer's choice for this many tokens (measured here for backend=auto on CUDA)
         kernel = sparse.choices()[tuning.token_bucket(n)].backend
         ms = _time({"dense": lambda x: F.linear(x, w, b), "bsr": sparse}, inputs, device, graph, repeats)
-        rows.append({"batch": batch, "tokens": n, "dense_ms": round(ms["dense"], 4), "bsr_ms": round(ms["bsr"], 4),
-                     "kernel": kernel})  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "tokens": n,
+                "dense_ms": round(ms["dense"], 4),
+                "bsr_ms": round(ms["bsr"], 4),
+                "kernel": kernel,
+            }
+        )
     return {"runtime": runtime, "timed": "graph" if graph else "eager", "per_batch": rows}
 
 

@@ -71,18 +71,26 @@ def load_sparse(
     dtype = parse_dtype(dtype if dtype is not None else manifest["dtype"])
     ensure_runnable(dtype, device)
     model = _build(path, manifest, backend, fuse_gelu, verify, fuse_projections).to(device=device, dtype=dtype).eval()
-    log.info("load_sparse: built the model (%d block-sparse weights) on %s in %.1f s",
-             sum(layer.layout == "bsr" for layer in manifest_layers(manifest)), device, time.perf_counter() - start)
+    _log_built(manifest, device, start)
     if sizes is None and runtime != "eager":
         sizes = (manifest.get("layout_policy") or {}).get("batch_sizes") or None
     if runtime == "eager" and sizes is None:
         return model
     served = make_runtime(
-        model, runtime, batch_sizes=sizes, sample_shape=sample_input(model, manifest["model_spec"]),
+        model,
+        runtime,
+        batch_sizes=sizes,
+        sample_shape=sample_input(model, manifest["model_spec"]),
         compile_options=compile_options,
     )
     log.info("load_sparse: %s ready for runtime=%s in %.1f s", path, runtime, time.perf_counter() - start)
     return served
+
+
+def _log_built(manifest: dict, device: torch.device, start: float) -> None:
+    n_bsr = sum(layer.layout == "bsr" for layer in manifest_layers(manifest))
+    elapsed = time.perf_counter() - start
+    log.info("load_sparse: built the model (%d block-sparse weights) on %s in %.1f s", n_bsr, device, elapsed)
 
 
 def _build(path: Path, manifest: dict, backend: str, fuse_gelu: bool, verify: bool, fuse: bool = False) -> nn.Module:
@@ -97,8 +105,9 @@ def _build(path: Path, manifest: dict, backend: str, fuse_gelu: bool, verify: bo
     if fuse:
         counts = _fused.fuse_projections(model)
         if any(counts.values()):
-            log.info("load_sparse: fused q/k/v in %d attention modules, gate/up in %d MLPs", counts["qkv"],
-                     counts["gate_up"])  # fmt: skip
+            log.info(
+                "load_sparse: fused q/k/v in %d attention modules, gate/up in %d MLPs", counts["qkv"], counts["gate_up"]
+            )
     return model
 
 
@@ -109,4 +118,3 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu", dtype: str
     device, dtype = resolve_device(device), parse_dtype(dtype if dtype is not None else manifest["dtype"])
     ensure_runnable(dtype, device)
     return read_folded(path, manifest).to(device=device, dtype=dtype).eval()
-

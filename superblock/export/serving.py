@@ -67,9 +67,13 @@ class SampleInput:
     vocab_size: int | None = None
 
     def make(
-        self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None, fill: str = "random",
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        batch: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+        fill: str = "random",
+    ) -> torch.Tensor:
         """A batch of inputs on `device` (`dtype` applies to float inputs only). fill="zeros" for static buffers.
         Drawn on the CPU when a generator is given (so a seed means the same inputs everywhere)."""
         size = (batch, *self.shape)
@@ -109,8 +113,9 @@ def check_runtime(runtime: str, batch_sizes: Sequence[int] | int | None) -> tupl
     ok = isinstance(batch_sizes, Sequence) and not isinstance(batch_sizes, str) and len(batch_sizes) > 0
     sizes = list(batch_sizes) if ok else []
     if not ok or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in sizes):
-        raise ValueError(f"batch_sizes must be a non-empty list of positive ints, e.g. [1, 8, 32, 256], got "
-                         f"{batch_sizes!r}")  # fmt: skip
+        raise ValueError(
+            f"batch_sizes must be a non-empty list of positive ints, e.g. [1, 8, 32, 256], got {batch_sizes!r}"
+        )
     return tuple(sorted(set(sizes)))
 
 
@@ -132,8 +137,9 @@ def compile_settings(runtime: str, compile_options: dict | bool | None) -> dict 
     """The torch.compile arguments a runtime uses (None: not compiled). compile: always compiled (True / None mean
     defaults); cudagraph: compiled unless compile_options is False; eager: never (options are an error)."""
     if compile_options is not None and not isinstance(compile_options, (dict, bool)):
-        raise ValueError(f"compile_options must be a dict of torch.compile arguments (or True / False), got "
-                         f"{compile_options!r}")  # fmt: skip
+        raise ValueError(
+            f"compile_options must be a dict of torch.compile arguments (or True / False), got {compile_options!r}"
+        )
     if runtime == "eager":
         if compile_options not in (None, False):
             raise ValueError("compile_options apply to runtime='compile' or 'cudagraph', not 'eager'")
@@ -295,13 +301,19 @@ def make_runtime(
     if sizes is None:
         return model
     shape = as_sample(sample_shape) if sample_shape is not None else sample_input(model)
-    _timed(f"warmed up at batch sizes {list(sizes)} (every block-sparse layer chose its kernels)", warm_up, model,
-           sizes, shape)  # fmt: skip
+    _timed(
+        f"warmed up at batch sizes {list(sizes)} (every block-sparse layer chose its kernels)",
+        warm_up,
+        model,
+        sizes,
+        shape,
+    )
     check = target == "eager" and (check_dense if check_dense is not None else device.type == "cuda")
     if runtime == "eager":
         if check:
-            model.dense_check = _timed("checked the whole model against dense kernels", check_against_dense, model,
-                                       sizes, shape)  # fmt: skip
+            model.dense_check = _timed(
+                "checked the whole model against dense kernels", check_against_dense, model, sizes, shape
+            )
         return model
     # compile: checked on the compiled model itself, whose host overhead differs from eager's
     return ServingModel(model, runtime, sizes, shape, options, check_dense=check and runtime == "compile")
@@ -368,8 +380,12 @@ class ServingModel(nn.Module):
         if runtime == "compile" and not self.compiled:
             raise ValueError("runtime='compile' needs compile_options (a dict, {} for torch.compile's defaults)")
         if self.compiled:
-            log.info("torch.compile at batch sizes %s: can take a minute on a cold compile cache, seconds on a warm "
-                     "one (%s; docs/export.md, 'Start-up time')", list(self.batch_sizes), compile_cache_dir())
+            log.info(
+                "torch.compile at batch sizes %s: can take a minute on a cold compile cache, seconds on a warm "
+                "one (%s; docs/export.md, 'Start-up time')",
+                list(self.batch_sizes),
+                compile_cache_dir(),
+            )
             self._compile(dict(compile_options or {}), warm=runtime == "compile")
         self.dense_check: dict[int, dict] = {}
         if check_dense and runtime == "compile":
@@ -414,9 +430,13 @@ class ServingModel(nn.Module):
             with torch.cuda.graph(graph, pool=pool):
                 y = fn(x)
             pool = graph.pool()
-            log.info("%s batch %d in %.1f s, captured its CUDA graph in %.2f s",
-                     "compiled and warmed up" if self.compiled else "warmed up", b, warmed - start,
-                     time.perf_counter() - warmed)  # fmt: skip
+            log.info(
+                "%s batch %d in %.1f s, captured its CUDA graph in %.2f s",
+                "compiled and warmed up" if self.compiled else "warmed up",
+                b,
+                warmed - start,
+                time.perf_counter() - warmed,
+            )
             self._graphs[b] = (graph, x, y)
         torch.cuda.synchronize(self.device)
 
@@ -453,8 +473,10 @@ class ServingModel(nn.Module):
         want = f"{'token ids' if ids else 'float inputs'} of shape (batch, {', '.join(map(str, self.sample_shape))})"
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"this served model takes a tensor of {want}, got {type(x).__name__}")
-        raise ValueError(f"this served model ({self.runtime}) takes {want}, got a {str(x.dtype)[6:]} tensor of shape "
-                         f"{tuple(x.shape)}")  # fmt: skip
+        raise ValueError(
+            f"this served model ({self.runtime}) takes {want}, got a {str(x.dtype)[6:]} tensor of shape "
+            f"{tuple(x.shape)}"
+        )
 
     def _run(self, x: torch.Tensor):
         with self._lock:

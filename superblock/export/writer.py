@@ -158,6 +158,14 @@ def _check_args(layout: str, runtime: str, batch_sizes, probe_n: int, tolerance:
     return check_runtime(runtime, batch_sizes)
 
 
+def _output_dir(output: str | Path | None, run_name: str, overwrite: bool) -> Path:
+    """Where the export goes (default exports/<run name>); an existing one only with overwrite."""
+    out = Path(output) if output else EXPORT_ROOT / run_name
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists: pass output=<another dir> or overwrite=true")
+    return out
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path | None = None,
@@ -181,28 +189,30 @@ def export_checkpoint(
     Folds the masks, stores every masked weight as BSR (layout=bsr), dense (layout=dense) or, for layout=auto, BSR
     only where its block-sparse module is never slower than dense at any of `batch_sizes` (inputs per batch) on
     `device` in `dtype` as served by `runtime` ("eager" | "compile" | "cudagraph") and faster at one of them
-    (per-batch timings go to the manifest). `batch_size` (one int) is the older spelling of batch_sizes=[N]. Writes
-    the folded dense state dict beside it, and checks the exported model's logits against the masked training
-    model's on a fixed probe batch (the export fails if the error exceeds the dtype's tolerance). Language models
-    (hf: model specs) are probed and timed with sequences of token ids. Written to a temporary directory and
-    renamed at the end.
-    """
+    (timings in the manifest; `batch_size` = batch_sizes=[N]). Writes the folded dense state dict beside it and
+    checks the exported model's logits (token ids for hf: models) against the masked model's on a fixed probe batch
+    (fails beyond the dtype's tolerance). Written to a temporary directory and renamed at the end."""
     sizes = _check_args(layout, runtime, batch_size if batch_size is not None else batch_sizes, probe_batch, tolerance)
     torch_dtype, dev = parse_dtype(dtype), resolve_device(device)
     ensure_runnable(torch_dtype, dev)
     src = load_source(checkpoint)
-    output = Path(output) if output else EXPORT_ROOT / src.name
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists: pass output=<another dir> or overwrite=true")
+    output = _output_dir(output, src.name, overwrite)
     masked = src.model(use_ema)
     layers = masked_layers(masked)
     folded = fold_copy(masked)
     sample = model_sample(folded, src.state["model_spec"])
     echo(f"exporting {src.checkpoint} ({len(layers)} masked weights) -> {output} [{dtype_name(torch_dtype)}]")
     choose_layouts(
-        folded, layers, layout, device=dev, dtype=torch_dtype, batch_sizes=sizes, image_shape=sample, backend=backend,
+        folded,
+        layers,
+        layout,
+        device=dev,
+        dtype=torch_dtype,
+        batch_sizes=sizes,
+        image_shape=sample,
+        backend=backend,
         runtime=runtime,
-    )  # fmt: skip
+    )
     policy = {"mode": layout, "device": str(dev), "batch_sizes": list(sizes), "runtime": runtime, "backend": backend}
     files, manifest = _contents(src, folded, layers, torch_dtype, policy, sample, use_ema)
     tolerance = tolerance or TOLERANCES[dtype_name(torch_dtype)]
@@ -218,7 +228,12 @@ def export_checkpoint(
 
 
 def _contents(
-    src: Source, folded: nn.Module, layers: list[Layer], dtype: torch.dtype, policy: dict, sample: SampleInput,
+    src: Source,
+    folded: nn.Module,
+    layers: list[Layer],
+    dtype: torch.dtype,
+    policy: dict,
+    sample: SampleInput,
     use_ema: bool,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """The tensors of both weights files ({file name: tensors}) and the manifest without files and equivalence."""

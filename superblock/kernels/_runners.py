@@ -204,9 +204,7 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
     if config.get("TMA") and (group > 1 or activation == "silu_mul" or not _triton_bsr.tma_ok(x2d, y, values)):
         config = {**config, "TMA": False}
-    return _triton_bsr.launch(
-        x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap
-    )
+    return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap)
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:

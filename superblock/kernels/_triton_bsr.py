@@ -186,7 +186,6 @@ if HAS_TRITON:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         y_desc.store([m0, pid_n * BH], acc.to(y_desc.dtype))
 
-
     @triton.jit
     def _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
                   ACT: tl.constexpr):  # fmt: skip

@@ -188,8 +188,8 @@ def bsr_linear(
     [..., out] in x's dtype. `activation` is None or "gelu" (exact erf GELU, nn.GELU()). fp32 inputs are
     multiplied in true fp32 unless `allow_tf32=True`, `fp32_precision="tf32"|"tf32x3"` or
     set_fp32_precision(...) says otherwise (triton backend; torch/dense follow torch's own matmul settings).
-    `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA, and SPLIT >= 1
-    for the decode kernel: few tokens, SPLIT programs per block row).
+    `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA; SPLIT >= 1 for the
+    decode kernel: few tokens, SPLIT programs per block row; XS >= 1 for the x-stationary kernel on sm_90).
     `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly).
     Padding entries of `values` (beyond out/in) must be finite; from_dense writes zeros there.
 
@@ -212,10 +212,8 @@ def bsr_linear(
     gidx, cfg_list, crow, col = None, [], crow_indices, col_indices
     if backend == "triton":
         crow, col, gidx, cfg_list = _triton_args(args, config, traced, fp32_precision)
-    if backend == "dense" and not traced:  # the dense weight built once per weight (and inference-mode state)
-        key = ("dense", shape, torch.is_inference_mode_enabled())
-        w = _cache.get(values, crow_indices, col_indices, key, lambda: bsr_to_dense(values, crow_indices, col_indices, shape))  # noqa: E501
-        return _finish(_runners.run_dense(x2d, w, bias, activation), out, x, out_f)
+    if backend == "dense" and not traced:
+        return _finish(_runners.run_dense(x2d, _dense_weight(args), bias, activation), out, x, out_f)
     op_args = (values, crow, col, gidx, bias, out_f, activation or "none", backend, fp32_precision, cfg_list)
     if out is None:
         return (ops.bsr_linear_op if traced else ops.bsr_linear_impl)(x, *op_args)
@@ -225,6 +223,13 @@ def bsr_linear(
     else:
         ops.bsr_linear_impl(x2d, *op_args, y2d)
     return out
+
+
+def _dense_weight(args) -> torch.Tensor:
+    """The dense weight of a BSR weight, built once per weight (and inference-mode state) in eager code."""
+    _, values, crow, col, shape = args[:5]
+    key = ("dense", shape, torch.is_inference_mode_enabled())
+    return _cache.get(values, crow, col, key, lambda: bsr_to_dense(values, crow, col, shape))
 
 
 def _pick_backend(args, backend: str, config: dict | None, needs_grad: bool, traced: bool, precision: str):

@@ -48,14 +48,26 @@ def _draw_panel(ax: Any, rows: Sequence[dict], model: str, metric: str) -> None:
     sign = 1.0 if by_speed else -1.0  # lower density is the cheaper direction: flip it for the front
     front = pareto_front([(sign * x, y) for _, x, y in points])
     if len(front) > 1:
-        ax.step([points[i][1] for i in front], [points[i][2] for i in front], where="pre", color="0.5", lw=1.2,
-                zorder=1, label="Pareto front")  # fmt: skip
+        ax.step(
+            [points[i][1] for i in front],
+            [points[i][2] for i in front],
+            where="pre",
+            color="0.5",
+            lw=1.2,
+            zorder=1,
+            label="Pareto front",
+        )
     blocks = sorted({fmt_block(r["block_size"]) for r, _, _ in points if not is_dense(r)}, key=_natural_key)
     colors = {b: f"C{i % 10}" for i, b in enumerate(blocks)}
     for block in blocks:
         mine = [(r, x, y) for r, x, y in points if not is_dense(r) and fmt_block(r["block_size"]) == block]
-        ax.scatter([x for _, x, _ in mine], [y for _, _, y in mine], color=colors[block], zorder=3,
-                   label=f"block {block or '?'}")  # fmt: skip
+        ax.scatter(
+            [x for _, x, _ in mine],
+            [y for _, _, y in mine],
+            color=colors[block],
+            zorder=3,
+            label=f"block {block or '?'}",
+        )
     for row, x, y in points:
         text = "dense" if is_dense(row) else f"b{fmt_block(row['block_size'])} s{fmt_num(row['sparsity'], 'g')}"
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -80,8 +92,13 @@ def _label_axes(ax: Any, title: str, metric: str, by_speed: bool, left_out: int)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if left_out:
-        ax.text(0.01, 0.01, f"{left_out} run(s) not shown (not completed or not measured)", fontsize=7,
-                transform=ax.transAxes)  # fmt: skip
+        ax.text(
+            0.01,
+            0.01,
+            f"{left_out} run(s) not shown (not completed or not measured)",
+            fontsize=7,
+            transform=ax.transAxes,
+        )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
 

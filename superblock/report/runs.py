@@ -21,9 +21,20 @@ log = logging.getLogger(__name__)
 SUMMARY, CONFIG, EVAL = "summary.json", "config.yaml", "eval.json"
 METRICS = ("val_top1", "val_top5", "best_val_top1", "best_val_top5", "ema_val_top1")
 SUMMARY_FIELDS = (
-    "val_top1", "val_top5", "best_val_top1", "best_val_top5", "ema_val_top1", "mean_block_sparsity", "params_total",
-    "params_kept", "wall_time_s", "images_per_s", "epochs", "steps", "val_perplexity",
-)  # fmt: skip
+    "val_top1",
+    "val_top5",
+    "best_val_top1",
+    "best_val_top5",
+    "ema_val_top1",
+    "mean_block_sparsity",
+    "params_total",
+    "params_kept",
+    "wall_time_s",
+    "images_per_s",
+    "epochs",
+    "steps",
+    "val_perplexity",
+)
 EVAL_FIELDS = ("speedup", "latency_ms", "dense_latency_ms", "device", "dtype")
 
 

@@ -16,11 +16,35 @@ from superblock.report.runs import METRICS, is_dense, parse_float
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = (
-    "run", "model", "sparsity", "block_size", "targets", "val_top1", "val_top5", "best_val_top1", "best_val_top5",
-    "ema_val_top1", "val_perplexity", "delta", "mean_block_sparsity", "params_kept_frac", "params_kept",
-    "params_total", "speedup", "latency_ms", "dense_latency_ms", "device", "dtype", "wall_time_s", "images_per_s",
-    "epochs", "steps", "status", "error", "run_dir",
-)  # fmt: skip
+    "run",
+    "model",
+    "sparsity",
+    "block_size",
+    "targets",
+    "val_top1",
+    "val_top5",
+    "best_val_top1",
+    "best_val_top5",
+    "ema_val_top1",
+    "val_perplexity",
+    "delta",
+    "mean_block_sparsity",
+    "params_kept_frac",
+    "params_kept",
+    "params_total",
+    "speedup",
+    "latency_ms",
+    "dense_latency_ms",
+    "device",
+    "dtype",
+    "wall_time_s",
+    "images_per_s",
+    "epochs",
+    "steps",
+    "status",
+    "error",
+    "run_dir",
+)
 
 
 # ---------------------------------------------------------------------------------------------- dense deltas
@@ -37,8 +61,9 @@ def dense_baselines(rows: Sequence[dict], metric: str = "val_top1") -> dict[str,
         if is_dense(row) and row["status"] == "completed" and parse_float(row.get(metric)) is not None:
             model = row["model"] or "unknown"
             if model in baselines:
-                log.warning("several dense runs of %s: deltas use %s, not %s", model, baselines[model]["run"],
-                            row["run"])  # fmt: skip
+                log.warning(
+                    "several dense runs of %s: deltas use %s, not %s", model, baselines[model]["run"], row["run"]
+                )
                 continue
             baselines[model] = row
     return baselines
@@ -113,20 +138,41 @@ def accuracy_spec(rows: Sequence[dict]) -> str:
 
 def markdown_table(rows: Sequence[dict], metric: str = "val_top1") -> str:
     acc = accuracy_spec(rows)
-    header = ["run", "model", "sparsity", "block", "targets", "val top-1", "val top-5", f"Δ {metric} vs dense",
-              "block sparsity", "params kept", "speedup", "wall time", "status"]  # fmt: skip
+    header = [
+        "run",
+        "model",
+        "sparsity",
+        "block",
+        "targets",
+        "val top-1",
+        "val top-5",
+        f"Δ {metric} vs dense",
+        "block sparsity",
+        "params kept",
+        "speedup",
+        "wall time",
+        "status",
+    ]
     lm = any(row.get("val_perplexity") is not None for row in rows)  # language models: next-token top-1, perplexity
     if lm:
         header.insert(7, "val perplexity")
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
     for row in rows:
         cells = [
-            row["run"], row["model"] or "", "dense" if is_dense(row) else fmt_num(row["sparsity"], "g"),
-            fmt_block(row["block_size"]), ", ".join(row["targets"]), fmt_num(row["val_top1"], acc),
-            fmt_num(row["val_top5"], acc), fmt_num(row["delta"], "+" + acc), fmt_num(row["mean_block_sparsity"], ".3f"),
-            fmt_num(row["params_kept_frac"], ".1%"), fmt_num(row["speedup"], ".2f", "x"),
-            fmt_duration(row["wall_time_s"]), _status_cell(row),
-        ]  # fmt: skip
+            row["run"],
+            row["model"] or "",
+            "dense" if is_dense(row) else fmt_num(row["sparsity"], "g"),
+            fmt_block(row["block_size"]),
+            ", ".join(row["targets"]),
+            fmt_num(row["val_top1"], acc),
+            fmt_num(row["val_top5"], acc),
+            fmt_num(row["delta"], "+" + acc),
+            fmt_num(row["mean_block_sparsity"], ".3f"),
+            fmt_num(row["params_kept_frac"], ".1%"),
+            fmt_num(row["speedup"], ".2f", "x"),
+            fmt_duration(row["wall_time_s"]),
+            _status_cell(row),
+        ]
         if lm:
             cells.insert(7, fmt_num(row.get("val_perplexity"), ".3f"))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

@@ -35,8 +35,11 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, force: bool = False,
         raise ReportError(f"{', '.join(existing)} already exist(s): pass --force to overwrite, or --out DIR")
     models = _models(rows)
     if len(models) > 1:
-        log.warning("runs of %d models mixed (%s): deltas are per model, the plot has one panel per model",
-                    len(models), ", ".join(models))  # fmt: skip
+        log.warning(
+            "runs of %d models mixed (%s): deltas are per model, the plot has one panel per model",
+            len(models),
+            ", ".join(models),
+        )
     rows = [dict(row) for row in rows]
     baselines = add_deltas(rows, metric)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,13 @@ def _reads_weight_through_linear_only(module: nn.Module) -> bool:
     )
 
 
+def _check_training_mode(score_init: str, fixed_weight: bool, fixed_mask: bool) -> None:
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"unknown score_init {score_init!r}: use one of {SCORE_INITS}")
+    if fixed_weight and fixed_mask:
+        raise ValueError("fixed_weight and fixed_mask together would train nothing: choose one")
+
+
 def sparsify(
     model: nn.Module,
     sparsity: float = 0.9,
@@ -181,12 +188,14 @@ def sparsify(
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
     block = normalize_block_size(block_size)
-    sched = SparsitySchedule(final=check_sparsity(sparsity), kind=schedule, initial=initial_sparsity,
-                             start_step=start_step, ramp_steps=ramp_steps)  # fmt: skip
-    if score_init not in SCORE_INITS:
-        raise ValueError(f"unknown score_init {score_init!r}: use one of {SCORE_INITS}")
-    if fixed_weight and fixed_mask:
-        raise ValueError("fixed_weight and fixed_mask together would train nothing: choose one")
+    sched = SparsitySchedule(
+        final=check_sparsity(sparsity),
+        kind=schedule,
+        initial=initial_sparsity,
+        start_step=start_step,
+        ramp_steps=ramp_steps,
+    )
+    _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     _validate_targets(found, block)
 
@@ -210,7 +219,10 @@ def sparsify(
 
 
 def _install(
-    model: nn.Module, found: list, masks: list[tuple[str, BlockMask]], controller: SparsityController,
+    model: nn.Module,
+    found: list,
+    masks: list[tuple[str, BlockMask]],
+    controller: SparsityController,
     fixed_weight: bool,
 ) -> None:
     """Register each mask as its weight's parametrization and attach the controller to the model."""

@@ -213,8 +213,11 @@ class SparsityController:
         }
 
     def set_state(self, state: dict) -> None:
-        if (state.get("schedule") != self.schedule.to_dict() or state.get("allocation") != self.allocation
-                or state.get("freeze_step") != self.freeze_step):  # fmt: skip
+        if (
+            state.get("schedule") != self.schedule.to_dict()
+            or state.get("allocation") != self.allocation
+            or state.get("freeze_step") != self.freeze_step
+        ):
             raise ValueError(
                 "checkpoint was trained with a different sparsity recipe "
                 f"(schedule {state.get('schedule')}, allocation {state.get('allocation')}, freeze_step "

@@ -84,9 +84,19 @@ if triton is not None:
 
     @triton.jit
     def _masked_weight_kernel(
-        w_ptr, m_ptr, out_ptr, rows, cols, n_tile_cols, bh, bw, stride_w, stride_o,
-        BH: tl.constexpr, BW: tl.constexpr,
-    ):  # fmt: skip
+        w_ptr,
+        m_ptr,
+        out_ptr,
+        rows,
+        cols,
+        n_tile_cols,
+        bh,
+        bw,
+        stride_w,
+        stride_o,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+    ):
         tile = tl.program_id(0)
         r = tile // n_tile_cols
         c = tile % n_tile_cols
@@ -99,9 +109,24 @@ if triton is not None:
 
     @triton.jit
     def _masked_weight_backward_kernel(
-        g_ptr, w_ptr, m_ptr, gw_ptr, gs_ptr, rows, cols, n_tile_cols, bh, bw, stride_g, stride_w, stride_gw,
-        BH: tl.constexpr, BW: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_SCORES: tl.constexpr,
-    ):  # fmt: skip
+        g_ptr,
+        w_ptr,
+        m_ptr,
+        gw_ptr,
+        gs_ptr,
+        rows,
+        cols,
+        n_tile_cols,
+        bh,
+        bw,
+        stride_g,
+        stride_w,
+        stride_gw,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        GRAD_WEIGHT: tl.constexpr,
+        GRAD_SCORES: tl.constexpr,
+    ):
         tile = tl.program_id(0)
         r = tile // n_tile_cols
         c = tile % n_tile_cols
@@ -131,9 +156,19 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor, block: BlockSize, dt
     out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
     bh, bw = block
     _masked_weight_kernel[_grid(mask)](
-        weight, mask.contiguous(), out, rows, cols, mask.shape[1], bh, bw, weight.stride(0), out.stride(0),
-        BH=_pow2(bh), BW=_pow2(bw),
-    )  # fmt: skip
+        weight,
+        mask.contiguous(),
+        out,
+        rows,
+        cols,
+        mask.shape[1],
+        bh,
+        bw,
+        weight.stride(0),
+        out.stride(0),
+        BH=_pow2(bh),
+        BW=_pow2(bw),
+    )
     return out
 
 
@@ -148,8 +183,22 @@ def masked_weight_backward(
     gs = torch.empty(mask.shape, dtype=torch.float32, device=weight.device) if grad_scores else None
     bh, bw = block
     _masked_weight_backward_kernel[_grid(mask)](
-        grad, weight, mask.contiguous(), gw if gw is not None else grad, gs if gs is not None else mask,
-        rows, cols, mask.shape[1], bh, bw, grad.stride(0), weight.stride(0), cols,
-        BH=_pow2(bh), BW=_pow2(bw), GRAD_WEIGHT=grad_weight, GRAD_SCORES=grad_scores,
-    )  # fmt: skip
+        grad,
+        weight,
+        mask.contiguous(),
+        gw if gw is not None else grad,
+        gs if gs is not None else mask,
+        rows,
+        cols,
+        mask.shape[1],
+        bh,
+        bw,
+        grad.stride(0),
+        weight.stride(0),
+        cols,
+        BH=_pow2(bh),
+        BW=_pow2(bw),
+        GRAD_WEIGHT=grad_weight,
+        GRAD_SCORES=grad_scores,
+    )
     return gw, gs

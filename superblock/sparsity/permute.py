@@ -64,13 +64,20 @@ class PermutationReport:
     perms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "kept_before": self.kept_before, "kept_after": self.kept_after,
-                "couplings": self.couplings, "permuted": self.permuted}
+        return {
+            "mode": self.mode,
+            "kept_before": self.kept_before,
+            "kept_after": self.kept_after,
+            "couplings": self.couplings,
+            "permuted": self.permuted,
+        }
 
     def __str__(self) -> str:
         gain = self.kept_after - self.kept_before
-        text = (f"permutation ({self.mode}): kept magnitude {self.kept_before:.4f} -> {self.kept_after:.4f} "
-                f"({gain:+.4f}); {self.permuted} of {self.couplings} coupled groups permuted")
+        text = (
+            f"permutation ({self.mode}): kept magnitude {self.kept_before:.4f} -> {self.kept_after:.4f} "
+            f"({gain:+.4f}); {self.permuted} of {self.couplings} coupled groups permuted"
+        )
         return text + (f"; skipped: {'; '.join(self.skipped)}" if self.skipped else "")
 
 
@@ -100,8 +107,9 @@ def _mlp_coupling(name: str, module: nn.Module) -> Coupling | None:
     if isinstance(module, nn.Sequential) and len(module) == 5 and type(module).__name__ == "MLPBlock":
         first, last = module[0], module[3]
         if isinstance(first, nn.Linear) and isinstance(last, nn.Linear) and _no_params([module[1], module[2]]):
-            return Coupling(name, first.out_features,
-                            [Slot(first, "weight", 0), *_bias(first), Slot(last, "weight", 1)])
+            return Coupling(
+                name, first.out_features, [Slot(first, "weight", 0), *_bias(first), Slot(last, "weight", 1)]
+            )
     c_fc, c_proj = kids.get("c_fc"), kids.get("c_proj")
     if c_fc is not None and c_proj is not None and is_conv1d(c_fc) and is_conv1d(c_proj):
         return Coupling(name, c_fc.nf, [Slot(c_fc, "weight", 1), Slot(c_fc, "bias", 0), Slot(c_proj, "weight", 0)])
@@ -155,8 +163,10 @@ def _attention_couplings(name: str, module: nn.Module, block: BlockSize) -> list
         return out + ([Slot(proj, "weight", proj_dim)] if with_proj else [])
 
     if head_dim % b == 0:
-        return [Coupling(f"{name}:qk", width, slots((0, 1), False), chunk=head_dim),
-                Coupling(f"{name}:v", width, slots((2,), True), chunk=head_dim)]
+        return [
+            Coupling(f"{name}:qk", width, slots((0, 1), False), chunk=head_dim),
+            Coupling(f"{name}:v", width, slots((2,), True), chunk=head_dim),
+        ]
     if b % head_dim == 0 and width % b == 0:
         return [Coupling(f"{name}:heads", heads, slots((0, 1, 2), True), unit=head_dim)]
     return f"{name}: head dim {head_dim} and block {b} do not divide one another"
@@ -365,7 +375,10 @@ def _companions(param: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]
 
 
 def apply_permutations(
-    model: nn.Module, perms: dict[str, torch.Tensor], block: BlockSize, mode: str,
+    model: nn.Module,
+    perms: dict[str, torch.Tensor],
+    block: BlockSize,
+    mode: str,
     optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> None:
     """Permute `model`'s coupled tensors in place by `perms` ({coupling name: permutation}), with their optimizer
@@ -385,8 +398,9 @@ def apply_permutations(
 # ---------------------------------------------------------------------------------------------------- public
 
 
-def _targeted(model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str], skip_first_block: bool,
-              skip_head: bool) -> set[tuple[int, str]]:
+def _targeted(
+    model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str], skip_first_block: bool, skip_head: bool
+) -> set[tuple[int, str]]:
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     return {(id(t.module), t.param_name) for t in found}
 
@@ -446,8 +460,9 @@ def permute_model(
 
 
 @torch.no_grad()
-def reset_scores(model: nn.Module, score_init: str, optimizers: Sequence[torch.optim.Optimizer] = (),
-                 seed: int | None = None) -> None:
+def reset_scores(
+    model: nn.Module, score_init: str, optimizers: Sequence[torch.optim.Optimizer] = (), seed: int | None = None
+) -> None:
     """New tile scores after the weights were permuted under existing masks (a tile's learned score no longer
     describes the tile): drawn again by `score_init` (magnitude: from the permuted weights), their optimizer state
     dropped. The caller refreshes the masks."""

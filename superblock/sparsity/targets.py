@@ -198,9 +198,7 @@ def select_targets(
     chosen: dict[str, Target] = {}
     for entry in targets:
         if entry in PRESETS:
-            hits = [
-                t for t in candidates if in_preset(t, entry) and not (skip_head and is_head(t, model, embeddings))
-            ]
+            hits = [t for t in candidates if in_preset(t, entry) and not (skip_head and is_head(t, model, embeddings))]
             if not hits:
                 raise ValueError(f"preset {entry!r} matches no weight of {type(model).__name__}: use a glob pattern")
         else:

@@ -21,8 +21,15 @@ from superblock.kernels import tuning as tuning_mod  # noqa: E402
 DTYPES = {"bf16": (torch.bfloat16, 1e-2), "fp16": (torch.float16, 2e-3), "fp32": (torch.float32, 1e-5)}
 # (tokens, SPLIT, bias, activation): M = 1..64 incl. ragged counts, one and several programs per block row, each
 # epilogue; a handful of cases per dtype and shape, since every (block, tile, SPLIT, epilogue) is a compilation
-CASES = [(1, 1, True, None), (1, 16, False, None), (3, 4, True, "gelu"), (8, 16, True, None), (17, 4, False, None),
-         (64, 1, True, "gelu"), (64, 4, True, None)]  # fmt: skip
+CASES = [
+    (1, 1, True, None),
+    (1, 16, False, None),
+    (3, 4, True, "gelu"),
+    (8, 16, True, None),
+    (17, 4, False, None),
+    (64, 1, True, "gelu"),
+    (64, 4, True, None),
+]
 # (out, in, block): not multiples of 128, multiples of the block; one shape with a non-square block
 SHAPES = [(960, 704, (64, 64)), (736, 544, (32, 32)), (448, 320, (32, 64))]
 
@@ -101,8 +108,9 @@ def test_tuning_measures_the_decode_kernel(tmp_path, monkeypatch):
             mod.prepare(1)
             check(mod(x), reference(x, w), 1e-2, f"auto ({target})")
         scope = tuning_mod.scope_for()
-        key = tuning_mod.problem_key(1, 4096, 4096, 64, 64, mod.values.shape[0], torch.bfloat16, "ieee", False, None,
-                                     target)  # fmt: skip
+        key = tuning_mod.problem_key(
+            1, 4096, 4096, 64, 64, mod.values.shape[0], torch.bfloat16, "ieee", False, None, target
+        )
         entry = tuning_mod.lookup(scope, key)
         labels = list(entry["gpu_us"])
         assert any("SPLIT=" in k for k in labels) and any("SPLIT=" not in k for k in labels), labels

@@ -22,8 +22,12 @@ from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, dense_t
 from superblock.kernels.fused import FusedGateUpLinear, FusedQKV, fuse_projections  # noqa: E402
 
 TILED = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 3, "TMA": True}  # TMA: refused for silu_mul
-CONFIGS = [TILED, {**TILED, "G": 2, "TMA": False}, {**TILED, "BLOCK_M": 16, "SPLIT": 1},
-           {**TILED, "BLOCK_M": 16, "SPLIT": 4}]  # fmt: skip
+CONFIGS = [
+    TILED,
+    {**TILED, "G": 2, "TMA": False},
+    {**TILED, "BLOCK_M": 16, "SPLIT": 1},
+    {**TILED, "BLOCK_M": 16, "SPLIT": 4},
+]
 
 
 def weight(out_f, in_f, block, seed):
@@ -58,8 +62,12 @@ def test_silu_mul_kernels_match_reference(block, m, mode1, monkeypatch):
         for b in (None, bias):
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             _runners.run_triton(x, values, lc, lcol, gidx, b, 2 * n, "silu_mul", "ieee", cfg, y)
-            ref = reference(x.float().cpu(), wg.to(torch.bfloat16).float(), wu.to(torch.bfloat16).float(),
-                            None if b is None else b.float().cpu())  # fmt: skip
+            ref = reference(
+                x.float().cpu(),
+                wg.to(torch.bfloat16).float(),
+                wu.to(torch.bfloat16).float(),
+                None if b is None else b.float().cpu(),
+            )
             err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (block, m, cfg, b is not None, err)
 
@@ -79,8 +87,10 @@ def test_auto_tunes_a_fused_gate_up_layer(target):
 
 
 def test_fused_qkv_triton_matches_separate():
-    parts = [BlockSparseLinear.from_dense(weight(o, 512, (64, 64), s), torch.randn(o), block_size=64, backend="triton")
-             for o, s in ((512, 5), (128, 6), (128, 7))]  # fmt: skip
+    parts = [
+        BlockSparseLinear.from_dense(weight(o, 512, (64, 64), s), torch.randn(o), block_size=64, backend="triton")
+        for o, s in ((512, 5), (128, 6), (128, 7))
+    ]
     parts = [p.cuda().to(torch.bfloat16) for p in parts]
     fused = FusedQKV.from_qkv(*parts)
     x = torch.randn(3, 7, 512, device="cuda").to(torch.bfloat16)
@@ -92,13 +102,20 @@ def test_fused_qkv_triton_matches_separate():
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
-                                      max_position_embeddings=128)  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    for i, (owner, attr) in enumerate((o, a) for layer in model.model.layers for o in (layer.self_attn, layer.mlp)
-                                      for a in names if hasattr(o, a)):  # fmt: skip
+    for i, (owner, attr) in enumerate(
+        (o, a) for layer in model.model.layers for o in (layer.self_attn, layer.mlp) for a in names if hasattr(o, a)
+    ):
         lin = getattr(owner, attr)
         w = lin.weight.detach() * weight(*lin.weight.shape, (64, 64), i).ne(0)
         setattr(owner, attr, BlockSparseLinear.from_dense(w, block_size=64))
@@ -113,8 +130,10 @@ def test_tiny_llama_fused_generates_like_unfused_eager_compiled_and_graphed():
     with torch.no_grad():
         want, got = plain(ids).logits.float(), fused(ids).logits.float()
         assert (got - want).abs().max() <= 3e-2 * want.abs().max()
-        assert torch.equal(fused.generate(ids, max_new_tokens=8, do_sample=False),
-                           plain.generate(ids, max_new_tokens=8, do_sample=False))  # fmt: skip
+        assert torch.equal(
+            fused.generate(ids, max_new_tokens=8, do_sample=False),
+            plain.generate(ids, max_new_tokens=8, do_sample=False),
+        )
         compiled = torch.compile(fused)
         torch.testing.assert_close(compiled(ids).logits.float(), got, rtol=3e-2, atol=3e-2)
         static = fused.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")

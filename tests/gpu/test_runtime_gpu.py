@@ -37,8 +37,6 @@ def micro_export(tmp_path_factory):
     return root / "export"
 
 
-
-
 def close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     got, ref = got.float(), ref.float()
     assert torch.isfinite(got).all(), what
@@ -56,8 +54,15 @@ def test_runtime_matches_eager(micro_export, runtime, dtype, backend):
     # cudagraph compiles before capturing by default; plain "cudagraph" here captures the eager model
     options = False if runtime == "cudagraph" else None
     runtime = runtime.split("+")[0]
-    served = load_sparse(micro_export, device="cuda", dtype=dtype, backend=backend, runtime=runtime,
-                         batch_sizes=[1, 4], compile_options=options)  # fmt: skip
+    served = load_sparse(
+        micro_export,
+        device="cuda",
+        dtype=dtype,
+        backend=backend,
+        runtime=runtime,
+        batch_sizes=[1, 4],
+        compile_options=options,
+    )
     assert isinstance(served, ServingModel) and served.runtime == runtime
     assert served.compiled == (options is None)
     layers = [m for m in served.modules() if isinstance(m, BlockSparseLinear)]
@@ -86,8 +91,9 @@ def eager_dtype(model) -> torch.dtype:
 
 
 def test_cudagraph_outputs_are_not_overwritten(micro_export):
-    served = load_sparse(micro_export, device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[2],
-                         compile_options=False)  # fmt: skip
+    served = load_sparse(
+        micro_export, device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[2], compile_options=False
+    )
     a, b = probe(n=2, seed=1).cuda(), probe(n=2, seed=2).cuda()
     with torch.no_grad():
         ya = served(a)

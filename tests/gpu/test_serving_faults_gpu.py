@@ -43,8 +43,9 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(root):
-    model = load_sparse(root / "a", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 4],
-                        compile_options=False)  # fmt: skip
+    model = load_sparse(
+        root / "a", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 4], compile_options=False
+    )
     assert isinstance(model, ServingModel) and model.runtime == "cudagraph"
     return model
 
@@ -87,8 +88,12 @@ def test_inputs_of_another_dtype_or_device_are_cast(served):
 @pytest.mark.parametrize(
     "shape,dtype,match",
     [
-        ((2, 3, 16, 16), torch.bfloat16, r"takes float inputs of shape \(batch, 3, 32, 32\), got a bfloat16 tensor "
-                                         r"of shape \(2, 3, 16, 16\)"),  # fmt: skip
+        (
+            (2, 3, 16, 16),
+            torch.bfloat16,
+            r"takes float inputs of shape \(batch, 3, 32, 32\), got a bfloat16 tensor "
+            r"of shape \(2, 3, 16, 16\)",
+        ),
         ((2, 3, 1, 1), torch.bfloat16, r"\(2, 3, 1, 1\)"),  # would broadcast into the static buffer, silently
         ((2, 3, 32, 32), torch.int64, r"got a int64 tensor"),
     ],
@@ -139,8 +144,7 @@ def test_a_reexported_directory_loads_the_new_weights(root, tmp_path):
     first = load_sparse(out, device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[4], compile_options=False)
     y_a = first(x).clone()
     export(root, "b", seed=1, out=out, overwrite=True)
-    second = load_sparse(out, device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[4],
-                         compile_options=False)  # fmt: skip
+    second = load_sparse(out, device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[4], compile_options=False)
     close(second(x), load_sparse(out, device="cuda", dtype="bf16")(x), BF16_TOL, "re-export vs its eager model")
     assert not torch.allclose(second(x).float(), y_a.float(), atol=1e-2)
     torch.testing.assert_close(first(x), y_a, atol=0, rtol=0)  # the first model still serves its own graphs
@@ -148,8 +152,7 @@ def test_a_reexported_directory_loads_the_new_weights(root, tmp_path):
 
 def test_loading_logs_each_capture_with_its_time(root, caplog):
     caplog.set_level(logging.INFO, logger="superblock.export")
-    load_sparse(root / "a", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 2],
-                compile_options=False)  # fmt: skip
+    load_sparse(root / "a", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 2], compile_options=False)
     text = "\n".join(r.getMessage() for r in caplog.records)
     for b in (1, 2):
         assert f"warmed up batch {b} in " in text and "captured its CUDA graph in " in text, text

@@ -40,8 +40,9 @@ def _rank_batches(rank: int, world: int, port: int, root: str, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         bundle = build_datasets("imagefolder", root=root, image_size=32, randaugment="rand-m9-mstd0.5-inc1")
-        train, _, sampler = build_loaders(bundle, batch_size=4, num_workers=1, seed=0, distributed=True,
-                                          pin_memory=False)
+        train, _, sampler = build_loaders(
+            bundle, batch_size=4, num_workers=1, seed=0, distributed=True, pin_memory=False
+        )
         sampler.set_epoch(0)
         images, _ = next(iter(train))
         seed_everything(rank_seed(0, rank))  # what the Trainer does once the model is built
@@ -84,9 +85,16 @@ def test_resume_after_sigkill_with_workers_and_randaugment_on_jpegs(tmp_path) ->
     data = tmp_path / "data"
     write_jpeg_tree(data, per_class=32)
     common = [
-        *SMOKE, "data=imagefolder", f"data.root={data}", "data.image_size=32", "data.num_workers=2",
-        "data.batch_size=16", "data.randaugment=rand-m9-mstd0.5-inc1", "trainer.max_epochs=2",
-        "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1",
+        *SMOKE,
+        "data=imagefolder",
+        f"data.root={data}",
+        "data.image_size=32",
+        "data.num_workers=2",
+        "data.batch_size=16",
+        "data.randaugment=rand-m9-mstd0.5-inc1",
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_steps=2",
+        "trainer.log_every_steps=1",
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
@@ -124,8 +132,13 @@ def _trainer(run_dir: Path, *overrides: str) -> Trainer:
 
 
 def test_a_nonfinite_gradient_stops_the_run_before_it_reaches_a_checkpoint(tmp_path) -> None:
-    trainer = _trainer(tmp_path, "trainer.checkpoint_every_steps=1", "trainer.log_every_steps=100",
-                       "trainer.grad_clip=null", "trainer.max_epochs=1")
+    trainer = _trainer(
+        tmp_path,
+        "trainer.checkpoint_every_steps=1",
+        "trainer.log_every_steps=100",
+        "trainer.grad_clip=null",
+        "trainer.max_epochs=1",
+    )
     head = trainer.model.heads.head.weight
     calls = {"n": 0}
 

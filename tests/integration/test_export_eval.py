@@ -40,7 +40,9 @@ def test_export_then_evaluate(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "equivalence" in out.stdout and "model.safetensors" in out.stdout
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [
-        "dense_state_dict.safetensors", "manifest.json", "model.safetensors",
+        "dense_state_dict.safetensors",
+        "manifest.json",
+        "model.safetensors",
     ]
     out = run("evaluate.py", "checkpoint=exp", "mode=all", *QUICK_EVAL, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -46,9 +46,16 @@ def test_masked_run_dir_loads_folded(tmp_path) -> None:
 
 
 def test_distilled_finetune_resumes_exactly_and_logs_teacher_time(dense_run, tmp_path) -> None:
-    common = [*SMOKE, f"model.pretrained={dense_run}", f"distill.teacher={dense_run}", "sparsity=finetune",
-              "sparsity.ramp_epochs=1", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=3",
-              "trainer.log_every_steps=1"]
+    common = [
+        *SMOKE,
+        f"model.pretrained={dense_run}",
+        f"distill.teacher={dense_run}",
+        "sparsity=finetune",
+        "sparsity.ramp_epochs=1",
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_steps=3",
+        "trainer.log_every_steps=1",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]

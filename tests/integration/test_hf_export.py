@@ -18,9 +18,13 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 61
 GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
 LLAMA = {
-    "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "intermediate_size": 64, "max_position_embeddings": 64,
-}  # fmt: skip
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 BERT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 
 
@@ -30,9 +34,14 @@ def quiet(_: str) -> None:
 
 def hf_run(path, model_type: str, config: dict, task: str = "causal_lm", num_classes: int = VOCAB, **kw):
     return make_run(
-        path, f"hf:{model_type}", num_classes=num_classes, model_kwargs={"task": task, "config": config},
-        block_size=kw.pop("block_size", 8), sparsity=kw.pop("sparsity", 0.75), **kw,
-    )  # fmt: skip
+        path,
+        f"hf:{model_type}",
+        num_classes=num_classes,
+        model_kwargs={"task": task, "config": config},
+        block_size=kw.pop("block_size", 8),
+        sparsity=kw.pop("sparsity", 0.75),
+        **kw,
+    )
 
 
 def export(run, out, **kw):
@@ -180,8 +189,9 @@ def test_llama_on_cuda_bf16_generates_eagerly_with_a_static_cache_and_under_cuda
     eager = model.generate(prompt, max_new_tokens=8, do_sample=False)
     static = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
     assert eager.shape == (1, 20) and torch.equal(static, eager)
-    served = load_sparse(tmp_path / "exp", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 4],
-                         compile_options=False)  # fmt: skip
+    served = load_sparse(
+        tmp_path / "exp", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 4], compile_options=False
+    )
     x = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         torch.testing.assert_close(served(x).logits, model(x).logits, rtol=0, atol=2e-2)

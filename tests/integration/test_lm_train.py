@@ -16,9 +16,18 @@ pytest.importorskip("transformers")
 
 # experiment=lm_tiny at debug sizes: a 2-layer GPT-2, 32-token windows of the first 60 kB of the stdlib corpus.
 LM_TINY = [
-    "experiment=lm_tiny", "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2",
-    "model.config.n_positions=32", "data.seq_len=32", "data.max_bytes=60000", "data.val_size=16",
-    "data.batch_size=8", "trainer.max_steps=6", "trainer.log_every_steps=2", "sparsity.block_size=16",
+    "experiment=lm_tiny",
+    "model.config.n_layer=2",
+    "model.config.n_embd=64",
+    "model.config.n_head=2",
+    "model.config.n_positions=32",
+    "data.seq_len=32",
+    "data.max_bytes=60000",
+    "data.val_size=16",
+    "data.batch_size=8",
+    "trainer.max_steps=6",
+    "trainer.log_every_steps=2",
+    "sparsity.block_size=16",
     "trainer.threads=1",
 ]
 
@@ -36,8 +45,11 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     assert s["val_perplexity"] is not None and math.isfinite(s["val_perplexity"]) and s["val_perplexity"] < 257
     assert s["val_perplexity"] == pytest.approx(math.exp(_metrics(tmp_path)[-1]["val_loss"]), rel=1e-6)
     masked = set(s["block_sparsity"])
-    assert masked == {f"transformer.h.{i}.{m}.weight" for i in range(2)
-                      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert masked == {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert s["mean_block_sparsity"] == pytest.approx(0.7, abs=0.03)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["model_spec"]["name"] == "hf:gpt2" and ckpt["model_spec"]["task"] == "causal_lm"
@@ -62,8 +74,7 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
 
 def test_causal_lm_trains_under_two_process_ddp(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    proc = run_train(*LM_TINY, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", cmd=cmd,
-                     env={"OMP_NUM_THREADS": "1"})
+    proc = run_train(*LM_TINY, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", cmd=cmd, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary_of(tmp_path)
     assert s["world_size"] == 2 and s["masks_equal_across_ranks"] is True and s["steps"] == 6
@@ -113,8 +124,15 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
 
     run_dir, export_dir = tmp_path / "run", tmp_path / "exp"
     assert run_train(*LM_TINY, f"hydra.run.dir={run_dir}").returncode == 0
-    out = run("export.py", f"checkpoint={run_dir}", f"output={export_dir}", "layout=bsr", "device=cpu",
-              "probe_batch=2", cwd=tmp_path)
+    out = run(
+        "export.py",
+        f"checkpoint={run_dir}",
+        f"output={export_dir}",
+        "layout=bsr",
+        "device=cpu",
+        "probe_batch=2",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     out = run("evaluate.py", f"checkpoint={export_dir}", "mode=all", *QUICK_EVAL, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -143,8 +161,13 @@ def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     (tmp_path / "run" / "config.json").write_text("{}")
     assert is_run_source(tmp_path / "run")
-    built = build_model("hf:gpt2", 257, pretrained=str(tmp_path / "hf"), task="causal_lm",
-                        config={"n_layer": 1, "n_embd": 32, "n_head": 2})
+    built = build_model(
+        "hf:gpt2",
+        257,
+        pretrained=str(tmp_path / "hf"),
+        task="causal_lm",
+        config={"n_layer": 1, "n_embd": 32, "n_head": 2},
+    )
     assert torch.equal(built.transformer.wte.weight, model.transformer.wte.weight)
 
 

@@ -10,8 +10,15 @@ from superblock.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from superblock.export import export_checkpoint, load_sparse
 from tests.integration.test_train import SMOKE, fault_at, run_train, summary_of
 
-PERMUTED = [*SMOKE, "sparsity.permute=mlp+heads", "sparsity.block_size=16", "sparsity.score_init=magnitude",
-            "trainer.max_epochs=2", "trainer.checkpoint_every_steps=4", "trainer.log_every_steps=1"]
+PERMUTED = [
+    *SMOKE,
+    "sparsity.permute=mlp+heads",
+    "sparsity.block_size=16",
+    "sparsity.score_init=magnitude",
+    "trainer.max_epochs=2",
+    "trainer.checkpoint_every_steps=4",
+    "trainer.log_every_steps=1",
+]
 
 
 def _permutation_record(run_dir) -> dict:
@@ -46,8 +53,9 @@ def test_permuted_run_resumes_without_permuting_again_and_exports(tmp_path, star
             assert torch.equal(wa[k], wb[k]), k
 
     # export folds the permuted weights as they are: the exported model is the masked training model
-    result = export_checkpoint(straight, tmp_path / "export", layout="bsr", device="cpu", batch_sizes=[2],
-                               echo=lambda _line: None)
+    result = export_checkpoint(
+        straight, tmp_path / "export", layout="bsr", device="cpu", batch_sizes=[2], echo=lambda _line: None
+    )
     assert result is not None
     masked = model_from_checkpoint(load_checkpoint(straight / "checkpoints" / "last.pt")).eval()
     served = load_sparse(tmp_path / "export").eval()

@@ -17,7 +17,10 @@ GRID = ["sweep=smoke_grid", "debug=smoke", "trainer.threads=1"]
 def report(*paths: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "superblock.report", *map(str, paths), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -61,8 +64,7 @@ def test_submitit_local_grid_and_report(tmp_path):
 def test_failed_job_is_listed_without_breaking_the_sweep_or_report(tmp_path):
     sweep = tmp_path / "sweep"
     # block 1000 is larger than every weight of the micro ViT: that job fails at start-up, the other runs on.
-    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "sparsity.block_size=8,1000",
-                     f"hydra.sweep.dir={sweep}")
+    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "sparsity.block_size=8,1000", f"hydra.sweep.dir={sweep}")
     assert "job failed" in proc.stderr
     proc = report(sweep, out=tmp_path / "report")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -75,8 +77,15 @@ def test_failed_job_is_listed_without_breaking_the_sweep_or_report(tmp_path):
 @pytest.mark.slow
 def test_measure_puts_speed_next_to_accuracy(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_train("-m", "debug=smoke", "trainer.threads=1", "measure.enabled=true", "measure.batch_size=8",
-                     "measure.layout=bsr", f"hydra.sweep.dir={sweep}")
+    proc = run_train(
+        "-m",
+        "debug=smoke",
+        "trainer.threads=1",
+        "measure.enabled=true",
+        "measure.batch_size=8",
+        "measure.layout=bsr",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()]
     assert (job / "eval.json").is_file() and (job / "export" / "manifest.json").is_file()

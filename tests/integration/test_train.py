@@ -18,7 +18,11 @@ SMOKE = ["debug=smoke", "trainer.threads=1"]
 def run_train(*args: str, env: dict | None = None, cmd: list[str] | None = None, timeout: int = 300):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(
-        (cmd or [sys.executable, "train.py"]) + list(args), cwd=ROOT, env=full_env, capture_output=True, text=True,
+        (cmd or [sys.executable, "train.py"]) + list(args),
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -78,8 +82,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         if isinstance(wa[k], torch.Tensor):
             assert torch.equal(wa[k], wb[k]), k
     # metrics.jsonl has no duplicate steps from the killed attempt
-    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()
-             if "train_loss" in ln]
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines() if "train_loss" in ln]
     assert steps == sorted(set(steps))
 
 
@@ -122,16 +125,24 @@ def test_unknown_key_is_rejected_by_hydra(tmp_path):
 
 
 def test_wandb_offline_writes_its_files(tmp_path):
-    proc = run_train(*SMOKE, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}",
-                     env={"WANDB_DIR": str(tmp_path)})
+    proc = run_train(
+        *SMOKE, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}", env={"WANDB_DIR": str(tmp_path)}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    proc = run_train(*SMOKE, "optim.lr=1e25", "optim.warmup_epochs=0", "trainer.grad_clip=null",
-                     "trainer.log_every_steps=1", "trainer.checkpoint_every_steps=1", f"hydra.run.dir={tmp_path}")
+    proc = run_train(
+        *SMOKE,
+        "optim.lr=1e25",
+        "optim.warmup_epochs=0",
+        "trainer.grad_clip=null",
+        "trainer.log_every_steps=1",
+        "trainer.checkpoint_every_steps=1",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 1
     assert "loss became nan" in proc.stderr and "last good checkpoint" in proc.stderr
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)

@@ -13,8 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import accuracy  # noqa: E402
 
-GRID = ["--preset", "digits_wide", "--recipes", "reference,default,magnitude_frozen", "--permute", "none,mlp+heads",
-        "--blocks", "16,32,64", "--levels", "0.8,0.9", "--seeds", "0,1,2"]
+GRID = [
+    "--preset",
+    "digits_wide",
+    "--recipes",
+    "reference,default,magnitude_frozen",
+    "--permute",
+    "none,mlp+heads",
+    "--blocks",
+    "16,32,64",
+    "--levels",
+    "0.8,0.9",
+    "--seeds",
+    "0,1,2",
+]
 
 
 def test_grid_jobs_dense_first_then_seed_by_seed(tmp_path) -> None:
@@ -26,8 +38,13 @@ def test_grid_jobs_dense_first_then_seed_by_seed(tmp_path) -> None:
     assert seeds == sorted(seeds)  # a grid cut by the budget still has every configuration at seed 0
     job = next(j for j in jobs if j["permute"] == "mlp+heads" and j["block"] == 64)
     cmd = accuracy.command(job, args)
-    for expected in ("experiment=digits_wide", "sparsity.permute=mlp+heads", "sparsity.block_size=64",
-                     "sparsity.start_epoch=2.0", "trainer.device=auto"):
+    for expected in (
+        "experiment=digits_wide",
+        "sparsity.permute=mlp+heads",
+        "sparsity.block_size=64",
+        "sparsity.start_epoch=2.0",
+        "trainer.device=auto",
+    ):
         assert expected in cmd, expected
     assert "111 runs" in accuracy.describe(jobs, args)
     with pytest.raises(SystemExit):
@@ -44,16 +61,27 @@ def test_budget_stops_starting_runs_that_would_not_end_in_time() -> None:
 
 
 def _row(recipe: str, seed: int, value: float, permute: str = "none", block: int | None = 32) -> dict:
-    return {"recipe": recipe, "permute": permute, "level": 0.0 if recipe == "dense" else 0.9,
-            "block": None if recipe == "dense" else block, "seed": seed, "value": value, "status": "ok"}
+    return {
+        "recipe": recipe,
+        "permute": permute,
+        "level": 0.0 if recipe == "dense" else 0.9,
+        "block": None if recipe == "dense" else block,
+        "seed": seed,
+        "value": value,
+        "status": "ok",
+    }
 
 
 def test_summary_gaps_are_per_seed_then_averaged(tmp_path) -> None:
-    rows = [_row("dense", 0, 90.0), _row("dense", 1, 94.0),
-            _row("default", 0, 88.0), _row("default", 1, 91.0),
-            {**_row("default", 0, 89.0, "mlp+heads"), "kept_before": 0.2, "kept_after": 0.3},
-            {**_row("default", 1, 92.5, "mlp+heads"), "kept_before": 0.4, "kept_after": 0.5},
-            {**_row("reference", 0, 0.0), "value": None, "status": "killed (budget)"}]
+    rows = [
+        _row("dense", 0, 90.0),
+        _row("dense", 1, 94.0),
+        _row("default", 0, 88.0),
+        _row("default", 1, 91.0),
+        {**_row("default", 0, 89.0, "mlp+heads"), "kept_before": 0.2, "kept_after": 0.3},
+        {**_row("default", 1, 92.5, "mlp+heads"), "kept_before": 0.4, "kept_after": 0.5},
+        {**_row("reference", 0, 0.0), "value": None, "status": "killed (budget)"},
+    ]
     entries = {(e["recipe"], e["permute"]): e for e in accuracy.summarize(rows)}
     plain, permuted = entries[("default", "none")], entries[("default", "mlp+heads")]
     assert plain["gap"] == pytest.approx(-2.5) and plain["gap_std"] == pytest.approx(math.sqrt(0.5))
@@ -69,9 +97,33 @@ def test_summary_gaps_are_per_seed_then_averaged(tmp_path) -> None:
 @pytest.mark.slow
 def test_a_two_run_grid_end_to_end_on_cpu(tmp_path) -> None:
     out = tmp_path / "grid"
-    accuracy.main(["--preset", "synthetic", "--recipes", "default", "--permute", "mlp+heads", "--blocks", "16",
-                   "--levels", "0.8", "--seeds", "0", "--max-steps", "3", "--parallel", "2", "--device", "cpu",
-                   "--budget-minutes", "10", "--out", str(out), "debug=smoke"])
+    accuracy.main(
+        [
+            "--preset",
+            "synthetic",
+            "--recipes",
+            "default",
+            "--permute",
+            "mlp+heads",
+            "--blocks",
+            "16",
+            "--levels",
+            "0.8",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "3",
+            "--parallel",
+            "2",
+            "--device",
+            "cpu",
+            "--budget-minutes",
+            "10",
+            "--out",
+            str(out),
+            "debug=smoke",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert sorted(r["recipe"] for r in rows) == ["default", "dense"] and all(r["status"] == "ok" for r in rows)
     sparse = next(r for r in rows if r["recipe"] == "default")

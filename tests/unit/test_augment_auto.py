@@ -92,8 +92,15 @@ def test_imagefolder_default_keeps_imagenets_recipe_for_large_images(tmp_path) -
 
 def test_explicit_overrides_on_the_command_line_win(tmp_path) -> None:
     _tree(tmp_path)
-    conf = _compose(["data=imagefolder", f"data.root={tmp_path}", "data.image_size=32", "data/augment=imagenet",
-                     "data.randaugment=null"])
+    conf = _compose(
+        [
+            "data=imagefolder",
+            f"data.root={tmp_path}",
+            "data.image_size=32",
+            "data/augment=imagenet",
+            "data.randaugment=null",
+        ]
+    )
     bundle = build_datasets("imagefolder", **dataset_options(conf.data))
     assert "imagenet recipe (chosen in the config)" in bundle.transforms
     assert "RandomHorizontalFlip" in _names(bundle.train.transform)

@@ -140,8 +140,11 @@ def test_trainer_fused_mask_sets_the_process_switch(tmp_path, flag):
 def test_readme_lists_every_config_group_and_option():
     """README's table of config groups names every group folder and every option file under configs/."""
     readme = (CONFIGS.parent / "README.md").read_text()
-    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2] for line in readme.splitlines()
-            if line.startswith("| `") and line.split("|")[1].strip().strip("`").endswith("/")}
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[2]
+        for line in readme.splitlines()
+        if line.startswith("| `") and line.split("|")[1].strip().strip("`").endswith("/")
+    }
     missing = []
     for path in sorted(CONFIGS.rglob("*.yaml")):
         if path.parent == CONFIGS:

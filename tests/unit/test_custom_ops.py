@@ -55,12 +55,14 @@ def test_triton_op_fake_impl_and_config_check():
         x = torch.empty(2, 9, 70, device="cuda", dtype=torch.bfloat16)
         values = torch.empty(6, 32, 16, device="cuda", dtype=torch.bfloat16)
         crow, col = torch.empty(5, dtype=torch.int32, device="cuda"), torch.empty(6, dtype=torch.int32, device="cuda")
-        y = torch.ops.superblock.bsr_linear_triton(x, values, crow, col, None, None, 100, "gelu", "ieee",
-                                                   [64, 1, 4, 2, 0])  # fmt: skip
+        y = torch.ops.superblock.bsr_linear_triton(
+            x, values, crow, col, None, None, 100, "gelu", "ieee", [64, 1, 4, 2, 0]
+        )
         assert y.shape == (2, 9, 100) and y.dtype == torch.bfloat16 and y.device.type == "cuda"
         with pytest.raises(ValueError, match="tiled kernel without TMA"):
-            torch.ops.superblock.bsr_linear_triton(x, values, crow, col, None, None, 100, "none", "ieee",
-                                                   [64, 1, 4, 2, 1])  # fmt: skip
+            torch.ops.superblock.bsr_linear_triton(
+                x, values, crow, col, None, None, 100, "none", "ieee", [64, 1, 4, 2, 1]
+            )
 
 
 _TRITON_OP_SCRIPT = """
@@ -89,8 +91,9 @@ def test_triton_op_runs_the_kernel_in_the_interpreter():
     from tests.unit.test_kernels import REPO
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_OP_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_OP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "triton op ok" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -102,8 +105,9 @@ def test_fake_impl_shapes_and_checks():
     with FakeTensorMode() as mode:
         fx = mode.from_tensor(torch.randn(2, 9, 70))
         fv, fc, fcol = (mode.from_tensor(t) for t in (values, crow, col))
-        y = torch.ops.superblock.bsr_linear(fx, fv, fc, fcol, None, None, 100, "gelu", "triton", "ieee",
-                                            [64, 1, 4, 2, 0])  # fmt: skip
+        y = torch.ops.superblock.bsr_linear(
+            fx, fv, fc, fcol, None, None, 100, "gelu", "triton", "ieee", [64, 1, 4, 2, 0]
+        )
         assert y.shape == (2, 9, 100) and y.dtype == torch.float32
         with pytest.raises(RuntimeError, match="backend"):
             torch.ops.superblock.bsr_linear(fx, fv, fc, fcol, None, None, 100, "none", "cusparse", "ieee", [])
@@ -195,8 +199,9 @@ def test_compiled_module_matches_eager_without_recompiles(backend):
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(x1)
             compiled(x2)
-        other = BlockSparseLinear.from_bsr(2 * mod.values, mod.crow_indices, mod.col_indices, mod.shape, b,
-                                           activation="gelu", backend=backend)  # fmt: skip
+        other = BlockSparseLinear.from_bsr(
+            2 * mod.values, mod.crow_indices, mod.col_indices, mod.shape, b, activation="gelu", backend=backend
+        )
         other(x1), other(x2)
         torch.testing.assert_close(torch.compile(other, dynamic=False)(x1), other(x1))
     assert _graphs() == 2  # same structure and choices, other tensors: the compiled code is reused

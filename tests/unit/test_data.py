@@ -86,9 +86,17 @@ def test_synthetic_is_learnable() -> None:
     x, y = _stack(SyntheticShapes(1500, seed=0, split="train"))
     xv, yv = _stack(SyntheticShapes(300, seed=0, split="val"))
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -274,8 +282,9 @@ def test_val_only_imagefolder_needs_no_train_split(tmp_path) -> None:
 def test_image_transforms_follow_the_augment_settings() -> None:
     from superblock.data import IMAGENET_MEAN, IMAGENET_STD, image_transforms
 
-    train, val = image_transforms(32, IMAGENET_MEAN, IMAGENET_STD, None, {"hflip": 0.0, "scale": [0.9, 1.0],
-                                                                         "crop_pct": 1.0})
+    train, val = image_transforms(
+        32, IMAGENET_MEAN, IMAGENET_STD, None, {"hflip": 0.0, "scale": [0.9, 1.0], "crop_pct": 1.0}
+    )
     names = [type(t).__name__ for t in train.transforms]
     assert "RandomHorizontalFlip" not in names and train.transforms[0].scale == (0.9, 1.0)
     assert val.transforms[0].size == 32  # no centre crop margin
@@ -297,6 +306,5 @@ def test_digits_tree_writer(tmp_path) -> None:
     spec.loader.exec_module(mod)
     counts = mod.write_digits_tree(tmp_path)
     assert counts == {"train": 1438, "val": 359}
-    bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=32,
-                            augment={"hflip": 0.0, "crop_pct": 1.0})
+    bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=32, augment={"hflip": 0.0, "crop_pct": 1.0})
     assert bundle.num_classes == 10 and bundle.val[0][0].shape == (3, 32, 32)

@@ -121,8 +121,14 @@ def test_vit_b16_folded_state_dict_loads_without_superblock(vit_b16):
 def test_timm_vit_with_non_multiple_layer(tmp_path):
     """timm ViT with every Linear masked, including the 100-class head: 100 rows are not a multiple of 32."""
     masked = make_run(
-        tmp_path / "run", "timm:vit_tiny_patch16_224", num_classes=100, sparsity=0.7, block_size=32,
-        targets=("all_linear",), skip_head=False, model_kwargs={"depth": 2},
+        tmp_path / "run",
+        "timm:vit_tiny_patch16_224",
+        num_classes=100,
+        sparsity=0.7,
+        block_size=32,
+        targets=("all_linear",),
+        skip_head=False,
+        model_kwargs={"depth": 2},
     )
     result = export(tmp_path / "run", tmp_path / "export")
     head = next(d for d in result.manifest["layers"] if d["name"] == "head.weight")
@@ -191,8 +197,12 @@ def test_layout_auto_measures_and_dense_says_why(micro_run):
         assert d["timing"]["runtime"] == "eager" and row["kernel"] in ("torch", "dense")
         assert (d["layout"] == "dense") == bool(d["reason"])
     assert manifest["layout_policy"] == {
-        "mode": "auto", "device": "cpu", "batch_sizes": [2], "runtime": "eager", "backend": "auto"
-    }  # fmt: skip
+        "mode": "auto",
+        "device": "cpu",
+        "batch_sizes": [2],
+        "runtime": "eager",
+        "backend": "auto",
+    }
     x = probe()
     torch.testing.assert_close(logits(load_sparse(root / "export_auto"), x), logits(masked, x), **FP32)
     forced = export(root / "run", root / "export_dense", layout="dense").manifest

@@ -174,7 +174,7 @@ def test_cuda_without_cuda(good):
 
 def test_dtype_the_device_cannot_run(good, monkeypatch):
     def no_half(*args, **kwargs):
-        raise RuntimeError('"LayerNormKernelImpl" not implemented for \'Half\'')
+        raise RuntimeError("\"LayerNormKernelImpl\" not implemented for 'Half'")
 
     monkeypatch.setattr(runtime_mod.F, "layer_norm", no_half)
     with pytest.raises(ValueError, match="dtype=fp16 cannot run on cpu"):

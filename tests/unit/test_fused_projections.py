@@ -27,8 +27,15 @@ from superblock.kernels.fused import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-        "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+PROJ = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def block_sparse(out_f: int, in_f: int, block=(16, 16), density=0.5, seed=0, empty_rows=()) -> torch.Tensor:
@@ -56,8 +63,10 @@ def rel(y, ref) -> float:
 
 def test_concat_rows_stacks_the_weights_and_refuses_ragged_middles():
     ws = [block_sparse(32, 48, seed=1), block_sparse(16, 48, seed=2), block_sparse(20, 48, seed=3)]  # v ragged
-    layers = [BlockSparseLinear.from_dense(w, torch.randn(w.shape[0]) if i != 1 else None, block_size=16)
-              for i, w in enumerate(ws)]  # fmt: skip
+    layers = [
+        BlockSparseLinear.from_dense(w, torch.randn(w.shape[0]) if i != 1 else None, block_size=16)
+        for i, w in enumerate(ws)
+    ]
     values, crow, col, bias = concat_rows(layers)
     assert crow.dtype == torch.int32 and crow.numel() == 2 + 1 + 2 + 1
     dense = _runners.bsr_to_dense(values, crow, col, (68, 48))
@@ -124,8 +133,9 @@ def test_fused_gate_up_equals_silu_gate_times_up(backend, with_bias):
         assert y.shape == (m, 64) and rel(y, glu_reference(x, wg, wu, bias)) < 1e-5
     # the op itself (what torch.compile sees) and its fake agree on the width; the differentiable path too
     x = torch.randn(2, 3, 40)
-    y = torch.ops.superblock.bsr_linear(x, fused.values, fused.crow_indices, fused.col_indices, None, fused.bias, 128,
-                                        "silu_mul", backend, "ieee", [])  # fmt: skip
+    y = torch.ops.superblock.bsr_linear(
+        x, fused.values, fused.crow_indices, fused.col_indices, None, fused.bias, 128, "silu_mul", backend, "ieee", []
+    )
     assert y.shape == (2, 3, 64) and rel(y, glu_reference(x, wg, wu, bias)) < 1e-5
     assert "silu_mul" in ops.OP_ACTIVATIONS
     xg = torch.randn(5, 40, requires_grad=True)
@@ -157,9 +167,15 @@ def tiny_llama(intermediate: int = 128, block: int = 16, seed: int = 0, **kw):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=intermediate, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vocab_size=97, max_position_embeddings=64, **kw,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        **kw,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     for i, (layer, name) in enumerate((layer, name) for layer in model.model.layers for name in PROJ):
         parent, attr = name.rsplit(".", 1)
@@ -180,8 +196,9 @@ def test_fuse_projections_on_a_tiny_llama_keeps_logits_and_generation():
     assert isinstance(fused.model.layers[0].mlp, FusedGatedMLP)
     kinds = [type(m).__name__ for m in fused.modules() if isinstance(m, BlockSparseLinear)]
     assert sorted(kinds) == sorted(["BlockSparseLinear"] * 6 + ["FusedGateUpLinear"] * 2)  # 4 products a layer
-    assert not any(k.startswith(("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj."))
-                   for k in fused.state_dict())  # fmt: skip
+    assert not any(
+        k.startswith(("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj.")) for k in fused.state_dict()
+    )
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -231,12 +248,25 @@ def test_load_sparse_fuses_by_default_and_generates_what_the_unfused_model_does(
     from superblock.export import export_checkpoint, load_sparse
     from tests.unit.test_export_helpers import make_run
 
-    llama = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
-    make_run(tmp_path / "run", "hf:llama", num_classes=61, model_kwargs={"task": "causal_lm", "config": llama},
-             block_size=8, sparsity=0.75)  # fmt: skip
-    export_checkpoint(tmp_path / "run", tmp_path / "exp", device="cpu", layout="bsr", probe_batch=2,
-                      echo=lambda _: None)  # fmt: skip
+    llama = {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    make_run(
+        tmp_path / "run",
+        "hf:llama",
+        num_classes=61,
+        model_kwargs={"task": "causal_lm", "config": llama},
+        block_size=8,
+        sparsity=0.75,
+    )
+    export_checkpoint(
+        tmp_path / "run", tmp_path / "exp", device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None
+    )
     fused, plain = load_sparse(tmp_path / "exp"), load_sparse(tmp_path / "exp", fuse_projections=False)
     assert sum(isinstance(m, FusedGateUpLinear) for m in fused.modules()) == 2
     assert sum(isinstance(m, FusedQKV) for m in fused.modules()) == 2
@@ -308,8 +338,14 @@ _INTERP = textwrap.dedent(
 def _interpret(mode: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _INTERP, mode], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _INTERP, mode],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "interpreter ok" in proc.stdout
 

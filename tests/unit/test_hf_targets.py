@@ -20,10 +20,14 @@ CONFIGS = {
     "bert": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
     "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
     "llama": {
-        "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": 64,
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
     },
-}  # fmt: skip
+}
 PER_BLOCK = {
     "bert": {
         "attn": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
@@ -80,8 +84,11 @@ def test_all_linear_leaves_heads_poolers_and_embeddings_dense(model_type):
         assert got == set(expected(model_type, ["attn", "mlp"])), task
         # without skip_head the heads are linear weights like any other (GPT-2's tied lm_head included)
         more = {t.name for t in select_targets(model, "all_linear", skip_head=False)} - got
-        heads = {"bert": {"cls.predictions.transform.dense.weight", "cls.predictions.decoder.weight"},
-                 "gpt2": {"lm_head.weight"}, "llama": {"lm_head.weight"}}[model_type]  # fmt: skip
+        heads = {
+            "bert": {"cls.predictions.transform.dense.weight", "cls.predictions.decoder.weight"},
+            "gpt2": {"lm_head.weight"},
+            "llama": {"lm_head.weight"},
+        }[model_type]
         if task == "sequence_classification":
             heads = {"bert": {"bert.pooler.dense.weight", "classifier.weight"}}.get(model_type, {"score.weight"})
         assert more == heads, task
@@ -147,8 +154,14 @@ def test_hf_model_type_builds_the_plain_transformers_model():
     from superblock.models import build_model, model_spec
 
     spec = model_spec("hf:gpt2", num_classes=VOCAB, image_size=224, config=TINY_GPT2)
-    assert spec == {"name": "hf:gpt2", "num_classes": VOCAB, "image_size": None, "pretrained": None,
-                    "task": "causal_lm", "config": TINY_GPT2}  # fmt: skip
+    assert spec == {
+        "name": "hf:gpt2",
+        "num_classes": VOCAB,
+        "image_size": None,
+        "pretrained": None,
+        "task": "causal_lm",
+        "config": TINY_GPT2,
+    }
     model = build_model(**spec)
     assert isinstance(model, transformers.GPT2LMHeadModel) and len(model.transformer.h) == 2
     assert model.config.vocab_size == VOCAB and model.lm_head.out_features == VOCAB  # the tokenizer's vocabulary
@@ -209,7 +222,7 @@ def test_missing_transformers_says_how_to_install(monkeypatch, tmp_path):
     from superblock.hf_models import TransformersMissing
     from superblock.models import build_model, model_spec
 
-    (tmp_path / "config.json").write_text("{\"model_type\": \"gpt2\"}")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` sees when not installed
     for call in (lambda: build_model("hf:gpt2", 5), lambda: model_spec(f"hf:{tmp_path}", 5)):
         with pytest.raises(TransformersMissing, match=r"transformers is not installed: pip install -e '\.\[lm\]'"):

@@ -31,8 +31,14 @@ def test_tiny_models_forward(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "image_size"),
-    [("vit_b_16", 32), ("vit_b_32", 32), ("vit_l_16", 32), ("vit_h_14", 28), (TIMM_TINY, 32),
-     ("timm:deit_small_patch16_224", 32)],
+    [
+        ("vit_b_16", 32),
+        ("vit_b_32", 32),
+        ("vit_l_16", 32),
+        ("vit_h_14", 28),
+        (TIMM_TINY, 32),
+        ("timm:deit_small_patch16_224", 32),
+    ],
 )
 def test_big_models_build_with_right_logit_shape(name: str, image_size: int) -> None:
     # The meta device gives shapes without allocating the weights: ViT-H builds in well under a second.
@@ -149,8 +155,12 @@ def test_timm_pretrained_round_trip_and_resample(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["https://example.com/vit.pth", "hf-hub:timm/vit_tiny_patch16_224", "timm/vit_tiny_patch16_224.augreg",
-     "IMAGENET1K_V1"],
+    [
+        "https://example.com/vit.pth",
+        "hf-hub:timm/vit_tiny_patch16_224",
+        "timm/vit_tiny_patch16_224.augreg",
+        "IMAGENET1K_V1",
+    ],
 )
 def test_remote_pretrained_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="must be a local file"):

@@ -38,9 +38,18 @@ def _uneven(model: nn.Module, seed: int = 0) -> None:
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     if name.startswith("hf:"):
         pytest.importorskip("transformers")
-        config = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32} if name == "hf:gpt2" else {
-            "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-            "num_key_value_heads": 4, "max_position_embeddings": 32}
+        config = (
+            {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}
+            if name == "hf:gpt2"
+            else {
+                "num_hidden_layers": 1,
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 32,
+            }
+        )
         model = build_model(name, num_classes=97, task="causal_lm", config=config)
         return model.eval(), torch.randint(0, 97, (2, 12))
     kwargs = {"depth": 2, "embed_dim": 64, "num_heads": 2} if name.startswith("timm:") else {}
@@ -60,15 +69,21 @@ def test_function_unchanged_and_more_magnitude_kept(name: str, block: int) -> No
     model, x = _model(name)
     _uneven(model)
     before = copy.deepcopy(model)
-    report = permute_model(model, "mlp+heads", block_size=(block, block), sparsity=0.8,
-                           targets=["all_linear"] if name == "hf:llama" else ["mlp", "attn"])
+    report = permute_model(
+        model,
+        "mlp+heads",
+        block_size=(block, block),
+        sparsity=0.8,
+        targets=["all_linear"] if name == "hf:llama" else ["mlp", "attn"],
+    )
     assert report.couplings > 0
     torch.testing.assert_close(_logits(model, x), _logits(before, x), rtol=1e-5, atol=1e-5)
     assert report.kept_after >= report.kept_before
     if block < 64:  # with rows of uneven norms there is always something to gather at small blocks
         assert report.permuted > 0 and report.kept_after > report.kept_before + 1e-3
-        changed = [n for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True)
-                   if not torch.equal(p, q)]
+        changed = [
+            n for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True) if not torch.equal(p, q)
+        ]
         assert changed, "a permutation was reported but no weight moved"
 
 
@@ -162,10 +177,13 @@ def test_permuting_a_masked_model_and_drawing_its_scores_again() -> None:
             torch.testing.assert_close(mask.scores, init_scores(fresh, (8, 8), "magnitude"))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"permute": "all"}, "sparsity.permute"),
-    ({"permute": "mlp", "block_size": [16, 32]}, "square tiles"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"permute": "all"}, "sparsity.permute"),
+        ({"permute": "mlp", "block_size": [16, 32]}, "square tiles"),
+    ],
+)
 def test_config_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         to_config({"sparsity": overrides})

@@ -37,14 +37,17 @@ def run_epoch(every_s: float, batches: int = 10, seconds_per_batch: float = 4.0)
 
 def test_one_line_per_epoch_when_the_interval_is_longer_than_the_epoch():
     lines = run_epoch(every_s=60.0)  # a 40 s epoch
-    assert lines == ["epoch 2/3: 10/10 batches (100%), step 110, 0.25 batch/s, elapsed 00:40, ETA 00:00, "
-                     "loss=2.301, lr=1.00e-03"]  # fmt: skip
+    assert lines == [
+        "epoch 2/3: 10/10 batches (100%), step 110, 0.25 batch/s, elapsed 00:40, ETA 00:00, loss=2.301, lr=1.00e-03"
+    ]
 
 
 def test_at_most_one_line_per_interval_within_an_epoch():
     lines = run_epoch(every_s=10.0)  # a line after 12 s, 24 s, 36 s, then the epoch's end at 40 s
     assert [ln.split(",")[0] for ln in lines] == [
-        "epoch 2/3: 3/10 batches (30%)", "epoch 2/3: 6/10 batches (60%)", "epoch 2/3: 9/10 batches (90%)",
+        "epoch 2/3: 3/10 batches (30%)",
+        "epoch 2/3: 6/10 batches (60%)",
+        "epoch 2/3: 9/10 batches (90%)",
         "epoch 2/3: 10/10 batches (100%)",
     ]
     assert "step 103" in lines[0] and "ETA 00:28" in lines[0] and "loss=" not in lines[0] and "loss=2.301" in lines[1]
@@ -59,7 +62,8 @@ def test_a_resumed_epoch_counts_its_rate_from_where_it_resumed():
     bar.close()
     bar.close()  # nothing new: no second line
     assert out.getvalue().splitlines() == [
-        "epoch 1/1: 10/10 batches (100%), step 6, 2.00 batch/s, elapsed 00:02, ETA 00:00"]
+        "epoch 1/1: 10/10 batches (100%), step 6, 2.00 batch/s, elapsed 00:02, ETA 00:00"
+    ]
 
 
 def test_bar_on_a_terminal_lines_elsewhere():

@@ -24,14 +24,26 @@ GRID = [(0.8, 16), (0.8, 32), (0.9, 16), (0.9, 32)]
 def _summary(model: str, sparsity: float, block: int | None, top1: float, status: str = "completed") -> dict:
     kept = 1.0 - 0.6 * sparsity
     return {
-        "status": status, "error": None, "model": model, "sparsity": sparsity,
-        "block_size": [block, block] if block else None, "targets": ["mlp"] if block else [],
-        "val_top1": top1, "val_top5": min(top1 + 20.0, 100.0), "best_val_top1": top1 + 0.5,
+        "status": status,
+        "error": None,
+        "model": model,
+        "sparsity": sparsity,
+        "block_size": [block, block] if block else None,
+        "targets": ["mlp"] if block else [],
+        "val_top1": top1,
+        "val_top5": min(top1 + 20.0, 100.0),
+        "best_val_top1": top1 + 0.5,
         "best_val_top5": min(top1 + 20.5, 100.0),
         "block_sparsity": {"encoder.layers.0.mlp.0.weight": sparsity, "encoder.layers.0.mlp.3.weight": sparsity},
-        "mean_block_sparsity": sparsity, "params_total": 1_000_000, "params_kept": int(1_000_000 * kept),
-        "wall_time_s": 42.0 + 10 * sparsity, "images_per_s": 512.0, "epochs": 2, "steps": 40, "run_dir": "",
-    }  # fmt: skip
+        "mean_block_sparsity": sparsity,
+        "params_total": 1_000_000,
+        "params_kept": int(1_000_000 * kept),
+        "wall_time_s": 42.0 + 10 * sparsity,
+        "images_per_s": 512.0,
+        "epochs": 2,
+        "steps": 40,
+        "run_dir": "",
+    }
 
 
 def _config(model: str, sparsity: float | None, block: int | None) -> dict:
@@ -117,8 +129,14 @@ def test_rows_sorted_dense_first_then_sparsity_then_block(sweep: Path) -> None:
 
 def test_cli_subprocess_writes_csv_markdown_and_png(sweep: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "superblock.report", str(sweep)], capture_output=True, text=True,
-                          env=env, cwd=sweep.parent, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "superblock.report", str(sweep)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=sweep.parent,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "corrupt" in proc.stderr  # the corrupt summary is reported, the report still written
     assert "8 runs" in proc.stdout
@@ -200,8 +218,13 @@ def test_empty_or_missing_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
 
 def test_measured_speedup_from_eval_json(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
     for run, speedup in (("2", 1.4), ("3", 1.9)):
-        speed = {"speedup": speedup, "latency_ms": 10 / speedup, "dense_latency_ms": 10.0, "device": "cuda",
-                 "dtype": "bfloat16"}  # fmt: skip
+        speed = {
+            "speedup": speedup,
+            "latency_ms": 10 / speedup,
+            "dense_latency_ms": 10.0,
+            "device": "cuda",
+            "dtype": "bfloat16",
+        }
         (sweep / run / "eval.json").write_text(json.dumps(speed))
     (sweep / "1" / "export").mkdir()
     (sweep / "1" / "export" / "eval.json").write_text(json.dumps({"speedup": 1.1, "device": "cuda"}))

@@ -25,9 +25,25 @@ def test_completed_summary_has_every_field_but_the_traceback() -> None:
 
 
 def test_failed_summary_has_only_what_is_known_without_a_trainer() -> None:
-    s = RunSummary(status="failed", error="E: x", traceback="tb", model=None, sparsity=0.9, block_size=[16, 16],
-                   targets=["mlp"], run_dir="r")
-    assert s.to_dict() == {"status": "failed", "error": "E: x", "traceback": "tb", "model": None, "sparsity": 0.9,
-                           "block_size": [16, 16], "targets": ["mlp"], "run_dir": "r"}
+    s = RunSummary(
+        status="failed",
+        error="E: x",
+        traceback="tb",
+        model=None,
+        sparsity=0.9,
+        block_size=[16, 16],
+        targets=["mlp"],
+        run_dir="r",
+    )
+    assert s.to_dict() == {
+        "status": "failed",
+        "error": "E: x",
+        "traceback": "tb",
+        "model": None,
+        "sparsity": 0.9,
+        "block_size": [16, 16],
+        "targets": ["mlp"],
+        "run_dir": "r",
+    }
     s.wall_time_s = 1.5
     assert s.to_dict()["wall_time_s"] == 1.5

@@ -50,8 +50,9 @@ def test_eager_runtime_warms_up_every_layer(exported):
     assert not isinstance(model, ServingModel)
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
     tokens = 65  # micro_vit: 64 patches + class token
-    assert layers and all(set(m.dispatch) == {tuning.token_bucket(tokens), tuning.token_bucket(4 * tokens)}
-                          for m in layers)  # fmt: skip
+    assert layers and all(
+        set(m.dispatch) == {tuning.token_bucket(tokens), tuning.token_bucket(4 * tokens)} for m in layers
+    )
     x = probe(n=3)
     torch.testing.assert_close(logits(model, x), logits(load_sparse(exported), x))
 
@@ -101,8 +102,10 @@ def test_models_of_one_class_each_get_their_graphs():
     # (different widths: models with the same weight shapes share graphs, their weights being graph inputs)
     nets = [nn.Sequential(nn.Linear(12, w), nn.GELU(), nn.Linear(w, 5)).eval() for w in (16, 24, 32)]
     sizes = [1, 2, 3, 4, 5]
-    served = [make_runtime(n, "compile", batch_sizes=sizes, sample_shape=(12,), compile_options={"backend": "eager"})
-              for n in nets]  # fmt: skip
+    served = [
+        make_runtime(n, "compile", batch_sizes=sizes, sample_shape=(12,), compile_options={"backend": "eager"})
+        for n in nets
+    ]
     assert counters["stats"]["unique_graphs"] == len(nets) * len(sizes)  # none skipped at the limit
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for net, fast in zip(nets, served, strict=True):
@@ -115,9 +118,15 @@ def test_models_of_one_class_each_get_their_graphs():
 def test_evaluate_with_compile_runtime(exported, tmp_path):
     latency = {"batch_size": 2, "warmup": 1, "repeats": 2, "rounds": 1, "inputs": 2}
     result = evaluate(
-        exported, "bsr", device="cpu", accuracy=False, latency=latency, runtime="compile", output=tmp_path / "e.json",
+        exported,
+        "bsr",
+        device="cpu",
+        accuracy=False,
+        latency=latency,
+        runtime="compile",
+        output=tmp_path / "e.json",
         echo=lambda _: None,
-    )  # fmt: skip
+    )
     assert result["runtime"] == "compile" and result["runtime_batch_sizes"] == [2]
     assert result["speedup"] > 0 and result["latency"]["bsr"]["median_ms"] > 0
     with pytest.raises(ValueError, match="runtime"):

@@ -30,8 +30,9 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     for name, seed, sparsity in (("a", 0, 0.75), ("b", 1, 0.75), ("c", 0, 0.5)):
         make_run(root / f"run_{name}", sparsity=sparsity, seed=seed)
-        export_checkpoint(root / f"run_{name}", root / name, device="cpu", layout="bsr", probe_batch=2,
-                          echo=lambda _: None)  # fmt: skip
+        export_checkpoint(
+            root / f"run_{name}", root / name, device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None
+        )
     return root
 
 
@@ -68,8 +69,9 @@ def test_a_reload_after_a_new_export_reads_the_new_weights(root, tmp_path):
     export_checkpoint(root / "run_a", out, device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None)
     first = load_sparse(out, runtime="compile", batch_sizes=[2])
     y_a = logits(first, x)
-    export_checkpoint(root / "run_b", out, device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None,
-                      overwrite=True)  # fmt: skip
+    export_checkpoint(
+        root / "run_b", out, device="cpu", layout="bsr", probe_batch=2, echo=lambda _: None, overwrite=True
+    )
     second = load_sparse(out, runtime="compile", batch_sizes=[2])
     y_b = logits(second, x)
     torch.testing.assert_close(y_b, logits(load_sparse(root / "b"), x), atol=1e-5, rtol=1e-5)
@@ -153,8 +155,11 @@ def test_float_inputs_of_another_dtype_are_cast_to_the_models(served, eager_a):
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (torch.zeros(2, 3, 32, 32, dtype=torch.int64), r"takes float inputs of shape \(batch, 3, 32, 32\), got a "
-                                                       r"int64 tensor of shape \(2, 3, 32, 32\)"),
+        (
+            torch.zeros(2, 3, 32, 32, dtype=torch.int64),
+            r"takes float inputs of shape \(batch, 3, 32, 32\), got a "
+            r"int64 tensor of shape \(2, 3, 32, 32\)",
+        ),
         (torch.zeros(3, 32, 32), r"got a float32 tensor of shape \(3, 32, 32\)"),  # one image, no batch dimension
         ([[0.0]], "takes a tensor of float inputs .* got list"),
     ],
@@ -235,8 +240,13 @@ def test_loading_says_what_it_compiles_with_timings(root, caplog):
     model = load_sparse(root / "a", runtime="compile", batch_sizes=[1, 2], compile_options=EAGER_COMPILE)
     assert isinstance(model, ServingModel)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    for expected in (r"loading .*a \(runtime=compile\)", r"built the model \(\d+ block-sparse weights\) on cpu in",
-                     r"warmed up at batch sizes \[1, 2\] .* in \d+\.\d s", r"cold compile cache",
-                     r"compiled batch 1 in \d+\.\d s", r"compiled batch 2 in \d+\.\d s",
-                     r"ready for runtime=compile in \d+\.\d s"):  # fmt: skip
+    for expected in (
+        r"loading .*a \(runtime=compile\)",
+        r"built the model \(\d+ block-sparse weights\) on cpu in",
+        r"warmed up at batch sizes \[1, 2\] .* in \d+\.\d s",
+        r"cold compile cache",
+        r"compiled batch 1 in \d+\.\d s",
+        r"compiled batch 2 in \d+\.\d s",
+        r"ready for runtime=compile in \d+\.\d s",
+    ):
         assert any(re.search(expected, line) for line in text.splitlines()), (expected, text)

@@ -64,7 +64,9 @@ def test_windows_are_shifted_inputs_and_cover_every_transition_once(tmp_path) ->
     # Stream: a..j, EOS (11 tokens) -> (11 - 1) // 3 = 3 windows, each sharing its last token with the next one.
     samples = [bundle.train[i] for i in range(len(bundle.train))]
     assert [(x.tolist(), y.tolist()) for x, y in samples] == [
-        (_ids("abc"), _ids("bcd")), (_ids("def"), _ids("efg")), (_ids("ghi"), _ids("hij")),
+        (_ids("abc"), _ids("bcd")),
+        (_ids("def"), _ids("efg")),
+        (_ids("ghi"), _ids("hij")),
     ]
     assert all(x.dtype == torch.int64 and y.dtype == torch.int64 for x, y in samples)
     # Val: 0..6, EOS (8 tokens) -> (8 - 1) // 3 = 2 windows; the tail too short for a window (6 -> EOS) is dropped.
@@ -147,8 +149,10 @@ def _tiny_tokenizer_dir(path: Path) -> Path:
 
 def test_local_tokenizer_directory(tmp_path) -> None:
     tok_dir = _tiny_tokenizer_dir(tmp_path / "tok")
-    root = _write(tmp_path / "corpus", {"train/1.txt": "the cat sat on the mat", "train/2.txt": "a dog",
-                                       "val/1.txt": "the dog sat on a cat zebra"})
+    root = _write(
+        tmp_path / "corpus",
+        {"train/1.txt": "the cat sat on the mat", "train/2.txt": "a dog", "val/1.txt": "the dog sat on a cat zebra"},
+    )
     bundle = text_bundle(str(root), seq_len=3, tokenizer=str(tok_dir))
     assert (bundle.vocab_size, bundle.num_classes, bundle.eos_id, bundle.pad_id) == (10, 10, 2, 1)
     # the cat sat on the mat [EOS] a dog [EOS]
@@ -157,8 +161,15 @@ def test_local_tokenizer_directory(tmp_path) -> None:
     assert (x.tolist(), y.tolist()) == ([6, 3, 7], [3, 7, 2])
     assert bundle.val.tokens.tolist() == [3, 9, 5, 6, 8, 4, 0, 2]  # unknown word -> [UNK]
     assert bundle.corpus["tokenizer"] == str(tok_dir) and bundle.corpus["tokenizer_class"]
-    classes = _write(tmp_path / "classes", {"train/a/1.txt": "the cat", "train/b/1.txt": "a dog sat on the mat",
-                                            "val/a/1.txt": "cat", "val/b/1.txt": "dog"})
+    classes = _write(
+        tmp_path / "classes",
+        {
+            "train/a/1.txt": "the cat",
+            "train/b/1.txt": "a dog sat on the mat",
+            "val/a/1.txt": "cat",
+            "val/b/1.txt": "dog",
+        },
+    )
     labelled = text_bundle(str(classes), seq_len=4, tokenizer=str(tok_dir))
     rows = [(x.tolist(), y) for x, y in (labelled.train[0], labelled.train[1])]
     assert rows == [([3, 4, 1, 1], 0), ([8, 9, 5, 6], 1)]  # padded with [PAD] = 1; truncated to 4 tokens
@@ -168,10 +179,16 @@ def test_local_tokenizer_directory(tmp_path) -> None:
 
 
 def test_class_folders_give_padded_labelled_sequences(tmp_path) -> None:
-    root = _write(tmp_path, {
-        "train/neg/1.txt": "bad", "train/neg/2.txt": "awful film", "train/pos/1.txt": "good",
-        "val/neg/1.txt": "meh", "val/pos/1.txt": "great great great",
-    })
+    root = _write(
+        tmp_path,
+        {
+            "train/neg/1.txt": "bad",
+            "train/neg/2.txt": "awful film",
+            "train/pos/1.txt": "good",
+            "val/neg/1.txt": "meh",
+            "val/pos/1.txt": "great great great",
+        },
+    )
     bundle = text_bundle(str(root), seq_len=6)
     assert (bundle.task, bundle.num_classes, bundle.classes) == ("sequence_classification", 2, ["neg", "pos"])
     # Interleaved by class: neg/1, pos/1, neg/2.
