@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear  # noqa: E402
 from superblock.kernels.fused import fuse_projections  # noqa: E402
+from superblock.timing import capture_graph  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
 PROJECTIONS = (
@@ -163,15 +164,7 @@ def capture(fn, device: str):
     """A CUDA graph of fn() (after a warm-up call on a side stream), or None off CUDA."""
     if not on_gpu(device):
         return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    return capture_graph(fn)
 
 
 def compiled(model, args):

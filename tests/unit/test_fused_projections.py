@@ -247,15 +247,9 @@ def test_load_sparse_fuses_by_default_and_generates_what_the_unfused_model_does(
     pytest.importorskip("transformers")
     from superblock.export import export_checkpoint, load_sparse
     from tests.unit.test_export_helpers import make_run
+    from tests.unit.test_hf_targets import CONFIGS
 
-    llama = {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
+    llama = CONFIGS["llama"]
     make_run(
         tmp_path / "run",
         "hf:llama",
