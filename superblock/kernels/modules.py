@@ -245,9 +245,7 @@ class BlockSparseLinear(nn.Module):
     def set_tuning_target(self, target: str | None) -> None:
         """What `auto` optimizes here ("eager" | "graph" | None = the global target); a change forgets the
         choices made for the old one."""
-        if target is not None and target not in _tuning.TARGETS:
-            raise ValueError(f"tuning target must be one of {_tuning.TARGETS} or None, got {target!r}")
-        if target != self.tuning_target:
+        if _tuning.check_target(target, allow_none=True) != self.tuning_target:
             self.tuning_target = target
             self._forget()
 

@@ -97,10 +97,6 @@ def set_xstat(enabled: bool) -> None:
     _xstat["enabled"] = bool(enabled)
 
 
-def xstat_enabled() -> bool:
-    return _xstat["enabled"]
-
-
 def xstat_configs(x2d: torch.Tensor, values: torch.Tensor, n_out: int) -> list[dict]:
     """Configurations of the x-stationary Gluon kernel (sm_90, 16-bit, x's token tile in shared memory) for this
     problem: each shape with enough row chunks (XS) that the programs fill every SM twice over, since a program's
@@ -233,9 +229,15 @@ _target = {"value": os.environ.get("SUPERBLOCK_TUNE_FOR", "eager")}
 def set_tuning_target(target: str) -> None:
     """What `auto` optimizes: "eager" (default; host launch overhead counts, which favours cuBLAS at small
     token counts) or "graph" (GPU time only, for models run as CUDA graphs). Also SUPERBLOCK_TUNE_FOR."""
-    if target not in TARGETS:
-        raise ValueError(f"tuning target must be one of {TARGETS}, got {target!r}")
-    _target["value"] = target
+    _target["value"] = check_target(target)
+
+
+def check_target(target: str | None, allow_none: bool = False) -> str | None:
+    """`target` if it is a tuning target ("eager" | "graph"; None too with allow_none), else a ValueError."""
+    if target not in TARGETS and not (allow_none and target is None):
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"tuning target must be one of {TARGETS}{extra}, got {target!r}")
+    return target
 
 
 def get_tuning_target() -> str:
@@ -252,7 +254,8 @@ def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, ta
     return key if target == "eager" else key + "|" + target
 
 
-_knobs = {"tune": os.environ.get("SUPERBLOCK_TUNE", "1") != "0", "cache_dir": os.environ.get("SUPERBLOCK_CACHE_DIR")}
+# None: not configured, so the environment decides (read at use: SUPERBLOCK_TUNE=0, SUPERBLOCK_CACHE_DIR)
+_knobs: dict = {"tune": None, "cache_dir": None}
 
 
 def configure(tune: bool | None = None, cache_dir: str | os.PathLike | None = None) -> None:
@@ -373,7 +376,8 @@ def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
 
 
 def _can_measure(x: torch.Tensor) -> bool:
-    if not _knobs["tune"]:
+    tune = _knobs["tune"]
+    if not (tune if tune is not None else os.environ.get("SUPERBLOCK_TUNE", "1") != "0"):
         return False
     if torch.cuda.is_current_stream_capturing():
         return False
