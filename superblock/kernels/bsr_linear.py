@@ -30,8 +30,8 @@ import torch
 from superblock.kernels import _runners, dispatch, ops
 from superblock.kernels import tuning as _tuning
 from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
+from superblock.kernels.dispatch import BACKENDS  # noqa: F401 - the backends bsr_linear takes, re-exported
 
-BACKENDS = ("auto", "triton", "torch", "dense")
 ACTIVATIONS = (None, "gelu")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
