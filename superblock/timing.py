@@ -84,13 +84,12 @@ def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
 
 def wall_ms(fn: Callable[[Any], Any], x: Any, reps: int) -> float:
     """Mean wall time of reps calls fn(x) in ms, synchronised at both ends (host launch time counts)."""
-    cuda = isinstance(x, torch.Tensor) and x.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn(x)
-    sync()
+    _sync(device)
     return (time.perf_counter() - t0) / reps * 1e3
 
 
