@@ -55,6 +55,16 @@ def smem_bytes(block_m: int, k_in: int, bh: int, bw: int, stages: int, elem: int
     return elem * (block_m * k_in + stages * bh * bw + y_bufs * block_m * bh) + 8 * (stages + 1)
 
 
+def max_stages(block_m: int, k_in: int, bh: int, bw: int, budget: int = SMEM_BUDGET, cap: int = 64) -> int:
+    """The deepest W ring (<= cap) that fits `budget` bytes beside x's tile and the y tiles; 0 if none of 2 fits.
+    The ring's depth is what hides the ~1 us a TMA copy of a kept block takes to land from L2: each slot holds one
+    small block (0.5 KB at 16 x 16), so a few slots leave the MMAs waiting (docs/kernel_notes.md)."""
+    for stages in range(cap, 1, -1):
+        if smem_bytes(block_m, k_in, bh, bw, stages) <= budget:
+            return stages
+    return 0
+
+
 def y_buffers(block_m: int, k_in: int, bh: int, bw: int, stages: int) -> int:
     """How many y tiles fit beside x's tile and the W ring (2 to Y_BUFS)."""
     for n in range(Y_BUFS, 2, -1):
@@ -117,7 +127,7 @@ if HAS_GLUON:
         pid_c = pid - pid_m * n_chunks
         m0 = pid_m * BM
         rows_per = gl.cdiv(n_rows, n_chunks)
-        r0 = pid_c * rows_per
+        r0 = gl.minimum(pid_c * rows_per, n_rows)  # a chunk past the last row walks nothing
         r1 = gl.minimum(r0 + rows_per, n_rows)
         e0 = gl.load(crow_ptr + r0)
         e1 = gl.load(crow_ptr + r1)
@@ -146,12 +156,16 @@ if HAS_GLUON:
             version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N], instr_shape=[16, INSTR_N, 16]
         )
         n_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        # the indices each MMA needs are loaded ahead (a global load's latency would otherwise sit between
-        # consecutive MMAs): the next 4 column indices, the next 2 row ends
+        # the indices each MMA needs are loaded ahead (a global load's latency, ~500 cycles from L2, would otherwise
+        # sit between consecutive MMAs, which take tens of cycles): the next 8 column indices, the next 2 row ends
         c0 = gl.load(col_ptr + e0, mask=e0 < e1, other=0)
         c1 = gl.load(col_ptr + e0 + 1, mask=e0 + 1 < e1, other=0)
         c2 = gl.load(col_ptr + e0 + 2, mask=e0 + 2 < e1, other=0)
         c3 = gl.load(col_ptr + e0 + 3, mask=e0 + 3 < e1, other=0)
+        c4 = gl.load(col_ptr + e0 + 4, mask=e0 + 4 < e1, other=0)
+        c5 = gl.load(col_ptr + e0 + 5, mask=e0 + 5 < e1, other=0)
+        c6 = gl.load(col_ptr + e0 + 6, mask=e0 + 6 < e1, other=0)
+        c7 = gl.load(col_ptr + e0 + 7, mask=e0 + 7 < e1, other=0)
         end1 = gl.load(crow_ptr + gl.minimum(r0 + 1, n_rows))
         end2 = gl.load(crow_ptr + gl.minimum(r0 + 2, n_rows))
         beg = e0
@@ -172,7 +186,11 @@ if HAS_GLUON:
                 c0 = c1
                 c1 = c2
                 c2 = c3
-                c3 = gl.load(col_ptr + e + 4, mask=e + 4 < e1, other=0)
+                c3 = c4
+                c4 = c5
+                c5 = c6
+                c6 = c7
+                c7 = gl.load(col_ptr + e + 8, mask=e + 8 < e1, other=0)
                 mbarrier.wait(w_bar.index(slot), (i // STAGES) & 1)
                 acc = warpgroup_mma(x_smem.index(c), w_smem.index(slot).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=LAG, deps=(acc,))
@@ -196,7 +214,7 @@ if HAS_GLUON:
 
         # Triton 3.6's Gluon front end carries a variable through a loop only when it is read after the loop (else
         # every row would reuse the first row's bounds): these are read by a store that never fires (beg >= 0)
-        gl.store(crow_ptr + r0, beg + end1 + end2, mask=beg < 0)
+        gl.store(crow_ptr + r0, beg + end1 + end2 + c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7, mask=beg < 0)
         tma.store_wait(pendings=0)
         mbarrier.invalidate(x_bar)
         for p in gl.static_range(STAGES):
@@ -205,6 +223,13 @@ if HAS_GLUON:
 
 def _layout(shape: list[int], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(shape, _GL_DTYPES[dtype])
+
+
+def row_chunks(n_rows: int, requested: int) -> int:
+    """How many row chunks the kernel runs for `requested` (config XS): at most one per block row, and none that
+    would start past the last row (each chunk takes ceil(n_rows / requested) rows, so 66 asked of 72 rows is 36)."""
+    chunks = max(1, min(requested, n_rows))
+    return -(-n_rows // -(-n_rows // chunks)) if n_rows else 1
 
 
 def warps_split(block_m: int, num_warps: int) -> tuple[int, int]:
@@ -234,7 +259,7 @@ def launch(
     stages = max(2, int(config["num_stages"]))
     lag = min(int(config.get("LAG", 2)), stages - 1)
     n_rows = crow.numel() - 1
-    chunks = max(1, min(int(config.get("XS", 1)), n_rows))
+    chunks = row_chunks(n_rows, int(config.get("XS", 1)))
     dt = x2d.dtype
     x_desc = TensorDescriptor.from_tensor(x2d, [block_m, bw], _layout([block_m, bw], dt))
     w_desc = TensorDescriptor.from_tensor(values.view(-1, bw), [bh, bw], _layout([bh, bw], dt))

@@ -85,10 +85,12 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
     return out
 
 
-XSTAT_SHAPES = ((64, 8), (128, 8), (64, 4))  # (BLOCK_M, W ring depth) of the x-stationary kernel's candidates
-# Whether `auto` measures the x-stationary kernel. Off until its GPU tests (tests/gpu/test_xstat_gpu.py) have passed
-# on an H200 with the current code: the last device run measured it but predates the fix of its row bounds (see
-# docs/kernel_notes.md). Explicit configs ({"XS": n}) and set_xstat(True) use it now.
+XSTAT_BLOCK_M = (64, 128)  # token tiles of the x-stationary kernel's candidates
+# Whether `auto` measures the x-stationary Gluon kernel among its candidates. Off: it is correct (tests/gpu/
+# test_xstat_gpu.py and compute-sanitizer memcheck pass on an H200) but measured slower than the tiled kernel on every
+# ViT-B layer at blocks 16 and 32 (0.55-0.65x of dense; docs/benchmarks.md "Hopper x-stationary kernel"), so offering
+# it would only add compile and tuning time to every load. set_xstat(True) offers it; explicit configs ({"XS": n}) run
+# it either way.
 _xstat = {"enabled": False}
 
 
@@ -104,12 +106,17 @@ def xstat_configs(x2d: torch.Tensor, values: torch.Tensor, n_out: int) -> list[d
     if x2d.device.type != "cuda" or x2d.shape[0] == 0:
         return []
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-    n_rows = -(-n_out // int(values.shape[1]))
+    k_in, bh, bw = x2d.shape[1], int(values.shape[1]), int(values.shape[2])
+    n_rows = -(-n_out // bh)
+    # each token tile with the deepest W ring that fits (one program per SM), and a tile of 64 with the ring that
+    # lets two programs share an SM (two chains of MMAs to interleave)
+    shapes = [(bm, _gluon_bsr.max_stages(bm, k_in, bh, bw)) for bm in XSTAT_BLOCK_M]
+    shapes.append((64, _gluon_bsr.max_stages(64, k_in, bh, bw, budget=_gluon_bsr.SMEM_BUDGET // 2, cap=32)))
     out = []
-    for block_m, stages in XSTAT_SHAPES:
-        if not _gluon_bsr.usable(x2d, values, n_out, block_m, stages):
+    for block_m, stages in dict.fromkeys(shapes):
+        if stages < 4 or not _gluon_bsr.usable(x2d, values, n_out, block_m, stages):
             continue
-        smem = _gluon_bsr.smem_bytes(block_m, x2d.shape[1], *values.shape[1:], stages)
+        smem = _gluon_bsr.smem_bytes(block_m, k_in, bh, bw, stages)
         per_sm = max(1, _gluon_bsr.SMEM_BUDGET // smem)
         tiles = -(-x2d.shape[0] // block_m)
         chunks = max(1, min(n_rows, -(-2 * sms * per_sm // tiles)))

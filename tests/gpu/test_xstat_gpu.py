@@ -87,6 +87,20 @@ def test_xstat_one_kept_block_and_many_token_tiles():
     assert rel_err(out, reference(x, w, None, None)) < 1e-2
 
 
+@pytest.mark.parametrize(("chunks", "stages"), [(66, 8), (5, 54), (1000, 64)])
+def test_xstat_chunks_that_do_not_divide_the_rows_and_deep_rings(chunks, stages):
+    """72 block rows asked for 66 chunks (the tuner's choice at one ViT-B image): chunks past the last row used to
+    read crow out of bounds (an illegal memory access); deep W rings (what the tuner offers now)."""
+    block = (32, 32) if stages < 64 else (16, 16)
+    w = sparse_weight(2304, 768, block, 0.1, seed=chunks)
+    values, crow, col = dense_to_bsr(w, block)
+    x = torch.randn(197, 768, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((197, 2304), float("nan"), device="cuda", dtype=torch.bfloat16)
+    bsr_linear(x, values, crow, col, w.shape, None, "gelu", "triton", config=xs_config(64, stages, chunks), out=out)
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x, w, None, "gelu")) < 1e-2
+
+
 def test_xstat_refuses_problems_it_cannot_run_with_a_clear_error():
     w = sparse_weight(256, 100, (16, 16), 0.3, seed=4)  # K = 100 is not a multiple of the block width
     values, crow, col = dense_to_bsr(w, 16)
@@ -105,13 +119,16 @@ def test_xstat_under_a_cuda_graph_and_offered_to_the_tuner(monkeypatch):
     assert cands and all(c["XS"] >= 1 for c in cands)
     seen = {}
     monkeypatch.setattr(tuning_mod, "_time_triton", lambda a, p, c: (seen.setdefault("c", c), ({}, {}, None))[1])
-    tuning_mod.set_xstat(True)
+    monkeypatch.setitem(tuning_mod._xstat, "enabled", True)  # as set_xstat(True); set_xstat(False) takes it out
+    args = (x, layer.values, layer.crow_indices, layer.col_indices, layer.shape, None, None)
+    tuning_mod.measure(args, "ieee", backends=("triton",))
+    assert any(c.get("XS") for c in seen.pop("c"))
+    tuning_mod.set_xstat(False)
     try:
-        args = (x, layer.values, layer.crow_indices, layer.col_indices, layer.shape, None, None)
         tuning_mod.measure(args, "ieee", backends=("triton",))
+        assert not any(c.get("XS") for c in seen.pop("c"))
     finally:
-        tuning_mod.set_xstat(False)
-    assert any(c.get("XS") for c in seen["c"])
+        tuning_mod.set_xstat(True)
     layer.set_choice(tuning_mod.token_bucket(4096), {"backend": "triton", "config": cands[0]})
     with torch.no_grad():
         layer(x)
