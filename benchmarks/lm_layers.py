@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear, _runners, dense_to_bsr  # noqa: E402
 from superblock.kernels.fused import FusedGateUpLinear  # noqa: E402
+from superblock.timing import own_cublas_workspace  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
 LAYERS = {"gate_up": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
@@ -107,7 +108,7 @@ def graph_ms(fns, min_calls: int = 40) -> float:
             f()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with own_cublas_workspace(), torch.cuda.graph(graph):
         for i in range(calls):
             fns[i % len(fns)]()
     graph.replay()

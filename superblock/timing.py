@@ -6,6 +6,7 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
                            when the GPU outruns the launches)
   time_graph(fn)           GPU time per call in ms from replays of a CUDA graph of several calls (no host overhead)
   capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream
+  own_cublas_workspace()   around a capture: the graph gets a cuBLAS workspace of its own (see its docstring)
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
   compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift)
   StepTimer                sums the time spent in a block of the training step, read only when the log asks
@@ -13,9 +14,10 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -51,10 +53,31 @@ def capture_graph(fn: Callable[[], Any], reps: int = 1) -> torch.cuda.CUDAGraph:
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with own_cublas_workspace(), torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
     return graph
+
+
+@contextlib.contextmanager
+def own_cublas_workspace() -> Iterator[None]:
+    """Make a CUDA graph captured inside this block use a cuBLAS workspace of its own, allocated in its memory pool.
+
+    cuBLAS keeps one workspace per (handle, stream), and every capture runs on the same capture stream: without
+    this, a graph reuses whatever workspace that stream got first, often memory of an earlier, since destroyed,
+    graph's pool. Once something frees it (torch.compile's "reduce-overhead" mode clears cuBLAS workspaces before
+    it records; the next capture's empty_cache() hands the memory back to the driver), the graph's GEMMs write to
+    unmapped memory: the illegal memory access of serving several models in one process (issue 20). Clearing the
+    workspaces before the capture makes the graph allocate one in its own pool, where it lives as long as the
+    graph; clearing after keeps the next capture from borrowing it. torch.compile's CUDA-graph trees do the same."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear()
 
 
 def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:

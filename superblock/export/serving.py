@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.kernels.dispatch import Choice
-from superblock.timing import wall_ms
+from superblock.timing import own_cublas_workspace, wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class ServingModel(nn.Module):
             torch.cuda.synchronize(self.device)
             warmed = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with own_cublas_workspace(), torch.cuda.graph(graph, pool=pool):
                 y = fn(x)
             pool = graph.pool()
             log.info(
