@@ -1,0 +1,82 @@
+"""`auto` at the token counts where it used to mis-pick (issue 20: 6,304 tokens = 32 ViT-B images, block 64, 90%:
+fc1 ran at 1.02x where its Triton kernel gave 1.88x, qkv at 0.88x, slower than dense).
+
+The cause was not the choice but its cost: the functional `bsr_linear(backend="auto")` looked the choice up in the
+tuning table on every call (key formatting and a driver query, ~20 us), which the tuner's own timing of the winner
+did not include. The choice is now kept per weight and token bucket. These tests check that (1) after the first
+calls no call consults the dispatch again until the tuning table changes, and (2) a call through `auto` costs at most
+10% more than the best measured candidate called directly, and no more than 10% over dense (interleaved medians of
+CUDA-event times, so host overhead counts as it does for a caller).
+
+Run on a CUDA machine: python -m pytest -m gpu tests/gpu/test_auto_choice_gpu.py (~30 s on an H200)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from superblock.kernels import bsr_linear, dense_to_bsr, dispatch  # noqa: E402
+from superblock.kernels import tuning as tuning_mod  # noqa: E402
+from superblock.timing import compare_latency  # noqa: E402
+
+TOKENS = 6304  # 32 images of 197 tokens
+LAYERS = {"fc1": (3072, 768), "qkv": (2304, 768)}
+
+
+def block_sparse(out_f: int, in_f: int, seed: int, block: int = 64, density: float = 0.1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    keep = torch.rand(out_f // block, in_f // block, generator=g, device="cuda") < density
+    mask = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    w = (torch.randn(out_f, in_f, generator=g, device="cuda") * mask).to(torch.bfloat16)
+    return w, *dense_to_bsr(w, block)
+
+
+@pytest.fixture
+def fresh_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERBLOCK_CACHE_DIR", str(tmp_path))
+    tuning_mod.clear_tuning()
+    yield
+    tuning_mod.clear_tuning()
+
+
+@torch.no_grad()
+def test_auto_consults_the_dispatch_only_until_its_choice_is_kept(fresh_table, monkeypatch):
+    w, values, crow, col = block_sparse(3072, 768, seed=1)
+    x = torch.randn(TOKENS, 768, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(3):
+        bsr_linear(x, values, crow, col, w.shape)
+    settled = len(calls)
+    for _ in range(20):
+        bsr_linear(x, values, crow, col, w.shape)
+    assert len(calls) == settled, "auto looked its choice up again on a call after the first ones"
+    tuning_mod.clear_tuning()  # the table changed: the kept choice may be stale
+    bsr_linear(x, values, crow, col, w.shape)
+    assert len(calls) == settled + 1
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@torch.no_grad()
+def test_auto_costs_at_most_10pct_over_the_best_candidate_and_dense(layer, fresh_table):
+    out_f, in_f = LAYERS[layer]
+    w, values, crow, col = block_sparse(out_f, in_f, seed=2)
+    xs = [torch.randn(TOKENS, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    bsr_linear(xs[0], values, crow, col, w.shape)  # auto measures and records its choice
+    (entries,) = tuning_mod.tuning_table()["scopes"].values()
+    (entry,) = entries.values()
+    fns = {
+        "auto": lambda x: bsr_linear(x, values, crow, col, w.shape),
+        "dense": lambda x: F.linear(x, w),
+    }
+    if entry.get("triton_config"):
+        cfg = entry["triton_config"]
+        fns["triton"] = lambda x: bsr_linear(x, values, crow, col, w.shape, backend="triton", config=cfg)
+    stats = compare_latency(fns, xs, torch.device("cuda"), warmup=5, repeats=90, rounds=3)
+    ms = {name: s["median_ms"] for name, s in stats.items()}
+    best = min(v for k, v in ms.items() if k != "auto")
+    assert ms["auto"] <= 1.10 * best, f"{layer}: auto {ms} (entry {entry['backend']}, {entry.get('times_us')})"
