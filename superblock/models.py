@@ -218,7 +218,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     if any(".parametrizations." in key for key in state):
         raise ValueError(
             f"{path} holds a block-masked (sparsified) state dict; rebuild it with "
-            "superblock.engine.checkpoint.model_from_checkpoint, or export it to fold the masks first"
+            "superblock.artifacts.checkpoint.model_from_checkpoint, or export it to fold the masks first"
         )
     target = model.state_dict()
     _fill_tied(state, target)

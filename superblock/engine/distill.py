@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from superblock.artifacts.folded import read_folded
+from superblock.artifacts.format import ExportError
 from superblock.engine.pretrained import classifier_classes, is_run_source, run_model
 from superblock.models import build_model
 
@@ -42,11 +44,6 @@ def distillation_loss(
 
 
 def _export_teacher(path: Path) -> nn.Module:
-    # the folded reader sits low enough for training to use (tests/unit/test_layering.py); imported here, where the
-    # export package is fully loaded, not at module import
-    from superblock.export.folded import read_folded
-    from superblock.export.format import ExportError
-
     try:
         return read_folded(path)
     except ExportError as err:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superblock.engine.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
+from superblock.artifacts.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
 from superblock.models import load_state
 from superblock.rundir import RunDir
 from superblock.sparsity import fold_masks, get_controller

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from superblock.artifacts.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from superblock.config import TrainConfig
 from superblock.engine.builders import (
     autocast_dtype,
@@ -27,7 +28,6 @@ from superblock.engine.builders import (
     sparsity_spec,
     wrap_for_training,
 )
-from superblock.engine.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import validate

@@ -8,11 +8,11 @@ served = load_sparse("exports/<run>", device="cuda", dtype="bf16", runtime="cuda
 fast = make_runtime(my_model, "compile", batch_sizes=[1, 8, 32, 256])  # any model (BlockSparseLinear inside or not)
 lm = load_sparse("exports/<lm run>")         # a transformers model (hf: spec): lm.generate(ids, max_new_tokens=20)
 ```
-The on-disk format is described in superblock/export/format.py and docs/export.md.
+The on-disk format is described in superblock/artifacts/format.py and docs/export.md.
 """
 
+from superblock.artifacts.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
 from superblock.export.convert import Layer, install_bsr, masked_layers, pack_tensors
-from superblock.export.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
 from superblock.export.loader import load_folded, load_sparse
 from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import (

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from superblock.export.format import BSR_SUFFIXES, LAYOUTS, ExportError, bsr_keys
+from superblock.artifacts.format import BSR_SUFFIXES, LAYOUTS, ExportError, bsr_keys
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, dense_to_bsr
 from superblock.sparsity import iter_block_masks
 from superblock.sparsity.targets import is_conv1d

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from superblock.engine.checkpoint import (
+from superblock.artifacts.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,

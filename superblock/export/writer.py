@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from superblock.export.convert import Layer, masked_layers, pack_tensors, tied_keys
-from superblock.export.format import (
+from superblock.artifacts.format import (
     DENSE_WEIGHTS,
     FORMAT,
     MANIFEST,
@@ -27,6 +26,7 @@ from superblock.export.format import (
     write_dir_atomically,
     write_json,
 )
+from superblock.export.convert import Layer, masked_layers, pack_tensors, tied_keys
 from superblock.export.layout import MODES, choose_layouts
 from superblock.export.loader import load_sparse
 from superblock.export.runtime import TOLERANCES, dtype_name, ensure_runnable, parse_dtype, resolve_device

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superblock.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from superblock.artifacts.checkpoint import load_checkpoint, model_from_checkpoint
 from superblock.export import export_checkpoint, load_sparse
 from tests.integration.test_train import SMOKE, fault_at, run_train, summary_of
 

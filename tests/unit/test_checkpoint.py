@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from superblock.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from superblock.artifacts.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from superblock.io import umask, write_json_atomically
 
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from superblock.artifacts.format import DENSE_WEIGHTS, WEIGHTS
 from superblock.export import export_checkpoint, load_folded, load_sparse, read_manifest
 from superblock.export.convert import install_bsr, masked_layers, pack_tensors, unpack_tensors
-from superblock.export.format import DENSE_WEIGHTS, WEIGHTS
 from superblock.export.layout import assign_layouts
 from superblock.export.writer import fold_copy
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, fuse_linear_gelu

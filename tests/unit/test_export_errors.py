@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from superblock.engine.checkpoint import CheckpointError
+from superblock.artifacts.checkpoint import CheckpointError
+from superblock.artifacts.format import MANIFEST, WEIGHTS
 from superblock.export import ExportError, export_checkpoint, load_sparse, read_manifest
 from superblock.export import runtime as runtime_mod
-from superblock.export.format import MANIFEST, WEIGHTS
 from tests.unit.test_export_helpers import make_run
 
 

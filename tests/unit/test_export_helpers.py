@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from superblock.engine.checkpoint import save_checkpoint
+from superblock.artifacts.checkpoint import save_checkpoint
 from superblock.models import build_model, model_spec
 from superblock.sparsity import sparsify
 

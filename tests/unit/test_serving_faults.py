@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from superblock.artifacts import folded as folded_mod
+from superblock.artifacts.format import WEIGHTS
 from superblock.export import ExportError, ServingModel, export_checkpoint, load_sparse
-from superblock.export import folded as folded_mod
-from superblock.export.format import WEIGHTS
 from tests.unit.test_export_helpers import logits, make_run, probe
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from superblock.export.format import DENSE_WEIGHTS, WEIGHTS, ExportError, read_manifest, verify_file
+from superblock.artifacts.format import DENSE_WEIGHTS, WEIGHTS, ExportError, read_manifest, verify_file
 
 
 def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
