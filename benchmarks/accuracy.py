@@ -52,7 +52,7 @@ PRESETS = {
 }
 RECIPES = {
     "reference": ["sparsity=supermask_reference"],
-    "default": ["sparsity=supermask"],
+    "default": ["sparsity=learned"],
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
 }

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,28 @@ def _hydra_context() -> tuple[str | None, bool]:
         return hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
     except (ImportError, ValueError):
         return None, False
+
+
+# Config-group options renamed: "group=old name" -> what to write instead. The old name keeps working for one release.
+DEPRECATED_PRESETS = {
+    "sparsity=supermask": "sparsity=learned (the same recipe; sparsity=supermask_reference is the Supermask method)",
+}
+
+
+def _hydra_choices() -> dict[str, Any]:
+    """The option Hydra picked in each config group ({} outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except (ImportError, ValueError):
+        return {}
+
+
+def deprecated_presets(choices: Mapping[str, Any]) -> list[str]:
+    """One warning per config-group option chosen under a name that goes away in the next release."""
+    chosen = [f"{group}={option}" for group, option in choices.items()]
+    return [f"{old} is deprecated: use {DEPRECATED_PRESETS[old]}" for old in chosen if old in DEPRECATED_PRESETS]
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -96,6 +118,8 @@ def train_main(cfg: DictConfig) -> dict[str, Any] | None:
     from superblock.engine.trainer import Trainer, TrainingDiverged, find_resume, write_summary
 
     hydra_dir, multirun = _hydra_context()
+    for message in deprecated_presets(_hydra_choices()):
+        print(f"superblock: warning: {message}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     run_dir: Path | None = None
     try:

@@ -47,7 +47,7 @@ def _summary(model: str, sparsity: float, block: int | None, top1: float, status
 
 
 def _config(model: str, sparsity: float | None, block: int | None) -> dict:
-    """As configs/sparsity/{supermask,none}.yaml resolve: `none` keeps the defaults' block and targets."""
+    """As configs/sparsity/{learned,none}.yaml resolve: `none` keeps the defaults' block and targets."""
     if sparsity is None:
         sparse = {"enabled": False, "level": 0.0, "block_size": 16, "targets": ["mlp", "attn"]}
     else:
