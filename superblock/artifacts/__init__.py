@@ -4,4 +4,5 @@ Modules (import the one that holds a name; this package imports nothing at load)
   checkpoint  training checkpoints: format tag, atomic save, weights-only load, the model a checkpoint holds
   format      the sparse export format: manifest, checksums, atomic directory writes
   folded      an export's folded dense model, read and verified
+  spec        build_from_spec: the model a saved spec describes, before its saved weights are loaded
 """

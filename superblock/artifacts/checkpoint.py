@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from superblock.artifacts.spec import build_from_spec
 from superblock.io import atomic_write
 from superblock.rundir import RunDir
 
@@ -66,13 +67,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def model_from_checkpoint(state: dict, use_ema: bool = False) -> nn.Module:
     """Rebuild the (masked) model of a training checkpoint and load its weights."""
-    from superblock.models import build_model
-    from superblock.sparsity import sparsify
-
-    # The weights come from the checkpoint: don't re-read the pretrained file (it may be gone by now).
-    model = build_model(**{**state["model_spec"], "pretrained": None})
-    if state.get("sparsity_spec"):
-        sparsify(model, **state["sparsity_spec"])
+    model = build_from_spec(state["model_spec"], state.get("sparsity_spec"))
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
     model.load_state_dict(weights)
     return model

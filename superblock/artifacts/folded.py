@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from superblock.artifacts.format import DENSE_WEIGHTS, WEIGHTS, ExportError, read_manifest, verify_file
+from superblock.artifacts.spec import build_from_spec
 
 
 def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -44,30 +45,6 @@ def read_weights(path: str | Path, manifest: dict, key: str, verify: bool = True
     if _stamp(file) != before:
         raise ExportError(f"{file} changed while it was being loaded (an export written over it?): load it again")
     return tensors
-
-
-def _has_unsaved_buffers(model: nn.Module) -> bool:
-    return any(m._non_persistent_buffers_set for m in model.modules())
-
-
-def build_from_spec(model_spec: dict) -> nn.Module:
-    """The plain model described by a manifest's model_spec, with uninitialised weights (all of them are loaded
-    next). Built on the meta device to skip the random init; a model with buffers that no state dict carries is
-    built normally instead, since those would stay uninitialised."""
-    from superblock.models import build_model
-
-    spec = {**model_spec, "pretrained": None}  # weights come from the export, never from a file or the hub
-    try:
-        with torch.device("meta"):
-            model = build_model(**spec)
-    except (RuntimeError, NotImplementedError, ValueError):
-        return build_model(**spec)
-    if _has_unsaved_buffers(model):
-        return build_model(**spec)
-    model = model.to_empty(device="cpu")
-    if callable(getattr(model, "tie_weights", None)):
-        model.tie_weights()  # to_empty gives each end of a tied pair its own tensor: tie them again (transformers)
-    return model
 
 
 def load_dense_into(

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from superblock.artifacts.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from superblock.artifacts.spec import build_from_spec
 from superblock.config import TrainConfig
 from superblock.engine.builders import (
     autocast_dtype,
@@ -308,9 +309,7 @@ class Trainer:
         state = full_model_state(self.model)
         if not self.dist.is_main:
             return None
-        copy, _ = build_student(
-            {**self.model_spec, "pretrained": None}, self.sparsity_spec, strict_blocks=False, seed=self.cfg.seed
-        )
+        copy = build_from_spec(self.model_spec, self.sparsity_spec)
         copy.load_state_dict(state)
         return copy
 
