@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from superblock.artifacts.resolve import ArtifactError, resolve
 from superblock.data.metrics import perplexity
 from superblock.devices import dtype_name, parse_dtype, resolve_device
 from superblock.engine.evaluation import topk_correct
@@ -32,7 +33,6 @@ from superblock.export import (
     ensure_runnable,
     fold_copy,
     install_bsr,
-    is_export_dir,
     load_folded,
     load_source,
     load_sparse,
@@ -78,7 +78,11 @@ class Target:
 def open_target(path: str | Path) -> Target:
     """Recognise an export directory (manifest.json) or a training run / checkpoint, and load its description."""
     path = Path(path)
-    if is_export_dir(path):
+    try:
+        kind = resolve(path).kind
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}: pass a run directory, a checkpoint file or an export directory") from None
+    if kind == "export":
         manifest = read_manifest(path)
         return Target(path, "export", manifest["model_spec"], manifest["source"].get("config") or {}, manifest)
     src = load_source(path)

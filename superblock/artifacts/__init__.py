@@ -5,4 +5,5 @@ Modules (import the one that holds a name; this package imports nothing at load)
   format      the sparse export format: manifest, checksums, atomic directory writes
   folded      an export's folded dense model, read and verified
   spec        build_from_spec: the model a saved spec describes, before its saved weights are loaded
+  resolve     what a path is (run, checkpoint, export, weights, transformers directory), without loading it
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -10,7 +11,6 @@ from torch import nn
 
 from superblock.artifacts.spec import build_from_spec
 from superblock.io import atomic_write
-from superblock.rundir import RunDir
 
 FORMAT = "superblock-checkpoint"
 VERSION = 1
@@ -18,6 +18,28 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, foreign, or unsafe to load."""
+
+
+# The tag as it appears in the pickle (a protocol-2 string); the first bytes of the pickle are enough to find it.
+_TAG = FORMAT.encode()
+_PEEK_BYTES = 1 << 16
+
+
+def has_format_tag(path: str | Path) -> bool:
+    """Whether `path` looks like a superblock checkpoint, told without unpickling anything (which could run code)
+    or reading weights. torch.save writes a zip archive whose `<name>/data.pkl` entry holds the pickled structure
+    (tensors live in other entries), and save_checkpoint puts the format tag under the dict's first key, so the tag
+    is within the first bytes of data.pkl. Only load_checkpoint says whether the file is complete and safe."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                return False
+            with archive.open(pickles[0]) as f:
+                head = f.read(_PEEK_BYTES)
+    except (OSError, EOFError, ValueError, NotImplementedError, zipfile.BadZipFile):
+        return False  # not a zip archive, or a damaged one
+    return _TAG in head
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -30,7 +52,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a superblock checkpoint with `weights_only=True`; CheckpointError with a clear message otherwise."""
     path = Path(path)
     if path.is_dir():
-        path = resolve_checkpoint_path(path)
+        raise CheckpointError(f"{path} is a directory: pass its checkpoint file (artifacts.resolve finds a run's)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -49,20 +71,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state['version']}; this superblock reads <= {VERSION}")
     return state
-
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A run directory means its checkpoints/last.pt (or a last.pt right in it); a file is used as is."""
-    path = Path(path)
-    if path.is_dir():
-        run = RunDir(path)
-        for candidate in (run.last, path / run.last.name):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(
-            f"no checkpoint in run directory {path} (expected {run.last.relative_to(path).as_posix()})"
-        )
-    return path
 
 
 def model_from_checkpoint(state: dict, use_ema: bool = False) -> nn.Module:

@@ -65,11 +65,6 @@ def seal(manifest: dict) -> dict:
     return {**manifest, "checksum": hashlib.sha256(_canonical(manifest)).hexdigest()}
 
 
-def is_export_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and ((path / MANIFEST).exists() or (path / WEIGHTS).exists())
-
-
 def read_manifest(path: str | Path) -> dict:
     """The manifest of an export directory, checked for format, version and edits (its checksum)."""
     path = Path(path)

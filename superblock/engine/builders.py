@@ -25,7 +25,7 @@ from superblock.engine.distill import load_teacher
 from superblock.engine.objective import Objective
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
 from superblock.engine.permutation import permute_before_masks, record
-from superblock.engine.pretrained import is_run_source, load_run_weights
+from superblock.engine.pretrained import load_run_weights, names_run
 from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
 from superblock.sparsity import SparsityReport, normalize_block_size, sparsify
@@ -152,7 +152,7 @@ def build_student(
     """The model to train: built from `spec` (weights from a file or a superblock run), then masked; with `permute`
     and masks chosen from step 0, its hidden units are permuted to fit the tiles first (engine/permutation.py)."""
     pretrained = spec.get("pretrained")
-    from_run = is_run_source(pretrained)  # a dense (or masked) superblock run to start from
+    from_run = names_run(pretrained)  # a dense (or masked) superblock run to start from
     model = build_model(**({**spec, "pretrained": None} if from_run else spec))
     if from_run:
         load_run_weights(model, pretrained)

@@ -16,7 +16,8 @@ from torch import nn
 
 from superblock.artifacts.folded import read_folded
 from superblock.artifacts.format import ExportError
-from superblock.engine.pretrained import classifier_classes, is_run_source, run_model
+from superblock.artifacts.resolve import ArtifactError, resolve
+from superblock.engine.pretrained import classifier_classes, run_model
 from superblock.models import build_model
 
 
@@ -56,15 +57,17 @@ def load_teacher(path: str | Path, student_spec: dict, device: torch.device) -> 
     A run directory or checkpoint: its model (EMA weights when it has them), masks folded. An export directory:
     its folded dense weights. A weights file (.safetensors / .pt / .pth): the student's architecture with those
     weights. ValueError when the teacher's classes differ from the student's."""
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        raise ValueError(f"distill.teacher={path}: no such run directory, export directory or weights file")
-    if p.is_dir() and (p / "manifest.json").is_file():
-        model = _export_teacher(p)
-    elif is_run_source(p):
-        model = run_model(p)
-    else:
-        model = build_model(**{**student_spec, "pretrained": str(p)})
+    try:
+        artifact = resolve(path)
+    except ArtifactError as err:
+        hint = "pass a run directory, an export directory or a weights file"
+        raise ValueError(f"distill.teacher={path}: {err}: {hint}") from None
+    if artifact.kind == "export":
+        model = _export_teacher(artifact.path)
+    elif artifact.kind in ("run", "checkpoint"):
+        model = run_model(artifact.path)
+    else:  # a weights file or a transformers directory: the student's architecture with those weights
+        model = build_model(**{**student_spec, "pretrained": str(artifact.path)})
     classes = classifier_classes(model)
     if classes is not None and classes != student_spec["num_classes"]:
         raise ValueError(

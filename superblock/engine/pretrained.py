@@ -5,36 +5,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from superblock.artifacts.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
+from superblock.artifacts.checkpoint import load_checkpoint, model_from_checkpoint
+from superblock.artifacts.resolve import resolve, resolve_checkpoint
 from superblock.models import load_state
-from superblock.rundir import RunDir
 from superblock.sparsity import fold_masks, get_controller
 
 
-def is_run_source(path: str | Path | None) -> bool:
-    """A run directory or a superblock training checkpoint (as opposed to a plain weights file, or a transformers
-    weights directory: config.json and no checkpoints/)."""
-    if path is None:
+def names_run(pretrained: object) -> bool:
+    """Whether a `model.pretrained` value names a superblock run directory or training checkpoint (artifacts.resolve);
+    False for what build_model reads itself: None, a weights file, a transformers directory, a hub-like name.
+    ValueError for an export directory, which holds no training state to start from."""
+    if not isinstance(pretrained, (str, Path)) or not Path(str(pretrained)).expanduser().exists():
         return False
-    p = Path(str(path)).expanduser()
-    if p.is_dir():
-        run = RunDir(p)
-        return run.last.exists() or run.best.exists() or not (p / "config.json").is_file()
-    if p.is_file() and p.suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not ours to judge here: the weights-file loader gives the clear error
-            return False
-        return isinstance(obj, dict) and obj.get("format") == FORMAT
-    return False
+    artifact = resolve(pretrained)
+    if artifact.kind == "export":
+        raise ValueError(
+            f"model.pretrained={pretrained} is an export directory: start from the run it was exported from, or "
+            "from a weights file"
+        )
+    return artifact.kind in ("run", "checkpoint")
 
 
 def run_model(path: str | Path, use_ema: bool = True) -> nn.Module:
     """The plain model of a run directory / checkpoint (its EMA weights when it has them), masks folded."""
-    state = load_checkpoint(resolve_checkpoint_path(Path(str(path)).expanduser()), map_location="cpu")
+    state = load_checkpoint(resolve_checkpoint(path).checkpoint, map_location="cpu")
     model = model_from_checkpoint(state, use_ema=use_ema and state.get("ema") is not None)
     if get_controller(model) is not None:
         fold_masks(model)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from superblock.artifacts.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from superblock.artifacts.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from superblock.artifacts.resolve import resolve_checkpoint
 from superblock.artifacts.spec import build_from_spec
 from superblock.config import TrainConfig
 from superblock.engine.builders import (
@@ -378,7 +379,7 @@ def find_resume(resume: Any, run_dir: Path) -> Path | None:
     if resume in (True, "true", "True"):
         path = RunDir(run_dir).last
         return path if path.is_file() else None
-    path = resolve_checkpoint_path(Path(str(resume)).expanduser())
-    if not path.is_file():
-        raise ValueError(f"trainer.resume={resume}: no checkpoint at {path}")
-    return path
+    try:
+        return resolve_checkpoint(resume).checkpoint
+    except CheckpointError as err:
+        raise ValueError(f"trainer.resume={resume}: {err}") from None

@@ -11,7 +11,8 @@ lm = load_sparse("exports/<lm run>")         # a transformers model (hf: spec): 
 The on-disk format is described in superblock/artifacts/format.py and docs/export.md.
 """
 
-from superblock.artifacts.format import FORMAT, VERSION, ExportError, is_export_dir, read_manifest
+from superblock.artifacts.format import FORMAT, VERSION, ExportError, read_manifest
+from superblock.artifacts.resolve import is_export_dir
 from superblock.export.convert import Layer, install_bsr, masked_layers, pack_tensors
 from superblock.export.loader import load_folded, load_sparse
 from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device

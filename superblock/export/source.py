@@ -8,12 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-from superblock.artifacts.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint_path,
-)
+from superblock.artifacts.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from superblock.artifacts.resolve import resolve_checkpoint
 from superblock.rundir import RunDir
 
 
@@ -55,16 +51,6 @@ class Source:
         }
 
 
-def _run_dir_of(path: Path, checkpoint: Path) -> Path | None:
-    if path.is_dir():
-        return path
-    run = RunDir.of_checkpoint(checkpoint)
-    if run is not None:
-        return run.path
-    parent = checkpoint.parent
-    return parent if RunDir(parent).config.exists() else None
-
-
 def read_run_config(run_dir: Path | None) -> dict:
     """The resolved config a run saved (config.yaml), as plain JSON-able data; {} when there is none."""
     config_file = RunDir(run_dir).config if run_dir is not None else None
@@ -88,14 +74,12 @@ def read_run_config(run_dir: Path | None) -> dict:
 
 def load_source(path: str | Path) -> Source:
     """Load a run directory (its checkpoints/last.pt) or a checkpoint file, weights only."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a run directory or a checkpoint file")
-    checkpoint = resolve_checkpoint_path(path)
+    artifact = resolve_checkpoint(path)
+    checkpoint = artifact.checkpoint
     state = load_checkpoint(checkpoint)
     for key in ("model_spec", "model"):
         if not state.get(key):
             raise CheckpointError(f"{checkpoint} has no '{key}': it is not a complete superblock checkpoint")
-    run_dir = _run_dir_of(path, checkpoint)
+    run_dir = artifact.run_dir
     config = read_run_config(run_dir) or state.get("config") or {}
     return Source(checkpoint, run_dir, state, json.loads(json.dumps(config, default=str)))

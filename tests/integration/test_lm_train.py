@@ -150,17 +150,18 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
 
 
 def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
-    from superblock.engine.pretrained import is_run_source
+    from superblock.artifacts.resolve import resolve
+    from superblock.engine.pretrained import names_run
     from superblock.models import build_model
 
     model = build_model("hf:gpt2", 257, task="causal_lm", config={"n_layer": 1, "n_embd": 32, "n_head": 2})
     model.save_pretrained(tmp_path / "hf")
-    assert not is_run_source(tmp_path / "hf")
+    assert resolve(tmp_path / "hf").kind == "hf" and not names_run(tmp_path / "hf")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    assert is_run_source(tmp_path / "run")  # a run dir (its missing checkpoint is reported by the loader)
+    assert names_run(tmp_path / "run")  # a run dir (its missing checkpoint is reported by the loader)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     (tmp_path / "run" / "config.json").write_text("{}")
-    assert is_run_source(tmp_path / "run")
+    assert resolve(tmp_path / "run").kind == "run" and names_run(tmp_path / "run")
     built = build_model(
         "hf:gpt2",
         257,
