@@ -56,8 +56,10 @@ class StepParts:
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochPlan:
+    """What one epoch does besides training: its place in the run, when it logs and checkpoints (by keyword)."""
+
     epoch: int
     max_epochs: int
     usable_batches: int  # whole accumulation groups only

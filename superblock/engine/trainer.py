@@ -207,16 +207,16 @@ class Trainer:
         t = self.cfg.trainer
         self.data.sampler.set_epoch(epoch)  # order and augmentations: functions of (seed, epoch[, index])
         plan = EpochPlan(
-            epoch,
-            t.max_epochs,
-            self.data.steps_per_epoch * t.accumulate_grad_batches,
-            self.total_steps,
-            t.log_every_steps,
-            t.checkpoint_every_steps,
-            t.fault_at_step,
-            self.dist.is_main,
+            epoch=epoch,
+            max_epochs=t.max_epochs,
+            usable_batches=self.data.steps_per_epoch * t.accumulate_grad_batches,
+            total_steps=self.total_steps,
+            log_every_steps=t.log_every_steps,
+            checkpoint_every_steps=t.checkpoint_every_steps,
+            fault_at_step=t.fault_at_step,
+            show_progress=self.dist.is_main,
+            progress_every_s=t.progress_every_s,
         )
-        plan.progress_every_s = t.progress_every_s
         return train_one_epoch(
             self.parts,
             self.data.train_loader,
