@@ -2,11 +2,13 @@
 
 * device `auto`: CUDA when a GPU is visible, else the CPU.
 * dtype / precision `auto`: bf16 on CUDA, fp32 on the CPU.
+* ensure_runnable: an early, clear error when a device cannot run a dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = tuple(DTYPES)  # ("fp32", "bf16", "fp16")
@@ -62,3 +64,19 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name} is not supported: use auto, cpu or cuda")
     return device
+
+
+def ensure_runnable(dtype: torch.dtype, device: torch.device) -> None:
+    """Run the ops a ViT needs once in `dtype` on `device`; ValueError naming a fix if the device cannot."""
+    name = dtype_name(dtype)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype={name} is not supported by {torch.cuda.get_device_name(device)}: use dtype=fp16|fp32")
+    try:
+        x = torch.randn(1, 3, 4, 4, device=device).to(dtype)
+        y = F.conv2d(x, torch.ones(4, 3, 2, 2, device=device, dtype=dtype)).flatten(2).transpose(1, 2)
+        y = F.layer_norm(F.gelu(F.linear(y, torch.eye(4, device=device, dtype=dtype))), (4,))
+        q = y.reshape(1, 1, -1, 4)
+        F.scaled_dot_product_attention(q, q, q)
+    except (RuntimeError, NotImplementedError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"dtype={name} cannot run on {device} ({first}): use another dtype, e.g. dtype=fp32") from None

@@ -23,14 +23,13 @@ from torch import nn
 
 from superblock.artifacts.resolve import ArtifactError, resolve
 from superblock.data.metrics import perplexity
-from superblock.devices import dtype_name, parse_dtype, resolve_device
+from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
 from superblock.engine.evaluation import topk_correct
 from superblock.engine.objective import flat_predictions
 from superblock.export import (
     Layer,
     SampleInput,
     compare_latency,
-    ensure_runnable,
     fold_copy,
     install_bsr,
     load_folded,

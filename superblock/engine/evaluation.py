@@ -24,7 +24,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 
 @torch.no_grad()
-def evaluate(
+def loader_metrics(
     model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None = None
 ) -> dict[str, float]:
     """Accuracy of `model` on `loader`; the counts are reduced across ranks, so every rank gets the same result."""
@@ -63,7 +63,7 @@ def validate(
     model: nn.Module, ema: ModelEma | None, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> dict[str, float]:
     """The model's validation metrics, and its EMA copy's as `ema_<name>` when there is one."""
-    metrics = evaluate(model, loader, device, autocast_dtype)
+    metrics = loader_metrics(model, loader, device, autocast_dtype)
     if ema is not None:
-        metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, loader, device, autocast_dtype).items()})
+        metrics.update({f"ema_{k}": v for k, v in loader_metrics(ema.module, loader, device, autocast_dtype).items()})
     return metrics

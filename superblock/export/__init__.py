@@ -13,19 +13,20 @@ The on-disk format is described in superblock/artifacts/format.py and docs/expor
 
 from superblock.artifacts.format import FORMAT, VERSION, ExportError, read_manifest
 from superblock.artifacts.resolve import is_export_dir
+from superblock.devices import DTYPES, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.convert import Layer, install_bsr, masked_layers, pack_tensors
 from superblock.export.loader import load_folded, load_sparse
-from superblock.export.runtime import DTYPES, TOLERANCES, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import (
     RUNTIMES,
     SampleInput,
     ServingModel,
     make_runtime,
     sample_input,
-    set_tuning_target,
+    set_model_tuning_target,
     warm_up,
 )
 from superblock.export.source import Source, load_source
+from superblock.export.tolerances import TOLERANCES
 from superblock.export.writer import ExportResult, export_checkpoint, fold_copy, image_shape, summary_table
 from superblock.timing import compare_latency
 
@@ -58,7 +59,7 @@ __all__ = [
     "read_manifest",
     "resolve_device",
     "sample_input",
-    "set_tuning_target",
+    "set_model_tuning_target",
     "summary_table",
     "warm_up",
 ]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from superblock.devices import dtype_name
 from superblock.export.convert import MHA_IN, MHA_OUT, Layer, linear_weight, owner, unsupported_reason
-from superblock.export.runtime import dtype_name
 from superblock.export.serving import SampleInput, as_sample
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.timing import compare_latency, time_graph

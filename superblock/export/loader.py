@@ -13,8 +13,8 @@ from torch import nn
 from superblock.artifacts.folded import load_dense_into, read_folded, read_weights
 from superblock.artifacts.format import ExportError, read_manifest
 from superblock.artifacts.spec import build_from_spec
+from superblock.devices import ensure_runnable, parse_dtype, resolve_device
 from superblock.export.convert import Layer, install_bsr, unpack_tensors
-from superblock.export.runtime import ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import check_runtime, compile_settings, make_runtime, sample_input
 from superblock.kernels import BACKENDS, fuse_linear_gelu
 from superblock.kernels import fused as _fused

@@ -167,9 +167,10 @@ def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def set_tuning_target(model: nn.Module, target: str | None) -> int:
+def set_model_tuning_target(model: nn.Module, target: str | None) -> int:
     """Set what `auto` optimizes in every BlockSparseLinear of the model ("eager" | "graph" | None = the global
-    target); layers whose target changes forget their earlier choices. Returns how many layers there are."""
+    target); layers whose target changes forget their earlier choices. Returns how many layers there are. (The
+    process-wide default is superblock.kernels.set_tuning_target.)"""
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
     for layer in layers:
         layer.set_tuning_target(target)
@@ -297,7 +298,7 @@ def make_runtime(
         sizes = DEFAULT_BATCH_SIZES
     model.eval()
     target = tuning_target(runtime, options)
-    set_tuning_target(model, target)
+    set_model_tuning_target(model, target)
     if sizes is None:
         return model
     shape = as_sample(sample_shape) if sample_shape is not None else sample_input(model)

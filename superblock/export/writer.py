@@ -26,10 +26,10 @@ from superblock.artifacts.format import (
     write_dir_atomically,
     write_json,
 )
+from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.convert import Layer, masked_layers, pack_tensors, tied_keys
 from superblock.export.layout import MODES, choose_layouts
 from superblock.export.loader import load_sparse
-from superblock.export.runtime import TOLERANCES, dtype_name, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.serving import (
     DEFAULT_BATCH_SIZES,
     RUNTIMES,
@@ -40,6 +40,7 @@ from superblock.export.serving import (
 )
 from superblock.export.serving import image_shape as serving_image_shape
 from superblock.export.source import Source, load_source
+from superblock.export.tolerances import TOLERANCES
 from superblock.models import model_logits
 from superblock.sparsity import fold_masks, get_controller
 from superblock.version import __version__

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
+from superblock import devices as devices_mod
 from superblock.artifacts.checkpoint import CheckpointError
 from superblock.artifacts.format import MANIFEST, WEIGHTS
 from superblock.export import ExportError, export_checkpoint, load_sparse, read_manifest
-from superblock.export import runtime as runtime_mod
 from tests.unit.test_export_helpers import make_run
 
 
@@ -176,7 +176,7 @@ def test_dtype_the_device_cannot_run(good, monkeypatch):
     def no_half(*args, **kwargs):
         raise RuntimeError("\"LayerNormKernelImpl\" not implemented for 'Half'")
 
-    monkeypatch.setattr(runtime_mod.F, "layer_norm", no_half)
+    monkeypatch.setattr(devices_mod.F, "layer_norm", no_half)
     with pytest.raises(ValueError, match="dtype=fp16 cannot run on cpu"):
         export(good / "run", good / "bad", dtype="fp16")
     with pytest.raises(ValueError, match="dtype=fp16 cannot run on cpu"):
