@@ -103,7 +103,18 @@ def export_main(cfg: DictConfig) -> None:
     """Entry of `python export.py`."""
     from superblock.export import export_checkpoint
 
-    run_cli(export_checkpoint, typed_args(to_export_config, cfg))
+    run_cli(export_checkpoint, export_args(cfg))
+
+
+def export_args(cfg: DictConfig) -> dict[str, Any]:
+    """export.py's config as export_checkpoint's arguments; the older `batch_size=N` becomes batch_sizes=[N] with a
+    deprecation warning (one release more)."""
+    args = typed_args(to_export_config, cfg)
+    size = args.pop("batch_size", None)
+    if size is not None:
+        print(f"superblock: warning: batch_size={size} is deprecated: use batch_sizes=[{size}]", file=sys.stderr)
+        args["batch_sizes"] = [size]
+    return args
 
 
 def evaluate_main(cfg: DictConfig) -> None:
@@ -172,7 +183,8 @@ def measure_speed(run_dir: Path, conf: TrainConfig) -> dict | None:
     m, run = conf.measure, RunDir(run_dir)
     dtype = dtype_name_or_auto(m.dtype)  # on the device export and evaluate pick (auto)
     try:
-        export_checkpoint(run.path, run.export, dtype=dtype, layout=m.layout, batch_size=m.batch_size, overwrite=True)
+        sizes = [m.batch_size]
+        export_checkpoint(run.path, run.export, dtype=dtype, layout=m.layout, batch_sizes=sizes, overwrite=True)
         result = evaluate(
             run.export, mode="bsr", dtype=dtype, accuracy=False, latency={"batch_size": m.batch_size}, output=run.eval
         )

@@ -1,5 +1,6 @@
-"""Renamed config-group options keep working for one release, with a warning: `sparsity=supermask` (which was never
-the Supermask method; that is `sparsity=supermask_reference`) is now `sparsity=learned`."""
+"""Renamed options keep working for one release, with a warning: `sparsity=supermask` (which was never
+the Supermask method; that is `sparsity=supermask_reference`) is now `sparsity=learned`; export.py's `batch_size=N` is
+`batch_sizes=[N]`."""
 
 from __future__ import annotations
 
@@ -49,3 +50,15 @@ def test_every_deprecated_option_still_has_its_file():
     for old in DEPRECATED_PRESETS:
         group, option = old.split("=")
         assert (CONFIGS / group / f"{option}.yaml").is_file(), old
+
+
+def test_export_batch_size_is_the_deprecated_spelling_of_batch_sizes(capsys):
+    from superblock.cli import export_args
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        old = compose(config_name="export", overrides=["checkpoint=runs/a", "batch_size=8"])
+        new = compose(config_name="export", overrides=["checkpoint=runs/a", "batch_sizes=[8]"])
+    assert export_args(old) == export_args(new)
+    assert export_args(new)["batch_sizes"] == [8] and "batch_size" not in export_args(new)
+    err = capsys.readouterr().err
+    assert err.count("batch_size=8 is deprecated: use batch_sizes=[8]") == 1
