@@ -30,6 +30,7 @@ bytes of the kept blocks, their indices, x and y at the bandwidth cuBLAS reaches
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear, _runners, dense_to_bsr  # noqa: E402
 from superblock.kernels.fused import FusedGateUpLinear  # noqa: E402
-from superblock.timing import own_cublas_workspace  # noqa: E402
+from superblock.timing import capture_graph, replay_ms  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
 LAYERS = {"gate_up": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
@@ -101,27 +102,12 @@ def eager_ms(fns, reps: int) -> float:
 def graph_ms(fns, min_calls: int = 40) -> float:
     """GPU time per call: one CUDA graph of whole cycles through fns, replayed (median of 5 replays)."""
     calls = len(fns) * max(1, math.ceil(min_calls / len(fns)))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with own_cublas_workspace(), torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return statistics.median(times)
+    order = itertools.cycle(fns)
+    graph = capture_graph(lambda: next(order)(), calls)  # (its warm-up call shifts the cycle: still whole cycles)
+    try:
+        return replay_ms(graph, calls, repeats=5)
+    finally:
+        del graph
 
 
 def both(fns, args) -> tuple[float, float]:

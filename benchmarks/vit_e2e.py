@@ -38,6 +38,7 @@ from superblock.kernels import (  # noqa: E402
     BlockSparseMultiheadAttention,
     fuse_linear_gelu,
 )
+from superblock.timing import wall_ms  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,20 +93,6 @@ def to_block_sparse(model, block, attn, backend="auto"):
             layer.self_attention = BlockSparseMultiheadAttention.from_mha(layer.self_attention, block, backend)
     fuse_linear_gelu(model)
     return model
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize()
-
-
-def wall_ms(model, x, reps: int) -> float:
-    _sync(x)
-    start = time.perf_counter()
-    for _ in range(reps):
-        model(x)
-    _sync(x)
-    return 1000.0 * (time.perf_counter() - start) / reps
 
 
 def recompiles() -> int:

@@ -5,6 +5,7 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
   time_cuda(fn)            GPU time per call in ms from CUDA events over back-to-back calls (host overhead shows
                            when the GPU outruns the launches)
   time_graph(fn)           GPU time per call in ms from replays of a CUDA graph of several calls (no host overhead)
+  replay_ms(graph, calls)  the same for a graph captured elsewhere
   capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream
   own_cublas_workspace()   around a capture: the graph gets a cuBLAS workspace of its own (see its docstring)
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
@@ -93,15 +94,21 @@ def time_graph(fn, budget_ms: float = 2.0, repeats: int = 3) -> float:
     end.record()
     end.synchronize()
     reps = int(min(max(budget_ms / max(start.elapsed_time(end), 1e-3), 2), 20))
-    graph = capture_graph(fn, reps)
+    return replay_ms(capture_graph(fn, reps), reps, repeats)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, calls: int, repeats: int = 3) -> float:
+    """GPU time per call in ms of a captured graph of `calls` calls: the median of `repeats` timed replays, after
+    one untimed replay."""
     graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 
