@@ -130,6 +130,7 @@ def _backward(parts: StepParts, inputs: torch.Tensor, targets: torch.Tensor, bou
 
 
 def train_one_epoch(
+    *,
     parts: StepParts,
     loader: DataLoader,
     progress: Progress,

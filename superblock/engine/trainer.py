@@ -218,14 +218,14 @@ class Trainer:
             progress_every_s=t.progress_every_s,
         )
         return train_one_epoch(
-            self.parts,
-            self.data.train_loader,
-            self.progress,
-            plan,
-            self._log_train,
-            self._save_checked,
-            self._check,
-            self.dist.world_size,
+            parts=self.parts,
+            loader=self.data.train_loader,
+            progress=self.progress,
+            plan=plan,
+            on_log=self._log_train,
+            on_checkpoint=self._save_checked,
+            on_end=self._check,
+            world_size=self.dist.world_size,
         )
 
     def _log_train(self, window: Window, step: int) -> dict[str, str]:
