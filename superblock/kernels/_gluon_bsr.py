@@ -57,8 +57,8 @@ def smem_bytes(block_m: int, k_in: int, bh: int, bw: int, stages: int, elem: int
 
 def max_stages(block_m: int, k_in: int, bh: int, bw: int, budget: int = SMEM_BUDGET, cap: int = 64) -> int:
     """The deepest W ring (<= cap) that fits `budget` bytes beside x's tile and the y tiles; 0 if none of 2 fits.
-    The ring's depth is what hides the ~1 us a TMA copy of a kept block takes to land from L2: each slot holds one
-    small block (0.5 KB at 16 x 16), so a few slots leave the MMAs waiting (docs/kernel_notes.md)."""
+    Pass half the budget for a ring that leaves room for a second program on the SM: on an H200 two programs with
+    ~10 slots beat one with 64 (docs/kernel_notes.md)."""
     for stages in range(cap, 1, -1):
         if smem_bytes(block_m, k_in, bh, bw, stages) <= budget:
             return stages

@@ -85,12 +85,10 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
     return out
 
 
-XSTAT_BLOCK_M = (64, 128)  # token tiles of the x-stationary kernel's candidates
-# Whether `auto` measures the x-stationary Gluon kernel among its candidates. Off: it is correct (tests/gpu/
-# test_xstat_gpu.py and compute-sanitizer memcheck pass on an H200) but measured slower than the tiled kernel on every
-# ViT-B layer at blocks 16 and 32 (0.55-0.65x of dense; docs/benchmarks.md "Hopper x-stationary kernel"), so offering
-# it would only add compile and tuning time to every load. set_xstat(True) offers it; explicit configs ({"XS": n}) run
-# it either way.
+# Whether `auto` measures the x-stationary Gluon kernel among its candidates. Off: it is correct (its GPU tests and
+# compute-sanitizer memcheck pass on an H200) but measured slower than the tiled kernel on every ViT-B layer at blocks
+# 16 and 32 (0.41-0.64x of its speed; docs/benchmarks.md, "Hopper x-stationary kernel"), so offering it would only add
+# compile and tuning time to every load. set_xstat(True) offers it; explicit configs ({"XS": n}) run it either way.
 _xstat = {"enabled": False}
 
 
@@ -108,10 +106,14 @@ def xstat_configs(x2d: torch.Tensor, values: torch.Tensor, n_out: int) -> list[d
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     k_in, bh, bw = x2d.shape[1], int(values.shape[1]), int(values.shape[2])
     n_rows = -(-n_out // bh)
-    # each token tile with the deepest W ring that fits (one program per SM), and a tile of 64 with the ring that
-    # lets two programs share an SM (two chains of MMAs to interleave)
-    shapes = [(bm, _gluon_bsr.max_stages(bm, k_in, bh, bw)) for bm in XSTAT_BLOCK_M]
-    shapes.append((64, _gluon_bsr.max_stages(64, k_in, bh, bw, budget=_gluon_bsr.SMEM_BUDGET // 2, cap=32)))
+    # the shapes that measured fastest (docs/kernel_notes.md): a tile of 64 tokens with a W ring small enough for two
+    # programs per SM (two chains of MMAs), else with 8 slots, and a tile of 128 with the ring that fits beside it;
+    # a 64-token tile with the deepest ring (one program per SM) was slowest of all
+    two_per_sm = _gluon_bsr.max_stages(64, k_in, bh, bw, budget=_gluon_bsr.SMEM_BUDGET // 2, cap=32)
+    shapes = [
+        (64, two_per_sm if two_per_sm >= 4 else _gluon_bsr.max_stages(64, k_in, bh, bw, cap=8)),
+        (128, _gluon_bsr.max_stages(128, k_in, bh, bw, cap=24)),
+    ]
     out = []
     for block_m, stages in dict.fromkeys(shapes):
         if stages < 4 or not _gluon_bsr.usable(x2d, values, n_out, block_m, stages):
