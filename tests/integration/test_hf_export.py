@@ -12,20 +12,12 @@ from superblock.export.writer import fold_copy
 from superblock.kernels import BlockSparseLinear
 from superblock.models import build_model
 from tests.unit.test_export_helpers import make_run
+from tests.unit.test_hf_targets import CONFIGS
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 61
-GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
-LLAMA = {
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
-BERT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+GPT2, LLAMA, BERT = CONFIGS["gpt2"], CONFIGS["llama"], CONFIGS["bert"]  # the tiny twins of the target tests
 
 
 def quiet(_: str) -> None:
