@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from superblock.kernels import bsr_linear, dense_to_bsr  # noqa: E402
+from superblock.kernels import BlockSparseLinear, bsr_linear, dense_to_bsr  # noqa: E402
 from superblock.kernels import tuning as tuning_mod  # noqa: E402
+from superblock.timing import host_us, time_graph  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="tune over a wide config set (writes sweep.csv)")
     p.add_argument("--sweep-batches", default="256", help="batches that get the wide set under --sweep")
     p.add_argument("--no-auto", action="store_true", help="skip the auto column")
+    p.add_argument("--host", action=argparse.BooleanOptionalAction, default=True, help="the host-cost table")
     p.add_argument("--rep-ms", type=float, default=20.0, help="do_bench rep (ms)")
     p.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="parallel compile")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
@@ -354,6 +356,12 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
 
         row["ours_ms"] = bench(_rotating(ours, t["xs"]), args.rep_ms)
         row["ours_config"] = json.dumps(best, separators=(",", ":"))
+        if device.type == "cuda":  # GPU time alone (CUDA-graph replays): the eager column minus host cost
+            x0, y0 = t["xs"][0], torch.empty(M, out_f, device=device, dtype=dtype)
+            kw = {"backend": "triton", "fp32_precision": prec, "config": best, "out": y0}
+            row["ours_graph_ms"] = time_graph(lambda: bsr_linear(x0, t["values"], t["crow"], t["col"], shape, **kw))
+            row["dense_graph_ms"] = time_graph(lambda: torch.matmul(x0, t["w"].t(), out=y0))
+            row["ours_graph_x"] = row["dense_graph_ms"] / row["ours_graph_ms"]
     else:
         row["ours_ms"] = float("nan")
 
@@ -387,6 +395,8 @@ FIELDS = [
     "dense_ms",
     "torch_ms",
     "ours_ms",
+    "dense_graph_ms",
+    "ours_graph_ms",
     "auto_ms",
     "auto_backend",
     "reduced_ms",
@@ -394,6 +404,7 @@ FIELDS = [
     "torch_x",
     "ours_x",
     "auto_x",
+    "ours_graph_x",
     "bound_x",
     "ours_config",
     "torch_error",
@@ -401,14 +412,67 @@ FIELDS = [
 
 
 def markdown(rows):
-    head = "| layer | block | sparsity | dtype | tokens | dense ms | torch BSR ms | ours ms | auto | torch x | ours x | auto x | bound x |"  # noqa: E501
-    lines = [head, "|" + "---|" * 13]
+    """The speed table: eager columns (do_bench of back-to-back calls: host cost shows when the GPU outruns the
+    launches) and CUDA-graph columns (GPU time alone), each a ratio to dense in the same runtime."""
+    head = (
+        "| layer | block | sparsity | dtype | tokens | dense ms | torch BSR ms | ours ms | auto | torch x | ours x | "
+        "auto x | dense graph ms | ours graph ms | graph x | bound x |"
+    )
+    lines = [head, "|" + "---|" * 16]
+    nan = float("nan")
     for r in rows:
         lines.append(
             f"| {r['layer']} {r['N']}x{r['K']} | {r['block']} | {r['sparsity']} | {r['mode']} | {r['tokens']} | "
             f"{r['dense_ms']:.4f} | {r['torch_ms']:.4f} | {r['ours_ms']:.4f} | {r.get('auto_backend', '-')} | "
-            f"{r.get('torch_x', float('nan')):.2f} | {r.get('ours_x', float('nan')):.2f} | "
-            f"{r.get('auto_x', float('nan')):.2f} | {r['bound_x']:.2f} |"
+            f"{r.get('torch_x', nan):.2f} | {r.get('ours_x', nan):.2f} | {r.get('auto_x', nan):.2f} | "
+            f"{r.get('dense_graph_ms', nan):.4f} | {r.get('ours_graph_ms', nan):.4f} | "
+            f"{r.get('ours_graph_x', nan):.2f} | "
+            f"{r['bound_x']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+HOST_LAYERS = ("vitb_fc1", "vitb_fc2")
+HOST_TOKENS = (1, TOKENS_PER_IMAGE, 256 * TOKENS_PER_IMAGE)
+
+
+def host_costs(device) -> list[dict]:
+    """Host (CPU) time per call in us of dense F.linear and of our three entry points (the functional op with a
+    pinned config, `auto` with its choice kept, BlockSparseLinear.forward), block 64 at 90%, bf16, eager."""
+    if device.type != "cuda":
+        return []
+    return [_host_row(layer, tokens, device) for layer in HOST_LAYERS for tokens in HOST_TOKENS]
+
+
+@torch.no_grad()
+def _host_row(layer: str, tokens: int, device) -> dict:
+    t = make_tensors({"layer": layer, "block": (64, 64), "sparsity": 0.9, "mode": "bf16", "batch": 1}, device)
+    x = torch.randn(tokens, t["K"], device=device, dtype=torch.bfloat16)
+    shape, v, c, cl = (t["N"], t["K"]), t["values"], t["crow"], t["col"]
+    cfg = tuning_mod.default_config(tokens, *shape, 64, 64, torch.bfloat16, "ieee", v.shape[0])
+    mod = BlockSparseLinear.from_bsr(v, c, cl, shape).prepare(tokens)
+    fns = {
+        "F.linear": lambda: F.linear(x, t["w"]),
+        "bsr_linear(config)": lambda: bsr_linear(x, v, c, cl, shape, backend="triton", config=cfg),
+        "auto": lambda: bsr_linear(x, v, c, cl, shape),
+        "module": lambda: mod(x),
+    }
+    row = {"layer": layer, "tokens": tokens, "module_choice": mod.choices()[tuning_mod.token_bucket(tokens)]}
+    row.update({name: host_us(fn) for name, fn in fns.items()})
+    torch.cuda.synchronize()
+    return row
+
+
+def host_markdown(rows) -> str:
+    lines = [
+        "| layer | tokens | F.linear us | bsr_linear(config) us | auto us | BlockSparseLinear us | module's choice |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        ch = r["module_choice"]
+        lines.append(
+            f"| {r['layer']} | {r['tokens']} | {r['F.linear']:.1f} | {r['bsr_linear(config)']:.1f} | {r['auto']:.1f} "
+            f"| {r['module']:.1f} | {ch.backend}{'' if ch.config is None else ' ' + json.dumps(ch.config)} |"
         )
     return "\n".join(lines)
 
@@ -457,10 +521,14 @@ def main(argv=None):
             w.writeheader()
             w.writerows(sweep_rows)
     md = markdown(rows)
+    host_md = host_markdown(host_costs(device)) if args.host else ""
     header = f"{env['device']}, torch {env['torch']}, triton {env['triton']}, copy {ceil['copy_TBps']:.2f} TB/s"
-    (out_dir / f"{args.tag}.md").write_text(header + "\n\n" + md + "\n")
+    (out_dir / f"{args.tag}.md").write_text(header + "\n\n" + md + "\n\n" + host_md + "\n")
     print(header)
     print(md)
+    if host_md:
+        print("\nHost time per call (us, CPU time of the calling thread; block 64 / 90%, bf16, eager):")
+        print(host_md)
 
 
 if __name__ == "__main__":

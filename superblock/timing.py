@@ -9,6 +9,7 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
   capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream
   own_cublas_workspace()   around a capture: the graph gets a cuBLAS workspace of its own (see its docstring)
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
+  host_us(fn, reps)        host (CPU) time of one call in us: the Python and launch cost a caller pays per call
   compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift)
   StepTimer                sums the time spent in a block of the training step, read only when the log asks
 """
@@ -110,6 +111,17 @@ def replay_ms(graph: torch.cuda.CUDAGraph, calls: int, repeats: int = 3) -> floa
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
+
+
+def host_us(fn: Callable[[], Any], reps: int = 200, warmup: int = 10) -> float:
+    """CPU time of the calling thread per call of fn() in us (time.thread_time: waiting for the GPU is not counted,
+    so this is the host cost of a call, the floor of an eager call's latency when the GPU is faster)."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.thread_time()
+    for _ in range(reps):
+        fn()
+    return (time.thread_time() - t0) / reps * 1e6
 
 
 def wall_ms(fn: Callable[[Any], Any], x: Any, reps: int) -> float:

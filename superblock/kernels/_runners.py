@@ -202,9 +202,51 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if config.get("TMA") and (group > 1 or activation == "silu_mul" or not _triton_bsr.tma_ok(x2d, y, values)):
-        config = {**config, "TMA": False}
     return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap)
+
+
+def bindable(device: torch.device) -> bool:
+    """Whether a Triton launch can be bound to a weight on this device (CUDA, or Triton's CPU interpreter)."""
+    return device.type == "cuda" or _triton_bsr.INTERPRET
+
+
+def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str | None, precision: str, config: dict):
+    """run_triton for one weight, bound: checks and derivations once, then `run(x, bias, out=None)` per call does
+    the product of x [..., in] with the least host work (a reshape, y's allocation, the grid, the launch). `bias`
+    is None exactly when `has_bias` is False.
+    Configs of the x-stationary kernel (XS) keep run_triton's per-call path."""
+    out_f, in_f = (int(s) for s in shape)
+    check_triton(torch.empty(0, device=values.device, dtype=values.dtype), values)
+    n_out = out_width(out_f, activation)
+    if activation == "silu_mul":
+        _check_glu(out_f, int(values.shape[1]), config)
+    group = int(config.get("G", 1))
+    if group > 1 and gidx is None:
+        raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
+    if int(config.get("SPLIT", 0)) >= 1 and group > 1:
+        raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
+    if not values.is_contiguous():
+        values = values.contiguous()
+    xstat = int(config.get("XS", 0)) >= 1
+    launch = None if xstat else _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f,
+                                                        activation, precision, config)  # fmt: skip
+    dtype, device = values.dtype, values.device
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
+            raise ValueError(f"x is {x.dtype} [..., {x.shape[-1]}] on {x.device}; this weight takes {dtype} "
+                             f"[..., {in_f}] on {device}")  # fmt: skip
+        x2d = x.reshape(-1, in_f)
+        if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
+            x2d = x2d.contiguous()
+        y = torch.empty(x2d.shape[0], n_out, device=device, dtype=dtype) if out is None else out.view(-1, n_out)
+        if xstat:
+            run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y)
+        elif x2d.shape[0]:
+            launch(x2d, values, crow, col, gidx, bias, y)
+        return y.view(*x.shape[:-1], n_out) if out is None else out
+
+    return run
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:

@@ -18,9 +18,13 @@ into two accumulators (x tiles of columns both keep are read twice, from L2), so
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+from superblock.kernels import _launch
+from superblock.kernels._launch import specialization
 
 try:  # Triton ships with torch on Linux; the package stays importable without it.
     import triton
@@ -430,41 +434,135 @@ def launch(
     wrap=None,
 ) -> torch.Tensor:
     """Run the kernel into y [M, n_out]. `crow`/`col` are the grouped layout when config['G'] > 1; a config with
-    SPLIT >= 1 runs the decode kernel (launch_decode) instead. `wrap` (torch.library.wrap_triton, inside a
+    SPLIT >= 1 runs the decode kernel instead. `wrap` (torch.library.wrap_triton, inside a
     torch.library.triton_op) makes the tiled kernel's launch visible to torch.compile; TMA and decode
     configurations are not launched that way (superblock::bsr_linear_triton refuses them: ops.tiled_config).
-    activation "silu_mul": n_out is y's width N, the weight [gate; up] has twice its block rows (and groups); no TMA."""
-    if int(config.get("SPLIT", 0)) >= 1:
-        return launch_decode(x2d, values, crow, col, bias, y, n_out, k_in, activation, precision, config)
-    M = x2d.shape[0]
-    bh, bw = int(values.shape[1]), int(values.shape[2])
-    group = int(config.get("G", 1))
-    block_m = int(config["BLOCK_M"])
-    n_groups = crow.numel() - 1
-    if activation == "silu_mul":
-        n_groups //= 2
-    grid = (((M + block_m - 1) // block_m) * n_groups,)
-    prec = _precision_arg(x2d.dtype, precision)
-    act = ACT_CODES[activation]
-    b_arg = bias if bias is not None else y
-    if config.get("TMA", False) and group == 1 and activation != "silu_mul":
-        x_desc = TensorDescriptor.from_tensor(x2d, [block_m, bw])
-        w_desc = TensorDescriptor.from_tensor(values.view(-1, bw), [bh, bw])
-        y_desc = TensorDescriptor.from_tensor(y, [block_m, bh])
-        _bsr_linear_tma_kernel[grid](
-            x_desc, w_desc, crow, col, b_arg, y_desc, n_out, n_groups, BH=bh, BW=bw, BLOCK_M=block_m,
-            HAS_BIAS=bias is not None, ACT=act, PRECISION=prec, UPCAST=INTERPRET,
-            num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
-        )  # fmt: skip
+    activation "silu_mul": n_out is y's width N, the weight [gate; up] has twice its block rows (and groups); no TMA.
+    Callers that run one weight many times keep its `Launch` (launch_for) instead."""
+    if wrap is not None:  # traced by torch.compile: its generated code launches the kernel
+        run = launch_for(values, crow, col, gidx, bias is not None, n_out, k_in, activation, precision, config)
+        b_arg = bias if bias is not None else y
+        args = run.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
+        wrap(_bsr_linear_kernel)[run.tiled_grid(x2d.shape[0])](*args, **run.options)
         return y
-    kernel = _bsr_linear_kernel if wrap is None else wrap(_bsr_linear_kernel)
-    kernel[grid](
-        x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, M, n_out, k_in, x2d.stride(0),
-        y.stride(0), n_groups, BH=bh, BW=bw, G=group, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0),
-        HAS_BIAS=bias is not None, ACT=act, PRECISION=prec, UPCAST=INTERPRET,
-        num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
+    run = launch_for(values, crow, col, gidx, bias is not None, n_out, k_in, activation, precision, config)
+    return run(x2d, values, crow, col, gidx, bias, y)
+
+
+_launches: dict[tuple, Launch] = {}
+
+
+def launch_for(values, crow, col, gidx, has_bias: bool, n_out: int, k_in: int, activation, precision: str,
+               config: dict) -> Launch:  # fmt: skip
+    """The process-wide Launch of this weight layout (shapes and dtypes, not the tensors) and configuration."""
+    key = (
+        tuple(values.shape), values.dtype, crow.numel(), crow.dtype, col.dtype, gidx is not None, has_bias, n_out,
+        k_in, activation, precision, *(int(config.get(k, 0)) for k in ("BLOCK_M", "G", "num_warps", "num_stages",
+                                                                        "TMA", "SPLIT")),
     )  # fmt: skip
-    return y
+    found = _launches.get(key)
+    if found is None:
+        found = _launches[key] = Launch(values, crow, has_bias, n_out, k_in, activation, precision, config)
+    return found
+
+
+class Launch:
+    """The kernel launch of one weight layout and configuration, with everything that does not depend on x worked
+    out once: a call computes the grid and the specialization of x and y, and launches the compiled kernel directly
+    (kernels._launch). Layers keep theirs with their plan; `launch()` looks one up per call."""
+
+    def __init__(self, values, crow, has_bias: bool, n_out: int, k_in: int, activation, precision: str,
+                 config: dict) -> None:  # fmt: skip
+        self.bh, self.bw = int(values.shape[1]), int(values.shape[2])
+        self.group, self.block_m = int(config.get("G", 1)), int(config["BLOCK_M"])
+        self.split = int(config.get("SPLIT", 0))
+        self.n_out, self.k_in, self.activation, self.has_bias = n_out, k_in, activation, has_bias
+        self.n_weight_rows = crow.numel() - 1
+        self.n_groups = self.n_weight_rows // 2 if activation == "silu_mul" else self.n_weight_rows
+        self.act, self.prec = ACT_CODES[activation], _precision_arg(values.dtype, precision)
+        self.even_k = k_in % self.bw == 0
+        self.tma = bool(config.get("TMA", False)) and self.group == 1 and activation != "silu_mul" and not self.split
+        self.options = {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
+        warps, stages = self.options["num_warps"], self.options["num_stages"]
+        self._tiled = _launch.KernelLaunch(_bsr_linear_kernel, warps, stages)
+        self._tma = _launch.KernelLaunch(_bsr_linear_tma_kernel, warps, stages) if self.tma else None
+        self._decode = _launch.KernelLaunch(_bsr_decode_kernel, warps, stages) if self.split else None
+        self._reduce = _launch.KernelLaunch(_decode_reduce_kernel, 4, 2) if self.split > 1 else None
+
+    def tiled_grid(self, M: int) -> tuple[int]:
+        return (-(-M // self.block_m) * self.n_groups,)
+
+    def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y) -> tuple:
+        return (
+            x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, x2d.shape[0], self.n_out, self.k_in,
+            x2d.stride(0), y.stride(0), self.n_groups, self.bh, self.bw, self.group, self.block_m, self.even_k,
+            self.has_bias, self.act, self.prec, INTERPRET,
+        )  # fmt: skip
+
+    def __call__(self, x2d, values, crow, col, gidx, bias, y) -> torch.Tensor:
+        """y [M, n_out] = the product for x2d [M, k_in] (contiguous rows), on the tensors this layout describes."""
+        b_arg = bias if bias is not None else y
+        if self.split:
+            return self._run_decode(x2d, values, crow, col, b_arg, y)
+        M = x2d.shape[0]
+        if self.tma and tma_ok(x2d, y, values):
+            bm, bh, bw = self.block_m, self.bh, self.bw
+            args = (
+                TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [bm, bw]), weight_descriptor(values), crow,
+                col, b_arg, TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, bh]), self.n_out, self.n_groups,
+                bh, bw, bm, self.has_bias, self.act, self.prec, INTERPRET,
+            )  # fmt: skip
+            spec = specialization((crow, col, b_arg), (M % bm,))
+            self._tma(self.tiled_grid(M), spec, args, y.device)
+            return y
+        args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
+        self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:13]), args, y.device)
+        return y
+
+    def _run_decode(self, x2d, values, crow, col, b_arg, y) -> torch.Tensor:
+        """The decode kernel: grid (block rows * SPLIT, token tiles). With SPLIT > 1 the partial sums meet in the
+        device's zeroed workspace, one launch (MODE 2), or, when no workspace can be had (first call inside a
+        CUDA-graph capture, many tokens), in a fresh fp32 tensor that a second kernel reduces (MODE 1): no host sync
+        either way, and inside a capture that tensor comes from the graph's private pool."""
+        M, bh, split, block_m = x2d.shape[0], self.bh, self.split, self.block_m
+        m_tiles = -(-M // block_m)
+        n_sums = self.n_weight_rows * bh
+        mode, part, cnt, stride_ps = 0, y, crow, 0
+        if split > 1:  # partial sums as wide as the weight's rows (silu_mul: gate's, then up's)
+            ws = decode_workspace(y.device, M * n_sums, m_tiles * self.n_groups)
+            if ws is not None:
+                mode, (part, cnt) = 2, ws
+            else:
+                mode = 1
+                part = torch.empty(split, M, n_sums, device=y.device, dtype=torch.float32)
+                stride_ps = part.stride(0)
+        args = (
+            x2d, values, crow, col, b_arg, y, part, cnt, M, self.n_out, self.k_in, x2d.stride(0), y.stride(0),
+            n_sums if mode else 0, stride_ps, bh, self.bw, split, block_m, self.even_k, mode, self.has_bias, self.act,
+            self.prec, INTERPRET,
+        )  # fmt: skip
+        self._decode((self.n_groups * split, m_tiles), specialization(args[:8], args[8:15]), args, y.device)
+        if mode == 1:
+            args = (part, b_arg, y, self.n_out, part.stride(0), part.stride(1), y.stride(0), self.n_groups * bh, split,
+                    REDUCE_BLOCK_N, self.has_bias, self.act)  # fmt: skip
+            grid = (-(-self.n_out // REDUCE_BLOCK_N), M)
+            self._reduce(grid, specialization(args[:3], args[3:8]), args, y.device)
+        return y
+
+
+def weight_descriptor(values: torch.Tensor):
+    """The TMA descriptor of a weight's blocks ([nnz * bh, bw] in boxes of one block), kept with the tensor
+    (`values` is a buffer its layer owns; a descriptor depends only on its storage, shape and dtype)."""
+    bh, bw = int(values.shape[1]), int(values.shape[2])
+    key = (values.data_ptr(), values.shape[0], bh, bw, values.dtype)
+    cached = getattr(values, "_superblock_wdesc", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    flat = values.view(-1, bw)
+    desc = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [bh, bw])
+    with contextlib.suppress(AttributeError, RuntimeError):  # a tensor subclass that takes no attributes
+        values._superblock_wdesc = (key, desc)
+    return desc
 
 
 REDUCE_BLOCK_N = 256
@@ -497,52 +595,3 @@ def decode_workspace(device: torch.device, n_sums: int, n_counters: int) -> tupl
     ws = (torch.zeros(size, device=device, dtype=torch.float32), torch.zeros(count, device=device, dtype=torch.int32))
     _workspaces[index] = ws
     return ws
-
-
-def launch_decode(
-    x2d: torch.Tensor,
-    values: torch.Tensor,
-    crow: torch.Tensor,
-    col: torch.Tensor,
-    bias: torch.Tensor | None,
-    y: torch.Tensor,
-    n_out: int,
-    k_in: int,
-    activation: str | None,
-    precision: str,
-    config: dict,
-) -> torch.Tensor:
-    """The decode kernel into y [M, n_out]: grid (block rows * SPLIT, token tiles). With SPLIT > 1 the partial sums
-    meet in the device's zeroed workspace, one launch (MODE 2), or, when no workspace can be had (first call inside
-    a CUDA-graph capture, many tokens), in a fresh fp32 tensor that a second kernel reduces (MODE 1): no host sync
-    either way, and inside a capture that tensor comes from the graph's private pool."""
-    M = x2d.shape[0]
-    bh, bw = int(values.shape[1]), int(values.shape[2])
-    split, block_m = int(config["SPLIT"]), int(config["BLOCK_M"])
-    n_weight_rows = crow.numel() - 1
-    n_rows = n_weight_rows // 2 if activation == "silu_mul" else n_weight_rows  # programs' block rows of y
-    m_tiles = triton.cdiv(M, block_m)
-    b_arg = bias if bias is not None else y
-    mode, part, cnt, stride_ps = 0, y, crow, 0
-    if split > 1:  # partial sums as wide as the weight's rows (silu_mul: gate's, then up's)
-        ws = decode_workspace(y.device, M * n_weight_rows * bh, m_tiles * n_rows)
-        if ws is not None:
-            mode, (part, cnt) = 2, ws
-        else:
-            mode = 1
-            part = torch.empty(split, M, n_weight_rows * bh, device=y.device, dtype=torch.float32)
-            stride_ps = part.stride(0)
-    stride_pm = n_weight_rows * bh if mode else 0
-    act = ACT_CODES[activation]
-    _bsr_decode_kernel[(n_rows * split, m_tiles)](
-        x2d, values, crow, col, b_arg, y, part, cnt, M, n_out, k_in, x2d.stride(0), y.stride(0), stride_pm, stride_ps,
-        BH=bh, BW=bw, SPLIT=split, BLOCK_M=block_m, EVEN_K=(k_in % bw == 0), MODE=mode, HAS_BIAS=bias is not None,
-        ACT=act, PRECISION=_precision_arg(x2d.dtype, precision), UPCAST=INTERPRET,
-        num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"]),
-    )  # fmt: skip
-    if mode == 1:
-        _decode_reduce_kernel[(triton.cdiv(n_out, REDUCE_BLOCK_N), M)](
-            part, b_arg, y, n_out, part.stride(0), part.stride(1), y.stride(0), n_rows * bh, SPLIT=split,
-            BLOCK_N=REDUCE_BLOCK_N, HAS_BIAS=bias is not None, ACT=act, num_warps=4,
-        )  # fmt: skip
-    return y

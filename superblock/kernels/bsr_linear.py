@@ -30,7 +30,7 @@ import torch
 from superblock.kernels import _runners, dispatch, ops
 from superblock.kernels import tuning as _tuning
 from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
-from superblock.kernels.dispatch import BACKENDS  # noqa: F401 - the backends bsr_linear takes, re-exported
+from superblock.kernels.dispatch import BACKENDS, Plan
 
 ACTIVATIONS = (None, "gelu")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -69,12 +69,19 @@ def _normalize_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _validate(x, values, crow, col, shape, bias, activation, backend) -> tuple[int, int, int, int]:
+    out_f, in_f, bh, bw = _validate_weight(values, crow, col, shape, activation, backend)
+    _validate_input(x, values, crow, col, bias, out_f, in_f)
+    return out_f, in_f, bh, bw
+
+
+def _validate_weight(values, crow, col, shape, activation, backend) -> tuple[int, int, int, int]:
+    """The checks that depend only on the weight (and the call's options): made once per weight in eager code."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     out_f, in_f = _normalize_shape(shape)
-    for name, t in (("x", x), ("values", values), ("crow_indices", crow), ("col_indices", col)):
+    for name, t in (("values", values), ("crow_indices", crow), ("col_indices", col)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if values.dim() != 3:
@@ -93,23 +100,32 @@ def _validate(x, values, crow, col, shape, bias, activation, backend) -> tuple[i
     for name, t in (("crow_indices", crow), ("col_indices", col)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if len({values.device, crow.device, col.device}) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(t.device) for t in (values, crow, col))}")
+    return out_f, in_f, bh, bw
+
+
+def _validate_input(x, values, crow, col, bias, out_f: int, in_f: int) -> None:
+    """The checks of a call's x and bias against its (already checked) weight: a few comparisons."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != in_f:
         raise ValueError(f"x must be [..., {in_f}] (in_features), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if values.dtype != x.dtype:
         raise ValueError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
-    devices = {x.device, values.device, crow.device, col.device}
+    device = values.device
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (out_f,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must be [{out_f}] (out_features), got {got}")
         if bias.dtype != x.dtype:
             raise ValueError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-        devices.add(bias.device)
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    return out_f, in_f, bh, bw
+        if bias.device != device:
+            raise ValueError(f"all tensors must be on one device, got {sorted({str(device), str(bias.device)})}")
+    if x.device != device:
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(device), str(x.device)})}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,23 +214,39 @@ def bsr_linear(
     """
     if fp32_precision is None:
         fp32_precision = "tf32" if allow_tf32 else _settings["fp32_precision"]
-    grads = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
-    needs_grad = torch.is_grad_enabled() and grads
-    out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
-    shape, traced, x2d = (out_f, in_f), _traced(x), x.reshape(-1, in_f)
+    grads = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    needs_grad = torch.is_grad_enabled() and grads
+    traced = _traced(x)
+    if traced or needs_grad:
+        out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
+    else:  # eager: the input is checked on every call, the weight once, with its plan (_eager_plan)
+        out_f, in_f = _normalize_shape(shape)
+        _validate_input(x, values, crow_indices, col_indices, bias, out_f, in_f)
+    shape, x2d = (out_f, in_f), x.reshape(-1, in_f)
     args = (x2d, values, crow_indices, col_indices, shape, bias, activation)
-    backend, config = _pick_backend(args, backend, config, needs_grad, traced, fp32_precision)
     if needs_grad:  # differentiable torch ops (training, tests of gradients)
+        dispatch.choose(args, backend, fp32_precision, traced=traced, needs_grad=True, config=config)
         y = _runners.run_dense(x2d, bsr_to_dense(values, crow_indices, col_indices, shape), bias, activation)
         return _finish(y, out, x, out_f)
-    gidx, cfg_list, crow, col = None, [], crow_indices, col_indices
-    if backend == "triton":
-        crow, col, gidx, cfg_list = _triton_args(args, config, traced, fp32_precision)
-    if backend == "dense" and not traced:
-        return _finish(_runners.run_dense(x2d, _dense_weight(args), bias, activation), out, x, out_f)
-    op_args = (values, crow, col, gidx, bias, out_f, activation or "none", backend, fp32_precision, cfg_list)
+    if traced:
+        return _run(_traced_plan(args, backend, config, fp32_precision), x, args, out, traced=True)
+    return _run(_eager_plan(args, backend, config, fp32_precision), x, args, out, traced=False)
+
+
+def _run(plan: Plan, x: torch.Tensor, args, out: torch.Tensor | None, traced: bool) -> torch.Tensor:
+    """The product of a plan: eager triton through its bound launch, the dense copy by F.linear, the rest (and
+    everything inside a trace) through the custom operator."""
+    x2d, values, _, _, (out_f, _), bias, activation = args
+    if plan.backend == "dense" and not traced:
+        return _finish(_runners.run_dense(x2d, plan.tensors, bias, activation), out, x, out_f)
+    if plan.run is not None:  # eager triton: the launch bound to this weight
+        if out is not None:
+            _check_out(out, x.shape[:-1], out_f, x)
+        return plan.run(x, bias, out)
+    crow, col, gidx = plan.tensors
+    op_args = (values, crow, col, gidx, bias, out_f, activation or "none", plan.backend, plan.precision, plan.config)
     if out is None:
         return (ops.bsr_linear_op if traced else ops.bsr_linear_impl)(x, *op_args)
     y2d = _check_out(out, x.shape[:-1], out_f, x)
@@ -225,42 +257,49 @@ def bsr_linear(
     return out
 
 
-def _dense_weight(args) -> torch.Tensor:
-    """The dense weight of a BSR weight, built once per weight (and inference-mode state) in eager code."""
-    _, values, crow, col, shape = args[:5]
-    key = ("dense", shape, torch.is_inference_mode_enabled())
-    return _cache.get(values, crow, col, key, lambda: bsr_to_dense(values, crow, col, shape))
-
-
-def _pick_backend(args, backend: str, config: dict | None, needs_grad: bool, traced: bool, precision: str):
-    """(backend, config) for a call: the one dispatch rule (kernels.dispatch.choose). In eager CUDA code `auto`'s
-    choice is kept per weight and token bucket, so a call after the first costs a dict lookup, not a tuning-table
-    lookup (which formats keys and asks the driver: ~20 us, enough to lose to cuBLAS at a few thousand tokens)."""
-    x2d, values, crow, col, _shape, bias, activation = args
-    if backend == "auto" and not needs_grad and not traced and x2d.device.type == "cuda" and config is None:
-        key = ("choice", _tuning.token_bucket(x2d.shape[0]), x2d.dtype, x2d.device, precision, bias is not None,
-               activation, _tuning.get_tuning_target(), _tuning.generation())  # fmt: skip
-        choice = _cache.get(values, crow, col, key, lambda: dispatch.choose(args, backend, precision))
+def _eager_plan(args, backend: str, config: dict | None, precision: str) -> Plan:
+    """What an eager call runs, kept per weight: the choice (dispatch.choose) and the tensors it runs on (int32 or
+    grouped indices, the dense weight), so a call after the first costs a dict lookup. `auto` keys its choice by
+    token bucket and tuning generation (a table lookup formats keys and asks the driver: ~20 us, enough to lose to
+    cuBLAS at a few thousand tokens); a pinned config keys by its values."""
+    x2d, values, crow, col, shape, bias, activation = args
+    if config is not None:
+        which = ("config", *_runners.config_to_list(config))
+    elif backend in ("auto", "triton") and x2d.device.type == "cuda":
+        which = ("bucket", _tuning.token_bucket(x2d.shape[0]), _tuning.get_tuning_target(), _tuning.generation())
     else:
-        choice = dispatch.choose(args, backend, precision, traced=traced, needs_grad=needs_grad, config=config)
-    return choice.backend, choice.config
+        which = ("rule",)
+    key = ("plan", shape, backend, which, x2d.dtype, x2d.device, precision, bias is not None, activation)
+
+    def build() -> Plan:
+        _validate_weight(values, crow, col, shape, activation, backend)
+        return _plan_of(args, dispatch.choose(args, backend, precision, config=config))
+
+    return _cache.get(values, crow, col, key, build)
 
 
-def _triton_args(args, config: dict, traced: bool, precision: str):
-    """(crow, col, gidx, config list) the triton backend runs on: the config (dispatch.choose's) and, for
-    G > 1, the grouped layout (built on the host, so never inside a trace: G falls back to 1 there)."""
-    x2d, values, crow_indices, col_indices, shape, bias, activation = args
+def _traced_plan(args, backend: str, config: dict | None, precision: str) -> Plan:
+    """Inside a trace: the static choice (no measurement, no host sync) and tensors computed in the graph."""
+    return _plan_of(args, dispatch.choose(args, backend, precision, traced=True, config=config), True)
+
+
+def _plan_of(args, choice: dispatch.Choice, traced: bool = False) -> Plan:
+    x2d, values, crow, col, shape = args[:5]
+    if choice.backend == "dense" and not traced:
+        return Plan("dense", bsr_to_dense(values, crow, col, shape), [], choice.precision)
+    if choice.backend != "triton":
+        return Plan(choice.backend, (crow, col, None), [], choice.precision)
+    config = choice.config
     group = int(config.get("G", 1))
-    if traced and group > 1:
+    if traced and group > 1:  # the grouped layout is built on the host: never inside a trace
         config, group = {**config, "G": 1}, 1
-    gidx = None
-    crow, col = crow_indices, col_indices
-    if group > 1:
-        crow, col, gidx = _cache.get(values, crow_indices, col_indices, ("group", group),
-                                     lambda: _runners.layout_for(crow_indices, col_indices, group))  # fmt: skip
-    elif not traced:
-        crow, col = _runners.index32(crow_indices, col_indices)
-    return crow, col, gidx, _runners.config_to_list(config)
+    if traced:
+        return Plan("triton", (crow, col, None), _runners.config_to_list(config), choice.precision)
+    tensors = _runners.layout_for(crow, col, group)
+    run = None
+    if _runners.bindable(x2d.device):
+        run = _runners.bind_triton(values, *tensors, args[5] is not None, shape, args[6], choice.precision, config)
+    return Plan("triton", tensors, _runners.config_to_list(config), choice.precision, run=run)
 
 
 def _finish(y2d: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, out_f: int) -> torch.Tensor:

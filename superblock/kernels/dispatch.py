@@ -60,13 +60,15 @@ class Choice:
 
 class Plan(NamedTuple):
     """What a layer runs for one token count: the backend, its tensors (buffer names, or tensors built inside a
-    trace), the Triton config list, the fp32 precision, and whether inductor may launch the kernel itself."""
+    trace), the Triton config list, the fp32 precision, whether inductor may launch the kernel itself, and, in eager
+    code, `run`: the Triton launch bound to the weight (_runners.bind_triton: `run(x, out=None)`)."""
 
     backend: str
     tensors: Any
     config: list[int]
     precision: str
     inductor: bool = False
+    run: Any = None
 
 
 def cpu_backend(dtype: torch.dtype, block: tuple[int, int]) -> str:

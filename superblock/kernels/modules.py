@@ -57,7 +57,7 @@ class BlockSparseLinear(nn.Module):
     identity; a bucket that was never prepared gets a static choice there (CUDA: triton with its default
     configuration; CPU: torch's BSR for fp32 square blocks, else dense), never a measurement.
     `tuning_target` ("eager" | "graph" | None = kernels.get_tuning_target()) is what `auto` optimizes.
-    After editing the buffers in place, call `reset()`.
+    After editing the buffers in place or replacing them, call `reset()`.
     """
 
     def __init__(
@@ -196,6 +196,8 @@ class BlockSparseLinear(nn.Module):
         plan = self._traced_plan(x, m) if traced else self._plans.get(m)
         if plan is None:
             plan = self._plan(x, m)
+        if plan.run is not None and not traced:  # eager triton: the launch bound to this weight
+            return plan.run(x, self.bias)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
         kind, names = plan.backend, plan.tensors
         if kind == "dense":
@@ -341,7 +343,14 @@ class BlockSparseLinear(nn.Module):
             else:
                 names = layout
         config_list = _runners.config_to_list(config)
-        return Plan("triton", names, config_list, precision, x.device.type == "cuda" and ops.tiled_config(config_list))
+        run = None
+        if not traced and _runners.bindable(x.device):
+            crow, col, gidx = (self._buffers[n] if n is not None else None for n in names)
+            cfg = _runners.config_from_list(config_list)
+            run = _runners.bind_triton(self.values, crow, col, gidx, self.bias is not None, self.shape,
+                                       self._activation, precision, cfg)  # fmt: skip
+        cuda = x.device.type == "cuda"
+        return Plan("triton", names, config_list, precision, cuda and ops.tiled_config(config_list), run)
 
     # ------------------------------------------------------------------------------------------- state
 

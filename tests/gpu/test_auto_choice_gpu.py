@@ -60,6 +60,7 @@ def test_auto_consults_the_dispatch_only_until_its_choice_is_kept(fresh_table, m
     assert len(calls) == settled + 1
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("layer", list(LAYERS))
 @torch.no_grad()
 def test_auto_costs_at_most_10pct_over_the_best_candidate_and_dense(layer, fresh_table):

@@ -1,0 +1,122 @@
+"""The per-call host work of our kernels' eager paths (issue 27): the mechanism, on the CPU. Timed claims live in
+benchmarks/bsr_linear.py's host-cost table; these tests check that the work which makes a call slow happens once.
+
+- kernels._launch.KernelLaunch goes through Triton's JIT front door once per specialization, then launches the
+  compiled kernel directly (a stand-in for the JIT function counts the calls: on the CPU no kernel can be compiled;
+  tests/gpu/test_launch_gpu.py runs the real kernels).
+- specialization() separates what Triton specializes on (alignment, divisibility, width) and nothing else.
+- the functional bsr_linear checks and plans a weight once, not on every call.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from superblock.kernels import _launch, bsr_linear, dense_to_bsr, dispatch
+
+bsr_linear_mod = importlib.import_module("superblock.kernels.bsr_linear")  # the package exports the function
+
+CUDA0 = torch.device("cuda", 0)
+
+
+class StandInCompiled:
+    """What Triton's JIT returns: a compiled kernel whose `run` is the launcher."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def run(self, *args) -> None:
+        self.launches.append(args)
+
+
+class StandInJit:
+    def __init__(self) -> None:
+        self.jit_calls = 0
+        self.compiled = StandInCompiled()
+
+    def __getitem__(self, grid):
+        def call(*args, **options):
+            self.jit_calls += 1
+            return self.compiled
+
+        return call
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    monkeypatch.setattr(_launch, "FAST", True)
+    monkeypatch.setattr(_launch, "current_stream", lambda index: 1234)
+    monkeypatch.setattr(_launch, "_hooks_idle", lambda: True)
+
+
+def test_the_jit_front_door_is_taken_once_per_specialization(direct):
+    fn = StandInJit()
+    launch = _launch.KernelLaunch(fn, num_warps=4, num_stages=2)
+    args = ("x", "w", 197, 64)
+    for _ in range(5):
+        launch((12, 3), "spec-a", args, CUDA0)
+    assert fn.jit_calls == 1
+    assert fn.compiled.launches == [(12, 3, 1, 1234, "function", "metadata", None, None, None, *args)] * 4
+    launch((12,), "spec-b", args, CUDA0)  # another specialization: compiled (looked up) by the JIT once
+    launch((12,), "spec-b", args, CUDA0)
+    launch((12,), "spec-a", args, torch.device("cuda", 1))  # another device loads its own copy
+    assert fn.jit_calls == 3
+    assert fn.compiled.launches[-1][:3] == (12, 1, 1)
+
+
+def test_the_jit_path_whenever_direct_launches_are_off(direct, monkeypatch):
+    fn = StandInJit()
+    launch = _launch.KernelLaunch(fn, 4, 2)
+    launch((1,), "s", (), CUDA0)
+    monkeypatch.setattr(_launch, "_hooks_idle", lambda: False)  # a profiler's launch hook must see every launch
+    launch((1,), "s", (), CUDA0)
+    monkeypatch.setattr(_launch, "FAST", False)  # Triton's CPU interpreter
+    fresh = _launch.KernelLaunch(fn, 4, 2)
+    fresh((1,), "s", (), CUDA0)
+    fresh((1,), "s", (), CUDA0)
+    assert fn.jit_calls == 4 and not fn.compiled.launches
+
+
+def test_specialization_separates_what_triton_specializes_on():
+    base = torch.zeros(64)
+    aligned, offset = base[:32], base[1:33]  # 4-byte offset: not 16-byte aligned
+    spec = _launch.specialization
+    assert spec((aligned,), (197, 768)) == spec((base[4:36],), (3, 800))  # aligned, "other int", multiple of 16
+    assert spec((aligned,), (197,)) != spec((offset,), (197,))
+    assert spec((aligned,), (1,)) != spec((aligned,), (3,))
+    assert spec((aligned,), (32,)) != spec((aligned,), (33,))
+    assert spec((aligned,), (2**31 + 16,)) != spec((aligned,), (16,))
+    assert spec((aligned,), ()) != spec((aligned.half(),), ())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["dense", "torch", "auto"])
+def test_a_weight_is_checked_and_planned_once(backend, monkeypatch):
+    w = torch.randn(64, 96) * (torch.rand(4, 6) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    values, crow, col = dense_to_bsr(w, 16)
+    x = torch.randn(5, 96)
+    counts = {"checks": 0, "choices": 0}
+
+    def counting(name, real):
+        def wrapper(*a, **k):
+            counts[name] += 1
+            return real(*a, **k)
+
+        return wrapper
+
+    monkeypatch.setattr(bsr_linear_mod, "_validate_weight", counting("checks", bsr_linear_mod._validate_weight))
+    monkeypatch.setattr(dispatch, "choose", counting("choices", dispatch.choose))
+    ref = x @ w.t()
+    for _ in range(10):
+        torch.testing.assert_close(bsr_linear(x, values, crow, col, w.shape, backend=backend), ref)
+    assert counts == {"checks": 1, "choices": 1}
+    values.mul_(2)  # an in-place edit: the weight's plan (a dense copy for "dense") is stale
+    torch.testing.assert_close(bsr_linear(x, values, crow, col, w.shape, backend=backend), 2 * ref)
+    assert counts == {"checks": 2, "choices": 2}
+    with pytest.raises(ValueError, match="x must be"):  # the input is still checked on every call
+        bsr_linear(torch.randn(5, 95), values, crow, col, w.shape, backend=backend)
