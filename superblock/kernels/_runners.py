@@ -167,12 +167,16 @@ def run_torch(x2d, values, crow, col, shape, bias, activation):
 
 
 def check_triton(x2d: torch.Tensor, values: torch.Tensor) -> None:
+    _check_triton_here(x2d.device, x2d.dtype, values)
+
+
+def _check_triton_here(device: torch.device, dtype: torch.dtype, values: torch.Tensor) -> None:
     if not _triton_bsr.HAS_TRITON:
         raise ValueError("backend='triton' needs the triton package")
-    if x2d.device.type != "cuda" and not _triton_bsr.INTERPRET:
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x2d.device}")
-    if x2d.dtype not in TRITON_DTYPES:
-        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {x2d.dtype}")
+    if device.type != "cuda" and not _triton_bsr.INTERPRET:
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {dtype}")
     if not triton_block_ok(*values.shape[1:]):
         raise ValueError(
             f"backend='triton' needs block sides that are powers of two >= 16, got {tuple(values.shape[1:])}"
@@ -193,15 +197,9 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
         y = torch.empty(x2d.shape[0], n_out, device=x2d.device, dtype=x2d.dtype)
     if x2d.shape[0] == 0:
         return y
-    group = int(config.get("G", 1))
-    if activation == "silu_mul":
-        _check_glu(out_f, int(values.shape[1]), config)
+    _check_config(out_f, values, gidx, activation, config)
     if int(config.get("XS", 0)) >= 1:
         return _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y)
-    if int(config.get("SPLIT", 0)) >= 1 and group > 1:
-        raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
-    if group > 1 and gidx is None:
-        raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
     return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap)
 
 
@@ -216,15 +214,9 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
     is None exactly when `has_bias` is False.
     Configs of the x-stationary kernel (XS) keep run_triton's per-call path."""
     out_f, in_f = (int(s) for s in shape)
-    check_triton(torch.empty(0, device=values.device, dtype=values.dtype), values)
+    _check_triton_here(values.device, values.dtype, values)
+    _check_config(out_f, values, gidx, activation, config)
     n_out = out_width(out_f, activation)
-    if activation == "silu_mul":
-        _check_glu(out_f, int(values.shape[1]), config)
-    group = int(config.get("G", 1))
-    if group > 1 and gidx is None:
-        raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if int(config.get("SPLIT", 0)) >= 1 and group > 1:
-        raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if not values.is_contiguous():
         values = values.contiguous()
     xstat = int(config.get("XS", 0)) >= 1
@@ -247,6 +239,18 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
         return y.view(*x.shape[:-1], n_out) if out is None else out
 
     return run
+
+
+def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None, config: dict) -> None:
+    """A Triton config that can run this weight: the decode kernel walks plain block rows, G > 1 needs the grouped
+    layout, a gated pair ("silu_mul") needs halves the kernels can pair."""
+    group = int(config.get("G", 1))
+    if activation == "silu_mul":
+        _check_glu(out_f, int(values.shape[1]), config)
+    if int(config.get("SPLIT", 0)) >= 1 and group > 1:
+        raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
+    if group > 1 and gidx is None:
+        raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:
