@@ -456,7 +456,7 @@ def launch_for(values, crow, col, gidx, has_bias: bool, n_out: int, k_in: int, a
                config: dict) -> Launch:  # fmt: skip
     """The process-wide Launch of this weight layout (shapes and dtypes, not the tensors) and configuration."""
     key = (
-        tuple(values.shape), values.dtype, crow.numel(), crow.dtype, col.dtype, gidx is not None, has_bias, n_out,
+        tuple(values.shape[1:]), values.dtype, crow.numel(), crow.dtype, col.dtype, gidx is not None, has_bias, n_out,
         k_in, activation, precision, *(int(config.get(k, 0)) for k in ("BLOCK_M", "G", "num_warps", "num_stages",
                                                                         "TMA", "SPLIT")),
     )  # fmt: skip
@@ -512,8 +512,7 @@ class Launch:
                 col, b_arg, TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, bh]), self.n_out, self.n_groups,
                 bh, bw, bm, self.has_bias, self.act, self.prec, INTERPRET,
             )  # fmt: skip
-            spec = specialization((crow, col, b_arg), (M % bm,))
-            self._tma(self.tiled_grid(M), spec, args, y.device)
+            self._tma(self.tiled_grid(M), specialization((crow, col, b_arg), (self.n_out,)), args, y.device)
             return y
         args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
         self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:13]), args, y.device)
@@ -541,7 +540,8 @@ class Launch:
             n_sums if mode else 0, stride_ps, bh, self.bw, split, block_m, self.even_k, mode, self.has_bias, self.act,
             self.prec, INTERPRET,
         )  # fmt: skip
-        self._decode((self.n_groups * split, m_tiles), specialization(args[:8], args[8:15]), args, y.device)
+        spec = (mode, specialization(args[:8], args[8:15]))  # MODE is the one constexpr that varies per call
+        self._decode((self.n_groups * split, m_tiles), spec, args, y.device)
         if mode == 1:
             args = (part, b_arg, y, self.n_out, part.stride(0), part.stride(1), y.stride(0), self.n_groups * bh, split,
                     REDUCE_BLOCK_N, self.has_bias, self.act)  # fmt: skip
