@@ -36,3 +36,6 @@ fi
 python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$(( $(date +%s) - t0 ))" \
   --test-seconds "$t_tests" --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,bench=$bench_rc,serve=$serve_rc" \
   --csv docs/data/gpu_checks.csv
+rc=$?
+cp docs/data/gpu_checks.csv "$OUT/" 2>/dev/null  # the device tool brings $OUT back: the line travels with it
+exit $rc
