@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of a change, in one device call (CI has no GPU: this is what stops a GPU regression from landing).
 #   bash scripts/gpu_check.sh [COMMIT]          on a CUDA machine, from the repo root; logs under $OUT (or /tmp)
-# Runs: the quick GPU suite (pytest -m "gpu and not slow" tests/gpu, in parallel workers, the timing tests alone
-# after them), the kernels under compute-sanitizer memcheck, benchmarks/bsr_linear.py --quick, and the side-by-side
-# serving script on a small export. Prints one summary line and appends it to docs/data/gpu_checks.csv (commit it).
+# Runs, in this order: the quick GPU suite (pytest -m "gpu and not slow" tests/gpu, in parallel workers) beside the
+# kernels under compute-sanitizer memcheck and the making of a small export; then, alone on the machine, what
+# measures speed: the tests marked `timing`, benchmarks/bsr_linear.py --quick and the side-by-side serving script on
+# that export. Prints one summary line and appends it to docs/data/gpu_checks.csv (commit it with the change).
 # Exit status: non-zero when a test fails or the sanitizer reports an error.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,30 +13,35 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SUPERBLOCK_CACHE_DIR=${SUPERBLOCK_CACHE_DIR:-$OUT/tuning}
 WORKERS=${GPU_CHECK_WORKERS:-6}
+T=${GPU_CHECK_STAGE_TIMEOUT:-240}  # seconds a stage may take; one that runs out counts as failed (exit code 124)
+SERVE=${SERVE_REPRO:-../shared/repro/serve_side_by_side.py}
 t0=$(date +%s)
-# timing-sensitive tests (marked `timing`) run alone, after the parallel part, so that other workers' compiles do
-# not load the host they measure
-python -m pytest -q -p no:cacheprovider -m "gpu and not slow and not timing" -n "$WORKERS" tests/gpu \
+
+timeout "$T" bash scripts/sanitize_kernels.sh > "$OUT/sanitize.log" 2>&1 &
+san_pid=$!
+timeout "$T" python scripts/gpu_check_export.py "$OUT/export" > "$OUT/export.log" 2>&1 &
+export_pid=$!
+timeout "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and not timing" -n "$WORKERS" --durations=25 tests/gpu \
   --junitxml="$OUT/quick.xml" > "$OUT/quick.log" 2>&1
 quick_rc=$?
-python -m pytest -q -p no:cacheprovider -m "gpu and not slow and timing" tests/gpu \
+wait $san_pid; san_rc=$?
+wait $export_pid; export_rc=$?
+
+# speed from here on: nothing else runs
+timeout "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and timing" tests/gpu \
   --junitxml="$OUT/timing.xml" > "$OUT/timing.log" 2>&1
 timing_rc=$?
 t_tests=$(( $(date +%s) - t0 ))
-bash scripts/sanitize_kernels.sh -n "$WORKERS" > "$OUT/sanitize.log" 2>&1
-san_rc=$?
-python benchmarks/bsr_linear.py --quick --out "$OUT" --tag bsr_linear_quick > "$OUT/bsr_linear.log" 2>&1
+timeout "$T" python benchmarks/bsr_linear.py --quick --out "$OUT" --tag bsr_linear_quick > "$OUT/bsr_linear.log" 2>&1
 bench_rc=$?
-SERVE=${SERVE_REPRO:-../shared/repro/serve_side_by_side.py}
 serve_rc=127
-if [[ -f "$SERVE" ]]; then
-  python scripts/gpu_check_export.py "$OUT/export" > "$OUT/export.log" 2>&1 \
-    && EXP="$OUT/export" BATCHES=1,8,32,256 python "$SERVE" > "$OUT/serve.log" 2>&1
+if [[ -f "$SERVE" && $export_rc -eq 0 ]]; then
+  EXP="$OUT/export" BATCHES=1,8,32,256 timeout "$T" python "$SERVE" > "$OUT/serve.log" 2>&1
   serve_rc=$?
 fi
 python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$(( $(date +%s) - t0 ))" \
-  --test-seconds "$t_tests" --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,bench=$bench_rc,serve=$serve_rc" \
-  --csv docs/data/gpu_checks.csv
+  --test-seconds "$t_tests" --csv docs/data/gpu_checks.csv \
+  --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc"
 rc=$?
 cp docs/data/gpu_checks.csv "$OUT/" 2>/dev/null  # the device tool brings $OUT back: the line travels with it
 exit $rc

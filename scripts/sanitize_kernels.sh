@@ -13,4 +13,4 @@ fi
 # the sanitizer slows every launch ~100x: the awkward-shape tests, not the 50,432-token problems
 exec "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
   python -m pytest -q -p no:cacheprovider -m gpu -k "not 50432" \
-  tests/gpu/test_xstat_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_decode_gpu.py "$@"
+  tests/gpu/test_xstat_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_launch_gpu.py "$@"

@@ -216,5 +216,11 @@ def print_final(s: RunSummary) -> None:
         if s.block_size
         else f"\nval top-1 {s.val_top1:.2f}% (top-5 {s.val_top5:.2f}%) | dense model"
     )
+    if s.still_improving:
+        what = "perplexity" if s.val_perplexity is not None else "val top-1"
+        line += (
+            f"\n{what} was still improving at the end ({s.improving_slope:+.3g} per validation over the last third):"
+            " this run is short; more epochs would likely help (summary.json: still_improving)"
+        )
     print(line)
     print(f"run directory: {s.run_dir}", flush=True)

@@ -90,6 +90,7 @@ class SparsityConfig:
     score_init: str = "kaiming"
     fixed_weight: bool = False
     fixed_mask: bool = False
+    min_recovery_steps: int = 600  # start-up notice below this many steps at the final sparsity (0: off)
     freeze_after_ramp: bool = False  # keep the masks fixed once the schedule reaches the final sparsity
     scores_lr: float | None = None  # None: the optimizer's lr
     strict_blocks: bool = False  # require block-multiple shapes (plain BSR export with no padded edge tiles)

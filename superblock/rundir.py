@@ -105,6 +105,8 @@ class RunSummary:
     world_size: int | None = None
     masks_equal_across_ranks: bool | None = None
     mask_digest: str | None = None
+    still_improving: bool | None = None  # validation was still getting better over the last third of the run
+    improving_slope: float | None = None  # its least-squares slope per validation (top-1 points; LMs: perplexity)
     run_dir: str | None = None
 
     FAILED_FIELDS = (

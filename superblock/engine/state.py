@@ -36,6 +36,7 @@ class Progress:
     warmup_images: int = 0  # that first window, used only when there is nothing else
     warmup_seconds: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    val_history: list[float] = field(default_factory=list)  # the headline metric of each validation, in order
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

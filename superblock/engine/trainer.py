@@ -35,6 +35,7 @@ from superblock.engine.ema import ModelEma
 from superblock.engine.evaluation import validate
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
 from superblock.engine.permutation import describe, schedule_permutation
+from superblock.engine.run_length import accuracy_noise, recovery_notice, still_improving
 from superblock.engine.sharding import full_model_state, is_sharded
 from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed, rng_state, set_rng_state
 from superblock.io import write_json_atomically
@@ -272,7 +273,7 @@ class Trainer:
                 self.logger.sinks[0].truncate_after(self.progress.step)
             if self.dist.is_main and self.report is not None and resume is None:
                 print(self.report)
-                for line in filter(None, [describe(self.model)]):
+                for line in filter(None, [describe(self.model), self._run_length_notice()]):
                     print(line)
             while self.progress.step < self.total_steps and self.progress.epoch < t.max_epochs:
                 epoch = self.progress.epoch
@@ -290,9 +291,22 @@ class Trainer:
         finally:
             self.logger.finish(status)
 
+    def _run_length_notice(self) -> str | None:
+        c = self.cfg
+        return recovery_notice(
+            self.sparsity_spec,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.data.steps_per_epoch,
+            max_epochs=c.trainer.max_epochs,
+            batch_size=c.data.batch_size,
+            ramp_fraction=c.sparsity.ramp_fraction,
+            floor=c.sparsity.min_recovery_steps,
+        )
+
     def _end_epoch_validation(self, epoch: int) -> None:
         metrics = validate(self.model, self.state.ema, self.data.val_loader, self.device, self.amp_dtype)
         self.progress.last_metrics = metrics
+        self.progress.val_history.append(metrics.get("val_perplexity", metrics["val_top1"]))
         if self.logger:
             self.logger.log({**metrics, "epoch": epoch + 1}, self.progress.step)
         if self.dist.is_main:
@@ -349,7 +363,19 @@ class Trainer:
             masks_equal_across_ranks=len(set(digests)) == 1,
             mask_digest=digests[0],
             run_dir=str(self.run_dir),
+            **self._improving(),
         )
+
+    def _improving(self) -> dict[str, Any]:
+        """still_improving / improving_slope for summary.json: perplexity for language models, else top-1 (noise:
+        its binomial standard error on this validation set)."""
+        m, history = self.progress.last_metrics, self.progress.val_history
+        if len(history) < 3 or not m:
+            return {}
+        lm = "val_perplexity" in m
+        noise = 0.0 if lm else accuracy_noise(m["val_top1"], len(self.data.val_loader.dataset))
+        improving, slope = still_improving(history, noise, higher_is_better=not lm)
+        return {"still_improving": improving, "improving_slope": round(slope, 4)}
 
 
 def _validation_line(epoch: int, metrics: dict[str, float]) -> str:
