@@ -11,6 +11,7 @@ launcher. The first call of a spec, the CPU interpreter and a registered launch 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -46,6 +47,16 @@ def _hooks_idle() -> bool:
     )
 
 
+def _turn_off(err: Exception) -> None:
+    """Stop launching directly (this Triton's compiled-kernel launcher differs from the one this was written for):
+    every launch takes the JIT front door again, correct and slower."""
+    global FAST
+    FAST = False
+    warnings.warn(
+        f"superblock: direct Triton launches turned off ({err}); launches take Triton's JIT path", stacklevel=3
+    )
+
+
 class KernelLaunch:
     """One Triton kernel at one (num_warps, num_stages): its compiled kernels by specialization, launched directly."""
 
@@ -61,11 +72,14 @@ class KernelLaunch:
         """fn[grid](*args, **options); `args` are all of fn's parameters in order, constexprs included."""
         key = (device.index, spec)  # a compiled kernel is loaded on one device
         bound = self.kernels.get(key)
-        if bound is not None and _hooks_idle():
+        if bound is not None and FAST and _hooks_idle():
             run, function, packed = bound
             g1 = grid[1] if len(grid) > 1 else 1
-            run(grid[0], g1, 1, current_stream(device.index), function, packed, None, None, None, *args)
-            return
+            try:
+                run(grid[0], g1, 1, current_stream(device.index), function, packed, None, None, None, *args)
+                return
+            except TypeError as err:  # a Triton whose launcher takes other arguments (it parses them before launching)
+                _turn_off(err)
         KernelLaunch.jit_calls += 1
         compiled = self.fn[grid](*args, **self.options)
         if FAST and device.type == "cuda" and compiled is not None:

@@ -487,7 +487,7 @@ class Launch:
         self._tiled = _launch.KernelLaunch(_bsr_linear_kernel, warps, stages)
         self._tma = _launch.KernelLaunch(_bsr_linear_tma_kernel, warps, stages) if self.tma else None
         self._decode = _launch.KernelLaunch(_bsr_decode_kernel, warps, stages) if self.split else None
-        self._reduce = _launch.KernelLaunch(_decode_reduce_kernel, 4, 2) if self.split > 1 else None
+        self._reduce = _launch.KernelLaunch(_decode_reduce_kernel, 4, 3) if self.split > 1 else None
 
     def tiled_grid(self, M: int) -> tuple[int]:
         return (-(-M // self.block_m) * self.n_groups,)

@@ -120,3 +120,20 @@ def test_a_weight_is_checked_and_planned_once(backend, monkeypatch):
     assert counts == {"checks": 2, "choices": 2}
     with pytest.raises(ValueError, match="x must be"):  # the input is still checked on every call
         bsr_linear(torch.randn(5, 95), values, crow, col, w.shape, backend=backend)
+
+
+def test_a_launcher_that_takes_other_arguments_turns_direct_launches_off(direct, monkeypatch):
+    """A Triton whose compiled-kernel launcher has another signature: one warning, then the JIT path for good."""
+    fn = StandInJit()
+
+    def other_signature(*args):
+        raise TypeError("function takes exactly 20 arguments")
+
+    fn.compiled.run = other_signature
+    launch = _launch.KernelLaunch(fn, 4, 2)
+    launch((1,), "s", (), CUDA0)
+    with pytest.warns(UserWarning, match="direct Triton launches turned off"):
+        launch((1,), "s", (), CUDA0)
+    assert _launch.FAST is False and fn.jit_calls == 2  # the failed direct launch was made through the JIT
+    launch((1,), "s", (), CUDA0)
+    assert fn.jit_calls == 3
