@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Data / model presets: train.py overrides ({root}: --root) and the metric read from summary.json.
 PRESETS = {
     "digits": (["data=small_images", "data.root={root}", "data.image_size=16"], "val_top1"),
+    # any ImageFolder tree the way a user trains it: data=imagefolder (augment=auto, its default batch); pass
+    # data.image_size=N after the options
+    "imagefolder": (["data=imagefolder", "data.root={root}"], "val_top1"),
     "synthetic": (["data=synthetic"], "val_top1"),
     "digits_wide": (["experiment=digits_wide", "data.root={root}"], "val_top1"),
     "lm_tiny": (["experiment=lm_tiny"], "val_perplexity"),
@@ -78,7 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
     p.add_argument("--levels", type=_csv(float), default=[0.8, 0.9])
     p.add_argument("--blocks", type=_csv(int), default=[16, 32, 64])
-    p.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs of every run (default: the preset's)")
+    p.add_argument(
+        "--epochs",
+        type=_csv(int),
+        default=None,
+        help="trainer.max_epochs, comma-separated: a run-length axis (each value gets its own dense runs)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps of every run")
     p.add_argument(
         "--start-epoch",
@@ -107,44 +115,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def jobs_for(args: argparse.Namespace) -> list[dict]:
-    """Dense runs first (one per seed), then the sparse grid seed by seed."""
+    """Dense runs first (one per seed and run length), then the sparse grid seed by seed."""
     out = Path(args.out).resolve()
+    lengths = args.epochs or [None]
+    _TAG_LENGTHS["on"] = len(lengths) > 1
     jobs = [
         {
-            "name": f"dense_s{s}",
+            "name": f"dense{_length_tag(e)}_s{s}",
             "recipe": "dense",
             "permute": "none",
             "level": 0.0,
             "block": None,
+            "epochs": e,
             "seed": s,
-            "overrides": ["sparsity=none"],
+            "overrides": ["sparsity=none", *_length(e)],
         }
         for s in args.seeds
+        for e in lengths
     ]
     for seed in args.seeds:
-        for level in args.levels:
-            for block in args.blocks:
-                for recipe in args.recipes:
-                    for permute in args.permute:
-                        jobs.append(_sparse_job(args, out, recipe, permute, level, block, seed))
+        for epochs in lengths:
+            for level in args.levels:
+                for block in args.blocks:
+                    for recipe in args.recipes:
+                        for permute in args.permute:
+                            jobs.append(_sparse_job(args, out, recipe, permute, level, block, seed, epochs))
     return jobs
 
 
-def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: int, seed: int) -> dict:
+def _length(epochs: int | None) -> list[str]:
+    return [] if epochs is None else [f"trainer.max_epochs={epochs}"]
+
+
+_TAG_LENGTHS = {"on": False}  # run names carry _e<epochs> only on a run-length axis (older grids keep their names)
+
+
+def _length_tag(epochs: int | None) -> str:
+    return f"_e{epochs}" if epochs is not None and _TAG_LENGTHS["on"] else ""
+
+
+def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: int, seed: int,
+                epochs: int | None = None) -> dict:  # fmt: skip
     extra = [f"sparsity.level={level}", f"sparsity.block_size={block}", f"sparsity.permute={permute}"]
     if args.start_epoch is not None:
         extra.append(f"sparsity.start_epoch={args.start_epoch}")
     if recipe == "finetune":
-        extra.append(f"model.pretrained={out / 'runs' / f'dense_s{seed}'}")
-    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}_s{seed}"
+        extra.append(f"model.pretrained={out / 'runs' / f'dense{_length_tag(epochs)}_s{seed}'}")
+    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}{_length_tag(epochs)}_s{seed}"
     return {
         "name": name,
         "recipe": recipe,
         "permute": permute,
         "level": level,
         "block": block,
+        "epochs": epochs,
         "seed": seed,
-        "overrides": [*RECIPES[recipe], *extra],
+        "overrides": [*RECIPES[recipe], *extra, *_length(epochs)],
     }
 
 
@@ -161,8 +187,6 @@ def command(job: dict, args: argparse.Namespace) -> list[str]:
         f"trainer.device={args.device}",
         f"hydra.run.dir={run_dir}",
     ]
-    if args.epochs is not None:
-        cmd.append(f"trainer.max_epochs={args.epochs}")
     if args.max_steps is not None:
         cmd.append(f"trainer.max_steps={args.max_steps}")
     return [*cmd, *args.extra]
@@ -248,15 +272,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per configuration: metric and gap to the same seed's dense run, mean and std over seeds."""
-    dense = {r["seed"]: r["value"] for r in rows if r["recipe"] == "dense" and r["value"] is not None}
+
+    def at(r):  # the run length a row was trained for (None: the preset's)
+        return r.get("epochs")
+
+    dense = {(r["seed"], at(r)): r["value"] for r in rows if r["recipe"] == "dense" and r["value"] is not None}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["value"] is not None:
-            groups.setdefault((r["recipe"], r["permute"], r["level"], r["block"]), []).append(r)
+            groups.setdefault((r["recipe"], r["permute"], r["level"], r["block"], at(r)), []).append(r)
     out = []
-    for (recipe, permute, level, block), mine in groups.items():
+    for (recipe, permute, level, block, epochs), mine in groups.items():
         mean, std = _mean_std([r["value"] for r in mine])
-        gaps = [r["value"] - dense[r["seed"]] for r in mine if r["seed"] in dense]
+        gaps = [r["value"] - dense[(r["seed"], epochs)] for r in mine if (r["seed"], epochs) in dense]
         gap, gap_std = _mean_std(gaps) if gaps else (math.nan, math.nan)
         kept = [(r["kept_before"], r["kept_after"]) for r in mine if "kept_before" in r]
         out.append(
@@ -265,6 +293,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "permute": permute,
                 "sparsity": level,
                 "block": block,
+                "epochs": epochs,
                 "mean": mean,
                 "std": std,
                 "gap": gap,
@@ -275,21 +304,23 @@ def summarize(rows: list[dict]) -> list[dict]:
             }
         )
     return sorted(
-        out, key=lambda e: (e["sparsity"], e["block"] or 0, e["recipe"] != "dense", e["recipe"], e["permute"])
-    )
+        out,
+        key=lambda e: (e["sparsity"], e["block"] or 0, e["epochs"] or 0, e["recipe"] != "dense", e["recipe"],
+                       e["permute"]),
+    )  # fmt: skip
 
 
 def table(entries: list[dict], metric: str) -> str:
     lines = [
-        f"| recipe | permute | sparsity | block | {metric} (mean +- std) | gap to dense (mean +- std) | "
+        f"| recipe | permute | sparsity | block | epochs | {metric} (mean +- std) | gap to dense (mean +- std) | "
         "kept magnitude before -> after | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         kept = f"{e['kept_before']:.3f} -> {e['kept_after']:.3f}" if e["kept_before"] is not None else "-"
         gap = "-" if e["recipe"] == "dense" or math.isnan(e["gap"]) else f"{e['gap']:+.2f} +- {e['gap_std']:.2f}"
         lines.append(
-            f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | "
+            f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | {e['epochs'] or '-'} | "
             f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} | {kept} | {e['seeds']} |"
         )
     return "\n".join(lines)
@@ -304,11 +335,13 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
     levels = sorted({e["sparsity"] for e in entries if e["recipe"] != "dense"})
     fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
     for ax, level in zip(axes[0], levels, strict=False):
-        for key in sorted({(e["recipe"], e["permute"]) for e in entries if e["sparsity"] == level}):
+        for key in sorted({(e["recipe"], e["permute"], e["epochs"] or 0) for e in entries if e["sparsity"] == level}):
             pts = sorted(
                 (e["block"], e["gap"], e["gap_std"])
                 for e in entries
-                if (e["recipe"], e["permute"]) == key and e["sparsity"] == level and not math.isnan(e["gap"])
+                if (e["recipe"], e["permute"], e["epochs"] or 0) == key
+                and e["sparsity"] == level
+                and not math.isnan(e["gap"])
             )
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
@@ -319,7 +352,7 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
                     marker="o",
                     capsize=3,
                     ls="-" if key[1] == "none" else "--",
-                    label=f"{key[0]}, permute {key[1]}",
+                    label=f"{key[0]}, permute {key[1]}" + (f", {key[2]} epochs" if key[2] else ""),
                 )
         ax.axhline(0.0, color="black", lw=1)
         ax.set_xscale("log", base=2)
@@ -329,6 +362,57 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_length(entries: list[dict], path: Path, title: str, metric: str) -> None:
+    """The run-length axis: each configuration's metric against epochs, dense included (one panel per sparsity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({e["sparsity"] for e in entries if e["recipe"] != "dense"})
+    fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
+    for ax, level in zip(axes[0], levels, strict=False):
+        keys = {(e["recipe"], e["permute"], e["block"]) for e in entries if e["sparsity"] in (level, 0.0)}
+        for key in sorted(keys, key=str):
+            mine = [
+                e for e in entries if (e["recipe"], e["permute"], e["block"]) == key and e["sparsity"] in (level, 0)
+            ]
+            xs, ys, es = zip(*sorted((e["epochs"], e["mean"], e["std"]) for e in mine), strict=True)
+            dense = key[0] == "dense"
+            label = "dense" if dense else f"{key[0]}, block {key[2]}, permute {key[1]}"
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, color="black" if dense else None)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epochs")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title}: {level:.0%} sparsity against run length")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def resolution(args: argparse.Namespace, entries: list[dict]) -> str:
+    """What this validation set can tell apart: the binomial standard error of one run's accuracy at the dense
+    accuracy, and the smallest gap a single run and the seeds' mean resolve (two standard errors of a difference)."""
+    val = Path(args.root) / "val"
+    if PRESETS[args.preset][1] != "val_top1" or "{root}" not in " ".join(PRESETS[args.preset][0]) or not val.is_dir():
+        return ""
+    n = sum(1 for f in val.rglob("*") if f.is_file())
+    dense = [e["mean"] for e in entries if e["recipe"] == "dense"]
+    if not n or not dense:
+        return ""
+    p = min(max(statistics.mean(dense) / 100.0, 0.0), 1.0)
+    se = 100.0 * math.sqrt(p * (1 - p) / n)
+    one = 2 * math.sqrt(2) * se
+    k = max(1, len(args.seeds))
+    spreads = [e["gap_std"] for e in entries if e["recipe"] != "dense" and not math.isnan(e["gap_std"])]
+    spread = f"; seeds' spread of the gaps (std) {statistics.mean(spreads):.2f} points on average" if spreads else ""
+    return (
+        f"Validation set: {n} images; one run's accuracy has a binomial standard error of {se:.2f} points at the "
+        f"dense accuracy, so one run resolves gaps above {one:.2f} points and a mean of {k} seeds above "
+        f"{one / math.sqrt(k):.2f}{spread}.\n\n"
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -349,12 +433,13 @@ def ensure_data(args: argparse.Namespace) -> None:
 
 
 def describe(jobs: list[dict], args: argparse.Namespace) -> str:
-    sparse = len(jobs) - len(args.seeds)
+    lengths = len(args.epochs or [None])
+    dense = len(args.seeds) * lengths
     waves = math.ceil(len(jobs) / max(1, args.parallel))
     return (
-        f"{len(jobs)} runs ({len(args.seeds)} dense + {sparse} sparse = {len(args.recipes)} recipes x "
+        f"{len(jobs)} runs ({dense} dense + {len(jobs) - dense} sparse = {len(args.recipes)} recipes x "
         f"{len(args.permute)} permutations x {len(args.blocks)} blocks x {len(args.levels)} sparsities x "
-        f"{len(args.seeds)} seeds), {args.parallel} at a time: {waves} waves of runs"
+        f"{lengths} run lengths x {len(args.seeds)} seeds), {args.parallel} at a time: {waves} waves of runs"
         + (f"; budget {args.budget_minutes:g} min" if args.budget_minutes else "")
     )
 
@@ -380,7 +465,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, head: str) -> str:
     out = Path(args.out)
     metric = PRESETS[args.preset][1]
     entries = summarize(rows)
-    md = head + table(entries, metric) + "\n"
+    md = head + resolution(args, entries) + table(entries, metric) + "\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": entries, "runs": rows}, indent=1))
     keys = sorted({k for r in rows for k in r})
@@ -390,6 +475,8 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, head: str) -> str:
         writer.writerows(rows)
     if any(e["recipe"] != "dense" for e in entries):
         plot(entries, out / "accuracy.png", args.preset, metric)
+        if len({e["epochs"] for e in entries}) > 1:
+            plot_length(entries, out / "accuracy_vs_length.png", args.preset, metric)
     return md
 
 

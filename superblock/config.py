@@ -115,6 +115,7 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 5
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
+    min_steps: int | None = None  # train at least this many optimizer steps: max_epochs is raised (small datasets)
     accumulate_grad_batches: int = 1
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.1
@@ -362,6 +363,7 @@ def check(c: TrainConfig) -> None:
 def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.max_epochs, "trainer.max_epochs")
     _positive(t.max_steps, "trainer.max_steps")
+    _positive(t.min_steps, "trainer.min_steps")
     _positive(t.accumulate_grad_batches, "trainer.accumulate_grad_batches")
     _positive(t.grad_clip, "trainer.grad_clip")
     _positive(t.log_every_steps, "trainer.log_every_steps")

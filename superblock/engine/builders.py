@@ -42,12 +42,21 @@ class DataParts:
     batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
+    epochs: int  # trainer.max_epochs, raised to reach trainer.min_steps
 
 
 def build_data(
-    data: DataConfig, *, seed: int, distributed: bool, accumulate: int, max_epochs: int, max_steps: int | None
+    data: DataConfig,
+    *,
+    seed: int,
+    distributed: bool,
+    accumulate: int,
+    max_epochs: int,
+    max_steps: int | None,
+    min_steps: int | None = None,
 ) -> DataParts:
-    """Datasets and loaders of `data`, and how many optimizer steps an epoch and the whole run take."""
+    """Datasets and loaders of `data`, and how many optimizer steps an epoch and the whole run take (at least
+    `min_steps`, by more epochs than max_epochs when an epoch is short; max_steps still caps the run)."""
     bundle = build_datasets(data.name, seed=seed, **dataset_options(data))
     train_loader, val_loader, sampler = build_loaders(
         bundle,
@@ -64,9 +73,10 @@ def build_data(
             f"an epoch has {batches} batches, fewer than trainer.accumulate_grad_batches={accumulate}: lower "
             "data.batch_size or accumulate_grad_batches, or use more data"
         )
-    total = steps_per_epoch * max_epochs
+    epochs = max(max_epochs, -(-min_steps // steps_per_epoch)) if min_steps else max_epochs
+    total = steps_per_epoch * epochs
     total = min(total, max_steps) if max_steps else total
-    return DataParts(bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total)
+    return DataParts(bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs)
 
 
 def dataset_options(data: DataConfig) -> dict[str, Any]:

@@ -45,7 +45,8 @@ def recovery_notice(
     if total_steps < steps_per_epoch * max_epochs:  # trainer.max_steps is what ends the run
         fixes = [f"trainer.max_steps={steps_needed}"]
     else:
-        fixes = [f"trainer.max_epochs={math.ceil(steps_needed / max(steps_per_epoch, 1))}"]
+        fixes = [f"trainer.min_steps={steps_needed}",
+                 f"trainer.max_epochs={math.ceil(steps_needed / max(steps_per_epoch, 1))}"]  # fmt: skip
         batch = batch_size
         while batch > 8 and steps_per_epoch * batch_size // batch * max_epochs < steps_needed:
             batch //= 2

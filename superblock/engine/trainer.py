@@ -99,6 +99,7 @@ class Trainer:
             accumulate=t.accumulate_grad_batches,
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
+            min_steps=t.min_steps,
         )
         self.bundle, self.total_steps = self.data.bundle, self.data.total_steps
         self.model_spec = build_model_spec(cfg.model, self.bundle)
@@ -209,7 +210,7 @@ class Trainer:
         self.data.sampler.set_epoch(epoch)  # order and augmentations: functions of (seed, epoch[, index])
         plan = EpochPlan(
             epoch=epoch,
-            max_epochs=t.max_epochs,
+            max_epochs=self.data.epochs,
             usable_batches=self.data.steps_per_epoch * t.accumulate_grad_batches,
             total_steps=self.total_steps,
             log_every_steps=t.log_every_steps,
@@ -275,12 +276,12 @@ class Trainer:
                 print(self.report)
                 for line in filter(None, [describe(self.model), self._run_length_notice()]):
                     print(line)
-            while self.progress.step < self.total_steps and self.progress.epoch < t.max_epochs:
+            while self.progress.step < self.total_steps and self.progress.epoch < self.data.epochs:
                 epoch = self.progress.epoch
                 finished = self._train_epoch(epoch)
                 if finished:
                     self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
-                done = self.progress.step >= self.total_steps or self.progress.epoch >= t.max_epochs
+                done = self.progress.step >= self.total_steps or self.progress.epoch >= self.data.epochs
                 if (finished and (epoch + 1) % t.val_every_epochs == 0) or done:
                     self._end_epoch_validation(epoch)
                 self.save()
@@ -297,7 +298,7 @@ class Trainer:
             self.sparsity_spec,
             total_steps=self.total_steps,
             steps_per_epoch=self.data.steps_per_epoch,
-            max_epochs=c.trainer.max_epochs,
+            max_epochs=self.data.epochs,
             batch_size=c.data.batch_size,
             ramp_fraction=c.sparsity.ramp_fraction,
             floor=c.sparsity.min_recovery_steps,

@@ -51,6 +51,28 @@ def test_grid_jobs_dense_first_then_seed_by_seed(tmp_path) -> None:
         accuracy.parse_args([*GRID, "--recipes", "finetune"])  # an experiment preset cannot add sparse_finetune
 
 
+def test_run_length_axis_pairs_each_length_with_its_own_dense_runs(tmp_path) -> None:
+    root = tmp_path / "tree"
+    for i in range(40):  # a validation set of 40 images
+        (root / "val" / str(i % 4)).mkdir(parents=True, exist_ok=True)
+        (root / "val" / str(i % 4) / f"{i}.png").write_bytes(b"")
+    args = accuracy.parse_args(["--preset", "imagefolder", "--root", str(root), "--recipes", "default", "--levels",
+                                "0.9", "--blocks", "16", "--seeds", "0,1", "--epochs", "10,40", "--out",
+                                str(tmp_path / "out"), "data.image_size=16"])  # fmt: skip
+    jobs = accuracy.jobs_for(args)
+    assert [j["name"] for j in jobs[:4]] == ["dense_e10_s0", "dense_e40_s0", "dense_e10_s1", "dense_e40_s1"]
+    cmd = accuracy.command(next(j for j in jobs if j["name"] == "default_p0_l0.9_b16_e40_s1"), args)
+    assert "data=imagefolder" in cmd and "trainer.max_epochs=40" in cmd and cmd[-1] == "data.image_size=16"
+    values = {"dense_e10": (80.0, 82.0), "dense_e40": (95.0, 97.0), "default_p0_l0.9_b16_e10": (70.0, 74.0),
+              "default_p0_l0.9_b16_e40": (94.0, 96.0)}  # fmt: skip
+    rows = [{**j, "value": values[j["name"].rsplit("_s", 1)[0]][j["seed"]]} for j in jobs]
+    entries = {(e["recipe"], e["epochs"]): e for e in accuracy.summarize(rows)}
+    assert entries[("default", 10)]["gap"] == pytest.approx(-9.0)  # against the 10-epoch dense runs
+    assert entries[("default", 40)]["gap"] == pytest.approx(-1.0)
+    text = accuracy.resolution(args, list(entries.values()))
+    assert "40 images" in text and "a mean of 2 seeds" in text
+
+
 def test_budget_stops_starting_runs_that_would_not_end_in_time() -> None:
     budget = accuracy.Budget(None)
     assert budget.can_start() and budget.left() is None
@@ -89,7 +111,7 @@ def test_summary_gaps_are_per_seed_then_averaged(tmp_path) -> None:
     assert permuted["kept_before"] == pytest.approx(0.3) and permuted["kept_after"] == pytest.approx(0.4)
     assert ("reference", "none") not in entries
     md = accuracy.table(list(entries.values()), "val_top1")
-    assert "| default | mlp+heads | 90% | 32 | 90.75 +- 2.47 | -1.25 +- 0.35 | 0.300 -> 0.400 | 2 |" in md
+    assert "| default | mlp+heads | 90% | 32 | - | 90.75 +- 2.47 | -1.25 +- 0.35 | 0.300 -> 0.400 | 2 |" in md
     accuracy.plot(list(entries.values()), tmp_path / "a.png", "t", "val_top1")
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 

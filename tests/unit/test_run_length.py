@@ -26,7 +26,8 @@ def test_a_short_sparse_run_is_told_what_fixes_it():
     # the held-out digit set of the issue: 4,000 images, batch 128 -> 31 steps/epoch, 20 epochs, ramp over half
     msg = notice(620, 31, 20, 128)
     assert msg is not None and "310 optimizer steps at the final sparsity 0.9" in msg
-    assert "trainer.max_epochs=39" in msg  # 39 * 31 = 1209 steps, half after the ramp: >= 600
+    assert "trainer.min_steps=1200" in msg  # half of 1,200 steps after the ramp
+    assert "trainer.max_epochs=39" in msg  # 39 * 31 = 1209 steps
     assert "data.batch_size=64" in msg  # 62 steps/epoch * 20 = 1240
     assert "sparsity.min_recovery_steps=0" in msg
 
@@ -65,12 +66,13 @@ def test_still_improving_needs_a_gain_above_noise():
 
 
 @pytest.mark.slow
-def test_train_prints_the_notice_and_writes_still_improving(tmp_path):
+def test_train_raises_epochs_to_min_steps_prints_the_notice_and_writes_still_improving(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "train.py", "debug=smoke", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", "debug=smoke", "trainer.min_steps=20", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run length:" in proc.stdout and "trainer.max_epochs=" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["epochs"], summary["steps"]) == (3, 24)  # debug=smoke: 1 epoch of 8 steps, raised to reach 20
     assert isinstance(summary["still_improving"], bool) and isinstance(summary["improving_slope"], float)
