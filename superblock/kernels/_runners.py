@@ -223,6 +223,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
     launch = None if xstat else _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f,
                                                         activation, precision, config)  # fmt: skip
     dtype, device = values.dtype, values.device
+    w_desc = _triton_bsr.weight_descriptor(values) if launch is not None and launch.tma else None
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
@@ -235,7 +236,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
         if xstat:
             run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y)
         elif x2d.shape[0]:
-            launch(x2d, values, crow, col, gidx, bias, y)
+            launch(x2d, values, crow, col, gidx, bias, y, w_desc)
         return y.view(*x.shape[:-1], n_out) if out is None else out
 
     return run

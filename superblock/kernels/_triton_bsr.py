@@ -18,7 +18,6 @@ into two accumulators (x tiles of columns both keep are read twice, from L2), so
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -499,16 +498,18 @@ class Launch:
             self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
 
-    def __call__(self, x2d, values, crow, col, gidx, bias, y) -> torch.Tensor:
-        """y [M, n_out] = the product for x2d [M, k_in] (contiguous rows), on the tensors this layout describes."""
+    def __call__(self, x2d, values, crow, col, gidx, bias, y, w_desc=None) -> torch.Tensor:
+        """y [M, n_out] = the product for x2d [M, k_in] (contiguous rows), on the tensors this layout describes.
+        `w_desc`: weight_descriptor(values), when the caller keeps it (else built here for a TMA launch)."""
         b_arg = bias if bias is not None else y
         if self.split:
             return self._run_decode(x2d, values, crow, col, b_arg, y)
         M = x2d.shape[0]
         if self.tma and tma_ok(x2d, y, values):
+            w_desc = w_desc if w_desc is not None else weight_descriptor(values)
             bm, bh, bw = self.block_m, self.bh, self.bw
             args = (
-                TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [bm, bw]), weight_descriptor(values), crow,
+                TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [bm, bw]), w_desc, crow,
                 col, b_arg, TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, bh]), self.n_out, self.n_groups,
                 bh, bw, bm, self.has_bias, self.act, self.prec, INTERPRET,
             )  # fmt: skip
@@ -551,18 +552,12 @@ class Launch:
 
 
 def weight_descriptor(values: torch.Tensor):
-    """The TMA descriptor of a weight's blocks ([nnz * bh, bw] in boxes of one block), kept with the tensor
-    (`values` is a buffer its layer owns; a descriptor depends only on its storage, shape and dtype)."""
+    """The TMA descriptor of a weight's blocks ([nnz * bh, bw] in boxes of one block); None where TMA cannot read
+    them (no descriptors in this Triton, a base not 16-byte aligned). A bound launch builds it once per weight."""
+    if TensorDescriptor is None or values.data_ptr() % 16:
+        return None
     bh, bw = int(values.shape[1]), int(values.shape[2])
-    key = (values.data_ptr(), values.shape[0], bh, bw, values.dtype)
-    cached = getattr(values, "_superblock_wdesc", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    flat = values.view(-1, bw)
-    desc = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [bh, bw])
-    with contextlib.suppress(AttributeError, RuntimeError):  # a tensor subclass that takes no attributes
-        values._superblock_wdesc = (key, desc)
-    return desc
+    return TensorDescriptor(values, [values.shape[0] * bh, bw], [bw, 1], [bh, bw])
 
 
 REDUCE_BLOCK_N = 256
