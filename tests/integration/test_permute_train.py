@@ -8,6 +8,7 @@ import torch
 
 from superblock.artifacts.checkpoint import load_checkpoint, model_from_checkpoint
 from superblock.export import export_checkpoint, load_sparse
+from superblock.sparsity import iter_block_masks
 from tests.integration.test_train import SMOKE, fault_at, run_train, summary_of
 
 PERMUTED = [
@@ -56,8 +57,9 @@ def test_permuted_run_resumes_without_permuting_again_and_exports(tmp_path, star
     result = export_checkpoint(
         straight, tmp_path / "export", layout="bsr", device="cpu", batch_sizes=[2], echo=lambda _line: None
     )
-    assert result is not None
     masked = model_from_checkpoint(load_checkpoint(straight / "checkpoints" / "last.pt")).eval()
+    assert result.path == tmp_path / "export"
+    assert len(result.manifest["layers"]) == len(list(iter_block_masks(masked)))  # every masked weight exported
     served = load_sparse(tmp_path / "export").eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from superblock.config import ConfigError, to_config
+from superblock.config import ConfigError, to_config, to_evaluate_config, to_export_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOP_LEVEL = {p.stem for p in CONFIGS.glob("*.yaml")}
@@ -38,10 +38,19 @@ def test_every_group_option_composes_and_validates(path):
     assert conf.model.name and conf.data.batch_size > 0
 
 
+SCHEMAS = {"train": (to_config, []), "export": (to_export_config, ["checkpoint=outputs/run"]),
+           "evaluate": (to_evaluate_config, ["checkpoint=outputs/run"])}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", sorted(TOP_LEVEL))
-def test_every_top_level_config_composes(name):
-    cfg = _compose(name, [])
-    assert OmegaConf.to_container(cfg) is not None
+def test_every_top_level_config_composes_and_validates(name):
+    assert name in SCHEMAS, f"configs/{name}.yaml has no schema here: add its to_*_config"
+    to_schema, required = SCHEMAS[name]
+    typed = to_schema(_compose(name, required))
+    assert type(typed).__name__.lower().startswith(name)  # TrainConfig, ExportConfig, EvaluateConfig
+    if required:  # the one required key: without it, a clear error at start-up
+        with pytest.raises(ConfigError, match="checkpoint=<path> is required"):
+            to_schema(_compose(name, []))
 
 
 def test_default_config_is_the_embedded_run():
