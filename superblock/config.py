@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -67,7 +68,7 @@ class DataConfig:
     randaugment: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seq_len: int = 128  # text: tokens per training sequence
-    tokenizer: str | None = None  # text: a local tokenizer directory; None: UTF-8 bytes
+    tokenizer: str | None = None  # text: a local tokenizer directory; None: the pretrained model's, else UTF-8 bytes
     max_bytes: int | None = None  # text: cap on the corpus read (None: the dataset's default)
 
 
@@ -299,7 +300,25 @@ def to_config(cfg: DictConfig | dict) -> TrainConfig:
     """Merge a composed config into the schema and check it; ConfigError with one actionable line otherwise."""
     conf = _typed(TrainConfig, cfg, _data_root_given)
     check(conf)
+    if conf.data.name == "text" and conf.data.tokenizer is None:
+        conf.data.tokenizer = model_tokenizer(conf.model)
     return conf
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizer(m: ModelConfig) -> str | None:
+    """The tokenizer a pretrained transformers model came with: the directory of `model.pretrained`, else of
+    `model.name=hf:<dir>`, when it holds tokenizer files. None (UTF-8 bytes) for models trained from scratch."""
+    candidates = [m.pretrained] if m.pretrained else []
+    if m.name.startswith("hf:"):
+        candidates.append(m.name[3:])
+    for c in candidates:
+        path = Path(str(c)).expanduser()
+        if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
+            return str(path)
+    return None
 
 
 def _one_of(value: Any, options: tuple, key: str) -> None:

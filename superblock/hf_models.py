@@ -277,7 +277,10 @@ def hf_model_spec(
     path = local_dir(name)
     if path is not None:
         base = base_config(name)
-        stored = {k: v for k, v in base.to_diff_dict().items() if k not in PROVENANCE_KEYS}
+        # keys the architecture's config class does not have are metadata of the file's origin (a GGUF conversion
+        # writes _model_name_or_path, unk_token_id), not architecture: they would fail as overrides on a rebuild
+        arch = import_transformers(name).AutoConfig.for_model(base.model_type)
+        stored = {k: v for k, v in base.to_diff_dict().items() if k not in PROVENANCE_KEYS and hasattr(arch, k)}
         overrides = {**json.loads(json.dumps(stored, default=str)), **overrides}
         if pretrained is None and has_weights(path):
             pretrained = str(path)

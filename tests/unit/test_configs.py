@@ -131,9 +131,9 @@ def test_every_value_an_experiment_sets_survives_composition(path):
         got = cfg
         for part in key.split("."):
             got = got[part]
-        if isinstance(value, str) and value.startswith("${"):
+        if isinstance(value, str) and "${" in value:  # interpolated: resolved from another key
             continue
-        if value == "???":
+        if value == "???" or key == "model.pretrained":  # "???" is required; model.pretrained is this test's input
             continue
         assert got == value, f"{path.name}: {key} = {value!r} became {got!r}"
     if path.stem == "sparse_finetune":

