@@ -438,14 +438,13 @@ def launch(
     configurations are not launched that way (superblock::bsr_linear_triton refuses them: ops.tiled_config).
     activation "silu_mul": n_out is y's width N, the weight [gate; up] has twice its block rows (and groups); no TMA.
     Callers that run one weight many times keep its `Launch` (launch_for) instead."""
-    if wrap is not None:  # traced by torch.compile: its generated code launches the kernel
-        run = launch_for(values, crow, col, gidx, bias is not None, n_out, k_in, activation, precision, config)
-        b_arg = bias if bias is not None else y
-        args = run.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
-        wrap(_bsr_linear_kernel)[run.tiled_grid(x2d.shape[0])](*args, **run.options)
-        return y
     run = launch_for(values, crow, col, gidx, bias is not None, n_out, k_in, activation, precision, config)
-    return run(x2d, values, crow, col, gidx, bias, y)
+    if wrap is None:
+        return run(x2d, values, crow, col, gidx, bias, y)
+    # traced by torch.compile (inside a triton_op): its generated code launches the kernel
+    args = run.tiled_args(x2d, values, crow, col, gidx, bias if bias is not None else y, y)
+    wrap(_bsr_linear_kernel)[run.tiled_grid(x2d.shape[0])](*args, **run.options)
+    return y
 
 
 _launches: dict[tuple, Launch] = {}

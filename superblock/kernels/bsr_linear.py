@@ -9,10 +9,10 @@ Backends:
           and cached in memory and on disk (see superblock.kernels.tuning); CPU: torch's BSR path (MKL)
           for fp32/fp64 with square blocks, else dense.
 
-Every backend runs through the custom operator torch.ops.superblock.bsr_linear (kernels/ops.py): in eager
-code its kernel is called directly, under torch.compile / torch.export the op is traced as one node. This
-function is the convenient entry point (validation, `auto`); modules (BlockSparseLinear) precompute their
-choices and derived tensors per layer instead and skip all of it on the hot path.
+Under torch.compile / torch.export every backend is the custom operator torch.ops.superblock.bsr_linear
+(kernels/ops.py), traced as one node. In eager code this function checks a weight once and keeps its plan (the
+choice, the tensors it runs on and, for triton, the launch bound to the weight: _runners.bind_triton), so a call
+after the first checks x, looks the plan up and launches; BlockSparseLinear keeps the same plans per layer.
 
 The kernels are for inference: no backward. With autograd recording and a tensor that requires grad,
 `auto` uses the dense path (differentiable); `triton` raises.
@@ -169,7 +169,8 @@ _cache = _WeightCache()
 
 
 def clear_caches() -> None:
-    """Forget the derived forms (grouped layouts, int64 indices) the functional bsr_linear keeps per weight."""
+    """Forget the plans the functional bsr_linear keeps per weight (choices, grouped layouts, dense copies, bound
+    launches)."""
     _cache.clear()
 
 
