@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.export import export_checkpoint  # noqa: E402
-from tests.unit.test_export_helpers import make_run  # noqa: E402
+from tests.helpers.runs import make_run  # noqa: E402
 
 
 def main(export_dir: str) -> None:

@@ -29,7 +29,7 @@ if "--no-own-workspace" in sys.argv:
     serving.own_cublas_workspace = contextlib.nullcontext
 
 from superblock.export import load_folded, load_sparse  # noqa: E402
-from tests.unit.test_export_helpers import probe  # noqa: E402
+from tests.helpers.runs import probe  # noqa: E402
 
 
 @torch.no_grad()

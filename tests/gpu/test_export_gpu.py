@@ -22,7 +22,7 @@ from superblock.evaluate import evaluate  # noqa: E402
 from superblock.export import export_checkpoint, load_sparse  # noqa: E402
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention  # noqa: E402
 from superblock.kernels._triton_bsr import HAS_TRITON  # noqa: E402
-from tests.unit.test_export_helpers import make_run, probe  # noqa: E402
+from tests.helpers.runs import make_run, probe  # noqa: E402
 
 BACKENDS = ["auto", "torch", "dense", *(["triton"] if HAS_TRITON else [])]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/gpu is not
 
 from superblock.export import ServingModel, export_checkpoint, load_sparse  # noqa: E402
 from superblock.kernels import BlockSparseLinear  # noqa: E402
-from tests.unit.test_export_helpers import make_run, probe  # noqa: E402
+from tests.helpers.runs import make_run, probe  # noqa: E402
 
 TOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}  # max |diff| / max |eager logit|
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from superblock.export import export_checkpoint  # noqa: E402
-from tests.unit.test_export_helpers import make_run  # noqa: E402
+from tests.helpers.runs import make_run  # noqa: E402
 
 
 def test_served_graphs_survive_reduce_overhead_and_empty_cache_in_the_same_process(tmp_path):

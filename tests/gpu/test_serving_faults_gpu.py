@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/gpu is not a package: reach tests.unit
 
 from superblock.export import ServingModel, export_checkpoint, load_sparse  # noqa: E402
-from tests.unit.test_export_helpers import make_run, probe  # noqa: E402
+from tests.helpers.runs import make_run, probe  # noqa: E402
 
 BF16_TOL = 3e-2  # max |diff| / max |reference logit| (bf16 through a different batch size's kernels)
 

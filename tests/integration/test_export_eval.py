@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.test_export_helpers import make_run
+from tests.helpers.runs import make_run
 
 REPO = Path(__file__).resolve().parents[2]
 

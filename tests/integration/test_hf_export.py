@@ -11,8 +11,8 @@ from superblock.export.serving import LM_SAMPLE_TOKENS, SampleInput, check_again
 from superblock.export.writer import fold_copy
 from superblock.kernels import BlockSparseLinear
 from superblock.models import build_model
-from tests.unit.test_export_helpers import make_run
-from tests.unit.test_hf_targets import CONFIGS
+from tests.helpers.hf import CONFIGS
+from tests.helpers.runs import make_run
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_train import fault_at, run_train, summary_of
+from tests.helpers.train import fault_at, run_train, summary_of
 
 pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import torch
 from superblock.artifacts.checkpoint import load_checkpoint, model_from_checkpoint
 from superblock.export import export_checkpoint, load_sparse
 from superblock.sparsity import iter_block_masks
-from tests.integration.test_train import SMOKE, fault_at, run_train, summary_of
+from tests.helpers.train import SMOKE, fault_at, run_train, summary_of
 
 PERMUTED = [
     *SMOKE,

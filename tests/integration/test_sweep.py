@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_train import ROOT, run_train
+from tests.helpers.train import ROOT, run_train
 
 GRID = ["sweep=smoke_grid", "debug=smoke", "trainer.threads=1"]
 

@@ -14,7 +14,7 @@ from superblock.artifacts.resolve import ArtifactError, resolve, resolve_checkpo
 from superblock.artifacts.spec import build_from_spec
 from superblock.export import export_checkpoint
 from superblock.sparsity import get_controller
-from tests.unit.test_export_helpers import logits, make_run, probe
+from tests.helpers.runs import logits, make_run, probe
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, _runners, bsr_linear, dense_to_bsr, ops
-from tests.unit.test_kernels import random_block_sparse, reference, rel_err
+from tests.helpers.kernels import random_block_sparse, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
@@ -68,7 +68,7 @@ def test_triton_op_fake_impl_and_config_check():
 _TRITON_OP_SCRIPT = """
 import torch
 from superblock.kernels import _runners, dense_to_bsr
-from tests.unit.test_kernels import random_block_sparse, reference, rel_err
+from tests.helpers.kernels import random_block_sparse, reference, rel_err
 w = random_block_sparse(96, 80, (16, 16), 0.4)
 values, crow, col = dense_to_bsr(w, 16)
 x, b = torch.randn(2, 5, 80), torch.randn(96)
@@ -88,7 +88,7 @@ def test_triton_op_runs_the_kernel_in_the_interpreter():
     import sys
 
     pytest.importorskip("triton")
-    from tests.unit.test_kernels import REPO
+    from tests.helpers.kernels import REPO
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

@@ -121,8 +121,7 @@ def test_measure_keeps_dense_when_decode_is_not_faster(monkeypatch):
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import torch, sys
-    sys.path.insert(0, "tests/unit")
-    from test_kernels import random_block_sparse, reference, rel_err
+    from tests.helpers.kernels import random_block_sparse, reference, rel_err
     from superblock.kernels import BlockSparseLinear, _triton_bsr, bsr_linear, dense_to_bsr
     torch.manual_seed(0)
     # (out, in), block: ragged N and K (not block multiples), a 16x32 block; random_block_sparse empties a row.

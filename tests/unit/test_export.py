@@ -20,7 +20,7 @@ from superblock.export.layout import assign_layouts
 from superblock.export.writer import fold_copy
 from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, fuse_linear_gelu
 from superblock.sparsity import sparsify
-from tests.unit.test_export_helpers import logits, make_run, probe
+from tests.helpers.runs import logits, make_run, probe
 
 FP32 = {"atol": 1e-4, "rtol": 1e-4}
 

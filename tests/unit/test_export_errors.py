@@ -13,7 +13,7 @@ from superblock import devices as devices_mod
 from superblock.artifacts.checkpoint import CheckpointError
 from superblock.artifacts.format import MANIFEST, WEIGHTS
 from superblock.export import ExportError, export_checkpoint, load_sparse, read_manifest
-from tests.unit.test_export_helpers import make_run
+from tests.helpers.runs import make_run
 
 
 def export(run, out, **kw):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from superblock.evaluate import evaluate
 from superblock.export import ExportError, export_checkpoint
-from tests.unit.test_export_helpers import make_run
+from tests.helpers.runs import make_run
 
 QUICK = {"batch_size": 2, "warmup": 1, "repeats": 2, "rounds": 1, "inputs": 2}
 

@@ -246,8 +246,8 @@ def test_gpt2_has_nothing_to_fuse():
 def test_load_sparse_fuses_by_default_and_generates_what_the_unfused_model_does(tmp_path):
     pytest.importorskip("transformers")
     from superblock.export import export_checkpoint, load_sparse
-    from tests.unit.test_export_helpers import make_run
-    from tests.unit.test_hf_targets import CONFIGS
+    from tests.helpers.hf import CONFIGS
+    from tests.helpers.runs import make_run
 
     llama = CONFIGS["llama"]
     make_run(

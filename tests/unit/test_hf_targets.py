@@ -14,20 +14,10 @@ from superblock.sparsity.targets import is_conv1d
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.hf import CONFIGS  # noqa: E402
+
 VOCAB = 61
 
-CONFIGS = {
-    "bert": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
-    "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
-    "llama": {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    },
-}
 PER_BLOCK = {
     "bert": {
         "attn": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,34 +24,9 @@ from superblock.kernels import (
     tuning_table,
 )
 from superblock.kernels import tuning as tuning_mod
+from tests.helpers.kernels import REPO, random_block_sparse, reference, rel_err
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def random_block_sparse(out_f, in_f, block, density, dtype=torch.float32, seed=0):
-    """A dense (out, in) weight with random whole blocks zeroed (and every kept entry nonzero)."""
-    g = torch.Generator().manual_seed(seed)
-    bh, bw = block
-    rows, cols = -(-out_f // bh), -(-in_f // bw)
-    keep = torch.rand(rows, cols, generator=g) < density
-    keep[0, 0] = True
-    keep[-1] = False  # an empty block row: output must be the bias alone
-    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
-    w = (torch.rand(out_f, in_f, generator=g) + 0.5) * torch.sign(torch.randn(out_f, in_f, generator=g))
-    return (w * mask).to(dtype)
-
-
-def reference(x, w, bias=None, activation=None):
-    y = x.double() @ w.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    return F.gelu(y) if activation == "gelu" else y
-
-
-def rel_err(y, ref):
-    assert torch.isfinite(y).all(), "non-finite output"
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 CASES = [  # (out, in, block)
@@ -385,8 +359,7 @@ def test_token_buckets_and_candidates():
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import torch, sys
-    sys.path.insert(0, "tests/unit")
-    from test_kernels import random_block_sparse, reference, rel_err
+    from tests.helpers.kernels import random_block_sparse, reference, rel_err
     from superblock.kernels import bsr_linear, dense_to_bsr
     torch.manual_seed(0)
     cases = [((96, 64), (32, 32), {"BLOCK_M": 32, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False}),

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from superblock.evaluate import evaluate
 from superblock.export import ServingModel, export_checkpoint, load_sparse, make_runtime
 from superblock.kernels import BlockSparseLinear, tuning
-from tests.unit.test_export_helpers import logits, make_run, probe
+from tests.helpers.runs import logits, make_run, probe
 
 
 @pytest.fixture(scope="module")

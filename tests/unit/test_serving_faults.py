@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from superblock.artifacts import folded as folded_mod
 from superblock.artifacts.format import WEIGHTS
 from superblock.export import ExportError, ServingModel, export_checkpoint, load_sparse
-from tests.unit.test_export_helpers import logits, make_run, probe
+from tests.helpers.runs import logits, make_run, probe
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 EAGER_COMPILE = {"backend": "eager"}  # Dynamo's graphs without inductor's codegen: the serving logic, fast

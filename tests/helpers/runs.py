@@ -1,7 +1,7 @@
 """Helpers shared by the export/evaluate tests: training-run directories holding a randomly initialised masked model.
 
 Laid out like train.py's run directories (checkpoints/last.pt + config.yaml), so export and evaluate see exactly
-what they see after training. Imported by tests/integration/test_export_eval.py as well.
+what they see after training. Imported by the export, evaluate, serving and runtime tests (unit, integration, GPU).
 """
 
 from __future__ import annotations

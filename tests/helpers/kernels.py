@@ -1,0 +1,36 @@
+"""Weights and references shared by the kernel tests (CPU, interpreter and GPU): random block-sparse weights with
+an empty block row, a float64 reference product, and the relative error that refuses non-finite outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def random_block_sparse(out_f, in_f, block, density, dtype=torch.float32, seed=0):
+    """A dense (out, in) weight with random whole blocks zeroed (and every kept entry nonzero)."""
+    g = torch.Generator().manual_seed(seed)
+    bh, bw = block
+    rows, cols = -(-out_f // bh), -(-in_f // bw)
+    keep = torch.rand(rows, cols, generator=g) < density
+    keep[0, 0] = True
+    keep[-1] = False  # an empty block row: output must be the bias alone
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
+    w = (torch.rand(out_f, in_f, generator=g) + 0.5) * torch.sign(torch.randn(out_f, in_f, generator=g))
+    return (w * mask).to(dtype)
+
+
+def reference(x, w, bias=None, activation=None):
+    y = x.double() @ w.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return F.gelu(y) if activation == "gelu" else y
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output"
+    return ((y.double() - ref).norm() / ref.norm()).item()
