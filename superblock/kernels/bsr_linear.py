@@ -270,7 +270,9 @@ def _eager_plan(args, backend: str, config: dict | None, precision: str) -> Plan
         which = ("bucket", _tuning.token_bucket(x2d.shape[0]), _tuning.get_tuning_target(), _tuning.generation())
     else:
         which = ("rule",)
-    key = ("plan", shape, backend, which, x2d.dtype, x2d.device, precision, bias is not None, activation)
+    # inference mode is part of the key: tensors built under it (the dense copy, int32 indices) are inference tensors
+    key = ("plan", shape, backend, which, x2d.dtype, x2d.device, precision, bias is not None, activation,
+           torch.is_inference_mode_enabled())  # fmt: skip
 
     def build() -> Plan:
         _validate_weight(values, crow, col, shape, activation, backend)

@@ -61,7 +61,7 @@ class Choice:
 class Plan(NamedTuple):
     """What a layer runs for one token count: the backend, its tensors (buffer names, or tensors built inside a
     trace), the Triton config list, the fp32 precision, whether inductor may launch the kernel itself, and, in eager
-    code, `run`: the Triton launch bound to the weight (_runners.bind_triton: `run(x, out=None)`)."""
+    code, `run`: the Triton launch bound to the weight (_runners.bind_triton: `run(x, bias, out=None)`)."""
 
     backend: str
     tensors: Any

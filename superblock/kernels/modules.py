@@ -346,9 +346,8 @@ class BlockSparseLinear(nn.Module):
         run = None
         if not traced and _runners.bindable(x.device):
             crow, col, gidx = (self._buffers[n] if n is not None else None for n in names)
-            cfg = _runners.config_from_list(config_list)
             run = _runners.bind_triton(self.values, crow, col, gidx, self.bias is not None, self.shape,
-                                       self._activation, precision, cfg)  # fmt: skip
+                                       self._activation, precision, config)  # fmt: skip
         cuda = x.device.type == "cuda"
         return Plan("triton", names, config_list, precision, cuda and ops.tiled_config(config_list), run)
 
