@@ -118,10 +118,9 @@ def jobs_for(args: argparse.Namespace) -> list[dict]:
     """Dense runs first (one per seed and run length), then the sparse grid seed by seed."""
     out = Path(args.out).resolve()
     lengths = args.epochs or [None]
-    _TAG_LENGTHS["on"] = len(lengths) > 1
     jobs = [
         {
-            "name": f"dense{_length_tag(e)}_s{s}",
+            "name": f"dense{_length_tag(args, e)}_s{s}",
             "recipe": "dense",
             "permute": "none",
             "level": 0.0,
@@ -147,11 +146,9 @@ def _length(epochs: int | None) -> list[str]:
     return [] if epochs is None else [f"trainer.max_epochs={epochs}"]
 
 
-_TAG_LENGTHS = {"on": False}  # run names carry _e<epochs> only on a run-length axis (older grids keep their names)
-
-
-def _length_tag(epochs: int | None) -> str:
-    return f"_e{epochs}" if epochs is not None and _TAG_LENGTHS["on"] else ""
+def _length_tag(args: argparse.Namespace, epochs: int | None) -> str:
+    """_e<epochs> in run names only on a run-length axis (several --epochs): older grids keep their names."""
+    return f"_e{epochs}" if epochs is not None and len(args.epochs or []) > 1 else ""
 
 
 def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: int, seed: int,
@@ -160,8 +157,8 @@ def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block:
     if args.start_epoch is not None:
         extra.append(f"sparsity.start_epoch={args.start_epoch}")
     if recipe == "finetune":
-        extra.append(f"model.pretrained={out / 'runs' / f'dense{_length_tag(epochs)}_s{seed}'}")
-    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}{_length_tag(epochs)}_s{seed}"
+        extra.append(f"model.pretrained={out / 'runs' / f'dense{_length_tag(args, epochs)}_s{seed}'}")
+    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}{_length_tag(args, epochs)}_s{seed}"
     return {
         "name": name,
         "recipe": recipe,
