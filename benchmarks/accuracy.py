@@ -67,6 +67,30 @@ def _csv(cast):
     return lambda text: [cast(v) for v in text.split(",") if v]
 
 
+def block_label(text: str | int) -> str:
+    """A tile as the grid names it: "32" for a square (from "32" or "32x32"), "64x16" for 64 output rows by 16
+    input columns. ValueError (argparse's message) for anything else."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"a block is N or ROWSxCOLS (e.g. 32 or 64x16), got {text!r}")
+    rows, cols = int(parts[0]), int(parts[-1])
+    return str(rows) if rows == cols else f"{rows}x{cols}"
+
+
+def block_shape(label: str | int | None) -> tuple[int, int] | None:
+    """(rows, cols) of a block label (None for a dense run)."""
+    if label is None:
+        return None
+    parts = str(label).split("x")
+    return int(parts[0]), int(parts[-1])
+
+
+def _block_order(label: str | int | None) -> tuple[int, int]:
+    """Sort tiles by area, then taller first; a dense run (no tile) first."""
+    shape = block_shape(label)
+    return (0, 0) if shape is None else (shape[0] * shape[1], -shape[0])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", "--data", dest="preset", choices=sorted(PRESETS), default="digits")
@@ -80,7 +104,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--permute", type=_csv(str), default=["none"], help="comma-separated: none,mlp,mlp+heads")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
     p.add_argument("--levels", type=_csv(float), default=[0.8, 0.9])
-    p.add_argument("--blocks", type=_csv(int), default=[16, 32, 64])
+    p.add_argument(
+        "--blocks",
+        type=_csv(block_label),
+        default=["16", "32", "64"],
+        help="tiles, comma-separated: N for N x N, ROWSxCOLS for ROWS output rows by COLS inputs (e.g. 32,64x16)",
+    )
     p.add_argument(
         "--epochs",
         type=_csv(int),
@@ -151,9 +180,11 @@ def _length_tag(args: argparse.Namespace, epochs: int | None) -> str:
     return f"_e{epochs}" if epochs is not None and len(args.epochs or []) > 1 else ""
 
 
-def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: int, seed: int,
+def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block: str, seed: int,
                 epochs: int | None = None) -> dict:  # fmt: skip
-    extra = [f"sparsity.level={level}", f"sparsity.block_size={block}", f"sparsity.permute={permute}"]
+    rows, cols = block_shape(block)
+    size = str(rows) if rows == cols else f"[{rows},{cols}]"
+    extra = [f"sparsity.level={level}", f"sparsity.block_size={size}", f"sparsity.permute={permute}"]
     if args.start_epoch is not None:
         extra.append(f"sparsity.start_epoch={args.start_epoch}")
     if recipe == "finetune":
@@ -277,7 +308,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["value"] is not None:
-            groups.setdefault((r["recipe"], r["permute"], r["level"], r["block"], at(r)), []).append(r)
+            block = None if r["block"] is None else block_label(r["block"])  # older rows: an int
+            groups.setdefault((r["recipe"], r["permute"], r["level"], block, at(r)), []).append(r)
     out = []
     for (recipe, permute, level, block, epochs), mine in groups.items():
         mean, std = _mean_std([r["value"] for r in mine])
@@ -302,8 +334,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         )
     return sorted(
         out,
-        key=lambda e: (e["sparsity"], e["block"] or 0, e["epochs"] or 0, e["recipe"] != "dense", e["recipe"],
-                       e["permute"]),
+        key=lambda e: (e["sparsity"], _block_order(e["block"]), e["epochs"] or 0, e["recipe"] != "dense",
+                       e["recipe"], e["permute"]),
     )  # fmt: skip
 
 
@@ -331,34 +363,42 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
 
     levels = sorted({e["sparsity"] for e in entries if e["recipe"] != "dense"})
     fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
+    markers = {"square": "o", "tall": "^", "wide": "v"}
     for ax, level in zip(axes[0], levels, strict=False):
-        for key in sorted({(e["recipe"], e["permute"], e["epochs"] or 0) for e in entries if e["sparsity"] == level}):
+        mine = [e for e in entries if e["sparsity"] == level and e["block"] is not None and not math.isnan(e["gap"])]
+        for key in sorted({(e["recipe"], e["permute"], e["epochs"] or 0, tile_kind(e["block"])) for e in mine}):
             pts = sorted(
-                (e["block"], e["gap"], e["gap_std"])
-                for e in entries
-                if (e["recipe"], e["permute"], e["epochs"] or 0) == key
-                and e["sparsity"] == level
-                and not math.isnan(e["gap"])
+                (math.prod(block_shape(e["block"])), e["gap"], e["gap_std"], e["block"])
+                for e in mine
+                if (e["recipe"], e["permute"], e["epochs"] or 0, tile_kind(e["block"])) == key
             )
-            if pts:
-                xs, ys, es = zip(*pts, strict=True)
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=es,
-                    marker="o",
-                    capsize=3,
-                    ls="-" if key[1] == "none" else "--",
-                    label=f"{key[0]}, permute {key[1]}" + (f", {key[2]} epochs" if key[2] else ""),
-                )
+            xs, ys, es, names = zip(*pts, strict=True)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                marker=markers[key[3]],
+                capsize=3,
+                ls="-" if key[1] == "none" else "--",
+                label=f"{key[0]}, permute {key[1]}, {key[3]} tiles" + (f", {key[2]} epochs" if key[2] else ""),
+            )
+            if key[3] != "square":
+                for x, y, name in zip(xs, ys, names, strict=True):
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0.0, color="black", lw=1)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("block size")
+        ax.set_xlabel("tile area (rows x cols; squares 16 / 32 / 64 at 256 / 1024 / 4096)")
         ax.set_ylabel(f"{metric} - dense")
         ax.set_title(f"{title}: {level:.0%} sparsity")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def tile_kind(label: str | int) -> str:
+    """square, tall (more output rows than input columns) or wide."""
+    rows, cols = block_shape(label)
+    return "square" if rows == cols else "tall" if rows > cols else "wide"
 
 
 def plot_length(entries: list[dict], path: Path, title: str, metric: str) -> None:

@@ -18,6 +18,7 @@ from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
+from superblock.sparsity.tiling import Tiling
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,8 @@ class DataConfig:
 class SparsityConfig:
     enabled: bool = True
     level: float = 0.8
-    block_size: Any = 16  # int or [rows, cols]
+    block_size: Any = 16  # int or [rows, cols]: output rows by input columns of every targeted weight
+    block_overrides: list[Any] = field(default_factory=list)  # [{match: glob on weight / module name, block: size}]
     targets: list[str] = field(default_factory=lambda: ["mlp", "attn"])
     exclude: list[str] = field(default_factory=list)
     skip_first_block: bool = False
@@ -344,6 +346,7 @@ def check(c: TrainConfig) -> None:
             check_sparsity(s.level, "sparsity.level")
             check_sparsity(s.initial, "sparsity.initial")
             normalize_block_size(s.block_size)
+            Tiling.of(s.block_size, s.block_overrides)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _one_of(s.schedule, SCHEDULES, "sparsity.schedule")
@@ -423,12 +426,6 @@ def _check_permute(s: SparsityConfig, t: TrainerConfig) -> None:
     _one_of(s.permute, PERMUTE_MODES, "sparsity.permute")
     if s.permute == "none":
         return
-    block = normalize_block_size(s.block_size)
-    if block[0] != block[1]:
-        raise ConfigError(
-            f"sparsity.permute={s.permute} needs square tiles, got sparsity.block_size={list(block)}: "
-            "use e.g. sparsity.block_size=32 or sparsity.permute=none"
-        )
     if t.strategy == "fsdp":
         raise ConfigError(
             f"sparsity.permute={s.permute} permutes whole weights, which FSDP shards: use "
@@ -452,13 +449,16 @@ def _check_augment(a: AugmentConfig) -> None:
         _one_of(a.interpolation, ("bilinear", "bicubic", "nearest", "random"), "data.augment.interpolation")
 
 
-def check_strict_blocks(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:
-    """With sparsity.strict_blocks, every targeted weight must be a whole number of tiles."""
-    bad = [f"{n} {tuple(s)}" for n, s in shapes.items() if s[0] % block[0] or s[1] % block[1]]
+def check_strict_blocks(tiles: dict[str, tuple[tuple[int, ...], tuple[int, int]]]) -> None:
+    """With sparsity.strict_blocks, every targeted weight must be a whole number of its tiles.
+    `tiles`: {weight name: ((out, in) shape, (out rows, in cols) tile)}."""
+    bad = [f"{n} {tuple(s)} in {list(b)} tiles" for n, (s, b) in tiles.items() if s[0] % b[0] or s[1] % b[1]]
     if bad:
         raise ConfigError(
-            f"sparsity.block_size={list(block)} does not divide {len(bad)} targeted weight(s), e.g. {bad[0]}: "
-            "choose a block size that divides them, exclude them, or set sparsity.strict_blocks=false"
+            f"the block size does not divide {len(bad)} targeted weight(s), e.g. {bad[0]}: choose a "
+            "sparsity.block_size that divides them, give them another in sparsity.block_overrides (e.g. "
+            "'sparsity.block_overrides=[{match:\"*.attn.proj\",block:[32,32]}]'), exclude them, or set "
+            "sparsity.strict_blocks=false"
         )
 
 

@@ -29,6 +29,7 @@ from superblock.engine.pretrained import load_run_weights, names_run
 from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
 from superblock.sparsity import SparsityReport, normalize_block_size, sparsify
+from superblock.sparsity.tiling import Tiling
 
 
 @dataclass
@@ -148,6 +149,7 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
         "fixed_mask": s.fixed_mask,
         # only when set: the spec of runs from before the option stays equal, so they still resume
         **({"freeze_after_ramp": True} if s.freeze_after_ramp else {}),
+        **({"block_overrides": Tiling.of(block, s.block_overrides).to_list()} if s.block_overrides else {}),
     }
 
 
@@ -170,7 +172,7 @@ def build_student(
         return model, None
     if strict_blocks:
         dry = sparsify(model, **sparsify_args, dry_run=True)
-        check_strict_blocks({r.name: r.shape for r in dry.rows}, normalize_block_size(dry.rows[0].block))
+        check_strict_blocks({r.name: (r.shape, r.block) for r in dry.rows})
     permuted = permute_before_masks(model, permute, sparsify_args)
     report = sparsify(model, **sparsify_args, seed=seed)
     if permuted is not None:

@@ -25,7 +25,7 @@ from superblock.engine.ema import ModelEma
 from superblock.sparsity import get_controller, mask_parameters
 from superblock.sparsity.permute import PermutationReport, permute_model, reset_scores
 
-_TARGET_KEYS = ("targets", "exclude", "skip_first_block", "skip_head")
+_TARGET_KEYS = ("block_overrides", "targets", "exclude", "skip_first_block", "skip_head")
 
 
 def _permute_args(spec: dict[str, Any]) -> dict[str, Any]:

@@ -336,7 +336,8 @@ class Trainer:
         masked = {n for n, _, _, _ in iter_block_masks(model)} if model is not None else set()
         measured = {}
         if spec and model is not None:
-            measured = {n: v for n, v in block_sparsity(model, spec["block_size"]).items() if n in masked}
+            tiles = block_sparsity(model, spec["block_size"], spec.get("block_overrides"))
+            measured = {n: v for n, v in tiles.items() if n in masked}
         total, kept = model_size(model) if model is not None else (None, None)
         p, m = self.progress, self.progress.last_metrics
         return RunSummary(

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from superblock.sparsity.blocks import grid_shape, normalize_block_size, tile_sum
+from superblock.sparsity.blocks import grid_shape, tile_sum
 from superblock.sparsity.controller import SparsityController
 from superblock.sparsity.mask import SCORE_INITS, BlockMask
 from superblock.sparsity.parametrized import own_class, share_class
 from superblock.sparsity.schedule import SparsitySchedule, check_sparsity
-from superblock.sparsity.targets import Target, linear_weights, select_targets
+from superblock.sparsity.targets import Target, is_conv1d, linear_weights, select_targets
+from superblock.sparsity.tiling import Overrides, Tiling
 
 CONTROLLER_ATTR = "_superblock_controller"
 
@@ -130,16 +131,25 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [m.scores for _, _, _, m in iter_block_masks(model)]
 
 
-def _validate_targets(found: list[Target], block: tuple[int, int]) -> None:
+def _validate_targets(found: list[Target], tiling: Tiling) -> None:
     for t in found:
         shape = t.shape
         if len(shape) != 2:
             raise ValueError(f"target {t.name} has shape {shape}: block masks need 2-D weights")
+        block = tiling.stored(t.name, t.module)
         if block[0] > shape[0] or block[1] > shape[1]:
             raise ValueError(
-                f"block_size {block} is larger than weight {t.name} {shape}: use a smaller block_size "
-                "or exclude that weight"
+                f"block_size {tiling.tile(t.name)} is larger than weight {t.name} {_out_in(t.module, shape)}: use a "
+                "smaller block_size, a block_overrides entry for that weight, or exclude it"
             )
+    unused = tiling.unused([t.name for t in found])
+    if unused:
+        raise ValueError(f"block_overrides pattern(s) {unused} name no targeted weight: check the names")
+
+
+def _out_in(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A weight's shape as (out, in) whatever the module stores (a Conv1D stores (in, out))."""
+    return tuple(shape[::-1]) if is_conv1d(module) else tuple(shape)
 
 
 def _reads_weight_through_linear_only(module: nn.Module) -> bool:
@@ -165,6 +175,7 @@ def sparsify(
     targets: Sequence[str] | str = ("mlp", "attn"),
     exclude: Sequence[str] = (),
     *,
+    block_overrides: Overrides | None = None,
     skip_first_block: bool = False,
     skip_head: bool = True,
     allocation: str = "layerwise",
@@ -182,12 +193,16 @@ def sparsify(
 ) -> SparsityReport:
     """Put learned block masks on the targeted weights of `model` (in place) and return a report.
 
+    `block_size` is (output rows, input columns) of every targeted weight as the layer computes with it (for a
+    transformers Conv1D, which stores (in, out), the stored tile is the transpose); `block_overrides` gives some
+    weights another: [{"match": glob pattern on the weight or module name, "block": size}, ...] or {pattern: size},
+    the first match wins (superblock.sparsity.tiling).
     Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
     returns the report without changing the model. See README for the meaning of each option.
     """
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
-    block = normalize_block_size(block_size)
+    tiling = Tiling.of(block_size, block_overrides)
     sched = SparsitySchedule(
         final=check_sparsity(sparsity),
         kind=schedule,
@@ -197,17 +212,15 @@ def sparsify(
     )
     _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
-    _validate_targets(found, block)
+    _validate_targets(found, tiling)
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    masks = [
-        (t.name, BlockMask(getattr(t.module, t.param_name), block, score_init, fixed_mask, generator)) for t in found
-    ]
+    masks = [(t.name, _mask_for(t, tiling, score_init, fixed_mask, generator)) for t in found]
     freeze = sched.end_step if freeze_after_ramp else None
     controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze)
     controller.refresh(force=True)
     report = SparsityReport(
-        rows=[LayerRow(name, tuple(m.weight_shape), block, int(m.mask.sum().item()), m.n_blocks) for name, m in masks],
+        rows=[_row(t, m, tiling) for t, (_, m) in zip(found, masks, strict=True)],
         sparsity=sched.value(0),
         allocation=allocation,
         dry_run=dry_run,
@@ -216,6 +229,19 @@ def sparsify(
         return report
     _install(model, found, masks, controller, fixed_weight)
     return report
+
+
+def _mask_for(
+    t: Target, tiling: Tiling, score_init: str, fixed_mask: bool, generator: torch.Generator | None
+) -> BlockMask:
+    """The mask of one target, in the tile of its stored weight."""
+    weight = getattr(t.module, t.param_name)
+    return BlockMask(weight, tiling.stored(t.name, t.module), score_init, fixed_mask, generator)
+
+
+def _row(t: Target, m: BlockMask, tiling: Tiling) -> LayerRow:
+    """The report's row of one mask, in (out, in) terms whatever the module stores."""
+    return LayerRow(t.name, _out_in(t.module, m.weight_shape), tiling.tile(t.name), int(m.mask.sum()), m.n_blocks)
 
 
 def _install(
@@ -283,14 +309,18 @@ def _unparametrize(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def block_sparsity(model: nn.Module, block_size: int | tuple[int, int] = 32) -> dict[str, float]:
-    """{weight name: fraction of all-zero tiles}, measured from the (effective) weights of every projection.
+def block_sparsity(
+    model: nn.Module, block_size: int | tuple[int, int] = 32, block_overrides: Overrides | None = None
+) -> dict[str, float]:
+    """{weight name: fraction of all-zero tiles}, measured from the (effective) weights of every projection, in
+    tiles of (out rows, in cols) as `sparsify` takes them.
 
     Works on masked, folded or plain models; dense weights report 0.0. Edge tiles count as tiles.
     """
-    block = normalize_block_size(block_size)
+    tiling = Tiling.of(block_size, block_overrides)
     result = {}
     for t in linear_weights(model):
+        block = tiling.stored(t.name, t.module)
         weight = getattr(t.module, t.param_name)
         nonzero = tile_sum((weight != 0).float(), block)
         rows, cols = grid_shape(weight.shape, block)

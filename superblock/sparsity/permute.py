@@ -24,6 +24,7 @@ from torch import nn
 
 from superblock.sparsity.blocks import BlockSize, kept_blocks, tile_sum
 from superblock.sparsity.targets import is_conv1d, select_targets
+from superblock.sparsity.tiling import Overrides, Tiling
 
 PERMUTE_MODES = ("none", "mlp", "mlp+heads")
 _ITERATIONS = 8
@@ -146,15 +147,21 @@ def _attention_layout(module: nn.Module) -> tuple[list[tuple[nn.Module, str, int
     return None
 
 
-def _attention_couplings(name: str, module: nn.Module, block: BlockSize) -> list[Coupling] | str | None:
-    """Within-head couplings (q with k, v with the output projection) when a tile fits in a head; a coupling of
-    whole heads when a tile spans several; a reason string when the shapes allow neither."""
+def _attention_couplings(
+    name: str, module: nn.Module, tiling: Tiling, names: dict[int, str]
+) -> list[Coupling] | str | None:
+    """Within-head couplings (q with k, v with the output projection) when the finer of the two tiles along the
+    permuted dims fits in a head; a coupling of whole heads when both tiles span whole heads; a reason string when
+    the shapes allow neither. A tile may be taller than it is wide: the q/k coupling is left out when q/k's tile
+    spans whole heads (moving dims inside a head changes none of its tiles)."""
     layout = _attention_layout(module)
     if layout is None:
         return None
     [(qkv, wname, dim)], proj, proj_dim, bias_name, heads = layout
     width = stored(qkv, wname).shape[dim] // 3
-    head_dim, b = width // heads, block[dim]
+    bq = tiling.stored(_weight_name(names, qkv, wname), qkv)[dim]
+    bp = tiling.stored(_weight_name(names, proj, "weight"), proj)[proj_dim]
+    head_dim = width // heads
     bias = [] if getattr(qkv, bias_name, None) is None else [bias_name]
 
     def slots(parts: Sequence[int], with_proj: bool) -> list[Slot]:
@@ -162,30 +169,36 @@ def _attention_couplings(name: str, module: nn.Module, block: BlockSize) -> list
         out += [Slot(qkv, bn, 0, p * width) for bn in bias for p in parts]
         return out + ([Slot(proj, "weight", proj_dim)] if with_proj else [])
 
-    if head_dim % b == 0:
-        return [
-            Coupling(f"{name}:qk", width, slots((0, 1), False), chunk=head_dim),
-            Coupling(f"{name}:v", width, slots((2,), True), chunk=head_dim),
-        ]
-    if b % head_dim == 0 and width % b == 0:
+    if head_dim % min(bq, bp) == 0:
+        qk = [Coupling(f"{name}:qk", width, slots((0, 1), False), chunk=head_dim)] if head_dim % bq == 0 else []
+        return [*qk, Coupling(f"{name}:v", width, slots((2,), True), chunk=head_dim)]
+    if bq % head_dim == 0 and bp % head_dim == 0 and width % max(bq, bp) == 0:
         return [Coupling(f"{name}:heads", heads, slots((0, 1, 2), True), unit=head_dim)]
-    return f"{name}: head dim {head_dim} and block {b} do not divide one another"
+    return f"{name}: head dim {head_dim} and tiles of {bq} / {bp} along it do not divide one another"
 
 
-def find_couplings(model: nn.Module, mode: str, block: BlockSize) -> tuple[list[Coupling], list[str]]:
-    """The coupled groups of `model` that `mode` permutes, in model order, and why others were left alone."""
+def _weight_name(names: dict[int, str], module: nn.Module, param: str) -> str:
+    module_name = names.get(id(module), "")
+    return f"{module_name}.{param}" if module_name else param
+
+
+def find_couplings(model: nn.Module, mode: str, block: BlockSize | Tiling) -> tuple[list[Coupling], list[str]]:
+    """The coupled groups of `model` that `mode` permutes, in model order, and why others were left alone.
+    `block`: one (out rows, in cols) tile for every weight, or a Tiling with per-weight overrides."""
     if mode not in PERMUTE_MODES:
         raise ValueError(f"unknown permutation mode {mode!r}: use one of {PERMUTE_MODES}")
     found: list[Coupling] = []
     skipped: list[str] = []
     if mode == "none":
         return found, skipped
+    tiling = _tiling(block)
+    names = {id(m): n for n, m in model.named_modules()}
     for name, module in model.named_modules():
         mlp = _mlp_coupling(name, module)
         if mlp is not None:
             found.append(mlp)
         elif mode == "mlp+heads":
-            attn = _attention_couplings(name, module, block)
+            attn = _attention_couplings(name, module, tiling, names)
             if isinstance(attn, str):
                 skipped.append(attn)
             elif attn:
@@ -203,23 +216,33 @@ class _View:
     key: tuple[int, str]  # the weight (several views may share one: q and k rows of qkv)
     row0: int  # first tile row (along the permuted dim) of the slot
     groups: int  # tile rows the slot spans
+    group: int  # units per tile row (tiles taller than wide group fc1's rows and fc2's columns differently)
     energy: torch.Tensor  # [n, C] float64: squared weight of unit u in block column c
 
 
 class _Problem:
-    """Kept magnitude of a coupling's targeted weights as a function of its permutation."""
+    """Kept magnitude of a coupling's targeted weights as a function of its permutation.
 
-    def __init__(self, coupling: Coupling, targeted: set[tuple[int, str]], block: BlockSize, level: float) -> None:
+    Each targeted weight groups the units into its own tile rows: with tiles taller than wide, fc1 groups its output
+    rows by the tile's height and fc2 its input columns by the tile's width. The search assigns units to slots of
+    the finest grouping (`fine` units); a coarser grouping is a union of consecutive fine slots, so it must be a
+    multiple of the finest."""
+
+    def __init__(self, coupling: Coupling, targeted: dict[tuple[int, str], BlockSize], level: float) -> None:
         self.c, self.level = coupling, level
         self.views: list[_View] = []
         self.base: dict[tuple[int, str], torch.Tensor] = {}  # weight -> its tile energies, permuted dim first
-        self.group = 0
         for s in coupling.slots:
             key = (id(s.module), s.name)
             if key in targeted:
-                self._add_view(s, key, block)
+                self._add_view(s, key, targeted[key])
         if not self.views:
             raise _Skip(f"{coupling.name}: no targeted weight")
+        self.fine = min(v.group for v in self.views)
+        if any(v.group % self.fine for v in self.views):
+            sizes = sorted({v.group * coupling.unit for v in self.views})
+            raise _Skip(f"{coupling.name}: tiles of {sizes} along its units do not nest")
+        self.slots = -(-coupling.n // self.fine)
 
     def _add_view(self, s: Slot, key: tuple[int, str], block: BlockSize) -> None:
         c = self.c
@@ -229,19 +252,20 @@ class _Problem:
         if s.start % bd or bd % c.unit:
             raise _Skip(f"{c.name}: block {bd} does not fit its slot at {s.start}")
         group = bd // c.unit
-        if self.group and group != self.group:
-            raise _Skip(f"{c.name}: non-square blocks {tuple(block)} group its units differently")
-        self.group = group
         self.base.setdefault(key, tile_sum(w, (bd, bo)))
         rows = w[s.start : s.start + c.n * c.unit].reshape(c.n, c.unit, -1).sum(1)
-        self.views.append(_View(key, s.start // bd, -(-c.n // group), tile_sum(rows, (1, bo))))
+        self.views.append(_View(key, s.start // bd, -(-c.n // group), group, tile_sum(rows, (1, bo))))
 
     def grouped(self, view: _View, perm: torch.Tensor) -> torch.Tensor:
         e = view.energy[perm]
-        pad = view.groups * self.group - len(e)
+        pad = view.groups * view.group - len(e)
         if pad:
             e = torch.cat([e, e.new_zeros(pad, e.shape[1])])
-        return e.reshape(view.groups, self.group, -1).sum(1)
+        return e.reshape(view.groups, view.group, -1).sum(1)
+
+    def on_slots(self, view: _View, mask: torch.Tensor) -> torch.Tensor:
+        """A view's per-tile-row mask [groups, C] repeated onto the fine slots [slots, C]."""
+        return mask.repeat_interleave(view.group // self.fine, 0)[: self.slots]
 
     def evaluate(self, perm: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
         """(kept magnitude, every view's kept-tile mask [groups, C]) under `perm`."""
@@ -259,19 +283,18 @@ class _Problem:
         return float(sum(g.sum() for g in self.base.values()))
 
     def capacities(self) -> torch.Tensor:
-        groups = self.views[0].groups
-        cap = torch.full((groups,), self.group, dtype=torch.long)
-        cap[-1] = self.c.n - self.group * (groups - 1)
+        cap = torch.full((self.slots,), self.fine, dtype=torch.long)
+        cap[-1] = self.c.n - self.fine * (self.slots - 1)
         return cap
 
     def allowed(self) -> torch.Tensor | None:
-        """[n, groups] bool: unit u may move to tile row g (same attention head), or None for no constraint."""
+        """[n, slots] bool: unit u may move to fine slot g (same attention head), or None for no constraint."""
         chunk = self.c.chunk
         if chunk is None:
             return None
         unit_chunk = torch.arange(self.c.n) // chunk
-        group_chunk = (torch.arange(self.views[0].groups) * self.group) // chunk
-        return unit_chunk[:, None] == group_chunk[None, :]
+        slot_chunk = (torch.arange(self.slots) * self.fine) // chunk
+        return unit_chunk[:, None] == slot_chunk[None, :]
 
 
 class _Skip(Exception):
@@ -310,7 +333,7 @@ def _refine(problem: _Problem, perm: torch.Tensor) -> tuple[float, torch.Tensor]
     capacity, allowed = problem.capacities(), problem.allowed()
     for _ in range(_ITERATIONS):
         _, masks = problem.evaluate(perm)
-        gain = sum(v.energy @ m.T for v, m in zip(problem.views, masks, strict=True))
+        gain = sum(v.energy @ problem.on_slots(v, m).T for v, m in zip(problem.views, masks, strict=True))
         perm = _perm_from_rows(_assign(gain, capacity, allowed))
         kept = problem.evaluate(perm)[0]
         if kept <= best * (1 + 1e-12):
@@ -377,7 +400,7 @@ def _companions(param: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]
 def apply_permutations(
     model: nn.Module,
     perms: dict[str, torch.Tensor],
-    block: BlockSize,
+    block: BlockSize | Tiling,
     mode: str,
     optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> None:
@@ -398,19 +421,31 @@ def apply_permutations(
 # ---------------------------------------------------------------------------------------------------- public
 
 
+def _tiling(block: BlockSize | Tiling) -> Tiling:
+    return block if isinstance(block, Tiling) else Tiling.of(block)
+
+
 def _targeted(
-    model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str], skip_first_block: bool, skip_head: bool
-) -> set[tuple[int, str]]:
+    model: nn.Module,
+    tiling: Tiling,
+    targets: Sequence[str] | str,
+    exclude: Sequence[str],
+    skip_first_block: bool,
+    skip_head: bool,
+) -> dict[tuple[int, str], BlockSize]:
+    """{(id(module), parameter name): its stored tile} of every targeted weight."""
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
-    return {(id(t.module), t.param_name) for t in found}
+    return {(id(t.module), t.param_name): tiling.stored(t.name, t.module) for t in found}
 
 
 @torch.no_grad()
-def kept_magnitude(model: nn.Module, targeted: set[tuple[int, str]], block: BlockSize, sparsity: float) -> float:
-    """Fraction of the targeted weights' squared magnitude in their top-k tiles (layerwise, at `sparsity`)."""
+def kept_magnitude(model: nn.Module, targeted: dict[tuple[int, str], BlockSize], sparsity: float) -> float:
+    """Fraction of the targeted weights' squared magnitude in their top-k tiles (layerwise, at `sparsity`);
+    `targeted`: {(id(module), parameter name): stored tile}."""
     kept = total = 0.0
     for module in model.modules():
         for name in [n for n in ("weight", "in_proj_weight") if (id(module), n) in targeted]:
+            block = targeted[(id(module), name)]
             energy = tile_sum(stored(module, name).detach().double().pow(2), block).reshape(-1)
             kept += float(torch.topk(energy, kept_blocks(energy.numel(), sparsity)).values.sum())
             total += float(energy.sum())
@@ -423,6 +458,7 @@ def permute_model(
     *,
     block_size: BlockSize,
     sparsity: float,
+    block_overrides: Overrides | None = None,
     targets: Sequence[str] | str = ("mlp", "attn"),
     exclude: Sequence[str] = (),
     skip_first_block: bool = False,
@@ -435,15 +471,17 @@ def permute_model(
 
     `optimizers`: their state of the permuted parameters is permuted too; `followers`: copies of the model (EMA)
     permuted the same way. Works on plain and on masked models (the stored weights are permuted; scores are not:
-    see `reset_scores`)."""
-    block = (int(block_size[0]), int(block_size[1]))
-    couplings, skipped = find_couplings(model, mode, block)
-    targeted = _targeted(model, targets, exclude, skip_first_block, skip_head)
+    see `reset_scores`). Tiles are (out rows, in cols), `block_overrides` as `sparsify` takes them; a tile taller
+    than wide groups the hidden units by its height in one layer and by its width in the next, and the search
+    places units for both."""
+    tiling = Tiling.of(block_size, block_overrides)
+    couplings, skipped = find_couplings(model, mode, tiling)
+    targeted = _targeted(model, tiling, targets, exclude, skip_first_block, skip_head)
     report = PermutationReport(mode, skipped=skipped, couplings=len(couplings))
-    report.kept_before = kept_magnitude(model, targeted, block, sparsity)
+    report.kept_before = kept_magnitude(model, targeted, sparsity)
     for coupling in couplings:
         try:
-            problem = _Problem(coupling, targeted, block, sparsity)
+            problem = _Problem(coupling, targeted, sparsity)
         except _Skip as why:
             report.skipped.append(str(why))
             continue
@@ -451,11 +489,11 @@ def permute_model(
         if after > before * (1 + 1e-9):
             report.perms[coupling.name] = perm
     if report.perms:
-        apply_permutations(model, report.perms, block, mode, optimizers)
+        apply_permutations(model, report.perms, tiling, mode, optimizers)
         for follower in followers:
-            apply_permutations(follower, report.perms, block, mode)
+            apply_permutations(follower, report.perms, tiling, mode)
     report.permuted = len(report.perms)
-    report.kept_after = kept_magnitude(model, targeted, block, sparsity)
+    report.kept_after = kept_magnitude(model, targeted, sparsity)
     return report
 
 

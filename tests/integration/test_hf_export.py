@@ -104,13 +104,16 @@ def test_gpt2_conv1d_is_stored_as_the_transposed_out_in_weight(gpt2):
     manifest = read_manifest(root / "exp")
     layers = {d["name"]: d for d in manifest["layers"]}
     c_fc = layers["transformer.h.0.mlp.c_fc.weight"]
-    # masked as stored, (in, out) = (32, 128) in (8, 16) tiles; exported as the (out, in) weight in (16, 8) tiles
-    assert c_fc["transposed"] and c_fc["shape"] == [128, 32] and c_fc["block"] == [16, 8]
+    # block_size=(8, 16) means 8 output rows by 16 inputs whatever the module stores: the Conv1D's (in, out) weight
+    # is masked in (16, 8) tiles and exported as the (out, in) weight in (8, 16) tiles
+    assert c_fc["transposed"] and c_fc["shape"] == [128, 32] and c_fc["block"] == [8, 16]
+    stored_mask = masked.transformer.h[0].mlp.c_fc.parametrizations.weight[0]
+    assert stored_mask.block == (16, 8) and tuple(stored_mask.scores.shape) == (2, 16)
     assert manifest["tied"] == {"lm_head.weight": "transformer.wte.weight"}
     assert manifest["sample_input"] == {"shape": [LM_SAMPLE_TOKENS], "vocab_size": VOCAB}
     model = load_sparse(root / "exp")
     layer = model.transformer.h[0].mlp.c_fc
-    assert isinstance(layer, BlockSparseLinear) and layer.shape == (128, 32) and layer.block_size == (16, 8)
+    assert isinstance(layer, BlockSparseLinear) and layer.shape == (128, 32) and layer.block_size == (8, 16)
     folded = fold_copy(masked).transformer.h[0].mlp.c_fc.weight  # (in, out)
     torch.testing.assert_close(layer.to_dense_weight(), folded.t())
     assert layer.density == pytest.approx(c_fc["density"]) and layer.density < 0.5

@@ -28,9 +28,18 @@ def _permutation_record(run_dir) -> dict:
     return extra["permutation"]
 
 
-@pytest.mark.parametrize(("start_epoch", "step"), [(0, 0), (1, 8)])  # smoke: 8 steps an epoch
-def test_permuted_run_resumes_without_permuting_again_and_exports(tmp_path, start_epoch: int, step: int) -> None:
-    common = [*PERMUTED, f"sparsity.start_epoch={start_epoch}"]
+TALL = ["sparsity.block_size=[32,8]", 'sparsity.block_overrides=[{match:"*.mlp.3",block:[16,16]}]']
+
+
+@pytest.mark.parametrize(
+    ("start_epoch", "step", "tiles"),
+    [(0, 0, []), (1, 8, []), (0, 0, TALL)],  # smoke: 8 steps an epoch; tall tiles with a per-layer override
+    ids=["at-step-0", "at-the-ramp", "tall-tiles"],
+)
+def test_permuted_run_resumes_without_permuting_again_and_exports(
+    tmp_path, start_epoch: int, step: int, tiles: list[str]
+) -> None:
+    common = [*PERMUTED, f"sparsity.start_epoch={start_epoch}", *tiles]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +69,10 @@ def test_permuted_run_resumes_without_permuting_again_and_exports(tmp_path, star
     masked = model_from_checkpoint(load_checkpoint(straight / "checkpoints" / "last.pt")).eval()
     assert result.path == tmp_path / "export"
     assert len(result.manifest["layers"]) == len(list(iter_block_masks(masked)))  # every masked weight exported
+    if tiles:  # the tiles trained are the tiles served: (out rows, in cols), the override on mlp.3
+        blocks = {d["name"].split(".")[-2]: tuple(d["block"]) for d in result.manifest["layers"]}
+        assert blocks == {"self_attention": (32, 8), "out_proj": (32, 8), "0": (32, 8), "3": (16, 16)}
+        assert summary_of(straight)["mean_block_sparsity"] == pytest.approx(0.8, abs=0.02)
     served = load_sparse(tmp_path / "export").eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

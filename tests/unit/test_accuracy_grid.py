@@ -36,7 +36,7 @@ def test_grid_jobs_dense_first_then_seed_by_seed(tmp_path) -> None:
     assert [j["recipe"] for j in jobs[:3]] == ["dense"] * 3
     seeds = [j["seed"] for j in jobs[3:]]
     assert seeds == sorted(seeds)  # a grid cut by the budget still has every configuration at seed 0
-    job = next(j for j in jobs if j["permute"] == "mlp+heads" and j["block"] == 64)
+    job = next(j for j in jobs if j["permute"] == "mlp+heads" and j["block"] == "64")
     cmd = accuracy.command(job, args)
     for expected in (
         "experiment=digits_wide",
@@ -71,6 +71,25 @@ def test_run_length_axis_pairs_each_length_with_its_own_dense_runs(tmp_path) -> 
     assert entries[("default", 40)]["gap"] == pytest.approx(-1.0)
     text = accuracy.resolution(args, list(entries.values()))
     assert "40 images" in text and "a mean of 2 seeds" in text
+
+
+def test_tile_shapes_are_a_grid_axis(tmp_path) -> None:
+    """--blocks takes squares and ROWSxCOLS tiles; names and overrides say which; the table sorts them by area."""
+    args = accuracy.parse_args(["--recipes", "default", "--levels", "0.9", "--seeds", "0", "--blocks",
+                                "32,64x16,16x64,64x64,128x32", "--out", str(tmp_path)])  # fmt: skip
+    assert args.blocks == ["32", "64x16", "16x64", "64", "128x32"]
+    jobs = {j["name"]: j for j in accuracy.jobs_for(args)}
+    assert "sparsity.block_size=[64,16]" in jobs["default_p0_l0.9_b64x16_s0"]["overrides"]
+    assert "sparsity.block_size=32" in jobs["default_p0_l0.9_b32_s0"]["overrides"]
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--blocks", "64x16x2"])
+    rows = [_row("dense", 0, 90.0), _row("default", 0, 88.0, block=32), {**_row("default", 0, 89.0), "block": "64x16"},
+            {**_row("default", 0, 85.0), "block": "16x64"}, {**_row("default", 0, 86.0), "block": "128x32"}]  # fmt: skip
+    entries = accuracy.summarize(rows)
+    assert [e["block"] for e in entries] == [None, "64x16", "32", "16x64", "128x32"]  # area, then taller first
+    assert [accuracy.tile_kind(b) for b in ("32", "64x16", "16x64")] == ["square", "tall", "wide"]
+    accuracy.plot(entries, tmp_path / "shapes.png", "t", "val_top1")
+    assert (tmp_path / "shapes.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_budget_stops_starting_runs_that_would_not_end_in_time() -> None:

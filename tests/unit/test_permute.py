@@ -100,18 +100,66 @@ def test_couplings_of_each_layout() -> None:
         find_couplings(model, "everything", (8, 8))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_search_never_loses_magnitude_even_on_ragged_shapes(seed: int) -> None:
-    torch.manual_seed(seed)
+def _mlp_holder(hidden: int = 100, seed: int = 0) -> tuple[nn.Module, nn.Sequential]:
     mlp = nn.Sequential()
-    mlp.fc1, mlp.act, mlp.fc2 = nn.Linear(40, 100), nn.GELU(), nn.Linear(100, 36)  # 100 hidden: a ragged edge tile
+    mlp.fc1, mlp.act, mlp.fc2 = nn.Linear(40, hidden), nn.GELU(), nn.Linear(hidden, 36)
     holder = nn.Module()
     holder.mlp = mlp
     _uneven(holder, seed)
-    [coupling], _ = find_couplings(holder, "mlp", (16, 16))
-    targeted = {(id(mlp.fc1), "weight"), (id(mlp.fc2), "weight")}
-    before, after, perm = search(_Problem(coupling, targeted, (16, 16), 0.75))
+    return holder, mlp
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 32), (48, 16)])
+@pytest.mark.parametrize("seed", range(3))
+def test_search_never_loses_magnitude_even_on_ragged_shapes(seed: int, block: tuple[int, int]) -> None:
+    """100 hidden units: a ragged edge tile; tall and wide tiles group fc1's rows and fc2's columns differently."""
+    torch.manual_seed(seed)
+    holder, mlp = _mlp_holder(100, seed)
+    [coupling], _ = find_couplings(holder, "mlp", block)
+    targeted = {(id(mlp.fc1), "weight"): block, (id(mlp.fc2), "weight"): block}
+    before, after, perm = search(_Problem(coupling, targeted, 0.75))
     assert after >= before and sorted(perm.tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize("block", [(64, 16), (16, 64), (32, 8), (16, 16)])
+def test_the_search_scores_tall_tiles_as_the_weights_are_tiled(block: tuple[int, int]) -> None:
+    """What the search believes it keeps (fine slots, the coarser grouping a union of them) is what the permuted
+    weights' own top-k tiles keep, and it is more than before: a tall tile is (out rows, in cols) in fc1 and fc2."""
+    holder, mlp = _mlp_holder(128, seed=3)
+    x = torch.randn(5, 40)
+    want = holder.mlp(x)
+    report = permute_model(holder, "mlp", block_size=block, sparsity=0.75, targets=["mlp.fc1.weight", "mlp.fc2.weight"])
+    torch.testing.assert_close(holder.mlp(x), want, rtol=1e-5, atol=1e-5)
+    assert report.permuted == 1 and report.kept_after > report.kept_before + 1e-3
+    [coupling], _ = find_couplings(holder, "mlp", block)
+    targeted = {(id(mlp.fc1), "weight"): block, (id(mlp.fc2), "weight"): block}
+    problem = _Problem(coupling, targeted, 0.75)
+    assert problem.fine == min(block) and problem.slots == 128 // min(block)
+    identity = problem.evaluate(torch.arange(128))[0] / problem.total()
+    assert identity == pytest.approx(report.kept_after, rel=1e-9)  # the weights moved: identity is now the best
+
+
+def test_tiles_that_do_not_nest_along_the_units_are_left_alone() -> None:
+    holder, _ = _mlp_holder(96)
+    report = permute_model(holder, "mlp", block_size=(24, 16), sparsity=0.75, targets=["mlp.fc1.weight", "mlp.fc2.weight"])
+    assert report.permuted == 0 and any("do not nest" in why for why in report.skipped)
+
+
+@pytest.mark.parametrize("name", ["micro_vit", "timm:vit_tiny_patch16_224", "hf:gpt2", "hf:llama"])
+@pytest.mark.parametrize("block", [(32, 8), (8, 32)])
+def test_rectangular_tiles_permute_attention_and_mlp(name: str, block: tuple[int, int]) -> None:
+    torch.set_num_threads(1)
+    model, x = _model(name)
+    _uneven(model)
+    before = copy.deepcopy(model)
+    targets = ["all_linear"] if name == "hf:llama" else ["mlp", "attn"]
+    report = permute_model(model, "mlp+heads", block_size=block, sparsity=0.8, targets=targets)
+    torch.testing.assert_close(_logits(model, x), _logits(before, x), rtol=1e-5, atol=1e-5)
+    couplings, _ = find_couplings(model, "mlp+heads", block)
+    assert not report.skipped
+    if name != "hf:llama":  # Llama's separate q/k/v projections are not coupled (its MLP is)
+        assert any(c.name.endswith(":v") for c in couplings)
+    assert report.permuted > 0 and report.kept_after > report.kept_before + 1e-3
 
 
 def test_optimizer_state_is_permuted_with_the_weights() -> None:
@@ -181,7 +229,7 @@ def test_permuting_a_masked_model_and_drawing_its_scores_again() -> None:
     ("overrides", "message"),
     [
         ({"permute": "all"}, "sparsity.permute"),
-        ({"permute": "mlp", "block_size": [16, 32]}, "square tiles"),
+        ({"permute": "mlp", "block_overrides": [{"match": "*.fc1", "block": [16, 0]}]}, "block_overrides"),
     ],
 )
 def test_config_errors(overrides: dict, message: str) -> None:

@@ -507,3 +507,26 @@ def test_eager_autocast_direct_cast_matches_plain_path(build):
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_block_overrides_give_named_weights_their_own_tiles():
+    net = Net(shapes=((64, 48), (96, 64), (32, 96)))
+    report = sparsify(net, 0.5, (32, 16), targets=["mlp.*.weight"], block_overrides=[{"match": "mlp.1", "block": [16, 16]}])
+    blocks = {name: m.block for name, _, _, m in iter_block_masks(net)}
+    assert blocks == {"mlp.0.weight": (32, 16), "mlp.1.weight": (16, 16), "mlp.2.weight": (32, 16)}
+    assert [r.block for r in report.rows] == [(32, 16), (16, 16), (32, 16)]
+    measured = block_sparsity(net, (32, 16), {"mlp.1": [16, 16]})
+    assert all(measured[f"mlp.{i}.weight"] == pytest.approx(0.5) for i in range(3))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "msg"),
+    [([("mlp.9", 16)], "name no targeted weight"), ({"mlp.0": [16, -1]}, "block_overrides"), ([{"": 8}], "match")],
+)
+def test_block_override_mistakes_are_named_and_leave_the_model_unchanged(overrides, msg):
+    net = Net()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=msg):
+        sparsify(net, 0.5, 16, targets=["mlp.*.weight"], block_overrides=overrides)
+    assert get_controller(net) is None
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
