@@ -1,4 +1,4 @@
-"""Llama-3-8B layer shapes, block-sparse vs dense, at decode and prefill token counts (issue 12).
+"""Llama-3-8B layer shapes, block-sparse vs dense, at decode and prefill token counts.
 
     PYTHONPATH=. python benchmarks/lm_layers.py --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --layers gate_up,down --tokens 1,8 --out $OUT

@@ -69,7 +69,7 @@ def own_cublas_workspace() -> Iterator[None]:
     this, a graph reuses whatever workspace that stream got first, often memory of an earlier, since destroyed,
     graph's pool. Once something frees it (torch.compile's "reduce-overhead" mode clears cuBLAS workspaces before
     it records; the next capture's empty_cache() hands the memory back to the driver), the graph's GEMMs write to
-    unmapped memory: the illegal memory access of serving several models in one process (issue 20). Clearing the
+    unmapped memory: an illegal memory access when several models are served in one process. Clearing the
     workspaces before the capture makes the graph allocate one in its own pool, where it lives as long as the
     graph; clearing after keeps the next capture from borrowing it. torch.compile's CUDA-graph trees do the same."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)

@@ -1,12 +1,9 @@
 """Is the run long enough? Checked before it starts (steps left to recover at the final sparsity) and when it ends
 (was validation still improving).
 
-Sparse runs need optimizer steps at full sparsity to recover. On a held-out set of real handwritten digits (4,000
-training images, batch 128, 90% block-16 masks ramped over half the run), 310 steps at full sparsity lost 7.0 points
-to dense; about 620 (a batch of 64, or twice the epochs) lost 1.7 or beat the dense model. On the
-digits through data=imagefolder, 165 such steps lost 12.9 points and 330 matched dense (docs/frontier.md, "Accuracy
-against run length"): the knee differs by set, so the floor is the conservative one.
-`MIN_RECOVERY_STEPS` is that evidence as a floor: a run below it is told so, with the overrides that fix it.
+Sparse runs need optimizer steps at full sparsity to recover. `MIN_RECOVERY_STEPS` is the floor that our real-data
+grids support (docs/frontier.md, "Accuracy against run length": the knee differs by set, so the floor is the
+conservative one); a run below it is told so, with the overrides that fix it.
 """
 
 from __future__ import annotations
@@ -56,8 +53,8 @@ def recovery_notice(
             fixes.append(f"data.batch_size={batch}")
     return (
         f"run length: {have} optimizer steps at the final sparsity {level:g} after the ramp ({steps_per_epoch} "
-        f"steps/epoch, {total_steps} in all). Sparse runs need about {floor} there to recover: on our real-data grid "
-        f"310 such steps lost 7 points to dense at 90% and ~620 matched it. Compare with dense at a matched, "
+        f"steps/epoch, {total_steps} in all). Sparse runs need about {floor} there to recover (docs/frontier.md, "
+        f"'Accuracy against run length'). Compare with dense at a matched, "
         f"sufficient length, or lengthen the run: {' | '.join(fixes)}. "
         f"(sparsity.min_recovery_steps=0 silences this.)"
     )

@@ -1,8 +1,8 @@
 """Launching a compiled Triton kernel without Triton's JIT front door on every call.
 
 `fn[grid](*args, **options)` binds every argument, works out its specialization (pointer alignment, integer
-divisibility), builds a cache key, finds the compiled kernel and builds launch metadata: 50-100 us of Python per
-call on an H200 host, more than our kernels run at ViT-B sizes (issue 27). A `KernelLaunch` pays that once per
+divisibility), builds a cache key, finds the compiled kernel and builds launch metadata: tens of microseconds of
+Python per call, more than our kernels run at ViT-B sizes (docs/benchmarks.md). A `KernelLaunch` pays that once per
 specialization: the caller says what the kernel is specialized on (`spec`: the constexprs and `specialization()`
 of the runtime arguments), and every later call with the same spec goes straight to the compiled kernel's
 launcher. The first call of a spec, the CPU interpreter and a registered launch hook (profilers) take the JIT path.
