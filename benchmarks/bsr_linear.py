@@ -338,8 +338,6 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
     # ours: the tuner's measurement over the configs, then do_bench of the winner
     args_t = (t["xs"][0], t["values"], t["crow"], t["col"], shape, None, None)
     configs = case_configs(case, args, M)
-    if device.type == "cuda":  # the x-stationary Gluon kernel's configurations, where it runs (sm_90, 16-bit)
-        configs = configs + tuning_mod.xstat_configs(t["xs"][0], t["values"], t["N"])
     if device.type == "cuda":
         times, entry = tuning_mod.measure(args_t, prec, configs, backends=("triton",))
         best = entry.get("triton_config")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU kernel tests under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses in every
-# kernel launch: the Triton tiled and decode kernels and the x-stationary Gluon kernel). On a CUDA machine:
+# kernel launch: the Triton tiled and decode kernels). On a CUDA machine:
 #   bash scripts/sanitize_kernels.sh [extra pytest args]
 # Exit status: non-zero when the sanitizer reports an error or a test fails.
 set -euo pipefail
@@ -13,4 +13,4 @@ fi
 # the sanitizer slows every launch ~100x: the awkward-shape tests, not the 50,432-token problems
 exec "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
   python -m pytest -q -p no:cacheprovider -m gpu -k "not 50432" \
-  tests/gpu/test_xstat_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_launch_gpu.py "$@"
+  tests/gpu/test_kernels_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_launch_gpu.py "$@"

@@ -14,17 +14,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from superblock.kernels import _gluon_bsr, _triton_bsr
+from superblock.kernels import _triton_bsr
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
-# the decode kernel (few tokens, SPLIT programs per block row), XS >= 1 the x-stationary Gluon kernel on sm_90 (XS
-# row chunks; _gluon_bsr). Trailing zeros are left off the list (the tiled kernel), so the five-entry lists of
-# earlier tuning tables and exports keep their meaning
-CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS")
-_DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0}
-_OPTIONAL = ("SPLIT", "XS")  # dropped from a config dict when 0
+# the decode kernel (few tokens, SPLIT programs per block row). Trailing zeros are left off the list (the tiled
+# kernel), so the five-entry lists of earlier tuning tables and exports keep their meaning
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT")
+_DEFAULTS = {"TMA": 0, "SPLIT": 0}
+_OPTIONAL = ("SPLIT",)  # dropped from a config dict when 0
 MIN_CONFIG_LEN = len(CONFIG_KEYS) - len(_OPTIONAL)
+# a seventh entry was XS, the row chunks of the x-stationary kernel, which has left the package (config_from_list)
+_REMOVED_XS_LEN = len(CONFIG_KEYS) + 1
 
 
 def config_to_list(config: dict) -> list[int]:
@@ -43,6 +44,11 @@ def config_from_list(values: Sequence[int]) -> dict:
     key = tuple(values)
     cfg = _configs.get(key)
     if cfg is None:
+        if len(key) == _REMOVED_XS_LEN:
+            raise ValueError(
+                f"triton config {list(values)} has a seventh entry, XS: the x-stationary kernel (XS) is no longer in "
+                f"the package (its code is in the repository's experiments/xstat); use a config of {CONFIG_KEYS}"
+            )
         if not MIN_CONFIG_LEN <= len(key) <= len(CONFIG_KEYS):
             raise ValueError(
                 f"a triton config has {MIN_CONFIG_LEN} to {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}"
@@ -198,8 +204,6 @@ def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision,
     if x2d.shape[0] == 0:
         return y
     _check_config(out_f, values, gidx, activation, config)
-    if int(config.get("XS", 0)) >= 1:
-        return _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y)
     return _triton_bsr.launch(x2d, values, crow, col, gidx, bias, y, n_out, in_f, activation, precision, config, wrap)
 
 
@@ -211,19 +215,16 @@ def bindable(device: torch.device) -> bool:
 def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str | None, precision: str, config: dict):
     """run_triton for one weight, bound: checks and derivations once, then `run(x, bias, out=None)` per call does
     the product of x [..., in] with the least host work (a reshape, y's allocation, the grid, the launch). `bias`
-    is None exactly when `has_bias` is False.
-    Configs of the x-stationary kernel (XS) keep run_triton's per-call path."""
+    is None exactly when `has_bias` is False."""
     out_f, in_f = (int(s) for s in shape)
     _check_triton_here(values.device, values.dtype, values)
     _check_config(out_f, values, gidx, activation, config)
     n_out = out_width(out_f, activation)
     if not values.is_contiguous():
         values = values.contiguous()
-    xstat = int(config.get("XS", 0)) >= 1
-    launch = None if xstat else _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f,
-                                                        activation, precision, config)  # fmt: skip
+    launch = _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f, activation, precision, config)
     dtype, device = values.dtype, values.device
-    w_desc = _triton_bsr.weight_descriptor(values) if launch is not None and launch.tma else None
+    w_desc = _triton_bsr.weight_descriptor(values) if launch.tma else None
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
@@ -233,9 +234,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
         if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
             x2d = x2d.contiguous()
         y = torch.empty(x2d.shape[0], n_out, device=device, dtype=dtype) if out is None else out.view(-1, n_out)
-        if xstat:
-            run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y)
-        elif x2d.shape[0]:
+        if x2d.shape[0]:
             launch(x2d, values, crow, col, gidx, bias, y, w_desc)
         return y.view(*x.shape[:-1], n_out) if out is None else out
 
@@ -256,28 +255,10 @@ def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:
     """A [gate; up] weight (activation "silu_mul") the Triton kernels can pair: the up rows start on a block row
-    and, with G block rows per program, on a group boundary; no x-stationary kernel."""
+    and, with G block rows per program, on a group boundary."""
     group = int(config.get("G", 1))
     if out_f % (2 * bh) or (out_f // (2 * bh)) % group:
         raise ValueError(
             f"activation 'silu_mul' needs a [gate; up] weight whose halves ({out_f} rows / 2) are a multiple of "
             f"G={group} block rows of {bh}"
         )
-    if int(config.get("XS", 0)) >= 1:
-        raise ValueError("activation 'silu_mul' has no x-stationary kernel (XS >= 1); use the tiled or decode kernel")
-
-
-def _run_xstat(x2d, values, crow, col, bias, out_f, activation, config, y):
-    """The x-stationary Gluon kernel (config XS >= 1), or a clear error where it cannot run."""
-    block_m, stages = int(config["BLOCK_M"]), int(config["num_stages"])
-    if int(config.get("G", 1)) != 1 or int(config.get("SPLIT", 0)):
-        raise ValueError("the x-stationary kernel (XS >= 1) walks plain block rows: it needs G == 1 and no SPLIT")
-    if not (_gluon_bsr.usable(x2d, values, out_f, block_m, stages) and _gluon_bsr.tma_aligned(y)):
-        raise ValueError(
-            "the x-stationary kernel (XS >= 1) needs an sm_90 GPU, bf16/fp16, K a multiple of the block width, "
-            f"16-byte aligned rows and x's tile in shared memory; not {tuple(x2d.shape)} x {tuple(values.shape)} "
-            f"{x2d.dtype} with BLOCK_M={block_m}"
-        )
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    return _gluon_bsr.launch(x2d, values, crow, col, bias, y, out_f, activation, config)

@@ -206,7 +206,7 @@ def bsr_linear(
     multiplied in true fp32 unless `allow_tf32=True`, `fp32_precision="tf32"|"tf32x3"` or
     set_fp32_precision(...) says otherwise (triton backend; torch/dense follow torch's own matmul settings).
     `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA; SPLIT >= 1 for the
-    decode kernel: few tokens, SPLIT programs per block row; XS >= 1 for the x-stationary kernel on sm_90).
+    decode kernel: few tokens, SPLIT programs per block row).
     `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly).
     Padding entries of `values` (beyond out/in) must be finite; from_dense writes zeros there.
 

@@ -10,8 +10,8 @@ Both the functional `bsr_linear` and `BlockSparseLinear` ask `choose(...)`; `Cho
   eager CUDA, auto  the measured choice (kernels.tuning: stored, else measured now, else a default)
   explicit          that backend; triton gets the given configuration, the tuned one, or the default
 
-Backends a Triton configuration can select (CONFIG_KEYS in _runners): the tiled kernel (G >= 1, TMA), the decode
-kernel (SPLIT >= 1, few tokens) and, on sm_90, the x-stationary Gluon kernel (XS >= 1, _gluon_bsr).
+Backends a Triton configuration can select (CONFIG_KEYS in _runners): the tiled kernel (G >= 1, TMA) and the decode
+kernel (SPLIT >= 1, few tokens).
 """
 
 from __future__ import annotations

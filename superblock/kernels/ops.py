@@ -122,9 +122,9 @@ HAS_TRITON_OP = hasattr(torch.library, "triton_op") and _triton_bsr.HAS_TRITON
 
 def tiled_config(config: list[int]) -> bool:
     """Whether a triton config list runs through superblock::bsr_linear_triton (the tiled kernel, no TMA; the
-    decode and x-stationary kernels stay inside the opaque op)."""
+    decode kernel stays inside the opaque op)."""
     cfg = _runners.config_from_list(config)
-    return HAS_TRITON_OP and not cfg["TMA"] and int(cfg.get("SPLIT", 0)) == 0 and int(cfg.get("XS", 0)) == 0
+    return HAS_TRITON_OP and not cfg["TMA"] and int(cfg.get("SPLIT", 0)) == 0
 
 
 def _triton_op(fn):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from superblock.io import write_text_atomically
-from superblock.kernels import _gluon_bsr, _runners, _triton_bsr
+from superblock.kernels import _runners, _triton_bsr
 from superblock.timing import time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
@@ -82,47 +82,6 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
         c = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
         c["SPLIT"] = min(split, 64)
         out.append(c)
-    return out
-
-
-# Whether `auto` measures the x-stationary Gluon kernel among its candidates. Off: it is correct (its GPU tests and
-# compute-sanitizer memcheck pass on an H200) but measured slower than the tiled kernel on every ViT-B layer at blocks
-# 16 and 32 (0.41-0.64x of its speed; docs/benchmarks.md, "Hopper x-stationary kernel"), so offering it would only add
-# compile and tuning time to every load. set_xstat(True) offers it; explicit configs ({"XS": n}) run it either way.
-_xstat = {"enabled": False}
-
-
-def set_xstat(enabled: bool) -> None:
-    """Let `auto` measure the x-stationary Gluon kernel (sm_90, 16-bit; kernels._gluon_bsr) among its candidates."""
-    _xstat["enabled"] = bool(enabled)
-
-
-def xstat_configs(x2d: torch.Tensor, values: torch.Tensor, n_out: int) -> list[dict]:
-    """Configurations of the x-stationary Gluon kernel (sm_90, 16-bit, x's token tile in shared memory) for this
-    problem: each shape with enough row chunks (XS) that the programs fill every SM twice over, since a program's
-    MMAs are small and its latency wants company. Empty where the kernel cannot run."""
-    if x2d.device.type != "cuda" or x2d.shape[0] == 0:
-        return []
-    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-    k_in, bh, bw = x2d.shape[1], int(values.shape[1]), int(values.shape[2])
-    n_rows = -(-n_out // bh)
-    # the shapes that measured fastest (docs/kernel_notes.md): a tile of 64 tokens with a W ring small enough for two
-    # programs per SM (two chains of MMAs), else with 8 slots, and a tile of 128 with the ring that fits beside it;
-    # a 64-token tile with the deepest ring (one program per SM) was slowest of all
-    two_per_sm = _gluon_bsr.max_stages(64, k_in, bh, bw, budget=_gluon_bsr.SMEM_BUDGET // 2, cap=32)
-    shapes = [
-        (64, two_per_sm if two_per_sm >= 4 else _gluon_bsr.max_stages(64, k_in, bh, bw, cap=8)),
-        (128, _gluon_bsr.max_stages(128, k_in, bh, bw, cap=24)),
-    ]
-    out = []
-    for block_m, stages in dict.fromkeys(shapes):
-        if stages < 4 or not _gluon_bsr.usable(x2d, values, n_out, block_m, stages):
-            continue
-        smem = _gluon_bsr.smem_bytes(block_m, k_in, bh, bw, stages)
-        per_sm = max(1, _gluon_bsr.SMEM_BUDGET // smem)
-        tiles = -(-x2d.shape[0] // block_m)
-        chunks = max(1, min(n_rows, -(-2 * sms * per_sm // tiles)))
-        out.append({**_cfg(block_m, 1, 4, stages), "XS": chunks})
     return out
 
 
@@ -447,8 +406,6 @@ def measure(
         if not candidates:
             per_row = values.shape[0] / max(crow.numel() - 1, 1)
             candidates = candidate_configs(x2d.shape[0], *values.shape[1:], x2d.dtype, precision, target, per_row)
-            if _xstat["enabled"]:
-                candidates = candidates + xstat_configs(x2d, values, shape[0])
         gpu_ms, configs, run_cfg = _time_triton(args, precision, candidates)
         if gpu_ms:
             best_cfg = min(gpu_ms, key=gpu_ms.get)

@@ -26,10 +26,16 @@ def test_config_lists_carry_split_and_keep_old_lists():
     assert _runners.config_to_list(decode) == [16, 1, 4, 3, 0, 8]
     assert _runners.config_from_list([16, 1, 4, 3, 0, 8]) == decode
     assert "SPLIT" not in _runners.config_from_list([16, 1, 4, 3, 0, 0])
-    assert _runners.config_from_list([64, 1, 4, 8, 0, 0, 2]) == {**tiled, "num_stages": 8, "XS": 2}  # x-stationary
-    assert _runners.config_to_list({**tiled, "XS": 2}) == [64, 1, 4, 3, 0, 0, 2]
     with pytest.raises(ValueError, match="entries"):
         _runners.config_from_list([16, 1, 4, 3, 0, 8, 1, 1])
+
+
+def test_config_lists_of_the_removed_x_stationary_kernel_say_where_it_went():
+    """A seventh entry was XS (the x-stationary kernel's row chunks): tables and exports of older versions could hold
+    such a list; the kernel now lives in experiments/xstat, outside the package."""
+    with pytest.raises(ValueError, match=r"x-stationary kernel \(XS\) is no longer in the package") as err:
+        _runners.config_from_list([64, 1, 4, 8, 0, 0, 2])
+    assert "experiments/xstat" in str(err.value)
 
 
 def test_decode_kernel_needs_plain_block_rows():

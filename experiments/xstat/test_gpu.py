@@ -1,7 +1,7 @@
-"""GPU tests of the x-stationary Gluon kernel (sm_90, config XS >= 1) against a float64 masked-dense reference, on
-awkward problems: output dims that are not block multiples, empty block rows, one kept block, token counts that
-are not tile multiples. Outputs are poisoned with NaN first, so an unwritten tile fails. Quick: ~20 s on an H200.
-Also run under compute-sanitizer by scripts/sanitize_kernels.sh."""
+"""GPU tests of the x-stationary Gluon kernel (sm_90, config XS >= 1; runner.run) against a float64 masked-dense
+reference, on awkward problems: output dims that are not block multiples, empty block rows, one kept block, token
+counts that are not tile multiples. Outputs are poisoned with NaN first, so an unwritten tile fails. Quick: ~20 s on
+an H200. Under compute-sanitizer: experiments/xstat/README.md."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ pytestmark = [
     ),
 ]
 
-from superblock.kernels import BlockSparseLinear, _gluon_bsr, bsr_linear, dense_to_bsr  # noqa: E402
-from superblock.kernels import tuning as tuning_mod  # noqa: E402
+from experiments.xstat import gluon_bsr, runner  # noqa: E402
+from superblock.kernels import dense_to_bsr  # noqa: E402
 
 
 def sparse_weight(out_f, in_f, block, density, seed, *, empty_rows=True, only_one=False):
@@ -69,11 +69,11 @@ def test_xstat_matches_dense(out_f, in_f, block, density, tokens, block_m, chunk
     values, crow, col = dense_to_bsr(w, block)
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(out_f, device="cuda", dtype=torch.bfloat16)
-    if not _gluon_bsr.usable(x, values, out_f, block_m, 8):
+    if not gluon_bsr.usable(x, values, out_f, block_m, 8):
         pytest.skip("x's tile does not fit in shared memory at this BLOCK_M")
     for b, act in ((bias, "gelu"), (None, None)):
         out = torch.full((tokens, out_f), float("nan"), device="cuda", dtype=torch.bfloat16)
-        bsr_linear(x, values, crow, col, w.shape, b, act, "triton", config=xs_config(block_m, 8, chunks), out=out)
+        runner.run(x, values, crow, col, b, out_f, act, xs_config(block_m, 8, chunks), y=out)
         assert rel_err(out, reference(x, w, b, act)) < 1e-2
 
 
@@ -83,7 +83,7 @@ def test_xstat_one_kept_block_and_many_token_tiles():
     assert values.shape[0] == 1
     x = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16)
     out = torch.full((1000, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
-    bsr_linear(x, values, crow, col, w.shape, None, None, "triton", config=xs_config(64, 4, 2), out=out)
+    runner.run(x, values, crow, col, None, 256, None, xs_config(64, 4, 2), y=out)
     assert rel_err(out, reference(x, w, None, None)) < 1e-2
 
 
@@ -96,7 +96,7 @@ def test_xstat_chunks_that_do_not_divide_the_rows_and_deep_rings(chunks, stages)
     values, crow, col = dense_to_bsr(w, block)
     x = torch.randn(197, 768, device="cuda", dtype=torch.bfloat16)
     out = torch.full((197, 2304), float("nan"), device="cuda", dtype=torch.bfloat16)
-    bsr_linear(x, values, crow, col, w.shape, None, "gelu", "triton", config=xs_config(64, stages, chunks), out=out)
+    runner.run(x, values, crow, col, None, 2304, "gelu", xs_config(64, stages, chunks), y=out)
     torch.cuda.synchronize()
     assert rel_err(out, reference(x, w, None, "gelu")) < 1e-2
 
@@ -106,35 +106,26 @@ def test_xstat_refuses_problems_it_cannot_run_with_a_clear_error():
     values, crow, col = dense_to_bsr(w, 16)
     x = torch.randn(8, 100, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="x-stationary"):
-        bsr_linear(x, values, crow, col, w.shape, None, None, "triton", config=xs_config())
+        runner.run(x, values, crow, col, None, 256, None, xs_config())
     with pytest.raises(ValueError, match="x-stationary"):
-        bsr_linear(x.float(), values.float(), crow, col, w.shape, None, None, "triton", config=xs_config())
+        runner.run(x.float(), values.float(), crow, col, None, 256, None, xs_config())
 
 
-def test_xstat_under_a_cuda_graph_and_offered_to_the_tuner(monkeypatch):
+def test_xstat_configs_run_and_under_a_cuda_graph():
     w = sparse_weight(3072, 768, (16, 16), 0.1, seed=5)
-    layer = BlockSparseLinear.from_dense(w, torch.randn(3072, device="cuda", dtype=torch.bfloat16), 16)
+    values, crow, col = dense_to_bsr(w, 16)
+    bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
-    cands = tuning_mod.xstat_configs(x, layer.values, 3072)
-    assert cands and all(c["XS"] >= 1 for c in cands)
-    seen = {}
-    monkeypatch.setattr(tuning_mod, "_time_triton", lambda a, p, c: (seen.setdefault("c", c), ({}, {}, None))[1])
-    monkeypatch.setitem(tuning_mod._xstat, "enabled", True)  # as set_xstat(True); set_xstat(False) takes it out
-    args = (x, layer.values, layer.crow_indices, layer.col_indices, layer.shape, None, None)
-    tuning_mod.measure(args, "ieee", backends=("triton",))
-    assert any(c.get("XS") for c in seen.pop("c"))
-    tuning_mod.set_xstat(False)
-    try:
-        tuning_mod.measure(args, "ieee", backends=("triton",))
-        assert not any(c.get("XS") for c in seen.pop("c"))
-    finally:
-        tuning_mod.set_xstat(True)
-    layer.set_choice(tuning_mod.token_bucket(4096), {"backend": "triton", "config": cands[0]})
-    with torch.no_grad():
-        layer(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-    assert rel_err(y, reference(x, w, layer.bias, None)) < 1e-2
+    cands = runner.configs(x, values, 3072)
+    assert cands and all(c["XS"] >= 1 and c["G"] == 1 for c in cands)
+    for cfg in cands:
+        assert rel_err(runner.run(x, values, crow, col, bias, 3072, None, cfg), reference(x, w, bias, None)) < 1e-2
+    y = torch.empty(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    runner.run(x, values, crow, col, bias, 3072, None, cands[0], y=y)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        runner.run(x, values, crow, col, bias, 3072, None, cands[0], y=y)
+    x.copy_(torch.randn_like(x))
+    y.fill_(float("nan"))
+    graph.replay()
+    assert rel_err(y, reference(x, w, bias, None)) < 1e-2

@@ -1,8 +1,12 @@
 """Hopper (sm_90) x-stationary kernel for y = act(x @ W^T + b) with W block-sparse (BSR), in Triton's Gluon dialect.
 
-Why a second kernel: the tiled Triton kernel (_triton_bsr.py) runs one program per (token tile, block row) and
-re-reads the token tile's x blocks for every kept block, from L2. At 16-32-wide blocks that is ~20 reads of x per
-layer (d * N / bh) and each MMA is a 16-wide sliver: it loses to dense (docs/kernel_notes.md).
+An experiment, not part of the package (formerly superblock/kernels/_gluon_bsr.py): correct, but slower than the
+tiled kernel wherever it was measured (docs/kernel_notes.md, "The x-stationary Gluon kernel"; docs/benchmarks.md,
+"Hopper x-stationary kernel"). experiments/xstat/runner.py runs it.
+
+Why a second kernel: the tiled Triton kernel (superblock/kernels/_triton_bsr.py) runs one program per (token tile,
+block row) and re-reads the token tile's x blocks for every kept block, from L2. At 16-32-wide blocks that is ~20
+reads of x per layer (d * N / bh) and each MMA is a 16-wide sliver: it loses to dense (docs/kernel_notes.md).
 
 Here one program owns a token tile of BLOCK_M tokens and the whole reduction dimension: it copies x[m0:m0+BM, :K]
 into shared memory once (K / bw TMA boxes of [BM, bw], one mbarrier), then walks a run of block rows. For each
@@ -13,8 +17,7 @@ ring of up to 4 TMA stores in flight. So x is read from memory once per program,
 
 Limits: x's tile must fit in shared memory (BM * K * 2 bytes + the W ring + 2 y tiles <= ~220 KB: K <= 1536 at
 BM=64), 16-bit dtypes, K and the row stride 16-byte aligned, K a multiple of bw (no padding columns to mask),
-block sides 16..128. `usable()` says whether a problem qualifies; the dispatch (kernels/dispatch.py) offers it
-only then, on sm_90.
+block sides 16..128. `usable()` says whether a problem qualifies (runner.run refuses the others with a clear error).
 
 Config: BLOCK_M (64 | 128), num_warps (4 | 8), STAGES (the W ring), XS = number of row chunks the block rows are
 split into (more programs when there are few token tiles; each chunk re-reads its x tile).
