@@ -10,9 +10,10 @@ weights, nothing downloaded, bf16, SDPA attention. In every decoder layer `spars
 and gate/up/down are zeroed at random (exact count per weight); the dense model keeps those zero-filled weights on
 cuBLAS, the sparse one replaces each of those nn.Linear by BlockSparseLinear.from_dense (backend "auto", tuned for
 the CUDA-graph target at 1 and `--prefill` tokens); embeddings and lm_head stay dense in both. `--fuse on` fuses the
-sparse model's projections as load_sparse does by default (superblock.kernels.fused: q/k/v one product, gate/up one
-with silu * up in the kernel: 4 sparse products per layer instead of 7); `--fuse both` measures the unfused and the
-fused sparse model, each against the same dense one. Same process, same runtime, same inputs:
+sparse model's projections as load_sparse does by default (superblock.kernels.projection_fusion: q/k/v one
+product, gate/up one with silu * up in the kernel: 4 sparse products per layer instead of 7); `--fuse both`
+measures the unfused and the fused sparse model, each against the same dense one. Same process, same runtime,
+same inputs:
 
   prefill  ms of one forward over `--prefill` tokens (batch 1, no cache, logits of the last token only, as
            generate() computes them), replayed from a CUDA graph (eager if the capture fails: the table says)
@@ -40,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear  # noqa: E402
-from superblock.kernels.fused import fuse_projections  # noqa: E402
+from superblock.kernels.projection_fusion import fuse_projections  # noqa: E402
 from superblock.timing import capture_graph  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.kernels import BlockSparseLinear, _runners, dense_to_bsr  # noqa: E402
-from superblock.kernels.fused import FusedGateUpLinear  # noqa: E402
+from superblock.kernels.projection_fusion import FusedGateUpLinear  # noqa: E402
 from superblock.timing import capture_graph, replay_ms  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")

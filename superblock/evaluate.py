@@ -24,8 +24,8 @@ from torch import nn
 from superblock.artifacts.resolve import ArtifactError, resolve
 from superblock.data.metrics import perplexity
 from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
-from superblock.engine.evaluation import topk_correct
 from superblock.engine.objective import flat_predictions
+from superblock.engine.validation import topk_correct
 from superblock.export import (
     Layer,
     SampleInput,

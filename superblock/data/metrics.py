@@ -1,7 +1,7 @@
 """Language-model metrics: perplexity of a mean per-token loss, and the label value losses skip.
 
 Batches can hold different numbers of label tokens (a last partial batch, ignored labels), so the evaluators
-(engine/evaluation.py, evaluate.py) sum per-token losses (`reduction="sum"`) and divide once at the end rather
+(engine/validation.py, evaluate.py) sum per-token losses (`reduction="sum"`) and divide once at the end rather
 than averaging per-batch means."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The parts come from small builders (engine/builders.py), the state a checkpoint holds is a `TrainState` whose
 parts save and load themselves (engine/state.py), an epoch is `train_one_epoch` (engine/loop.py) and validation
-is `validate` (engine/evaluation.py). The Trainer only wires them and owns the run directory's files.
+is `validate` (engine/validation.py). The Trainer only wires them and owns the run directory's files.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from superblock.engine.builders import (
 )
 from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
-from superblock.engine.evaluation import validate
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
 from superblock.engine.permutation import describe, schedule_permutation
 from superblock.engine.run_length import accuracy_noise, recovery_notice, still_improving
 from superblock.engine.sharding import full_model_state, is_sharded
 from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed, rng_state, set_rng_state
+from superblock.engine.validation import validate
 from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
 from superblock.rundir import RunDir, RunSummary

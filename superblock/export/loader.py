@@ -16,8 +16,7 @@ from superblock.artifacts.spec import build_from_spec
 from superblock.devices import ensure_runnable, parse_dtype, resolve_device
 from superblock.export.convert import Layer, install_bsr, unpack_tensors
 from superblock.export.serving import check_runtime, compile_settings, make_runtime, sample_input
-from superblock.kernels import BACKENDS, fuse_linear_gelu
-from superblock.kernels import fused as _fused
+from superblock.kernels import BACKENDS, fuse_linear_gelu, projection_fusion
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ def load_sparse(
     every block-sparse layer ("auto" | "triton" | "torch" | "dense"). With `fuse_gelu`, Linear -> GELU pairs run as
     one kernel; with `fuse_projections`, a transformers attention's block-sparse q/k/v run as one product and a
     SiLU-gated MLP's gate/up as one with silu(gate) * up in its epilogue (Llama: 4 sparse products per layer instead
-    of 7; superblock.kernels.fused; GPT-2's c_attn is one matrix already). `verify` checks the files against the
-    manifest's sha256 first (an edited export is refused).
+    of 7; superblock.kernels.projection_fusion; GPT-2's c_attn is one matrix already). `verify` checks the files
+    against the manifest's sha256 first (an edited export is refused).
 
     `runtime` ("eager" | "compile" | "cudagraph") and `batch_sizes` say how it is served (see
     superblock.export.serving.make_runtime): eager returns the model (warmed up, i.e. tuned, at `batch_sizes` when
@@ -104,7 +103,7 @@ def _build(path: Path, manifest: dict, backend: str, fuse_gelu: bool, verify: bo
     if fuse_gelu:
         fuse_linear_gelu(model)
     if fuse:
-        counts = _fused.fuse_projections(model)
+        counts = projection_fusion.fuse_projections(model)
         if any(counts.values()):
             log.info(
                 "load_sparse: fused q/k/v in %d attention modules, gate/up in %d MLPs", counts["qkv"], counts["gate_up"]

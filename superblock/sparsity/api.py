@@ -193,10 +193,8 @@ def sparsify(
 ) -> SparsityReport:
     """Put learned block masks on the targeted weights of `model` (in place) and return a report.
 
-    `block_size` is (output rows, input columns) of every targeted weight as the layer computes with it (for a
-    transformers Conv1D, which stores (in, out), the stored tile is the transpose); `block_overrides` gives some
-    weights another: [{"match": glob pattern on the weight or module name, "block": size}, ...] or {pattern: size},
-    the first match wins (superblock.sparsity.tiling).
+    `block_size` is (output rows, input columns) of every weight as the layer computes with it (a Conv1D's stored
+    tile is the transpose); `block_overrides` gives some weights another (superblock.sparsity.tiling).
     Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
     returns the report without changing the model. See README for the meaning of each option.
     """

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, dense_to_bsr  # noqa: E402
-from superblock.kernels.fused import FusedGateUpLinear, FusedQKV, fuse_projections  # noqa: E402
+from superblock.kernels.projection_fusion import FusedGateUpLinear, FusedQKV, fuse_projections  # noqa: E402
 
 TILED = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 3, "TMA": True}  # TMA: refused for silu_mul
 CONFIGS = [

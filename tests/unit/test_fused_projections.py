@@ -1,6 +1,6 @@
-"""Fused projections (superblock.kernels.fused): q/k/v as one block-sparse product, gate/up as one with silu(gate) * up
-fused into the kernels ("silu_mul"), built by load_sparse by default. CPU: dense / torch backends, tiny transformers
-models built from configs; the Triton kernels under the interpreter in a subprocess."""
+"""Fused projections (superblock.kernels.projection_fusion): q/k/v as one block-sparse product, gate/up as one with
+silu(gate) * up fused into the kernels ("silu_mul"), built by load_sparse by default. CPU: dense / torch backends,
+tiny transformers models built from configs; the Triton kernels under the interpreter in a subprocess."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from superblock.kernels import BlockSparseLinear, _runners, ops
-from superblock.kernels.fused import (
+from superblock.kernels.projection_fusion import (
     FusedGatedMLP,
     FusedGateUpLinear,
     FusedQKV,
@@ -284,7 +284,7 @@ _INTERP = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, dense_to_bsr
-    from superblock.kernels.fused import FusedGateUpLinear, FusedQKV
+    from superblock.kernels.projection_fusion import FusedGateUpLinear, FusedQKV
     from tests.unit.test_fused_projections import block_sparse, glu_reference, rel
 
     full = sys.argv[1] == "full"
@@ -354,3 +354,15 @@ def test_fused_gate_up_kernels_in_interpreter():
     """Shapes with K a multiple of the block width or not, rectangular blocks, 1 / 17 / 65 tokens, every kernel path
     (tiled G=1/2, decode SPLIT 1 and 2 through the workspace and through the reduce kernel), with and without bias."""
     _interpret("full")
+
+
+def test_the_old_module_name_still_imports_with_a_warning() -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop("superblock.kernels.fused", None)
+    with pytest.warns(FutureWarning, match="projection_fusion"):
+        old = importlib.import_module("superblock.kernels.fused")
+    from superblock.kernels import projection_fusion
+
+    assert old.fuse_projections is projection_fusion.fuse_projections and old.FusedQKV is projection_fusion.FusedQKV
