@@ -83,8 +83,8 @@ def test_tile_shapes_are_a_grid_axis(tmp_path) -> None:
     assert "sparsity.block_size=32" in jobs["default_p0_l0.9_b32_s0"]["overrides"]
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--blocks", "64x16x2"])
-    rows = [_row("dense", 0, 90.0), _row("default", 0, 88.0, block=32), {**_row("default", 0, 89.0), "block": "64x16"},
-            {**_row("default", 0, 85.0), "block": "16x64"}, {**_row("default", 0, 86.0), "block": "128x32"}]  # fmt: skip
+    rows = [_row("dense", 0, 90.0), _row("default", 0, 88.0, block=32)]
+    rows += [{**_row("default", 0, v), "block": b} for v, b in ((89.0, "64x16"), (85.0, "16x64"), (86.0, "128x32"))]
     entries = accuracy.summarize(rows)
     assert [e["block"] for e in entries] == [None, "64x16", "32", "16x64", "128x32"]  # area, then taller first
     assert [accuracy.tile_kind(b) for b in ("32", "64x16", "16x64")] == ["square", "tall", "wide"]

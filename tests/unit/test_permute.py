@@ -141,7 +141,8 @@ def test_the_search_scores_tall_tiles_as_the_weights_are_tiled(block: tuple[int,
 
 def test_tiles_that_do_not_nest_along_the_units_are_left_alone() -> None:
     holder, _ = _mlp_holder(96)
-    report = permute_model(holder, "mlp", block_size=(24, 16), sparsity=0.75, targets=["mlp.fc1.weight", "mlp.fc2.weight"])
+    targets = ["mlp.fc1.weight", "mlp.fc2.weight"]
+    report = permute_model(holder, "mlp", block_size=(24, 16), sparsity=0.75, targets=targets)
     assert report.permuted == 0 and any("do not nest" in why for why in report.skipped)
 
 

@@ -511,7 +511,8 @@ def test_eager_autocast_direct_cast_matches_plain_path(build):
 
 def test_block_overrides_give_named_weights_their_own_tiles():
     net = Net(shapes=((64, 48), (96, 64), (32, 96)))
-    report = sparsify(net, 0.5, (32, 16), targets=["mlp.*.weight"], block_overrides=[{"match": "mlp.1", "block": [16, 16]}])
+    overrides = [{"match": "mlp.1", "block": [16, 16]}]
+    report = sparsify(net, 0.5, (32, 16), targets=["mlp.*.weight"], block_overrides=overrides)
     blocks = {name: m.block for name, _, _, m in iter_block_masks(net)}
     assert blocks == {"mlp.0.weight": (32, 16), "mlp.1.weight": (16, 16), "mlp.2.weight": (32, 16)}
     assert [r.block for r in report.rows] == [(32, 16), (16, 16), (32, 16)]
