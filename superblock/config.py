@@ -19,6 +19,7 @@ from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
 from superblock.sparsity.tiling import Tiling
+from superblock.timing import BATCH_SIZES
 
 
 class ConfigError(ValueError):
@@ -201,7 +202,7 @@ class ExportConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     layout: str = "auto"  # auto | bsr | dense
     device: str = "auto"  # auto | cpu | cuda[:i]
-    batch_sizes: Any = field(default_factory=lambda: [1, 8, 32, 256])  # a list of batch sizes, or one int
+    batch_sizes: Any = field(default_factory=lambda: list(BATCH_SIZES))  # a list of batch sizes, or one int
     runtime: str = "eager"  # eager | compile | cudagraph
     batch_size: int | None = None  # older spelling of one batch size: batch_size=N is batch_sizes=[N]
     backend: str = "auto"  # auto | triton | torch | dense

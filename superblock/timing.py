@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 
+# The batch sizes speed is reported at and served models are prepared for by default (small and large: the
+# host-bound and the GPU-bound ends); the export config, serving and the benchmarks take them from here.
+BATCH_SIZES = (1, 8, 32, 256)
+
 
 def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
     """Median over `repeats` batches of the mean time of fn() in ms (CUDA events); fn is run once first."""

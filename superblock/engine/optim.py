@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from superblock.config import OPTIMIZERS
 from superblock.sparsity import mask_parameters
 
 
@@ -46,7 +47,7 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    raise ValueError(f"unknown optimizer {name!r}: use adamw or sgd")
+    raise ValueError(f"unknown optimizer {name!r}: use one of {OPTIMIZERS}")
 
 
 def warmup_cosine(

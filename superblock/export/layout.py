@@ -11,13 +11,11 @@ from torch import nn
 
 from superblock.devices import dtype_name
 from superblock.export.convert import MHA_IN, MHA_OUT, Layer, linear_weight, owner, unsupported_reason
-from superblock.export.serving import SampleInput, as_sample
+from superblock.export.serving import TUNING_TARGETS, SampleInput, as_sample
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.timing import compare_latency, time_graph
 
 MODES = ("auto", "bsr", "dense")
-# how each serving runtime is timed per layer: GPU time for CUDA graphs, eager calls otherwise
-TIMING = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
 # "not slower": BSR within this fraction of dense at a batch size (timing noise); see _verdict
 LAYOUT_TOLERANCE = 0.02
 
@@ -64,7 +62,7 @@ def _measure(weight, bias, block, tokens: dict[int, int], device, dtype, backend
     w = weight.detach().to(device, dtype)
     b = None if bias is None else bias.detach().to(device, dtype)
     sparse = BlockSparseLinear.from_dense(w, b, block, backend=backend)
-    graph = TIMING[runtime] == "graph" and device.type == "cuda"
+    graph = TUNING_TARGETS[runtime] == "graph" and device.type == "cuda"
     sparse.tuning_target = "graph" if graph else "eager"
     rows = []
     for batch, n in sorted(tokens.items()):

@@ -45,12 +45,12 @@ from torch.utils._pytree import tree_map
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.kernels.dispatch import Choice
-from superblock.timing import own_cublas_workspace, wall_ms
+from superblock.timing import BATCH_SIZES, own_cublas_workspace, wall_ms
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "cudagraph")
-DEFAULT_BATCH_SIZES = (1, 8, 32, 256)
+DEFAULT_BATCH_SIZES = BATCH_SIZES
 TUNING_TARGETS = {"eager": "eager", "compile": "eager", "cudagraph": "graph"}
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 # Tokens per sequence of a language model's sample input (warm-up, layout timing, the export's equivalence probe):

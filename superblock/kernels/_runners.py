@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from superblock.kernels import _triton_bsr
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the backends a product runs on (this module's run_triton / run_torch / run_dense); every other list of backend
+# names is built from this one
+KERNEL_BACKENDS = ("triton", "torch", "dense")
 # a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
 # the decode kernel (few tokens, SPLIT programs per block row). Trailing zeros are left off the list (the tiled
 # kernel), so the five-entry lists of earlier tuning tables and exports keep their meaning

@@ -27,13 +27,13 @@ from collections.abc import Sequence
 
 import torch
 
-from superblock.kernels import _runners, dispatch, ops
+from superblock.kernels import _runners, _triton_bsr, dispatch, ops
 from superblock.kernels import tuning as _tuning
 from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
 from superblock.kernels.dispatch import BACKENDS, Plan
 
 ACTIVATIONS = (None, "gelu")
-FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+FP32_PRECISIONS = _triton_bsr.PRECISIONS  # the kernels own the list (each is a code path in them)
 
 _settings = {"fp32_precision": "ieee"}
 

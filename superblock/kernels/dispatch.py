@@ -24,7 +24,7 @@ import torch
 from superblock.kernels import _runners
 from superblock.kernels import tuning as _tuning
 
-BACKENDS = ("auto", "triton", "torch", "dense")
+BACKENDS = ("auto", *_runners.KERNEL_BACKENDS)
 
 
 @dataclass(frozen=True)

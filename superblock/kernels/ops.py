@@ -38,7 +38,7 @@ import torch
 from superblock.kernels import _runners, _triton_bsr
 
 OP_ACTIVATIONS = ("none", "gelu", "silu_mul")
-OP_BACKENDS = ("triton", "torch", "dense")
+OP_BACKENDS = _runners.KERNEL_BACKENDS
 
 
 def bsr_linear_impl(

@@ -253,7 +253,7 @@ def _check_table(obj) -> dict[str, dict[str, dict]]:
         if not isinstance(entries, dict):
             raise ValueError(f"scope {scope!r} must map problem keys to choices")
         for key, entry in entries.items():
-            if not isinstance(entry, dict) or entry.get("backend") not in ("triton", "torch", "dense"):
+            if not isinstance(entry, dict) or entry.get("backend") not in _runners.KERNEL_BACKENDS:
                 raise ValueError(f"bad choice for {key!r} in {scope!r}: {entry!r}")
     return obj["scopes"]
 
@@ -388,7 +388,7 @@ def measure(
     args,
     precision: str,
     candidates: list[dict] | None = None,
-    backends=("triton", "torch", "dense"),
+    backends=_runners.KERNEL_BACKENDS,
     target: str = "eager",
 ):
     """Time every backend (and every Triton candidate) on these arguments; returns {label: ms}, best entry.
