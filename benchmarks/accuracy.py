@@ -172,7 +172,8 @@ def jobs_for(args: argparse.Namespace) -> list[dict]:
 
 
 def _length(epochs: int | None) -> list[str]:
-    return [] if epochs is None else [f"trainer.max_epochs={epochs}"]
+    """A run-length axis trains exactly the epochs asked (no trainer.min_steps=auto floor on small sets)."""
+    return [] if epochs is None else [f"trainer.max_epochs={epochs}", "trainer.min_steps=null"]
 
 
 def _length_tag(args: argparse.Namespace, epochs: int | None) -> str:

@@ -119,7 +119,7 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 5
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
-    min_steps: int | None = None  # train at least this many optimizer steps: max_epochs is raised (small datasets)
+    min_steps: Any = "auto"  # int | auto | null: at least this many optimizer steps (auto: small image sets)
     accumulate_grad_batches: int = 1
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.1
@@ -386,7 +386,10 @@ def check(c: TrainConfig) -> None:
 def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.max_epochs, "trainer.max_epochs")
     _positive(t.max_steps, "trainer.max_steps")
-    _positive(t.min_steps, "trainer.min_steps")
+    if t.min_steps != "auto":
+        if isinstance(t.min_steps, (str, bool)):
+            raise ConfigError(f"trainer.min_steps is a number of steps, auto or null, got {t.min_steps!r}")
+        _positive(t.min_steps, "trainer.min_steps")
     _positive(t.accumulate_grad_batches, "trainer.accumulate_grad_batches")
     _positive(t.grad_clip, "trainer.grad_clip")
     _positive(t.log_every_steps, "trainer.log_every_steps")

@@ -26,6 +26,7 @@ from superblock.engine.objective import Objective
 from superblock.engine.optim import build_lr_scheduler, build_optimizer
 from superblock.engine.permutation import permute_before_masks, record
 from superblock.engine.pretrained import load_run_weights, names_run
+from superblock.engine.run_length import auto_min_steps
 from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
 from superblock.sparsity import SparsityReport, normalize_block_size, sparsify
@@ -44,6 +45,7 @@ class DataParts:
     steps_per_epoch: int
     total_steps: int
     epochs: int  # trainer.max_epochs, raised to reach trainer.min_steps
+    min_steps: int | None = None  # the floor that applied (trainer.min_steps, or what "auto" means for this data)
 
 
 def build_data(
@@ -54,10 +56,12 @@ def build_data(
     accumulate: int,
     max_epochs: int,
     max_steps: int | None,
-    min_steps: int | None = None,
+    min_steps: int | str | None = None,
+    auto_floor: int = 0,
 ) -> DataParts:
     """Datasets and loaders of `data`, and how many optimizer steps an epoch and the whole run take (at least
-    `min_steps`, by more epochs than max_epochs when an epoch is short; max_steps still caps the run)."""
+    `min_steps`, by more epochs than max_epochs when an epoch is short; max_steps still caps the run).
+    `min_steps="auto"`: `auto_floor` for a small real image set, else no floor (engine/run_length.py)."""
     bundle = build_datasets(data.name, seed=seed, **dataset_options(data))
     train_loader, val_loader, sampler = build_loaders(
         bundle,
@@ -74,10 +78,13 @@ def build_data(
             f"an epoch has {batches} batches, fewer than trainer.accumulate_grad_batches={accumulate}: lower "
             "data.batch_size or accumulate_grad_batches, or use more data"
         )
+    if min_steps == "auto":
+        n_train = len(bundle.train) if bundle.train is not None else 0
+        min_steps = auto_min_steps(data.name, bundle.task, n_train, auto_floor)
     epochs = max(max_epochs, -(-min_steps // steps_per_epoch)) if min_steps else max_epochs
     total = steps_per_epoch * epochs
     total = min(total, max_steps) if max_steps else total
-    return DataParts(bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs)
+    return DataParts(bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs, min_steps)
 
 
 def dataset_options(data: DataConfig) -> dict[str, Any]:

@@ -13,6 +13,41 @@ from collections.abc import Sequence
 from typing import Any
 
 MIN_RECOVERY_STEPS = 600
+# Image training sets smaller than this (real data, not the procedural smoke set) get a floor on the run's length
+# under trainer.min_steps=auto: at the default batch a few thousand images are a dozen steps an epoch, and the
+# default number of epochs leaves the masks no time to recover.
+SMALL_DATASET = 20_000
+
+
+def step_floor(min_recovery_steps: int, ramp_fraction: float | None) -> int:
+    """Total optimizer steps that leave `min_recovery_steps` at full sparsity after a ramp over `ramp_fraction`
+    of the run (0 when the check is off or the ramp takes the whole run)."""
+    share = 1.0 - ramp_fraction if ramp_fraction is not None else 1.0
+    if min_recovery_steps <= 0 or share <= 0:
+        return 0
+    return math.ceil(min_recovery_steps / share)
+
+
+def auto_min_steps(data_name: str, task: str, n_train: int, floor: int) -> int | None:
+    """What trainer.min_steps=auto means for a dataset: `floor` for a small real image set, else no floor. Dense
+    runs get the same floor as sparse ones, so the two compare at a matched length."""
+    small = data_name != "synthetic" and task == "image_classification" and 0 < n_train < SMALL_DATASET
+    return floor if small and floor > 0 else None
+
+
+def raised_length_notice(max_epochs: int, epochs: int, steps_per_epoch: int, min_steps: Any, n_train: int) -> str:
+    """The start-up line of a run that trains more epochs than trainer.max_epochs to reach its step floor."""
+    why = (
+        f"trainer.min_steps=auto: a small image set ({n_train:,} training images) gets at least "
+        f"{epochs * steps_per_epoch:,} optimizer steps so the masks recover at full sparsity and dense compares "
+        "at the same length"
+        if min_steps == "auto"
+        else f"trainer.min_steps={min_steps}"
+    )
+    return (
+        f"run length: {epochs} epochs instead of trainer.max_epochs={max_epochs} ({steps_per_epoch} steps/epoch; "
+        f"{why}). trainer.min_steps=null trains exactly max_epochs; trainer.max_steps caps the run."
+    )
 
 
 def recovery_steps(spec: dict[str, Any] | None, total_steps: int) -> int | None:

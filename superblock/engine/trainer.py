@@ -34,7 +34,13 @@ from superblock.engine.distributed import DistInfo, all_gather_object, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
 from superblock.engine.permutation import describe, schedule_permutation
-from superblock.engine.run_length import accuracy_noise, recovery_notice, still_improving
+from superblock.engine.run_length import (
+    accuracy_noise,
+    raised_length_notice,
+    recovery_notice,
+    step_floor,
+    still_improving,
+)
 from superblock.engine.sharding import full_model_state, is_sharded
 from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed, rng_state, set_rng_state
 from superblock.engine.validation import validate
@@ -100,6 +106,7 @@ class Trainer:
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
             min_steps=t.min_steps,
+            auto_floor=step_floor(cfg.sparsity.min_recovery_steps, cfg.sparsity.ramp_fraction),
         )
         self.bundle, self.total_steps = self.data.bundle, self.data.total_steps
         self.model_spec = build_model_spec(cfg.model, self.bundle)
@@ -272,9 +279,10 @@ class Trainer:
         try:
             if resume is not None and self.dist.is_main:
                 self.logger.sinks[0].truncate_after(self.progress.step)
-            if self.dist.is_main and self.report is not None and resume is None:
-                print(self.report)
-                for line in filter(None, [describe(self.model), self._run_length_notice()]):
+            if self.dist.is_main and resume is None:
+                if self.report is not None:
+                    print(self.report)
+                for line in filter(None, [describe(self.model), self._raised_notice(), self._run_length_notice()]):
                     print(line)
             while self.progress.step < self.total_steps and self.progress.epoch < self.data.epochs:
                 epoch = self.progress.epoch
@@ -291,6 +299,13 @@ class Trainer:
             return self.summary(status)
         finally:
             self.logger.finish(status)
+
+    def _raised_notice(self) -> str | None:
+        d, t = self.data, self.cfg.trainer
+        if d.epochs <= t.max_epochs:
+            return None
+        n_train = len(d.bundle.train) if d.bundle.train is not None else 0
+        return raised_length_notice(t.max_epochs, d.epochs, d.steps_per_epoch, t.min_steps, n_train)
 
     def _run_length_notice(self) -> str | None:
         c = self.cfg

@@ -76,3 +76,55 @@ def test_train_raises_epochs_to_min_steps_prints_the_notice_and_writes_still_imp
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["epochs"], summary["steps"]) == (3, 24)  # debug=smoke: 1 epoch of 8 steps, raised to reach 20
     assert isinstance(summary["still_improving"], bool) and isinstance(summary["improving_slope"], float)
+
+
+def test_step_floor_and_what_auto_means_for_each_dataset():
+    from superblock.engine.run_length import auto_min_steps, step_floor
+
+    assert step_floor(600, 0.5) == 1200 and step_floor(600, None) == 600 and step_floor(600, 0.75) == 2400
+    assert step_floor(0, 0.5) == 0 and step_floor(600, 1.0) == 0  # check off / a ramp over the whole run
+    assert auto_min_steps("imagefolder", "image_classification", 1_437, 1200) == 1200  # the digits
+    assert auto_min_steps("small_images", "image_classification", 4_000, 1200) == 1200
+    assert auto_min_steps("synthetic", "image_classification", 12_000, 1200) is None  # the smoke set
+    assert auto_min_steps("cifar10", "image_classification", 50_000, 1200) is None  # epochs are long already
+    assert auto_min_steps("text", "causal_lm", 5_000, 1200) is None  # the evidence is from images
+    assert auto_min_steps("imagefolder", "image_classification", 1_437, 0) is None  # min_recovery_steps=0
+
+
+def test_auto_raises_the_epochs_of_a_small_real_image_tree(tmp_path):
+    """Real PNG files through the real transforms and loaders: 3 classes x 8 images, batch 8 -> 3 steps an epoch."""
+    from PIL import Image
+
+    from superblock.config import DataConfig
+    from superblock.engine.builders import build_data
+
+    for c in range(3):
+        for split, n in (("train", 8), ("val", 2)):
+            (tmp_path / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (12, 12), (40 * c, 7 * i, 90)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    data = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=8, num_workers=0)
+    common = {"seed": 0, "distributed": False, "accumulate": 1, "max_epochs": 2, "max_steps": None}
+    auto = build_data(data, **common, min_steps="auto", auto_floor=20)
+    assert (auto.steps_per_epoch, auto.epochs, auto.total_steps, auto.min_steps) == (3, 7, 21, 20)
+    exact = build_data(data, **common, min_steps=None, auto_floor=20)
+    assert (exact.epochs, exact.total_steps) == (2, 6)
+    capped = build_data(data, **{**common, "max_steps": 10}, min_steps="auto", auto_floor=20)
+    assert capped.total_steps == 10  # trainer.max_steps still ends the run
+    synthetic = DataConfig(name="synthetic", image_size=16, batch_size=8, train_size=24, val_size=8)
+    assert build_data(synthetic, **common, min_steps="auto", auto_floor=20).epochs == 2
+    from superblock.engine.run_length import raised_length_notice
+
+    line = raised_length_notice(2, 7, 3, "auto", 24)
+    assert "7 epochs instead of trainer.max_epochs=2" in line and "trainer.min_steps=null" in line
+
+
+def test_min_steps_takes_a_count_auto_or_null():
+    from superblock.config import ConfigError, to_config
+
+    assert to_config({}).trainer.min_steps == "auto"
+    assert to_config({"trainer": {"min_steps": None}}).trainer.min_steps is None
+    assert to_config({"trainer": {"min_steps": 300}}).trainer.min_steps == 300
+    for bad in ("soon", 0, -5):
+        with pytest.raises(ConfigError, match="trainer.min_steps"):
+            to_config({"trainer": {"min_steps": bad}})
