@@ -34,3 +34,26 @@ def reference(x, w, bias=None, activation=None):
 def rel_err(y, ref):
     assert torch.isfinite(y).all(), "non-finite output"
     return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def block_sparse(out_f: int, in_f: int, block=(16, 16), density=0.5, seed=0, empty_rows=()) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bh, bw = block
+    rows, cols = -(-out_f // bh), -(-in_f // bw)
+    keep = torch.rand(rows, cols, generator=g) < density
+    for r in empty_rows:
+        keep[r] = False
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
+    return torch.randn(out_f, in_f, generator=g) * 0.3 * mask
+
+
+def glu_reference(x, wg, wu, bias=None):
+    g, u = x.double() @ wg.double().t(), x.double() @ wu.double().t()
+    if bias is not None:
+        n = wg.shape[0]
+        g, u = g + bias[:n].double(), u + bias[n:].double()
+    return F.silu(g) * u
+
+
+def rel(y, ref) -> float:
+    return ((y.double() - ref).norm() / max(ref.norm().item(), 1e-12)).item()

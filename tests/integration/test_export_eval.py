@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,16 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import make_run
-
-REPO = Path(__file__).resolve().parents[2]
-
-QUICK_EVAL = ["device=cpu", "max_batches=1", "latency.batch_size=2", "latency.repeats=2", "latency.rounds=1"]
-
-
-def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, str(REPO / script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+from tests.helpers.scripts import QUICK_EVAL, run
 
 
 def assert_modes_agree(eval_json: Path, forms=("masked", "folded", "bsr")) -> dict:

@@ -120,7 +120,7 @@ def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
 def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     """The documented LM path: train.py -> export.py -> evaluate.py -> load_sparse(...).generate()."""
     from superblock.export import load_folded, load_sparse
-    from tests.integration.test_export_eval import QUICK_EVAL, run
+    from tests.helpers.scripts import QUICK_EVAL, run
 
     run_dir, export_dir = tmp_path / "run", tmp_path / "exp"
     assert run_train(*LM_TINY, f"hydra.run.dir={run_dir}").returncode == 0

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from superblock.kernels import BlockSparseLinear, _runners, ops
 from superblock.kernels.projection_fusion import (
@@ -25,6 +24,7 @@ from superblock.kernels.projection_fusion import (
     fusable_gate_up,
     fuse_projections,
 )
+from tests.helpers.kernels import block_sparse, glu_reference, rel
 
 REPO = Path(__file__).resolve().parents[2]
 PROJ = (
@@ -36,29 +36,6 @@ PROJ = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-
-
-def block_sparse(out_f: int, in_f: int, block=(16, 16), density=0.5, seed=0, empty_rows=()) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    bh, bw = block
-    rows, cols = -(-out_f // bh), -(-in_f // bw)
-    keep = torch.rand(rows, cols, generator=g) < density
-    for r in empty_rows:
-        keep[r] = False
-    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
-    return torch.randn(out_f, in_f, generator=g) * 0.3 * mask
-
-
-def glu_reference(x, wg, wu, bias=None):
-    g, u = x.double() @ wg.double().t(), x.double() @ wu.double().t()
-    if bias is not None:
-        n = wg.shape[0]
-        g, u = g + bias[:n].double(), u + bias[n:].double()
-    return F.silu(g) * u
-
-
-def rel(y, ref) -> float:
-    return ((y.double() - ref).norm() / max(ref.norm().item(), 1e-12)).item()
 
 
 def test_concat_rows_stacks_the_weights_and_refuses_ragged_middles():
@@ -285,7 +262,7 @@ _INTERP = textwrap.dedent(
     import torch.nn.functional as F
     from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, dense_to_bsr
     from superblock.kernels.projection_fusion import FusedGateUpLinear, FusedQKV
-    from tests.unit.test_fused_projections import block_sparse, glu_reference, rel
+    from tests.helpers.kernels import block_sparse, glu_reference, rel
 
     full = sys.argv[1] == "full"
     cases = [(64, 96, (16, 16)), (64, 70, (32, 16)), (128, 64, (32, 32))] if full else [(64, 70, (16, 16))]
