@@ -112,7 +112,7 @@ def choose(
     if backend == "auto":
         if x2d.device.type != "cuda" or traced:
             return static_choice(x2d, values, backend, precision)
-        entry = _tuning.choose(args, precision, target=target)
+        entry = _tuning.measured_choice(args, precision, target=target)
         return Choice.from_dict({**entry, "precision": precision})
     if backend != "triton":
         return Choice(backend, None, precision)
