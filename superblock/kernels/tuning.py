@@ -67,7 +67,7 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     return c
 
 
-DECODE_MAX_TOKENS = 64  # the decode kernel competes up to this many tokens (issue 12: M <= 64)
+DECODE_MAX_TOKENS = 64  # the decode kernel competes up to this many tokens
 
 
 def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict]:
