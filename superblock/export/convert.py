@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from superblock.artifacts.format import BSR_SUFFIXES, LAYOUTS, ExportError, bsr_keys
-from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, dense_to_bsr
+from superblock.kernels import BlockSparseLinear, BlockSparseMultiheadAttention, check_bsr, dense_to_bsr
 from superblock.sparsity import iter_block_masks
 from superblock.sparsity.targets import is_conv1d
 
@@ -194,35 +194,19 @@ def unpack_tensors(
 
 
 def _check_triplet(layer: Layer, triplet: Triplet) -> None:
-    values, crow, col = triplet
-    rows = math.ceil(layer.shape[0] / layer.block[0])
-    ok = (
-        values.dim() == 3
-        and tuple(values.shape[1:]) == layer.block
-        and values.shape[0] == layer.nnz_blocks == col.numel()
-        and crow.numel() == rows + 1
-    )
-    if not ok:
+    """Stored BSR tensors a kernel can follow without reading outside the weight, and that match the manifest's
+    shape, block and count. A corrupt file that passed as safetensors stops here."""
+    values, _, _ = triplet
+    matches = values.dim() == 3 and tuple(values.shape[1:]) == layer.block and values.shape[0] == layer.nnz_blocks
+    try:
+        if not matches:
+            raise ValueError(f"shapes {[tuple(t.shape) for t in triplet]}")
+        check_bsr(*triplet, layer.shape, contents=True)
+    except ValueError as err:
         raise ExportError(
-            f"stored BSR tensors of {layer.name} ({', '.join(BSR_SUFFIXES)} shapes {[tuple(t.shape) for t in triplet]})"
-            f" do not match the manifest (shape {layer.shape}, block {layer.block}, {layer.nnz_blocks} blocks)"
-        )
-    _check_indices(layer, crow, col)
-
-
-def _check_indices(layer: Layer, crow: torch.Tensor, col: torch.Tensor) -> None:
-    """Indices a kernel can follow without reading outside the weight: rows that start at 0, never step back and
-    end at nnz; columns inside the block grid. A corrupt file that passed as safetensors stops here."""
-    cols = math.ceil(layer.shape[1] / layer.block[1])
-    ints = not crow.is_floating_point() and not col.is_floating_point() and crow.dtype != torch.bool
-    ok = ints and int(crow[0]) == 0 and int(crow[-1]) == layer.nnz_blocks and bool((crow.diff() >= 0).all())
-    if ok and col.numel():
-        ok = int(col.min()) >= 0 and int(col.max()) < cols
-    if not ok:
-        raise ExportError(
-            f"stored BSR indices of {layer.name} are corrupt (row pointers or columns outside its "
-            f"{math.ceil(layer.shape[0] / layer.block[0])} x {cols} block grid): export it again"
-        )
+            f"stored BSR tensors of {layer.name} ({', '.join(BSR_SUFFIXES)}) do not fit the manifest (shape "
+            f"{layer.shape}, block {layer.block}, {layer.nnz_blocks} blocks): {err}; export it again"
+        ) from None
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -65,6 +65,47 @@ def config_from_list(values: Sequence[int]) -> dict:
     return cfg
 
 
+def check_bsr(values, crow, col, shape: Sequence[int], *, contents: bool = False) -> tuple[int, int, int, int]:
+    """(out, in, bh, bw) of a BSR weight (values [nnz, bh, bw], crow [ceil(out/bh)+1], col [nnz], int32/int64 indices,
+    one device), or a ValueError that says what does not fit. The one check of a BSR triplet: the functional op,
+    BlockSparseLinear.from_bsr and export's loader use it. `contents=True` also reads the indices (a host sync;
+    loading from a file): row pointers from 0 to nnz that never step back, columns inside the block grid."""
+    try:
+        out_f, in_f = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (out_features, in_features), got {shape!r}") from None
+    if out_f <= 0 or in_f <= 0:
+        raise ValueError(f"shape must be positive, got {shape!r}")
+    for name, t in (("values", values), ("crow_indices", crow), ("col_indices", col)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if values.dim() != 3:
+        raise ValueError(f"values must be [nnz_blocks, bh, bw], got shape {tuple(values.shape)}")
+    nnz, bh, bw = (int(s) for s in values.shape)
+    if bh <= 0 or bw <= 0:
+        raise ValueError(f"block size must be positive, got {(bh, bw)}")
+    n_rows, n_cols = -(-out_f // bh), -(-in_f // bw)
+    if crow.dim() != 1 or crow.numel() != n_rows + 1:
+        raise ValueError(
+            f"crow_indices must have ceil(out/bh)+1 = {n_rows + 1} entries for shape {(out_f, in_f)} and "
+            f"block {(bh, bw)}, got shape {tuple(crow.shape)}"
+        )
+    if col.dim() != 1 or col.numel() != nnz:
+        raise ValueError(f"col_indices must have one entry per block ({nnz}), got shape {tuple(col.shape)}")
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if len({values.device, crow.device, col.device}) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(t.device) for t in (values, crow, col))}")
+    if contents:
+        ok = int(crow[0]) == 0 and int(crow[-1]) == nnz and bool((crow.diff() >= 0).all())
+        if ok and nnz:
+            ok = int(col.min()) >= 0 and int(col.max()) < n_cols
+        if not ok:
+            raise ValueError(f"BSR indices point outside the {n_rows} x {n_cols} block grid or step back")
+    return out_f, in_f, bh, bw
+
+
 def triton_block_ok(bh: int, bw: int) -> bool:
     """tl.arange / tl.dot need power-of-two tile sides of at least 16."""
     return all(b >= 16 and b & (b - 1) == 0 for b in (int(bh), int(bw)))

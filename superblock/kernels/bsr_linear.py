@@ -29,7 +29,7 @@ import torch
 
 from superblock.kernels import _runners, _triton_bsr, dispatch, ops
 from superblock.kernels import tuning as _tuning
-from superblock.kernels._runners import bsr_to_dense, triton_block_ok  # noqa: F401 - public names
+from superblock.kernels._runners import bsr_to_dense, check_bsr, triton_block_ok  # noqa: F401 - public names
 from superblock.kernels.dispatch import BACKENDS, Plan
 
 ACTIVATIONS = (None, "gelu")
@@ -80,29 +80,7 @@ def _validate_weight(values, crow, col, shape, activation, backend) -> tuple[int
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    out_f, in_f = _normalize_shape(shape)
-    for name, t in (("values", values), ("crow_indices", crow), ("col_indices", col)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if values.dim() != 3:
-        raise ValueError(f"values must be [nnz_blocks, bh, bw], got shape {tuple(values.shape)}")
-    nnz, bh, bw = (int(s) for s in values.shape)
-    if bh <= 0 or bw <= 0:
-        raise ValueError(f"block size must be positive, got {(bh, bw)}")
-    n_rows = -(-out_f // bh)
-    if crow.dim() != 1 or crow.numel() != n_rows + 1:
-        raise ValueError(
-            f"crow_indices must have ceil(out/bh)+1 = {n_rows + 1} entries for shape {(out_f, in_f)} and "
-            f"block {(bh, bw)}, got shape {tuple(crow.shape)}"
-        )
-    if col.dim() != 1 or col.numel() != nnz:
-        raise ValueError(f"col_indices must have one entry per block ({nnz}), got shape {tuple(col.shape)}")
-    for name, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    if len({values.device, crow.device, col.device}) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(t.device) for t in (values, crow, col))}")
-    return out_f, in_f, bh, bw
+    return _runners.check_bsr(values, crow, col, shape)
 
 
 def _validate_input(x, values, crow, col, bias, out_f: int, in_f: int) -> None:

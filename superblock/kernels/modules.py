@@ -127,16 +127,8 @@ class BlockSparseLinear(nn.Module):
         activation: str | None = None,
         backend: str = "auto",
     ) -> BlockSparseLinear:
-        out_f, in_f = (int(s) for s in shape)
-        if values.dim() != 3:
-            raise ValueError(f"values must be [nnz, bh, bw], got shape {tuple(values.shape)}")
+        out_f, in_f, _, _ = _runners.check_bsr(values, crow_indices, col_indices, shape)
         mod = cls(in_f, out_f, tuple(values.shape[1:]), values.shape[0], bias is not None, activation, backend)
-        n_rows = -(-out_f // values.shape[1])
-        if crow_indices.shape != (n_rows + 1,) or col_indices.shape != (values.shape[0],):
-            raise ValueError(
-                f"index shapes {tuple(crow_indices.shape)}, {tuple(col_indices.shape)} do not fit values "
-                f"{tuple(values.shape)} and shape {(out_f, in_f)}"
-            )
         if bias is not None and bias.shape != (out_f,):
             raise ValueError(f"bias must be [{out_f}], got {tuple(bias.shape)}")
         mod.values = values.detach().contiguous()

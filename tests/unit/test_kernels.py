@@ -389,3 +389,23 @@ def test_triton_kernel_in_interpreter():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "interpreter ok" in proc.stdout
+
+
+def test_one_bsr_check_for_the_functional_op_the_module_and_stored_files():
+    """check_bsr: the same refusals from bsr_linear, BlockSparseLinear.from_bsr and (with contents) a loaded file."""
+    from superblock.kernels import check_bsr
+
+    w = random_block_sparse(48, 40, (16, 8), 0.5)
+    values, crow, col = dense_to_bsr(w, (16, 8))
+    assert check_bsr(values, crow, col, (48, 40), contents=True) == (48, 40, 16, 8)
+    x = torch.randn(3, 40)
+    for bad, match in (((values, crow.float(), col), "int32 or int64"), ((values, crow[:-1], col), "crow_indices")):
+        with pytest.raises(ValueError, match=match):
+            bsr_linear(x, *bad, (48, 40))
+        with pytest.raises(ValueError, match=match):
+            BlockSparseLinear.from_bsr(*bad, (48, 40))
+    stepped = crow.clone()
+    stepped[1] = stepped[-1] + 1  # a row pointer past the end: only a read of the indices sees it
+    check_bsr(values, stepped, col, (48, 40))
+    with pytest.raises(ValueError, match="step back"):
+        check_bsr(values, stepped, col, (48, 40), contents=True)
