@@ -16,8 +16,8 @@ from superblock.kernels import BlockSparseLinear, tuning
 from superblock.timing import compare_latency, time_graph
 
 MODES = ("auto", "bsr", "dense")
-# "not slower": BSR within this fraction of dense at a batch size (timing noise); see _verdict
-LAYOUT_TOLERANCE = 0.02
+# "not slower": BSR within this fraction of dense at a batch size (timing noise; the rule is tuning's); see _verdict
+LAYOUT_TOLERANCE = tuning.TIE_TOLERANCE
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def _verdict(timing: dict, tolerance: float, where: str) -> str | None:
     layer runs the dense kernel itself is a tie) and faster at one at least; else the reason for dense."""
     rows = timing["per_batch"]
     for r in rows:
-        if r["kernel"] != "dense" and r["bsr_ms"] > r["dense_ms"] * (1.0 + tolerance):
+        if r["kernel"] != "dense" and not tuning.not_slower_than_dense(r["bsr_ms"], r["dense_ms"], tolerance):
             return (
                 f"BSR ({r['bsr_ms']:.3f} ms) slower than dense ({r['dense_ms']:.3f} ms) at batch {r['batch']} "
                 f"({r['tokens']} tokens), {where}"

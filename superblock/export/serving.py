@@ -256,7 +256,7 @@ def check_against_dense(
                 run(x)  # plans (dense weights, compiled graphs: once) are built outside the timing
                 times[name].append(wall_ms(run, x, reps))
         t_tuned, t_dense = statistics.median(times["tuned"]), statistics.median(times["dense"])
-        kept = "dense" if t_dense < t_tuned else "tuned"
+        kept = "tuned" if tuning.not_slower_than_dense(t_tuned, t_dense, tolerance=0.0) else "dense"
         _use(dense if kept == "dense" else tuned, buckets)
         report[b] = {"tuned_ms": round(t_tuned, 4), "dense_ms": round(t_dense, 4), "kept": kept}
     return report

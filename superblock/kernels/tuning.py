@@ -28,8 +28,24 @@ from superblock.timing import time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
 VERSION = 1
-# non-dense choices must beat dense by this factor, so timing noise never makes `auto` slower than dense
+# The rules that keep a block-sparse kernel over cuBLAS, in one place (tuning, export's layout=auto, serving's
+# model-level check). A product's backend: a non-dense choice must beat dense by this factor, so timing noise never
+# makes `auto` slower than dense.
 DENSE_MARGIN = 0.97
+# A layer kept block-sparse by export (layout=auto): not slower than dense beyond this fraction (timing noise) at any
+# batch size, and faster at one.
+TIE_TOLERANCE = 0.02
+
+
+def beats_dense(sparse: float, dense: float, margin: float = DENSE_MARGIN) -> bool:
+    """Whether a sparse time is enough faster than the dense one to choose it (times in any one unit)."""
+    return sparse <= margin * dense
+
+
+def not_slower_than_dense(sparse: float, dense: float, tolerance: float = TIE_TOLERANCE) -> bool:
+    """Whether a sparse time is within `tolerance` of the dense one (0: strictly no slower)."""
+    return sparse <= dense * (1.0 + tolerance)
+
 
 _lock = threading.RLock()
 # bumped whenever the table changes (record, load, clear): callers that memoize a choice key on it
@@ -433,7 +449,7 @@ def _entry(times: dict, configs: dict, gpu_ms: dict, best_cfg: str | None) -> di
     if not times:
         return {"backend": "dense", "times_us": {}}
     best = min(times, key=times.get)
-    if "dense" in times and best != "dense" and times[best] > DENSE_MARGIN * times["dense"]:
+    if "dense" in times and best != "dense" and not beats_dense(times[best], times["dense"]):
         best = "dense"
     entry = {"backend": "triton", "config": configs[best]} if best.startswith("triton:") else {"backend": best}
     if configs:  # kept for backend="triton" even when another backend wins
