@@ -65,17 +65,23 @@ def config_from_list(values: Sequence[int]) -> dict:
     return cfg
 
 
-def check_bsr(values, crow, col, shape: Sequence[int], *, contents: bool = False) -> tuple[int, int, int, int]:
-    """(out, in, bh, bw) of a BSR weight (values [nnz, bh, bw], crow [ceil(out/bh)+1], col [nnz], int32/int64 indices,
-    one device), or a ValueError that says what does not fit. The one check of a BSR triplet: the functional op,
-    BlockSparseLinear.from_bsr and export's loader use it. `contents=True` also reads the indices (a host sync;
-    loading from a file): row pointers from 0 to nnz that never step back, columns inside the block grid."""
+def normalize_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(out_features, in_features) of a weight's shape, or a ValueError."""
     try:
         out_f, in_f = (int(s) for s in shape)
     except (TypeError, ValueError):
         raise ValueError(f"shape must be (out_features, in_features), got {shape!r}") from None
     if out_f <= 0 or in_f <= 0:
         raise ValueError(f"shape must be positive, got {shape!r}")
+    return out_f, in_f
+
+
+def check_bsr(values, crow, col, shape: Sequence[int], *, contents: bool = False) -> tuple[int, int, int, int]:
+    """(out, in, bh, bw) of a BSR weight (values [nnz, bh, bw], crow [ceil(out/bh)+1], col [nnz], int32/int64 indices,
+    one device), or a ValueError that says what does not fit. The one check of a BSR triplet: the functional op,
+    BlockSparseLinear.from_bsr and export's loader use it. `contents=True` also reads the indices (a host sync;
+    loading from a file): row pointers from 0 to nnz that never step back, columns inside the block grid."""
+    out_f, in_f = normalize_shape(shape)
     for name, t in (("values", values), ("crow_indices", crow), ("col_indices", col)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")

@@ -58,16 +58,6 @@ def get_fp32_precision() -> str:
 # validation
 
 
-def _normalize_shape(shape: Sequence[int]) -> tuple[int, int]:
-    try:
-        out_f, in_f = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be (out_features, in_features), got {shape!r}") from None
-    if out_f <= 0 or in_f <= 0:
-        raise ValueError(f"shape must be positive, got {shape!r}")
-    return out_f, in_f
-
-
 def _validate(x, values, crow, col, shape, bias, activation, backend) -> tuple[int, int, int, int]:
     out_f, in_f, bh, bw = _validate_weight(values, crow, col, shape, activation, backend)
     _validate_input(x, values, crow, col, bias, out_f, in_f)
@@ -201,7 +191,7 @@ def bsr_linear(
     if traced or needs_grad:
         out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
     else:  # eager: the input is checked on every call, the weight once, with its plan (_eager_plan)
-        out_f, in_f = _normalize_shape(shape)
+        out_f, in_f = _runners.normalize_shape(shape)
         _validate_input(x, values, crow_indices, col_indices, bias, out_f, in_f)
     shape, x2d = (out_f, in_f), x.reshape(-1, in_f)
     args = (x2d, values, crow_indices, col_indices, shape, bias, activation)
@@ -301,6 +291,6 @@ def _check_out(out: torch.Tensor, lead, out_f: int, x: torch.Tensor) -> torch.Te
 
 def block_density(values: torch.Tensor, shape: Sequence[int]) -> float:
     """Fraction of the padded weight's blocks that are stored."""
-    out_f, in_f = _normalize_shape(shape)
+    out_f, in_f = _runners.normalize_shape(shape)
     bh, bw = values.shape[1:]
     return values.shape[0] / (math.ceil(out_f / bh) * math.ceil(in_f / bw))
