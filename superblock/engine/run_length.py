@@ -35,12 +35,14 @@ def auto_min_steps(data_name: str, task: str, n_train: int, floor: int) -> int |
     return floor if small and floor > 0 else None
 
 
-def raised_length_notice(max_epochs: int, epochs: int, steps_per_epoch: int, min_steps: Any, n_train: int) -> str:
-    """The start-up line of a run that trains more epochs than trainer.max_epochs to reach its step floor."""
+def raised_length_notice(
+    max_epochs: int, epochs: int, steps_per_epoch: int, min_steps: Any, floor: int, n_train: int
+) -> str:
+    """The start-up line of a run that trains more epochs than trainer.max_epochs to reach its step floor
+    (`min_steps`: the setting, `floor`: the steps it asked for)."""
     why = (
-        f"trainer.min_steps=auto: a small image set ({n_train:,} training images) gets at least "
-        f"{epochs * steps_per_epoch:,} optimizer steps so the masks recover at full sparsity and dense compares "
-        "at the same length"
+        f"trainer.min_steps=auto: a small image set ({n_train:,} training images) trains at least {floor:,} "
+        "optimizer steps so the masks recover at full sparsity and dense compares at the same length"
         if min_steps == "auto"
         else f"trainer.min_steps={min_steps}"
     )

@@ -115,8 +115,9 @@ def test_auto_raises_the_epochs_of_a_small_real_image_tree(tmp_path):
     assert build_data(synthetic, **common, min_steps="auto", auto_floor=20).epochs == 2
     from superblock.engine.run_length import raised_length_notice
 
-    line = raised_length_notice(2, 7, 3, "auto", 24)
-    assert "7 epochs instead of trainer.max_epochs=2" in line and "trainer.min_steps=null" in line
+    line = raised_length_notice(2, 7, 3, "auto", 20, 24)
+    assert "7 epochs instead of trainer.max_epochs=2" in line and "at least 20 optimizer steps" in line
+    assert "trainer.min_steps=null" in line
 
 
 def test_min_steps_takes_a_count_auto_or_null():
