@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from superblock.timing import time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
 VERSION = 1
+TARGETS = ("eager", "graph")  # what `auto` optimizes: eager calls (host cost counts) or GPU time (CUDA graphs)
 # The rules that keep a block-sparse kernel over cuBLAS, in one place (tuning, export's layout=auto, serving's
 # model-level check). A product's backend: a non-dense choice must beat dense by this factor, so timing noise never
 # makes `auto` slower than dense.
@@ -47,12 +49,35 @@ def not_slower_than_dense(sparse: float, dense: float, tolerance: float = TIE_TO
     return sparse <= dense * (1.0 + tolerance)
 
 
-_lock = threading.RLock()
-# bumped whenever the table changes (record, load, clear): callers that memoize a choice key on it
-_generation = {"value": 0}
-_table: dict[str, dict[str, dict]] = {}
-_disk_loaded = False
-_warned_write = False
+@dataclass
+class TuningState:
+    """Everything `auto` remembers in this process, in one place: the table of measured choices (memory, and
+    whether its disk copy was read), its generation, and the knobs. One instance lives as long as the process
+    (`STATE`); `clear_tuning()` empties its table, `configure` / `set_tuning_target` set its knobs. A knob left
+    None is read from the environment when it is used (SUPERBLOCK_TUNE, SUPERBLOCK_CACHE_DIR, SUPERBLOCK_TUNE_FOR)."""
+
+    table: dict[str, dict[str, dict]] = field(default_factory=dict)
+    generation: int = 0  # bumped whenever the table changes (record, load, clear): memoized choices key on it
+    disk_loaded: bool = False
+    warned_write: bool = False  # one warning for an unwritable cache, not one per measurement
+    tune: bool | None = None
+    cache_dir: str | None = None
+    target: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def may_measure(self) -> bool:
+        tune = self.tune
+        return tune if tune is not None else os.environ.get("SUPERBLOCK_TUNE", "1") != "0"
+
+    def cache_root(self) -> str | None:
+        return self.cache_dir or os.environ.get("SUPERBLOCK_CACHE_DIR")
+
+    def tuning_target(self) -> str:
+        target = self.target or os.environ.get("SUPERBLOCK_TUNE_FOR", "eager")
+        return target if target in TARGETS else "eager"
+
+
+STATE = TuningState()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,7 +209,7 @@ def token_bucket(m: int) -> int:
 
 def generation() -> int:
     """Changes whenever the table does: a memoized choice made at another generation may be stale."""
-    return _generation["value"]
+    return STATE.generation
 
 
 _device_names: dict = {}
@@ -206,14 +231,10 @@ def scope_for(device: torch.device | None = None) -> str:
     return f"{name}|torch-{torch.__version__}|triton-{tv}"
 
 
-TARGETS = ("eager", "graph")
-_target = {"value": os.environ.get("SUPERBLOCK_TUNE_FOR", "eager")}
-
-
 def set_tuning_target(target: str) -> None:
     """What `auto` optimizes: "eager" (default; host launch overhead counts, which favours cuBLAS at small
     token counts) or "graph" (GPU time only, for models run as CUDA graphs). Also SUPERBLOCK_TUNE_FOR."""
-    _target["value"] = check_target(target)
+    STATE.target = check_target(target)
 
 
 def check_target(target: str | None, allow_none: bool = False) -> str | None:
@@ -225,7 +246,7 @@ def check_target(target: str | None, allow_none: bool = False) -> str | None:
 
 
 def get_tuning_target() -> str:
-    return _target["value"] if _target["value"] in TARGETS else "eager"
+    return STATE.tuning_target()
 
 
 def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, target: str = "eager") -> str:
@@ -238,24 +259,19 @@ def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, ta
     return key if target == "eager" else key + "|" + target
 
 
-# None: not configured, so the environment decides (read at use: SUPERBLOCK_TUNE=0, SUPERBLOCK_CACHE_DIR)
-_knobs: dict = {"tune": None, "cache_dir": None}
-
-
 def configure(tune: bool | None = None, cache_dir: str | os.PathLike | None = None) -> None:
     """Whether `auto` may measure (tune=False: built-in defaults) and where the table lives on disk (cache_dir;
     default ~/.cache/superblock). Arguments left None keep their value. A new cache_dir is read on next use."""
-    global _disk_loaded
     if tune is not None:
-        _knobs["tune"] = bool(tune)
+        STATE.tune = bool(tune)
     if cache_dir is not None:
-        with _lock:
-            _knobs["cache_dir"] = str(cache_dir)
-            _disk_loaded = False
+        with STATE.lock:
+            STATE.cache_dir = str(cache_dir)
+            STATE.disk_loaded = False
 
 
 def cache_path() -> Path:
-    root = _knobs["cache_dir"] or os.environ.get("SUPERBLOCK_CACHE_DIR")
+    root = STATE.cache_root()
     base = Path(root) if root else Path.home() / ".cache" / "superblock"
     return base / "tuning.json"
 
@@ -286,17 +302,16 @@ def _read_disk() -> dict[str, dict[str, dict]]:
 
 
 def _ensure_loaded() -> None:
-    global _disk_loaded
-    with _lock:
-        if _disk_loaded:
+    with STATE.lock:
+        if STATE.disk_loaded:
             return
+        table = STATE.table
         for scope, entries in _read_disk().items():
-            _table.setdefault(scope, {}).update({k: v for k, v in entries.items() if k not in _table.get(scope, {})})
-        _disk_loaded = True
+            table.setdefault(scope, {}).update({k: v for k, v in entries.items() if k not in table.get(scope, {})})
+        STATE.disk_loaded = True
 
 
 def _write_disk(scope: str, key: str, entry: dict) -> None:
-    global _warned_write
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,16 +320,17 @@ def _write_disk(scope: str, key: str, entry: dict) -> None:
         payload = json.dumps({"format": FORMAT, "version": VERSION, "scopes": scopes}, indent=1, sort_keys=True)
         write_text_atomically(path, payload)  # umask permissions, like any other file we write
     except OSError as err:
-        if not _warned_write:
+        if not STATE.warned_write:
             warnings.warn(f"could not write tuning cache {path}: {err}", stacklevel=3)
-            _warned_write = True
+            STATE.warned_write = True
 
 
 def tuning_table(scope: str | None = None) -> dict:
     """The measured choices (all scopes, or one) as a JSON-able dict, e.g. for an export manifest."""
     _ensure_loaded()
-    with _lock:
-        scopes = copy.deepcopy(_table if scope is None else {scope: _table.get(scope, {})})
+    with STATE.lock:
+        table = STATE.table
+        scopes = copy.deepcopy(table if scope is None else {scope: table.get(scope, {})})
     return {"format": FORMAT, "version": VERSION, "scopes": scopes}
 
 
@@ -322,10 +338,10 @@ def load_tuning(table: dict, persist: bool = False) -> None:
     """Merge a table from tuning_table() (e.g. from an export manifest); entries in it win."""
     scopes = _check_table(table)
     _ensure_loaded()
-    with _lock:
-        _generation["value"] += 1
+    with STATE.lock:
+        STATE.generation += 1
         for scope, entries in scopes.items():
-            _table.setdefault(scope, {}).update(copy.deepcopy(entries))
+            STATE.table.setdefault(scope, {}).update(copy.deepcopy(entries))
     if persist:
         for scope, entries in scopes.items():
             for key, entry in entries.items():
@@ -334,23 +350,22 @@ def load_tuning(table: dict, persist: bool = False) -> None:
 
 def clear_tuning() -> None:
     """Forget the in-memory table (the disk cache is read again on next use)."""
-    global _disk_loaded
-    with _lock:
-        _generation["value"] += 1
-        _table.clear()
-        _disk_loaded = False
+    with STATE.lock:
+        STATE.generation += 1
+        STATE.table.clear()
+        STATE.disk_loaded = False
 
 
 def lookup(scope: str, key: str) -> dict | None:
     _ensure_loaded()
-    with _lock:
-        return _table.get(scope, {}).get(key)
+    with STATE.lock:
+        return STATE.table.get(scope, {}).get(key)
 
 
 def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
-    with _lock:
-        _generation["value"] += 1
-        _table.setdefault(scope, {})[key] = entry
+    with STATE.lock:
+        STATE.generation += 1
+        STATE.table.setdefault(scope, {})[key] = entry
     if persist:
         _write_disk(scope, key, entry)
 
@@ -360,8 +375,7 @@ def record(scope: str, key: str, entry: dict, persist: bool = True) -> None:
 
 
 def _can_measure(x: torch.Tensor) -> bool:
-    tune = _knobs["tune"]
-    if not (tune if tune is not None else os.environ.get("SUPERBLOCK_TUNE", "1") != "0"):
+    if not STATE.may_measure():
         return False
     if torch.cuda.is_current_stream_capturing():
         return False
