@@ -149,7 +149,7 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
         "min_density": s.min_density,
         "schedule": s.schedule,
         "initial_sparsity": s.initial,
-        "ramp_steps": int(round(ramp)),
+        "ramp_steps": max(1, int(round(ramp))) if s.schedule != "constant" else int(round(ramp)),  # a 1-step run
         "start_step": int(round(s.start_epoch * steps_per_epoch)),
         "score_init": s.score_init,
         "fixed_weight": s.fixed_weight,

@@ -41,3 +41,16 @@ def test_cubic_values_zhu_gupta():
 def test_bad_schedules(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SparsitySchedule(**kwargs)
+
+
+def test_a_run_of_one_step_still_has_a_ramp_to_take():
+    """trainer.max_steps=1 with the default cubic ramp over half the run: a ramp of one step, not an error."""
+    from superblock.config import SparsityConfig
+    from superblock.engine.builders import sparsity_spec
+    from superblock.sparsity.schedule import SparsitySchedule
+
+    spec = sparsity_spec(SparsityConfig(schedule="cubic", ramp_fraction=0.5), steps_per_epoch=8, total_steps=1)
+    assert spec["ramp_steps"] == 1
+    SparsitySchedule(final=0.8, kind="cubic", ramp_steps=spec["ramp_steps"])  # accepted
+    constant = sparsity_spec(SparsityConfig(schedule="constant", ramp_fraction=None), steps_per_epoch=8, total_steps=1)
+    assert constant["ramp_steps"] == 0
