@@ -84,19 +84,23 @@ def test_all_linear_leaves_heads_poolers_and_embeddings_dense(model_type):
         assert more == heads, task
 
 
-def test_gpt2_conv1d_masks_follow_the_stored_in_out_layout():
+def test_gpt2_conv1d_tiles_are_out_rows_by_in_cols_whatever_the_stored_layout():
+    """A block size is (output rows, input columns) for every module: a Conv1D stores (in, out), so its stored tile
+    is the transpose, and a tall tile stays tall when the weight is served as (out, in)."""
     model = build("gpt2")
     c_fc = model.transformer.h[0].mlp.c_fc
-    assert is_conv1d(c_fc) and tuple(c_fc.weight.shape) == (32, 128)  # (in, out)
+    assert is_conv1d(c_fc) and tuple(c_fc.weight.shape) == (32, 128)  # stored (in, out)
     report = sparsify(model, sparsity=0.5, block_size=(8, 32), targets=["mlp", "attn"], seed=0)
     row = dict(zip(report.names, report.rows, strict=True))["transformer.h.0.mlp.c_fc.weight"]
-    assert row.shape == (32, 128) and row.total == (32 // 8) * (128 // 32)
+    assert row.shape == (128, 32) and row.block == (8, 32) and row.total == (128 // 8) * (32 // 32)
     assert is_conv1d(model.transformer.h[0].mlp.c_fc)  # still recognised once parametrized
     masks = {name: m for name, _, _, m in iter_block_masks(model)}
-    assert tuple(masks["transformer.h.0.mlp.c_fc.weight"].mask.shape) == (4, 4)
-    # the check of block against weight size uses the stored shape: 64 rows fit c_attn's (out) 96, not its (in) 32
-    with pytest.raises(ValueError, match=r"larger than weight transformer\.h\.0\.attn\.c_attn\.weight"):
-        sparsify(build("gpt2"), block_size=(64, 8), targets=["attn"])
+    mask = masks["transformer.h.0.mlp.c_fc.weight"]
+    assert mask.block == (32, 8) and tuple(mask.mask.shape) == (1, 16)  # the stored (32, 128) in (32, 8) tiles
+    # the size check reads (out, in): 64 input columns do not fit c_attn's 32 inputs (its 96 outputs would)
+    with pytest.raises(ValueError, match=r"larger than weight transformer\.h\.0\.attn\.c_attn\.weight \(96, 32\)"):
+        sparsify(build("gpt2"), block_size=(8, 64), targets=["attn"])
+    sparsify(build("gpt2"), block_size=(64, 8), targets=["*.c_attn.weight"])  # 64 of its 96 output rows: fits
 
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
