@@ -19,6 +19,7 @@ into two accumulators (x tiles of columns both keep are read twice, from L2), so
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -586,6 +587,41 @@ def decode_workspace(device: torch.device, n_sums: int, n_counters: int) -> tupl
         _retired.append(ws)  # a captured graph may still point at it
     size = max(n_sums, 16 * 16384, 0 if ws is None else ws[0].numel())
     count = max(n_counters, 4096, 0 if ws is None else ws[1].numel())
-    ws = (torch.zeros(size, device=device, dtype=torch.float32), torch.zeros(count, device=device, dtype=torch.int32))
+    ws = outside_graph_pools(
+        lambda: (
+            torch.zeros(size, device=device, dtype=torch.float32),
+            torch.zeros(count, device=device, dtype=torch.int32),
+        ),
+        device,
+    )
     _workspaces[index] = ws
     return ws
+
+
+def outside_graph_pools(build, device: torch.device):
+    """build() with its CUDA allocations in the caching allocator's ordinary pool, finished before return.
+
+    A tensor that outlives the call it was made in (a workspace kept for later launches) must not come from a CUDA
+    graph's private pool: torch.compile's mode="reduce-overhead" runs its warm-up calls with every allocation of the
+    calling thread routed to the graph's pool, and a pool tensor it does not know about is an error there ("tensor(s)
+    in the cudagraph pool not tracked as outputs") or, worse, memory a replay overwrites. The routing is per thread,
+    so the allocation runs on a short-lived thread of its own."""
+    if device.type != "cuda":
+        return build()
+    made: list = []
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(device):
+                made.append(build())
+                torch.cuda.current_stream().synchronize()  # ready before any stream of the caller uses it
+        except BaseException as exc:  # re-raised on the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, name="superblock-workspace")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
