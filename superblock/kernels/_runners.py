@@ -21,19 +21,20 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # names is built from this one
 KERNEL_BACKENDS = ("triton", "torch", "dense")
 # a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
-# the decode kernel (few tokens, SPLIT programs per block row). Trailing zeros are left off the list (the tiled
-# kernel), so the five-entry lists of earlier tuning tables and exports keep their meaning
-CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT")
-_DEFAULTS = {"TMA": 0, "SPLIT": 0}
-_OPTIONAL = ("SPLIT",)  # dropped from a config dict when 0
+# the decode kernel (few tokens, SPLIT programs per block row); KB > 1 makes the tiled kernel multiply KB kept blocks
+# of a block row per step (one MMA with KB * bw inputs: thin tiles such as 64 x 16). The seventh slot was XS, the
+# x-stationary kernel's row chunks (that kernel left the package): it stays, always 0, so old lists keep their
+# meaning. Trailing entries at their default are left off, so the five-entry lists of earlier tables and exports
+# are still the tiled kernel.
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS", "KB")
+_DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0, "KB": 1}
+_OPTIONAL = ("SPLIT", "XS", "KB")  # dropped from a config dict when at their default
 MIN_CONFIG_LEN = len(CONFIG_KEYS) - len(_OPTIONAL)
-# a seventh entry was XS, the row chunks of the x-stationary kernel, which has left the package (config_from_list)
-_REMOVED_XS_LEN = len(CONFIG_KEYS) + 1
 
 
 def config_to_list(config: dict) -> list[int]:
     values = [int(config.get(k, _DEFAULTS.get(k, 1))) for k in CONFIG_KEYS]
-    while len(values) > MIN_CONFIG_LEN and values[-1] == 0:
+    while len(values) > MIN_CONFIG_LEN and values[-1] == _DEFAULTS[CONFIG_KEYS[len(values) - 1]]:
         values.pop()
     return values
 
@@ -47,20 +48,22 @@ def config_from_list(values: Sequence[int]) -> dict:
     key = tuple(values)
     cfg = _configs.get(key)
     if cfg is None:
-        if len(key) == _REMOVED_XS_LEN:
-            raise ValueError(
-                f"triton config {list(values)} has a seventh entry, XS: the x-stationary kernel (XS) is no longer in "
-                f"the package (its code is in the repository's experiments/xstat); use a config of {CONFIG_KEYS}"
-            )
         if not MIN_CONFIG_LEN <= len(key) <= len(CONFIG_KEYS):
             raise ValueError(
                 f"a triton config has {MIN_CONFIG_LEN} to {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}"
             )
-        cfg = dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))
+        cfg = {**_DEFAULTS, **dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))}
+        if cfg["XS"]:
+            raise ValueError(
+                f"triton config {list(values)} has a seventh entry XS={cfg['XS']}: the x-stationary kernel (XS) is no "
+                f"longer in the package (its code is in the repository's experiments/xstat); use XS=0"
+            )
+        if cfg["KB"] < 1 or cfg["KB"] & (cfg["KB"] - 1):
+            raise ValueError(f"triton config {list(values)}: KB (blocks per step) must be a power of two >= 1")
         cfg["TMA"] = bool(cfg["TMA"])
         for k in _OPTIONAL:
-            if cfg.get(k, 0) == 0:
-                cfg.pop(k, None)
+            if cfg[k] == _DEFAULTS[k]:
+                del cfg[k]
         _configs[key] = cfg
     return cfg
 
@@ -292,8 +295,8 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
 
 
 def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None, config: dict) -> None:
-    """A Triton config that can run this weight: the decode kernel walks plain block rows, G > 1 needs the grouped
-    layout, a gated pair ("silu_mul") needs halves the kernels can pair."""
+    """A Triton config that can run this weight: the decode kernel and KB > 1 walk plain block rows, G > 1 needs the
+    grouped layout, a gated pair ("silu_mul") needs halves the kernels can pair."""
     group = int(config.get("G", 1))
     if activation == "silu_mul":
         _check_glu(out_f, int(values.shape[1]), config)
@@ -301,6 +304,9 @@ def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
+    if int(config.get("KB", 1)) > 1 and (group > 1 or int(config.get("SPLIT", 0)) or config.get("TMA")):
+        raise ValueError("KB > 1 (kept blocks per step) is the tiled kernel over plain block rows: it needs G == 1, "
+                         "SPLIT == 0 and TMA off")  # fmt: skip
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:

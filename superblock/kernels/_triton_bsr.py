@@ -66,6 +66,7 @@ if HAS_TRITON:
         BH: tl.constexpr,
         BW: tl.constexpr,
         G: tl.constexpr,
+        KB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         EVEN_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -82,14 +83,14 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
-        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BW)[None, :]
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        acc = _tiled_row(acc, x_base, w_ptr, col_ptr, gidx_ptr, crow_ptr + pid_n, m_mask, K, BH, BW, G, EVEN_K,
+        acc = _tiled_row(acc, x_rows, w_ptr, col_ptr, gidx_ptr, crow_ptr + pid_n, m_mask, K, BH, BW, G, KB, EVEN_K,
                          PRECISION, UPCAST)  # fmt: skip
         if ACT == GLU:  # the up rows' groups follow the gate rows' (n_groups of each)
             up = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-            up = _tiled_row(up, x_base, w_ptr, col_ptr, gidx_ptr, crow_ptr + n_groups + pid_n, m_mask, K, BH, BW, G,
-                            EVEN_K, PRECISION, UPCAST)  # fmt: skip
+            up = _tiled_row(up, x_rows, w_ptr, col_ptr, gidx_ptr, crow_ptr + n_groups + pid_n, m_mask, K, BH, BW, G,
+                            KB, EVEN_K, PRECISION, UPCAST)  # fmt: skip
             _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS)
         else:
             _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS, ACT)
@@ -107,12 +108,17 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tiled_row(acc, x_base, w_ptr, col_ptr, gidx_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
-                   G: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-        # acc += the (BLOCK_M, G*BH) tile of x @ W^T of one (grouped) block row, whose row pointer is at row_ptr
+    def _tiled_row(acc, x_rows, w_ptr, col_ptr, gidx_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                   G: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):  # fmt: skip
+        # acc += the (BLOCK_M, G*BH) tile of x @ W^T of one (grouped) block row, whose row pointer is at row_ptr;
+        # x_rows: [BLOCK_M, 1] pointers to the program's rows of x
+        if KB > 1:
+            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, m_mask, K, BH, BW, KB, EVEN_K, PRECISION, UPCAST)
         BN: tl.constexpr = G * BH
         offs_k = tl.arange(0, BW)
         offs_n = tl.arange(0, BN)
+        x_base = x_rows + offs_k[None, :]
         if G == 1:
             w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
         else:
@@ -141,6 +147,33 @@ if HAS_TRITON:
             if not EVEN_K:
                 # padding columns of W must not leak (a NaN there times a zero x is still NaN)
                 b = tl.where(k_mask[None, :], b, tl.zeros_like(b))
+            acc = _mma(acc, a, b, PRECISION, UPCAST)
+        return acc
+
+    @triton.jit
+    def _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                    KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+        # _tiled_row for G == 1 with KB kept blocks per step: their x tiles side by side as one (BLOCK_M, KB*BW)
+        # tile and their weight blocks as one (BH, KB*BW) tile, so a thin block (BW 16 or 32) still gives the MMA
+        # KB*BW inputs per step and the loop a KB-th of the trips. Slots past the row's end read as zeros.
+        KW: tl.constexpr = KB * BW
+        slot = tl.arange(0, KW) // BW  # which of the KB blocks each packed column belongs to
+        inner = tl.arange(0, KW) % BW  # and its column inside that block
+        offs_n = tl.arange(0, BH)
+        start = tl.load(row_ptr).to(tl.int64)
+        end = tl.load(row_ptr + 1).to(tl.int64)
+        for e0 in range(start, end, KB):
+            e = e0 + slot
+            live = e < end
+            c = tl.load(col_ptr + e, mask=live, other=0)
+            k = c * BW + inner
+            a_mask = m_mask[:, None] & live[None, :]
+            if not EVEN_K:
+                live = live & (k < K)
+                a_mask = a_mask & (k < K)[None, :]
+            a = tl.load(x_rows + k[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + e[None, :] * (BH * BW) + offs_n[:, None] * BW + inner[None, :], mask=live[None, :],
+                        other=0.0)  # fmt: skip
             acc = _mma(acc, a, b, PRECISION, UPCAST)
         return acc
 
@@ -457,7 +490,7 @@ def launch_for(values, crow, col, gidx, has_bias: bool, n_out: int, k_in: int, a
     key = (
         tuple(values.shape[1:]), values.dtype, crow.numel(), crow.dtype, col.dtype, gidx is not None, has_bias, n_out,
         k_in, activation, precision, *(int(config.get(k, 0)) for k in ("BLOCK_M", "G", "num_warps", "num_stages",
-                                                                        "TMA", "SPLIT")),
+                                                                        "TMA", "SPLIT", "KB")),
     )  # fmt: skip
     found = _launches.get(key)
     if found is None:
@@ -474,13 +507,16 @@ class Launch:
                  config: dict) -> None:  # fmt: skip
         self.bh, self.bw = int(values.shape[1]), int(values.shape[2])
         self.group, self.block_m = int(config.get("G", 1)), int(config["BLOCK_M"])
-        self.split = int(config.get("SPLIT", 0))
+        self.split, self.kb = int(config.get("SPLIT", 0)), int(config.get("KB", 1))
         self.n_out, self.k_in, self.activation, self.has_bias = n_out, k_in, activation, has_bias
         self.n_weight_rows = crow.numel() - 1
         self.n_groups = self.n_weight_rows // 2 if activation == "silu_mul" else self.n_weight_rows
         self.act, self.prec = ACT_CODES[activation], _precision_arg(values.dtype, precision)
         self.even_k = k_in % self.bw == 0
-        self.tma = bool(config.get("TMA", False)) and self.group == 1 and activation != "silu_mul" and not self.split
+        self.tma = (
+            bool(config.get("TMA", False)) and self.group == 1 and activation != "silu_mul" and not self.split
+            and self.kb == 1
+        )  # fmt: skip
         self.options = {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
         warps, stages = self.options["num_warps"], self.options["num_stages"]
         self._tiled = _launch.KernelLaunch(_bsr_linear_kernel, warps, stages)
@@ -494,7 +530,7 @@ class Launch:
     def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y) -> tuple:
         return (
             x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, x2d.shape[0], self.n_out, self.k_in,
-            x2d.stride(0), y.stride(0), self.n_groups, self.bh, self.bw, self.group, self.block_m, self.even_k,
+            x2d.stride(0), y.stride(0), self.n_groups, self.bh, self.bw, self.group, self.kb, self.block_m, self.even_k,
             self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
 

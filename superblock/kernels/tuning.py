@@ -84,8 +84,11 @@ STATE = TuningState()
 # launch configurations
 
 
-def _cfg(block_m: int, group: int, warps: int, stages: int, tma: bool = False) -> dict:
-    return {"BLOCK_M": block_m, "G": group, "num_warps": warps, "num_stages": stages, "TMA": tma}
+def _cfg(block_m: int, group: int, warps: int, stages: int, tma: bool = False, kb: int = 1) -> dict:
+    cfg = {"BLOCK_M": block_m, "G": group, "num_warps": warps, "num_stages": stages, "TMA": tma}
+    if kb > 1:
+        cfg["KB"] = kb
+    return cfg
 
 
 SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; leave room for the epilogue's layout change
@@ -97,7 +100,7 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     c["G"] = max(1, min(c["G"], 256 // bh))
 
     def smem(c):
-        return c["num_stages"] * (c["BLOCK_M"] + c["G"] * bh) * bw * elt
+        return c["num_stages"] * (c["BLOCK_M"] + c["G"] * bh) * bw * c.get("KB", 1) * elt
 
     while smem(c) > SMEM_BYTES and c["num_stages"] > 2:
         c["num_stages"] -= 1
@@ -106,6 +109,20 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     while smem(c) > SMEM_BYTES and c["BLOCK_M"] > 32:
         c["BLOCK_M"] //= 2
     return c
+
+
+def packed_configs(large: bool, bw: int) -> list[dict]:
+    """Tall thin tiles (64 or more rows by 16 or 32 columns): the tiled kernel multiplying KB kept blocks per step,
+    so each MMA sees 64 or 128 inputs and the loop over a block row's blocks runs a KB-th as often. KB * bw of 64 and
+    128; deeper pipelines for the short steps."""
+    out = []
+    for kw in (64, 128):
+        kb = max(2, kw // bw)
+        if large:
+            out += [_cfg(128, 1, 4, 3, kb=kb), _cfg(128, 1, 8, 3, kb=kb), _cfg(256, 1, 8, 2, kb=kb)]
+        else:
+            out += [_cfg(64, 1, 4, 3, kb=kb), _cfg(128, 1, 8, 3, kb=kb)]
+    return out
 
 
 DECODE_MAX_TOKENS = 64  # the decode kernel competes up to this many tokens
@@ -171,6 +188,8 @@ def candidate_configs(
         if target == "graph":
             # under CUDA graphs the TMA descriptors' host cost is gone, and few tokens want more, smaller programs
             cands += [_cfg(64, 1, 4, 2, True), _cfg(128, 1, 4, 2, True), _cfg(16, 1, 2, 2), _cfg(32, 1, 2, 3)]
+    if bh >= 64 and bw <= 32 and not (dtype == torch.float32 and precision == "ieee"):
+        cands += packed_configs(large, bw)  # after the others: the default stays first
     if blocks_per_row is not None and M <= DECODE_MAX_TOKENS:
         cands += decode_configs(M, bh, bw, blocks_per_row)  # after the tiled ones: the default stays first
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4

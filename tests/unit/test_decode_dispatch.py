@@ -27,7 +27,7 @@ def test_config_lists_carry_split_and_keep_old_lists():
     assert _runners.config_from_list([16, 1, 4, 3, 0, 8]) == decode
     assert "SPLIT" not in _runners.config_from_list([16, 1, 4, 3, 0, 0])
     with pytest.raises(ValueError, match="entries"):
-        _runners.config_from_list([16, 1, 4, 3, 0, 8, 1, 1])
+        _runners.config_from_list([16, 1, 4, 3, 0, 8, 0, 1, 1])
 
 
 def test_config_lists_of_the_removed_x_stationary_kernel_say_where_it_went():

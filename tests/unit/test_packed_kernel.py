@@ -1,0 +1,97 @@
+"""KB > 1: the tiled kernel multiplying several kept blocks of a block row per step (tall thin tiles, 64 x 16).
+
+The kernel runs here through Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1); speed is measured on
+the GPU (benchmarks/bsr_linear.py), never here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from superblock.kernels import _runners
+from superblock.kernels import tuning as tuning_mod
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_lists_carry_kb_and_keep_older_lists():
+    packed = {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3, "TMA": False, "KB": 4}
+    assert _runners.config_to_list(packed) == [128, 1, 8, 3, 0, 0, 0, 4]
+    assert _runners.config_from_list([128, 1, 8, 3, 0, 0, 0, 4]) == packed
+    plain = {k: v for k, v in packed.items() if k != "KB"}
+    assert _runners.config_to_list({**packed, "KB": 1}) == [128, 1, 8, 3, 0]  # KB 1 is left off: five entries
+    assert _runners.config_from_list([128, 1, 8, 3, 0, 0, 0, 1]) == plain
+    with pytest.raises(ValueError, match="power of two"):
+        _runners.config_from_list([128, 1, 8, 3, 0, 0, 0, 3])
+    with pytest.raises(ValueError, match="x-stationary"):  # the old seventh entry still says where XS went
+        _runners.config_from_list([128, 1, 8, 3, 0, 0, 2, 4])
+
+
+@pytest.mark.parametrize("change", [{"G": 2}, {"SPLIT": 2}, {"TMA": True}], ids=["grouped", "decode", "tma"])
+def test_kb_runs_only_the_plain_tiled_kernel(change):
+    values = torch.zeros(1, 64, 16)
+    cfg = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "KB": 2, **change}
+    with pytest.raises(ValueError, match="KB > 1"):
+        _runners._check_config(64, values, torch.zeros(2, 2, dtype=torch.int32), None, cfg)
+
+
+def test_tall_thin_tiles_get_packed_candidates_after_the_default():
+    for bh, bw, m in ((64, 16, 50432), (128, 32, 50432), (64, 16, 197)):
+        cands = tuning_mod.candidate_configs(m, bh, bw, torch.bfloat16)
+        packed = [c for c in cands if c.get("KB", 1) > 1]
+        assert packed and "KB" not in cands[0], (bh, bw, m, cands)
+        assert {c["KB"] * bw for c in packed} == {64, 128}
+        for c in packed:  # what _fit promises: the pipelined tiles fit in shared memory
+            assert c["num_stages"] * (c["BLOCK_M"] + bh) * bw * c["KB"] * 2 <= tuning_mod.SMEM_BYTES
+    for bh, bw in ((32, 32), (64, 64), (16, 64)):  # squares and wide tiles: no packed candidates
+        assert not any("KB" in c for c in tuning_mod.candidate_configs(50432, bh, bw, torch.bfloat16))
+
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from superblock.kernels import _runners, bsr_linear, dense_to_bsr
+
+    torch.manual_seed(0)
+    cases = [  # (out, in, bh, bw, KB, activation, bias): ragged in (K not a multiple of bw), blocks past a row's end
+        (256, 128, 64, 16, 4, None, True), (256, 160, 64, 32, 2, "gelu", False), (256, 120, 64, 16, 4, None, True),
+        (256, 256, 128, 16, 8, None, False), (256, 128, 64, 16, 2, "silu_mul", True),
+    ]
+    for out_f, in_f, bh, bw, kb, act, has_bias in cases:
+        n_cols = -(-in_f // bw)
+        keep = torch.rand(out_f // bh, n_cols) < 0.4
+        keep[0] = False  # an empty block row
+        w = torch.randn(out_f, n_cols * bw) * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+        w = w[:, :in_f].contiguous()
+        bias = torch.randn(out_f) if has_bias else None
+        values, crow, col = dense_to_bsr(w, (bh, bw))
+        x = torch.randn(37, in_f)
+        cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "KB": kb}
+        ref = _runners.activate(F.linear(x, w, bias), act)
+        if act == "silu_mul":
+            crow32, col32 = _runners.index32(crow, col)
+            y = _runners.run_triton(x, values, crow32, col32, None, bias, out_f, act, "ieee", cfg)
+        else:
+            y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
+        err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-5, (out_f, in_f, bh, bw, kb, act, err)
+    print("packed ok")
+    """
+)
+
+
+def test_packed_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "packed ok" in proc.stdout
