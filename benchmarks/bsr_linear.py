@@ -120,10 +120,14 @@ def sweep_configs(M, bh, bw, dtype, precision):
     else:
         tiles = [(64, 4), (128, 4), (128, 8), (256, 8)]
         stages, groups = (2, 3, 4), tuple(g for g in (1, 2, 4, 8) if g * bh <= 128)
+    # thin tiles (<= 32 columns): also KB kept blocks per step, 64 / 128 / 256 packed inputs
+    packs = (1,) if bw > 32 or elt == 4 else (1, *(kw // bw for kw in (64, 128, 256)))
     out, seen = [], set()
-    for (bm, w), st, g in itertools.product(tiles, stages, groups):
-        for tma in (False, True) if g == 1 else (False,):
-            c = tuning_mod._fit(tuning_mod._cfg(bm, g, w, st, tma), bh, bw, elt)
+    for (bm, w), st, g, kb in itertools.product(tiles, stages, groups, packs):
+        if kb > 1 and g > 1:
+            continue  # KB > 1 walks plain block rows
+        for tma in (False, True) if g == 1 and kb == 1 else (False,):
+            c = tuning_mod._fit(tuning_mod._cfg(bm, g, w, st, tma, kb), bh, bw, elt)
             sig = tuple(sorted(c.items()))
             if sig not in seen:
                 seen.add(sig)

@@ -78,16 +78,11 @@ def cpu_backend(dtype: torch.dtype, block: tuple[int, int]) -> str:
 
 def static_choice(x: torch.Tensor, values: torch.Tensor, backend: str, precision: str) -> Choice:
     """What runs where nothing may be measured (inside a trace, a bucket never prepared): no host sync."""
-    block = (int(values.shape[1]), int(values.shape[2]))
+    if backend == "auto" and x.device.type != "cuda":
+        return Choice(cpu_backend(x.dtype, (int(values.shape[1]), int(values.shape[2]))), None, precision, False)
     if backend == "auto":
-        if x.device.type != "cuda":
-            backend = cpu_backend(x.dtype, block)
-        else:
-            backend = "triton" if _runners.triton_usable(x, values) else "dense"
-    config = None
-    if backend == "triton":
-        m = x.numel() // x.shape[-1] if x.dim() else 0
-        config = _tuning.candidate_configs(m, *block, x.dtype, precision)[0]
+        return Choice.from_dict(_tuning.stand_in(x, values, precision), precision)
+    config = _tuning.first_config(x, values, precision) if backend == "triton" else None
     return Choice(backend, config, precision, measured=False)
 
 

@@ -492,6 +492,20 @@ def _entry(times: dict, configs: dict, gpu_ms: dict, best_cfg: str | None) -> di
     return entry
 
 
+def first_config(x2d: torch.Tensor, values: torch.Tensor, precision: str) -> dict:
+    """The default launch configuration (the first candidate) for x [..., in] times these blocks."""
+    m = x2d.numel() // x2d.shape[-1] if x2d.dim() else 0
+    return candidate_configs(m, int(values.shape[1]), int(values.shape[2]), x2d.dtype, precision)[0]
+
+
+def stand_in(x2d: torch.Tensor, values: torch.Tensor, precision: str) -> dict:
+    """What `auto` runs where nothing may be measured (a trace, a CUDA-graph capture, SUPERBLOCK_TUNE=0, no
+    tokens): the Triton kernel's default configuration where that kernel can run, else dense. No host sync."""
+    if _runners.triton_usable(x2d, values):
+        return {"backend": "triton", "config": first_config(x2d, values, precision), "measured": False}
+    return {"backend": "dense", "measured": False}
+
+
 def measured_choice(args, precision: str, target: str | None = None) -> dict:
     """The backend (and config) `auto` runs for these arguments: the stored measurement, else one made now, else
     a stand-in (dispatch.choose is the one entry point that decides; this is its measuring half).
@@ -510,10 +524,7 @@ def measured_choice(args, precision: str, target: str | None = None) -> dict:
     if entry is not None:
         return entry
     if M == 0 or not _can_measure(x2d):
-        if _runners.triton_usable(x2d, values):
-            cfg = default_config(M, shape[0], shape[1], bh, bw, x2d.dtype, precision)
-            return {"backend": "triton", "config": cfg, "measured": False}
-        return {"backend": "dense", "measured": False}
+        return stand_in(x2d, values, precision)
     with torch.no_grad():
         _, entry = measure(args, precision, target=target)
     record(scope, key, entry)

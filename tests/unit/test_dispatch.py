@@ -77,3 +77,23 @@ def test_module_public_dispatch_methods_pin_forget_and_retarget():
         assert mod.choices() == {} and mod.tuning_target == "graph"
     with pytest.raises(ValueError, match="tuning target"):
         mod.set_tuning_target("fastest")
+
+
+def test_one_stand_in_rule_where_nothing_may_be_measured(monkeypatch):
+    """tuning.stand_in owns what `auto` runs unmeasured on a GPU; dispatch's traced rule and the tuner's
+    no-measurement fallback both return it (a GPU is faked by letting Triton 'run here')."""
+    from superblock.kernels import _runners
+    from superblock.kernels import tuning as tuning_mod
+
+    w, bsr = _weight(torch.bfloat16, (16, 16))
+    x = torch.randn(300, 48, dtype=torch.bfloat16)
+    monkeypatch.setattr(_runners, "triton_usable", lambda x, values: True)
+    entry = tuning_mod.stand_in(x, bsr[0], "ieee")
+    assert entry == {"backend": "triton", "config": tuning_mod.candidate_configs(300, 16, 16, x.dtype)[0],
+                     "measured": False}  # fmt: skip
+    monkeypatch.setattr(tuning_mod, "_can_measure", lambda x2d: False)
+    monkeypatch.setattr(tuning_mod, "lookup", lambda scope, key: None)
+    assert tuning_mod.measured_choice(_args(x, bsr, w), "ieee") == entry
+    monkeypatch.setattr(_runners, "triton_usable", lambda x, values: False)
+    assert tuning_mod.stand_in(x, bsr[0], "ieee") == {"backend": "dense", "measured": False}
+    assert tuning_mod.measured_choice(_args(x, bsr, w), "ieee") == {"backend": "dense", "measured": False}
