@@ -6,7 +6,8 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
                            when the GPU outruns the launches)
   time_graph(fn)           GPU time per call in ms from replays of a CUDA graph of several calls (no host overhead)
   replay_ms(graph, calls)  the same for a graph captured elsewhere
-  capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream
+  capture_graph(fn, reps)  the CUDA graph of reps calls, captured after a warm-up on a side stream (the one
+                           capture of the package: timing graphs and served models)
   own_cublas_workspace()   around a capture: the graph gets a cuBLAS workspace of its own (see its docstring)
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
   host_us(fn, reps)        host (CPU) time of one call in us: the Python and launch cost a caller pays per call
@@ -50,16 +51,31 @@ def time_cuda(fn, budget_ms: float = 3.0, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def capture_graph(fn: Callable[[], Any], reps: int = 1) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `reps` calls of fn(), captured after one warm-up call on a side stream (so that lazy
-    initialisation and allocator growth happen outside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+def capture_graph(
+    fn: Callable[[], Any],
+    reps: int = 1,
+    *,
+    warmups: int = 1,
+    pool: Any = None,
+    device: torch.device | int | None = None,
+    on_warm: Callable[[], None] | None = None,
+) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `reps` calls of fn(), captured after `warmups` calls on a side stream (so that lazy
+    initialisation, compilation and allocator growth happen outside the capture), with a cuBLAS workspace of its
+    own (own_cublas_workspace). `pool`: share an earlier graph's memory pool (graph.pool()); `on_warm()` runs between
+    the warm-up and the capture (the warm-up finished on the device). The one way this package captures a graph:
+    the tuner's and benchmarks' timing graphs and the served model's graphs."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if on_warm is not None:
+        torch.cuda.synchronize(device)
+        on_warm()
     graph = torch.cuda.CUDAGraph()
-    with own_cublas_workspace(), torch.cuda.graph(graph):
+    with own_cublas_workspace(), torch.cuda.graph(graph, pool=pool):
         for _ in range(reps):
             fn()
     return graph

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map
 from superblock.hf_models import is_language_model, max_positions
 from superblock.kernels import BlockSparseLinear, tuning
 from superblock.kernels.dispatch import Choice
-from superblock.timing import BATCH_SIZES, own_cublas_workspace, wall_ms
+from superblock.timing import BATCH_SIZES, capture_graph, wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -418,27 +418,24 @@ class ServingModel(nn.Module):
         pool = None
         for b in sorted(self.batch_sizes, reverse=True):  # largest first: the shared pool is sized once
             x = self.sample.make(b, self.device, self.dtype, fill="zeros")
-            start = time.perf_counter()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # (and compiles, for a compiled fn: never inside the capture)
-                for _ in range(2):
-                    fn(x)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            warmed = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            with own_cublas_workspace(), torch.cuda.graph(graph, pool=pool):
-                y = fn(x)
+            out: dict[str, torch.Tensor] = {}
+            times = [time.perf_counter()]
+            graph = capture_graph(
+                lambda x=x, out=out: out.update(y=fn(x)),  # (and compiles, for a compiled fn: never in the capture)
+                warmups=2,
+                pool=pool,
+                device=self.device,
+                on_warm=lambda times=times: times.append(time.perf_counter()),
+            )
             pool = graph.pool()
             log.info(
                 "%s batch %d in %.1f s, captured its CUDA graph in %.2f s",
                 "compiled and warmed up" if self.compiled else "warmed up",
                 b,
-                warmed - start,
-                time.perf_counter() - warmed,
+                times[1] - times[0],
+                time.perf_counter() - times[1],
             )
-            self._graphs[b] = (graph, x, y)
+            self._graphs[b] = (graph, x, out["y"])
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------------------------------------ call

@@ -23,10 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from superblock import timing  # noqa: E402
 
 if "--no-own-workspace" in sys.argv:
-    timing.own_cublas_workspace = contextlib.nullcontext
-    import superblock.export.serving as serving  # noqa: E402
-
-    serving.own_cublas_workspace = contextlib.nullcontext
+    timing.own_cublas_workspace = contextlib.nullcontext  # serving captures through timing.capture_graph
 
 from superblock.export import load_folded, load_sparse  # noqa: E402
 from tests.helpers.runs import probe  # noqa: E402
