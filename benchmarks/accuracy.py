@@ -56,6 +56,7 @@ PRESETS = {
 RECIPES = {
     "reference": ["sparsity=supermask_reference"],
     "default": ["sparsity=learned"],
+    "magnitude_init": ["sparsity=learned", "sparsity.score_init=magnitude"],  # learned scores, magnitude start
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
 }

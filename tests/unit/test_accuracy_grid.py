@@ -171,3 +171,10 @@ def test_a_two_run_grid_end_to_end_on_cpu(tmp_path) -> None:
     assert sparse["kept_after"] >= sparse["kept_before"] > 0
     assert "| default | mlp+heads | 80% | 16 |" in (out / "results.md").read_text()
     assert (out / "runs.csv").is_file() and (out / "accuracy.png").is_file()
+
+
+def test_magnitude_initialised_learned_scores_are_a_recipe(tmp_path) -> None:
+    args = accuracy.parse_args(["--preset", "digits", "--recipes", "magnitude_init", "--out", str(tmp_path)])
+    job = next(j for j in accuracy.jobs_for(args) if j["recipe"] == "magnitude_init")
+    cmd = accuracy.command(job, args)
+    assert "sparsity=learned" in cmd and "sparsity.score_init=magnitude" in cmd
