@@ -5,8 +5,10 @@ layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks 
 layer.prepare([197, 1576])                                    # choose (tune) per token bucket now, outside traces
 fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
 
-Every product runs through the custom operator torch.ops.superblock.bsr_linear (ops.py), so torch.compile and
-torch.export see one node per layer.
+Which backend, kernel and call run a product is decided in one place, dispatch.py (its docstring is the table):
+eager calls launch the kernel bound to the weight or call the op's kernel directly; inside torch.compile and
+torch.export a product is one node: torch.ops.superblock.bsr_linear_triton (inductor launches the tiled kernel) or
+the opaque torch.ops.superblock.bsr_linear (ops.py).
 """
 
 from superblock.kernels import ops  # noqa: F401 - registers torch.ops.superblock.*

@@ -481,6 +481,18 @@ def launch(
     return y
 
 
+def kernel_variant(config: dict, activation: str | None = None) -> str:
+    """The kernel a launch configuration runs: "decode" (SPLIT >= 1), "packed" (the tiled kernel with KB > 1 kept
+    blocks per step), "tma" (TMA loads: G == 1, not a gated pair), else "tiled". kernels.dispatch shows the table."""
+    if int(config.get("SPLIT", 0)) >= 1:
+        return "decode"
+    if int(config.get("KB", 1)) > 1:
+        return "packed"
+    if config.get("TMA") and int(config.get("G", 1)) == 1 and activation != "silu_mul":
+        return "tma"
+    return "tiled"
+
+
 _launches: dict[tuple, Launch] = {}
 
 
@@ -513,10 +525,8 @@ class Launch:
         self.n_groups = self.n_weight_rows // 2 if activation == "silu_mul" else self.n_weight_rows
         self.act, self.prec = ACT_CODES[activation], _precision_arg(values.dtype, precision)
         self.even_k = k_in % self.bw == 0
-        self.tma = (
-            bool(config.get("TMA", False)) and self.group == 1 and activation != "silu_mul" and not self.split
-            and self.kb == 1
-        )  # fmt: skip
+        self.kernel = kernel_variant(config, activation)
+        self.tma = self.kernel == "tma"
         self.options = {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
         warps, stages = self.options["num_warps"], self.options["num_stages"]
         self._tiled = _launch.KernelLaunch(_bsr_linear_kernel, warps, stages)

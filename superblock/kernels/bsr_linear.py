@@ -200,29 +200,32 @@ def bsr_linear(
         y = _runners.run_dense(x2d, bsr_to_dense(values, crow_indices, col_indices, shape), bias, activation)
         return _finish(y, out, x, out_f)
     if traced:
-        return _run(_traced_plan(args, backend, config, fp32_precision), x, args, out, traced=True)
-    return _run(_eager_plan(args, backend, config, fp32_precision), x, args, out, traced=False)
+        return _run(_traced_plan(args, backend, config, fp32_precision), x, args, out)
+    return _run(_eager_plan(args, backend, config, fp32_precision), x, args, out)
 
 
-def _run(plan: Plan, x: torch.Tensor, args, out: torch.Tensor | None, traced: bool) -> torch.Tensor:
-    """The product of a plan: eager triton through its bound launch, the dense copy by F.linear, the rest (and
-    everything inside a trace) through the custom operator."""
+def _run(plan: Plan, x: torch.Tensor, args, out: torch.Tensor | None) -> torch.Tensor:
+    """Execute a plan (its `call`, decided by dispatch.build_plan)."""
     x2d, values, _, _, (out_f, _), bias, activation = args
-    if plan.backend == "dense" and not traced:
+    call = plan.call
+    if call == "dense":
         return _finish(_runners.run_dense(x2d, plan.tensors, bias, activation), out, x, out_f)
-    if plan.run is not None:  # eager triton: the launch bound to this weight
+    if call == "bound":  # eager triton: the launch bound to this weight
         if out is not None:
             _check_out(out, x.shape[:-1], out_f, x)
         return plan.run(x, bias, out)
     crow, col, gidx = plan.tensors
-    op_args = (values, crow, col, gidx, bias, out_f, activation or "none", plan.backend, plan.precision, plan.config)
+    op_args = (values, crow, col, gidx, bias, out_f, activation or "none")
+    if call == "inductor":
+        y = ops.bsr_linear_triton_op(x, *op_args, plan.precision, plan.config)
+        return _finish(y.reshape(-1, y.shape[-1]), out, x, out_f) if out is not None else y
+    op_args = (*op_args, plan.backend, plan.precision, plan.config)
+    if call == "opaque":
+        y = ops.bsr_linear_op(x, *op_args)
+        return _finish(y.reshape(-1, y.shape[-1]), out, x, out_f) if out is not None else y
     if out is None:
-        return (ops.bsr_linear_op if traced else ops.bsr_linear_impl)(x, *op_args)
-    y2d = _check_out(out, x.shape[:-1], out_f, x)
-    if traced:
-        y2d.copy_(ops.bsr_linear_op(x2d, *op_args).reshape(-1, out_f))
-    else:
-        ops.bsr_linear_impl(x2d, *op_args, y2d)
+        return ops.bsr_linear_impl(x, *op_args)
+    ops.bsr_linear_impl(x2d, *op_args, _check_out(out, x.shape[:-1], out_f, x))
     return out
 
 
@@ -255,22 +258,18 @@ def _traced_plan(args, backend: str, config: dict | None, precision: str) -> Pla
 
 
 def _plan_of(args, choice: dispatch.Choice, traced: bool = False) -> Plan:
-    x2d, values, crow, col, shape = args[:5]
-    if choice.backend == "dense" and not traced:
-        return Plan("dense", bsr_to_dense(values, crow, col, shape), [], choice.precision)
-    if choice.backend != "triton":
-        return Plan(choice.backend, (crow, col, None), [], choice.precision)
-    config = choice.config
-    group = int(config.get("G", 1))
-    if traced and group > 1:  # the grouped layout is built on the host: never inside a trace
-        config, group = {**config, "G": 1}, 1
-    if traced:
-        return Plan("triton", (crow, col, None), _runners.config_to_list(config), choice.precision)
-    tensors = _runners.layout_for(crow, col, group)
-    run = None
-    if _runners.bindable(x2d.device):
-        run = _runners.bind_triton(values, *tensors, args[5] is not None, shape, args[6], choice.precision, config)
-    return Plan("triton", tensors, _runners.config_to_list(config), choice.precision, run=run)
+    """dispatch.build_plan for the functional op: derived tensors are built here (eager: the plan is kept per weight
+    by _eager_plan) or, inside a trace, not at all."""
+    x2d, values, crow, col, shape, bias, activation = args
+    weight = dispatch.Weight(
+        values, crow, col, tuple(shape), bias is not None, activation, lambda t: t,
+        lambda: bsr_to_dense(values, crow, col, shape),
+    )  # fmt: skip
+
+    def derive(name, build, n):
+        return None if traced else build()
+
+    return dispatch.build_plan(choice, x2d.device, traced, weight, derive)
 
 
 def _finish(y2d: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, out_f: int) -> torch.Tensor:

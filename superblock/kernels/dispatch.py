@@ -1,27 +1,45 @@
-"""Kernel dispatch, one rule for everything: which backend (and Triton launch configuration) runs a product.
+"""Kernel dispatch: which backend, which kernel and which call run a product, decided in this one file.
 
-Both the functional `bsr_linear` and `BlockSparseLinear` ask `choose(...)`; `Choice` is what a decision is and
-`Plan` what a layer keeps per token count to run it (the tensors of that choice, by buffer name). The rules:
+Both the functional `bsr_linear` and `BlockSparseLinear` ask `choose(...)` for a `Choice` (backend and Triton launch
+configuration) and turn it into a `Plan` with `build_plan(...)` (the tensors the choice runs on, which kernel, and how
+it is called). Callers keep plans per weight and token count and only execute them; the runners
+(_runners, _triton_bsr) run what a plan says.
+
+Backend (`choose`):
 
   needs a gradient  dense (differentiable) for auto; triton refuses (inference only)
   CPU, auto         torch's BSR path (MKL) for fp32/fp64 with square blocks, else dense (`cpu_backend`)
-  traced, auto      no measurement, no host sync: triton's first candidate configuration when it runs here, else
-                    dense (`static_choice`)
-  eager CUDA, auto  the measured choice (kernels.tuning: stored, else measured now, else a default)
+  traced, auto      no measurement, no host sync: tuning.stand_in (triton's first candidate where it runs, else
+                    dense) (`static_choice`)
+  eager CUDA, auto  the measured choice (kernels.tuning: stored, else measured now, else tuning.stand_in)
   explicit          that backend; triton gets the given configuration, the tuned one, or the default
 
-Backends a Triton configuration can select (CONFIG_KEYS in _runners): the tiled kernel (G >= 1, TMA) and the decode
-kernel (SPLIT >= 1, few tokens).
+Kernel (`kernel_variant`, from the Triton configuration; _triton_bsr.Launch runs it):
+
+  SPLIT >= 1        "decode": few tokens, SPLIT programs per block row (partial sums reduced in a workspace)
+  KB > 1            "packed": the tiled kernel multiplying KB kept blocks of a block row per step (thin tiles)
+  TMA, G == 1       "tma": the tiled kernel with TMA loads (not for gated pairs; falls back to "tiled" for x or y
+                    whose rows are not 16-byte aligned)
+  otherwise         "tiled": one program per (token tile, G block rows)
+
+Call (`CALLS`, the plan's `call`; the caller executes it):
+
+  bound     eager triton: the launch bound to this weight (_runners.bind_triton), the least host work per call
+  dense     F.linear on the dense weight (built once, or inside a trace in the graph) and the activation
+  inductor  traced triton with a tiled configuration: superblock::bsr_linear_triton, which inductor launches
+  opaque    traced, everything else: superblock::bsr_linear, one opaque node
+  impl      eager, everything else (torch's BSR path; triton where no launch can be bound): the op's kernel
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from superblock.kernels import _runners
+from superblock.kernels import _runners, _triton_bsr, ops
 from superblock.kernels import tuning as _tuning
 
 BACKENDS = ("auto", *_runners.KERNEL_BACKENDS)
@@ -58,17 +76,78 @@ class Choice:
         )
 
 
+CALLS = ("bound", "dense", "inductor", "opaque", "impl")
+
+
 class Plan(NamedTuple):
-    """What a layer runs for one token count: the backend, its tensors (buffer names, or tensors built inside a
-    trace), the Triton config list, the fp32 precision, whether inductor may launch the kernel itself, and, in eager
-    code, `run`: the Triton launch bound to the weight (_runners.bind_triton: `run(x, bias, out=None)`)."""
+    """What a layer runs for one token count: the backend, its tensors (handles: buffer names, or tensors), the Triton
+    config list, the fp32 precision, how it is called (one of CALLS), the Triton kernel (kernel_variant; "" for
+    other backends) and, for call "bound", `run`: the Triton launch bound to the weight (`run(x, bias, out=None)`)."""
 
     backend: str
     tensors: Any
     config: list[int]
     precision: str
-    inductor: bool = False
+    call: str = "impl"
+    kernel: str = ""
     run: Any = None
+
+
+class Weight(NamedTuple):
+    """What build_plan needs of a weight. `crow` / `col`: handles of its index tensors (buffer names for a module,
+    the tensors for the functional op); `resolve(handle)` the tensor of a handle; `dense()` its dense weight."""
+
+    values: torch.Tensor
+    crow: Any
+    col: Any
+    shape: tuple[int, int]
+    has_bias: bool
+    activation: str | None
+    resolve: Callable[[Any], Any]
+    dense: Callable[[], torch.Tensor]
+
+
+def kernel_variant(config: dict, activation: str | None = None) -> str:
+    """The Triton kernel a configuration runs (the table in this module's docstring)."""
+    return _triton_bsr.kernel_variant(config, activation)
+
+
+def build_plan(choice: Choice, device: torch.device, traced: bool, weight: Weight, derive) -> Plan:
+    """The plan of a choice. `derive(name, build, n)`: the handle(s) of n tensors derived from the weight, built once
+    and kept by the caller, or None when they cannot be built here (inside a trace: the grouped layout needs the
+    index values on the host, so G > 1 runs as G = 1 there)."""
+    p = choice.precision
+    if choice.backend == "dense":
+        handle = derive("_dense_weight", weight.dense, 1)
+        return Plan("dense", weight.dense() if handle is None else handle, [], p, "dense")
+    if choice.backend == "torch":
+        idx = derive("_index64", lambda: tuple(weight.resolve(h).long() for h in (weight.crow, weight.col)), 2)
+        crow, col = idx if idx is not None else (weight.crow, weight.col)
+        return Plan("torch", (crow, col, None), [], p, "opaque" if traced else "impl")
+    if choice.backend != "triton":
+        raise ValueError(f"unknown backend {choice.backend!r} in the dispatch table")
+    config = dict(choice.config)
+    group = int(config.get("G", 1))
+    handles = (weight.crow, weight.col, None)
+    if group > 1:
+        build = lambda: _runners.layout_for(weight.resolve(weight.crow), weight.resolve(weight.col), group)  # noqa: E731
+        layout = derive(f"_group{group}", build, 3)
+        if layout is None:
+            config["G"] = 1
+        else:
+            handles = layout
+    config_list = _runners.config_to_list(config)
+    kernel = kernel_variant(config, weight.activation)
+    if traced:
+        call = "inductor" if device.type == "cuda" and ops.tiled_config(config_list) else "opaque"
+        return Plan("triton", handles, config_list, p, call, kernel)
+    if not _runners.bindable(device):
+        return Plan("triton", handles, config_list, p, "impl", kernel)
+    crow, col, gidx = (weight.resolve(h) if h is not None else None for h in handles)
+    run = _runners.bind_triton(
+        weight.values, crow, col, gidx, weight.has_bias, weight.shape, weight.activation, p, config
+    )
+    return Plan("triton", handles, config_list, p, "bound", kernel, run)
 
 
 def cpu_backend(dtype: torch.dtype, block: tuple[int, int]) -> str:

@@ -188,22 +188,22 @@ class BlockSparseLinear(nn.Module):
         plan = self._traced_plan(x, m) if traced else self._plans.get(m)
         if plan is None:
             plan = self._plan(x, m)
-        if plan.run is not None and not traced:  # eager triton: the launch bound to this weight
+        call = plan.call
+        if call == "bound":  # eager triton: the launch bound to this weight
             return plan.run(x, self.bias)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
-        kind, names = plan.backend, plan.tensors
-        if kind == "dense":
+        if call == "dense":
+            names = plan.tensors
             y = F.linear(x, self._buffers[names] if type(names) is str else names, self.bias)
             return F.gelu(y) if self._activation == "gelu" else y
-        crow, col, gidx = (self._buffers[n] if type(n) is str else n for n in names)
+        crow, col, gidx = (self._buffers[n] if type(n) is str else n for n in plan.tensors)
         activation = self._activation or "none"
-        args = (x, self.values, crow, col, gidx, self.bias, self.out_features, activation, kind, plan.precision,
-                plan.config)  # fmt: skip
-        if traced:
-            if kind == "triton" and plan.inductor:  # inductor launches the tiled kernel itself
-                return ops.bsr_linear_triton_op(*args[:8], *args[9:])
-            return ops.bsr_linear_op(*args)
-        return ops.bsr_linear_impl(*args)  # eager: the op's kernel without the dispatcher (~10 us)
+        args = (x, self.values, crow, col, gidx, self.bias, self.out_features, activation)
+        if call == "inductor":  # inductor launches the tiled kernel itself
+            return ops.bsr_linear_triton_op(*args, plan.precision, plan.config)
+        if call == "opaque":
+            return ops.bsr_linear_op(*args, plan.backend, plan.precision, plan.config)
+        return ops.bsr_linear_impl(*args, plan.backend, plan.precision, plan.config)  # eager, no dispatcher (~10 us)
 
     def _differentiable(self, x: torch.Tensor) -> torch.Tensor:
         if self._backend == "triton":
@@ -311,37 +311,16 @@ class BlockSparseLinear(nn.Module):
         return names[0] if n == 1 else tuple(names)
 
     def _build(self, entry: dict, x: torch.Tensor, traced: bool) -> Plan:
-        """The plan of a choice; its tensors are buffer names, or (inside a trace, for a layer never prepared)
-        tensors computed in the graph."""
-        backend, precision = entry["backend"], entry["precision"]
-        if backend == "dense":
-            name = self._derived("_dense_weight", self.to_dense_weight, traced)
-            return Plan("dense", self.to_dense_weight() if name is None else name, [], precision)
-        if backend == "torch":
-            idx = self._derived("_index64", lambda: (self.crow_indices.long(), self.col_indices.long()), traced, 2)
-            crow, col = idx if idx is not None else ("crow_indices", "col_indices")
-            return Plan("torch", (crow, col, None), [], precision)
-        if backend != "triton":
-            raise ValueError(f"unknown backend {backend!r} in the dispatch table")
-        config = dict(entry["config"])
-        group = int(config.get("G", 1))
-        names = ("crow_indices", "col_indices", None)
-        if group > 1:  # grouped layout: built on the host once (it needs the index values)
-            layout = self._derived(
-                f"_group{group}", lambda: _runners.layout_for(self.crow_indices, self.col_indices, group), traced, 3
-            )
-            if layout is None:
-                config["G"] = 1
-            else:
-                names = layout
-        config_list = _runners.config_to_list(config)
-        run = None
-        if not traced and _runners.bindable(x.device):
-            crow, col, gidx = (self._buffers[n] if n is not None else None for n in names)
-            run = _runners.bind_triton(self.values, crow, col, gidx, self.bias is not None, self.shape,
-                                       self._activation, precision, config)  # fmt: skip
-        cuda = x.device.type == "cuda"
-        return Plan("triton", names, config_list, precision, cuda and ops.tiled_config(config_list), run)
+        """The plan of a choice (dispatch.build_plan); its tensors are buffer names, or (inside a trace, for a layer
+        never prepared) tensors computed in the graph."""
+        weight = _dispatch.Weight(
+            self.values, "crow_indices", "col_indices", self.shape, self.bias is not None, self._activation,
+            self._buffers.__getitem__, self.to_dense_weight,
+        )  # fmt: skip
+        choice = Choice.from_dict(entry, entry.get("precision", self.precision))
+        return _dispatch.build_plan(
+            choice, x.device, traced, weight, lambda *a: self._derived(a[0], a[1], traced, a[2])
+        )
 
     # ------------------------------------------------------------------------------------------- state
 

@@ -97,3 +97,54 @@ def test_one_stand_in_rule_where_nothing_may_be_measured(monkeypatch):
     monkeypatch.setattr(_runners, "triton_usable", lambda x, values: False)
     assert tuning_mod.stand_in(x, bsr[0], "ieee") == {"backend": "dense", "measured": False}
     assert tuning_mod.measured_choice(_args(x, bsr, w), "ieee") == {"backend": "dense", "measured": False}
+
+
+def test_the_kernel_table():
+    base = {"BLOCK_M": 128, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False}
+    assert dispatch.kernel_variant(base) == "tiled"
+    assert dispatch.kernel_variant({**base, "TMA": True}) == "tma"
+    assert dispatch.kernel_variant({**base, "TMA": True}, "silu_mul") == "tiled"  # gated pairs: no TMA
+    assert dispatch.kernel_variant({**base, "TMA": True, "G": 2}) == "tiled"
+    assert dispatch.kernel_variant({**base, "KB": 4}) == "packed"
+    assert dispatch.kernel_variant({**base, "SPLIT": 8}) == "decode"
+
+
+@pytest.mark.parametrize(
+    ("backend", "config", "device", "traced", "call"),
+    [
+        ("dense", None, "cpu", False, "dense"),
+        ("dense", None, "cpu", True, "dense"),
+        ("torch", None, "cpu", False, "impl"),
+        ("torch", None, "cpu", True, "opaque"),
+        ("triton", {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2}, "cuda", True, "inductor"),
+        ("triton", {"BLOCK_M": 64, "G": 2, "num_warps": 4, "num_stages": 2}, "cuda", True, "inductor"),
+        ("triton", {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": True}, "cuda", True, "opaque"),
+        ("triton", {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "SPLIT": 4}, "cuda", True, "opaque"),
+    ],
+)
+def test_one_plan_builder_routes_the_module_and_the_functional_op(backend, config, device, traced, call):
+    """dispatch.build_plan decides how a choice is called; BlockSparseLinear and bsr_linear both use it (the module
+    with buffer names, the functional op with tensors), so they route every choice the same way."""
+    from superblock.kernels import ops
+
+    if call == "inductor" and not ops.HAS_TRITON_OP:
+        pytest.skip("no torch.library.triton_op here")
+    w, bsr = _weight()
+    mod = BlockSparseLinear.from_bsr(*bsr, w.shape)
+    choice = Choice(backend, config, "ieee")
+    dev = torch.device(device)
+    built = []
+    for weight, derive in (
+        (dispatch.Weight(bsr[0], "crow_indices", "col_indices", tuple(w.shape), False, None, mod._buffers.__getitem__,
+                         mod.to_dense_weight), lambda name, build, n: mod._derived(name, build, traced, n)),
+        (dispatch.Weight(bsr[0], bsr[1], bsr[2], tuple(w.shape), False, None, lambda t: t,
+                         lambda: dispatch._runners.bsr_to_dense(*bsr, w.shape)), lambda name, build, n: None if traced
+         else build()),
+    ):  # fmt: skip
+        plan = dispatch.build_plan(choice, dev, traced, weight, derive)
+        assert plan.call == call and plan.backend == backend
+        built.append(plan)
+    if backend == "triton":
+        assert built[0].config == built[1].config and built[0].kernel == built[1].kernel
+        if traced and config.get("G", 1) > 1:  # the grouped layout cannot be built inside a trace
+            assert built[0].config[1] == 1
