@@ -46,6 +46,7 @@ class DataParts:
     total_steps: int
     epochs: int  # trainer.max_epochs, raised to reach trainer.min_steps
     min_steps: int | None = None  # the floor that applied (trainer.min_steps, or what "auto" means for this data)
+    n_train: int = 0  # training examples
 
 
 def build_data(
@@ -78,13 +79,15 @@ def build_data(
             f"an epoch has {batches} batches, fewer than trainer.accumulate_grad_batches={accumulate}: lower "
             "data.batch_size or accumulate_grad_batches, or use more data"
         )
+    n_train = len(bundle.train) if bundle.train is not None else 0
     if min_steps == "auto":
-        n_train = len(bundle.train) if bundle.train is not None else 0
         min_steps = auto_min_steps(data.name, bundle.task, n_train, auto_floor)
     epochs = max(max_epochs, -(-min_steps // steps_per_epoch)) if min_steps else max_epochs
     total = steps_per_epoch * epochs
     total = min(total, max_steps) if max_steps else total
-    return DataParts(bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs, min_steps)
+    return DataParts(
+        bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs, min_steps, n_train
+    )
 
 
 def dataset_options(data: DataConfig) -> dict[str, Any]:

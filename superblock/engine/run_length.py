@@ -19,13 +19,14 @@ MIN_RECOVERY_STEPS = 600
 SMALL_DATASET = 20_000
 
 
-def step_floor(min_recovery_steps: int, ramp_fraction: float | None) -> int:
-    """Total optimizer steps that leave `min_recovery_steps` at full sparsity after a ramp over `ramp_fraction`
-    of the run (0 when the check is off or the ramp takes the whole run)."""
+def step_floor(min_recovery_steps: int, ramp_fraction: float | None, fixed: int = 0) -> int:
+    """Total optimizer steps that leave `min_recovery_steps` at full sparsity after `fixed` steps (a dense start, a
+    ramp of fixed length) and a ramp over `ramp_fraction` of the run (0 when the check is off or the ramp takes the
+    whole run)."""
     share = 1.0 - ramp_fraction if ramp_fraction is not None else 1.0
     if min_recovery_steps <= 0 or share <= 0:
         return 0
-    return math.ceil(min_recovery_steps / share)
+    return math.ceil((min_recovery_steps + fixed) / share)
 
 
 def auto_min_steps(data_name: str, task: str, n_train: int, floor: int) -> int | None:
@@ -76,9 +77,10 @@ def recovery_notice(
         return None
     level = spec["sparsity"]
     fixed = int(spec.get("start_step", 0)) + (0 if ramp_fraction is not None else int(spec.get("ramp_steps", 0)))
-    share = 1.0 - ramp_fraction if ramp_fraction is not None else 1.0
-    steps_needed = math.ceil((floor + fixed) / max(share, 1e-9))  # total steps that leave `floor` after the ramp
-    if total_steps < steps_per_epoch * max_epochs:  # trainer.max_steps is what ends the run
+    steps_needed = step_floor(floor, ramp_fraction, fixed)  # total steps that leave `floor` after the ramp
+    if not steps_needed:  # the ramp takes the whole run: no length is enough
+        fixes = ["sparsity.ramp_fraction below 1 (a ramp that ends before the run does)"]
+    elif total_steps < steps_per_epoch * max_epochs:  # trainer.max_steps is what ends the run
         fixes = [f"trainer.max_steps={steps_needed}"]
     else:
         fixes = [f"trainer.min_steps={steps_needed}",

@@ -304,8 +304,7 @@ class Trainer:
         d, t = self.data, self.cfg.trainer
         if d.epochs <= t.max_epochs:
             return None
-        n_train = len(d.bundle.train) if d.bundle.train is not None else 0
-        return raised_length_notice(t.max_epochs, d.epochs, d.steps_per_epoch, t.min_steps, d.min_steps, n_train)
+        return raised_length_notice(t.max_epochs, d.epochs, d.steps_per_epoch, t.min_steps, d.min_steps, d.n_train)
 
     def _run_length_notice(self) -> str | None:
         c = self.cfg

@@ -129,3 +129,9 @@ def test_min_steps_takes_a_count_auto_or_null():
     for bad in ("soon", 0, -5):
         with pytest.raises(ConfigError, match="trainer.min_steps"):
             to_config({"trainer": {"min_steps": bad}})
+
+
+def test_a_ramp_over_the_whole_run_is_told_to_end_the_ramp_earlier():
+    msg = notice(1000, 100, 10, 64, ramp_fraction=1.0)
+    assert msg is not None and "0 optimizer steps" in msg and "sparsity.ramp_fraction below 1" in msg
+    assert "trainer.min_steps" not in msg  # no length is enough while the ramp takes the whole run
