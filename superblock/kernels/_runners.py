@@ -304,9 +304,9 @@ def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if int(config.get("KB", 1)) > 1 and (group > 1 or int(config.get("SPLIT", 0)) or config.get("TMA")):
-        raise ValueError("KB > 1 (kept blocks per step) is the tiled kernel over plain block rows: it needs G == 1, "
-                         "SPLIT == 0 and TMA off")  # fmt: skip
+    if int(config.get("KB", 1)) > 1 and (group > 1 or config.get("TMA")):
+        raise ValueError("KB > 1 (kept blocks per step) walks plain block rows without TMA: it needs G == 1 and TMA "
+                         "off")  # fmt: skip
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:

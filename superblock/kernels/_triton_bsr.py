@@ -114,7 +114,8 @@ if HAS_TRITON:
         # acc += the (BLOCK_M, G*BH) tile of x @ W^T of one (grouped) block row, whose row pointer is at row_ptr;
         # x_rows: [BLOCK_M, 1] pointers to the program's rows of x
         if KB > 1:
-            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, m_mask, K, BH, BW, KB, EVEN_K, PRECISION, UPCAST)
+            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, 0, KB, m_mask, K, BH, BW, KB, EVEN_K, PRECISION,
+                               UPCAST)  # fmt: skip
         BN: tl.constexpr = G * BH
         offs_k = tl.arange(0, BW)
         offs_n = tl.arange(0, BN)
@@ -151,18 +152,21 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
-                    KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-        # _tiled_row for G == 1 with KB kept blocks per step: their x tiles side by side as one (BLOCK_M, KB*BW)
-        # tile and their weight blocks as one (BH, KB*BW) tile, so a thin block (BW 16 or 32) still gives the MMA
-        # KB*BW inputs per step and the loop a KB-th of the trips. Slots past the row's end read as zeros.
+    def _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, first, step, m_mask, K, BH: tl.constexpr,
+                    BW: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):  # fmt: skip
+        # KB kept blocks of one block row per step: their x tiles side by side as one (BLOCK_M, KB*BW) tile and
+        # their weight blocks as one (BH, KB*BW) tile, so a thin block (BW 16 or 32) still gives the MMA KB*BW
+        # inputs per step and the loop a KB-th of the trips. Steps start at the row's kept block `first` and move
+        # by `step` (the tiled kernel: 0 and KB; the decode kernel's program s: s*KB and SPLIT*KB). Slots past the
+        # row's end read as zeros.
         KW: tl.constexpr = KB * BW
         slot = tl.arange(0, KW) // BW  # which of the KB blocks each packed column belongs to
         inner = tl.arange(0, KW) % BW  # and its column inside that block
         offs_n = tl.arange(0, BH)
         start = tl.load(row_ptr).to(tl.int64)
         end = tl.load(row_ptr + 1).to(tl.int64)
-        for e0 in range(start, end, KB):
+        for e0 in range(start + first, end, step):
             e = e0 + slot
             live = e < end
             c = tl.load(col_ptr + e, mask=live, other=0)
@@ -266,6 +270,7 @@ if HAS_TRITON:
         BH: tl.constexpr,
         BW: tl.constexpr,
         SPLIT: tl.constexpr,
+        KB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         EVEN_K: tl.constexpr,
         MODE: tl.constexpr,
@@ -293,15 +298,15 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BH)
         m_mask = offs_m < M
-        x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BW)[None, :]
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-        acc = _decode_row(acc, x_base, w_ptr, col_ptr, crow_ptr + row, s, m_mask, K, BH, BW, SPLIT, EVEN_K,
+        acc = _decode_row(acc, x_rows, w_ptr, col_ptr, crow_ptr + row, s, m_mask, K, BH, BW, SPLIT, KB, EVEN_K,
                           PRECISION, UPCAST)  # fmt: skip
         up = acc
         if ACT == GLU:
             up = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-            up = _decode_row(up, x_base, w_ptr, col_ptr, crow_ptr + n_rows + row, s, m_mask, K, BH, BW, SPLIT, EVEN_K,
-                             PRECISION, UPCAST)  # fmt: skip
+            up = _decode_row(up, x_rows, w_ptr, col_ptr, crow_ptr + n_rows + row, s, m_mask, K, BH, BW, SPLIT, KB,
+                             EVEN_K, PRECISION, UPCAST)  # fmt: skip
         n_glob = row * BH + offs_n
         up_off = n_rows * BH
         if MODE == 0:
@@ -335,11 +340,16 @@ if HAS_TRITON:
                 _decode_out(total, total_up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
-    def _decode_row(acc, x_base, w_ptr, col_ptr, row_ptr, s, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
-                    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    def _decode_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                    SPLIT: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):  # fmt: skip
-        # acc += program s's share (kept blocks s, s + SPLIT, ...) of one block row, whose row pointer is at row_ptr
+        # acc += program s's share (kept blocks s, s + SPLIT, ...; with KB > 1 the runs of KB blocks s, s + SPLIT,
+        # ...) of one block row, whose row pointer is at row_ptr
+        if KB > 1:
+            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s * KB, SPLIT * KB, m_mask, K, BH, BW, KB, EVEN_K,
+                               PRECISION, UPCAST)  # fmt: skip
         offs_k = tl.arange(0, BW)
+        x_base = x_rows + offs_k[None, :]
         w_base = w_ptr + tl.arange(0, BH)[:, None] * BW + offs_k[None, :]
         start = tl.load(row_ptr).to(tl.int64)
         end = tl.load(row_ptr + 1).to(tl.int64)
@@ -482,8 +492,9 @@ def launch(
 
 
 def kernel_variant(config: dict, activation: str | None = None) -> str:
-    """The kernel a launch configuration runs: "decode" (SPLIT >= 1), "packed" (the tiled kernel with KB > 1 kept
-    blocks per step), "tma" (TMA loads: G == 1, not a gated pair), else "tiled". kernels.dispatch shows the table."""
+    """The kernel a launch configuration runs: "decode" (SPLIT >= 1; KB > 1 packs its steps too), "packed" (the
+    tiled kernel with KB > 1 kept blocks per step), "tma" (TMA loads: G == 1, not a gated pair), else "tiled".
+    kernels.dispatch shows the table."""
     if int(config.get("SPLIT", 0)) >= 1:
         return "decode"
     if int(config.get("KB", 1)) > 1:
@@ -584,8 +595,8 @@ class Launch:
                 stride_ps = part.stride(0)
         args = (
             x2d, values, crow, col, b_arg, y, part, cnt, M, self.n_out, self.k_in, x2d.stride(0), y.stride(0),
-            n_sums if mode else 0, stride_ps, bh, self.bw, split, block_m, self.even_k, mode, self.has_bias, self.act,
-            self.prec, INTERPRET,
+            n_sums if mode else 0, stride_ps, bh, self.bw, split, self.kb, block_m, self.even_k, mode, self.has_bias,
+            self.act, self.prec, INTERPRET,
         )  # fmt: skip
         spec = (mode, specialization(args[:8], args[8:15]))  # MODE is the one constexpr that varies per call
         self._decode((self.n_groups * split, m_tiles), spec, args, y.device)

@@ -140,6 +140,12 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
         c = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
         c["SPLIT"] = min(split, 64)
         out.append(c)
+    if bh >= 64 and bw <= 32:  # tall thin tiles: a program's blocks in one or two packed steps (KB, 64-128 inputs)
+        for per_program, kb in ((4, 4), (8, 8), (8, 4)):
+            split = 1 << max(0, math.ceil(math.log2(max(blocks_per_row / per_program, 1.0))))
+            c = _cfg(block_m, 1, 4, 2, kb=max(2, min(kb, 128 // bw)))
+            c["SPLIT"] = min(split, 64)
+            out.append(c)
     return out
 
 

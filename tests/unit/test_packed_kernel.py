@@ -33,7 +33,7 @@ def test_config_lists_carry_kb_and_keep_older_lists():
         _runners.config_from_list([128, 1, 8, 3, 0, 0, 2, 4])
 
 
-@pytest.mark.parametrize("change", [{"G": 2}, {"SPLIT": 2}, {"TMA": True}], ids=["grouped", "decode", "tma"])
+@pytest.mark.parametrize("change", [{"G": 2}, {"TMA": True}], ids=["grouped", "tma"])
 def test_kb_runs_only_the_plain_tiled_kernel(change):
     values = torch.zeros(1, 64, 16)
     cfg = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "KB": 2, **change}
@@ -49,6 +49,8 @@ def test_tall_thin_tiles_get_packed_candidates_after_the_default():
         assert {c["KB"] * bw for c in packed} == {64, 128}
         for c in packed:  # what _fit promises: the pipelined tiles fit in shared memory
             assert c["num_stages"] * (c["BLOCK_M"] + bh) * bw * c["KB"] * 2 <= tuning_mod.SMEM_BYTES
+    decode = tuning_mod.candidate_configs(1, 64, 16, torch.bfloat16, blocks_per_row=40.0)
+    assert any(c.get("SPLIT", 0) >= 1 and c.get("KB", 1) > 1 for c in decode)  # one token: packed decode steps
     for bh, bw in ((32, 32), (64, 64), (16, 64)):  # squares and wide tiles: no packed candidates
         assert not any("KB" in c for c in tuning_mod.candidate_configs(50432, bh, bw, torch.bfloat16))
 
@@ -82,6 +84,33 @@ _INTERP_SCRIPT = textwrap.dedent(
             y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
         err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
         assert err < 1e-5, (out_f, in_f, bh, bw, kb, act, err)
+
+    # the decode kernel with packed steps: SPLIT programs per block row, each taking runs of KB blocks; MODE 2 (the
+    # workspace) and MODE 1 (no workspace: a reduce kernel), few tokens, a ragged K
+    from superblock.kernels import _triton_bsr
+
+    real_ws = _triton_bsr.decode_workspace
+    for out_f, in_f, bh, bw, kb, split, act, mode1 in [
+        (256, 512, 64, 16, 4, 2, None, False), (256, 500, 64, 16, 4, 4, None, True),
+        (256, 256, 64, 32, 2, 1, "gelu", False), (256, 512, 64, 16, 8, 2, "silu_mul", False),
+    ]:
+        n_cols = -(-in_f // bw)
+        keep = torch.rand(out_f // bh, n_cols) < 0.5
+        w = torch.randn(out_f, n_cols * bw) * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+        w = w[:, :in_f].contiguous()
+        bias = torch.randn(out_f)
+        values, crow, col = dense_to_bsr(w, (bh, bw))
+        crow32, col32 = _runners.index32(crow, col)
+        x = torch.randn(3, in_f)
+        cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": split, "KB": kb}
+        _triton_bsr.decode_workspace = (lambda *a: None) if mode1 else real_ws
+        try:
+            y = _runners.run_triton(x, values, crow32, col32, None, bias, out_f, act, "ieee", cfg)
+        finally:
+            _triton_bsr.decode_workspace = real_ws
+        ref = _runners.activate(F.linear(x, w, bias), act)
+        err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-5, ("decode", out_f, in_f, bh, bw, kb, split, act, err)
     print("packed ok")
     """
 )
