@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=",".join(LAYERS))
     p.add_argument("--tokens", default="1,8,32,2048,8192")
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--block", type=block_arg, default=(64, 64), help="N for N x N, or ROWSxCOLS (e.g. 64x16)")
     p.add_argument("--l2-mib", type=float, default=200.0, help="weight bytes cycled between two uses of one copy")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
@@ -75,11 +75,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def random_block_weight(out_f: int, in_f: int, block: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
-    rows, cols = out_f // block, in_f // block
+def block_arg(text: str) -> tuple[int, int]:
+    """A tile: "64" (64 x 64) or "64x16" (64 output rows by 16 inputs)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a block is N or ROWSxCOLS, got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+def block_name(block: tuple[int, int]) -> str:
+    return str(block[0]) if block[0] == block[1] else f"{block[0]}x{block[1]}"
+
+
+def random_block_weight(
+    out_f: int, in_f: int, block: tuple[int, int], sparsity: float, gen: torch.Generator
+) -> torch.Tensor:
+    bh, bw = block
+    rows, cols = out_f // bh, in_f // bw
     keep = torch.zeros(rows * cols, dtype=torch.bool)
     keep[torch.randperm(rows * cols, generator=gen)[: round((1 - sparsity) * rows * cols)]] = True
-    mask = keep.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    mask = keep.view(rows, cols).repeat_interleave(bh, 0).repeat_interleave(bw, 1)
     return (torch.randn(out_f, in_f, generator=gen) * 0.02 * mask).to("cuda", torch.bfloat16)
 
 
@@ -185,7 +200,8 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, 
             mod.tuning_target = rt
     bsr_w = [_runners.torch_bsr_weight(v, crow, col, (out_f, in_f), torch.bfloat16) for v in vals]
     n_y = _runners.out_width(out_f, activation)
-    k_cut = max(args.block, round(in_f * (1 - args.sparsity) / args.block) * args.block)
+    bw = args.block[1]
+    k_cut = max(bw, round(in_f * (1 - args.sparsity) / bw) * bw)
     w_cut = [torch.randn(out_f, k_cut, device="cuda", dtype=torch.bfloat16) for _ in range(n_dense)]
     bw_gbs = None
     rows = []
@@ -213,7 +229,7 @@ def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, 
             cut_g = graph_ms([lambda w=w, x=x_cut: F.linear(x, w) for w in w_cut])
             u_e = u_g = None
             if parts and m in tokens:
-                unf = unfused_fns(vals, crow, col, in_f, activation, parts, x, args.block)
+                unf = unfused_fns(vals, crow, col, in_f, activation, parts, x, args.block[0])
                 u_e = statistics.median(eager_ms(unf["eager"], args.reps) for _ in range(args.rounds))
                 u_g = graph_ms(unf["graph"])
         if m not in tokens:
@@ -263,7 +279,7 @@ def fmt_x(v) -> str:
 def table(rows: list[dict], args) -> str:
     lines = [
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, sparsity {args.sparsity}, block "
-        f"{args.block}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms in the same runtime",
+        f"{block_name(args.block)}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms in the same runtime",
         "",
         "| layer | M | dense eager / graph (ms) | torch BSR eager / graph | ours eager / graph | bound | ours picks "
         "(eager / graph) | fused vs unfused (eager / graph) |",
@@ -331,7 +347,9 @@ def main(argv=None):
         rows += bench_layer(name, out_f, in_f, tokens, args, gen, activation, parts)
         torch.cuda.empty_cache()
     text = table(rows, args)
-    stem = "lm_layers_fused" if args.fused else "lm_layers"
+    stem = ("lm_layers_fused" if args.fused else "lm_layers") + (
+        "" if args.block == (64, 64) else f"_b{block_name(args.block)}"
+    )
     (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     (out_dir / f"{stem}.md").write_text(text + "\n")
     plot(rows, out_dir / f"{stem}.png")
