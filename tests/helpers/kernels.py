@@ -3,8 +3,12 @@ an empty block row, a float64 reference product, and the relative error that ref
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +61,20 @@ def glu_reference(x, wg, wu, bias=None):
 
 def rel(y, ref) -> float:
     return ((y.double() - ref).norm() / max(ref.norm().item(), 1e-12)).item()
+
+
+def run_in_interpreter(script: str, *args: str, expect: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `script` (python -c) with TRITON_INTERPRET=1, so Triton kernels run on CPU tensors, and check that it exits
+    0 and prints `expect`. The interpreter is chosen at import: hence a subprocess."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0 and expect in proc.stdout, proc.stdout + proc.stderr
+    return proc

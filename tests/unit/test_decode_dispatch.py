@@ -3,9 +3,6 @@ config list, how tuning offers them for few tokens, and (slow, Triton interprete
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import torch
 
 from superblock.kernels import BlockSparseLinear, _runners
 from superblock.kernels import tuning as tuning_mod
+from tests.helpers.kernels import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,10 +160,4 @@ _INTERP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_decode_kernel_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "decode interpreter ok" in proc.stdout
+    run_in_interpreter(_INTERP_SCRIPT, expect="decode interpreter ok")

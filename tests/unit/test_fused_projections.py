@@ -5,8 +5,6 @@ tiny transformers models built from configs; the Triton kernels under the interp
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -24,7 +22,7 @@ from superblock.kernels.projection_fusion import (
     fusable_gate_up,
     fuse_projections,
 )
-from tests.helpers.kernels import block_sparse, glu_reference, rel
+from tests.helpers.kernels import block_sparse, glu_reference, rel, run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 PROJ = (
@@ -307,18 +305,7 @@ _INTERP = textwrap.dedent(
 
 
 def _interpret(mode: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _INTERP, mode],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "interpreter ok" in proc.stdout
+    run_in_interpreter(_INTERP, mode, expect="interpreter ok", timeout=900)
 
 
 def test_fused_gate_up_kernels_in_interpreter_quick():
@@ -335,7 +322,6 @@ def test_fused_gate_up_kernels_in_interpreter():
 
 def test_the_old_module_name_still_imports_with_a_warning() -> None:
     import importlib
-    import sys
 
     sys.modules.pop("superblock.kernels.fused", None)
     with pytest.warns(FutureWarning, match="projection_fusion"):

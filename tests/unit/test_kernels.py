@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -24,7 +22,7 @@ from superblock.kernels import (
     tuning_table,
 )
 from superblock.kernels import tuning as tuning_mod
-from tests.helpers.kernels import REPO, random_block_sparse, reference, rel_err
+from tests.helpers.kernels import random_block_sparse, reference, rel_err, run_in_interpreter
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -382,13 +380,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_triton_kernel_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "interpreter ok" in proc.stdout
+    run_in_interpreter(_INTERP_SCRIPT, expect="interpreter ok")
 
 
 def test_one_bsr_check_for_the_functional_op_the_module_and_stored_files():

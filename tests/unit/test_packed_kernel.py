@@ -5,9 +5,6 @@ the GPU (benchmarks/bsr_linear.py), never here."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import torch
 
 from superblock.kernels import _runners
 from superblock.kernels import tuning as tuning_mod
+from tests.helpers.kernels import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,10 +115,4 @@ _INTERP_SCRIPT = textwrap.dedent(
 
 
 def test_packed_kernel_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "packed ok" in proc.stdout
+    run_in_interpreter(_INTERP_SCRIPT, expect="packed ok")
