@@ -161,3 +161,35 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_decode_kernel_in_interpreter():
     run_in_interpreter(_INTERP_SCRIPT, expect="decode interpreter ok")
+
+
+def test_kept_workspaces_are_allocated_off_the_calling_thread(monkeypatch):
+    """torch.compile's reduce-overhead warm-up routes every allocation of the calling thread into its CUDA-graph
+    pool; a workspace kept across calls must come from the ordinary pool, so it is made on a thread of its own.
+    (CUDA's device and stream calls are stood in for here: the mechanism is what is checked.)"""
+    import contextlib
+    import threading
+
+    from superblock.kernels import _triton_bsr
+
+    class _Stream:
+        synced = 0
+
+        def synchronize(self):
+            _Stream.synced += 1
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    caller = threading.current_thread()
+    seen = []
+    made = _triton_bsr.outside_graph_pools(
+        lambda: seen.append(threading.current_thread()) or "ws", torch.device("cuda")
+    )
+    assert made == "ws" and seen and seen[0] is not caller and _Stream.synced == 1
+
+    def fails():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # an error on the worker reaches the caller
+        _triton_bsr.outside_graph_pools(fails, torch.device("cuda"))
+    assert _triton_bsr.outside_graph_pools(lambda: threading.current_thread(), torch.device("cpu")) is caller
