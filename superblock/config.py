@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from superblock.logging import LOGGERS
 from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
@@ -265,7 +266,6 @@ class EvaluateConfig:
 PRECISIONS = DTYPE_CHOICES  # auto | fp32 | bf16 | fp16 (superblock.devices says what auto means)
 DEVICES = DEVICE_CHOICES  # auto | cpu | cuda
 OPTIMIZERS = ("adamw", "sgd")
-LOGGERS = ("console", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 MODEL_SOURCES = ("auto", "tiny", "torchvision", "timm", "hf")
 MODEL_TASKS = ("auto", "causal_lm", "sequence_classification")

@@ -99,6 +99,9 @@ class MetricLogger:
             sink.finish(status)
 
 
+LOGGERS = ("console", "wandb")  # logger.name: console (metrics.jsonl and the console) | wandb (and Weights & Biases)
+
+
 def build_logger(
     name: str,
     run_dir: Path,
@@ -109,6 +112,8 @@ def build_logger(
     mode: str | None = None,
     tags: list[str] | None = None,
 ) -> MetricLogger:
+    if name not in LOGGERS:
+        raise ValueError(f"unknown logger {name!r}: use one of {LOGGERS}")
     if not enabled:
         return MetricLogger([])
     sinks: list[MetricSink] = [JsonlSink(RunDir(run_dir).metrics)]
