@@ -3,11 +3,13 @@ users serve with (eager, torch.compile, CUDA graphs), at small and large batches
 
     python benchmarks/vit_e2e.py                                      # vit_b_16, bf16, blocks 64,32, all runtimes
     python benchmarks/vit_e2e.py --dtypes bf16,fp32 --blocks 64 --runtimes eager,cudagraph --batches 1,8,32,256
+    python benchmarks/vit_e2e.py --blocks 64,64x32,64x16,32 --sparsity 0.9                 # tile shapes
     python benchmarks/vit_e2e.py --replot a.jsonl,b.jsonl --tag vit_e2e_all        # table + plot of saved rows
 
 Random init (no downloads). In every encoder layer, `sparsity` of the blocks of the MLP weights (and, with
---attn, of the attention in_proj / out_proj) are zeroed at random at the largest block size (exact count); a
-smaller block size reuses that pattern (each large block is whole small blocks, same density). The dense model
+--attn, of the attention in_proj / out_proj) are zeroed at random at a tile every measured tile divides (rows
+and columns: their least common multiples; exact count), so every tile shape (--blocks 64,32,64x16) runs the same
+weights at the same density, each pattern block being whole tiles of it. The dense model
 keeps those (zero-filled) weights on cuBLAS; the sparse one gets BlockSparseLinear (fc1 with GELU fused) and
 BlockSparseMultiheadAttention, backend="auto". Both go through the same `superblock.export.make_runtime(model,
 runtime, batch_sizes=...)` that `load_sparse(..., runtime=...)` uses: eager (tuned per batch size, whole-model
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="vit_b_16")
     p.add_argument("--batches", default="1,8,32,256")
     p.add_argument("--dtypes", default="bf16")
-    p.add_argument("--blocks", default="64,32")
+    p.add_argument("--blocks", default="64,32", help="tiles: N for N x N, ROWSxCOLS for ROWS outputs by COLS inputs")
     p.add_argument("--runtimes", default="eager,compile,cudagraph")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=True, help="attention sparse too")
@@ -65,12 +68,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def zero_random_blocks(w: torch.Tensor, block: int, sparsity: float, gen: torch.Generator) -> None:
-    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """Tiles (rows, cols) of --blocks ("64,32,64x16"), largest area first."""
+    out = []
+    for part in text.split(","):
+        dims = part.lower().split("x")
+        if len(dims) not in (1, 2) or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise SystemExit(f"--blocks: a tile is N or ROWSxCOLS, got {part!r}")
+        out.append((int(dims[0]), int(dims[-1])))
+    return sorted(out, key=lambda b: (-b[0] * b[1], -b[0]))
+
+
+def pattern_block(blocks: list[tuple[int, int]]) -> tuple[int, int]:
+    """The tile the random pattern is drawn at: every measured tile divides it, so each pattern block is whole tiles
+    of every shape and all shapes keep the same weights (the same density)."""
+    return math.lcm(*(b[0] for b in blocks)), math.lcm(*(b[1] for b in blocks))
+
+
+def block_name(block: tuple[int, int]) -> str:
+    return str(block[0]) if block[0] == block[1] else f"{block[0]}x{block[1]}"
+
+
+def zero_random_blocks(w: torch.Tensor, block: tuple[int, int], sparsity: float, gen: torch.Generator) -> None:
+    bh, bw = block
+    rows, cols = -(-w.shape[0] // bh), -(-w.shape[1] // bw)
     keep = round((1 - sparsity) * rows * cols)
     mask = torch.zeros(rows * cols, dtype=torch.bool)
     mask[torch.randperm(rows * cols, generator=gen)[:keep]] = True
-    full = mask.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    full = mask.view(rows, cols).repeat_interleave(bh, 0).repeat_interleave(bw, 1)
     w.mul_(full[: w.shape[0], : w.shape[1]].to(w.device, w.dtype))
 
 
@@ -101,7 +126,7 @@ def recompiles() -> int:
     return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
 
 
-def build_dense(model_name: str, dtype: torch.dtype, block: int, sparsity: float, attn: bool):
+def build_dense(model_name: str, dtype: torch.dtype, block: tuple[int, int], sparsity: float, attn: bool):
     import torchvision.models as tvm
 
     torch.manual_seed(0)
@@ -218,17 +243,17 @@ def main(argv=None):
         raise SystemExit("vit_e2e needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
-    blocks = sorted((int(b) for b in args.blocks.split(",")), reverse=True)
+    blocks = parse_blocks(args.blocks)
     rows: list[dict] = []
     log = (out_dir / f"{args.tag}.jsonl").open("a")
     for dtype_name in args.dtypes.split(","):
-        dense = build_dense(args.model, DTYPES[dtype_name], blocks[0], args.sparsity, args.attn)
+        dense = build_dense(args.model, DTYPES[dtype_name], pattern_block(blocks), args.sparsity, args.attn)
         for block in blocks:
             template = to_block_sparse(copy.deepcopy(dense), block, args.attn)
             for runtime in args.runtimes.split(","):
                 sparse = copy.deepcopy(template)  # each runtime tunes and checks its own copy
                 for r in measure(dense, sparse, runtime, batches, args):
-                    r.update(model=args.model, dtype=dtype_name, block=block, sparsity=args.sparsity)
+                    r.update(model=args.model, dtype=dtype_name, block=block_name(block), sparsity=args.sparsity)
                     rows.append(r)
                     log.write(json.dumps(r) + "\n")
                     log.flush()

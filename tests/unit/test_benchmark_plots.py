@@ -34,3 +34,17 @@ def test_lm_layers_replot_draws_saved_rows(tmp_path):
     lm_layers.main(["--replot", str(saved), "--out", str(tmp_path)])
     png = (tmp_path / "lm_layers.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_vit_e2e_takes_tile_shapes_on_one_pattern():
+    """--blocks 64,64x16,32: one random pattern at a tile all of them divide, so every shape keeps the same weights."""
+    import torch
+
+    blocks = vit_e2e.parse_blocks("32,64x16,64")
+    assert blocks == [(64, 64), (64, 16), (32, 32)] and vit_e2e.pattern_block(blocks) == (64, 64)
+    assert vit_e2e.pattern_block(vit_e2e.parse_blocks("64x16,16x64")) == (64, 64)
+    assert [vit_e2e.block_name(b) for b in blocks] == ["64", "64x16", "32"]
+    w = torch.ones(256, 512)
+    vit_e2e.zero_random_blocks(w, (64, 64), 0.75, torch.Generator().manual_seed(0))
+    kept = w.view(4, 64, 8, 64).amax(dim=(1, 3))
+    assert kept.sum() == 8 and bool((w.view(4, 64, 8, 64).amin(dim=(1, 3)) == kept).all())  # whole 64 x 64 blocks
