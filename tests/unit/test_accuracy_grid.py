@@ -178,3 +178,25 @@ def test_magnitude_initialised_learned_scores_are_a_recipe(tmp_path) -> None:
     job = next(j for j in accuracy.jobs_for(args) if j["recipe"] == "magnitude_init")
     cmd = accuracy.command(job, args)
     assert "sparsity=learned" in cmd and "sparsity.score_init=magnitude" in cmd
+
+
+def test_recipes_compare_across_grids_with_one_sign(tmp_path) -> None:
+    """benchmarks/compare_recipes.py: gaps in % of dense, below zero worse for accuracy and perplexity alike."""
+    from benchmarks import compare_recipes
+
+    def grid(metric, dense, rows):
+        return {
+            "rows": [{"recipe": "dense", "mean": dense, "block": None, "gap": 0.0, "gap_std": 0.0, "seeds": 3}]
+            + [{"recipe": r, "block": b, "mean": dense + g, "gap": g, "gap_std": 0.5, "seeds": 3} for r, b, g in rows],
+            "runs": [{"metric": metric}],
+        }
+
+    acc = grid("val_top1", 90.0, [("default", "16", -4.5), ("reference", "16", -9.0)])
+    ppl = grid("val_perplexity", 5.0, [("default", "64x16", 9.9), ("default", "32", 1.0)])
+    (tmp_path / "a.json").write_text(json.dumps(acc))
+    (tmp_path / "p.json").write_text(json.dumps(ppl))
+    assert compare_recipes.relative_gaps(acc)["default"] == (-5.0, 0.5 / 90.0 * 100.0, 3)
+    assert compare_recipes.relative_gaps(ppl, "32")["default"][0] == -20.0  # perplexity up 20%: 20% worse
+    out = tmp_path / "r.png"
+    compare_recipes.main([f"images={tmp_path / 'a.json'}", f"text={tmp_path / 'p.json'}#32", "--out", str(out)])
+    assert out.stat().st_size > 0
