@@ -46,7 +46,7 @@ def table(grids: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(grids: list[tuple[str, dict]], path: Path) -> None:
+def plot(grids: list[tuple[str, dict]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +63,7 @@ def plot(grids: list[tuple[str, dict]], path: Path) -> None:
     ax.axhline(0.0, color="black", lw=1)
     ax.set_xticks(range(len(grids)), [label for label, _ in grids], fontsize=8)
     ax.set_ylabel("gap to dense, % of dense (below 0: worse)")
-    ax.set_title("sparse recipes against dense, same data and length, 3 seeds")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grids", nargs="+", help="LABEL=path/to/results.json")
     p.add_argument("--out", default="recipes.png", help="the plot")
+    p.add_argument("--title", default="sparse recipes against dense, same data and length, 3 seeds")
     args = p.parse_args(argv)
     grids = [load(spec) for spec in args.grids]
-    plot(grids, Path(args.out))
+    plot(grids, Path(args.out), args.title)
     print(table(grids))
 
 
