@@ -111,6 +111,11 @@ def _fit(c: dict, bh: int, bw: int, elt: int) -> dict:
     return c
 
 
+def tall_thin(bh: int, bw: int) -> bool:
+    """Tiles of 64 or more output rows by at most 32 inputs: the ones the packed (KB) steps are for."""
+    return bh >= 64 and bw <= 32
+
+
 def packed_configs(large: bool, bw: int) -> list[dict]:
     """Tall thin tiles (64 or more rows by 16 or 32 columns): the tiled kernel multiplying KB kept blocks per step,
     so each MMA sees 64 or 128 inputs and the loop over a block row's blocks runs a KB-th as often. KB * bw of 64 and
@@ -134,18 +139,16 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
     loads in flight (few tokens: the weight read is the whole cost); more keep the fp32 partial sums, which grow
     with M * SPLIT, small."""
     block_m = min(DECODE_MAX_TOKENS, max(16, 1 << (max(int(M), 1) - 1).bit_length()))
+
+    def split_for(per_program: int) -> int:  # programs per block row so that each reads ~per_program blocks
+        return min(64, 1 << max(0, math.ceil(math.log2(max(blocks_per_row / per_program, 1.0)))))
+
     out = []
     for per_program in (1, 2, 4, 8):
-        split = 1 << max(0, math.ceil(math.log2(max(blocks_per_row / per_program, 1.0))))
-        c = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
-        c["SPLIT"] = min(split, 64)
-        out.append(c)
-    if bh >= 64 and bw <= 32:  # tall thin tiles: a program's blocks in one or two packed steps (KB, 64-128 inputs)
+        out.append({**_cfg(block_m, 1, 4, 3 if per_program >= 4 else 2), "SPLIT": split_for(per_program)})
+    if tall_thin(bh, bw):  # a program's blocks in one or two packed steps (KB, 64-128 inputs)
         for per_program, kb in ((4, 4), (8, 8), (8, 4)):
-            split = 1 << max(0, math.ceil(math.log2(max(blocks_per_row / per_program, 1.0))))
-            c = _cfg(block_m, 1, 4, 2, kb=max(2, min(kb, 128 // bw)))
-            c["SPLIT"] = min(split, 64)
-            out.append(c)
+            out.append({**_cfg(block_m, 1, 4, 2, kb=max(2, min(kb, 128 // bw))), "SPLIT": split_for(per_program)})
     return out
 
 
@@ -194,7 +197,7 @@ def candidate_configs(
         if target == "graph":
             # under CUDA graphs the TMA descriptors' host cost is gone, and few tokens want more, smaller programs
             cands += [_cfg(64, 1, 4, 2, True), _cfg(128, 1, 4, 2, True), _cfg(16, 1, 2, 2), _cfg(32, 1, 2, 3)]
-    if bh >= 64 and bw <= 32 and not (dtype == torch.float32 and precision == "ieee"):
+    if tall_thin(bh, bw) and not (dtype == torch.float32 and precision == "ieee"):
         cands += packed_configs(large, bw)  # after the others: the default stays first
     if blocks_per_row is not None and M <= DECODE_MAX_TOKENS:
         cands += decode_configs(M, bh, bw, blocks_per_row)  # after the tiled ones: the default stays first
