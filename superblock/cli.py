@@ -216,6 +216,9 @@ def print_final(s: RunSummary) -> None:
         if s.block_size
         else f"\nval top-1 {s.val_top1:.2f}% (top-5 {s.val_top5:.2f}%) | dense model"
     )
+    if s.val_perplexity is not None:
+        per_byte = f", {s.val_perplexity_per_byte:.3f} per byte" if s.val_perplexity_per_byte is not None else ""
+        line += f" | val perplexity {s.val_perplexity:.3f} per token{per_byte}"
     if s.still_improving:
         what = "perplexity" if s.val_perplexity is not None else "val top-1"
         line += (

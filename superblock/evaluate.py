@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from superblock.artifacts.resolve import ArtifactError, resolve
-from superblock.data.metrics import perplexity
+from superblock.data.metrics import perplexity, perplexity_per_byte
 from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
 from superblock.engine.objective import flat_predictions
 from superblock.engine.validation import topk_correct
@@ -224,18 +224,25 @@ def measure_accuracy(
         seen += len(targets)
     if seen == 0:
         raise ValueError("the validation split is empty: check data.root / data.val_size")
-    acc = {n: _accuracy_entry(c, seen, sequences) for n, c in counts.items()}
+    per_byte = getattr(loader.dataset, "bytes_per_label", None)
+    acc = {n: _accuracy_entry(c, seen, sequences, per_byte) for n, c in counts.items()}
     for d in diffs.values():
         d.update(reference=names[0], top1_agreement=1.0 - d["disagreements"] / seen)
     return acc, diffs
 
 
-def _accuracy_entry(counts: torch.Tensor, seen: int, sequences: bool) -> dict[str, float]:
-    """Top-1 / top-5 in percent (next-token accuracy for a language model, with its loss and perplexity)."""
+def _accuracy_entry(
+    counts: torch.Tensor, seen: int, sequences: bool, bytes_per_label: float | None = None
+) -> dict[str, float]:
+    """Top-1 / top-5 in percent (next-token accuracy for a language model, with its loss and perplexity: per token,
+    and per byte of text when the dataset says how many bytes its labels spell)."""
     top1, top5, loss = counts.tolist()
     entry = {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
     if sequences:
-        return {**entry, "loss": loss / seen, "perplexity": perplexity(loss / seen), "tokens": seen}
+        entry.update(loss=loss / seen, perplexity=perplexity(loss / seen), tokens=seen)
+        if bytes_per_label:
+            entry["perplexity_per_byte"] = perplexity_per_byte(loss / seen, bytes_per_label)
+        return entry
     return {**entry, "images": seen}
 
 

@@ -92,6 +92,7 @@ class RunSummary:
     val_top5: float | None = None
     ema_val_top1: float | None = None
     val_perplexity: float | None = None  # language models: exp(mean next-token loss)
+    val_perplexity_per_byte: float | None = None  # the same per UTF-8 byte of text (compares across tokenizers)
     best_val_top1: float | None = None
     best_val_top5: float | None = None
     block_sparsity: dict[str, float] | None = None  # weight name -> measured fraction of all-zero blocks

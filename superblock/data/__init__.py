@@ -25,7 +25,7 @@ from superblock.data.loaders import (
     skip_batches,
     usable_workers,
 )
-from superblock.data.metrics import IGNORE_INDEX, perplexity
+from superblock.data.metrics import IGNORE_INDEX, perplexity, perplexity_per_byte
 from superblock.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_MEAN,
@@ -89,6 +89,7 @@ __all__ = [
     "load_corpus",
     "load_tokenizer",
     "perplexity",
+    "perplexity_per_byte",
     "posterize_bits",
     "resolve_augment",
     "render_shapes",

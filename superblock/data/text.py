@@ -31,9 +31,12 @@ class TokenWindows(Dataset):
     token, so inputs never overlap and every next-token pair of the stream is a label exactly once (the mean loss
     over all windows is the stream's own per-token loss). ``size`` keeps that many windows, evenly spaced over the
     stream (the same ones for every seed, so validation perplexities of different runs compare).
+    ``bytes_per_label`` (set for the validation split, see :func:`bytes_per_label`): UTF-8 bytes of text per label
+    token, which turns a per-token loss into a per-byte perplexity.
     """
 
     random_augmentation = False  # build_loaders skips per-sample RNG seeding: a sample is a pure slice
+    bytes_per_label: float | None = None
 
     def __init__(self, tokens: np.ndarray, seq_len: int, size: int | None = None) -> None:
         if seq_len < 1:
@@ -81,6 +84,15 @@ def token_stream(docs: list[str], tokenizer: ByteTokenizer | HFTokenizer) -> np.
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     parts = [piece for ids in tokenizer.encode_documents(docs) for piece in (ids.astype(dtype, copy=False), eos)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def bytes_per_label(windows: TokenWindows, tokenizer: ByteTokenizer | HFTokenizer) -> float | None:
+    """Mean UTF-8 bytes of text per label token over `windows` (each window's labels decoded as one piece, special
+    tokens spelling none); None for windows whose labels spell no text."""
+    n = windows.seq_len
+    total = sum(tokenizer.text_bytes(windows.tokens[s + 1 : s + n + 1]) for s in windows.starts.tolist())
+    labels = len(windows) * n
+    return total / labels if total > 0 and labels > 0 else None
 
 
 def _windows(
@@ -156,6 +168,7 @@ def text_bundle(
         task, num_classes = "sequence_classification", len(corpus.classes)
     else:
         val = _windows(corpus.val, "val", tok, seq_len, val_size)
+        val.bytes_per_label = bytes_per_label(val, tok)
         train = None if corpus.train is None else _windows(corpus.train, "train", tok, seq_len, train_size)
         task, num_classes = "causal_lm", tok.vocab_size
     return DataBundle(

@@ -34,6 +34,8 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids: Any) -> str: ...
 
+    def text_bytes(self, ids: Any) -> int: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus id 256 for end of document (also the pad id: it never occurs in text)."""
@@ -56,6 +58,10 @@ class ByteTokenizer:
         """Text of `ids`; end-of-document ids are dropped, and bytes cut mid-character become U+FFFD."""
         values = np.asarray(ids, dtype=np.int64).ravel()
         return bytes(values[values < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def text_bytes(self, ids: Any) -> int:
+        """UTF-8 bytes of the text `ids` spell: one per byte id, none for the end-of-document id."""
+        return int((np.asarray(ids, dtype=np.int64) < 256).sum())
 
 
 class HFTokenizer:
@@ -111,6 +117,12 @@ class HFTokenizer:
 
     def decode(self, ids: Any) -> str:
         return self.tokenizer.decode(np.asarray(ids, dtype=np.int64).ravel().tolist())
+
+    def text_bytes(self, ids: Any) -> int:
+        """UTF-8 bytes of the text `ids` spell, special tokens (the end-of-document id) left out; a character cut at
+        either end counts as one replacement character."""
+        ids = np.asarray(ids, dtype=np.int64).ravel().tolist()
+        return len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
 
 
 def load_tokenizer(spec: str | Path | None) -> ByteTokenizer | HFTokenizer:

@@ -365,6 +365,7 @@ class Trainer:
             val_top5=m.get("val_top5"),
             ema_val_top1=m.get("ema_val_top1"),
             val_perplexity=m.get("val_perplexity"),
+            val_perplexity_per_byte=m.get("val_perplexity_per_byte"),
             best_val_top1=p.best_top1,
             best_val_top5=p.best_top5,
             block_sparsity=measured,
@@ -401,6 +402,8 @@ def _validation_line(epoch: int, metrics: dict[str, float]) -> str:
     )
     if "val_perplexity" in metrics:
         line += f"  perplexity {metrics['val_perplexity']:.2f}"
+    if "val_perplexity_per_byte" in metrics:
+        line += f" ({metrics['val_perplexity_per_byte']:.3f} per byte)"
     if "ema_val_top1" in metrics:
         line += f"  (EMA top-1 {metrics['ema_val_top1']:.2f}%)"
     return line

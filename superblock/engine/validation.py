@@ -1,4 +1,5 @@
-"""Validation: top-1 / top-5 / loss (and perplexity for language models), summed over every rank under DDP.
+"""Validation: top-1 / top-5 / loss (and perplexity for language models: per token, and per byte of text where
+the dataset says how many bytes its labels spell), summed over every rank under DDP.
 
 A sequence model's every token position counts as one prediction: top-1 is then next-token accuracy."""
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from superblock.data.metrics import perplexity
+from superblock.data.metrics import perplexity, perplexity_per_byte
 from superblock.engine.distributed import all_reduce_sum
 from superblock.engine.ema import ModelEma
 from superblock.engine.objective import flat_predictions
@@ -56,6 +57,9 @@ def loader_metrics(
     metrics = {"val_loss": loss / count, "val_top1": 100.0 * top1 / count, "val_top5": 100.0 * top5 / count}
     if sequences:
         metrics["val_perplexity"] = perplexity(loss / count)
+        per_byte = getattr(loader.dataset, "bytes_per_label", None)
+        if per_byte:
+            metrics["val_perplexity_per_byte"] = perplexity_per_byte(loss / count, per_byte)
     return metrics
 
 

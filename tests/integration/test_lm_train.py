@@ -44,6 +44,9 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     # Byte-level: 257 symbols; a model that learned anything beats uniform guessing.
     assert s["val_perplexity"] is not None and math.isfinite(s["val_perplexity"]) and s["val_perplexity"] < 257
     assert s["val_perplexity"] == pytest.approx(math.exp(_metrics(tmp_path)[-1]["val_loss"]), rel=1e-6)
+    # per byte: bytes, save the end-of-document ids, are the tokens, so a little above per token
+    assert s["val_perplexity"] <= s["val_perplexity_per_byte"] < s["val_perplexity"] * 1.1
+    assert "val perplexity" in proc.stdout and "per byte" in proc.stdout
     masked = set(s["block_sparsity"])
     assert masked == {
         f"transformer.h.{i}.{m}.weight"
@@ -142,6 +145,7 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     # next-token predictions of one batch (8 x 32 tokens): the three forms agree, perplexity is reported
     assert acc["bsr"]["tokens"] == acc["masked"]["tokens"] > 0
     assert acc["bsr"]["perplexity"] == pytest.approx(acc["masked"]["perplexity"], rel=1e-3)
+    assert acc["bsr"]["perplexity_per_byte"] >= acc["bsr"]["perplexity"]  # byte model: end-of-document ids spell none
     assert result["agreement"]["bsr"]["top1_agreement"] > 0.99
     sparse, dense = load_sparse(export_dir), load_folded(export_dir)
     prompt = torch.tensor([list(b"def main():\n    ")])

@@ -21,6 +21,7 @@ from superblock.data import (
     build_loaders,
     load_corpus,
     perplexity,
+    perplexity_per_byte,
     skip_batches,
     stdlib_corpus,
     text_bundle,
@@ -161,6 +162,8 @@ def test_local_tokenizer_directory(tmp_path) -> None:
     assert (x.tolist(), y.tolist()) == ([6, 3, 7], [3, 7, 2])
     assert bundle.val.tokens.tolist() == [3, 9, 5, 6, 8, 4, 0, 2]  # unknown word -> [UNK]
     assert bundle.corpus["tokenizer"] == str(tok_dir) and bundle.corpus["tokenizer_class"]
+    # bytes of text per label: windows' labels "dog sat on" (10 bytes) and "a cat [UNK]" (special: "a cat", 5)
+    assert bundle.val.bytes_per_label == pytest.approx(15 / 6)
     classes = _write(
         tmp_path / "classes",
         {
@@ -208,6 +211,20 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
     nll = F.cross_entropy(logits.view(-1, vocab), labels.view(-1))
     assert perplexity(nll.item()) == pytest.approx(vocab, rel=1e-5)
     assert perplexity(0.0) == 1.0 and perplexity(1e6) == math.inf and math.isnan(perplexity(math.nan))
+
+
+def test_perplexity_per_byte_spreads_a_tokens_loss_over_the_bytes_it_spells(tmp_path) -> None:
+    # a token of 4 bytes at loss ln(16) is 2 nats... per byte: ln(16) / 4 = ln(2)
+    assert perplexity_per_byte(math.log(16.0), 4.0) == pytest.approx(2.0)
+    assert perplexity_per_byte(1.5, 1.0) == pytest.approx(perplexity(1.5))
+    with pytest.raises(ValueError, match="bytes_per_token"):
+        perplexity_per_byte(1.0, 0.0)
+    # bytes: one byte per label, none for the end-of-document id; "é" is two bytes, so two labels
+    root = _write(tmp_path, {"train.txt": "abc" * 20, "val.txt": "é" + "x" * 10})  # 12 bytes + end of document
+    bundle = text_bundle(str(root), seq_len=4)
+    labels = torch.cat([bundle.val[i][1] for i in range(len(bundle.val))])
+    assert labels.numel() == 12 and labels[-1] == BYTE_EOS
+    assert bundle.val.bytes_per_label == pytest.approx(11 / 12)
 
 
 # ---------------------------------------------------------------------------------------------- loaders
