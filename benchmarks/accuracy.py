@@ -13,6 +13,11 @@ a cut-short grid continues where it stopped.
     python benchmarks/accuracy.py --preset lm_small --device cuda --parallel 6 --recipes reference,default \\
         --permute none,mlp+heads --blocks 32,64 --levels 0.8 --seeds 0 --max-steps 1500 --budget-minutes 8 \\
         --out docs/frontier/lm_small
+    # a pretrained language model (SmolLM2-135M, converted by scripts/pretrained/smollm2.py): as is, dense
+    # fine-tune, and the experiment's own recipe against the reference at 50% / 70%
+    python benchmarks/accuracy.py --preset smollm2 --device cuda --parallel 6 --as-is \
+        --recipes experiment,reference --blocks 16,32,64,64x16 --levels 0.5,0.7 --seeds 0,1,2 \
+        --out docs/frontier/smollm2
     python benchmarks/accuracy.py ... --dry-run       # the job list and the grid's size; nothing runs
     # the older digits table (docs/results.md): tiny_vit, blocks 8 / 16, with the fine-tune + KD recipe
     python benchmarks/accuracy.py --data digits --root data/digits --epochs 30 --jobs 2 --threads 1 --out <dir> \\
@@ -22,7 +27,9 @@ Budget: with --budget-minutes M no run starts once the runs so far say it would 
 start, and runs still going at M minutes are stopped (their rows say so); dense runs go first, then the sparse
 runs seed by seed, so a cut grid still has every configuration at its first seed. Without a budget it runs all.
 Writes <out>/runs.jsonl (a row per run, as each ends), runs.csv, results.md (mean +- std over seeds of the metric
-and of its gap to the same seed's dense run), results.json and accuracy.png.
+and of its gap to the same seed's dense run; for perplexities also the gap in percent of dense and the perplexity
+per byte of text), results.json and accuracy.png. `--as-is` adds one run that trains nothing (trainer.max_steps=0):
+the starting model's own metric, for presets that start from a pretrained model.
 """
 
 from __future__ import annotations
@@ -52,13 +59,20 @@ PRESETS = {
     "digits_wide": (["experiment=digits_wide", "data.root={root}"], "val_top1"),
     "lm_tiny": (["experiment=lm_tiny"], "val_perplexity"),
     "lm_small": (["experiment=lm_small"], "val_perplexity"),
+    # a pretrained language model; --root is the transformers folder scripts/pretrained/smollm2.py writes
+    "smollm2": (["experiment=smollm2_sparse", "model.pretrained={root}"], "val_perplexity"),
 }
+DEFAULT_ROOTS = {"smollm2": "pretrained/smollm2-135m-instruct"}  # the others: data/digits
+# a second metric recorded beside the first where runs report it (perplexity per byte compares across tokenizers)
+ALSO = {"val_perplexity": "val_perplexity_per_byte"}
 RECIPES = {
-    "reference": ["sparsity=supermask_reference"],
+    # the reference recipe, whatever an experiment preset sets for its own: no ramp, no frozen masks
+    "reference": ["sparsity=supermask_reference", "sparsity.ramp_fraction=null", "sparsity.freeze_after_ramp=false"],
     "default": ["sparsity=learned"],
     "magnitude_init": ["sparsity=learned", "sparsity.score_init=magnitude"],  # learned scores, magnitude start
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
+    "experiment": [],  # an experiment preset's own sparse recipe, as the experiment file sets it
 }
 PERMUTE_TAGS = {"none": "p0", "mlp": "pm", "mlp+heads": "pmh"}
 _PERMUTATION_LINE = re.compile(r"kept magnitude ([0-9.]+) -> ([0-9.]+)")
@@ -95,7 +109,12 @@ def _block_order(label: str | int | None) -> tuple[int, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", "--data", dest="preset", choices=sorted(PRESETS), default="digits")
-    p.add_argument("--root", default="data/digits", help="the image tree of the digits presets (written if missing)")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="the image tree of the digits presets (written if missing; default data/digits), or the model folder of "
+        f"a pretrained preset (default {DEFAULT_ROOTS})",
+    )
     p.add_argument(
         "--recipes",
         type=_csv(str),
@@ -129,6 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument(
+        "--as-is", action="store_true", help="one more run that trains nothing: the starting model's own metric"
+    )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default="docs/results")
     p.add_argument("extra", nargs="*", help="more train.py overrides for every run")
@@ -136,8 +158,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = sorted(set(args.recipes) - set(RECIPES)) + sorted(set(args.permute) - set(PERMUTE_TAGS))
     if bad:
         p.error(f"unknown recipe / permutation {bad}: recipes {sorted(RECIPES)}, permutations {sorted(PERMUTE_TAGS)}")
-    if "finetune" in args.recipes and PRESETS[args.preset][0][0].startswith("experiment="):
+    experiment = PRESETS[args.preset][0][0].startswith("experiment=")
+    if "finetune" in args.recipes and experiment:
         p.error(f"--recipes finetune is experiment=sparse_finetune: it cannot be combined with --preset {args.preset}")
+    if "experiment" in args.recipes and not experiment:
+        p.error(f"--recipes experiment runs an experiment preset's own recipe; --preset {args.preset} has none")
+    # train.py runs in the repository: a relative root is the caller's, made absolute
+    args.root = str(Path(args.root or DEFAULT_ROOTS.get(args.preset, "data/digits")).resolve())
     return args
 
 
@@ -162,6 +189,9 @@ def jobs_for(args: argparse.Namespace) -> list[dict]:
         for s in args.seeds
         for e in lengths
     ]
+    if args.as_is:  # the starting model, measured once: no step, so no seed or run length changes it
+        jobs.append({**jobs[0], "name": "as_is", "recipe": "as_is", "epochs": None, "seed": args.seeds[0],
+                     "overrides": ["sparsity=none", "trainer.max_steps=0"]})  # fmt: skip
     for seed in args.seeds:
         for epochs in lengths:
             for level in args.levels:
@@ -217,7 +247,7 @@ def command(job: dict, args: argparse.Namespace) -> list[str]:
         f"trainer.device={args.device}",
         f"hydra.run.dir={run_dir}",
     ]
-    if args.max_steps is not None:
+    if args.max_steps is not None and job["recipe"] != "as_is":
         cmd.append(f"trainer.max_steps={args.max_steps}")
     return [*cmd, *args.extra]
 
@@ -258,6 +288,8 @@ def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
     if summary.exists():
         s = json.loads(summary.read_text())
         row.update(value=s.get(metric), wall_time_s=s.get("wall_time_s"), status="ok")
+        if s.get(ALSO.get(metric, "")) is not None:
+            row["also"] = s[ALSO[metric]]
         row.update(_permutation(run_dir))
     print(f"{row['status']:>18} {job['name']}: {metric} {row['value']}", flush=True)
     return row
@@ -315,8 +347,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (recipe, permute, level, block, epochs), mine in groups.items():
         mean, std = _mean_std([r["value"] for r in mine])
-        gaps = [r["value"] - dense[(r["seed"], epochs)] for r in mine if (r["seed"], epochs) in dense]
-        gap, gap_std = _mean_std(gaps) if gaps else (math.nan, math.nan)
+        pairs = [(r["value"], dense[(r["seed"], epochs)]) for r in mine if (r["seed"], epochs) in dense]
+        gap, gap_std = _mean_std([v - d for v, d in pairs]) if pairs else (math.nan, math.nan)
+        rel = _mean_std([100.0 * (v / d - 1.0) for v, d in pairs if d]) if pairs else (math.nan, math.nan)
+        also = [r["also"] for r in mine if r.get("also") is not None]
         kept = [(r["kept_before"], r["kept_after"]) for r in mine if "kept_before" in r]
         out.append(
             {
@@ -329,6 +363,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "std": std,
                 "gap": gap,
                 "gap_std": gap_std,
+                "gap_pct": rel[0],
+                "gap_pct_std": rel[1],
+                "also": _mean_std(also) if also else None,
                 "seeds": len(mine),
                 "kept_before": statistics.mean(k[0] for k in kept) if kept else None,
                 "kept_after": statistics.mean(k[1] for k in kept) if kept else None,
@@ -342,17 +379,26 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(entries: list[dict], metric: str) -> str:
+    """The markdown table; perplexities add their gap in percent of dense and the perplexity per byte."""
+    lm = metric in ALSO
+    extra = f" gap in % of dense | {ALSO[metric]} |" if lm else ""
     lines = [
-        f"| recipe | permute | sparsity | block | epochs | {metric} (mean +- std) | gap to dense (mean +- std) | "
-        "kept magnitude before -> after | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| recipe | permute | sparsity | block | epochs | {metric} (mean +- std) | gap to dense (mean +- std) |"
+        f"{extra} kept magnitude before -> after | seeds |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if lm else "") + "---|---|",
     ]
     for e in entries:
         kept = f"{e['kept_before']:.3f} -> {e['kept_after']:.3f}" if e["kept_before"] is not None else "-"
-        gap = "-" if e["recipe"] == "dense" or math.isnan(e["gap"]) else f"{e['gap']:+.2f} +- {e['gap_std']:.2f}"
+        dense = e["recipe"] == "dense" or math.isnan(e["gap"])
+        gap = "-" if dense else f"{e['gap']:+.2f} +- {e['gap_std']:.2f}"
+        cells = ""
+        if lm:
+            pct = "-" if dense else f"{e['gap_pct']:+.1f}% +- {e['gap_pct_std']:.1f}"
+            also = "-" if e.get("also") is None else f"{e['also'][0]:.3f} +- {e['also'][1]:.3f}"
+            cells = f" {pct} | {also} |"
         lines.append(
             f"| {e['recipe']} | {e['permute']} | {e['sparsity']:.0%} | {e['block'] or '-'} | {e['epochs'] or '-'} | "
-            f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} | {kept} | {e['seeds']} |"
+            f"{e['mean']:.2f} +- {e['std']:.2f} | {gap} |{cells} {kept} | {e['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -363,7 +409,7 @@ def plot(entries: list[dict], path: Path, title: str, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = sorted({e["sparsity"] for e in entries if e["recipe"] != "dense"})
+    levels = sorted({e["sparsity"] for e in entries if e["block"] is not None})
     fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5.5 * max(1, len(levels)), 4.2), squeeze=False)
     markers = {"square": "o", "tall": "^", "wide": "v"}
     for ax, level in zip(axes[0], levels, strict=False):
@@ -435,7 +481,11 @@ def resolution(args: argparse.Namespace, entries: list[dict]) -> str:
     """What this validation set can tell apart: the binomial standard error of one run's accuracy at the dense
     accuracy, and the smallest gap a single run and the seeds' mean resolve (two standard errors of a difference)."""
     val = Path(args.root) / "val"
-    if PRESETS[args.preset][1] != "val_top1" or "{root}" not in " ".join(PRESETS[args.preset][0]) or not val.is_dir():
+    if (
+        PRESETS[args.preset][1] != "val_top1"
+        or "data.root={root}" not in " ".join(PRESETS[args.preset][0])
+        or not val.is_dir()
+    ):
         return ""
     n = sum(1 for f in val.rglob("*") if f.is_file())
     dense = [e["mean"] for e in entries if e["recipe"] == "dense"]
@@ -458,8 +508,15 @@ def resolution(args: argparse.Namespace, entries: list[dict]) -> str:
 
 
 def ensure_data(args: argparse.Namespace) -> None:
-    """The digits presets read an image tree: write it (scikit-learn's bundled digits, offline) when missing."""
-    if "{root}" not in " ".join(PRESETS[args.preset][0]) or (Path(args.root) / "train").is_dir():
+    """The digits presets read an image tree: write it (scikit-learn's bundled digits, offline) when missing. A
+    pretrained preset's model folder must exist."""
+    preset = " ".join(PRESETS[args.preset][0])
+    if "model.pretrained={root}" in preset and not (Path(args.root) / "config.json").is_file():
+        sys.exit(
+            f"--root {args.root} is not a converted model folder (no config.json): run "
+            "scripts/pretrained/smollm2.py first (pip install -e '.[gguf]'), or pass --root <that folder>"
+        )
+    if "data.root={root}" not in preset or (Path(args.root) / "train").is_dir():
         return
     try:
         import sklearn  # noqa: F401
@@ -473,7 +530,7 @@ def ensure_data(args: argparse.Namespace) -> None:
 
 def describe(jobs: list[dict], args: argparse.Namespace) -> str:
     lengths = len(args.epochs or [None])
-    dense = len(args.seeds) * lengths
+    dense = sum(j["recipe"] in ("dense", "as_is") for j in jobs)
     waves = math.ceil(len(jobs) / max(1, args.parallel))
     return (
         f"{len(jobs)} runs ({dense} dense + {len(jobs) - dense} sparse = {len(args.recipes)} recipes x "

@@ -119,7 +119,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 5
-    max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests; 0: only validate the start)
     min_steps: Any = "auto"  # int | auto | null: at least this many optimizer steps (auto: small image sets)
     accumulate_grad_batches: int = 1
     grad_clip: float | None = 1.0
@@ -385,7 +385,7 @@ def check(c: TrainConfig) -> None:
 
 def _check_trainer(t: TrainerConfig) -> None:
     _positive(t.max_epochs, "trainer.max_epochs")
-    _positive(t.max_steps, "trainer.max_steps")
+    _positive(t.max_steps, "trainer.max_steps", allow_zero=True)
     if t.min_steps != "auto":
         if isinstance(t.min_steps, (str, bool)):
             raise ConfigError(f"trainer.min_steps is a number of steps, auto or null, got {t.min_steps!r}")

@@ -84,7 +84,7 @@ def build_data(
         min_steps = auto_min_steps(data.name, bundle.task, n_train, auto_floor)
     epochs = max(max_epochs, -(-min_steps // steps_per_epoch)) if min_steps else max_epochs
     total = steps_per_epoch * epochs
-    total = min(total, max_steps) if max_steps else total
+    total = min(total, max_steps) if max_steps is not None else total
     return DataParts(
         bundle, train_loader, val_loader, sampler, batches, steps_per_epoch, total, epochs, min_steps, n_train
     )

@@ -59,6 +59,16 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     assert ckpt["model_spec"]["num_classes"] == 257  # the byte vocabulary reached the model
 
 
+def test_zero_steps_validates_the_starting_model_only(tmp_path):
+    """trainer.max_steps=0: the starting model's validation (a pretrained model as is), no optimizer step."""
+    proc = run_train(*LM_TINY, "sparsity=none", "trainer.max_steps=0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path)
+    assert s["status"] == "completed" and s["steps"] == 0 and s["epochs"] == 0
+    assert math.isfinite(s["val_perplexity"]) and math.isfinite(s["val_perplexity_per_byte"])
+    assert [m["step"] for m in _metrics(tmp_path)] == [0]  # one validation, at step 0
+
+
 def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     common = [*LM_TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -200,3 +200,60 @@ def test_recipes_compare_across_grids_with_one_sign(tmp_path) -> None:
     out = tmp_path / "r.png"
     compare_recipes.main([f"images={tmp_path / 'a.json'}", f"text={tmp_path / 'p.json'}#32", "--out", str(out)])
     assert out.stat().st_size > 0
+
+
+def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> None:
+    """--preset smollm2: the converted folder as model.pretrained, --as-is one run without a step, the experiment's
+    own recipe beside the reference (whose ramp and frozen masks the experiment cannot impose)."""
+    folder = tmp_path / "model"
+    args = accuracy.parse_args(["--preset", "smollm2", "--root", str(folder), "--as-is", "--recipes",
+                                "experiment,reference", "--blocks", "32", "--levels", "0.5", "--seeds", "0,1",
+                                "--max-steps", "300", "--out", str(tmp_path / "out")])  # fmt: skip
+    jobs = {j["name"]: j for j in accuracy.jobs_for(args)}
+    assert list(jobs)[:3] == ["dense_s0", "dense_s1", "as_is"] and len(jobs) == 3 + 2 * 2
+    as_is = accuracy.command(jobs["as_is"], args)
+    assert "trainer.max_steps=0" in as_is and "trainer.max_steps=300" not in as_is
+    assert f"model.pretrained={folder}" in as_is and "experiment=smollm2_sparse" in as_is
+    own = accuracy.command(jobs["experiment_p0_l0.5_b32_s1"], args)
+    assert not any(o.startswith("sparsity=") for o in own) and "trainer.max_steps=300" in own
+    ref = accuracy.command(jobs["reference_p0_l0.5_b32_s0"], args)
+    assert "sparsity.freeze_after_ramp=false" in ref and "sparsity.ramp_fraction=null" in ref
+    assert "3 dense + 4 sparse" in accuracy.describe(list(jobs.values()), args)
+    with pytest.raises(SystemExit, match="smollm2.py"):
+        accuracy.ensure_data(args)  # no converted folder there
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--preset", "digits", "--recipes", "experiment"])  # digits is not an experiment
+
+    # perplexity: the gap also in percent of dense, and the per-byte perplexity beside
+    rows = [{**jobs[n], "value": v, "also": b, "status": "ok"} for n, v, b in (
+        ("dense_s0", 10.0, 2.0), ("dense_s1", 20.0, 3.0), ("as_is", 12.0, 2.2),
+        ("experiment_p0_l0.5_b32_s0", 11.0, 2.1), ("experiment_p0_l0.5_b32_s1", 24.0, 3.3))]  # fmt: skip
+    entries = {e["recipe"]: e for e in accuracy.summarize(rows)}
+    assert entries["experiment"]["gap_pct"] == pytest.approx(15.0)  # +10% and +20%
+    assert entries["as_is"]["gap"] == pytest.approx(2.0) and entries["as_is"]["seeds"] == 1
+    md = accuracy.table(list(entries.values()), "val_perplexity")
+    assert "| experiment | none | 50% | 32 | - | 17.50 +- 9.19 | +2.50 +- 2.12 | +15.0% +- 7.1 | 2.700 +- 0.849 |" in md
+    assert "| as_is | none | 0% | - | - | 12.00 +- 0.00 | +2.00 +- 0.00 | +20.0% +- 0.0 |" in md
+    accuracy.plot(list(entries.values()), tmp_path / "p.png", "t", "val_perplexity")  # no empty 0% panel
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_pretrained_preset_end_to_end_on_a_tiny_converted_llama(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from superblock.gguf import save_checked
+    from tests.helpers.llama import tiny_llama
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    out = tmp_path / "grid"
+    accuracy.main(["--preset", "smollm2", "--root", str(tmp_path / "tiny"), "--as-is", "--recipes", "experiment",
+                   "--blocks", "16", "--levels", "0.5", "--seeds", "0", "--max-steps", "2", "--device", "cpu",
+                   "--parallel", "2", "--out", str(out), "data.val_size=4", "data.max_bytes=20000",
+                   "data.batch_size=2", "data.seq_len=16"])  # fmt: skip
+    rows = {r["recipe"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert set(rows) == {"dense", "as_is", "experiment"} and all(r["status"] == "ok" for r in rows.values())
+    assert all(r["also"] > 0 for r in rows.values())  # the per-byte perplexity of every run
+    summary = json.loads((out / "runs" / "as_is" / "summary.json").read_text())
+    assert summary["steps"] == 0 and summary["val_perplexity"] == rows["as_is"]["value"]
+    assert "| as_is |" in (out / "results.md").read_text()

@@ -14,25 +14,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from superblock.gguf import PROMPTS, logits_gap, save_checked  # noqa: E402
+from tests.helpers.llama import tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = sorted({w for p in PROMPTS for w in p.replace(",", " ").replace("(", " ").replace(")", " ").split()})
-
-
-def tiny_llama() -> tuple[torch.nn.Module, object]:
-    """A 2-layer Llama with tied embeddings (as SmolLM2) and a word-level tokenizer that covers the prompts."""
-    torch.manual_seed(0)
-    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval(), tokenizer
 
 
 def test_saved_folder_reloads_with_the_same_logits(tmp_path):
