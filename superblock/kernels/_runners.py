@@ -43,28 +43,35 @@ _configs: dict[tuple, dict] = {}
 
 
 def config_from_list(values: Sequence[int]) -> dict:
-    """The config dict of a config list (memoized: the hot path converts the same few lists again and again;
-    callers must not mutate the result)."""
+    """The config dict of a config list (memoized in eager code: the hot path converts the same few lists again and
+    again; callers must not mutate the result). Inside a trace it is parsed afresh: a look-up in the memo would make
+    torch.compile guard on the memo's contents, a guard that code running during the same trace invalidates."""
     key = tuple(values)
+    if torch.compiler.is_compiling():
+        return _parse_config(key)
     cfg = _configs.get(key)
     if cfg is None:
-        if not MIN_CONFIG_LEN <= len(key) <= len(CONFIG_KEYS):
-            raise ValueError(
-                f"a triton config has {MIN_CONFIG_LEN} to {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(values)}"
-            )
-        cfg = {**_DEFAULTS, **dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))}
-        if cfg["XS"]:
-            raise ValueError(
-                f"triton config {list(values)} has a seventh entry XS={cfg['XS']}: the x-stationary kernel (XS) is no "
-                f"longer in the package (its code is in the repository's experiments/xstat); use XS=0"
-            )
-        if cfg["KB"] < 1 or cfg["KB"] & (cfg["KB"] - 1):
-            raise ValueError(f"triton config {list(values)}: KB (blocks per step) must be a power of two >= 1")
-        cfg["TMA"] = bool(cfg["TMA"])
-        for k in _OPTIONAL:
-            if cfg[k] == _DEFAULTS[k]:
-                del cfg[k]
-        _configs[key] = cfg
+        cfg = _configs[key] = _parse_config(key)
+    return cfg
+
+
+def _parse_config(key: tuple) -> dict:
+    if not MIN_CONFIG_LEN <= len(key) <= len(CONFIG_KEYS):
+        raise ValueError(
+            f"a triton config has {MIN_CONFIG_LEN} to {len(CONFIG_KEYS)} entries {CONFIG_KEYS}, got {list(key)}"
+        )
+    cfg = {**_DEFAULTS, **dict(zip(CONFIG_KEYS, (int(v) for v in key), strict=False))}
+    if cfg["XS"]:
+        raise ValueError(
+            f"triton config {list(key)} has a seventh entry XS={cfg['XS']}: the x-stationary kernel (XS) is no "
+            f"longer in the package (its code is in the repository's experiments/xstat); use XS=0"
+        )
+    if cfg["KB"] < 1 or cfg["KB"] & (cfg["KB"] - 1):
+        raise ValueError(f"triton config {list(key)}: KB (blocks per step) must be a power of two >= 1")
+    cfg["TMA"] = bool(cfg["TMA"])
+    for k in _OPTIONAL:
+        if cfg[k] == _DEFAULTS[k]:
+            del cfg[k]
     return cfg
 
 

@@ -112,6 +112,24 @@ def test_triton_config_round_trip():
         _runners.config_from_list([128, 2])
 
 
+def test_config_lists_parse_inside_a_trace_without_guarding_on_the_memo():
+    """Inside torch.compile a config list is parsed afresh: a look-up in the eager memo made dynamo guard on the memo
+    ("not ___dict_contains(...)"), and code running during the same trace filled it, so the frame failed its own
+    guard on the GPU ("Guard failed on the same frame it was created")."""
+
+    def uses_a_config(x):
+        return x * _runners.config_from_list((64, 1, 4, 3, 0))["BLOCK_M"]
+
+    _runners._configs.pop((64, 1, 4, 3, 0), None)
+    explained = torch._dynamo.explain(uses_a_config)(torch.ones(2))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert not [g for g in explained.out_guards if "_configs" in str(g)]
+    assert torch.equal(
+        torch.compile(uses_a_config, backend="eager", fullgraph=True)(torch.ones(2)), torch.full((2,), 64.0)
+    )
+    assert _runners.config_from_list([64, 1, 4, 3, 0]) is _runners.config_from_list((64, 1, 4, 3, 0))  # eager: memo
+
+
 def test_impl_writes_out():
     w = random_block_sparse(32, 32, (16, 16), 0.5)
     values, crow, col = dense_to_bsr(w, 16)
