@@ -515,6 +515,8 @@ def launch_for(values, crow, col, gidx, has_bias: bool, n_out: int, k_in: int, a
         k_in, activation, precision, *(int(config.get(k, 0)) for k in ("BLOCK_M", "G", "num_warps", "num_stages",
                                                                         "TMA", "SPLIT", "KB")),
     )  # fmt: skip
+    if any(isinstance(v, torch.SymInt) for v in (*key, *key[0])):  # symbolic sizes (a trace): nothing to keep
+        return Launch(values, crow, has_bias, n_out, k_in, activation, precision, config)
     found = _launches.get(key)
     if found is None:
         found = _launches[key] = Launch(values, crow, has_bias, n_out, k_in, activation, precision, config)

@@ -130,6 +130,25 @@ def test_config_lists_parse_inside_a_trace_without_guarding_on_the_memo():
     assert _runners.config_from_list([64, 1, 4, 3, 0]) is _runners.config_from_list((64, 1, 4, 3, 0))  # eager: memo
 
 
+def test_a_launch_with_symbolic_sizes_is_built_not_kept():
+    """Tracing the triton op with dynamic shapes (opcheck's aot_dispatch_dynamic) hands the launch SymInts: they
+    cannot key the process-wide memo (unhashable), so that launch is built for the trace and not kept."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from superblock.kernels import _triton_bsr
+
+    env = ShapeEnv()
+    n_out = env.create_symintnode(env.create_symbol(64, ConstantSource("n_out")), hint=64)
+    values, crow, col = dense_to_bsr(random_block_sparse(64, 64, (16, 16), 0.5), 16)
+    config = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2}
+    kept = dict(_triton_bsr._launches)
+    run = _triton_bsr.launch_for(values, crow, col, None, False, n_out, 64, None, "ieee", config)
+    assert run.tiled_grid(32) == (2 * 4,) and _triton_bsr._launches == kept
+    again = _triton_bsr.launch_for(values, crow, col, None, False, 64, 64, None, "ieee", config)
+    assert _triton_bsr.launch_for(values, crow, col, None, False, 64, 64, None, "ieee", config) is again  # eager: kept
+
+
 def test_impl_writes_out():
     w = random_block_sparse(32, 32, (16, 16), 0.5)
     values, crow, col = dense_to_bsr(w, 16)
