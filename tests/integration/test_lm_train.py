@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.train import fault_at, run_train, summary_of
+from tests.helpers.train import ROOT, fault_at, run_train, summary_of
 
 pytest.importorskip("transformers")
 
@@ -161,6 +161,18 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     prompt = torch.tensor([list(b"def main():\n    ")])
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 256}
     assert torch.equal(sparse.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
+
+    # the served-generation benchmark on this export (CPU: eager only): greedy tokens agree, tokens/s are measured
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import lm_generate
+
+    gen = ["--device", "cpu", "--dtype", "fp32", "--runtimes", "eager", "--batches", "1,2", "--prompt", "8"]
+    gen += ["--new-tokens", "3", "--reps", "1", "--out", str(tmp_path / "gen")]
+    lm_generate.main(["--export", str(export_dir), *gen])
+    rows = json.loads((tmp_path / "gen" / "lm_generate.json").read_text())["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2)]
+    assert all(r["agree"] == 1.0 and r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
+    assert "| eager | 2 |" in (tmp_path / "gen" / "lm_generate.md").read_text()
 
 
 def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
