@@ -287,6 +287,10 @@ def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
         row["status"] = _train(job, args, budget, run_dir)
     if summary.exists():
         s = json.loads(summary.read_text())
+        if s.get("status") == "failed":  # train.py's failure summary: say why, keep no value
+            row["status"] = f"failed: {str(s.get('error'))[:200]}"
+            print(f"{row['status']:>18} {job['name']}", flush=True)
+            return row
         row.update(value=s.get(metric), wall_time_s=s.get("wall_time_s"), status="ok")
         if s.get(ALSO.get(metric, "")) is not None:
             row["also"] = s[ALSO[metric]]

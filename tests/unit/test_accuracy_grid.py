@@ -92,6 +92,22 @@ def test_tile_shapes_are_a_grid_axis(tmp_path) -> None:
     assert (tmp_path / "shapes.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_run_that_failed_is_a_failed_row_not_a_missing_value(tmp_path) -> None:
+    """A run dir holding train.py's failure summary (e.g. out of GPU memory) is reported as failed, with its error,
+    and not run again."""
+    args = accuracy.parse_args(["--preset", "synthetic", "--recipes", "default", "--blocks", "16", "--levels", "0.8",
+                                "--seeds", "0", "--out", str(tmp_path)])  # fmt: skip
+    job = next(j for j in accuracy.jobs_for(args) if j["recipe"] == "default")
+    run_dir = tmp_path / "runs" / job["name"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": "CUDA out of memory. Tried"}))
+    row = accuracy.run(job, args, accuracy.Budget(None))
+    assert row["status"] == "failed: CUDA out of memory. Tried" and row["value"] is None
+    ok = {"status": "completed", "val_top1": 91.5, "wall_time_s": 3.0}
+    (run_dir / "summary.json").write_text(json.dumps(ok))
+    assert accuracy.run(job, args, accuracy.Budget(None))["value"] == 91.5
+
+
 def test_budget_stops_starting_runs_that_would_not_end_in_time() -> None:
     budget = accuracy.Budget(None)
     assert budget.can_start() and budget.left() is None
