@@ -485,11 +485,9 @@ def resolution(args: argparse.Namespace, entries: list[dict]) -> str:
     """What this validation set can tell apart: the binomial standard error of one run's accuracy at the dense
     accuracy, and the smallest gap a single run and the seeds' mean resolve (two standard errors of a difference)."""
     val = Path(args.root) / "val"
-    if (
-        PRESETS[args.preset][1] != "val_top1"
-        or "data.root={root}" not in " ".join(PRESETS[args.preset][0])
-        or not val.is_dir()
-    ):
+    if PRESETS[args.preset][1] != "val_top1":
+        return _seed_resolution(args, entries)
+    if "data.root={root}" not in " ".join(PRESETS[args.preset][0]) or not val.is_dir():
         return ""
     n = sum(1 for f in val.rglob("*") if f.is_file())
     dense = [e["mean"] for e in entries if e["recipe"] == "dense"]
@@ -505,6 +503,20 @@ def resolution(args: argparse.Namespace, entries: list[dict]) -> str:
         f"Validation set: {n} images; one run's accuracy has a binomial standard error of {se:.2f} points at the "
         f"dense accuracy, so one run resolves gaps above {one:.2f} points and a mean of {k} seeds above "
         f"{one / math.sqrt(k):.2f}{spread}.\n\n"
+    )
+
+
+def _seed_resolution(args: argparse.Namespace, entries: list[dict]) -> str:
+    """Where no sampling formula applies (perplexity): what the seeds say, the mean spread of the gaps over seeds
+    and the smallest gap a mean of that many seeds resolves (two standard errors of a difference)."""
+    spreads = [e["gap_std"] for e in entries if e["recipe"] not in ("dense", "as_is") and e["seeds"] > 1]
+    spreads = [v for v in spreads if not math.isnan(v)]
+    if not spreads:
+        return ""
+    spread, k = statistics.mean(spreads), max(1, len(args.seeds))
+    return (
+        f"Seeds' spread of the gaps (std): {spread:.3f} on average, so a mean of {k} seeds resolves gaps above "
+        f"{2 * math.sqrt(2) * spread / math.sqrt(k):.3f}.\n\n"
     )
 
 
