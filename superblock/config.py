@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from superblock.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from superblock.logging import LOGGERS
 from superblock.sparsity.blocks import normalize_block_size
+from superblock.sparsity.mask import SCORE_INITS
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
 from superblock.sparsity.tiling import Tiling
@@ -92,7 +93,8 @@ class SparsityConfig:
     start_epoch: float = 0.0
     ramp_epochs: float = 0.0
     ramp_fraction: float | None = 0.5  # ramp over this fraction of all training steps (overrides ramp_epochs)
-    score_init: str = "kaiming"
+    score_init: str = "kaiming"  # kaiming | magnitude | activation (magnitude x input norms, calibrated at start)
+    calibration_batches: int = 8  # score_init=activation: training batches that measure the input norms
     fixed_weight: bool = False
     fixed_mask: bool = False
     min_recovery_steps: int = 600  # start-up notice below this many steps at the final sparsity (0: off)
@@ -352,7 +354,10 @@ def check(c: TrainConfig) -> None:
             raise ConfigError(str(err)) from None
         _one_of(s.schedule, SCHEDULES, "sparsity.schedule")
         _one_of(s.allocation, ("layerwise", "global"), "sparsity.allocation")
-        _one_of(s.score_init, ("kaiming", "magnitude"), "sparsity.score_init")
+        _one_of(s.score_init, SCORE_INITS, "sparsity.score_init")
+        _positive(s.calibration_batches, "sparsity.calibration_batches")
+        if s.score_init == "activation" and c.trainer.strategy == "fsdp":
+            raise ConfigError("sparsity.score_init=activation calibrates whole weights: use trainer.strategy=ddp")
         if s.ramp_fraction is not None and not 0.0 < s.ramp_fraction <= 1.0:
             raise ConfigError(f"sparsity.ramp_fraction must be in (0, 1] or null, got {s.ramp_fraction}")
         if s.schedule != "constant" and s.ramp_epochs <= 0 and s.ramp_fraction is None:

@@ -8,6 +8,7 @@ is `validate` (engine/validation.py). The Trainer only wires them and owns the r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from superblock.engine.builders import (
     sparsity_spec,
     wrap_for_training,
 )
-from superblock.engine.distributed import DistInfo, all_gather_object, barrier
+from superblock.engine.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
 from superblock.engine.permutation import describe, schedule_permutation
@@ -49,6 +50,7 @@ from superblock.logging import MetricLogger, build_logger
 from superblock.rundir import RunDir, RunSummary
 from superblock.seeding import seed_everything
 from superblock.sparsity import block_sparsity, fused, get_controller, iter_block_masks
+from superblock.sparsity.calibrate import calibrate_scores
 
 __all__ = [
     "Progress",
@@ -279,6 +281,8 @@ class Trainer:
         try:
             if resume is not None and self.dist.is_main:
                 self.logger.sinks[0].truncate_after(self.progress.step)
+            if resume is None:
+                self._calibrate_scores()
             if self.dist.is_main and resume is None:
                 if self.report is not None:
                     print(self.report)
@@ -299,6 +303,24 @@ class Trainer:
             return self.summary(status)
         finally:
             self.logger.finish(status)
+
+    def _calibrate_scores(self) -> None:
+        """sparsity.score_init=activation: scores from activation-aware tile magnitudes, measured on the first
+        training batches (every rank's sums all-reduced: one set of scores) before the first step of a fresh run."""
+        s = self.cfg.sparsity
+        if s.score_init != "activation" or not self.sparsity_spec:
+            return
+        device, amp = self.device, self.amp_dtype
+
+        def forward(model: nn.Module, batch) -> None:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                model(batch[0].to(device, non_blocking=True))
+
+        batches = itertools.islice(iter(self.data.train_loader), s.calibration_batches)
+        ema = self.state.ema
+        n = calibrate_scores(self.model, batches, forward, all_reduce_sum, [ema.module] if ema is not None else [])
+        if self.dist.is_main:
+            print(f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)")
 
     def _raised_notice(self) -> str | None:
         d, t = self.data, self.cfg.trainer

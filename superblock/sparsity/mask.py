@@ -19,7 +19,7 @@ from superblock.sparsity.blocks import BlockSize, apply_block_mask, grid_shape, 
 if TYPE_CHECKING:
     from superblock.sparsity.controller import SparsityController
 
-SCORE_INITS = ("kaiming", "magnitude")
+SCORE_INITS = ("kaiming", "magnitude", "activation")  # activation: magnitude until calibrated (calibrate.py)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -83,7 +83,8 @@ def init_scores(
     """Initial tile scores (float32, on the weight's device).
 
     kaiming: uniform(-1/sqrt(C), 1/sqrt(C)) like the reference (random mask at start);
-    magnitude: RMS of each tile of the current weight, to start sparse training from a pretrained dense model.
+    magnitude: RMS of each tile of the current weight, to start sparse training from a pretrained dense model;
+    activation: the same until superblock.sparsity.calibrate sets them from activation-aware magnitudes.
     RMS rather than the norm so the smaller edge tiles are not penalized for their size.
     """
     rows, cols = grid_shape(weight.shape, block)
@@ -91,7 +92,7 @@ def init_scores(
         bound = 1.0 / math.sqrt(cols)
         scores = torch.rand(rows, cols, generator=generator, dtype=torch.float32)
         return (scores * 2 * bound - bound).to(weight.device)
-    if method == "magnitude":
+    if method in ("magnitude", "activation"):  # activation: the trainer calibrates them before the first step
         ones = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
         return tile_norms(weight, block) / tile_sum(ones, block).sqrt()
     raise ValueError(f"unknown score_init {method!r}: use one of {SCORE_INITS}")

@@ -69,6 +69,22 @@ def test_zero_steps_validates_the_starting_model_only(tmp_path):
     assert [m["step"] for m in _metrics(tmp_path)] == [0]  # one validation, at step 0
 
 
+def test_activation_aware_scores_are_calibrated_once_before_the_first_step(tmp_path):
+    """sparsity.score_init=activation on GPT-2 (Conv1D weights, stored transposed): calibrated on training batches
+    before step 0 of a fresh run, not again on resume (the scores come from the checkpoint)."""
+    common = [*LM_TINY, "sparsity.score_init=activation", "sparsity.calibration_batches=2", "trainer.max_steps=8",
+              "trainer.checkpoint_every_steps=4"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(*common, f"hydra.run.dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scores of 8 masked weights from activation-aware magnitudes (2 batches)" in proc.stdout
+    assert run_train(*common, f"hydra.run.dir={killed}", fault_at(6)).returncode == -9
+    proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "activation-aware" not in proc.stdout
+    assert summary_of(straight)["mask_digest"] == summary_of(killed)["mask_digest"]
+
+
 def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     common = [*LM_TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -1,0 +1,103 @@
+"""Activation-aware tile scores (`sparsity.score_init=activation`): a tile's score is the RMS of its weights, each
+scaled by the norm of the input feature it multiplies, measured on a few calibration batches.
+
+A weight's magnitude alone says nothing about the scale of what it multiplies; in pretrained language models a few
+input features (after RMSNorm's gain) are orders of magnitude larger than the rest, and magnitude tiles cut exactly
+those columns (Wanda: Sun et al., 2023, scores |W_ij| * ||X_j||; here per tile). `input_norms` runs the model on the
+batches with a forward hook on every masked module and keeps, per masked weight, sum over tokens of x_j^2 (all-reduced
+across ranks, so every rank gets the same scores); `calibrate_scores` turns them into scores and refreshes the masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from superblock.sparsity.api import get_controller, iter_block_masks
+from superblock.sparsity.blocks import tile_norms, tile_sum
+
+
+def _input_dim(module: nn.Module, weight: torch.Tensor, features: int) -> int:
+    """The weight dimension that meets the input's features: 1 for nn.Linear (out, in), 0 for a transposed store
+    (GPT-2's Conv1D keeps (in, out))."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if weight.shape[0] == features and weight.shape[1] != features:
+        return 0
+    if weight.shape[1] == features:
+        return 1
+    raise ValueError(f"cannot tell which dimension of a {tuple(weight.shape)} weight meets {features} input features")
+
+
+@torch.no_grad()
+def input_norms(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, object], object],
+    reduce: Callable[[torch.Tensor], object] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{masked weight name: sum over the batches' tokens of each input feature squared} (float32, the weight's
+    device). `forward(model, batch)` runs one batch; `reduce` (e.g. an all-reduce sum) is applied to each total."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module, _, _ in iter_block_masks(model):
+
+        def hook(_mod, inputs, _out, name=name) -> None:
+            x = inputs[0].detach()
+            sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+            sums[name] = sq if name not in sums else sums[name] + sq
+
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if reduce is not None:
+        for total in sums.values():
+            reduce(total)
+    return sums
+
+
+def activation_scores(weight: torch.Tensor, block, squares: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tile RMS of the weight with each input feature scaled by its norm (sqrt of `squares`): the scores."""
+    scale = squares.sqrt().to(torch.float32)
+    scaled = weight.float() * (scale[None, :] if dim == 1 else scale[:, None])
+    ones = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
+    return tile_norms(scaled, block) / tile_sum(ones, block).sqrt()
+
+
+@torch.no_grad()
+def calibrate_scores(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, object], object],
+    reduce: Callable[[torch.Tensor], object] | None = None,
+    followers: Iterable[nn.Module] = (),
+) -> int:
+    """Set every mask's scores from activation-aware tile magnitudes measured on `batches`, copy them into
+    `followers` (an EMA copy: same masked weights in the same order) and refresh the masks. Returns the number of
+    calibrated weights."""
+    squares = input_norms(model, batches, forward, reduce)
+    masks = list(iter_block_masks(model))
+    missing = [name for name, *_ in masks if name not in squares]
+    if missing:
+        raise ValueError(f"calibration never ran these masked weights (no input reached them): {missing[:3]}")
+    for name, module, pname, mask in masks:
+        weight = module.parametrizations[pname].original
+        dim = _input_dim(module, weight, squares[name].numel())
+        mask.scores.copy_(activation_scores(weight, mask.block, squares[name].to(weight.device), dim))
+    for follower in followers:
+        for (_, _, _, live), (_, _, _, copy) in zip(masks, iter_block_masks(follower), strict=True):
+            copy.scores.copy_(live.scores)
+    for m in (model, *followers):
+        controller = get_controller(m)
+        if controller is not None:
+            controller.refresh(force=True)
+    return len(masks)

@@ -1,0 +1,66 @@
+"""sparsity.score_init=activation: tile scores from the weights times the norms of the inputs they multiply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from superblock import sparsify
+from superblock.sparsity import iter_block_masks
+from superblock.sparsity.calibrate import activation_scores, calibrate_scores, input_norms
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8, bias=False)
+        self.fc2 = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _model() -> TwoLayers:
+    torch.manual_seed(0)
+    model = TwoLayers()
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.eye(8))  # fc2 sees x itself
+        model.fc2.weight.fill_(1.0)
+        model.fc2.weight[:, :4] = 2.0  # by magnitude the first half of fc2's columns wins
+    return model
+
+
+def test_activation_scores_keep_the_tiles_that_multiply_large_inputs():
+    model = _model()
+    sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc2.weight"], score_init="activation")
+    (mask,) = [m for *_, m in iter_block_masks(model)]
+    assert mask.scores[0, 0] > mask.scores[0, 1]  # before calibration: magnitude
+    x = torch.ones(16, 8)
+    x[:, 4:] = 10.0  # the second half of the inputs is 10x larger
+    batches = [(x[:8],), (x[8:],)]
+    n = calibrate_scores(model, batches, lambda m, b: m(b[0]))
+    assert n == 1 and mask.scores[0, 1] > mask.scores[0, 0]
+    # the score is the RMS of weight * input norm over the tile: 2 * sqrt(16) vs 1 * sqrt(1600)
+    torch.testing.assert_close(mask.scores, torch.tensor([[8.0, 40.0]]))
+    y = model(torch.ones(1, 8))
+    torch.testing.assert_close(y, torch.full((1, 4), 4.0))  # the kept tile is the second: 4 inputs x weight 1
+
+
+def test_input_norms_sum_every_token_and_follow_a_transposed_store():
+    model = _model()
+    sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc1.weight", "fc2.weight"])
+    x = torch.arange(24.0).view(3, 8)
+    sums = input_norms(model, [x], lambda m, b: m(b), reduce=lambda t: t.mul_(2))  # e.g. two ranks alike
+    torch.testing.assert_close(sums["fc1.weight"], 2 * x.pow(2).sum(0))
+    w = torch.randn(8, 4)  # (in, out), as GPT-2's Conv1D stores it
+    scores_t = activation_scores(w, (4, 4), torch.arange(8.0), dim=0)
+    scores = activation_scores(w.t().contiguous(), (4, 4), torch.arange(8.0), dim=1)
+    torch.testing.assert_close(scores_t, scores.t())
+
+
+def test_a_weight_the_batches_never_reach_is_an_error():
+    model = _model()
+    sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc2.weight"], score_init="activation")
+    with pytest.raises(ValueError, match="never ran"):
+        calibrate_scores(model, [], lambda m, b: m(b))
