@@ -71,6 +71,8 @@ RECIPES = {
     "default": ["sparsity=learned"],
     "magnitude_init": ["sparsity=learned", "sparsity.score_init=magnitude"],  # learned scores, magnitude start
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
+    # an experiment preset's own recipe with activation-aware scores (pretrained language models)
+    "activation_init": ["sparsity.score_init=activation"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
     "experiment": [],  # an experiment preset's own sparse recipe, as the experiment file sets it
 }

@@ -64,3 +64,27 @@ def test_a_weight_the_batches_never_reach_is_an_error():
     sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc2.weight"], score_init="activation")
     with pytest.raises(ValueError, match="never ran"):
         calibrate_scores(model, [], lambda m, b: m(b))
+
+
+def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
+    """benchmarks/oneshot_lm.py on a converted-like folder: dense, then each score at each tile and sparsity."""
+    pytest.importorskip("transformers")
+    import json
+    import sys
+    from pathlib import Path
+
+    from superblock.gguf import save_checked
+    from tests.helpers.llama import tiny_llama
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import oneshot_lm
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16,16x8", "--seq-len", "16",
+                     "--windows", "4", "--calibration", "4", "--out", str(tmp_path / "out")])  # fmt: skip
+    rows = json.loads((tmp_path / "out" / "oneshot_lm.json").read_text())["rows"]
+    assert [(r["score"], r["block"]) for r in rows] == [("dense", None), ("magnitude", "16"), ("activation", "16"),
+                                                        ("magnitude", "16x8"), ("activation", "16x8")]  # fmt: skip
+    assert all(r["ppl"] > 1 and r["ppl_byte"] > 1 for r in rows)
+    assert rows[1]["ppl"] != rows[0]["ppl"]  # the masks are on
