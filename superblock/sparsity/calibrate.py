@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from superblock.sparsity.api import get_controller, iter_block_masks
-from superblock.sparsity.blocks import tile_norms, tile_sum
+from superblock.sparsity.mask import init_scores
 
 
 def _input_dim(module: nn.Module, weight: torch.Tensor, features: int) -> int:
@@ -68,9 +68,7 @@ def input_norms(
 def activation_scores(weight: torch.Tensor, block, squares: torch.Tensor, dim: int) -> torch.Tensor:
     """Tile RMS of the weight with each input feature scaled by its norm (sqrt of `squares`): the scores."""
     scale = squares.sqrt().to(torch.float32)
-    scaled = weight.float() * (scale[None, :] if dim == 1 else scale[:, None])
-    ones = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
-    return tile_norms(scaled, block) / tile_sum(ones, block).sqrt()
+    return init_scores(weight.float() * (scale[None, :] if dim == 1 else scale[:, None]), block, "magnitude")
 
 
 @torch.no_grad()
