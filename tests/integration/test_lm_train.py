@@ -69,6 +69,7 @@ def test_zero_steps_validates_the_starting_model_only(tmp_path):
     assert [m["step"] for m in _metrics(tmp_path)] == [0]  # one validation, at step 0
 
 
+@pytest.mark.slow  # three training subprocesses (~35 s); tests/unit/test_calibrate.py covers the scores
 def test_activation_aware_scores_are_calibrated_once_before_the_first_step(tmp_path):
     """sparsity.score_init=activation on GPT-2 (Conv1D weights, stored transposed): calibrated on training batches
     before step 0 of a fresh run, not again on resume (the scores come from the checkpoint)."""
