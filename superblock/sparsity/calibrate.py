@@ -17,18 +17,13 @@ from torch import nn
 
 from superblock.sparsity.api import get_controller, iter_block_masks
 from superblock.sparsity.mask import init_scores
+from superblock.sparsity.targets import is_conv1d
 
 
-def _input_dim(module: nn.Module, weight: torch.Tensor, features: int) -> int:
-    """The weight dimension that meets the input's features: 1 for nn.Linear (out, in), 0 for a transposed store
-    (GPT-2's Conv1D keeps (in, out))."""
-    if isinstance(module, nn.Linear):
-        return 1
-    if weight.shape[0] == features and weight.shape[1] != features:
-        return 0
-    if weight.shape[1] == features:
-        return 1
-    raise ValueError(f"cannot tell which dimension of a {tuple(weight.shape)} weight meets {features} input features")
+def _input_dim(module: nn.Module) -> int:
+    """The stored weight's dimension that meets the input's features: 0 for GPT-2's Conv1D (stored (in, out)), else
+    1 (nn.Linear's (out, in))."""
+    return 0 if is_conv1d(module) else 1
 
 
 @torch.no_grad()
@@ -89,7 +84,7 @@ def calibrate_scores(
         raise ValueError(f"calibration never ran these masked weights (no input reached them): {missing[:3]}")
     for name, module, pname, mask in masks:
         weight = module.parametrizations[pname].original
-        dim = _input_dim(module, weight, squares[name].numel())
+        dim = _input_dim(module)
         mask.scores.copy_(activation_scores(weight, mask.block, squares[name].to(weight.device), dim))
     for follower in followers:
         for (_, _, _, live), (_, _, _, copy) in zip(masks, iter_block_masks(follower), strict=True):

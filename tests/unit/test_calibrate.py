@@ -59,6 +59,22 @@ def test_input_norms_sum_every_token_and_follow_a_transposed_store():
     torch.testing.assert_close(scores_t, scores.t())
 
 
+def test_a_square_conv1d_is_scaled_along_its_stored_input_dimension():
+    """GPT-2's attention out-projection is a square Conv1D: its input features are the stored rows, not columns."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = nn.Sequential(conv1d(8, 8))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    sparsify(model, sparsity=0.5, block_size=(8, 4), targets=["0.weight"], score_init="activation")
+    x = torch.ones(4, 8)
+    x[:, 4:] = 10.0  # inputs 4..7 are large: the tile holding them (stored rows 4..7) must win
+    calibrate_scores(model, [x], lambda m, b: m(b))
+    (mask,) = [m for *_, m in iter_block_masks(model)]
+    assert mask.scores.shape == (2, 1) and mask.scores[1, 0] > mask.scores[0, 0]
+    torch.testing.assert_close(model(torch.ones(1, 8)), torch.full((1, 8), 4.0))  # only inputs 4..7 kept
+
+
 def test_a_weight_the_batches_never_reach_is_an_error():
     model = _model()
     sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc2.weight"], score_init="activation")
