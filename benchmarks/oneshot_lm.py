@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock import sparsify  # noqa: E402
-from superblock.data.metrics import perplexity, perplexity_per_byte  # noqa: E402
+from superblock.data import build_val_loader  # noqa: E402
 from superblock.data.text import text_bundle  # noqa: E402
+from superblock.engine.validation import loader_metrics  # noqa: E402
 from superblock.sparsity.calibrate import calibrate_scores  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,33 +63,21 @@ def load(args: argparse.Namespace):
     return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
 
 
-@torch.no_grad()
-def evaluate(model, windows, bytes_per_label: float) -> tuple[float, float]:
-    """Perplexity per token and per byte of the windows' labels."""
-    total, count = 0.0, 0
-    for x, y in windows:
-        logits = model(x).logits.float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    return perplexity(total / count), perplexity_per_byte(total / count, bytes_per_label)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = text_bundle(None, seq_len=args.seq_len, tokenizer=args.model, train_size=args.calibration,
                        val_size=args.windows)  # fmt: skip
+    device = torch.device(args.device)
+    val = build_val_loader(data, batch_size=4)
+    calibration = torch.utils.data.DataLoader(data.train, batch_size=4)
 
-    def batches(ds, n: int = 4):
-        items = [ds[i] for i in range(len(ds))]
-        for i in range(0, len(items), n):
-            chunk = items[i : i + n]
-            yield torch.stack([a for a, _ in chunk]).to(args.device), torch.stack([b for _, b in chunk]).to(args.device)
+    def measured(model) -> dict:
+        """Perplexity per token and per byte (validation's own metrics: the windows know their bytes)."""
+        m = loader_metrics(model, val, device)
+        return {"ppl": m["val_perplexity"], "ppl_byte": m.get("val_perplexity_per_byte", math.nan)}
 
-    val = list(batches(data.val))
-    per_byte = data.val.bytes_per_label or math.nan
     targets = [f"*.{name}.weight" for name in PROJECTIONS]
-    rows = [{"score": "dense", "sparsity": 0.0, "block": None}]
-    rows[0]["ppl"], rows[0]["ppl_byte"] = evaluate(load(args), val, per_byte)
+    rows = [{"score": "dense", "sparsity": 0.0, "block": None, **measured(load(args))}]
     print(rows[0], flush=True)
     for level in args.levels:
         for block in args.blocks:
@@ -97,9 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                 model = load(args)
                 sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=score, seed=0)
                 if score == "activation":
-                    calibrate_scores(model, batches(data.train), lambda m, b: m(b[0]))
-                ppl, ppl_byte = evaluate(model, val, per_byte)
-                rows.append({"score": score, "sparsity": level, "block": block, "ppl": ppl, "ppl_byte": ppl_byte})
+                    calibrate_scores(model, calibration, lambda m, b: m(b[0].to(device)))
+                rows.append({"score": score, "sparsity": level, "block": block, **measured(model)})
                 print(rows[-1], f"{time.time() - start:.0f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
