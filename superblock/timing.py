@@ -11,7 +11,8 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
   own_cublas_workspace()   around a capture: the graph gets a cuBLAS workspace of its own (see its docstring)
   wall_ms(fn, x, reps)     mean wall time of reps calls, synchronised at both ends (what a caller waits)
   host_us(fn, reps)        host (CPU) time of one call in us: the Python and launch cost a caller pays per call
-  compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift)
+  compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift), per
+                           call or per call of bursts of back-to-back calls
   StepTimer                sums the time spent in a block of the training step, read only when the log asks
 """
 
@@ -133,15 +134,26 @@ def replay_ms(graph: torch.cuda.CUDAGraph, calls: int, repeats: int = 3) -> floa
     return statistics.median(times)
 
 
-def host_us(fn: Callable[[], Any], reps: int = 200, warmup: int = 10) -> float:
+def host_us(fn: Callable[[], Any], reps: int = 200, warmup: int = 10, burst: int = 20) -> float:
     """CPU time of the calling thread per call of fn() in us (time.thread_time: waiting for the GPU is not counted,
-    so this is the host cost of a call, the floor of an eager call's latency when the GPU is faster)."""
+    so this is the host cost of a call, the floor of an eager call's latency when the GPU is faster).
+
+    Calls run in bursts of `burst` with a device sync between bursts, outside the timed region: a long run of
+    launches ahead of a slower GPU fills the launch queue, and the driver's wait for room (a spin) would count as
+    host time."""
     for _ in range(warmup):
         fn()
-    t0 = time.thread_time()
-    for _ in range(reps):
-        fn()
-    return (time.thread_time() - t0) / reps * 1e6
+    total, done = 0.0, 0
+    while done < reps:
+        n = min(burst, reps - done)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        total += time.thread_time() - t0
+        done += n
+    return total / reps * 1e6
 
 
 def wall_ms(fn: Callable[[Any], Any], x: Any, reps: int) -> float:
@@ -160,23 +172,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device, n: int, offset: int) -> list:
-    """Time n calls (ms each), cycling through inputs so no call reuses the previous call's input in cache."""
+def _time_calls(
+    fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device, n: int, offset: int, burst: int = 1
+) -> list:
+    """n samples of the time per call (ms) of `burst` calls issued back to back, cycling through inputs so no call
+    reuses the previous call's input in cache."""
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for i, (start, end) in enumerate(events):
-            x = inputs[(offset + i) % len(inputs)]
             start.record()
-            fn(x)
+            for j in range(burst):
+                fn(inputs[(offset + i * burst + j) % len(inputs)])
             end.record()
         torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
+        return [start.elapsed_time(end) / burst for start, end in events]
     times = []
     for i in range(n):
-        x = inputs[(offset + i) % len(inputs)]
         t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
+        for j in range(burst):
+            fn(inputs[(offset + i * burst + j) % len(inputs)])
+        times.append((time.perf_counter() - t0) * 1e3 / burst)
     return times
 
 
@@ -190,11 +205,16 @@ def compare_latency(
     warmup: int = 3,
     repeats: int = 20,
     rounds: int = 3,
+    burst: int = 1,
 ) -> dict[str, dict[str, float]]:
     """{name: {median_ms, min_ms, p90_ms, n}} per function, measured interleaved in `rounds` rounds.
 
     Interleaving (a round of each function, then the next round) spreads clock and thermal drift evenly over the
-    functions, so their ratio is fair. Each round runs `repeats // rounds` timed calls after `warmup` untimed ones.
+    functions, so their ratio is fair. Each round takes `repeats // rounds` timed samples after `warmup` untimed
+    calls. A sample is one call (`burst=1`: its latency as issued after the previous one) or the time per call of
+    `burst` calls back to back: what a caller running one layer after another sees. Use bursts to compare a
+    host-bound call with a GPU-bound one: a single call's sample of a host-bound function that found the GPU idle
+    holds its host time before the launch plus its GPU time, where back to back it costs the larger of the two.
     """
     per_round = max(1, repeats // max(1, rounds))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -203,7 +223,7 @@ def compare_latency(
             for i in range(warmup if r == 0 else 1):
                 fn(inputs[i % len(inputs)])
             _sync(device)
-            samples[name] += _time_calls(fn, inputs, device, per_round, offset=r * per_round)
+            samples[name] += _time_calls(fn, inputs, device, per_round, r * per_round * burst, burst)
     return {name: _stats(ts) for name, ts in samples.items()}
 
 

@@ -236,7 +236,7 @@ def _eager_plan(args, backend: str, config: dict | None, precision: str) -> Plan
     cuBLAS at a few thousand tokens); a pinned config keys by its values."""
     x2d, values, crow, col, shape, bias, activation = args
     if config is not None:
-        which = ("config", *_runners.config_to_list(config))
+        which = ("config", *_config_key(config))
     elif backend in ("auto", "triton") and x2d.device.type == "cuda":
         which = ("bucket", _tuning.token_bucket(x2d.shape[0]), _tuning.get_tuning_target(), _tuning.generation())
     else:
@@ -250,6 +250,18 @@ def _eager_plan(args, backend: str, config: dict | None, precision: str) -> Plan
         return _plan_of(args, dispatch.choose(args, backend, precision, config=config))
 
     return _cache.get(values, crow, col, key, build)
+
+
+def _config_key(config: dict) -> tuple:
+    """A pinned config as part of a plan's key: its items as given (a dict's items are cheaper to hash than its
+    parsed list; two spellings of one config only build one more plan), the parsed list where an item is not
+    hashable."""
+    items = tuple(config.items())
+    try:
+        hash(items)
+    except TypeError:
+        return tuple(_runners.config_to_list(config))
+    return items
 
 
 def _traced_plan(args, backend: str, config: dict | None, precision: str) -> Plan:

@@ -1,0 +1,37 @@
+"""superblock.timing on the CPU: what a sample of compare_latency holds, and host_us's bursts."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from superblock import timing
+
+
+def test_a_burst_sample_is_the_time_per_call_of_back_to_back_calls():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.002)
+
+    inputs = [torch.zeros(1), torch.ones(1)]
+    stats = timing.compare_latency({"f": fn}, inputs, torch.device("cpu"), warmup=1, repeats=4, rounds=2, burst=3)
+    assert stats["f"]["n"] == 4  # samples, not calls
+    assert len(calls) == 1 + 1 + 4 * 3  # warm-up (1 in the first round, 1 in the next) and 3 calls per sample
+    assert 1.5 <= stats["f"]["median_ms"] < 6.0  # per call (~2 ms), not per burst (~6 ms)
+    # successive calls cycle through the inputs
+    assert [float(x) for x in calls[1:5]] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_a_single_call_sample_is_the_default():
+    n = []
+    stats = timing.compare_latency({"f": lambda x: n.append(1)}, [torch.zeros(1)], torch.device("cpu"), 0, 6, 2)
+    assert stats["f"]["n"] == 6 and len(n) == 6 + 1  # and one warm-up call before the second round
+
+
+def test_host_us_counts_every_call_once_across_bursts():
+    n = []
+    us = timing.host_us(lambda: n.append(1), reps=45, warmup=5, burst=20)
+    assert len(n) == 50 and us >= 0.0
