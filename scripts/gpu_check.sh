@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of a change, in one device call (CI has no GPU: this is what stops a GPU regression from landing).
-#   bash scripts/gpu_check.sh [COMMIT]          on a CUDA machine, from the repo root; logs under $OUT (or /tmp)
+#   bash scripts/gpu_check.sh [COMMIT]          on a CUDA machine, from the repo root
+# Everything it writes goes under $GPU_CHECK_DIR (default /tmp/gpu_check); when $OUT is set (the device tool's folder
+# that comes back), the summary line's CSV and the six logs worth reading are copied there, and nothing else: a
+# folder of many files does not come back whole. Pass COMMIT where the checkout's git metadata may be stale (a copy
+# of a working tree).
 # Runs, in this order: the quick GPU suite (pytest -m "gpu and not slow" tests/gpu, in parallel workers) beside the
 # kernels under compute-sanitizer memcheck and the making of a small export; then, alone on the machine, what
 # measures speed: the tests marked `timing`, benchmarks/bsr_linear.py --quick and the side-by-side serving script on
@@ -9,7 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 COMMIT=${1:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-OUT=${OUT:-/tmp/gpu_check}
+BACK=${OUT:-}
+OUT=${GPU_CHECK_DIR:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SUPERBLOCK_CACHE_DIR=${SUPERBLOCK_CACHE_DIR:-$OUT/tuning}
 WORKERS=${GPU_CHECK_WORKERS:-6}
@@ -43,5 +48,8 @@ python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$
   --test-seconds "$t_tests" --csv docs/data/gpu_checks.csv \
   --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc"
 rc=$?
-cp docs/data/gpu_checks.csv "$OUT/" 2>/dev/null  # the device tool brings $OUT back: the line travels with it
+if [[ -n "$BACK" && "$BACK" != "$OUT" ]]; then  # the line and the logs travel back with the device tool's folder
+  mkdir -p "$BACK"
+  cp docs/data/gpu_checks.csv "$OUT"/{quick,timing,sanitize,serve}.log "$OUT"/bsr_linear_quick.md "$BACK/" 2>/dev/null
+fi
 exit $rc
