@@ -188,32 +188,36 @@ def bsr_linear(
     grads = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
     needs_grad = torch.is_grad_enabled() and grads
     traced = _traced(x)
-    if traced or needs_grad:
-        out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
-    else:  # eager: the input is checked on every call, the weight once, with its plan (_eager_plan)
+    if not (traced or needs_grad):  # eager: x checked on every call, the weight once with its plan (_eager_plan)
         out_f, in_f = _runners.normalize_shape(shape)
         _validate_input(x, values, crow_indices, col_indices, bias, out_f, in_f)
+        plan = _eager_plan(x, values, crow_indices, col_indices, (out_f, in_f), bias, activation, backend, config,
+                           fp32_precision)  # fmt: skip
+        if plan.call == "bound":  # the launch bound to this weight: x as given, y in its shape
+            if out is not None:
+                _check_out(out, x.shape[:-1], out_f, x)
+            return plan.run(x, bias, out)
+        if plan.call == "dense" and out is None:  # F.linear takes x as given: no reshapes on the way
+            return _runners.run_dense(x, plan.tensors, bias, activation)
+        return _run(plan, x, (x.reshape(-1, in_f), values, crow_indices, col_indices, (out_f, in_f), bias, activation),
+                    out)  # fmt: skip
+    out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
     shape, x2d = (out_f, in_f), x.reshape(-1, in_f)
     args = (x2d, values, crow_indices, col_indices, shape, bias, activation)
     if needs_grad:  # differentiable torch ops (training, tests of gradients)
         dispatch.choose(args, backend, fp32_precision, traced=traced, needs_grad=True, config=config)
         y = _runners.run_dense(x2d, bsr_to_dense(values, crow_indices, col_indices, shape), bias, activation)
         return _finish(y, out, x, out_f)
-    if traced:
-        return _run(_traced_plan(args, backend, config, fp32_precision), x, args, out)
-    return _run(_eager_plan(args, backend, config, fp32_precision), x, args, out)
+    return _run(_traced_plan(args, backend, config, fp32_precision), x, args, out)
 
 
 def _run(plan: Plan, x: torch.Tensor, args, out: torch.Tensor | None) -> torch.Tensor:
-    """Execute a plan (its `call`, decided by dispatch.build_plan)."""
+    """Execute a plan (its `call`, decided by dispatch.build_plan) other than a bound launch (bsr_linear calls
+    those itself)."""
     x2d, values, _, _, (out_f, _), bias, activation = args
     call = plan.call
     if call == "dense":
         return _finish(_runners.run_dense(x2d, plan.tensors, bias, activation), out, x, out_f)
-    if call == "bound":  # eager triton: the launch bound to this weight
-        if out is not None:
-            _check_out(out, x.shape[:-1], out_f, x)
-        return plan.run(x, bias, out)
     crow, col, gidx = plan.tensors
     op_args = (values, crow, col, gidx, bias, out_f, activation or "none")
     if call == "inductor":
@@ -229,24 +233,27 @@ def _run(plan: Plan, x: torch.Tensor, args, out: torch.Tensor | None) -> torch.T
     return out
 
 
-def _eager_plan(args, backend: str, config: dict | None, precision: str) -> Plan:
+def _eager_plan(x, values, crow, col, shape, bias, activation, backend: str, config: dict | None, precision: str):
     """What an eager call runs, kept per weight: the choice (dispatch.choose) and the tensors it runs on (int32 or
     grouped indices, the dense weight), so a call after the first costs a dict lookup. `auto` keys its choice by
     token bucket and tuning generation (a table lookup formats keys and asks the driver: ~20 us, enough to lose to
-    cuBLAS at a few thousand tokens); a pinned config keys by its values."""
-    x2d, values, crow, col, shape, bias, activation = args
+    cuBLAS at a few thousand tokens); a pinned config keys by its values. x is as the caller gave it ([..., in]):
+    it is flattened only when a plan is built."""
+    device = x.device
     if config is not None:
         which = ("config", *_config_key(config))
-    elif backend in ("auto", "triton") and x2d.device.type == "cuda":
-        which = ("bucket", _tuning.token_bucket(x2d.shape[0]), _tuning.get_tuning_target(), _tuning.generation())
+    elif backend in ("auto", "triton") and device.type == "cuda":
+        m = x.numel() // shape[1] if shape[1] else 0
+        which = ("bucket", _tuning.token_bucket(m), _tuning.get_tuning_target(), _tuning.generation())
     else:
         which = ("rule",)
     # inference mode is part of the key: tensors built under it (the dense copy, int32 indices) are inference tensors
-    key = ("plan", shape, backend, which, x2d.dtype, x2d.device, precision, bias is not None, activation,
+    key = ("plan", shape, backend, which, x.dtype, device, precision, bias is not None, activation,
            torch.is_inference_mode_enabled())  # fmt: skip
 
     def build() -> Plan:
         _validate_weight(values, crow, col, shape, activation, backend)
+        args = (x.reshape(-1, shape[1]), values, crow, col, shape, bias, activation)
         return _plan_of(args, dispatch.choose(args, backend, precision, config=config))
 
     return _cache.get(values, crow, col, key, build)
