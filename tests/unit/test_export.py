@@ -180,6 +180,7 @@ def test_bf16_export_within_tolerance(micro_run):
     manifest = export(root / "run", root / "export_bf16", dtype="bf16").manifest
     eq = manifest["equivalence"]
     assert manifest["dtype"] == "bf16" and eq["passed"] and eq["max_rel_err"] <= eq["tolerance"]
+    assert 0.0 < eq["dtype_only"]["max_rel_err"] <= eq["tolerance"]  # the dense model cast to bf16, beside it
     model = load_sparse(root / "export_bf16")
     assert model.heads.head.values.dtype == torch.bfloat16
     x = probe()

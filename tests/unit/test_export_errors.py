@@ -148,6 +148,33 @@ def test_failed_equivalence_writes_nothing(good):
     assert leftovers(good) == []
 
 
+def test_a_failed_check_says_when_the_dtype_alone_is_the_cause(good):
+    """The dense model cast to bf16 misses a tolerance as much as the export does: the message says the loss is
+    bf16's, and what to do (fp32, or a tolerance to accept it)."""
+    with pytest.raises(ExportError, match=r"the loss is bf16's, not the sparse export's.*tolerance=") as err:
+        export(good / "run", good / "strict_dtype", dtype="bf16", tolerance=1e-12)
+    assert "Try dtype=fp32 or another backend" not in str(err.value)
+    assert leftovers(good) == []
+
+
+def test_a_failed_check_blames_the_export_when_the_dtype_alone_is_fine(good, monkeypatch):
+    """An export whose logits are off while the dense model in bf16 is within tolerance: the export is at fault."""
+    import superblock.export.writer as writer
+
+    real = writer.load_sparse
+
+    def off_by_a_lot(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_hook(lambda _m, _i, out: out + 10.0 * out.abs().max())
+        return model
+
+    monkeypatch.setattr(writer, "load_sparse", off_by_a_lot)
+    with pytest.raises(ExportError, match="Try dtype=fp32 or another backend") as err:
+        export(good / "run", good / "broken", dtype="bf16")
+    assert "the loss is" not in str(err.value)
+    assert leftovers(good) == []
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
