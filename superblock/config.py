@@ -20,7 +20,7 @@ from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.mask import SCORE_INITS
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
-from superblock.sparsity.tiling import Tiling
+from superblock.sparsity.tiling import Levels, Tiling
 from superblock.timing import BATCH_SIZES
 
 
@@ -82,6 +82,7 @@ class SparsityConfig:
     level: float = 0.8
     block_size: Any = 16  # int or [rows, cols]: output rows by input columns of every targeted weight
     block_overrides: list[Any] = field(default_factory=list)  # [{match: glob on weight / module name, block: size}]
+    level_overrides: list[Any] = field(default_factory=list)  # [{match: glob, level: sparsity}]: its own final level
     targets: list[str] = field(default_factory=lambda: ["mlp", "attn"])
     exclude: list[str] = field(default_factory=list)
     skip_first_block: bool = False
@@ -350,8 +351,14 @@ def check(c: TrainConfig) -> None:
             check_sparsity(s.initial, "sparsity.initial")
             normalize_block_size(s.block_size)
             Tiling.of(s.block_size, s.block_overrides)
+            Levels.of(s.level_overrides)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if s.level_overrides and s.allocation == "global":
+            raise ConfigError("sparsity.level_overrides need sparsity.allocation=layerwise (a global allocation ranks "
+                              "every tile of the model against one budget)")  # fmt: skip
+        if s.level_overrides and s.level <= 0.0:
+            raise ConfigError("sparsity.level_overrides scale the ramp to sparsity.level: set sparsity.level > 0")
         _one_of(s.schedule, SCHEDULES, "sparsity.schedule")
         _one_of(s.allocation, ("layerwise", "global"), "sparsity.allocation")
         _one_of(s.score_init, SCORE_INITS, "sparsity.score_init")

@@ -30,7 +30,7 @@ from superblock.engine.run_length import auto_min_steps
 from superblock.engine.sharding import shard_model
 from superblock.models import build_model, model_spec
 from superblock.sparsity import SparsityReport, normalize_block_size, sparsify
-from superblock.sparsity.tiling import Tiling
+from superblock.sparsity.tiling import Levels, Tiling
 
 
 @dataclass
@@ -160,6 +160,7 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
         # only when set: the spec of runs from before the option stays equal, so they still resume
         **({"freeze_after_ramp": True} if s.freeze_after_ramp else {}),
         **({"block_overrides": Tiling.of(block, s.block_overrides).to_list()} if s.block_overrides else {}),
+        **({"level_overrides": Levels.of(s.level_overrides).to_list()} if s.level_overrides else {}),
     }
 
 

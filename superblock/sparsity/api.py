@@ -15,7 +15,7 @@ from superblock.sparsity.mask import SCORE_INITS, BlockMask
 from superblock.sparsity.parametrized import own_class, share_class
 from superblock.sparsity.schedule import SparsitySchedule, check_sparsity
 from superblock.sparsity.targets import Target, is_conv1d, linear_weights, select_targets
-from superblock.sparsity.tiling import Overrides, Tiling
+from superblock.sparsity.tiling import Levels, Overrides, Tiling
 
 CONTROLLER_ATTR = "_superblock_controller"
 
@@ -147,6 +147,14 @@ def _validate_targets(found: list[Target], tiling: Tiling) -> None:
         raise ValueError(f"block_overrides pattern(s) {unused} name no targeted weight: check the names")
 
 
+def _levels_of(found: list[Target], levels: Levels) -> dict[str, float]:
+    """{weight name: its own sparsity} of the targets an override names; a pattern naming none is an error."""
+    unused = levels.unused([t.name for t in found])
+    if unused:
+        raise ValueError(f"level_overrides pattern(s) {unused} name no targeted weight: check the names")
+    return {t.name: lv for t in found if (lv := levels.level(t.name)) is not None}
+
+
 def _out_in(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A weight's shape as (out, in) whatever the module stores (a Conv1D stores (in, out))."""
     return tuple(shape[::-1]) if is_conv1d(module) else tuple(shape)
@@ -176,6 +184,7 @@ def sparsify(
     exclude: Sequence[str] = (),
     *,
     block_overrides: Overrides | None = None,
+    level_overrides: Overrides | None = None,
     skip_first_block: bool = False,
     skip_head: bool = True,
     allocation: str = "layerwise",
@@ -194,7 +203,9 @@ def sparsify(
     """Put learned block masks on the targeted weights of `model` (in place) and return a report.
 
     `block_size` is (output rows, input columns) of every weight as the layer computes with it (a Conv1D's stored
-    tile is the transpose); `block_overrides` gives some weights another (superblock.sparsity.tiling).
+    tile is the transpose); `block_overrides` gives some weights another (superblock.sparsity.tiling), and
+    `level_overrides` another sparsity (`[{"match": "*.mlp.up_proj", "level": 0.3}]`: those weights ramp with the
+    schedule to their own level; layerwise allocation only).
     Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
     returns the report without changing the model. See README for the meaning of each option.
     """
@@ -211,11 +222,14 @@ def sparsify(
     _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     _validate_targets(found, tiling)
+    levels = _levels_of(found, Levels.of(level_overrides))
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     masks = [(t.name, _mask_for(t, tiling, score_init, fixed_mask, generator)) for t in found]
     freeze = sched.end_step if freeze_after_ramp else None
-    controller = SparsityController(masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze)
+    controller = SparsityController(
+        masks, sched, allocation=allocation, min_density=min_density, freeze_step=freeze, levels=levels
+    )
     controller.refresh(force=True)
     report = SparsityReport(
         rows=[_row(t, m, tiling) for t, (_, m) in zip(found, masks, strict=True)],

@@ -68,6 +68,7 @@ class SparsityController:
         allocation: str = "layerwise",
         min_density: float = 0.0,
         freeze_step: int | None = None,
+        levels: dict[str, float] | None = None,
     ) -> None:
         if allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}: use one of {ALLOCATIONS}")
@@ -81,6 +82,9 @@ class SparsityController:
         self.freeze_step = freeze_step
         self._step_count = 0
         self._masks = list(masks)
+        # {mask name: its own final sparsity} for weights that ramp to another level than the schedule's
+        self.levels = dict(levels or {})
+        self._check_levels()
         # Set when the stored weights were permuted to fit the tiles (superblock.sparsity.permute): saved with the
         # state, so a resumed run knows the permutation is in its weights already and never applies it twice.
         self.permutation: dict | None = None
@@ -152,6 +156,25 @@ class SparsityController:
                 f"{kept_blocks(total, sparsity)} of {total}: lower min_density or the sparsity"
             )
 
+    def _check_levels(self) -> None:
+        if not self.levels:
+            return
+        if self.allocation == "global":
+            raise ValueError("per-weight levels (level_overrides) need allocation='layerwise': a global allocation "
+                             "ranks every tile of the model against one budget")  # fmt: skip
+        if self.schedule.final <= 0.0:
+            raise ValueError("per-weight levels (level_overrides) scale the schedule's ramp: give the model a "
+                             "sparsity > 0")  # fmt: skip
+        unknown = sorted(set(self.levels) - {n for n, _ in self._masks})
+        if unknown:
+            raise ValueError(f"levels for weights without a mask: {unknown}")
+
+    def sparsity_of(self, name: str) -> float:
+        """Target sparsity of one masked weight at the current step (its own level's share of the ramp)."""
+        level = self.levels.get(name)
+        s = self.sparsity
+        return s if level is None else min(1.0, s * level / self.schedule.final)
+
     def _floor(self, mask: BlockMask) -> int:
         return kept_blocks(mask.n_blocks, 1.0 - self.min_density) if self.min_density > 0 else 1
 
@@ -172,16 +195,15 @@ class SparsityController:
             if self.allocation == "global":
                 self._refresh_global([m for _, m in live])
             else:
-                self._refresh_layerwise([m for _, m in live])
+                self._refresh_layerwise(live)
 
-    def _refresh_layerwise(self, masks: list[BlockMask]) -> None:
-        sparsity = self.sparsity
+    def _refresh_layerwise(self, masks: list[tuple[str, BlockMask]]) -> None:
         groups: dict[tuple, list[BlockMask]] = defaultdict(list)
-        for m in masks:
-            groups[(m.n_blocks, m.scores.device)].append(m)
-        for (n, _), group in groups.items():
+        for name, m in masks:  # masks keeping as many tiles are ranked together, one top-k for the group
+            groups[(kept_blocks(m.n_blocks, self.sparsity_of(name)), m.n_blocks, m.scores.device)].append(m)
+        for (kept, _, _), group in groups.items():
             stacked = torch.stack([_full(m.scores).reshape(-1).float() for m in group])
-            hard = _topk_rows(stacked, kept_blocks(n, sparsity))
+            hard = _topk_rows(stacked, kept)
             _copy_into([m.mask for m in group], [row.view(m.mask.shape) for m, row in zip(group, hard, strict=True)])
 
     def _refresh_global(self, masks: list[BlockMask]) -> None:
@@ -210,6 +232,7 @@ class SparsityController:
             "reference": [list(r) for r in self._reference],
             **({"freeze_step": self.freeze_step} if self.freeze_step is not None else {}),
             **({"permutation": dict(self.permutation)} if self.permutation is not None else {}),
+            **({"levels": dict(self.levels)} if self.levels else {}),
         }
 
     def set_state(self, state: dict) -> None:
@@ -217,12 +240,14 @@ class SparsityController:
             state.get("schedule") != self.schedule.to_dict()
             or state.get("allocation") != self.allocation
             or state.get("freeze_step") != self.freeze_step
+            or state.get("levels", {}) != self.levels
         ):
             raise ValueError(
                 "checkpoint was trained with a different sparsity recipe "
                 f"(schedule {state.get('schedule')}, allocation {state.get('allocation')}, freeze_step "
-                f"{state.get('freeze_step')}) than this model (schedule {self.schedule.to_dict()}, allocation "
-                f"{self.allocation}, freeze_step {self.freeze_step}): sparsify with the same settings"
+                f"{state.get('freeze_step')}, levels {state.get('levels', {})}) than this model (schedule "
+                f"{self.schedule.to_dict()}, allocation {self.allocation}, freeze_step {self.freeze_step}, levels "
+                f"{self.levels}): sparsify with the same settings"
             )
         self._step_count = int(state["step"])  # load_state_dict refreshes once, after every tensor is loaded
         self.permutation = dict(state["permutation"]) if state.get("permutation") else None

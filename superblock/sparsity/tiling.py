@@ -4,7 +4,8 @@ A block size always means (output rows, input columns) of the (out, in) weight a
 module stores: a transformers Conv1D (GPT-2) stores (in, out), so its stored tile is the transpose. Overrides give
 some weights another tile, for a layer whose dimensions a tall tile does not divide or one that should stay finer:
 ``[{match: "*.attn.proj", block: [32, 32]}]``; a glob pattern matches a weight's full name or its module's name,
-the first matching entry wins.
+the first matching entry wins. Level overrides (`Levels`) give some weights another sparsity the same way:
+``[{match: "*.mlp.up_proj", level: 0.3}]``.
 """
 
 from __future__ import annotations
@@ -61,25 +62,58 @@ class Tiling:
         return [{"match": p, "block": list(b)} for p, b in self.overrides]
 
 
+@dataclass(frozen=True)
+class Levels:
+    """A sparsity for every weight unless a pattern of `overrides` names it (the first matching entry wins): for
+    weights a model cannot lose as much of (a pretrained LM's MLP input projections, its first layer). Each weight
+    ramps with the schedule to its own level: at step t it is at schedule(t) * level / final."""
+
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, overrides: Overrides | None) -> Levels:
+        """From a list of {"match": pattern, "level": sparsity}, (pattern, sparsity) pairs or {pattern: sparsity}."""
+        pairs = []
+        items = overrides.items() if isinstance(overrides, Mapping) else (overrides or [])
+        for entry in items:
+            pattern, level = _entry(entry, "level_overrides", "level", "0.3")
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= float(level) < 1.0:
+                raise ValueError(
+                    f"level_overrides entry {pattern!r}: level must be a sparsity in [0, 1), got {level!r}"
+                )
+            pairs.append((pattern, float(level)))
+        return cls(tuple(pairs))
+
+    def level(self, name: str) -> float | None:
+        """The sparsity an override gives the weight `name`, or None (the model's level)."""
+        return next((level for pattern, level in self.overrides if _names(pattern, name)), None)
+
+    def unused(self, names: list[str]) -> list[str]:
+        return [pattern for pattern, _ in self.overrides if not any(_names(pattern, n) for n in names)]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"match": p, "level": v} for p, v in self.overrides]
+
+
 def stored_block(module: nn.Module, block: BlockSize) -> BlockSize:
     """The tile of `module`'s stored weight for a tile of (out rows, in cols): transposed for a Conv1D."""
     return (block[1], block[0]) if is_conv1d(module) else (block[0], block[1])
 
 
-def _entry(entry: Any) -> tuple[str, Any]:
-    """(pattern, block size) of one override entry."""
-    if isinstance(entry, Mapping) and set(entry) == {"match", "block"}:
-        pattern, size = entry["match"], entry["block"]
+def _entry(entry: Any, what: str = "block_overrides", key: str = "block", example: str = "[32, 32]") -> tuple[str, Any]:
+    """(pattern, value) of one override entry: {match: pattern, <key>: value} or a (pattern, value) pair."""
+    if isinstance(entry, Mapping) and set(entry) == {"match", key}:
+        pattern, value = entry["match"], entry[key]
     elif isinstance(entry, (tuple, list)) and len(entry) == 2:
-        pattern, size = entry
+        pattern, value = entry
     else:
         raise ValueError(
-            f"block_overrides entries are {{match: <glob pattern>, block: <size>}}, got {entry!r}: e.g. "
-            "block_overrides=[{match: '*.attn.proj', block: [32, 32]}]"
+            f"{what} entries are {{match: <glob pattern>, {key}: <value>}}, got {entry!r}: e.g. "
+            f"{what}=[{{match: '*.attn.proj', {key}: {example}}}]"
         )
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"block_overrides entry {entry!r}: match must be a non-empty glob pattern")
-    return pattern, size
+        raise ValueError(f"{what} entry {entry!r}: match must be a non-empty glob pattern")
+    return pattern, value
 
 
 def _names(pattern: str, name: str) -> bool:

@@ -77,6 +77,8 @@ def test_default_config_is_the_embedded_run():
         (["data.augment.hflip=1.5"], "data.augment.hflip"),
         (["data.augment.crop_pct=0"], "data.augment.crop_pct"),
         (["data.augment.interpolation=lanczos9"], "data.augment.interpolation"),
+        (["sparsity.level_overrides=[{match:'*.fc1',level:1.2}]"], "level must be a sparsity"),
+        (["sparsity.level_overrides=[{match:'*.fc1',level:0.3}]", "sparsity.allocation=global"], "layerwise"),
     ],
 )
 def test_validation_messages(overrides, message):
@@ -148,3 +150,13 @@ def test_freeze_after_ramp_reaches_sparsify_only_when_set():
     plain = sparsity_spec(to_config(_compose("train", [])).sparsity, steps_per_epoch=10, total_steps=100)
     frozen = sparsity_spec(to_config(_compose("train", ["sparsity.freeze_after_ramp=true"])).sparsity, 10, 100)
     assert "freeze_after_ramp" not in plain and frozen == {**plain, "freeze_after_ramp": True}
+
+
+def test_level_overrides_reach_sparsify_only_when_set():
+    from superblock.engine.builders import sparsity_spec
+
+    plain = sparsity_spec(to_config(_compose("train", [])).sparsity, steps_per_epoch=10, total_steps=100)
+    set_ = ["sparsity.level_overrides=[{match:'*.mlp.*',level:0.3}]"]
+    spec = sparsity_spec(to_config(_compose("train", set_)).sparsity, 10, 100)
+    assert "level_overrides" not in plain
+    assert spec == {**plain, "level_overrides": [{"match": "*.mlp.*", "level": 0.3}]}

@@ -531,3 +531,40 @@ def test_block_override_mistakes_are_named_and_leave_the_model_unchanged(overrid
         sparsify(net, 0.5, 16, targets=["mlp.*.weight"], block_overrides=overrides)
     assert get_controller(net) is None
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_level_overrides_give_named_weights_their_own_sparsity_along_the_ramp():
+    net = Net(shapes=((64, 48), (96, 64), (32, 96)))
+    sparsify(net, 0.8, 16, targets=["mlp.*.weight"], level_overrides=[{"match": "mlp.1", "level": 0.4}],
+             schedule="linear", ramp_steps=10)  # fmt: skip
+    ctrl = get_controller(net)
+    for step, expected in ((5, {0: 0.4, 1: 0.2, 2: 0.4}), (10, {0: 0.8, 1: 0.4, 2: 0.8})):
+        ctrl.step_count = step
+        measured = block_sparsity(net, 16)
+        for i, level in expected.items():
+            n = {0: 12, 1: 24, 2: 12}[i]  # tiles of 16 x 16
+            assert measured[f"mlp.{i}.weight"] == pytest.approx(1 - kept_blocks(n, level) / n), (step, i)
+    state = ctrl.get_state()
+    assert state["levels"] == {"mlp.1.weight": 0.4}
+    other = Net(shapes=((64, 48), (96, 64), (32, 96)))
+    sparsify(other, 0.8, 16, targets=["mlp.*.weight"], schedule="linear", ramp_steps=10)
+    with pytest.raises(ValueError, match="levels"):  # a checkpoint of another recipe does not resume here
+        get_controller(other).set_state(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        ({"level_overrides": [("mlp.9", 0.3)]}, "level_overrides pattern"),
+        ({"level_overrides": {"mlp.0": 1.5}}, r"level must be a sparsity in \[0, 1\)"),
+        ({"level_overrides": [{"match": "mlp.0", "block": 0.3}]}, "level_overrides entries are"),
+        ({"level_overrides": {"mlp.0": 0.3}, "allocation": "global"}, "allocation='layerwise'"),
+    ],
+)
+def test_level_override_mistakes_are_named_and_leave_the_model_unchanged(kwargs, msg):
+    net = Net()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=msg):
+        sparsify(net, 0.5, 16, targets=["mlp.*.weight"], **kwargs)
+    assert get_controller(net) is None
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
