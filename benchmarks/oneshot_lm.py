@@ -43,12 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=int, default=16, help="validation windows")
     p.add_argument("--calibration", type=int, default=8, help="training windows that calibrate activation scores")
+    p.add_argument(
+        "--level-overrides", default="",
+        help="JSON {glob: sparsity} for sparsity.level_overrides, e.g. '{\"*.gate_proj.weight\": 0.1, "
+             "\"*.up_proj.weight\": 0.1}'; the others then at --levels (the table gives the zeroed share of all)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     args.levels = [float(v) for v in args.levels.split(",") if v]
     args.blocks = [b for b in args.blocks.split(",") if b]
     args.scores = [s for s in args.scores.split(",") if s]
+    args.level_overrides = json.loads(args.level_overrides) if args.level_overrides else {}
     return args
 
 
@@ -84,18 +90,23 @@ def main(argv: list[str] | None = None) -> None:
             for score in args.scores:
                 start = time.time()
                 model = load(args)
-                sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=score, seed=0)
+                report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=score,
+                                  level_overrides=args.level_overrides, seed=0)  # fmt: skip
                 if score == "activation":
                     calibrate_scores(model, calibration, lambda m, b: m(b[0].to(device)))
-                rows.append({"score": score, "sparsity": level, "block": block, **measured(model)})
+                zeroed = sum((1 - r.density) * r.shape[0] * r.shape[1] for r in report.rows)
+                share = zeroed / sum(r.shape[0] * r.shape[1] for r in report.rows)
+                rows.append({"score": score, "sparsity": level, "block": block, "zeroed": share, **measured(model)})
                 print(rows[-1], f"{time.time() - start:.0f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oneshot_lm.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = ["| score | sparsity | tile | perplexity / token | per byte |", "|---|---|---|---|---|"]
-    lines += [f"| {r['score']} | {r['sparsity']:.0%} | {r['block'] or '-'} | {r['ppl']:.4g} | {r['ppl_byte']:.3f} |"
-              for r in rows]  # fmt: skip
-    head = f"{args.model}, {args.device}, {time.strftime('%Y-%m-%d')}; {args.windows} windows of {args.seq_len}\n\n"
+    lines = ["| score | sparsity | zeroed (all masked weights) | tile | perplexity / token | per byte |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['score']} | {r['sparsity']:.0%} | {r.get('zeroed', 0.0):.1%} | {r['block'] or '-'} | "
+              f"{r['ppl']:.4g} | {r['ppl_byte']:.3f} |" for r in rows]  # fmt: skip
+    head = f"{args.model}, {args.device}, {time.strftime('%Y-%m-%d')}; {args.windows} windows of {args.seq_len}"
+    head += f"; level overrides {args.level_overrides}\n\n" if args.level_overrides else "\n\n"
     (out / "oneshot_lm.md").write_text(head + "\n".join(lines) + "\n")
     print("\n" + head + "\n".join(lines))
 

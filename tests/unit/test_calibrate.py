@@ -104,3 +104,9 @@ def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
                                                         ("magnitude", "16x8"), ("activation", "16x8")]  # fmt: skip
     assert all(r["ppl"] > 1 and r["ppl_byte"] > 1 for r in rows)
     assert rows[1]["ppl"] != rows[0]["ppl"]  # the masks are on
+    assert all(r["zeroed"] == pytest.approx(0.5, abs=0.01) for r in rows[1:])
+    oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16", "--seq-len", "16",
+                     "--windows", "4", "--calibration", "4", "--scores", "magnitude", "--out", str(tmp_path / "lv"),
+                     "--level-overrides", '{"*.up_proj.weight": 0.0}'])  # fmt: skip
+    (_, row) = json.loads((tmp_path / "lv" / "oneshot_lm.json").read_text())["rows"]
+    assert 0.2 < row["zeroed"] < 0.45  # up_proj kept whole: less than half of all masked weights zeroed
