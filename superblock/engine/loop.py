@@ -76,7 +76,8 @@ class Window:
     """The training loss and throughput since the last log line (it restarts every epoch and every resume)."""
 
     loss: torch.Tensor
-    images: int = 0
+    images: int = 0  # samples: images, or token sequences of a language model
+    tokens: int = 0  # a language model's input tokens (integer inputs); 0 for images
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
 
@@ -165,6 +166,8 @@ def train_one_epoch(
             boundary = (i + 1) % parts.accumulate == 0
             window.loss += _backward(parts, inputs, targets, boundary)
             window.images += len(inputs) * world_size
+            if not inputs.is_floating_point():  # token ids: throughput in tokens is what language models report
+                window.tokens += inputs.numel() * world_size
             progress.batch_in_epoch = i + 1
             bar.update(1)
             if not boundary:

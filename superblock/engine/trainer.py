@@ -257,6 +257,8 @@ class Trainer:
             "step_ms": 1000.0 * elapsed / max(window.steps, 1),
             "epoch": p.epoch,
         }
+        if window.tokens:
+            metrics["tokens_per_s"] = window.tokens / elapsed
         timer = self.objective.teacher_timer
         if timer is not None:  # the distillation teacher's share of the step time
             metrics["teacher_ms"] = timer.pop_ms() / max(window.steps, 1)
@@ -266,7 +268,11 @@ class Trainer:
             "loss": f"{metrics['train_loss']:.3f}",
             "lr": f"{metrics['lr']:.2e}",
             "sparsity": f"{metrics['sparsity']:.2f}",
-            "img_s": f"{metrics['images_per_s']:.0f}",
+            **(
+                {"tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                if "tokens_per_s" in metrics
+                else {"img_s": f"{metrics['images_per_s']:.0f}"}
+            ),
         }
 
     def fit(self, resume: Path | None = None) -> RunSummary:

@@ -47,6 +47,11 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     # per byte: bytes, save the end-of-document ids, are the tokens, so a little above per token
     assert s["val_perplexity"] <= s["val_perplexity_per_byte"] < s["val_perplexity"] * 1.1
     assert "val perplexity" in proc.stdout and "per byte" in proc.stdout
+    # throughput in tokens, as language models report it: 8 windows of 32 tokens a step
+    logged = [m for m in _metrics(tmp_path) if "train_loss" in m]
+    assert all(m["tokens_per_s"] == pytest.approx(32 * m["images_per_s"]) for m in logged)
+    out = proc.stdout + proc.stderr  # the progress bar writes to stderr
+    assert "tok_s=" in out and "img_s=" not in out
     masked = set(s["block_sparsity"])
     assert masked == {
         f"transformer.h.{i}.{m}.weight"
