@@ -73,6 +73,12 @@ RECIPES = {
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
     # an experiment preset's own recipe with activation-aware scores (pretrained language models)
     "activation_init": ["sparsity.score_init=activation"],
+    # the same with a transformers Llama's first two layers left dense (sparsity.level_overrides; docs/frontier.md,
+    # "Where the sparsity goes"): for the smollm2 preset
+    "activation_first2": [
+        "sparsity.score_init=activation",
+        "sparsity.level_overrides=[{match:'model.layers.0.*',level:0.0},{match:'model.layers.1.*',level:0.0}]",
+    ],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
     "experiment": [],  # an experiment preset's own sparse recipe, as the experiment file sets it
 }

@@ -274,3 +274,19 @@ def test_pretrained_preset_end_to_end_on_a_tiny_converted_llama(tmp_path) -> Non
     summary = json.loads((out / "runs" / "as_is" / "summary.json").read_text())
     assert summary["steps"] == 0 and summary["val_perplexity"] == rows["as_is"]["value"]
     assert "| as_is |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted(accuracy.RECIPES))
+def test_every_recipe_composes_into_a_valid_train_config(recipe) -> None:
+    """A recipe's overrides on the smollm2 preset (the one every recipe may meet) give a config train.py accepts."""
+    from hydra import compose, initialize_config_dir
+
+    from superblock.config import to_config
+
+    root = Path(__file__).resolve().parents[2]
+    preset, _ = accuracy.PRESETS["smollm2"]
+    overrides = [o.format(root="/nonexistent/folder") for o in preset] + accuracy.RECIPES[recipe]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
+        cfg = to_config(compose("train", overrides))
+    if recipe == "activation_first2":
+        assert [e["match"] for e in cfg.sparsity.level_overrides] == ["model.layers.0.*", "model.layers.1.*"]
