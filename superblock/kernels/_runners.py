@@ -77,6 +77,10 @@ def _parse_config(key: tuple) -> dict:
 
 def normalize_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(out_features, in_features) of a weight's shape, or a ValueError."""
+    if type(shape) in (tuple, torch.Size) and len(shape) == 2:  # the common forms, checked in a few operations
+        out_f, in_f = shape
+        if type(out_f) is int and type(in_f) is int and out_f > 0 and in_f > 0:
+            return out_f, in_f
     try:
         out_f, in_f = (int(s) for s in shape)
     except (TypeError, ValueError):

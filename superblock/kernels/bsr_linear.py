@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from superblock.kernels import _runners, _triton_bsr, dispatch, ops
 from superblock.kernels import tuning as _tuning
@@ -111,16 +112,19 @@ class _WeightCache:
     def get(self, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, name, build):
         sig = (values._version, crow.data_ptr(), col.data_ptr(), crow._version, col._version)
         key = id(values)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry[0]() is not values or entry[1] != sig:
-                ref = weakref.ref(values, lambda _r, k=key: self._drop(k, _r))
-                entry = (ref, sig, {})
-                self._entries[key] = entry
-            store = entry[2]
-        if name not in store:
-            store[name] = build()
-        return store[name]
+        entry = self._entries.get(key)  # the hit needs no lock: reading a dict is atomic, and the checks below hold
+        if entry is None or entry[0]() is not values or entry[1] != sig:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry[0]() is not values or entry[1] != sig:
+                    ref = weakref.ref(values, lambda _r, k=key: self._drop(k, _r))
+                    entry = (ref, sig, {})
+                    self._entries[key] = entry
+        store = entry[2]
+        found = store.get(name)
+        if found is None:
+            found = store[name] = build()
+        return found
 
     def _drop(self, key: int, ref) -> None:
         with self._lock:
@@ -198,7 +202,8 @@ def bsr_linear(
                 _check_out(out, x.shape[:-1], out_f, x)
             return plan.run(x, bias, out)
         if plan.call == "dense" and out is None:  # F.linear takes x as given: no reshapes on the way
-            return _runners.run_dense(x, plan.tensors, bias, activation)
+            y = F.linear(x, plan.tensors, bias)
+            return y if activation is None else _runners.activate(y, activation)
         return _run(plan, x, (x.reshape(-1, in_f), values, crow_indices, col_indices, (out_f, in_f), bias, activation),
                     out)  # fmt: skip
     out_f, in_f = _validate(x, values, crow_indices, col_indices, shape, bias, activation, backend)[:2]
