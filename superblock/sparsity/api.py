@@ -212,13 +212,7 @@ def sparsify(
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
     tiling = Tiling.of(block_size, block_overrides)
-    sched = SparsitySchedule(
-        final=check_sparsity(sparsity),
-        kind=schedule,
-        initial=initial_sparsity,
-        start_step=start_step,
-        ramp_steps=ramp_steps,
-    )
+    sched = SparsitySchedule(check_sparsity(sparsity), schedule, initial_sparsity, start_step, ramp_steps)
     _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     _validate_targets(found, tiling)
