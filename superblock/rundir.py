@@ -100,7 +100,8 @@ class RunSummary:
     params_total: int | None = None
     params_kept: int | None = None
     wall_time_s: float | None = None
-    images_per_s: float | None = None
+    images_per_s: float | None = None  # training samples a second (images, or a language model's windows)
+    tokens_per_s: float | None = None  # a language model's training tokens a second (None for images)
     epochs: int | None = None
     steps: int | None = None
     world_size: int | None = None

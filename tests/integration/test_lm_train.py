@@ -52,6 +52,7 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     assert all(m["tokens_per_s"] == pytest.approx(32 * m["images_per_s"]) for m in logged)
     out = proc.stdout + proc.stderr  # the progress bar writes to stderr
     assert "tok_s=" in out and "img_s=" not in out
+    assert s["tokens_per_s"] == pytest.approx(32 * s["images_per_s"], rel=1e-6)
     masked = set(s["block_sparsity"])
     assert masked == {
         f"transformer.h.{i}.{m}.weight"
