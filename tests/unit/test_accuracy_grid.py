@@ -290,3 +290,41 @@ def test_every_recipe_composes_into_a_valid_train_config(recipe) -> None:
         cfg = to_config(compose("train", overrides))
     if recipe == "activation_first2":
         assert [e["match"] for e in cfg.sparsity.level_overrides] == ["model.layers.0.*", "model.layers.1.*"]
+
+
+def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
+    """benchmarks/shape_frontier.py: gaps from a grid's results.json or its runs.csv (re-summarized per seed), speed
+    per layer at the same sparsity, the mean's share of the largest square's; other sparsities and recipes left out."""
+    from benchmarks import shape_frontier
+
+    runs = tmp_path / "runs.csv"
+    fields = "name,recipe,permute,level,block,epochs,seed,metric,value,status"
+    lines = [fields]
+    for seed, dense in ((0, 90.0), (1, 92.0)):
+        lines.append(f"dense_s{seed},dense,none,0.0,,40,{seed},val_top1,{dense},ok")
+        lines.append(f"a{seed},magnitude_frozen,none,0.9,64x16,40,{seed},val_top1,{dense - 1.0 - seed},ok")
+        lines.append(f"b{seed},magnitude_frozen,none,0.9,32,40,{seed},val_top1,{dense - 3.0},ok")
+        lines.append(f"c{seed},magnitude_frozen,none,0.8,32,40,{seed},val_top1,{dense},ok")  # another sparsity
+        lines.append(f"d{seed},default,none,0.9,32,40,{seed},val_top1,{dense - 9.0},ok")  # another recipe
+    runs.write_text("\n".join(lines) + "\n")
+    gaps = shape_frontier.load_gaps(runs, 0.9, "magnitude_frozen")
+    assert set(gaps) == {"64x16", "32"}
+    assert gaps["64x16"][0] == pytest.approx(-1.5) and gaps["64x16"][2] == 2
+    assert gaps["32"][:2] == (pytest.approx(-3.0), pytest.approx(0.0))
+
+    speed = tmp_path / "speed.csv"
+    speed.write_text(
+        "layer,block,sparsity,dense_ms,ours_ms,ours_x\n"
+        "fc1,64x16,0.9,1,0.5,2.0\nfc2,64x16,0.9,1,0.5,2.0\nfc1,32x32,0.9,1,1,1.0\nfc2,32x32,0.9,1,1,4.0\n"
+        "fc1,64x64,0.9,1,1,4.0\nfc2,64x64,0.9,1,1,4.0\nfc1,64x16,0.8,1,1,9.0\n"
+    )
+    table = shape_frontier.table([("grid", gaps)], shape_frontier.load_speed(speed, 0.9))
+    row = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert row["64 x 16 (tall)"].endswith("| -1.50 +- 0.71 | 2.00x | 2.00x | 2.00x | 0.50 |")
+    assert "| 2.00x | 0.50 |" in row["32 x 32 (square)"]  # geometric mean of 1x and 4x
+    assert row["64 x 64 (square)"].endswith("| - | 4.00x | 4.00x | 4.00x | 1.00 |")
+    out = tmp_path / "f.png"
+    shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--out", str(out)])
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no rows of recipe"):
+        shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--recipe", "reference", "--out", str(out)])
