@@ -22,6 +22,7 @@ from superblock.data.loaders import (
     ShardSampler,
     build_loaders,
     build_val_loader,
+    calibration_loader,
     skip_batches,
     usable_workers,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "build_datasets",
     "build_loaders",
     "build_val_loader",
+    "calibration_loader",
     "image_transforms",
     "load_corpus",
     "load_tokenizer",

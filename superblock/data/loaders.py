@@ -225,3 +225,20 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
         collate_fn=loader.collate_fn,
         generator=loader.generator,
     )
+
+
+def calibration_loader(train: DataLoader, batches: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """`batches` batches of the training samples for measuring activations (`sparsity.score_init=activation`), the
+    same whenever they are asked for: a fixed draw from `seed` (each rank its own share), loaded in this process.
+
+    It leaves the training run as it was: the epoch's iterator (persistent workers are reset by a second `iter()`
+    of the training loader), the sampler and every RNG stream (augmented samples are seeded per sample, keyed apart
+    from the epochs'). So the scores can be measured at any step, e.g. again after a permutation mid-run."""
+    dataset, size = train.dataset, train.batch_size or 1
+    total = len(dataset)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(stable_seed("calibration", seed))  # a loader without one draws from torch's
+    keys: list = torch.randperm(total, generator=g)[: min(total, batches * size * world_size)].tolist()
+    keys = keys[rank::world_size]
+    if isinstance(dataset, SeededSamples):
+        keys = [("calibration", i) for i in keys]
+    return DataLoader(dataset, batch_size=size, sampler=keys, collate_fn=train.collate_fn, num_workers=0, generator=g)

@@ -5,8 +5,9 @@
   scores (magnitude scores then come from the permuted weights). Nothing else exists yet.
 - The ramp starts later (`sparsity.start_epoch > 0`, a dense warm-up): at the ramp's first step, before that step's
   masks are chosen. The weights, their optimizer moments and the EMA copy are permuted together, and the scores are
-  drawn again by `sparsity.score_init` (magnitude: from the permuted weights), since a tile's score no longer
-  describes the tile; their optimizer state is dropped.
+  drawn again by `sparsity.score_init` (magnitude: from the permuted weights; activation: measured again on the
+  calibration batches through the permuted model), since a tile's score no longer describes the tile; their
+  optimizer state is dropped.
 
 Not at the end of the ramp (`freeze_after_ramp`): the masks frozen there are those the learned scores chose, and a
 permutation then would replace them by magnitude masks. The record (mode, step, kept magnitude before / after) is
@@ -15,6 +16,7 @@ part of the controller's saved state, so a resumed run never permutes again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,8 +68,11 @@ def schedule_permutation(
     *,
     seed: int,
     announce: bool,
+    rescore: Callable[[], None] | None = None,
 ) -> None:
-    """Permute at the ramp's first step when the ramp starts later than step 0 (a hook on the controller)."""
+    """Permute at the ramp's first step when the ramp starts later than step 0 (a hook on the controller).
+    `rescore` (score_init=activation) measures the scores of the permuted model and its followers again; without
+    it the scores are drawn by `score_init` alone."""
     controller = get_controller(model)
     if mode == "none" or not spec or controller is None or first_cut(spec) == 0:
         return
@@ -87,6 +92,8 @@ def schedule_permutation(
             record(ema.module, report, step)
         if announce:
             tqdm.write(f"step {step}: {report}")
+        if rescore is not None:
+            rescore()
 
     controller.add_step_hook(hook)
 

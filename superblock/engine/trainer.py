@@ -8,7 +8,6 @@ is `validate` (engine/validation.py). The Trainer only wires them and owns the r
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from superblock.artifacts.checkpoint import CheckpointError, load_checkpoint, sa
 from superblock.artifacts.resolve import resolve_checkpoint
 from superblock.artifacts.spec import build_from_spec
 from superblock.config import TrainConfig
+from superblock.data import calibration_loader
 from superblock.engine.builders import (
     autocast_dtype,
     build_data,
@@ -130,6 +130,7 @@ class Trainer:
             p.ema,
             seed=cfg.seed,
             announce=dist.is_main,
+            rescore=self._calibrate_scores,
         )
         # From here on every rank draws its own dropout / drop-path / mixup numbers (data: see SeededSamples).
         seed_everything(rank_seed(cfg.seed, dist.rank))
@@ -313,8 +314,10 @@ class Trainer:
             self.logger.finish(status)
 
     def _calibrate_scores(self) -> None:
-        """sparsity.score_init=activation: scores from activation-aware tile magnitudes, measured on the first
-        training batches (every rank's sums all-reduced: one set of scores) before the first step of a fresh run."""
+        """sparsity.score_init=activation: scores from activation-aware tile magnitudes, measured on
+        `calibration_batches` training batches (data.calibration_loader: a fixed draw that moves nothing of the run;
+        every rank's sums all-reduced: one set of scores), before the first step of a fresh run and again after a
+        permutation at the ramp's start."""
         s = self.cfg.sparsity
         if s.score_init != "activation" or not self.sparsity_spec:
             return
@@ -324,11 +327,14 @@ class Trainer:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 model(batch[0].to(device, non_blocking=True))
 
-        batches = itertools.islice(iter(self.data.train_loader), s.calibration_batches)
-        ema = self.state.ema
+        d = self.dist
+        batches = calibration_loader(self.data.train_loader, s.calibration_batches, self.cfg.seed, d.rank, d.world_size)
+        ema = self.parts.ema
         n = calibrate_scores(self.model, batches, forward, all_reduce_sum, [ema.module] if ema is not None else [])
-        if self.dist.is_main:
-            print(f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)")
+        if d.is_main:
+            tqdm.write(
+                f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)"
+            )
 
     def _raised_notice(self) -> str | None:
         d, t = self.data, self.cfg.trainer

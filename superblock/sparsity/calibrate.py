@@ -81,7 +81,11 @@ def calibrate_scores(
     masks = list(iter_block_masks(model))
     missing = [name for name, *_ in masks if name not in squares]
     if missing:
-        raise ValueError(f"calibration never ran these masked weights (no input reached them): {missing[:3]}")
+        raise ValueError(
+            f"calibration never ran these masked weights (no input reached them): {missing[:3]}. A module that reads "
+            "a weight without calling its layer (torchvision's MultiheadAttention and out_proj.weight) cannot be "
+            "measured: leave those weights out of sparsity.targets, or use sparsity.score_init=magnitude"
+        )
     for name, module, pname, mask in masks:
         weight = module.parametrizations[pname].original
         dim = _input_dim(module)

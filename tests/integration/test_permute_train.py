@@ -77,3 +77,25 @@ def test_permuted_run_resumes_without_permuting_again_and_exports(
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(served(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # two training subprocesses (~20 s)
+def test_a_permutation_at_the_ramp_measures_activation_scores_again_and_resumes(tmp_path) -> None:
+    """score_init=activation with a dense warm-up: calibrated before step 0 and again right after the permutation at
+    the ramp's start (not magnitude scores of the permuted weights); the calibration batches move nothing of the
+    run, so a run killed after the permutation resumes to the same masks and metrics."""
+    common = [*PERMUTED, "sparsity.start_epoch=1", "sparsity.score_init=activation", "sparsity.calibration_batches=2",
+              "sparsity.targets=[mlp]"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(*common, f"hydra.run.dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = "scores of 4 masked weights from activation-aware magnitudes (2 batches)"
+    out = proc.stdout
+    assert out.count(line) == 2 and out.index(line) < out.index("step 8: permutation") < out.rindex(line), out[-3000:]
+    assert run_train(*common, f"hydra.run.dir={killed}", fault_at(12)).returncode == -9
+    proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert line not in proc.stdout
+    a, b = summary_of(straight), summary_of(killed)
+    for key in ("val_top1", "steps", "mask_digest"):
+        assert a[key] == b[key], key

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,10 +18,12 @@ from superblock.data import (
     SYNTHETIC_CLASSES,
     DataBundle,
     EpochShuffleSampler,
+    SeededSamples,
     ShardSampler,
     SyntheticShapes,
     build_datasets,
     build_loaders,
+    calibration_loader,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -308,3 +312,48 @@ def test_digits_tree_writer(tmp_path) -> None:
     assert counts == {"train": 1438, "val": 359}
     bundle = build_datasets("imagefolder", root=str(tmp_path), image_size=32, augment={"hflip": 0.0, "crop_pct": 1.0})
     assert bundle.num_classes == 10 and bundle.val[0][0].shape == (3, 32, 32)
+
+
+def test_calibration_batches_are_fixed_shared_by_rank_and_move_nothing_of_the_run() -> None:
+    """data.calibration_loader: the same batches whenever asked for, each rank its own share, and asking mid-epoch
+    leaves the epoch's batches (persistent workers), the sampler and the process's RNG streams as they were."""
+    bundle = build_datasets("synthetic", train_size=64, val_size=16, seed=0)
+    train, _, sampler = build_loaders(bundle, batch_size=8, seed=3, num_workers=1)
+    sampler.set_epoch(0)
+    expected = [t for _, t in train]
+
+    it = iter(train)
+    got = [next(it)[1] for _ in range(2)]
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    first = [(x, t) for x, t in calibration_loader(train, 2, seed=7)]
+    again = [(x, t) for x, t in calibration_loader(train, 2, seed=7)]
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert (np.random.get_state()[1] == rng[2]).all()
+    got += [t for _, t in it]  # the epoch goes on where it was
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+    assert len(first) == 2 and all(x.shape[0] == 8 for x, _ in first)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    other = [t for _, t in calibration_loader(train, 2, seed=8)]
+    assert not all(torch.equal(a[1], b) for a, b in zip(first, other, strict=True))
+    keys = [list(calibration_loader(train, 2, seed=7, rank=r, world_size=2).sampler) for r in range(2)]
+    assert len(keys[0]) == len(keys[1]) == 16 and not set(keys[0]) & set(keys[1])
+
+
+def test_calibration_batches_of_augmented_samples_draw_from_their_own_seeds() -> None:
+    """A training split whose samples draw random numbers (augmentation): the calibration batches are the same on
+    every call, and the process's torch RNG does not move."""
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int):
+            return torch.rand(3) + i, i
+
+    train = torch.utils.data.DataLoader(SeededSamples(Noisy(), seed=1), batch_size=4)
+    state = torch.get_rng_state()
+    a = [x for x, _ in calibration_loader(train, 3, seed=0)]
+    b = [x for x, _ in calibration_loader(train, 3, seed=0)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True)) and len(a) == 3

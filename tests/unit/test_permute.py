@@ -246,3 +246,46 @@ def test_the_permutation_happens_when_tiles_are_first_cut() -> None:
     assert first_cut({"schedule": "cubic", "start_step": 40, "initial_sparsity": 0.0}) == 40  # after a dense warm-up
     assert first_cut({"schedule": "cubic", "start_step": 40, "initial_sparsity": 0.5}) == 0  # cut from the start
     assert first_cut({"schedule": "constant", "start_step": 40}) == 0
+
+
+def test_a_permutation_at_the_ramp_measures_activation_scores_again() -> None:
+    """sparsity.score_init=activation with a later ramp start: the permutation hook re-measures the scores through
+    the permuted model (its `rescore`), not magnitude scores of the permuted weights."""
+    from superblock.engine.permutation import schedule_permutation
+    from superblock.sparsity import get_controller
+    from superblock.sparsity.calibrate import _input_dim, activation_scores, calibrate_scores, input_norms
+    from superblock.sparsity.mask import init_scores
+
+    model, x = _model("micro_vit")
+    _uneven(model)
+    x = x * torch.linspace(0.1, 10.0, 32)  # inputs of uneven scale: activation and magnitude scores differ
+    spec = {"block_size": [8, 8], "sparsity": 0.8, "schedule": "linear", "start_step": 2, "score_init": "activation"}
+    spec["targets"] = ["mlp"]  # torchvision's attention reads out_proj.weight itself: no forward hook sees its input
+    sparsify(model, sparsity=0.8, block_size=8, schedule="linear", start_step=2, ramp_steps=4, score_init="activation",
+             targets=["mlp"])  # fmt: skip
+
+    def forward(m: nn.Module, batch: torch.Tensor) -> None:
+        m(batch)
+
+    calls = []
+
+    def rescore() -> None:
+        calls.append(get_controller(model).step_count)
+        calibrate_scores(model, [x], forward)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule_permutation(model, "mlp", spec, opt, None, seed=0, announce=False, rescore=rescore)
+    controller = get_controller(model)
+    controller.step()
+    assert calls == [] and controller.permutation is None
+    controller.step()  # the ramp's first step: permuted, then measured again
+    assert calls == [1] and controller.permutation["permuted"] > 0
+    squares = input_norms(model, [x], forward)
+    differs = False
+    for name, module, pname, mask in iter_block_masks(model):
+        weight = stored(module, pname)
+        torch.testing.assert_close(
+            mask.scores, activation_scores(weight, mask.block, squares[name], _input_dim(module))
+        )
+        differs |= not torch.allclose(mask.scores, init_scores(weight, mask.block, "magnitude"))
+    assert differs
