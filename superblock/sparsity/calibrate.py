@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from superblock.sparsity.api import get_controller, iter_block_masks
@@ -26,6 +27,52 @@ def _input_dim(module: nn.Module) -> int:
     return 0 if is_conv1d(module) else 1
 
 
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")  # fmt: skip
+_MHA_INPUT = {"q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value"}
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    sq = x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+    sums[name] = sq if name not in sums else sums[name] + sq
+
+
+def _mha_call(args: tuple, kwargs: dict) -> dict:
+    return {**dict(zip(_MHA_ARGS, args, strict=False)), **kwargs}  # positional, then keyword
+
+
+def attention_context(mha: nn.MultiheadAttention, call: dict) -> torch.Tensor:
+    """What `mha.out_proj.weight` multiplies in a call of `mha` (nn.MultiheadAttention reads that weight itself, so
+    no hook on out_proj sees it): the same attention with an identity output projection, heads concatenated."""
+    q, k, v = call["query"], call.get("key", call["query"]), call.get("value", call["query"])
+    if mha.batch_first and q.dim() == 3:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    eye = torch.eye(mha.embed_dim, device=q.device, dtype=q.dtype)
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, mha.embed_dim, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=call.get("key_padding_mask"),
+        need_weights=False, attn_mask=call.get("attn_mask"), use_separate_proj_weight=not mha._qkv_same_embed_dim,
+        q_proj_weight=mha.q_proj_weight, k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight,
+        is_causal=bool(call.get("is_causal", False)),
+    )  # fmt: skip
+    return out
+
+
+def _hook(model: nn.Module, name: str, module: nn.Module, pname: str, sums: dict) -> torch.utils.hooks.RemovableHandle:
+    """The hook that sees what one masked weight multiplies: its module's input, or for nn.MultiheadAttention's
+    projections the attention's inputs (in_proj) or context (out_proj), taken from the attention's own call."""
+    owner = next((m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.out_proj is module), None)
+    if owner is not None:
+        return owner.register_forward_pre_hook(
+            lambda mha, a, kw: _add(sums, name, attention_context(mha, _mha_call(a, kw))), with_kwargs=True
+        )
+    if isinstance(module, nn.MultiheadAttention):  # the query for in_proj_weight (self-attention: q = k = v)
+        key = _MHA_INPUT.get(pname, "query")
+        return module.register_forward_pre_hook(lambda _m, a, kw: _add(sums, name, _mha_call(a, kw)[key]),
+                                                with_kwargs=True)  # fmt: skip
+    return module.register_forward_hook(lambda _m, inputs, _out: _add(sums, name, inputs[0]))
+
+
 @torch.no_grad()
 def input_norms(
     model: nn.Module,
@@ -36,15 +83,7 @@ def input_norms(
     """{masked weight name: sum over the batches' tokens of each input feature squared} (float32, the weight's
     device). `forward(model, batch)` runs one batch; `reduce` (e.g. an all-reduce sum) is applied to each total."""
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module, _, _ in iter_block_masks(model):
-
-        def hook(_mod, inputs, _out, name=name) -> None:
-            x = inputs[0].detach()
-            sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-            sums[name] = sq if name not in sums else sums[name] + sq
-
-        hooks.append(module.register_forward_hook(hook))
+    hooks = [_hook(model, name, module, pname, sums) for name, module, pname, _ in iter_block_masks(model)]
     was_training = model.training
     model.eval()
     try:
@@ -83,8 +122,8 @@ def calibrate_scores(
     if missing:
         raise ValueError(
             f"calibration never ran these masked weights (no input reached them): {missing[:3]}. A module that reads "
-            "a weight without calling its layer (torchvision's MultiheadAttention and out_proj.weight) cannot be "
-            "measured: leave those weights out of sparsity.targets, or use sparsity.score_init=magnitude"
+            "a weight without calling its layer cannot be measured: leave those weights out of sparsity.targets, or "
+            "use sparsity.score_init=magnitude"
         )
     for name, module, pname, mask in masks:
         weight = module.parametrizations[pname].original

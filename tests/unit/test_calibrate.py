@@ -8,7 +8,7 @@ from torch import nn
 
 from superblock import sparsify
 from superblock.sparsity import iter_block_masks
-from superblock.sparsity.calibrate import activation_scores, calibrate_scores, input_norms
+from superblock.sparsity.calibrate import activation_scores, attention_context, calibrate_scores, input_norms
 
 
 class TwoLayers(nn.Module):
@@ -80,6 +80,38 @@ def test_a_weight_the_batches_never_reach_is_an_error():
     sparsify(model, sparsity=0.5, block_size=(4, 4), targets=["fc2.weight"], score_init="activation")
     with pytest.raises(ValueError, match="never ran"):
         calibrate_scores(model, [], lambda m, b: m(b))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_context_is_what_out_proj_multiplies(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    ctx = attention_context(mha, {"query": x, "key": x, "value": x})  # sequence first, like torch's kernel
+    out = nn.functional.linear(ctx, mha.out_proj.weight, mha.out_proj.bias)
+    with torch.no_grad():
+        expected = mha(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(out.transpose(0, 1) if batch_first else out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_attention_weights_are_calibrated_from_the_attentions_own_call():
+    """torchvision's MultiheadAttention reads in_proj_weight and out_proj.weight itself (out_proj's forward never
+    runs): in_proj gets the attention's input, out_proj the attention context (the default ViT targets calibrate)."""
+    from superblock.models import build_model
+
+    model = build_model("micro_vit", num_classes=10, image_size=32).eval()
+    sparsify(model, sparsity=0.5, block_size=8, score_init="activation")  # attention and MLP
+    attn = model.encoder.layers[0].self_attention
+    seen = []
+    attn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    x = torch.randn(3, 3, 32, 32)
+    squares = input_norms(model, [x], lambda m, b: m(b))
+    prefix = "encoder.layers.encoder_layer_0.self_attention."
+    (q,) = seen
+    torch.testing.assert_close(squares[prefix + "in_proj_weight"], q.reshape(-1, q.shape[-1]).pow(2).sum(0))
+    ctx = attention_context(attn, {"query": q, "key": q, "value": q})
+    torch.testing.assert_close(squares[prefix + "out_proj.weight"], ctx.reshape(-1, ctx.shape[-1]).pow(2).sum(0))
+    assert calibrate_scores(model, [x], lambda m, b: m(b)) == 8
 
 
 def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):

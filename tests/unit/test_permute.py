@@ -260,7 +260,7 @@ def test_a_permutation_at_the_ramp_measures_activation_scores_again() -> None:
     _uneven(model)
     x = x * torch.linspace(0.1, 10.0, 32)  # inputs of uneven scale: activation and magnitude scores differ
     spec = {"block_size": [8, 8], "sparsity": 0.8, "schedule": "linear", "start_step": 2, "score_init": "activation"}
-    spec["targets"] = ["mlp"]  # torchvision's attention reads out_proj.weight itself: no forward hook sees its input
+    spec["targets"] = ["mlp"]
     sparsify(model, sparsity=0.8, block_size=8, schedule="linear", start_step=2, ramp_steps=4, score_init="activation",
              targets=["mlp"])  # fmt: skip
 
