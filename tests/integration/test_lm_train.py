@@ -122,6 +122,16 @@ def _two_process(*args: str, env: dict | None = None):
     return run_train(*LM_TINY, "trainer.device=cpu", *args, cmd=cmd, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow  # two processes (~20 s)
+def test_activation_scores_under_two_process_ddp_are_one_set(tmp_path):
+    """Each rank measures its own share of the calibration batches; the sums meet in an all-reduce, so both ranks
+    start from the same scores and keep the same masks."""
+    proc = _two_process("sparsity.score_init=activation", "sparsity.calibration_batches=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("from activation-aware magnitudes (2 batches)") == 1  # said once, by rank 0
+    assert summary_of(tmp_path)["masks_equal_across_ranks"] is True
+
+
 def test_fsdp2_sharded_training_matches_ddp_and_writes_whole_checkpoints(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     assert _two_process(f"hydra.run.dir={ddp}").returncode == 0
