@@ -10,7 +10,8 @@ runs.csv (one row per run, summarized again); the rows at `--level` of `--recipe
 bsr_linear.py CSV (layer, block, sparsity, ours_x): per layer at `--level`, and their geometric mean, also as a share
 of the largest square tile's (the speed a tile of that shape gives up). The plot: one panel per grid, gap to dense
 (points, seeds' spread as error bars) against the mean per-layer speedup, one marker per tile (circle square,
-triangle up tall, triangle down wide), labelled.
+triangle up tall, triangle down wide), labelled. `--served` adds the whole model served (benchmarks/vit_e2e.py rows:
+the best dense runtime's time over the best sparse runtime's, per batch size).
 """
 
 from __future__ import annotations
@@ -68,19 +69,44 @@ def load_speed(path: Path, level: float) -> dict[str, dict[str, float]]:
     return out
 
 
+def load_served(paths: list[Path], level: float, dtype: str = "bf16") -> dict[str, dict[int, float]]:
+    """tile label -> {batch: the best dense runtime's time / the best sparse runtime's time} from
+    benchmarks/vit_e2e.py rows (.jsonl) at `level` and `dtype`: the whole model served, each side in its fastest
+    runtime."""
+    best: dict[tuple[str, int], list[float]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line) if line.strip() else None
+            if not row or row.get("block") is None or row.get("dtype", dtype) != dtype:
+                continue
+            if not math.isclose(float(row.get("sparsity", level)), level):
+                continue
+            key = (block_label(row["block"]), int(row["batch"]))
+            dense, sparse = best.setdefault(key, [math.inf, math.inf])
+            best[key] = [min(dense, float(row["dense_ms"])), min(sparse, float(row["sparse_ms"]))]
+    out: dict[str, dict[int, float]] = {}
+    for (tile, batch), (dense, sparse) in best.items():
+        out.setdefault(tile, {})[batch] = dense / sparse
+    return out
+
+
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def table(grids: list[tuple[str, dict]], speed: dict[str, dict[str, float]]) -> str:
-    """Markdown: tile, area, each grid's gap, each layer's speedup, the mean's share of the largest square's."""
+def table(grids: list[tuple[str, dict]], speed: dict[str, dict[str, float]], served: dict | None = None) -> str:
+    """Markdown: tile, area, each grid's gap, each layer's speedup, the mean's share of the largest square's and,
+    with `served` (load_served), the whole model's speedup per batch size."""
+    served = served or {}
+    batches = sorted({b for per in served.values() for b in per})
     tiles = sorted({t for _, g in grids for t in g} | set(speed), key=_block_order)
     layers = sorted({layer for s in speed.values() for layer in s})
     squares = [t for t in speed if tile_kind(t) == "square"]
     top = max(squares, key=_block_order) if squares else None
     head = ["tile (rows x cols)", "area", *(f"{label}: gap" for label, _ in grids), *layers, "mean speedup"]
     head += [f"of {top} x {top}'s"] if top else []
+    head += [f"served, batch {b}" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for t in tiles:
         rows, cols = block_shape(t)
@@ -92,6 +118,7 @@ def table(grids: list[tuple[str, dict]], speed: dict[str, dict[str, float]]) -> 
         cells.append(f"{mean:.2f}x" if per_layer else "-")
         if top:
             cells.append(f"{mean / geomean(speed[top].values()):.2f}" if per_layer else "-")
+        cells += [f"{served[t][b]:.2f}x" if b in served.get(t, {}) else "-" for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -135,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed", required=True, help="a benchmarks/bsr_linear.py CSV (layer, block, sparsity, ours_x)")
     p.add_argument("--level", type=float, default=0.9, help="the sparsity of both sides (default 0.9)")
     p.add_argument("--recipe", default="magnitude_frozen", help="the accuracy grids' recipe (default magnitude_frozen)")
+    p.add_argument("--served", default="", help="benchmarks/vit_e2e.py .jsonl rows, comma-separated (whole model)")
     p.add_argument("--out", default="shape_frontier.png", help="the plot")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
@@ -144,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.speed}: no speed rows at sparsity {args.level}")
     title = args.title or f"tile shapes at {args.level:.0%}: accuracy ({args.recipe}) against per-layer speed"
     plot(grids, speed, Path(args.out), title)
-    print(table(grids, speed))
+    served = load_served([Path(x) for x in args.served.split(",") if x], args.level)
+    print(table(grids, speed, served))
 
 
 if __name__ == "__main__":

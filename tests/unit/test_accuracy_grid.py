@@ -323,8 +323,20 @@ def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
     assert row["64 x 16 (tall)"].endswith("| -1.50 +- 0.71 | 2.00x | 2.00x | 2.00x | 0.50 |")
     assert "| 2.00x | 0.50 |" in row["32 x 32 (square)"]  # geometric mean of 1x and 4x
     assert row["64 x 64 (square)"].endswith("| - | 4.00x | 4.00x | 4.00x | 1.00 |")
+    served = tmp_path / "e2e.jsonl"  # the best dense runtime against the best sparse one, per batch
+    rows = [
+        ("eager", 8, 4.0, 2.0),
+        ("cudagraph", 8, 2.0, 1.6),
+        ("cudagraph", 256, 9.0, 3.0),
+        ("compile", 256, 6.0, 5.0),
+    ]
+    lines = [{"runtime": r, "batch": b, "dense_ms": d, "sparse_ms": m, "block": "64x16", "sparsity": 0.9,
+              "dtype": "bf16"} for r, b, d, m in rows]  # fmt: skip
+    lines.append({**lines[0], "sparse_ms": 0.1, "dtype": "fp32"})  # another dtype: left out
+    served.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert shape_frontier.load_served([served], 0.9) == {"64x16": {8: 1.25, 256: 2.0}}
     out = tmp_path / "f.png"
-    shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--out", str(out)])
+    shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--served", str(served), "--out", str(out)])
     assert out.stat().st_size > 0
     with pytest.raises(SystemExit, match="no rows of recipe"):
         shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--recipe", "reference", "--out", str(out)])
