@@ -2,16 +2,18 @@
 (benchmarks/bsr_linear.py rows), as one table and one plot, so a shape is picked on both at once.
 
     python benchmarks/shape_frontier.py --speed docs/data/tile_shapes_h100_2026-12-05.csv --level 0.9 \
-        --recipe magnitude_frozen "digits 16 px=docs/data/shapes_digits16_cpu_2026-12-05.json" \
-        "digits_wide=<dir>/results.json" --out docs/images/shape_frontier.png
+        --recipe magnitude_frozen \
+        "digits 16 px=docs/data/shapes_digits16_cpu_2026-12-05.csv,docs/data/shapes_digits16_large_cpu_2026-12-05.csv" \
+        "digits_wide=docs/data/shapes_digits_wide90_cpu_2026-12-05.csv" --out docs/images/shape_frontier.png
 
 Accuracy: each grid's results.json (summary rows of recipe, permute, sparsity, block, gap, gap_std, seeds) or its
-runs.csv (one row per run, summarized again); the rows at `--level` of `--recipe` without a permutation. Speed: a
-bsr_linear.py CSV (layer, block, sparsity, ours_x): per layer at `--level`, and their geometric mean, also as a share
-of the largest square tile's (the speed a tile of that shape gives up). The plot: one panel per grid, gap to dense
-(points, seeds' spread as error bars) against the mean per-layer speedup, one marker per tile (circle square,
-triangle up tall, triangle down wide), labelled. `--served` adds the whole model served (benchmarks/vit_e2e.py rows:
-the best dense runtime's time over the best sparse runtime's, per batch size).
+runs.csv files (one row per run, summarized again; comma-separated for grids that share dense runs); the rows at
+`--level` of `--recipe` without a permutation. Speed: a bsr_linear.py CSV (layer, block, sparsity, ours_x): per layer
+at `--level`, and their geometric mean, also as a share of the largest square tile's (the speed a tile of that shape
+gives up). The plot: one panel per grid, gap to dense (points, seeds' spread as error bars) against the mean
+per-layer speedup, one marker per tile (circle square, triangle up tall, triangle down wide), labelled. `--served`
+adds the whole model served (benchmarks/vit_e2e.py rows: the best dense runtime's time over the best sparse
+runtime's, per batch size).
 """
 
 from __future__ import annotations
@@ -30,24 +32,28 @@ from benchmarks.accuracy import _block_order, block_label, block_shape, summariz
 MARKERS = {"square": "o", "tall": "^", "wide": "v"}
 
 
-def read_summary(path: Path) -> list[dict]:
-    """An accuracy grid's summary rows: its results.json, or its per-run CSV (runs.csv) summarized again."""
-    if Path(path).suffix != ".csv":
-        return json.loads(Path(path).read_text())["rows"]
-    with open(path, newline="") as f:
-        runs = [
-            {
-                "recipe": r["recipe"], "permute": r.get("permute") or "none", "level": float(r["level"]),
-                "block": r["block"] or None, "seed": int(r["seed"]),
-                "epochs": int(r["epochs"]) if r.get("epochs") else None,
-                "value": float(r["value"]) if r.get("value") and r.get("status", "ok") == "ok" else None,
-            }
-            for r in csv.DictReader(f)
-        ]  # fmt: skip
-    return summarize(runs)
+def read_summary(path: Path | str) -> list[dict]:
+    """An accuracy grid's summary rows: its results.json, or its per-run CSVs (runs.csv; several, comma-separated,
+    for grids that share their dense runs: a run named twice counts once) summarized again."""
+    paths = [Path(x) for x in str(path).split(",") if x]
+    if len(paths) == 1 and paths[0].suffix != ".csv":
+        return json.loads(paths[0].read_text())["rows"]
+    if any(x.suffix != ".csv" for x in paths):
+        raise SystemExit(f"{path}: several grids are read from their runs.csv files only")
+    runs: dict[str, dict] = {}
+    for one in paths:
+        with open(one, newline="") as f:
+            for r in csv.DictReader(f):
+                runs[r["name"]] = {
+                    "recipe": r["recipe"], "permute": r.get("permute") or "none", "level": float(r["level"]),
+                    "block": r["block"] or None, "seed": int(r["seed"]),
+                    "epochs": int(r["epochs"]) if r.get("epochs") else None,
+                    "value": float(r["value"]) if r.get("value") and r.get("status", "ok") == "ok" else None,
+                }  # fmt: skip
+    return summarize(list(runs.values()))
 
 
-def load_gaps(path: Path, level: float, recipe: str) -> dict[str, tuple[float, float, int]]:
+def load_gaps(path: Path | str, level: float, recipe: str) -> dict[str, tuple[float, float, int]]:
     """tile label -> (gap, its std across seeds, seeds) of one accuracy grid at `level`, `recipe`, no permutation."""
     rows = read_summary(path)
     out: dict[str, tuple[float, float, int]] = {}
@@ -129,13 +135,15 @@ def plot(grids: list[tuple[str, dict]], speed: dict[str, dict[str, float]], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tiles = sorted({t for _, g in grids for t in g}, key=_block_order)
+    colors = {t: f"C{i % 10}" for i, t in enumerate(tiles)}  # one colour per tile in every panel
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.0), squeeze=False)
     for ax, (label, gaps) in zip(axes[0], grids, strict=True):
         for t, (gap, std, _) in sorted(gaps.items(), key=lambda kv: _block_order(kv[0])):
             if t not in speed:
                 continue
             x = geomean(speed[t].values())
-            ax.errorbar(x, gap, yerr=std, fmt=MARKERS[tile_kind(t)], capsize=3, ms=7)
+            ax.errorbar(x, gap, yerr=std, fmt=MARKERS[tile_kind(t)], capsize=3, ms=7, color=colors[t])
             ax.annotate(t, (x, gap), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.axhline(0.0, color="black", lw=1)
         ax.set_xlabel("per-layer speedup over dense (geometric mean)")
@@ -149,8 +157,8 @@ def plot(grids: list[tuple[str, dict]], speed: dict[str, dict[str, float]], path
 def _grid(spec: str, level: float, recipe: str) -> tuple[str, dict]:
     label, _, path = spec.rpartition("=")
     if not label:
-        raise SystemExit(f"give each grid as LABEL=results.json, got {spec!r}")
-    gaps = load_gaps(Path(path), level, recipe)
+        raise SystemExit(f"give each grid as LABEL=results.json or LABEL=runs.csv[,runs.csv], got {spec!r}")
+    gaps = load_gaps(path, level, recipe)
     if not gaps:
         raise SystemExit(f"{path}: no rows of recipe {recipe!r} at sparsity {level} without a permutation")
     return label, gaps

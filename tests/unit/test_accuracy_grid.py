@@ -307,6 +307,10 @@ def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
         lines.append(f"c{seed},magnitude_frozen,none,0.8,32,40,{seed},val_top1,{dense},ok")  # another sparsity
         lines.append(f"d{seed},default,none,0.9,32,40,{seed},val_top1,{dense - 9.0},ok")  # another recipe
     runs.write_text("\n".join(lines) + "\n")
+    more = tmp_path / "more.csv"  # a second grid sharing the dense runs: read together, each run once
+    more.write_text("\n".join([fields, lines[1], "e0,magnitude_frozen,none,0.9,64,40,0,val_top1,80.0,ok"]) + "\n")
+    assert set(shape_frontier.load_gaps(f"{runs},{more}", 0.9, "magnitude_frozen")) == {"64x16", "32", "64"}
+    assert shape_frontier.load_gaps(f"{runs},{more}", 0.9, "magnitude_frozen")["64"] == (-10.0, 0.0, 1)
     gaps = shape_frontier.load_gaps(runs, 0.9, "magnitude_frozen")
     assert set(gaps) == {"64x16", "32"}
     assert gaps["64x16"][0] == pytest.approx(-1.5) and gaps["64x16"][2] == 2
