@@ -65,13 +65,17 @@ def load_gaps(path: Path | str, level: float, recipe: str) -> dict[str, tuple[fl
     return out
 
 
-def load_speed(path: Path, level: float) -> dict[str, dict[str, float]]:
-    """tile label -> {layer: speedup over dense} at `level` from a bsr_linear.py CSV."""
-    out: dict[str, dict[str, float]] = {}
+def load_speed(path: Path, level: float, dtype: str = "bf16") -> dict[str, dict[str, float]]:
+    """tile label -> {layer: speedup over dense} at `level` from a bsr_linear.py CSV: its `dtype` rows (mode column)
+    at the largest batch it measured."""
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("ours_x") and math.isclose(float(row["sparsity"]), level):
-                out.setdefault(block_label(row["block"]), {})[row["layer"]] = float(row["ours_x"])
+        rows = [r for r in csv.DictReader(f) if r.get("ours_x") and r.get("mode", dtype) == dtype]
+    rows = [r for r in rows if math.isclose(float(r["sparsity"]), level)]
+    top = max((int(r["batch"]) for r in rows if r.get("batch")), default=None)
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if top is None or not row.get("batch") or int(row["batch"]) == top:
+            out.setdefault(block_label(row["block"]), {})[row["layer"]] = float(row["ours_x"])
     return out
 
 

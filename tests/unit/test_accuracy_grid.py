@@ -322,6 +322,12 @@ def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
         "fc1,64x16,0.9,1,0.5,2.0\nfc2,64x16,0.9,1,0.5,2.0\nfc1,32x32,0.9,1,1,1.0\nfc2,32x32,0.9,1,1,4.0\n"
         "fc1,64x64,0.9,1,1,4.0\nfc2,64x64,0.9,1,1,4.0\nfc1,64x16,0.8,1,1,9.0\n"
     )
+    other = tmp_path / "modes.csv"  # another dtype and a smaller batch in one file: the dtype's largest batch counts
+    other.write_text(
+        "layer,block,sparsity,mode,batch,ours_x\nfc1,64x16,0.9,bf16,256,2.0\nfc1,64x16,0.9,bf16,1,0.5\n"
+        "fc1,64x16,0.9,fp32,256,7.0\n"
+    )
+    assert shape_frontier.load_speed(other, 0.9) == {"64x16": {"fc1": 2.0}}
     table = shape_frontier.table([("grid", gaps)], shape_frontier.load_speed(speed, 0.9))
     row = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert row["64 x 16 (tall)"].endswith("| -1.50 +- 0.71 | 2.00x | 2.00x | 2.00x | 0.50 |")
