@@ -58,10 +58,13 @@ def attention_context(mha: nn.MultiheadAttention, call: dict) -> torch.Tensor:
     return out
 
 
-def _hook(model: nn.Module, name: str, module: nn.Module, pname: str, sums: dict) -> torch.utils.hooks.RemovableHandle:
+def _hook(
+    owners: dict[int, nn.MultiheadAttention], name: str, module: nn.Module, pname: str, sums: dict
+) -> torch.utils.hooks.RemovableHandle:
     """The hook that sees what one masked weight multiplies: its module's input, or for nn.MultiheadAttention's
-    projections the attention's inputs (in_proj) or context (out_proj), taken from the attention's own call."""
-    owner = next((m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.out_proj is module), None)
+    projections the attention's inputs (in_proj) or context (out_proj, found in `owners`: id(out_proj) -> its
+    attention), taken from the attention's own call."""
+    owner = owners.get(id(module))
     if owner is not None:
         return owner.register_forward_pre_hook(
             lambda mha, a, kw: _add(sums, name, attention_context(mha, _mha_call(a, kw))), with_kwargs=True
@@ -83,7 +86,8 @@ def input_norms(
     """{masked weight name: sum over the batches' tokens of each input feature squared} (float32, the weight's
     device). `forward(model, batch)` runs one batch; `reduce` (e.g. an all-reduce sum) is applied to each total."""
     sums: dict[str, torch.Tensor] = {}
-    hooks = [_hook(model, name, module, pname, sums) for name, module, pname, _ in iter_block_masks(model)]
+    owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    hooks = [_hook(owners, name, module, pname, sums) for name, module, pname, _ in iter_block_masks(model)]
     was_training = model.training
     model.eval()
     try:
