@@ -33,8 +33,10 @@ class Progress:
     best_top5: float = -1.0
     train_images: int = 0  # throughput, steady state: first logging window of each process start left out
     train_seconds: float = 0.0
+    train_tokens: int = 0  # a language model's input tokens over the same windows (0 for images)
     warmup_images: int = 0  # that first window, used only when there is nothing else
     warmup_seconds: float = 0.0
+    warmup_tokens: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
     val_history: list[float] = field(default_factory=list)  # the headline metric of each validation, in order
 

@@ -138,7 +138,6 @@ class Trainer:
         self.state = TrainState(self.model, p.optimizer, p.lr_scheduler, p.scaler, p.ema, Progress(), streams)
         self.logger: MetricLogger | None = None
         self._warm = False
-        self._tokens = [0, 0.0]  # a language model's input tokens and seconds, steady state, this process
 
     def _step_parts(self) -> StepParts:
         """The objective, the EMA copy, the wrapped model (DDP / FSDP / compiled) and the optimization of a step."""
@@ -247,9 +246,10 @@ class Trainer:
         p = self.progress
         if self._warm:
             p.train_images, p.train_seconds = p.train_images + window.images, p.train_seconds + elapsed
-            self._tokens = [self._tokens[0] + window.tokens, self._tokens[1] + elapsed]
+            p.train_tokens += window.tokens
         else:  # the first window pays for cuDNN/cuBLAS autotuning, allocator growth, compilation
             p.warmup_images, p.warmup_seconds = p.warmup_images + window.images, p.warmup_seconds + elapsed
+            p.warmup_tokens += window.tokens
             self._warm = True
         ctrl = get_controller(self.model)
         metrics = {
@@ -410,7 +410,9 @@ class Trainer:
             params_kept=kept,
             wall_time_s=None,
             images_per_s=_rate(p.train_images, p.train_seconds) or _rate(p.warmup_images, p.warmup_seconds),
-            tokens_per_s=_rate(*self._tokens) if self._tokens[0] else None,
+            tokens_per_s=(_rate(p.train_tokens, p.train_seconds) or _rate(p.warmup_tokens, p.warmup_seconds))
+            if p.train_tokens or p.warmup_tokens
+            else None,
             epochs=p.epoch,
             steps=p.step,
             world_size=self.dist.world_size,

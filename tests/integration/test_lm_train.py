@@ -103,6 +103,8 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     a, b = summary_of(straight), summary_of(killed)
     assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-5)
     assert b["mask_digest"] == a["mask_digest"]
+    # throughput over the whole run, both processes' steady windows (tokens saved with the checkpoint like images)
+    assert b["tokens_per_s"] == pytest.approx(32 * b["images_per_s"], rel=1e-6)
     loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
     loss_resumed = {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m}
     assert loss_resumed == pytest.approx(loss, rel=1e-5)
