@@ -95,7 +95,8 @@ class SparsityConfig:
     ramp_epochs: float = 0.0
     ramp_fraction: float | None = 0.5  # ramp over this fraction of all training steps (overrides ramp_epochs)
     score_init: str = "kaiming"  # kaiming | magnitude | activation (magnitude x input norms, calibrated at start)
-    calibration_batches: int = 8  # score_init=activation: training batches that measure the input norms
+    calibration_batches: int = 8  # score_init=activation / reconstruct: training batches that measure the inputs
+    reconstruct: bool = False  # refit the kept weights to the dense outputs once the masks are chosen (step 0)
     fixed_weight: bool = False
     fixed_mask: bool = False
     min_recovery_steps: int = 600  # start-up notice below this many steps at the final sparsity (0: off)
@@ -365,6 +366,7 @@ def check(c: TrainConfig) -> None:
         _positive(s.calibration_batches, "sparsity.calibration_batches")
         if s.score_init == "activation" and c.trainer.strategy == "fsdp":
             raise ConfigError("sparsity.score_init=activation calibrates whole weights: use trainer.strategy=ddp")
+        _check_reconstruct(s, c.trainer)
         if s.ramp_fraction is not None and not 0.0 < s.ramp_fraction <= 1.0:
             raise ConfigError(f"sparsity.ramp_fraction must be in (0, 1] or null, got {s.ramp_fraction}")
         if s.schedule != "constant" and s.ramp_epochs <= 0 and s.ramp_fraction is None:
@@ -393,6 +395,20 @@ def check(c: TrainConfig) -> None:
     _one_of(c.measure.dtype, DTYPE_CHOICES, "measure.dtype")
     _one_of(c.measure.layout, ("auto", "bsr", "dense"), "measure.layout")
     _positive(c.measure.batch_size, "measure.batch_size")
+
+
+def _check_reconstruct(s: SparsityConfig, t: TrainerConfig) -> None:
+    """sparsity.reconstruct refits the weights to the masks of step 0: those must be the final ones."""
+    if not s.reconstruct:
+        return
+    if s.schedule != "constant" or s.start_epoch > 0:
+        raise ConfigError(
+            "sparsity.reconstruct refits the weights to the masks chosen before the first step, so the masks must be "
+            "at the final sparsity from step 0: set sparsity.schedule=constant and sparsity.start_epoch=0 (the "
+            "recipe sparsity=oneshot does), or leave sparsity.reconstruct=false"
+        )
+    if t.strategy == "fsdp":
+        raise ConfigError("sparsity.reconstruct refits whole weights: use trainer.strategy=ddp")
 
 
 def _check_trainer(t: TrainerConfig) -> None:

@@ -51,6 +51,7 @@ from superblock.rundir import RunDir, RunSummary
 from superblock.seeding import seed_everything
 from superblock.sparsity import block_sparsity, fused, get_controller, iter_block_masks
 from superblock.sparsity.calibrate import calibrate_scores
+from superblock.sparsity.reconstruct import reconstruct_weights
 
 __all__ = [
     "Progress",
@@ -292,6 +293,7 @@ class Trainer:
                 self.logger.sinks[0].truncate_after(self.progress.step)
             if resume is None:
                 self._calibrate_scores()
+                self._reconstruct()
             if self.dist.is_main and resume is None:
                 if self.report is not None:
                     print(self.report)
@@ -321,20 +323,36 @@ class Trainer:
         s = self.cfg.sparsity
         if s.score_init != "activation" or not self.sparsity_spec:
             return
-        device, amp = self.device, self.amp_dtype
+        batches, forward = self._calibration()
+        ema = self.parts.ema
+        n = calibrate_scores(self.model, batches, forward, all_reduce_sum, [ema.module] if ema is not None else [])
+        if self.dist.is_main:
+            tqdm.write(
+                f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)"
+            )
+
+    def _calibration(self) -> tuple[object, object]:
+        """The calibration batches of this rank (data.calibration_loader: a fixed draw that moves nothing of the
+        run) and the forward pass that runs one of them under the run's autocast."""
+        device, amp, d = self.device, self.amp_dtype, self.dist
 
         def forward(model: nn.Module, batch) -> None:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 model(batch[0].to(device, non_blocking=True))
 
-        d = self.dist
-        batches = calibration_loader(self.data.train_loader, s.calibration_batches, self.cfg.seed, d.rank, d.world_size)
+        n = self.cfg.sparsity.calibration_batches
+        return calibration_loader(self.data.train_loader, n, self.cfg.seed, d.rank, d.world_size), forward
+
+    def _reconstruct(self) -> None:
+        """sparsity.reconstruct: the kept weights refit to the dense outputs on the calibration batches, under the
+        masks of step 0 (sparsity.reconstruct; every rank's Gram matrices all-reduced: one set of weights)."""
+        if not self.cfg.sparsity.reconstruct or not self.sparsity_spec:
+            return
+        batches, forward = self._calibration()
         ema = self.parts.ema
-        n = calibrate_scores(self.model, batches, forward, all_reduce_sum, [ema.module] if ema is not None else [])
-        if d.is_main:
-            tqdm.write(
-                f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)"
-            )
+        done = reconstruct_weights(self.model, batches, forward, all_reduce_sum, [ema.module] if ema else [])
+        if self.dist.is_main:
+            tqdm.write(str(done))
 
     def _raised_notice(self) -> str | None:
         d, t = self.data, self.cfg.trainer

@@ -10,7 +10,8 @@ across ranks, so every rank gets the same scores); `calibrate_scores` turns them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from superblock.sparsity.mask import init_scores
 from superblock.sparsity.targets import is_conv1d
 
 
-def _input_dim(module: nn.Module) -> int:
+def input_dim(module: nn.Module) -> int:
     """The stored weight's dimension that meets the input's features: 0 for GPT-2's Conv1D (stored (in, out)), else
     1 (nn.Linear's (out, in))."""
     return 0 if is_conv1d(module) else 1
@@ -59,21 +60,33 @@ def attention_context(mha: nn.MultiheadAttention, call: dict) -> torch.Tensor:
 
 
 def _hook(
-    owners: dict[int, nn.MultiheadAttention], name: str, module: nn.Module, pname: str, sums: dict
+    owners: dict[int, nn.MultiheadAttention], name: str, module: nn.Module, pname: str, add: Callable
 ) -> torch.utils.hooks.RemovableHandle:
-    """The hook that sees what one masked weight multiplies: its module's input, or for nn.MultiheadAttention's
-    projections the attention's inputs (in_proj) or context (out_proj, found in `owners`: id(out_proj) -> its
-    attention), taken from the attention's own call."""
+    """The hook that sees what one masked weight multiplies and hands it to `add(name, x)`: its module's input, or
+    for nn.MultiheadAttention's projections the attention's inputs (in_proj) or context (out_proj, found in
+    `owners`: id(out_proj) -> its attention), taken from the attention's own call."""
     owner = owners.get(id(module))
     if owner is not None:
         return owner.register_forward_pre_hook(
-            lambda mha, a, kw: _add(sums, name, attention_context(mha, _mha_call(a, kw))), with_kwargs=True
+            lambda mha, a, kw: add(name, attention_context(mha, _mha_call(a, kw))), with_kwargs=True
         )
     if isinstance(module, nn.MultiheadAttention):  # the query for in_proj_weight (self-attention: q = k = v)
         key = _MHA_INPUT.get(pname, "query")
-        return module.register_forward_pre_hook(lambda _m, a, kw: _add(sums, name, _mha_call(a, kw)[key]),
-                                                with_kwargs=True)  # fmt: skip
-    return module.register_forward_hook(lambda _m, inputs, _out: _add(sums, name, inputs[0]))
+        return module.register_forward_pre_hook(lambda _m, a, kw: add(name, _mha_call(a, kw)[key]), with_kwargs=True)
+    return module.register_forward_hook(lambda _m, inputs, _out: add(name, inputs[0]))
+
+
+@contextmanager
+def watch_inputs(model: nn.Module, add: Callable[[str, torch.Tensor], object]) -> Iterator[None]:
+    """Within the block, every forward call hands what each masked weight of `model` multiplies to `add(name, x)`
+    (x: (..., in_features), the name of the masked weight as iter_block_masks gives it)."""
+    owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    hooks = [_hook(owners, name, module, pname, add) for name, module, pname, _ in iter_block_masks(model)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
@@ -86,16 +99,13 @@ def input_norms(
     """{masked weight name: sum over the batches' tokens of each input feature squared} (float32, the weight's
     device). `forward(model, batch)` runs one batch; `reduce` (e.g. an all-reduce sum) is applied to each total."""
     sums: dict[str, torch.Tensor] = {}
-    owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    hooks = [_hook(owners, name, module, pname, sums) for name, module, pname, _ in iter_block_masks(model)]
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            forward(model, batch)
+        with watch_inputs(model, lambda name, x: _add(sums, name, x)):
+            for batch in batches:
+                forward(model, batch)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     if reduce is not None:
         for total in sums.values():
@@ -131,7 +141,7 @@ def calibrate_scores(
         )
     for name, module, pname, mask in masks:
         weight = module.parametrizations[pname].original
-        dim = _input_dim(module)
+        dim = input_dim(module)
         mask.scores.copy_(activation_scores(weight, mask.block, squares[name].to(weight.device), dim))
     for follower in followers:
         for (_, _, _, live), (_, _, _, copy) in zip(masks, iter_block_masks(follower), strict=True):

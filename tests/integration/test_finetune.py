@@ -81,3 +81,37 @@ def test_teacher_is_frozen_and_must_predict_the_students_classes(dense_run) -> N
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(ValueError, match="predicts 10 classes, the student 5"):
         load_teacher(dense_run, {**spec, "num_classes": 5}, torch.device("cpu"))
+
+
+def _refit_line(out: str) -> tuple[int, float, float]:
+    import re
+
+    m = re.search(r"refit (\d+) masked weights in \d+ groups .* error on the calibration batches (\S+) -> (\S+)", out)
+    assert m, out[-2000:]
+    return int(m.group(1)), float(m.group(2)), float(m.group(3))
+
+
+def test_oneshot_refits_the_kept_weights_of_a_pretrained_run(dense_run, tmp_path) -> None:
+    """sparsity=oneshot from a dense run: activation-aware masks at the final level from step 0 and the kept weights
+    refit to the dense outputs (torchvision's attention: in_proj and out_proj), then the masks stay fixed."""
+    common = [*SMOKE, f"model.pretrained={dense_run}", "sparsity=oneshot", "sparsity.calibration_batches=2"]
+    proc = run_train(*common, "trainer.max_steps=1", "optim.lr=1e-30", f"hydra.run.dir={tmp_path / 'refit'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, before, after = _refit_line(proc.stdout)
+    assert n == 8 and after < before  # 2 layers x (in_proj, out_proj, fc1, fc2)
+    plain = run_train(
+        *common,
+        "trainer.max_steps=1",
+        "optim.lr=1e-30",
+        "sparsity.reconstruct=false",
+        f"hydra.run.dir={tmp_path / 'cut'}",
+    )
+    assert plain.returncode == 0 and "masked weights in" not in plain.stdout
+    refit, cut = (
+        torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in ("refit", "cut")
+    )
+    name = next(k for k in refit if k.endswith("mlp.0.parametrizations.weight.original"))
+    assert not torch.equal(refit[name], cut[name])  # the weights moved
+    assert torch.equal(
+        refit[name.replace("weight.original", "weight.0.mask")], cut[name.replace("weight.original", "weight.0.mask")]
+    )

@@ -79,6 +79,12 @@ def test_default_config_is_the_embedded_run():
         (["data.augment.interpolation=lanczos9"], "data.augment.interpolation"),
         (["sparsity.level_overrides=[{match:'*.fc1',level:1.2}]"], "level must be a sparsity"),
         (["sparsity.level_overrides=[{match:'*.fc1',level:0.3}]", "sparsity.allocation=global"], "layerwise"),
+        (
+            ["sparsity.reconstruct=true"],
+            "sparsity.schedule=constant",
+        ),  # the default ramps: step 0's masks are not final
+        (["sparsity=oneshot", "sparsity.start_epoch=1"], "sparsity.start_epoch=0"),
+        (["sparsity=oneshot", "sparsity.score_init=magnitude", "trainer.strategy=fsdp"], "refits whole weights"),
     ],
 )
 def test_validation_messages(overrides, message):

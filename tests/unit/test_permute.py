@@ -253,7 +253,7 @@ def test_a_permutation_at_the_ramp_measures_activation_scores_again() -> None:
     the permuted model (its `rescore`), not magnitude scores of the permuted weights."""
     from superblock.engine.permutation import schedule_permutation
     from superblock.sparsity import get_controller
-    from superblock.sparsity.calibrate import _input_dim, activation_scores, calibrate_scores, input_norms
+    from superblock.sparsity.calibrate import activation_scores, calibrate_scores, input_dim, input_norms
     from superblock.sparsity.mask import init_scores
 
     model, x = _model("micro_vit")
@@ -284,8 +284,6 @@ def test_a_permutation_at_the_ramp_measures_activation_scores_again() -> None:
     differs = False
     for name, module, pname, mask in iter_block_masks(model):
         weight = stored(module, pname)
-        torch.testing.assert_close(
-            mask.scores, activation_scores(weight, mask.block, squares[name], _input_dim(module))
-        )
+        torch.testing.assert_close(mask.scores, activation_scores(weight, mask.block, squares[name], input_dim(module)))
         differs |= not torch.allclose(mask.scores, init_scores(weight, mask.block, "magnitude"))
     assert differs

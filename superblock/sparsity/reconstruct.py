@@ -1,0 +1,182 @@
+"""One-shot weight reconstruction (`sparsity.reconstruct=true`): once the masks are chosen, refit the kept tiles of
+every masked weight so that its layer's output on the calibration batches matches what the dense weight gives.
+
+Zeroing tiles of a pretrained weight removes their share of every output of those rows; the kept weights of the same
+rows can take much of it back. The outputs of one block row (its `rows` outputs share one set of kept input columns
+K) are fitted to the dense outputs in least squares: W'[:, K] = W H[:, K] (H[K, K] + damping I)^-1, where H = X^T X is
+the Gram matrix of the inputs over the calibration tokens (the objective of SparseGPT, Frantar & Alistarh 2023; with
+tiles a whole block row shares K, so it is solved exactly, not column by column). The damping is 1% of H's mean
+diagonal. The weights of the masked tiles are left as they are (the mask zeroes them).
+
+The weights are refit group by group in the order a forward pass reaches them, a group being the masked weights of
+one numbered block (`model.layers.3`, `blocks.3`, `encoder_layer_3`): each group's inputs are measured through the
+groups before it, already refit and masked, so a layer also corrects what the layers before it lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from superblock.sparsity.api import iter_block_masks
+from superblock.sparsity.blocks import BlockSize, expand_blocks
+from superblock.sparsity.calibrate import input_dim, watch_inputs
+
+DAMPING = 0.01  # of the Gram matrix's mean diagonal
+_NUMBERED = re.compile(r"\d")
+
+
+@dataclass
+class Reconstruction:
+    """What a reconstruction did: weights refit, groups (forward passes over the calibration batches), and the
+    relative squared error of the masked weights' outputs on the calibration inputs against the dense weights',
+    averaged over weights, before (masked only) and after the refit."""
+
+    weights: int
+    groups: int
+    error_before: float
+    error_after: float
+
+    def __str__(self) -> str:
+        return (
+            f"refit {self.weights} masked weights in {self.groups} groups to their dense outputs: relative output "
+            f"error on the calibration batches {self.error_before:.3g} -> {self.error_after:.3g}"
+        )
+
+
+def group_key(name: str) -> str:
+    """The numbered block a weight belongs to: its name up to the first part that holds a digit
+    ("model.layers.3.mlp.up_proj.weight" -> "model.layers.3"); a name without one is a group of its own."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if _NUMBERED.search(part):
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def refit_rows(weight: torch.Tensor, mask: torch.Tensor, block: BlockSize, gram: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in) with the kept entries of every block row refit by least squares to `weight`'s own outputs
+    on inputs whose Gram matrix is `gram` (in, in); masked entries unchanged. Float64 throughout."""
+    w = weight.double()
+    h = gram.double()
+    damp = DAMPING * h.diagonal().mean().clamp_min(1e-12)
+    keep = expand_blocks(mask.bool(), weight.shape, block)
+    new = w.clone()
+    rows = block[0]
+    for start in range(0, w.shape[0], rows):
+        cols = keep[start].nonzero().squeeze(1)  # a block row shares one set of kept columns
+        if cols.numel() == 0:
+            continue
+        wr = w[start : start + rows]
+        hk = h[cols][:, cols]
+        hk.diagonal().add_(damp)
+        rhs = wr @ h[:, cols]  # (rows, k): the dense outputs' correlation with the kept inputs
+        new[start : start + rows, cols] = torch.linalg.solve(hk, rhs.T).T
+    return new
+
+
+def output_error(dense: torch.Tensor, sparse: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(dense - sparse) X||^2 / ||dense X||^2 over the inputs whose Gram matrix is `gram` (weights (out, in))."""
+    d, h = (dense - sparse).double(), gram.double()
+    w = dense.double()
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
+
+
+def forward_order(model: nn.Module, batch: object, forward: Callable[[nn.Module, object], object]) -> list[str]:
+    """The masked weights' names in the order one forward pass of `batch` reaches them (each once)."""
+    seen: dict[str, None] = {}
+    with watch_inputs(model, lambda name, _x: seen.setdefault(name, None)):
+        forward(model, batch)
+    return list(seen)
+
+
+class _Grams:
+    """Gram matrices X^T X of the inputs of some masked weights; consecutive weights reading the same input tensor
+    (q / k / v, gate / up) share the product."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = set(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.names:
+            return
+        if self._last is not None and self._last[0] is x:
+            g = self._last[1]
+        else:
+            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            g = flat.T @ flat
+            self._last = (x, g)
+        self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
+
+
+@torch.no_grad()
+def reconstruct_weights(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, object], object],
+    reduce: Callable[[torch.Tensor], object] | None = None,
+    followers: Iterable[nn.Module] = (),
+) -> Reconstruction:
+    """Refit every masked weight of `model` to its dense outputs on `batches` (re-iterable: one pass per group)
+    under the masks it has now, group by group in forward order; copy the weights into `followers` (an EMA copy).
+    `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights."""
+    masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
+    batch_list = batches if isinstance(batches, (list, tuple)) else None
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("sparsity.reconstruct needs at least one calibration batch")
+    was_training = model.training
+    model.eval()
+    groups: dict[str, list[str]] = {}
+    try:
+        for name in forward_order(model, first, forward):
+            groups.setdefault(group_key(name), []).append(name)
+        before, after = [], []
+        for names in groups.values():
+            grams = _Grams(names)
+            with watch_inputs(model, grams.add):
+                for batch in batch_list if batch_list is not None else batches:
+                    forward(model, batch)
+            for name in names:
+                gram = grams.sums[name]
+                if reduce is not None:
+                    reduce(gram)
+                module, pname, mask = masks[name]
+                e_before, e_after = _refit(module, pname, mask, gram)
+                before.append(e_before)
+                after.append(e_after)
+    finally:
+        model.train(was_training)
+    _copy_weights(model, followers)
+    n = len(before)
+    return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1))
+
+
+def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor) -> tuple[float, float]:
+    """Refit one masked weight in place; its output error before and after."""
+    original = module.parametrizations[pname].original
+    tiles, block = mask.mask, mask.block
+    if input_dim(module) == 0:  # GPT-2's Conv1D stores (in, out), and its mask tiles that stored weight
+        dense, tiles, block = original.T, tiles.T, (block[1], block[0])
+    else:
+        dense = original
+    new = refit_rows(dense, tiles, block, gram)
+    keep = expand_blocks(tiles.bool(), dense.shape, block).double()
+    before = output_error(dense, dense.double() * keep, gram)
+    after = output_error(dense, new * keep, gram)
+    dense.copy_(new.to(dense.dtype))  # a view of `original` (its transpose for Conv1D)
+    return before, after
+
+
+def _copy_weights(model: nn.Module, followers: Iterable[nn.Module]) -> None:
+    live = [module.parametrizations[pname].original for _, module, pname, _ in iter_block_masks(model)]
+    for follower in followers:
+        copies = [module.parametrizations[pname].original for _, module, pname, _ in iter_block_masks(follower)]
+        for src, dst in zip(live, copies, strict=True):
+            dst.copy_(src)
