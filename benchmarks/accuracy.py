@@ -79,6 +79,9 @@ RECIPES = {
         "sparsity.score_init=activation",
         "sparsity.level_overrides=[{match:'model.layers.0.*',level:0.0},{match:'model.layers.1.*',level:0.0}]",
     ],
+    # one-shot activation-aware masks at the final level, kept weights refit to the dense outputs, then the fine-tune
+    # with the masks fixed (sparsity=oneshot; pretrained models: docs/frontier.md, "A pretrained language model")
+    "oneshot": ["sparsity=oneshot"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
     "experiment": [],  # an experiment preset's own sparse recipe, as the experiment file sets it
 }

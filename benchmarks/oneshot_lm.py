@@ -2,13 +2,16 @@
 
     python benchmarks/oneshot_lm.py --model pretrained/smollm2-135m-instruct --out $OUT      # CPU: a few minutes
     python benchmarks/oneshot_lm.py --model DIR --levels 0.1,0.3,0.5 --blocks 16,32,64x16 --scores magnitude,activation
+    python benchmarks/oneshot_lm.py --model DIR --levels 0.5 --blocks 64x16 --scores activation,activation+refit \
+        --calibration 32                   # one-shot pruning with the least-squares refit (sparsity=oneshot)
 
 The model (a transformers folder, e.g. the converted SmolLM2) gets superblock's masks on every q/k/v/o and
 gate/up/down projection at each sparsity, with tile scores from the weights' magnitudes (`magnitude`) or from
 activation-aware magnitudes (`activation`: sparsity.score_init=activation, calibrated on `--calibration` training
-windows of the stdlib corpus), and is evaluated on `--windows` validation windows of `--seq-len` tokens with its own
-tokenizer: perplexity per token and per byte. How much a tile shape and a score destroy before any fine-tune is the
-starting point the fine-tune has to recover from. Writes oneshot_lm.json and .md.
+windows of the stdlib corpus), a score with `+refit` also refitting the kept weights to the dense outputs on those
+windows (sparsity.reconstruct: `--scores activation+refit`), and is evaluated on `--windows` validation windows of
+`--seq-len` tokens with its own tokenizer: perplexity per token and per byte. How much a tile shape and a score
+destroy before any fine-tune is the starting point the fine-tune has to recover from. Writes oneshot_lm.json and .md.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from superblock.data import build_val_loader  # noqa: E402
 from superblock.data.text import text_bundle  # noqa: E402
 from superblock.engine.validation import loader_metrics  # noqa: E402
 from superblock.sparsity.calibrate import calibrate_scores  # noqa: E402
+from superblock.sparsity.reconstruct import reconstruct_weights  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,10 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a transformers model folder with its tokenizer")
     p.add_argument("--levels", default="0.1,0.3")
     p.add_argument("--blocks", default="16,32,64x16,16x64")
-    p.add_argument("--scores", default="magnitude,activation")
+    p.add_argument("--scores", default="magnitude,activation", help="magnitude | activation, each optionally +refit")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=int, default=16, help="validation windows")
-    p.add_argument("--calibration", type=int, default=8, help="training windows that calibrate activation scores")
+    p.add_argument("--calibration", type=int, default=8, help="training windows that calibrate scores and refits")
     p.add_argument(
         "--level-overrides", default="",
         help="JSON {glob: sparsity} for sparsity.level_overrides, e.g. '{\"*.gate_proj.weight\": 0.1, "
@@ -90,10 +94,14 @@ def main(argv: list[str] | None = None) -> None:
             for score in args.scores:
                 start = time.time()
                 model = load(args)
-                report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=score,
+                base, _, refit = score.partition("+")
+                report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
                                   level_overrides=args.level_overrides, seed=0)  # fmt: skip
-                if score == "activation":
-                    calibrate_scores(model, calibration, lambda m, b: m(b[0].to(device)))
+                forward = lambda m, b: m(b[0].to(device))  # noqa: E731
+                if base == "activation":
+                    calibrate_scores(model, calibration, forward)
+                if refit:
+                    print(reconstruct_weights(model, calibration, forward), flush=True)
                 zeroed = sum((1 - r.density) * r.shape[0] * r.shape[1] for r in report.rows)
                 share = zeroed / sum(r.shape[0] * r.shape[1] for r in report.rows)
                 rows.append({"score": score, "sparsity": level, "block": block, "zeroed": share, **measured(model)})

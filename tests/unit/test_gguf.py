@@ -98,9 +98,11 @@ def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["sparsity=oneshot"]], ids=["experiment", "oneshot"])
+def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     """experiment=smollm2_sparse end to end on the CPU (2 steps), with a tiny Llama folder standing in for the real
-    conversion: masks on the 7 projections of each block, distillation from the same folder, its own tokenizer."""
+    conversion: masks on the 7 projections of each block, distillation from the same folder, its own tokenizer;
+    with sparsity=oneshot the kept weights of both blocks refit before the first step."""
     import subprocess
 
     model, tokenizer = tiny_llama()
@@ -108,13 +110,14 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "experiment=smollm2_sparse", f"model.pretrained={tmp_path / 'tiny'}",
          "trainer.max_steps=2", "data.val_size=4", "data.max_bytes=20000", "data.batch_size=2", "data.seq_len=16",
-         "sparsity.block_size=16",
+         "sparsity.block_size=16", *recipe,
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["block_sparsity"]) == 2 * 7 and summary["sparsity"] == 0.5
+    assert ("refit 14 masked weights in 2 groups" in proc.stdout) == bool(recipe)
     assert summary["val_perplexity"] is not None
     from superblock.artifacts.checkpoint import load_checkpoint
 
