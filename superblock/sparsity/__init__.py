@@ -12,8 +12,10 @@ from superblock.sparsity.api import (
     sparsify,
 )
 from superblock.sparsity.blocks import kept_blocks, normalize_block_size
+from superblock.sparsity.calibrate import calibrate_scores
 from superblock.sparsity.controller import SparsityController
 from superblock.sparsity.mask import BlockMask
+from superblock.sparsity.reconstruct import Reconstruction, reconstruct_weights
 from superblock.sparsity.schedule import SparsitySchedule
 from superblock.sparsity.targets import PRESETS, linear_weights, select_targets
 
@@ -21,10 +23,12 @@ __all__ = [
     "CONTROLLER_ATTR",
     "PRESETS",
     "BlockMask",
+    "Reconstruction",
     "SparsityController",
     "SparsityReport",
     "SparsitySchedule",
     "block_sparsity",
+    "calibrate_scores",
     "fold_masks",
     "get_controller",
     "iter_block_masks",
@@ -32,6 +36,7 @@ __all__ = [
     "linear_weights",
     "mask_parameters",
     "normalize_block_size",
+    "reconstruct_weights",
     "refresh_masks",
     "select_targets",
     "sparsify",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -94,16 +95,21 @@ def forward_order(model: nn.Module, batch: object, forward: Callable[[nn.Module,
     return list(seen)
 
 
+class _GroupDone(Exception):
+    """Raised from the hook of a group's last weight: the rest of that forward pass is not needed."""
+
+
 class _Grams:
     """Gram matrices X^T X of the inputs of some masked weights; consecutive weights reading the same input tensor
     (q / k / v, gate / up) share the product."""
 
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = set(names)
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.final = set(names), names[-1]
         self.sums: dict[str, torch.Tensor] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, name: str, x: torch.Tensor) -> None:
+        """Add x^T x to `name`'s sum; after the group's last weight in forward order, stop the pass."""
         if name not in self.names:
             return
         if self._last is not None and self._last[0] is x:
@@ -113,6 +119,15 @@ class _Grams:
             g = flat.T @ flat
             self._last = (x, g)
         self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
+        if name == self.final and len(self.sums) == len(self.names):
+            raise _GroupDone
+
+    def measure(self, model: nn.Module, batches: Iterable, forward: Callable[[nn.Module, object], object]) -> None:
+        """Run `batches` through `model` up to this group's last weight."""
+        with watch_inputs(model, self.add):
+            for batch in batches:
+                with suppress(_GroupDone):
+                    forward(model, batch)
 
 
 @torch.no_grad()
@@ -127,7 +142,6 @@ def reconstruct_weights(
     under the masks it has now, group by group in forward order; copy the weights into `followers` (an EMA copy).
     `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights."""
     masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
-    batch_list = batches if isinstance(batches, (list, tuple)) else None
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("sparsity.reconstruct needs at least one calibration batch")
@@ -140,9 +154,7 @@ def reconstruct_weights(
         before, after = [], []
         for names in groups.values():
             grams = _Grams(names)
-            with watch_inputs(model, grams.add):
-                for batch in batch_list if batch_list is not None else batches:
-                    forward(model, batch)
+            grams.measure(model, batches, forward)
             for name in names:
                 gram = grams.sums[name]
                 if reduce is not None:

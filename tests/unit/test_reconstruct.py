@@ -83,7 +83,10 @@ def test_reconstruction_brings_a_masked_network_back_toward_its_dense_outputs():
     cut_before = {n: mod.parametrizations[p].original.detach().clone() for n, mod, p, _ in iter_block_masks(model)}
     follower = Stack()
     sparsify(follower, sparsity=0.5, block_size=(16, 8), targets=["*.0.weight", "*.2.weight"], schedule="constant")
+    calls = []
+    model.layers[1][0].register_forward_pre_hook(lambda *_: calls.append(1))
     done = reconstruct_weights(model, batches, lambda m, b: m(b[0]), followers=[follower])
+    assert len(calls) == 1 + 0 + 3  # the order pass; layers.0's passes stop before layers.1; then layers.1's
     with torch.no_grad():
         err_after = (model(held_out) - target).pow(2).mean()
     assert done.weights == 4 and done.groups == 2  # layers.0 and layers.1, in forward order
