@@ -9,15 +9,17 @@ tiles a whole block row shares K, so it is solved exactly, not column by column)
 diagonal. The weights of the masked tiles are left as they are (the mask zeroes them).
 
 The weights are refit group by group in the order a forward pass reaches them, a group being the masked weights of
-one numbered block (`model.layers.3`, `blocks.3`, `encoder_layer_3`): each group's inputs are measured through the
-groups before it, already refit and masked, so a layer also corrects what the layers before it lost.
+one numbered block (`model.layers.3`, `blocks.3`, `encoder_layer_3`): each group's inputs are measured with the
+group itself dense and the groups before it already refit and masked, so a layer also corrects what the layers
+before it lost. (Measured with its own masks on, a block's later weights are fitted to the inputs its masked, not
+yet refit, earlier weights give: on SmolLM2 at 50% that left the perplexity where it was without a refit.)
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +156,8 @@ def reconstruct_weights(
         before, after = [], []
         for names in groups.values():
             grams = _Grams(names)
-            grams.measure(model, batches, forward)
+            with _unmasked([masks[name][2] for name in names]):
+                grams.measure(model, batches, forward)
             for name in names:
                 gram = grams.sums[name]
                 if reduce is not None:
@@ -168,6 +171,20 @@ def reconstruct_weights(
     _copy_weights(model, followers)
     n = len(before)
     return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1))
+
+
+@contextmanager
+def _unmasked(masks: list) -> Iterator[None]:
+    """Within the block these masks keep every tile (a group is measured dense, its inputs through the groups
+    before it as refit and masked, as SparseGPT measures a block); their own masks afterwards."""
+    saved = [m.mask.clone() for m in masks]
+    try:
+        for m in masks:
+            m.mask.fill_(1)
+        yield
+    finally:
+        for m, kept in zip(masks, saved, strict=True):
+            m.mask.copy_(kept)
 
 
 def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor) -> tuple[float, float]:

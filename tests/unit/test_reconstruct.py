@@ -138,3 +138,23 @@ def test_a_gpt2_conv1d_weight_is_refit_in_its_stored_transpose():
         after = (model(held).logits - target).pow(2).mean()
     assert done.weights == 8 and done.groups == 2
     assert after < before
+
+
+def test_a_group_is_measured_dense_through_the_refit_groups_before_it():
+    """Within a group every weight is fitted to the inputs the group gives with its own weights dense (SparseGPT's
+    sequential measure); the next group's inputs come through this group as refit and masked."""
+    dense, model = _sparse_stack()
+    batches = [(_correlated(64, 32, seed=s),) for s in range(2)]
+    x = torch.cat([b[0] for b in batches])
+    second, nxt = model.layers[0][2], model.layers[1][0]  # second reads GELU(layers.0.0 x) with layers.0.0 dense
+    w2, w_next = (m.parametrizations.weight.original.detach().clone() for m in (second, nxt))
+    m2, m_next = second.parametrizations.weight[0], nxt.parametrizations.weight[0]
+    with torch.no_grad():
+        hidden = dense.layers[0][1](dense.layers[0][0](x)).double()
+        reconstruct_weights(model, batches, lambda m, b: m(b[0]))
+        torch.testing.assert_close(
+            second.parametrizations.weight.original, refit_rows(w2, m2.mask, m2.block, hidden.T @ hidden).float()
+        )
+        through = (x + model.layers[0](x)).double()  # what layers.1 reads: block 0 refit and masked
+        expect = refit_rows(w_next, m_next.mask, m_next.block, through.T @ through)
+    torch.testing.assert_close(nxt.parametrizations.weight.original, expect.float())
