@@ -134,6 +134,16 @@ def test_activation_scores_under_two_process_ddp_are_one_set(tmp_path):
     assert summary_of(tmp_path)["masks_equal_across_ranks"] is True
 
 
+@pytest.mark.slow  # two processes (~20 s)
+def test_oneshot_refit_under_two_process_ddp(tmp_path):
+    """sparsity=oneshot with two ranks: each measures its share of the calibration batches, the Gram matrices
+    (float64) meet in an all-reduce, and the refit is said once."""
+    proc = _two_process("sparsity=oneshot", "sparsity.calibration_batches=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("refit 8 masked weights in 2 groups") == 1
+    assert summary_of(tmp_path)["masks_equal_across_ranks"] is True
+
+
 def test_fsdp2_sharded_training_matches_ddp_and_writes_whole_checkpoints(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     assert _two_process(f"hydra.run.dir={ddp}").returncode == 0
