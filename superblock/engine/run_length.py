@@ -53,11 +53,21 @@ def raised_length_notice(
     )
 
 
+def ramp_share(schedule: str, ramp_fraction: float | None) -> float | None:
+    """The fraction of the run a ramp takes (sparsity.ramp_fraction): none for a constant schedule, which is at the
+    final sparsity from its start (sparsity=oneshot keeps an experiment's ramp_fraction but never ramps)."""
+    return None if schedule == "constant" else ramp_fraction
+
+
+def _ramp_steps(spec: dict[str, Any]) -> int:
+    return 0 if spec.get("schedule") == "constant" else int(spec.get("ramp_steps", 0))
+
+
 def recovery_steps(spec: dict[str, Any] | None, total_steps: int) -> int | None:
     """Optimizer steps the run takes at its final sparsity, after the ramp (None for a dense run)."""
     if not spec:
         return None
-    return max(0, total_steps - int(spec.get("start_step", 0)) - int(spec.get("ramp_steps", 0)))
+    return max(0, total_steps - int(spec.get("start_step", 0)) - _ramp_steps(spec))
 
 
 def recovery_notice(
@@ -76,7 +86,8 @@ def recovery_notice(
     if have is None or floor <= 0 or have >= floor:
         return None
     level = spec["sparsity"]
-    fixed = int(spec.get("start_step", 0)) + (0 if ramp_fraction is not None else int(spec.get("ramp_steps", 0)))
+    ramp_fraction = ramp_share(spec.get("schedule", "cubic"), ramp_fraction)
+    fixed = int(spec.get("start_step", 0)) + (0 if ramp_fraction is not None else _ramp_steps(spec))
     steps_needed = step_floor(floor, ramp_fraction, fixed)  # total steps that leave `floor` after the ramp
     if not steps_needed:  # the ramp takes the whole run: no length is enough
         fixes = ["sparsity.ramp_fraction below 1 (a ramp that ends before the run does)"]

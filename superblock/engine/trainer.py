@@ -38,6 +38,7 @@ from superblock.engine.permutation import describe, schedule_permutation
 from superblock.engine.run_length import (
     accuracy_noise,
     raised_length_notice,
+    ramp_share,
     recovery_notice,
     step_floor,
     still_improving,
@@ -109,7 +110,9 @@ class Trainer:
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
             min_steps=t.min_steps,
-            auto_floor=step_floor(cfg.sparsity.min_recovery_steps, cfg.sparsity.ramp_fraction),
+            auto_floor=step_floor(
+                cfg.sparsity.min_recovery_steps, ramp_share(cfg.sparsity.schedule, cfg.sparsity.ramp_fraction)
+            ),
         )
         self.bundle, self.total_steps = self.data.bundle, self.data.total_steps
         self.model_spec = build_model_spec(cfg.model, self.bundle)

@@ -47,6 +47,14 @@ def test_a_max_steps_limited_run_is_told_to_raise_max_steps():
     assert "trainer.max_steps=1200" in msg and "max_epochs" not in msg.split("lengthen the run:")[1]
 
 
+def test_a_constant_schedule_counts_every_step_at_the_final_sparsity():
+    """sparsity=oneshot on an experiment that sets a ramp_fraction: constant from step 0, no ramp to wait out."""
+    s = {**SPEC, "schedule": "constant", "ramp_steps": 3}
+    assert recovery_steps(s, 6) == 6
+    msg = recovery_notice(s, total_steps=6, steps_per_epoch=889, max_epochs=10, batch_size=4, ramp_fraction=0.5)
+    assert "6 optimizer steps at the final sparsity" in msg and "trainer.max_steps=600" in msg
+
+
 def test_ramp_in_epochs_counts_its_steps():
     s = {**SPEC, "start_step": 100, "ramp_steps": 300}
     assert recovery_steps(s, 1000) == 600
