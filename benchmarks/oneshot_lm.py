@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         return {"ppl": m["val_perplexity"], "ppl_byte": m.get("val_perplexity_per_byte", math.nan)}
 
     targets = [f"*.{name}.weight" for name in PROJECTIONS]
+
+    def forward(model, batch) -> None:
+        model(batch[0].to(device))
+
     rows = [{"score": "dense", "sparsity": 0.0, "block": None, **measured(load(args))}]
     print(rows[0], flush=True)
     for level in args.levels:
@@ -97,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
                 base, _, refit = score.partition("+")
                 report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
                                   level_overrides=args.level_overrides, seed=0)  # fmt: skip
-                forward = lambda m, b: m(b[0].to(device))  # noqa: E731
                 if base == "activation":
                     calibrate_scores(model, calibration, forward)
                 if refit:

@@ -326,34 +326,34 @@ class Trainer:
         s = self.cfg.sparsity
         if s.score_init != "activation" or not self.sparsity_spec:
             return
-        batches, forward = self._calibration()
-        ema = self.parts.ema
-        n = calibrate_scores(self.model, batches, forward, all_reduce_sum, [ema.module] if ema is not None else [])
+        batches, forward, followers = self._calibration()
+        n = calibrate_scores(self.model, batches, forward, all_reduce_sum, followers)
         if self.dist.is_main:
             tqdm.write(
                 f"scores of {n} masked weights from activation-aware magnitudes ({s.calibration_batches} batches)"
             )
 
-    def _calibration(self) -> tuple[object, object]:
+    def _calibration(self) -> tuple[object, object, list[nn.Module]]:
         """The calibration batches of this rank (data.calibration_loader: a fixed draw that moves nothing of the
-        run) and the forward pass that runs one of them under the run's autocast."""
+        run), the forward pass that runs one of them under the run's autocast, and the copies whose masked weights
+        follow the model's (the EMA)."""
         device, amp, d = self.device, self.amp_dtype, self.dist
 
         def forward(model: nn.Module, batch) -> None:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 model(batch[0].to(device, non_blocking=True))
 
-        n = self.cfg.sparsity.calibration_batches
-        return calibration_loader(self.data.train_loader, n, self.cfg.seed, d.rank, d.world_size), forward
+        n, ema = self.cfg.sparsity.calibration_batches, self.parts.ema
+        batches = calibration_loader(self.data.train_loader, n, self.cfg.seed, d.rank, d.world_size)
+        return batches, forward, [ema.module] if ema is not None else []
 
     def _reconstruct(self) -> None:
         """sparsity.reconstruct: the kept weights refit to the dense outputs on the calibration batches, under the
         masks of step 0 (sparsity.reconstruct; every rank's Gram matrices all-reduced: one set of weights)."""
         if not self.cfg.sparsity.reconstruct or not self.sparsity_spec:
             return
-        batches, forward = self._calibration()
-        ema = self.parts.ema
-        done = reconstruct_weights(self.model, batches, forward, all_reduce_sum, [ema.module] if ema else [])
+        batches, forward, followers = self._calibration()
+        done = reconstruct_weights(self.model, batches, forward, all_reduce_sum, followers)
         if self.dist.is_main:
             tqdm.write(str(done))
 
@@ -431,9 +431,7 @@ class Trainer:
             params_kept=kept,
             wall_time_s=None,
             images_per_s=_rate(p.train_images, p.train_seconds) or _rate(p.warmup_images, p.warmup_seconds),
-            tokens_per_s=(_rate(p.train_tokens, p.train_seconds) or _rate(p.warmup_tokens, p.warmup_seconds))
-            if p.train_tokens or p.warmup_tokens
-            else None,
+            tokens_per_s=_rate(p.train_tokens, p.train_seconds) or _rate(p.warmup_tokens, p.warmup_seconds),
             epochs=p.epoch,
             steps=p.step,
             world_size=self.dist.world_size,
@@ -469,8 +467,9 @@ def _validation_line(epoch: int, metrics: dict[str, float]) -> str:
     return line
 
 
-def _rate(images: int, seconds: float) -> float | None:
-    return images / seconds if seconds > 0 else None
+def _rate(count: int, seconds: float) -> float | None:
+    """Items per second; None when nothing was counted (an image model's tokens) or no time passed."""
+    return count / seconds if seconds > 0 and count else None
 
 
 def write_summary(run_dir: Path, summary: RunSummary) -> None:
