@@ -48,6 +48,7 @@ from superblock.engine.state import Progress, RankStreams, TrainState, rank_seed
 from superblock.engine.validation import validate
 from superblock.io import write_json_atomically
 from superblock.logging import MetricLogger, build_logger
+from superblock.models import starts_pretrained
 from superblock.rundir import RunDir, RunSummary
 from superblock.seeding import seed_everything
 from superblock.sparsity import block_sparsity, fused, get_controller, iter_block_masks
@@ -300,7 +301,8 @@ class Trainer:
             if self.dist.is_main and resume is None:
                 if self.report is not None:
                     print(self.report)
-                for line in filter(None, [describe(self.model), self._raised_notice(), self._run_length_notice()]):
+                notices = [self._raised_notice(), self._run_length_notice(), self._from_scratch_notice()]
+                for line in filter(None, [describe(self.model), *notices]):
                     print(line)
             while self.progress.step < self.total_steps and self.progress.epoch < self.data.epochs:
                 epoch = self.progress.epoch
@@ -362,6 +364,19 @@ class Trainer:
         if d.epochs <= t.max_epochs:
             return None
         return raised_length_notice(t.max_epochs, d.epochs, d.steps_per_epoch, t.min_steps, d.min_steps, d.n_train)
+
+    def _from_scratch_notice(self) -> str | None:
+        """Calibrated scores and the refit follow what the starting model does: on random weights, noise."""
+        s, m = self.cfg.sparsity, self.cfg.model
+        what = [k for k, on in (("sparsity.reconstruct", s.reconstruct), ("sparsity.score_init=activation",
+                s.score_init == "activation")) if on]  # fmt: skip
+        if not what or not self.sparsity_spec or starts_pretrained(m.name, m.pretrained):
+            return None
+        return (
+            f"note: {' and '.join(what)} calibrate on the model as it starts, and this one starts from random "
+            "weights (no model.pretrained): they are for pretrained models (model.pretrained=<weights>, or "
+            "model.name=hf:<dir> with weights)"
+        )
 
     def _run_length_notice(self) -> str | None:
         c = self.cfg

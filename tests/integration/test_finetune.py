@@ -99,6 +99,7 @@ def test_oneshot_refits_the_kept_weights_of_a_pretrained_run(dense_run, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     n, before, after = _refit_line(proc.stdout)
     assert n == 8 and after < before  # 2 layers x (in_proj, out_proj, fc1, fc2)
+    assert "calibrate on the model as it starts" not in proc.stdout  # it starts from the dense run
     plain = run_train(
         *common,
         "trainer.max_steps=1",
@@ -114,4 +115,13 @@ def test_oneshot_refits_the_kept_weights_of_a_pretrained_run(dense_run, tmp_path
     assert not torch.equal(refit[name], cut[name])  # the weights moved
     assert torch.equal(
         refit[name.replace("weight.original", "weight.0.mask")], cut[name.replace("weight.original", "weight.0.mask")]
+    )
+
+
+def test_oneshot_from_random_weights_says_it_is_meant_for_pretrained_models(tmp_path) -> None:
+    proc = run_train(*SMOKE, "sparsity=oneshot", "sparsity.calibration_batches=1", "trainer.max_steps=1",
+                     f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: sparsity.reconstruct and sparsity.score_init=activation calibrate on the model as it starts" in (
+        proc.stdout
     )

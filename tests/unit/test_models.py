@@ -185,3 +185,15 @@ def test_masked_state_dict_is_refused(tmp_path) -> None:
     torch.save(state, tmp_path / "masked.pt")
     with pytest.raises(ValueError, match="fold the masks"):
         build_model("micro_vit", num_classes=3, pretrained=str(tmp_path / "masked.pt"))
+
+
+def test_starts_pretrained_knows_a_weights_file_and_an_hf_dir_with_weights(tmp_path):
+    from superblock.models import starts_pretrained
+
+    assert starts_pretrained("micro_vit", "some/weights.pt")
+    assert not starts_pretrained("micro_vit", None)
+    assert not starts_pretrained("hf:gpt2", None)  # an architecture: a fresh initialisation
+    (tmp_path / "config.json").write_text("{}")
+    assert not starts_pretrained(f"hf:{tmp_path}", None)  # a config, no weights
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert starts_pretrained(f"hf:{tmp_path}", None)
