@@ -49,6 +49,33 @@ def not_slower_than_dense(sparse: float, dense: float, tolerance: float = TIE_TO
     return sparse <= dense * (1.0 + tolerance)
 
 
+class EnvVar:
+    """One environment variable, read when used at the cost of a dict lookup: `os.environ.get` encodes the name on
+    every call (about a microsecond, paid on every eager `auto` call before). Follows os.environ as it changes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        env = os.environ
+        self._data = getattr(env, "_data", None)
+        encode = getattr(env, "encodekey", None)
+        self._key = encode(name) if isinstance(self._data, dict) and encode is not None else None
+        self._raw: object = None
+        self._value: str | None = None
+
+    def get(self, default: str) -> str:
+        if self._key is None:
+            return os.environ.get(self.name, default)
+        raw = self._data.get(self._key)
+        if raw is None:
+            return default
+        if raw is not self._raw:
+            self._raw, self._value = raw, os.environ.decodevalue(raw)
+        return self._value
+
+
+_TUNE, _CACHE_DIR, _TUNE_FOR = EnvVar("SUPERBLOCK_TUNE"), EnvVar("SUPERBLOCK_CACHE_DIR"), EnvVar("SUPERBLOCK_TUNE_FOR")
+
+
 @dataclass
 class TuningState:
     """Everything `auto` remembers in this process, in one place: the table of measured choices (memory, and
@@ -67,13 +94,13 @@ class TuningState:
 
     def may_measure(self) -> bool:
         tune = self.tune
-        return tune if tune is not None else os.environ.get("SUPERBLOCK_TUNE", "1") != "0"
+        return tune if tune is not None else _TUNE.get("1") != "0"
 
     def cache_root(self) -> str | None:
-        return self.cache_dir or os.environ.get("SUPERBLOCK_CACHE_DIR")
+        return self.cache_dir or _CACHE_DIR.get("") or None
 
     def tuning_target(self) -> str:
-        target = self.target or os.environ.get("SUPERBLOCK_TUNE_FOR", "eager")
+        target = self.target or _TUNE_FOR.get("eager")
         return target if target in TARGETS else "eager"
 
 

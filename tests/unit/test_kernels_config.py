@@ -57,3 +57,15 @@ def test_the_tuning_state_reads_the_environment_when_used_not_at_import(monkeypa
     assert tuning.generation() == before + 1 and tuning.lookup("scope", "key") == {"backend": "dense"}
     tuning.clear_tuning()
     assert tuning.STATE.table == {} and tuning.generation() == before + 2
+
+
+def test_an_env_var_reader_follows_the_environment_as_it_changes(monkeypatch):
+    var = tuning.EnvVar("SUPERBLOCK_TEST_READER")
+    monkeypatch.delenv("SUPERBLOCK_TEST_READER", raising=False)
+    assert var.get("unset") == "unset"
+    monkeypatch.setenv("SUPERBLOCK_TEST_READER", "graph")
+    assert var.get("unset") == "graph" and var.get("unset") == "graph"
+    monkeypatch.setenv("SUPERBLOCK_TEST_READER", "eager")
+    assert var.get("unset") == "eager"
+    monkeypatch.delenv("SUPERBLOCK_TEST_READER")
+    assert var.get("unset") == "unset"
