@@ -50,8 +50,8 @@ def not_slower_than_dense(sparse: float, dense: float, tolerance: float = TIE_TO
 
 
 class EnvVar:
-    """One environment variable, read when used at the cost of a dict lookup: `os.environ.get` encodes the name on
-    every call (about a microsecond, paid on every eager `auto` call before). Follows os.environ as it changes."""
+    """One environment variable, read when used at the cost of a dict lookup (`os.environ.get` encodes the name on
+    every call, and eager `auto` calls read the tuning target on every call). Follows os.environ as it changes."""
 
     def __init__(self, name: str) -> None:
         self.name = name
