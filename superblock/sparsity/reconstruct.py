@@ -12,7 +12,7 @@ The weights are refit group by group in the order a forward pass reaches them, a
 one numbered block (`model.layers.3`, `blocks.3`, `encoder_layer_3`): each group's inputs are measured with the
 group itself dense and the groups before it already refit and masked, so a layer also corrects what the layers
 before it lost. (Measured with its own masks on, a block's later weights are fitted to the inputs its masked, not
-yet refit, earlier weights give: on SmolLM2 at 50% that left the perplexity where it was without a refit.)
+yet refit, earlier weights give, and the refit does not carry through: docs/frontier.md, "One shot with a refit".)
 """
 
 from __future__ import annotations
