@@ -195,6 +195,12 @@ def _weights_dir(name: str, pretrained: str | os.PathLike[str] | None) -> Path |
                 f"weights ({', '.join(WEIGHT_FILES)}), e.g. one written by save_pretrained"
             )
         return path
+    return stored_weights(name)
+
+
+def stored_weights(name: str) -> Path | None:
+    """The ``hf:<dir>`` directory when it holds weights; None for ``hf:<model_type>`` or a directory with a config
+    alone (a fresh initialisation)."""
     path = local_dir(name)
     return path if path is not None and has_weights(path) else None
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.models import vision_transformer as tv_vit
 
-from superblock.hf_models import build_hf_model, has_weights, hf_model_spec, is_hf_name, local_dir
+from superblock.hf_models import build_hf_model, hf_model_spec, is_hf_name, stored_weights
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ def build_model(
 def starts_pretrained(name: str, pretrained: str | None) -> bool:
     """Whether `build_model(name, ..., pretrained=pretrained)` starts from trained weights: a local weights file,
     or an ``hf:<dir>`` that holds weights. False for a fresh initialisation."""
-    if pretrained:
-        return True
-    if not is_hf_name(name):
-        return False
-    path = local_dir(name)
-    return path is not None and has_weights(path)
+    return bool(pretrained) or (is_hf_name(name) and stored_weights(name) is not None)
 
 
 def model_spec(
