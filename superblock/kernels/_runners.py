@@ -22,10 +22,10 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_BACKENDS = ("triton", "torch", "dense")
 # a Triton launch configuration travels through the custom op as a list of ints in this order; SPLIT >= 1 selects
 # the decode kernel (few tokens, SPLIT programs per block row); KB > 1 makes the tiled kernel multiply KB kept blocks
-# of a block row per step (one MMA with KB * bw inputs: thin tiles such as 64 x 16; the TMA kernel issues KB blocks'
-# loads per step). The seventh slot was XS, the x-stationary kernel's row chunks (that kernel left the package): it
-# stays, always 0, so old lists keep their meaning. Trailing entries at their default are left off, so the
-# five-entry lists of earlier tables and exports are still the tiled kernel.
+# of a block row per step (one MMA with KB * bw inputs: thin tiles such as 64 x 16). The seventh slot was XS, the
+# x-stationary kernel's row chunks (that kernel left the package): it stays, always 0, so old lists keep their
+# meaning. Trailing entries at their default are left off, so the five-entry lists of earlier tables and exports
+# are still the tiled kernel.
 CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS", "KB")
 _DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0, "KB": 1}
 _OPTIONAL = ("SPLIT", "XS", "KB")  # dropped from a config dict when at their default
@@ -315,8 +315,9 @@ def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
-    if int(config.get("KB", 1)) > 1 and group > 1:
-        raise ValueError("KB > 1 (kept blocks per step) walks plain block rows: it needs G == 1")
+    if int(config.get("KB", 1)) > 1 and (group > 1 or config.get("TMA")):
+        raise ValueError("KB > 1 (kept blocks per step) walks plain block rows without TMA: it needs G == 1 and TMA "
+                         "off")  # fmt: skip
 
 
 def _check_glu(out_f: int, bh: int, config: dict) -> None:

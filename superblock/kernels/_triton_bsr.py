@@ -191,11 +191,8 @@ if HAS_TRITON:
         y_desc,
         N,
         n_groups,
-        k_blocks,
-        nnz,
         BH: tl.constexpr,
         BW: tl.constexpr,
-        KB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr,
@@ -203,11 +200,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
     ):
         # Same schedule as _bsr_linear_kernel with G == 1, but tiles move through the TMA engine
-        # (descriptors zero-fill out-of-range reads and clip out-of-range writes). KB > 1: a step issues the loads
-        # of KB kept blocks of the block row (KB (BLOCK_M, bw) boxes of x, KB (bh, bw) boxes of the weight) and
-        # their KB MMAs, so a thin tile's step moves KB times the bytes and the loop runs a KB-th as often. Slots
-        # past the row's end point their boxes past x's last column (k_blocks) and the weight's last block (nnz):
-        # the TMA engine fills them with zeros.
+        # (descriptors zero-fill out-of-range reads and clip out-of-range writes).
         pid = tl.program_id(0)
         pid_m = pid // n_groups
         pid_n = pid - pid_m * n_groups
@@ -215,18 +208,17 @@ if HAS_TRITON:
         start = tl.load(crow_ptr + pid_n)
         end = tl.load(crow_ptr + pid_n + 1)
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-        if KB == 1:
-            for e in range(start, end):
-                c = tl.load(col_ptr + e)
-                acc = _mma(acc, x_desc.load([m0, c * BW]), w_desc.load([e * BH, 0]), PRECISION, UPCAST)
-        else:
-            for e0 in range(start, end, KB):
-                for j in tl.static_range(KB):
-                    e = e0 + j
-                    live = e < end
-                    c = tl.load(col_ptr + e, mask=live, other=k_blocks)
-                    b = w_desc.load([tl.where(live, e, nnz) * BH, 0])
-                    acc = _mma(acc, x_desc.load([m0, c * BW]), b, PRECISION, UPCAST)
+        for e in range(start, end):
+            c = tl.load(col_ptr + e)
+            a = x_desc.load([m0, c * BW])
+            b = w_desc.load([e * BH, 0])
+            if PRECISION == "none":
+                if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
+                    acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         if HAS_BIAS:
             n_glob = pid_n * BH + tl.arange(0, BH)
             bias = tl.load(b_ptr + n_glob, mask=n_glob < N, other=0.0).to(tl.float32)
@@ -500,15 +492,15 @@ def launch(
 
 
 def kernel_variant(config: dict, activation: str | None = None) -> str:
-    """The kernel a launch configuration runs: "decode" (SPLIT >= 1; KB > 1 packs its steps too), "tma" (TMA loads:
-    G == 1, not a gated pair; KB > 1 issues KB kept blocks' loads per step), "packed" (the tiled kernel with KB > 1
-    kept blocks per step), else "tiled". kernels.dispatch shows the table."""
+    """The kernel a launch configuration runs: "decode" (SPLIT >= 1; KB > 1 packs its steps too), "packed" (the
+    tiled kernel with KB > 1 kept blocks per step), "tma" (TMA loads: G == 1, not a gated pair), else "tiled".
+    kernels.dispatch shows the table."""
     if int(config.get("SPLIT", 0)) >= 1:
         return "decode"
-    if config.get("TMA") and int(config.get("G", 1)) == 1 and activation != "silu_mul":
-        return "tma"
     if int(config.get("KB", 1)) > 1:
         return "packed"
+    if config.get("TMA") and int(config.get("G", 1)) == 1 and activation != "silu_mul":
+        return "tma"
     return "tiled"
 
 
@@ -546,7 +538,6 @@ class Launch:
         self.n_groups = self.n_weight_rows // 2 if activation == "silu_mul" else self.n_weight_rows
         self.act, self.prec = ACT_CODES[activation], _precision_arg(values.dtype, precision)
         self.even_k = k_in % self.bw == 0
-        self.k_blocks = -(-k_in // self.bw)  # column blocks of x: a TMA box at this one reads as zeros
         self.kernel = kernel_variant(config, activation)
         self.tma = self.kernel == "tma"
         self.options = {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
@@ -579,10 +570,9 @@ class Launch:
             args = (
                 TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [bm, bw]), w_desc, crow,
                 col, b_arg, TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, bh]), self.n_out, self.n_groups,
-                self.k_blocks, values.shape[0], bh, bw, self.kb, bm, self.has_bias, self.act, self.prec, INTERPRET,
+                bh, bw, bm, self.has_bias, self.act, self.prec, INTERPRET,
             )  # fmt: skip
-            spec = specialization((crow, col, b_arg), (self.n_out, values.shape[0]))
-            self._tma(self.tiled_grid(M), spec, args, y.device)
+            self._tma(self.tiled_grid(M), specialization((crow, col, b_arg), (self.n_out,)), args, y.device)
             return y
         args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
         self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:13]), args, y.device)

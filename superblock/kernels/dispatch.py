@@ -17,9 +17,9 @@ Backend (`choose`):
 Kernel (`kernel_variant`, from the Triton configuration; _triton_bsr.Launch runs it):
 
   SPLIT >= 1        "decode": few tokens, SPLIT programs per block row (partial sums reduced in a workspace)
-  TMA, G == 1       "tma": the tiled kernel with TMA loads (not for gated pairs; falls back to "tiled" for x or y
-                    whose rows are not 16-byte aligned); KB > 1: the loads of KB kept blocks per step
   KB > 1            "packed": the tiled kernel multiplying KB kept blocks of a block row per step (thin tiles)
+  TMA, G == 1       "tma": the tiled kernel with TMA loads (not for gated pairs; falls back to "tiled" for x or y
+                    whose rows are not 16-byte aligned)
   otherwise         "tiled": one program per (token tile, G block rows)
 
 Call (`CALLS`, the plan's `call`; the caller executes it):

@@ -146,18 +146,14 @@ def tall_thin(bh: int, bw: int) -> bool:
 def packed_configs(large: bool, bw: int) -> list[dict]:
     """Tall thin tiles (64 or more rows by 16 or 32 columns): the tiled kernel multiplying KB kept blocks per step,
     so each MMA sees 64 or 128 inputs and the loop over a block row's blocks runs a KB-th as often. KB * bw of 64 and
-    128; deeper pipelines for the short steps. With many tokens also the TMA kernel issuing KB blocks' loads per step,
-    and the TMA kernel one block per step with a deeper pipeline."""
+    128; deeper pipelines for the short steps."""
     out = []
     for kw in (64, 128):
         kb = max(2, kw // bw)
         if large:
             out += [_cfg(128, 1, 4, 3, kb=kb), _cfg(128, 1, 8, 3, kb=kb), _cfg(256, 1, 8, 2, kb=kb)]
-            out.append(_cfg(128, 1, 4, 3, True, kb=kb))
         else:
             out += [_cfg(64, 1, 4, 3, kb=kb), _cfg(128, 1, 8, 3, kb=kb)]
-    if large:
-        out.append(_cfg(128, 1, 4, 4, True))
     return out
 
 

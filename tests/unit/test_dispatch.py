@@ -106,7 +106,6 @@ def test_the_kernel_table():
     assert dispatch.kernel_variant({**base, "TMA": True}, "silu_mul") == "tiled"  # gated pairs: no TMA
     assert dispatch.kernel_variant({**base, "TMA": True, "G": 2}) == "tiled"
     assert dispatch.kernel_variant({**base, "KB": 4}) == "packed"
-    assert dispatch.kernel_variant({**base, "KB": 4, "TMA": True}) == "tma"  # the TMA kernel's packed steps
     assert dispatch.kernel_variant({**base, "SPLIT": 8}) == "decode"
 
 

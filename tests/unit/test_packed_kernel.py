@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from superblock.kernels import _runners, _triton_bsr
+from superblock.kernels import _runners
 from superblock.kernels import tuning as tuning_mod
 from tests.helpers.kernels import run_in_interpreter
 
@@ -31,16 +31,12 @@ def test_config_lists_carry_kb_and_keep_older_lists():
         _runners.config_from_list([128, 1, 8, 3, 0, 0, 2, 4])
 
 
-def test_kb_walks_plain_block_rows_with_or_without_tma():
+@pytest.mark.parametrize("change", [{"G": 2}, {"TMA": True}], ids=["grouped", "tma"])
+def test_kb_runs_only_the_plain_tiled_kernel(change):
     values = torch.zeros(1, 64, 16)
-    cfg = {"BLOCK_M": 64, "G": 2, "num_warps": 4, "num_stages": 2, "TMA": False, "KB": 2}
+    cfg = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "KB": 2, **change}
     with pytest.raises(ValueError, match="KB > 1"):
         _runners._check_config(64, values, torch.zeros(2, 2, dtype=torch.int32), None, cfg)
-    for tma, variant in ((True, "tma"), (False, "packed")):  # TMA with KB > 1: the TMA kernel's packed steps
-        cfg = {**cfg, "G": 1, "TMA": tma}
-        _runners._check_config(64, values, None, None, cfg)
-        assert _triton_bsr.kernel_variant(cfg) == variant
-    assert _triton_bsr.kernel_variant({**cfg, "TMA": True}, "silu_mul") == "packed"  # no TMA for a gated pair
 
 
 def test_tall_thin_tiles_get_packed_candidates_after_the_default():
@@ -49,7 +45,6 @@ def test_tall_thin_tiles_get_packed_candidates_after_the_default():
         packed = [c for c in cands if c.get("KB", 1) > 1]
         assert packed and "KB" not in cands[0], (bh, bw, m, cands)
         assert {c["KB"] * bw for c in packed} == {64, 128}
-        assert any(c["TMA"] for c in packed) == (m > 8192)  # many tokens: the TMA kernel's packed steps too
         for c in packed:  # what _fit promises: the pipelined tiles fit in shared memory
             assert c["num_stages"] * (c["BLOCK_M"] + bh) * bw * c["KB"] * 2 <= tuning_mod.SMEM_BYTES
     decode = tuning_mod.candidate_configs(1, 64, 16, torch.bfloat16, blocks_per_row=40.0)
@@ -62,7 +57,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     """
     import torch
     import torch.nn.functional as F
-    from superblock.kernels import _runners, _triton_bsr, bsr_linear, dense_to_bsr
+    from superblock.kernels import _runners, bsr_linear, dense_to_bsr
 
     torch.manual_seed(0)
     cases = [  # (out, in, bh, bw, KB, activation, bias): ragged in (K not a multiple of bw), blocks past a row's end
@@ -87,16 +82,11 @@ _INTERP_SCRIPT = textwrap.dedent(
             y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
         err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
         assert err < 1e-5, (out_f, in_f, bh, bw, kb, act, err)
-        if act != "silu_mul":  # the TMA kernel's packed steps: dead slots read zero-filled boxes past x and W
-            y = torch.full_like(ref, float("nan"))
-            assert _triton_bsr.tma_ok(x, y, values)
-            bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config={**cfg, "TMA": True},
-                       out=y)  # fmt: skip
-            err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-            assert err < 1e-5, ("tma", out_f, in_f, bh, bw, kb, act, err)
 
     # the decode kernel with packed steps: SPLIT programs per block row, each taking runs of KB blocks; MODE 2 (the
     # workspace) and MODE 1 (no workspace: a reduce kernel), few tokens, a ragged K
+    from superblock.kernels import _triton_bsr
+
     real_ws = _triton_bsr.decode_workspace
     for out_f, in_f, bh, bw, kb, split, act, mode1 in [
         (256, 512, 64, 16, 4, 2, None, False), (256, 500, 64, 16, 4, 4, None, True),
