@@ -14,7 +14,7 @@ a cut-short grid continues where it stopped.
         --permute none,mlp+heads --blocks 32,64 --levels 0.8 --seeds 0 --max-steps 1500 --budget-minutes 8 \\
         --out docs/frontier/lm_small
     # a pretrained language model (SmolLM2-135M, converted by scripts/pretrained/smollm2.py): as is, dense
-    # fine-tune, and the experiment's own recipe against the reference at 50% / 70%
+    # fine-tune, and the experiment's own recipe (one-shot refit) against the reference at 50% / 70%
     python benchmarks/accuracy.py --preset smollm2 --device cuda --parallel 6 --as-is \
         --recipes experiment,reference --blocks 16,32,64,64x16 --levels 0.5,0.7 --seeds 0,1,2 \
         --out docs/frontier/smollm2
@@ -82,6 +82,9 @@ RECIPES = {
     # one-shot activation-aware masks at the final level, kept weights refit to the dense outputs, then the fine-tune
     # with the masks fixed (sparsity=oneshot; pretrained models: docs/frontier.md, "A pretrained language model")
     "oneshot": ["sparsity=oneshot"],
+    # magnitude-initialised scores ramped over the first half of the run, masks frozen after it (the smollm2
+    # preset's recipe before the refit: docs/frontier.md, "The fine-tune from the one-shot refit")
+    "magnitude_ramp": ["sparsity=finetune", "sparsity.ramp_fraction=0.5", "sparsity.freeze_after_ramp=true"],
     "finetune": ["experiment=sparse_finetune"],  # + model.pretrained / distill.teacher = that seed's dense run
     "experiment": [],  # an experiment preset's own sparse recipe, as the experiment file sets it
 }
