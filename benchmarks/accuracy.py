@@ -24,8 +24,9 @@ a cut-short grid continues where it stopped.
         --recipes reference,default,finetune --blocks 8,16
 
 Budget: with --budget-minutes M no run starts once the runs so far say it would not end within M minutes of the
-start, and runs still going at M minutes are stopped (their rows say so); dense runs go first, then the sparse
-runs seed by seed, so a cut grid still has every configuration at its first seed. Without a budget it runs all.
+start, and runs still going at M minutes are stopped (their rows say so, with the last validation they logged);
+dense runs are queued first, then the sparse runs seed by seed, all at once (only a finetune run waits for its dense
+run), so a cut grid still has every configuration at its first seed. Without a budget it runs all.
 Writes <out>/runs.jsonl (a row per run, as each ends), runs.csv, results.md (mean +- std over seeds of the metric
 and of its gap to the same seed's dense run; for perplexities also the gap in percent of dense and the perplexity
 per byte of text), results.json and accuracy.png. `--as-is` adds one run that trains nothing (trainer.max_steps=0):
@@ -328,12 +329,28 @@ def _train(job: dict, args: argparse.Namespace, budget: Budget, run_dir: Path) -
                 timeout=None if left is None else max(1.0, left),
             )
         except subprocess.TimeoutExpired:
-            return "killed (budget)"
+            return "killed (budget)" + last_validation(run_dir, PRESETS[args.preset][1])
     budget.finished(time.time() - start)
     if proc.returncode != 0:
         tail = (run_dir / "stdout.log").read_text().strip().splitlines()[-1:]
         return f"failed ({proc.returncode}): {tail}"
     return "ok"
+
+
+def last_validation(run_dir: Path, metric: str) -> str:
+    """' at step N: <metric> V' from the last validation a stopped run logged (metrics.jsonl), or '': how far a run
+    the budget cut had got, said in its status; its value stays empty, since it is not the run's result."""
+    path = run_dir / "metrics.jsonl"
+    last = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was stopped
+                continue
+            if record.get(metric) is not None:
+                last = record
+    return "" if last is None else f" at step {last.get('step')}: {metric} {last[metric]:.4g}"
 
 
 def _permutation(run_dir: Path) -> dict:
@@ -580,11 +597,28 @@ def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         return row
 
-    dense = [j for j in jobs if j["recipe"] == "dense"]
+    # every run is queued at once, dense runs first: a worker is never idle while runs wait, and only a run that
+    # starts from its seed's dense run (the finetune recipe) waits for it
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        rows += list(pool.map(one, dense))  # fine-tuning starts from them
-        rows += list(pool.map(one, [j for j in jobs if j["recipe"] != "dense"]))
+        dense = {j["name"]: pool.submit(one, j) for j in jobs if j["recipe"] == "dense"}
+
+        def after_dense(job: dict) -> dict:
+            needed = dense_dependency(job)
+            if needed is not None and needed in dense:
+                dense[needed].result()  # queued before this job, so already running or done: no deadlock
+            return one(job)
+
+        others = [pool.submit(after_dense, j) for j in jobs if j["recipe"] != "dense"]
+        rows += [f.result() for f in dense.values()] + [f.result() for f in others]
     return rows
+
+
+def dense_dependency(job: dict) -> str | None:
+    """The dense run a job starts from (its name), or None: the finetune recipe loads its seed's dense run."""
+    for o in job["overrides"]:
+        if o.startswith("model.pretrained=") and job["recipe"] == "finetune":
+            return Path(o.split("=", 1)[1]).name
+    return None
 
 
 def write_outputs(rows: list[dict], args: argparse.Namespace, head: str) -> str:

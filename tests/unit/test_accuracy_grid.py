@@ -350,3 +350,49 @@ def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
     assert out.stat().st_size > 0
     with pytest.raises(SystemExit, match="no rows of recipe"):
         shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--recipe", "reference", "--out", str(out)])
+
+
+def _scheduled(tmp_path, recipes: str, monkeypatch) -> dict[str, dict]:
+    """run_all on a 2-seed grid with `run` replaced by a recorder: which runs had ended when each one started."""
+    import threading
+    import time
+
+    grid = ["--recipes", recipes, "--levels", "0.9", "--blocks", "16", "--seeds", "0,1", "--parallel", "3"]
+    args = accuracy.parse_args(["--preset", "imagefolder", "--root", str(tmp_path), *grid, "--out", str(tmp_path)])
+    ended: set[str] = set()
+    seen: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def fake_run(job, args, budget):
+        with lock:
+            seen[job["name"]] = {"ended_before": set(ended)}
+        time.sleep(0.3 if job["recipe"] == "dense" else 0.05)
+        with lock:
+            ended.add(job["name"])
+        return {"name": job["name"], "recipe": job["recipe"], "status": "ok"}
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    rows = accuracy.run_all(accuracy.jobs_for(args), args)
+    assert len(rows) == len(seen) == 4
+    return seen
+
+
+def test_sparse_runs_start_beside_the_dense_runs_unless_they_start_from_them(tmp_path, monkeypatch) -> None:
+    seen = _scheduled(tmp_path, "default", monkeypatch)
+    # 3 workers, 2 dense runs queued first: the first sparse run takes the third worker while both dense runs go on
+    assert seen["default_p0_l0.9_b16_s0"]["ended_before"] == set()
+    (tmp_path / "ft").mkdir()
+    seen = _scheduled(tmp_path / "ft", "finetune", monkeypatch)
+    for seed in (0, 1):  # the finetune recipe loads its seed's dense run: it starts only once that run has ended
+        assert f"dense_s{seed}" in seen[f"finetune_p0_l0.9_b16_s{seed}"]["ended_before"]
+
+
+def test_a_run_cut_by_the_budget_says_how_far_it_got(tmp_path) -> None:
+    assert accuracy.last_validation(tmp_path, "val_perplexity") == ""  # nothing logged
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 200, "train_loss": 3.0}) + "\n"
+        + json.dumps({"step": 200, "val_perplexity": 41.25, "epoch": 1}) + "\n"
+        + json.dumps({"step": 400, "train_loss": 2.5}) + "\n"
+        + '{"step": 400, "val_perpl'  # the line being written when the run was stopped
+    )  # fmt: skip
+    assert accuracy.last_validation(tmp_path, "val_perplexity") == " at step 200: val_perplexity 41.25"
