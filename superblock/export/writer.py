@@ -282,7 +282,13 @@ def _equivalence_failure(eq: dict) -> str:
             f"tolerance={1.25 * max(eq['max_rel_err'], alone['max_rel_err']):.2g} after checking its quality "
             f"(evaluate.py on the export)"
         )
-    return f"{head} Try dtype=fp32 or another backend"
+    beside = (
+        f" (the dense model cast to {eq['dtype']}: {alone['max_rel_err']:.3g} of the largest logit, top-1 agreement "
+        f"{alone['top1_agreement']:.3f})"
+        if alone is not None
+        else ""
+    )
+    return f"{head}{beside} Try dtype=fp32 or another backend"
 
 
 def _probe_kind(manifest: dict) -> str:

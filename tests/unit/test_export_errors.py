@@ -172,6 +172,7 @@ def test_a_failed_check_blames_the_export_when_the_dtype_alone_is_fine(good, mon
     with pytest.raises(ExportError, match="Try dtype=fp32 or another backend") as err:
         export(good / "run", good / "broken", dtype="bf16")
     assert "the loss is" not in str(err.value)
+    assert "(the dense model cast to bf16: " in str(err.value)  # the yardstick beside the export's error
     assert leftovers(good) == []
 
 
