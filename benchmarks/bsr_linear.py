@@ -3,6 +3,8 @@
     python benchmarks/bsr_linear.py                       # full grid (ViT-B/H layers, blocks, sparsities, ...)
     python benchmarks/bsr_linear.py --quick               # the issue's target rows only
     python benchmarks/bsr_linear.py --sweep --quick       # also time a wide set of launch configs (tuning study)
+    python benchmarks/bsr_linear.py --layers vitb_fc2 --blocks 64x16,64x64 --sparsity 0.9 --modes bf16 \
+        --batches 256 --x-layouts token,feature         # x token-major and feature-major (the kernels read both)
 
 All columns of a row are measured in the same run on the same inputs: random block masks with an exact
 number of kept blocks, random activations, triton.testing.do_bench medians (it flushes L2 before every
@@ -75,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", default="0.5,0.7,0.8,0.9,0.95")
     p.add_argument("--modes", default="bf16,fp32", help=f"of {','.join(MODES)}")
     p.add_argument("--batches", default="256,1,8,32", help=f"images of {TOKENS_PER_IMAGE} tokens")
+    p.add_argument("--x-layouts", default="token", help="token (x [M, K] row-major) and/or feature (x^T stored)")
     p.add_argument("--sweep", action="store_true", help="tune over a wide config set (writes sweep.csv)")
     p.add_argument("--sweep-batches", default="256", help="batches that get the wide set under --sweep")
     p.add_argument("--no-auto", action="store_true", help="skip the auto column")
@@ -97,15 +100,25 @@ def _blocks(spec: str):
 
 def build_cases(args):
     if args.quick:
-        return [{"layer": lay, "block": (b, b), "sparsity": s, "mode": m, "batch": bt} for lay, b, s, m, bt in QUICK]
+        return [
+            {"layer": lay, "block": (b, b), "sparsity": s, "mode": m, "batch": bt, "x_layout": "token"}
+            for lay, b, s, m, bt in QUICK
+        ]
+    layouts = args.x_layouts.split(",")
+    if not set(layouts) <= {"token", "feature"}:
+        raise SystemExit(f"--x-layouts takes token and/or feature, got {args.x_layouts}")
     grid = itertools.product(
         [int(b) for b in args.batches.split(",")],
         args.modes.split(","),
         args.layers.split(","),
         _blocks(args.blocks),
         [float(s) for s in args.sparsity.split(",")],
+        layouts,
     )
-    return [{"layer": lay, "block": blk, "sparsity": s, "mode": m, "batch": bt} for bt, m, lay, blk, s in grid]
+    return [
+        {"layer": lay, "block": blk, "sparsity": s, "mode": m, "batch": bt, "x_layout": xl}
+        for bt, m, lay, blk, s, xl in grid
+    ]
 
 
 # ------------------------------------------------------------------------------------------ configurations
@@ -153,6 +166,12 @@ def random_mask(rows, cols, sparsity, gen, device):
     return mask.view(rows, cols).to(device)
 
 
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x [M, K] token-major as made, or the same values feature-major (stored as x^T [K, M]: what a layer that
+    writes its output transposed hands the next one); dense F.linear reads either without a copy."""
+    return x.t().contiguous().t() if layout == "feature" else x
+
+
 def make_tensors(case, device, n_rot=1, seed=0):
     out_f, in_f = LAYERS[case["layer"]]
     bh, bw = case["block"]
@@ -164,7 +183,7 @@ def make_tensors(case, device, n_rot=1, seed=0):
     w = (torch.randn(out_f, in_f, device=device) * full / math.sqrt(in_f)).to(dtype)
     values, crow, col = dense_to_bsr(w, (bh, bw))
     M = case["batch"] * TOKENS_PER_IMAGE
-    xs = [torch.randn(M, in_f, device=device).to(dtype) for _ in range(n_rot)]
+    xs = [_layout(torch.randn(M, in_f, device=device).to(dtype), case.get("x_layout", "token")) for _ in range(n_rot)]
     return {"w": w, "values": values, "crow": crow, "col": col, "xs": xs, "M": M, "N": out_f, "K": in_f}
 
 
@@ -243,7 +262,7 @@ def _warm_worker(job):
     full = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:N, :K]
     w = (torch.randn(N, K, device="cuda") * full).to(dtype)
     values, crow, col = dense_to_bsr(w, (bh, bw))
-    x = torch.randn(M, K, device="cuda").to(dtype)
+    x = _layout(torch.randn(M, K, device="cuda").to(dtype), job.get("x_layout", "token"))
     bias = torch.randn(N, device="cuda").to(dtype) if job.get("bias") else None
     failed = 0
     for cfg in job["configs"]:
@@ -284,7 +303,7 @@ def precompile(cases, args):
     jobs, seen = [], set()
     for case in cases:  # sparsity and seeds do not change what is compiled
         M = case["batch"] * TOKENS_PER_IMAGE
-        sig = (case["layer"], case["block"], case["mode"], case["batch"])
+        sig = (case["layer"], case["block"], case["mode"], case["batch"], case.get("x_layout", "token"))
         if sig not in seen:
             seen.add(sig)
             dtype, prec, _ = MODES[case["mode"]]
@@ -300,6 +319,7 @@ def precompile(cases, args):
                     "prec": prec,
                     "configs": configs[i : i + 4],
                     "torch": i == 0,
+                    "x_layout": case.get("x_layout", "token"),
                 }
                 jobs.append(job)
     warm_kernels(jobs, args.workers)
@@ -320,7 +340,7 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
     shape = (t["N"], t["K"])
     row = {**case, "block": f"{case['block'][0]}x{case['block'][1]}", "tokens": M, "N": out_f, "K": in_f}
 
-    dkey = (case["layer"], case["mode"], M)
+    dkey = (case["layer"], case["mode"], M, case.get("x_layout", "token"))  # dense on the same x
     if dkey not in dense_cache:
         dense_cache[dkey] = bench(_rotating(lambda x: F.linear(x, t["w"]), t["xs"]), args.rep_ms)
     row["dense_ms"] = dense_cache[dkey]
@@ -394,6 +414,7 @@ FIELDS = [
     "mode",
     "batch",
     "tokens",
+    "x_layout",
     "dense_ms",
     "torch_ms",
     "ours_ms",
@@ -424,7 +445,8 @@ def markdown(rows):
     nan = float("nan")
     for r in rows:
         lines.append(
-            f"| {r['layer']} {r['N']}x{r['K']} | {r['block']} | {r['sparsity']} | {r['mode']} | {r['tokens']} | "
+            f"| {r['layer']} {r['N']}x{r['K']} | {r['block']}{' xT' if r.get('x_layout') == 'feature' else ''} | "
+            f"{r['sparsity']} | {r['mode']} | {r['tokens']} | "
             f"{r['dense_ms']:.4f} | {r['torch_ms']:.4f} | {r['ours_ms']:.4f} | {r.get('auto_backend', '-')} | "
             f"{r.get('torch_x', nan):.2f} | {r.get('ours_x', nan):.2f} | {r.get('auto_x', nan):.2f} | "
             f"{r.get('dense_graph_ms', nan):.4f} | {r.get('ours_graph_ms', nan):.4f} | "

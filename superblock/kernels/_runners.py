@@ -253,13 +253,20 @@ def _check_triton_here(device: torch.device, dtype: torch.dtype, values: torch.T
         )
 
 
+def kernel_layout(x2d: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the Triton kernels read it: token-major (rows of K contiguous features) or feature-major (a
+    transposed view: columns of M contiguous tokens, e.g. the previous layer's output written transposed) as it is,
+    any other layout copied to token-major."""
+    token_major = x2d.stride(-1) == 1 and (x2d.shape[0] <= 1 or x2d.stride(0) >= x2d.shape[1])
+    return x2d if token_major or _triton_bsr.feature_major(x2d) else x2d.contiguous()
+
+
 def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y=None, wrap=None):
     """The Triton kernel into y (allocated when None). crow/col are int32, and the grouped layout (with gidx)
     when config['G'] > 1 (see layout_for). Host work per call: a few checks and the launch. `wrap`: see
     _triton_bsr.launch (the tiled kernel inside a torch.library.triton_op)."""
     in_f = x2d.shape[1]
-    if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
-        x2d = x2d.contiguous()
+    x2d = kernel_layout(x2d)
     if not values.is_contiguous():
         values = values.contiguous()
     n_out = out_width(out_f, activation)
@@ -294,9 +301,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
         if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
             raise ValueError(f"x is {x.dtype} [..., {x.shape[-1]}] on {x.device}; this weight takes {dtype} "
                              f"[..., {in_f}] on {device}")  # fmt: skip
-        x2d = x.reshape(-1, in_f)
-        if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < in_f):
-            x2d = x2d.contiguous()
+        x2d = kernel_layout(x.reshape(-1, in_f))
         y = torch.empty(x2d.shape[0], n_out, device=device, dtype=dtype) if out is None else out.view(-1, n_out)
         if x2d.shape[0]:
             launch(x2d, values, crow, col, gidx, bias, y, w_desc)

@@ -61,7 +61,9 @@ if HAS_TRITON:
         N,
         K,
         stride_xm,
+        stride_xk,
         stride_ym,
+        stride_yn,
         n_groups,
         BH: tl.constexpr,
         BW: tl.constexpr,
@@ -85,15 +87,16 @@ if HAS_TRITON:
         m_mask = offs_m < M
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        acc = _tiled_row(acc, x_rows, w_ptr, col_ptr, gidx_ptr, crow_ptr + pid_n, m_mask, K, BH, BW, G, KB, EVEN_K,
-                         PRECISION, UPCAST)  # fmt: skip
+        acc = _tiled_row(acc, x_rows, stride_xk, w_ptr, col_ptr, gidx_ptr, crow_ptr + pid_n, m_mask, K, BH, BW, G, KB,
+                         EVEN_K, PRECISION, UPCAST)  # fmt: skip
         if ACT == GLU:  # the up rows' groups follow the gate rows' (n_groups of each)
             up = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-            up = _tiled_row(up, x_rows, w_ptr, col_ptr, gidx_ptr, crow_ptr + n_groups + pid_n, m_mask, K, BH, BW, G,
-                            KB, EVEN_K, PRECISION, UPCAST)  # fmt: skip
-            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS)
+            up = _tiled_row(up, x_rows, stride_xk, w_ptr, col_ptr, gidx_ptr, crow_ptr + n_groups + pid_n, m_mask, K,
+                            BH, BW, G, KB, EVEN_K, PRECISION, UPCAST)  # fmt: skip
+            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, stride_yn,
+                          HAS_BIAS)  # fmt: skip
         else:
-            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, HAS_BIAS, ACT)
+            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, pid_n * BN + offs_n, N, stride_ym, stride_yn, HAS_BIAS, ACT)
 
     @triton.jit
     def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -108,18 +111,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tiled_row(acc, x_rows, w_ptr, col_ptr, gidx_ptr, row_ptr, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
-                   G: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    def _tiled_row(acc, x_rows, stride_xk, w_ptr, col_ptr, gidx_ptr, row_ptr, m_mask, K, BH: tl.constexpr,
+                   BW: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr):  # fmt: skip
         # acc += the (BLOCK_M, G*BH) tile of x @ W^T of one (grouped) block row, whose row pointer is at row_ptr;
-        # x_rows: [BLOCK_M, 1] pointers to the program's rows of x
+        # x_rows: [BLOCK_M, 1] pointers to the program's rows of x, whose columns are stride_xk apart (1: x is
+        # token-major; the token count: x is feature-major, and a thin tile's BW columns are BW contiguous runs)
         if KB > 1:
-            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, 0, KB, m_mask, K, BH, BW, KB, EVEN_K, PRECISION,
-                               UPCAST)  # fmt: skip
+            return _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, row_ptr, 0, KB, m_mask, K, BH, BW, KB, EVEN_K,
+                               PRECISION, UPCAST)  # fmt: skip
         BN: tl.constexpr = G * BH
         offs_k = tl.arange(0, BW)
         offs_n = tl.arange(0, BN)
-        x_base = x_rows + offs_k[None, :]
+        x_base = x_rows + offs_k.to(tl.int64)[None, :] * stride_xk  # 64-bit: a feature-major x's k * M
         if G == 1:
             w_base = w_ptr + offs_n[:, None] * BW + offs_k[None, :]
         else:
@@ -132,10 +136,10 @@ if HAS_TRITON:
             c = tl.load(col_ptr + e)
             k0 = c * BW
             if EVEN_K:
-                a = tl.load(x_base + k0, mask=m_mask[:, None], other=0.0)
+                a = tl.load(x_base + k0.to(tl.int64) * stride_xk, mask=m_mask[:, None], other=0.0)
             else:
                 k_mask = (k0 + offs_k) < K
-                a = tl.load(x_base + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(x_base + k0.to(tl.int64) * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if G == 1:
                 b = tl.load(w_base + e * (BH * BW))
             else:
@@ -152,7 +156,7 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, first, step, m_mask, K, BH: tl.constexpr,
+    def _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, row_ptr, first, step, m_mask, K, BH: tl.constexpr,
                     BW: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):  # fmt: skip
         # KB kept blocks of one block row per step: their x tiles side by side as one (BLOCK_M, KB*BW) tile and
@@ -175,7 +179,7 @@ if HAS_TRITON:
             if not EVEN_K:
                 live = live & (k < K)
                 a_mask = a_mask & (k < K)[None, :]
-            a = tl.load(x_rows + k[None, :], mask=a_mask, other=0.0)
+            a = tl.load(x_rows + k.to(tl.int64)[None, :] * stride_xk, mask=a_mask, other=0.0)
             b = tl.load(w_ptr + e[None, :] * (BH * BW) + offs_n[:, None] * BW + inner[None, :], mask=live[None, :],
                         other=0.0)  # fmt: skip
             acc = _mma(acc, a, b, PRECISION, UPCAST)
@@ -198,9 +202,13 @@ if HAS_TRITON:
         ACT: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        X_T: tl.constexpr = False,
+        Y_T: tl.constexpr = False,
     ):
         # Same schedule as _bsr_linear_kernel with G == 1, but tiles move through the TMA engine
-        # (descriptors zero-fill out-of-range reads and clip out-of-range writes).
+        # (descriptors zero-fill out-of-range reads and clip out-of-range writes). X_T / Y_T: x / y feature-major,
+        # their descriptors over x^T [K, M] / y^T [N, M], boxes [BW, BLOCK_M] / [BH, BLOCK_M] (rows of BLOCK_M
+        # tokens: a thin tile's box is BW long rows, not BLOCK_M rows of BW elements).
         pid = tl.program_id(0)
         pid_m = pid // n_groups
         pid_n = pid - pid_m * n_groups
@@ -210,7 +218,10 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
         for e in range(start, end):
             c = tl.load(col_ptr + e)
-            a = x_desc.load([m0, c * BW])
+            if X_T:  # noqa: SIM108 - a constexpr branch: one of the two is compiled
+                a = tl.trans(x_desc.load([c * BW, m0]))
+            else:
+                a = x_desc.load([m0, c * BW])
             b = w_desc.load([e * BH, 0])
             if PRECISION == "none":
                 if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly (3.9); upcast there
@@ -225,10 +236,13 @@ if HAS_TRITON:
             acc = acc + bias[None, :]
         if ACT == 1:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        y_desc.store([m0, pid_n * BH], acc.to(y_desc.dtype))
+        if Y_T:
+            y_desc.store([pid_n * BH, m0], tl.trans(acc.to(y_desc.dtype)))
+        else:
+            y_desc.store([m0, pid_n * BH], acc.to(y_desc.dtype))
 
     @triton.jit
-    def _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
+    def _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
                   ACT: tl.constexpr):  # fmt: skip
         # bias, activation and the masked store of y: shared by the tiled and the decode kernels
         n_mask = n_glob < N
@@ -236,18 +250,19 @@ if HAS_TRITON:
             acc = acc + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:  # exact (erf) GELU, as nn.GELU()
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
+        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob.to(tl.int64)[None, :] * stride_yn
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _epilogue_glu(gate, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr):
+    def _epilogue_glu(gate, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, stride_yn,
+                      HAS_BIAS: tl.constexpr):  # fmt: skip
         # silu(gate + bg) * (up + bu) into y's N columns; the bias is [gate's N; up's N]
         n_mask = n_glob < N
         if HAS_BIAS:
             gate = gate + tl.load(b_ptr + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             up = up + tl.load(b_ptr + N + n_glob, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = gate * tl.sigmoid(gate) * up
-        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob[None, :]
+        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n_glob.to(tl.int64)[None, :] * stride_yn
         tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
@@ -346,8 +361,8 @@ if HAS_TRITON:
         # acc += program s's share (kept blocks s, s + SPLIT, ...; with KB > 1 the runs of KB blocks s, s + SPLIT,
         # ...) of one block row, whose row pointer is at row_ptr
         if KB > 1:
-            return _packed_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s * KB, SPLIT * KB, m_mask, K, BH, BW, KB, EVEN_K,
-                               PRECISION, UPCAST)  # fmt: skip
+            return _packed_row(acc, x_rows, 1, w_ptr, col_ptr, row_ptr, s * KB, SPLIT * KB, m_mask, K, BH, BW, KB,
+                               EVEN_K, PRECISION, UPCAST)  # fmt: skip
         offs_k = tl.arange(0, BW)
         x_base = x_rows + offs_k[None, :]
         w_base = w_ptr + tl.arange(0, BH)[:, None] * BW + offs_k[None, :]
@@ -370,9 +385,9 @@ if HAS_TRITON:
     def _decode_out(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS: tl.constexpr,
                     ACT: tl.constexpr):  # fmt: skip
         if ACT == GLU:
-            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS)
+            _epilogue_glu(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, 1, HAS_BIAS)
         else:
-            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+            _epilogue(acc, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, 1, HAS_BIAS, ACT)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -449,16 +464,31 @@ def _precision_arg(dtype: torch.dtype, precision: str) -> str:
     return precision if dtype == torch.float32 else "none"
 
 
+def feature_major(t2d: torch.Tensor) -> bool:
+    """Whether a [M, C] matrix is stored feature-major (a transposed view of a [C, M] row-major tensor: columns are
+    contiguous runs of tokens), which the tiled and TMA kernels read and write as they are. One token, or any other
+    layout, is not: those are taken token-major (row-major, made so where they are not)."""
+    return t2d.shape[0] > 1 and t2d.stride(0) == 1 and t2d.stride(1) >= t2d.shape[0]
+
+
 def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned base pointers and row strides."""
+    """TMA descriptors need 16-byte aligned base pointers and row strides (a feature-major matrix's rows are its
+    columns)."""
     if TensorDescriptor is None:
         return False
     es = x2d.element_size()
-    return (
-        all(t.data_ptr() % 16 == 0 for t in (x2d, y, values))
-        and (x2d.stride(0) * es) % 16 == 0
-        and (y.stride(0) * es) % 16 == 0
+    return all(t.data_ptr() % 16 == 0 for t in (x2d, y, values)) and all(
+        (max(t.stride(0), t.stride(1)) * es) % 16 == 0 for t in (x2d, y)
     )
+
+
+def _descriptor(t2d: torch.Tensor, box_m: int, box_c: int):
+    """(TMA descriptor, transposed?) of a [M, C] matrix in boxes of box_m tokens by box_c features: over t2d
+    itself when token-major, over t2d.T ([C, M]) with boxes [box_c, box_m] when feature-major."""
+    if feature_major(t2d):
+        tt = t2d.t()
+        return TensorDescriptor(tt, list(tt.shape), list(tt.stride()), [box_c, box_m]), True
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [box_m, box_c]), False
 
 
 def launch(
@@ -553,8 +583,8 @@ class Launch:
     def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y) -> tuple:
         return (
             x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, x2d.shape[0], self.n_out, self.k_in,
-            x2d.stride(0), y.stride(0), self.n_groups, self.bh, self.bw, self.group, self.kb, self.block_m, self.even_k,
-            self.has_bias, self.act, self.prec, INTERPRET,
+            x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1), self.n_groups, self.bh, self.bw, self.group,
+            self.kb, self.block_m, self.even_k, self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
 
     def __call__(self, x2d, values, crow, col, gidx, bias, y, w_desc=None) -> torch.Tensor:
@@ -567,15 +597,15 @@ class Launch:
         if self.tma and tma_ok(x2d, y, values):
             w_desc = w_desc if w_desc is not None else weight_descriptor(values)
             bm, bh, bw = self.block_m, self.bh, self.bw
+            (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
             args = (
-                TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [bm, bw]), w_desc, crow,
-                col, b_arg, TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, bh]), self.n_out, self.n_groups,
-                bh, bw, bm, self.has_bias, self.act, self.prec, INTERPRET,
+                x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias,
+                self.act, self.prec, INTERPRET, x_t, y_t,
             )  # fmt: skip
-            self._tma(self.tiled_grid(M), specialization((crow, col, b_arg), (self.n_out,)), args, y.device)
+            self._tma(self.tiled_grid(M), (x_t, y_t, specialization((crow, col, b_arg), (self.n_out,))), args, y.device)
             return y
         args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
-        self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:13]), args, y.device)
+        self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:15]), args, y.device)
         return y
 
     def _run_decode(self, x2d, values, crow, col, b_arg, y) -> torch.Tensor:
@@ -583,6 +613,11 @@ class Launch:
         device's zeroed workspace, one launch (MODE 2), or, when no workspace can be had (first call inside a
         CUDA-graph capture, many tokens), in a fresh fp32 tensor that a second kernel reduces (MODE 1): no host sync
         either way, and inside a capture that tensor comes from the graph's private pool."""
+        if feature_major(x2d):  # few tokens: the decode kernel reads x token-major
+            x2d = x2d.contiguous()
+        if y.shape[0] > 1 and y.stride(1) != 1:  # and writes y token-major
+            tmp = torch.empty(y.shape, device=y.device, dtype=y.dtype)
+            return y.copy_(self._run_decode(x2d, values, crow, col, b_arg, tmp))
         M, bh, split, block_m = x2d.shape[0], self.bh, self.split, self.block_m
         m_tiles = -(-M // block_m)
         n_sums = self.n_weight_rows * bh

@@ -179,7 +179,9 @@ def bsr_linear(
     set_fp32_precision(...) says otherwise (triton backend; torch/dense follow torch's own matmul settings).
     `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA; SPLIT >= 1 for the
     decode kernel: few tokens, SPLIT programs per block row).
-    `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly).
+    `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly); a
+    [M, out] `out` may also be feature-major (`torch.empty(out, M).t()`), and x may be too: the tiled and TMA kernels
+    read and write those layouts as they are (thin tiles read a feature-major x in long runs).
     Padding entries of `values` (beyond out/in) must be finite; from_dense writes zeros there.
 
     Under torch.compile / torch.export `auto` is not measured: CUDA runs the triton kernel's default (G=1)
@@ -307,8 +309,10 @@ def _finish(y2d: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, out_f:
 def _check_out(out: torch.Tensor, lead, out_f: int, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.shape != (*lead, out_f):
         raise ValueError(f"out must have shape {(*lead, out_f)}")
-    if out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError("out must be contiguous, with x's dtype and device")
+    writable = out.is_contiguous() or (out.dim() == 2 and _triton_bsr.feature_major(out))
+    if out.dtype != x.dtype or out.device != x.device or not writable:
+        raise ValueError("out must be contiguous (or a [M, out] transposed view: feature-major), with x's dtype and "
+                         "device")  # fmt: skip
     return out.view(-1, out_f)
 
 
