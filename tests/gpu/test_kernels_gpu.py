@@ -132,6 +132,26 @@ def test_int64_indices_and_strided_input():
     check(run_poisoned(x, values, crow, col, (512, 256), None, None, "ieee"), reference(x, w, None, None), 1e-2, "i64")
 
 
+@pytest.mark.parametrize("block", [(64, 16), (64, 32), (128, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_feature_major_x_and_y_every_candidate(block):
+    """x and y as transposed views (feature-major, what a layer writing its output transposed hands on): every
+    candidate configuration of a tall thin tile (tiled, packed, TMA with transposed boxes) reads and writes them
+    as they are and matches the reference."""
+    out_f, in_f, M = 768, 3072, 1000
+    w = random_weight(out_f, in_f, block, 0.15, torch.bfloat16, 21)
+    values, crow, col = dense_to_bsr(w, block)
+    bias = torch.randn(out_f, device="cuda").bfloat16()
+    x = torch.randn(in_f, M, device="cuda").bfloat16().t()  # [M, in] stored as [in, M]
+    ref = reference(x, w, bias, "gelu")
+    for cfg in tuning_mod.candidate_configs(M, *block, torch.bfloat16, "ieee"):
+        for y_t in (False, True):
+            out = torch.full((out_f, M) if y_t else (M, out_f), float("nan"), device="cuda", dtype=torch.bfloat16)
+            out = out.t() if y_t else out
+            y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, "gelu", backend="triton", config=cfg, out=out)
+            assert y.data_ptr() == out.data_ptr()
+            check(out, ref, 1e-2, f"{block} {cfg} y_t={y_t}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "dense", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_other_backends(backend, dtype, tmp_path, monkeypatch):
