@@ -179,9 +179,8 @@ def bsr_linear(
     set_fp32_precision(...) says otherwise (triton backend; torch/dense follow torch's own matmul settings).
     `config` pins the triton launch configuration (keys BLOCK_M, G, num_warps, num_stages, TMA; SPLIT >= 1 for the
     decode kernel: few tokens, SPLIT programs per block row).
-    `out` ([..., out], x's dtype, contiguous) receives the result (the triton kernel writes it directly); a
-    [M, out] `out` may also be feature-major (`torch.empty(out, M).t()`), and x may be too: the tiled and TMA kernels
-    read and write those layouts as they are (thin tiles read a feature-major x in long runs).
+    `out` ([..., out], x's dtype, contiguous, or [M, out] feature-major: `torch.empty(out, M).t()`, as x may be too)
+    receives the result (the triton kernel writes it directly; thin tiles read a feature-major x in long runs).
     Padding entries of `values` (beyond out/in) must be finite; from_dense writes zeros there.
 
     Under torch.compile / torch.export `auto` is not measured: CUDA runs the triton kernel's default (G=1)
