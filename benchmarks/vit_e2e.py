@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from superblock.kernels import (  # noqa: E402
     BlockSparseLinear,
     BlockSparseMultiheadAttention,
     fuse_linear_gelu,
+    hand_off_feature_major,
 )
 from superblock.timing import wall_ms  # noqa: E402
 
@@ -58,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=True, help="attention sparse too")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--handoff", default="token", help="token and/or feature: fc1 writes its output feature-major "
+                   "for fc2 (kernels.hand_off_feature_major; eager and CUDA-graph runtimes)")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tag", default="vit_e2e")
     p.add_argument(
@@ -244,16 +248,22 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
     blocks = parse_blocks(args.blocks)
+    if not set(args.handoff.split(",")) <= {"token", "feature"}:
+        raise SystemExit(f"--handoff takes token and/or feature, got {args.handoff}")
     rows: list[dict] = []
     log = (out_dir / f"{args.tag}.jsonl").open("a")
     for dtype_name in args.dtypes.split(","):
         dense = build_dense(args.model, DTYPES[dtype_name], pattern_block(blocks), args.sparsity, args.attn)
-        for block in blocks:
+        for block, handoff in itertools.product(blocks, args.handoff.split(",")):
             template = to_block_sparse(copy.deepcopy(dense), block, args.attn)
+            label = block_name(block)
+            if handoff == "feature":
+                hand_off_feature_major(template)
+                label += " fm"  # fc1 -> fc2 feature-major
             for runtime in args.runtimes.split(","):
                 sparse = copy.deepcopy(template)  # each runtime tunes and checks its own copy
                 for r in measure(dense, sparse, runtime, batches, args):
-                    r.update(model=args.model, dtype=dtype_name, block=block_name(block), sparsity=args.sparsity)
+                    r.update(model=args.model, dtype=dtype_name, block=label, sparsity=args.sparsity)
                     rows.append(r)
                     log.write(json.dumps(r) + "\n")
                     log.flush()

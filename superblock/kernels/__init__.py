@@ -4,6 +4,7 @@ y = bsr_linear(x, values, crow_indices, col_indices, (out, in), bias, activation
 layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks dropped
 layer.prepare([197, 1576])                                    # choose (tune) per token bucket now, outside traces
 fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
+hand_off_feature_major(model)                                 # fc1 writes its output transposed for fc2 (eager)
 
 Which backend, kernel and call run a product is decided in one place, dispatch.py (its docstring is the table):
 eager calls launch the kernel bound to the weight or call the op's kernel directly; inside torch.compile and
@@ -28,6 +29,7 @@ from superblock.kernels.modules import (
     BlockSparseMultiheadAttention,
     dense_to_bsr,
     fuse_linear_gelu,
+    hand_off_feature_major,
 )
 from superblock.kernels.tuning import (
     cache_path,
@@ -55,6 +57,7 @@ __all__ = [
     "fuse_linear_gelu",
     "get_fp32_precision",
     "get_tuning_target",
+    "hand_off_feature_major",
     "load_tuning",
     "set_fp32_precision",
     "set_tuning_target",

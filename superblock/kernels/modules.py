@@ -57,6 +57,9 @@ class BlockSparseLinear(nn.Module):
     identity; a bucket that was never prepared gets a static choice there (CUDA: triton with its default
     configuration; CPU: torch's BSR for fp32 square blocks, else dense), never a measurement.
     `tuning_target` ("eager" | "graph" | None = kernels.get_tuning_target()) is what `auto` optimizes.
+    `out_layout = "feature"` makes an eager Triton call write y feature-major (a transposed view: each output
+    feature's tokens contiguous), for a next block-sparse layer whose thin tiles read x in long runs
+    (hand_off_feature_major sets it where one layer feeds another); compiled and dense calls stay token-major.
     After editing the buffers in place or replacing them, call `reset()`.
     """
 
@@ -86,6 +89,7 @@ class BlockSparseLinear(nn.Module):
         self._backend = backend
         self.tuning_target: str | None = None
         self.fp32_precision: str | None = None
+        self.out_layout = "token"
         n_rows = -(-self.out_features // bh)
         fk = {"device": device, "dtype": dtype}
         self.register_buffer("values", torch.zeros(nnz, bh, bw, **fk))
@@ -190,6 +194,10 @@ class BlockSparseLinear(nn.Module):
             plan = self._plan(x, m)
         call = plan.call
         if call == "bound":  # eager triton: the launch bound to this weight
+            if self.out_layout == "feature" and m > 1:
+                n = _runners.out_width(self.out_features, self._activation)
+                out = torch.empty(n, m, device=x.device, dtype=x.dtype).t().view(*x.shape[:-1], n)
+                return plan.run(x, self.bias, out)
             return plan.run(x, self.bias)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
         if call == "dense":
@@ -381,6 +389,26 @@ def fuse_linear_gelu(module: nn.Module) -> int:
             sub.act = nn.Identity()
             fused += 1
     return fused
+
+
+def hand_off_feature_major(module: nn.Module) -> int:
+    """Let every BlockSparseLinear whose output goes straight into another one write it feature-major
+    (`out_layout = "feature"`), so the second reads x in runs of tokens; returns how many. Recognises the layouts
+    fuse_linear_gelu does (nn.Sequential with only Identity / Dropout between the two; `fc1` / `fc2` attributes
+    with an Identity `act`). Any consumer reads such a tensor correctly: this changes speed, never results."""
+    pairs = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Sequential):
+            layers = [m for m in sub if not isinstance(m, (nn.Identity, nn.Dropout))]
+            pairs += zip(layers, layers[1:], strict=False)
+        elif isinstance(getattr(sub, "act", None), nn.Identity):
+            pairs.append((getattr(sub, "fc1", None), getattr(sub, "fc2", None)))
+    handed = 0
+    for first, second in pairs:
+        if isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear):
+            first.out_layout = "feature"
+            handed += 1
+    return handed
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -152,6 +152,36 @@ def test_feature_major_x_and_y_every_candidate(block):
             check(out, ref, 1e-2, f"{block} {cfg} y_t={y_t}")
 
 
+def test_feature_major_hand_off_eager_graphed_and_compiled():
+    """fc1 -> fc2 with hand_off_feature_major: fc1 writes its output feature-major in eager calls and inside a CUDA
+    graph capture, fc2 reads it as it is; compiled, both stay token-major; every way gives the same output."""
+    from superblock.kernels import hand_off_feature_major
+
+    w1 = random_weight(3072, 768, (64, 16), 0.1, torch.bfloat16, 31)
+    w2 = random_weight(768, 3072, (64, 16), 0.1, torch.bfloat16, 32)
+    mlp = nn.Sequential(
+        BlockSparseLinear.from_dense(w1, None, (64, 16), activation="gelu", backend="auto"),
+        nn.Dropout(0.0),
+        BlockSparseLinear.from_dense(w2, None, (64, 16), backend="auto"),
+    ).eval()
+    assert hand_off_feature_major(mlp) == 1
+    x = torch.randn(4, 197, 768, device="cuda").bfloat16()
+    ref = reference(F.gelu(reference(x, w1, None, None)).bfloat16(), w2, None, None)
+    with torch.no_grad():
+        check(mlp(x), ref, 1e-2, "eager")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            mlp(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = mlp(x)
+        graph.replay()
+        check(y, ref, 1e-2, "graph")
+        check(torch.compile(mlp, fullgraph=True)(x), ref, 1e-2, "compiled")
+
+
 @pytest.mark.parametrize("backend", ["torch", "dense", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_other_backends(backend, dtype, tmp_path, monkeypatch):

@@ -27,6 +27,35 @@ def test_layouts_are_told_apart_and_only_others_are_copied():
     assert kept is not strided and kept.is_contiguous() and torch.equal(kept, strided)
 
 
+def test_hand_off_marks_layers_that_feed_layers_and_leaves_dense_calls_alone():
+    from torch import nn
+
+    from superblock.kernels import BlockSparseLinear, hand_off_feature_major
+
+    def bsl(out_f, in_f):
+        w = torch.randn(out_f, in_f) * (torch.rand(out_f, in_f) < 0.5)
+        return BlockSparseLinear.from_dense(w, None, (16, 16), backend="dense")
+
+    seq = nn.Sequential(bsl(64, 32), nn.Identity(), nn.Dropout(0.1), bsl(32, 64), nn.LayerNorm(32), bsl(16, 32))
+
+    class TimmMlp(nn.Module):  # timm's Mlp after fuse_linear_gelu: fc1, act (Identity), fc2
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = bsl(64, 32), nn.Identity(), bsl(32, 64)
+
+    timm = TimmMlp()
+    assert hand_off_feature_major(nn.ModuleList([seq, timm])) == 2
+    assert [m.out_layout for m in (seq[0], seq[3], seq[5], timm.fc1, timm.fc2)] == [
+        "feature",
+        "token",
+        "token",
+        "feature",
+        "token",
+    ]  # fmt: skip  (a LayerNorm between two layers ends the hand-off)
+    with torch.no_grad():  # a dense choice ignores the layout: F.linear's output as it is
+        assert seq[0](torch.randn(8, 32)).is_contiguous()
+
+
 def test_out_may_be_feature_major_but_not_any_layout():
     w = torch.randn(64, 32) * (torch.rand(64, 32) < 0.5)
     values, crow, col = dense_to_bsr(w, (16, 16))
@@ -105,6 +134,21 @@ _INTERP_SCRIPT = textwrap.dedent(
     y = bsr_linear(fc1_out, fc2.values, fc2.crow_indices, fc2.col_indices, (128, 256), backend="triton", config=base)
     ref = F.linear(F.gelu(F.linear(x, w1)), w2)
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # the same pair as modules: hand_off_feature_major makes fc1 write feature-major for fc2 (eager, bound launch)
+    from torch import nn
+    from superblock.kernels import hand_off_feature_major
+
+    mlp = nn.Sequential(fc1, nn.Identity(), nn.Dropout(0.0), fc2).eval()
+    for m in (fc1, fc2):
+        m.dispatch[64] = {"backend": "triton", "config": base, "precision": "ieee"}
+    assert hand_off_feature_major(mlp) == 1 and fc1.out_layout == "feature" and fc2.out_layout == "token"
+    seen = []
+    fc1.register_forward_hook(lambda _m, _i, out: seen.append(_triton_bsr.feature_major(out.reshape(-1, 256))))
+    x3 = torch.randn(2, 20, 128)
+    with torch.no_grad():
+        y3 = mlp(x3)
+    ref3 = F.linear(F.gelu(F.linear(x3, w1)), w2)
+    assert seen == [True] and y3.shape == (2, 20, 128) and ((y3 - ref3).abs().max() / ref3.abs().max()).item() < 1e-5
     print("feature-major ok")
     """
 )
