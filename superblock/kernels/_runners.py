@@ -26,9 +26,11 @@ KERNEL_BACKENDS = ("triton", "torch", "dense")
 # x-stationary kernel's row chunks (that kernel left the package): it stays, always 0, so old lists keep their
 # meaning. Trailing entries at their default are left off, so the five-entry lists of earlier tables and exports
 # are still the tiled kernel.
-CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS", "KB")
-_DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0, "KB": 1}
-_OPTIONAL = ("SPLIT", "XS", "KB")  # dropped from a config dict when at their default
+# BAL (ninth, decode only): balance the decode kernel's programs by kept blocks, at most BAL blocks a program; its
+# work list travels in gidx's place (G is 1 there), and where it cannot be built (a trace) the SPLIT split runs.
+CONFIG_KEYS = ("BLOCK_M", "G", "num_warps", "num_stages", "TMA", "SPLIT", "XS", "KB", "BAL")
+_DEFAULTS = {"TMA": 0, "SPLIT": 0, "XS": 0, "KB": 1, "BAL": 0}
+_OPTIONAL = ("SPLIT", "XS", "KB", "BAL")  # dropped from a config dict when at their default
 MIN_CONFIG_LEN = len(CONFIG_KEYS) - len(_OPTIONAL)
 
 
@@ -68,6 +70,8 @@ def _parse_config(key: tuple) -> dict:
         )
     if cfg["KB"] < 1 or cfg["KB"] & (cfg["KB"] - 1):
         raise ValueError(f"triton config {list(key)}: KB (blocks per step) must be a power of two >= 1")
+    if cfg["BAL"] < 0 or (cfg["BAL"] and cfg["SPLIT"] < 1):
+        raise ValueError(f"triton config {list(key)}: BAL (kept blocks per balanced decode program) needs SPLIT >= 1")
     cfg["TMA"] = bool(cfg["TMA"])
     for k in _OPTIONAL:
         if cfg[k] == _DEFAULTS[k]:
@@ -320,6 +324,8 @@ def _check_config(out_f: int, values: torch.Tensor, gidx, activation: str | None
         raise ValueError("the decode kernel (SPLIT >= 1) walks plain block rows: it needs G == 1")
     if group > 1 and gidx is None:
         raise ValueError(f"triton config G={group} needs the grouped layout (crow, col, gidx) of layout_for")
+    if int(config.get("BAL", 0)) and gidx is None:
+        raise ValueError("a balanced decode config (BAL > 0) needs its work list (balanced_work) in gidx's place")
     if int(config.get("KB", 1)) > 1 and (group > 1 or config.get("TMA")):
         raise ValueError("KB > 1 (kept blocks per step) walks plain block rows without TMA: it needs G == 1 and TMA "
                          "off")  # fmt: skip

@@ -275,6 +275,7 @@ if HAS_TRITON:
         y_ptr,
         part_ptr,
         cnt_ptr,
+        work_ptr,
         M,
         N,
         K,
@@ -282,9 +283,11 @@ if HAS_TRITON:
         stride_ym,
         stride_pm,
         stride_ps,
+        n_rows,
         BH: tl.constexpr,
         BW: tl.constexpr,
         SPLIT: tl.constexpr,
+        BAL: tl.constexpr,
         KB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         EVEN_K: tl.constexpr,
@@ -296,31 +299,52 @@ if HAS_TRITON:
     ):
         # Few tokens: the weight is the traffic. SPLIT programs share one block row, program s taking its kept
         # blocks s, s + SPLIT, ... (adjacent programs read adjacent blocks), so ~nnz / SPLIT programs keep every
-        # SM's loads in flight even when a block row holds 20+ blocks. The SPLIT partial sums of a row meet:
+        # SM's loads in flight even when a block row holds 20+ blocks. BAL > 0 (balanced by kept blocks): each
+        # block row gets its own count of programs, enough that none reads more than BAL blocks, and a program
+        # reads its (row, s, split) from the weight's work list (balanced_work; rows of -1 pad the grid). The
+        # partial sums of a row meet:
         #   MODE 0  SPLIT == 1: the program owns its row and writes y itself
         #   MODE 1  each writes its fp32 partial to part[s] ([SPLIT, M, n_rows*BH]); _decode_reduce_kernel adds them
         #   MODE 2  each adds its partial into a zeroed fp32 workspace (part, [M, n_rows*BH]) with atomics, then
         #           bumps the row's arrival counter; the last to arrive takes the sum out, zeroes the sums and the
-        #           counter and writes y: one launch, and the workspace is left zeroed for the next call
+        #           counter and writes y: one launch, and the workspace is left zeroed for the next call (a
+        #           balanced row of one program writes y itself)
         # ACT == GLU: block row `row` of the gate and row n_rows + row of the up projection, two accumulators; the
         # partial sums of the up rows sit n_rows * BH columns after the gate rows' (part / workspace rows are as
         # wide as the weight's 2 * n_rows * BH rows)
         pid = tl.program_id(0)
+        if BAL > 0:
+            row = tl.load(work_ptr + 3 * pid)
+            s = tl.load(work_ptr + 3 * pid + 1)
+            split = tl.load(work_ptr + 3 * pid + 2)
+        else:
+            row = pid // SPLIT
+            s = pid - row * SPLIT
+            split = SPLIT
+        if row >= 0:
+            _decode_program(x_ptr, w_ptr, crow_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
+                            stride_ym, stride_pm, stride_ps, n_rows, row, s, split, BH, BW, KB, BLOCK_M, EVEN_K, MODE,
+                            HAS_BIAS, ACT, PRECISION, UPCAST)  # fmt: skip
+
+    @triton.jit
+    def _decode_program(x_ptr, w_ptr, crow_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
+                        stride_ym, stride_pm, stride_ps, n_rows, row, s, split, BH: tl.constexpr, BW: tl.constexpr,
+                        KB: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):  # fmt: skip
+        # program s of the `split` programs of block row `row` (the kernel's comment says how their sums meet)
         pid_m = tl.program_id(1)
-        row = pid // SPLIT
-        s = pid - row * SPLIT
-        n_rows = tl.num_programs(0) // SPLIT
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BH)
         m_mask = offs_m < M
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-        acc = _decode_row(acc, x_rows, w_ptr, col_ptr, crow_ptr + row, s, m_mask, K, BH, BW, SPLIT, KB, EVEN_K,
+        acc = _decode_row(acc, x_rows, w_ptr, col_ptr, crow_ptr + row, s, split, m_mask, K, BH, BW, KB, EVEN_K,
                           PRECISION, UPCAST)  # fmt: skip
         up = acc
         if ACT == GLU:
             up = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-            up = _decode_row(up, x_rows, w_ptr, col_ptr, crow_ptr + n_rows + row, s, m_mask, K, BH, BW, SPLIT, KB,
+            up = _decode_row(up, x_rows, w_ptr, col_ptr, crow_ptr + n_rows + row, s, split, m_mask, K, BH, BW, KB,
                              EVEN_K, PRECISION, UPCAST)  # fmt: skip
         n_glob = row * BH + offs_n
         up_off = n_rows * BH
@@ -331,44 +355,54 @@ if HAS_TRITON:
             tl.store(ptrs, acc, mask=m_mask[:, None])
             if ACT == GLU:
                 tl.store(ptrs + up_off, up, mask=m_mask[:, None])
+        elif split == 1:
+            _decode_out(acc, up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
         else:
-            ws = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
-            tl.atomic_add(ws, acc, mask=m_mask[:, None], sem="relaxed")
-            if ACT == GLU:
-                tl.atomic_add(ws + up_off, up, mask=m_mask[:, None], sem="relaxed")
-            # every thread's adds are issued before the counter moves; the counter's acq_rel orders them (and,
-            # for the last arrival, everyone else's) around the hand-over
-            tl.debug_barrier()
-            c_ptr = cnt_ptr + pid_m * n_rows + row
-            arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                # read through the atomic unit (L2, where the others' adds landed), then put the zeros back: no
-                # other program touches this row's sums or counter again in this launch
-                zeros = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-                total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
-                tl.store(ws, zeros, mask=m_mask[:, None])
-                total_up = total
-                if ACT == GLU:
-                    total_up = tl.atomic_add(ws + up_off, zeros, mask=m_mask[:, None], sem="acquire")
-                    tl.store(ws + up_off, zeros, mask=m_mask[:, None])
-                tl.store(c_ptr, 0)
-                _decode_out(total, total_up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+            _decode_meet(acc, up, part_ptr, cnt_ptr, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, stride_pm,
+                         n_rows, row, pid_m, split, up_off, HAS_BIAS, ACT, BLOCK_M, BH)  # fmt: skip
 
     @triton.jit
-    def _decode_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
-                    SPLIT: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):  # fmt: skip
-        # acc += program s's share (kept blocks s, s + SPLIT, ...; with KB > 1 the runs of KB blocks s, s + SPLIT,
+    def _decode_meet(acc, up, part_ptr, cnt_ptr, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, stride_pm, n_rows,
+                     row, pid_m, split, up_off, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BH: tl.constexpr):  # fmt: skip
+        # MODE 2: add this program's partial sums into the zeroed workspace; the last of the row's `split`
+        # programs to arrive writes y and leaves the workspace zeroed
+        ws = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + n_glob[None, :]
+        tl.atomic_add(ws, acc, mask=m_mask[:, None], sem="relaxed")
+        if ACT == GLU:
+            tl.atomic_add(ws + up_off, up, mask=m_mask[:, None], sem="relaxed")
+        # every thread's adds are issued before the counter moves; the counter's acq_rel orders them (and,
+        # for the last arrival, everyone else's) around the hand-over
+        tl.debug_barrier()
+        c_ptr = cnt_ptr + pid_m * n_rows + row
+        arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel")
+        if arrived == split - 1:
+            # read through the atomic unit (L2, where the others' adds landed), then put the zeros back: no
+            # other program touches this row's sums or counter again in this launch
+            zeros = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+            total = tl.atomic_add(ws, zeros, mask=m_mask[:, None], sem="acquire")
+            tl.store(ws, zeros, mask=m_mask[:, None])
+            total_up = total
+            if ACT == GLU:
+                total_up = tl.atomic_add(ws + up_off, zeros, mask=m_mask[:, None], sem="acquire")
+                tl.store(ws + up_off, zeros, mask=m_mask[:, None])
+            tl.store(c_ptr, 0)
+            _decode_out(total, total_up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
+
+    @triton.jit
+    def _decode_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s, split, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+                    KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+        # acc += program s's share (kept blocks s, s + split, ...; with KB > 1 the runs of KB blocks s, s + split,
         # ...) of one block row, whose row pointer is at row_ptr
         if KB > 1:
-            return _packed_row(acc, x_rows, 1, w_ptr, col_ptr, row_ptr, s * KB, SPLIT * KB, m_mask, K, BH, BW, KB,
+            return _packed_row(acc, x_rows, 1, w_ptr, col_ptr, row_ptr, s * KB, split * KB, m_mask, K, BH, BW, KB,
                                EVEN_K, PRECISION, UPCAST)  # fmt: skip
         offs_k = tl.arange(0, BW)
         x_base = x_rows + offs_k[None, :]
         w_base = w_ptr + tl.arange(0, BH)[:, None] * BW + offs_k[None, :]
         start = tl.load(row_ptr).to(tl.int64)
         end = tl.load(row_ptr + 1).to(tl.int64)
-        for e in range(start + s, end, SPLIT):
+        for e in range(start + s, end, split):
             k0 = tl.load(col_ptr + e) * BW
             if EVEN_K:
                 a = tl.load(x_base + k0, mask=m_mask[:, None], other=0.0)
@@ -460,6 +494,27 @@ def grouped_layout(crow: torch.Tensor, col: torch.Tensor, group: int) -> tuple[t
     )
 
 
+def balanced_work(crow: torch.Tensor, n_groups: int, nnz: int, per_program: int) -> torch.Tensor:
+    """The decode kernel's work list for BAL = per_program: int32 [n_groups + nnz // per_program, 3] of (block row,
+    s, split), block row r getting split = max(1, ceil(kept blocks / per_program)) programs s = 0..split-1 (a gated
+    pair, n_groups = half of crow's rows: the larger of its gate and up rows' counts); rows of -1 pad the list to a
+    length known from the shapes alone. Built on the device with no host sync."""
+    crow = crow.to(torch.int64)
+    counts = crow[1:] - crow[:-1]
+    if counts.numel() == 2 * n_groups:
+        counts = torch.maximum(counts[:n_groups], counts[n_groups:])
+    split = torch.clamp((counts + per_program - 1) // per_program, min=1)
+    ends = torch.cumsum(split, 0)
+    pid = torch.arange(n_groups + nnz // per_program, device=crow.device)
+    row = torch.searchsorted(ends, pid, right=True)
+    live = row < n_groups
+    row = row.clamp(max=n_groups - 1)
+    s = pid - (ends[row] - split[row])
+    minus = torch.full_like(pid, -1)
+    work = torch.stack([torch.where(live, row, minus), torch.where(live, s, minus), split[row]], dim=1)
+    return work.to(torch.int32).contiguous()
+
+
 def _precision_arg(dtype: torch.dtype, precision: str) -> str:
     return precision if dtype == torch.float32 else "none"
 
@@ -522,7 +577,8 @@ def launch(
 
 
 def kernel_variant(config: dict, activation: str | None = None) -> str:
-    """The kernel a launch configuration runs: "decode" (SPLIT >= 1; KB > 1 packs its steps too), "packed" (the
+    """The kernel a launch configuration runs: "decode" (SPLIT >= 1; KB > 1 packs its steps too, BAL > 0 balances
+    its programs by kept blocks), "packed" (the
     tiled kernel with KB > 1 kept blocks per step), "tma" (TMA loads: G == 1, not a gated pair), else "tiled".
     kernels.dispatch shows the table."""
     if int(config.get("SPLIT", 0)) >= 1:
@@ -543,7 +599,7 @@ def launch_for(values, crow, col, gidx, has_bias: bool, n_out: int, k_in: int, a
     key = (
         tuple(values.shape[1:]), values.dtype, crow.numel(), crow.dtype, col.dtype, gidx is not None, has_bias, n_out,
         k_in, activation, precision, *(int(config.get(k, 0)) for k in ("BLOCK_M", "G", "num_warps", "num_stages",
-                                                                        "TMA", "SPLIT", "KB")),
+                                                                        "TMA", "SPLIT", "KB", "BAL")),
     )  # fmt: skip
     if any(isinstance(v, torch.SymInt) for v in (*key, *key[0])):  # symbolic sizes (a trace): nothing to keep
         return Launch(values, crow, has_bias, n_out, k_in, activation, precision, config)
@@ -563,6 +619,7 @@ class Launch:
         self.bh, self.bw = int(values.shape[1]), int(values.shape[2])
         self.group, self.block_m = int(config.get("G", 1)), int(config["BLOCK_M"])
         self.split, self.kb = int(config.get("SPLIT", 0)), int(config.get("KB", 1))
+        self.bal = int(config.get("BAL", 0)) if self.split else 0
         self.n_out, self.k_in, self.activation, self.has_bias = n_out, k_in, activation, has_bias
         self.n_weight_rows = crow.numel() - 1
         self.n_groups = self.n_weight_rows // 2 if activation == "silu_mul" else self.n_weight_rows
@@ -575,7 +632,10 @@ class Launch:
         self._tiled = _launch.KernelLaunch(_bsr_linear_kernel, warps, stages)
         self._tma = _launch.KernelLaunch(_bsr_linear_tma_kernel, warps, stages) if self.tma else None
         self._decode = _launch.KernelLaunch(_bsr_decode_kernel, warps, stages) if self.split else None
-        self._reduce = _launch.KernelLaunch(_decode_reduce_kernel, 4, 3) if self.split > 1 else None
+        self._reduce = _launch.KernelLaunch(_decode_reduce_kernel, 4, 3) if self.split > 1 or self.bal else None
+        # a balanced launch's most programs per block row (MODE 1 sizes its partial sums by it)
+        block_cols = -(-k_in // self.bw)
+        self.bal_split = max(1, -(-block_cols // self.bal)) if self.bal else 0
 
     def tiled_grid(self, M: int) -> tuple[int]:
         return (-(-M // self.block_m) * self.n_groups,)
@@ -592,7 +652,7 @@ class Launch:
         `w_desc`: weight_descriptor(values), when the caller keeps it (else built here for a TMA launch)."""
         b_arg = bias if bias is not None else y
         if self.split:
-            return self._run_decode(x2d, values, crow, col, b_arg, y)
+            return self._run_decode(x2d, values, crow, col, gidx, b_arg, y)
         M = x2d.shape[0]
         if self.tma and tma_ok(x2d, y, values):
             w_desc = w_desc if w_desc is not None else weight_descriptor(values)
@@ -608,35 +668,42 @@ class Launch:
         self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:15]), args, y.device)
         return y
 
-    def _run_decode(self, x2d, values, crow, col, b_arg, y) -> torch.Tensor:
-        """The decode kernel: grid (block rows * SPLIT, token tiles). With SPLIT > 1 the partial sums meet in the
-        device's zeroed workspace, one launch (MODE 2), or, when no workspace can be had (first call inside a
-        CUDA-graph capture, many tokens), in a fresh fp32 tensor that a second kernel reduces (MODE 1): no host sync
-        either way, and inside a capture that tensor comes from the graph's private pool."""
+    def _run_decode(self, x2d, values, crow, col, work, b_arg, y) -> torch.Tensor:
+        """The decode kernel: grid (block rows * SPLIT, token tiles), or with BAL one program per entry of the work
+        list `work` (balanced_work). Partial sums of a row meet in the device's zeroed workspace, one launch (MODE
+        2), or, when no workspace can be had (first call inside a CUDA-graph capture, many tokens), in a fresh fp32
+        tensor that a second kernel reduces (MODE 1): no host sync either way, and inside a capture that tensor
+        comes from the graph's private pool."""
         if feature_major(x2d):  # few tokens: the decode kernel reads x token-major
             x2d = x2d.contiguous()
         if y.shape[0] > 1 and y.stride(1) != 1:  # and writes y token-major
             tmp = torch.empty(y.shape, device=y.device, dtype=y.dtype)
-            return y.copy_(self._run_decode(x2d, values, crow, col, b_arg, tmp))
-        M, bh, split, block_m = x2d.shape[0], self.bh, self.split, self.block_m
+            return y.copy_(self._run_decode(x2d, values, crow, col, work, b_arg, tmp))
+        if self.bal and work is None:
+            raise ValueError("a balanced decode config (BAL > 0) needs its work list (balanced_work) in gidx's place")
+        M, bh, block_m = x2d.shape[0], self.bh, self.block_m
+        split = self.bal_split if self.bal else self.split
         m_tiles = -(-M // block_m)
         n_sums = self.n_weight_rows * bh
         mode, part, cnt, stride_ps = 0, y, crow, 0
-        if split > 1:  # partial sums as wide as the weight's rows (silu_mul: gate's, then up's)
+        if split > 1 or self.bal:  # partial sums as wide as the weight's rows (silu_mul: gate's, then up's)
             ws = decode_workspace(y.device, M * n_sums, m_tiles * self.n_groups)
             if ws is not None:
                 mode, (part, cnt) = 2, ws
-            else:
+            else:  # a balanced row of fewer programs leaves slots of part unwritten: they must read as zeros
                 mode = 1
-                part = torch.empty(split, M, n_sums, device=y.device, dtype=torch.float32)
+                part = (torch.zeros if self.bal else torch.empty)(split, M, n_sums, device=y.device,
+                                                                  dtype=torch.float32)  # fmt: skip
                 stride_ps = part.stride(0)
+        work_arg = work if self.bal else crow
         args = (
-            x2d, values, crow, col, b_arg, y, part, cnt, M, self.n_out, self.k_in, x2d.stride(0), y.stride(0),
-            n_sums if mode else 0, stride_ps, bh, self.bw, split, self.kb, block_m, self.even_k, mode, self.has_bias,
-            self.act, self.prec, INTERPRET,
+            x2d, values, crow, col, b_arg, y, part, cnt, work_arg, M, self.n_out, self.k_in, x2d.stride(0),
+            y.stride(0), n_sums if mode else 0, stride_ps, self.n_groups, bh, self.bw, self.split, self.bal, self.kb,
+            block_m, self.even_k, mode, self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
-        spec = (mode, specialization(args[:8], args[8:15]))  # MODE is the one constexpr that varies per call
-        self._decode((self.n_groups * split, m_tiles), spec, args, y.device)
+        spec = (mode, specialization(args[:9], args[9:17]))  # MODE is the one constexpr that varies per call
+        grid0 = work.shape[0] if self.bal else self.n_groups * split
+        self._decode((grid0, m_tiles), spec, args, y.device)
         if mode == 1:
             args = (part, b_arg, y, self.n_out, part.stride(0), part.stride(1), y.stride(0), self.n_groups * bh, split,
                     REDUCE_BLOCK_N, self.has_bias, self.act)  # fmt: skip

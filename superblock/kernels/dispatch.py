@@ -16,7 +16,9 @@ Backend (`choose`):
 
 Kernel (`kernel_variant`, from the Triton configuration; _triton_bsr.Launch runs it):
 
-  SPLIT >= 1        "decode": few tokens, SPLIT programs per block row (partial sums reduced in a workspace)
+  SPLIT >= 1        "decode": few tokens, SPLIT programs per block row (partial sums reduced in a workspace);
+                    with BAL > 0 each block row gets as many programs as keep each under BAL kept blocks (a
+                    work list derived once per weight; inside a trace where it was never built, the SPLIT split)
   KB > 1            "packed": the tiled kernel multiplying KB kept blocks of a block row per step (thin tiles)
   TMA, G == 1       "tma": the tiled kernel with TMA loads (not for gated pairs; falls back to "tiled" for x or y
                     whose rows are not 16-byte aligned)
@@ -136,6 +138,16 @@ def build_plan(choice: Choice, device: torch.device, traced: bool, weight: Weigh
             config["G"] = 1
         else:
             handles = layout
+    per_program = int(config.get("BAL", 0))
+    if per_program:
+        n_groups = -(-_runners.out_width(weight.shape[0], weight.activation) // int(weight.values.shape[1]))
+        nnz = int(weight.values.shape[0])
+        build = lambda: _triton_bsr.balanced_work(weight.resolve(weight.crow), n_groups, nnz, per_program)  # noqa: E731
+        work = derive(f"_balanced{per_program}", build, 1)
+        if work is None:
+            config.pop("BAL")
+        else:
+            handles = (weight.crow, weight.col, work)
     config_list = _runners.config_to_list(config)
     kernel = kernel_variant(config, weight.activation)
     if traced:

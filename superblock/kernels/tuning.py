@@ -162,9 +162,9 @@ DECODE_MAX_TOKENS = 64  # the decode kernel competes up to this many tokens
 
 def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict]:
     """Decode-kernel configurations (SPLIT >= 1) for few tokens: one token tile of up to 64 rows, and SPLIT
-    programs per block row so that each program reads 1, 2, 4 or 8 kept blocks. Fewer blocks per program put more
-    loads in flight (few tokens: the weight read is the whole cost); more keep the fp32 partial sums, which grow
-    with M * SPLIT, small."""
+    programs per block row so that each program reads 1, 2, 4 or 8 kept blocks on average (BAL: at most, each row
+    split by its own length). Fewer blocks per program put more loads in flight (few tokens: the weight read is the
+    whole cost); more keep the fp32 partial sums, which grow with M * SPLIT, small."""
     block_m = min(DECODE_MAX_TOKENS, max(16, 1 << (max(int(M), 1) - 1).bit_length()))
 
     def split_for(per_program: int) -> int:  # programs per block row so that each reads ~per_program blocks
@@ -173,9 +173,16 @@ def decode_configs(M: int, bh: int, bw: int, blocks_per_row: float) -> list[dict
     out = []
     for per_program in (1, 2, 4, 8):
         out.append({**_cfg(block_m, 1, 4, 3 if per_program >= 4 else 2), "SPLIT": split_for(per_program)})
+    # balanced by kept blocks: long block rows get more programs, short ones fewer (the SPLIT split stands in
+    # inside a trace)
+    for per_program in (2, 4):
+        cfg = _cfg(block_m, 1, 4, 3 if per_program >= 4 else 2)
+        out.append({**cfg, "SPLIT": split_for(per_program), "BAL": per_program})
     if tall_thin(bh, bw):  # a program's blocks in one or two packed steps (KB, 64-128 inputs)
         for per_program, kb in ((4, 4), (8, 8), (8, 4)):
             out.append({**_cfg(block_m, 1, 4, 2, kb=max(2, min(kb, 128 // bw))), "SPLIT": split_for(per_program)})
+        kb = max(2, min(4, 128 // bw))
+        out.append({**_cfg(block_m, 1, 4, 2, kb=kb), "SPLIT": split_for(8), "BAL": 8})
     return out
 
 

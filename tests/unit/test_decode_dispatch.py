@@ -24,8 +24,44 @@ def test_config_lists_carry_split_and_keep_old_lists():
     assert _runners.config_to_list(decode) == [16, 1, 4, 3, 0, 8]
     assert _runners.config_from_list([16, 1, 4, 3, 0, 8]) == decode
     assert "SPLIT" not in _runners.config_from_list([16, 1, 4, 3, 0, 0])
+    balanced = {**decode, "BAL": 2}
+    assert _runners.config_to_list(balanced) == [16, 1, 4, 3, 0, 8, 0, 1, 2]
+    assert _runners.config_from_list([16, 1, 4, 3, 0, 8, 0, 1, 2]) == balanced
+    with pytest.raises(ValueError, match="BAL"):  # balancing is the decode kernel's
+        _runners.config_from_list([64, 1, 4, 3, 0, 0, 0, 1, 2])
     with pytest.raises(ValueError, match="entries"):
-        _runners.config_from_list([16, 1, 4, 3, 0, 8, 0, 1, 1])
+        _runners.config_from_list([16, 1, 4, 3, 0, 8, 0, 1, 1, 1])
+
+
+def test_balanced_work_gives_each_row_programs_by_its_kept_blocks():
+    from superblock.kernels._triton_bsr import balanced_work
+
+    crow = torch.tensor([0, 5, 5, 7, 20], dtype=torch.int32)  # rows of 5, 0, 2 and 13 kept blocks
+    work = balanced_work(crow, 4, 20, 4)
+    assert work.dtype == torch.int32 and work.shape == (4 + 20 // 4, 3)  # the length follows from the shapes
+    live = [tuple(r) for r in work.tolist() if r[0] >= 0]
+    assert live == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (2, 0, 1), (3, 0, 4), (3, 1, 4), (3, 2, 4), (3, 3, 4)]
+    assert all(r[:2] == [-1, -1] for r in work.tolist()[len(live) :])
+    # no program reads more than 4 blocks: row r's program s takes blocks s, s + split, ...
+    counts = (crow[1:] - crow[:-1]).tolist()
+    assert max(-(-counts[r] // split) for r, _s, split in live) <= 4
+    # a gated pair [gate; up] (two halves of 2 rows): a row's programs cover the longer of its gate and up rows
+    glu = balanced_work(crow, 2, 20, 4)
+    assert [tuple(r) for r in glu.tolist() if r[0] >= 0] == [(0, 0, 2), (0, 1, 2)] + [(1, s, 4) for s in range(4)]
+
+
+def test_a_balanced_plan_keeps_its_work_list_and_a_trace_falls_back_to_split():
+    layer = _sparse_layer(per_row=3)
+    x2d = torch.randn(1, layer.in_features)
+    cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": 4, "BAL": 2}
+    plan = layer._build({"backend": "triton", "config": cfg, "precision": "ieee"}, x2d, traced=False)
+    assert plan.config[-1] == 2 and plan.tensors[2] == "_balanced2"
+    work = layer._buffers["_balanced2"]
+    assert work.shape == (4 + layer.values.shape[0] // 2, 3) and (work[:, 0] >= 0).sum() == 4 * 2  # 3 blocks: 2 each
+    fresh = _sparse_layer(per_row=3)  # never prepared: inside a trace the work list cannot be built
+    traced = fresh._build({"backend": "triton", "config": cfg, "precision": "ieee"}, x2d, traced=True)
+    assert traced.tensors[2] is None and _runners.config_from_list(traced.config)["SPLIT"] == 4
+    assert "BAL" not in _runners.config_from_list(traced.config)
 
 
 def test_config_lists_of_the_removed_x_stationary_kernel_say_where_it_went():
@@ -52,8 +88,11 @@ def test_decode_configs_split_block_rows(per_row):
     assert all(c["G"] == 1 and c["BLOCK_M"] == 16 for c in cands)
     # the most split configuration leaves about one kept block per program (capped at 64 programs per row)
     assert max(splits) == min(64, 1 << max(0, (int(-(-per_row // 1)) - 1).bit_length()))
-    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(17, 64, 64, per_row)] == [32] * 4
-    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(64, 64, 64, per_row)] == [64] * 4
+    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(17, 64, 64, per_row)] == [32] * 6
+    assert [c["BLOCK_M"] for c in tuning_mod.decode_configs(64, 64, 64, per_row)] == [64] * 6
+    assert sorted(c["BAL"] for c in cands if "BAL" in c) == [2, 4]  # the balanced split competes too
+    thin = tuning_mod.decode_configs(1, 64, 16, per_row)
+    assert any(c.get("BAL") and c.get("KB", 1) > 1 for c in thin)
 
 
 def test_candidates_add_decode_only_for_few_tokens():
@@ -161,6 +200,63 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_decode_kernel_in_interpreter():
     run_in_interpreter(_INTERP_SCRIPT, expect="decode interpreter ok")
+
+
+_BALANCED_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from tests.helpers.kernels import random_block_sparse, reference, rel_err
+    from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, bsr_linear, dense_to_bsr
+    torch.manual_seed(0)
+
+    def skewed(out_f, in_f, block, dtype):  # block row 0 keeps every block, row 1 none, the rest about half
+        w = random_block_sparse(out_f, in_f, block, 0.5, dtype)
+        w[: block[0]] = torch.randn(block[0], in_f).to(dtype)
+        w[block[0] : 2 * block[0]] = 0
+        return w
+
+    # BAL 1 and 2 in the shared workspace (one launch), 3 with fp32 partials reduced by a second kernel; a thin tile
+    # with KB = 2; ragged shapes; a gated pair through the runner with the work list in gidx's place
+    for (out_f, in_f), block, kb in (((96, 160), (32, 32), 1), ((100, 70), (16, 16), 1), ((128, 96), (32, 16), 2)):
+        for bal, ws in ((1, True), (2, True), (3, False)):
+            _triton_bsr.WORKSPACE_MAX = 64 * 32768 if ws else 0
+            cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False, "SPLIT": 2, "BAL": bal}
+            if kb > 1:
+                cfg["KB"] = kb
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+                w = skewed(out_f, in_f, block, dtype)
+                values, crow, col = dense_to_bsr(w, block)
+                for m in (1, 5):
+                    x, b = torch.randn(m, in_f).to(dtype), torch.randn(out_f).to(dtype)
+                    for bias, act in ((None, None), (b, "gelu")):
+                        y = bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, backend="triton", config=cfg)
+                        err = rel_err(y, reference(x, w, bias, act))
+                        assert err < tol, (out_f, in_f, block, bal, m, dtype, act, err)
+                if out_f % (2 * block[0]) == 0:
+                    work = _triton_bsr.balanced_work(crow, out_f // 2 // block[0], values.shape[0], bal)
+                    x = torch.randn(3, in_f).to(dtype)
+                    y = _runners.run_triton(x, values, crow.int(), col.int(), work, None, out_f, "silu_mul", "ieee",
+                                            cfg)
+                    full = reference(x, w, None, None)
+                    err = rel_err(y, F.silu(full[:, : out_f // 2]) * full[:, out_f // 2 :])
+                    assert err < tol, ("silu_mul", out_f, block, bal, dtype, err)
+    sums, counters = _triton_bsr._workspaces[-1]
+    assert sums.abs().sum() == 0 and counters.abs().sum() == 0, "the workspace must be left zeroed"
+    layer = BlockSparseLinear.from_dense(skewed(96, 160, (32, 32), torch.float32), torch.randn(96), block_size=32)
+    layer.dispatch[16] = {"backend": "triton", "config": {**cfg, "KB": 1, "BAL": 2}, "precision": "ieee"}
+    x = torch.randn(2, 3, 160)
+    with torch.no_grad():
+        err = rel_err(layer(x), reference(x, layer.to_dense_weight(), layer.bias))
+    assert err < 1e-5 and "_balanced2" in layer._buffers, (err, list(layer._buffers))
+    print("balanced decode ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_balanced_decode_kernel_in_interpreter():
+    run_in_interpreter(_BALANCED_SCRIPT, expect="balanced decode ok")
 
 
 def test_kept_workspaces_are_allocated_off_the_calling_thread(monkeypatch):
