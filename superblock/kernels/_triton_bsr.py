@@ -44,9 +44,11 @@ except Exception:  # pragma: no cover - older Triton
 ACT_CODES = {None: 0, "gelu": 1, "silu_mul": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+WORK_WIDTH = 8  # int32 entries of one balanced decode program (balanced_work)
 
 if HAS_TRITON:
     GLU = tl.constexpr(ACT_CODES["silu_mul"])  # two accumulators (gate, up) per program
+    WORK = tl.constexpr(WORK_WIDTH)
 
     @triton.jit
     def _bsr_linear_kernel(
@@ -118,7 +120,9 @@ if HAS_TRITON:
         # x_rows: [BLOCK_M, 1] pointers to the program's rows of x, whose columns are stride_xk apart (1: x is
         # token-major; the token count: x is feature-major, and a thin tile's BW columns are BW contiguous runs)
         if KB > 1:
-            return _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, row_ptr, 0, KB, m_mask, K, BH, BW, KB, EVEN_K,
+            start = tl.load(row_ptr).to(tl.int64)
+            end = tl.load(row_ptr + 1).to(tl.int64)
+            return _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, start, end, KB, m_mask, K, BH, BW, KB, EVEN_K,
                                PRECISION, UPCAST)  # fmt: skip
         BN: tl.constexpr = G * BH
         offs_k = tl.arange(0, BW)
@@ -156,21 +160,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, row_ptr, first, step, m_mask, K, BH: tl.constexpr,
+    def _packed_row(acc, x_rows, stride_xk, w_ptr, col_ptr, first, end, step, m_mask, K, BH: tl.constexpr,
                     BW: tl.constexpr, KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):  # fmt: skip
         # KB kept blocks of one block row per step: their x tiles side by side as one (BLOCK_M, KB*BW) tile and
         # their weight blocks as one (BH, KB*BW) tile, so a thin block (BW 16 or 32) still gives the MMA KB*BW
-        # inputs per step and the loop a KB-th of the trips. Steps start at the row's kept block `first` and move
-        # by `step` (the tiled kernel: 0 and KB; the decode kernel's program s: s*KB and SPLIT*KB). Slots past the
-        # row's end read as zeros.
+        # inputs per step and the loop a KB-th of the trips. Steps start at kept block `first` (an index into
+        # values) and move by `step` up to the row's end `end` (the tiled kernel: the row's start and KB; the
+        # decode kernel's program s: start + s*KB and split*KB). Slots past the row's end read as zeros.
         KW: tl.constexpr = KB * BW
         slot = tl.arange(0, KW) // BW  # which of the KB blocks each packed column belongs to
         inner = tl.arange(0, KW) % BW  # and its column inside that block
         offs_n = tl.arange(0, BH)
-        start = tl.load(row_ptr).to(tl.int64)
-        end = tl.load(row_ptr + 1).to(tl.int64)
-        for e0 in range(start + first, end, step):
+        for e0 in range(first, end, step):
             e = e0 + slot
             live = e < end
             c = tl.load(col_ptr + e, mask=live, other=0)
@@ -313,39 +315,55 @@ if HAS_TRITON:
         # partial sums of the up rows sit n_rows * BH columns after the gate rows' (part / workspace rows are as
         # wide as the weight's 2 * n_rows * BH rows)
         pid = tl.program_id(0)
-        if BAL > 0:
-            row = tl.load(work_ptr + 3 * pid)
-            s = tl.load(work_ptr + 3 * pid + 1)
-            split = tl.load(work_ptr + 3 * pid + 2)
+        if BAL > 0:  # (row, s, split, gate start, gate end, up start, up end, -): no row-pointer look-ups
+            item = work_ptr + WORK * pid
+            row = tl.load(item)
+            s = tl.load(item + 1)
+            split = tl.load(item + 2)
+            g0 = tl.load(item + 3)
+            g1 = tl.load(item + 4)
+            u0 = g0
+            u1 = g1
+            if ACT == GLU:
+                u0 = tl.load(item + 5)
+                u1 = tl.load(item + 6)
         else:
             row = pid // SPLIT
             s = pid - row * SPLIT
             split = SPLIT
+            g0 = tl.load(crow_ptr + row)
+            g1 = tl.load(crow_ptr + row + 1)
+            u0 = g0
+            u1 = g1
+            if ACT == GLU:
+                u0 = tl.load(crow_ptr + n_rows + row)
+                u1 = tl.load(crow_ptr + n_rows + row + 1)
         if row >= 0:
-            _decode_program(x_ptr, w_ptr, crow_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
-                            stride_ym, stride_pm, stride_ps, n_rows, row, s, split, BH, BW, KB, BLOCK_M, EVEN_K, MODE,
-                            HAS_BIAS, ACT, PRECISION, UPCAST)  # fmt: skip
+            _decode_program(x_ptr, w_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+                            stride_pm, stride_ps, n_rows, row, s, split, g0, g1, u0, u1, BH, BW, KB, BLOCK_M, EVEN_K,
+                            MODE, HAS_BIAS, ACT, PRECISION, UPCAST)  # fmt: skip
 
     @triton.jit
-    def _decode_program(x_ptr, w_ptr, crow_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
-                        stride_ym, stride_pm, stride_ps, n_rows, row, s, split, BH: tl.constexpr, BW: tl.constexpr,
-                        KB: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    def _decode_program(x_ptr, w_ptr, col_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+                        stride_pm, stride_ps, n_rows, row, s, split, g0, g1, u0, u1, BH: tl.constexpr,
+                        BW: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr,
+                        MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):  # fmt: skip
-        # program s of the `split` programs of block row `row` (the kernel's comment says how their sums meet)
+        # program s of the `split` programs of block row `row`, whose kept blocks are values[g0:g1] (a gated pair:
+        # the up row's values[u0:u1]); the kernel's comment says how their sums meet
         pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BH)
         m_mask = offs_m < M
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-        acc = _decode_row(acc, x_rows, w_ptr, col_ptr, crow_ptr + row, s, split, m_mask, K, BH, BW, KB, EVEN_K,
-                          PRECISION, UPCAST)  # fmt: skip
+        acc = _decode_row(acc, x_rows, w_ptr, col_ptr, g0, g1, s, split, m_mask, K, BH, BW, KB, EVEN_K, PRECISION,
+                          UPCAST)  # fmt: skip
         up = acc
         if ACT == GLU:
             up = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-            up = _decode_row(up, x_rows, w_ptr, col_ptr, crow_ptr + n_rows + row, s, split, m_mask, K, BH, BW, KB,
-                             EVEN_K, PRECISION, UPCAST)  # fmt: skip
+            up = _decode_row(up, x_rows, w_ptr, col_ptr, u0, u1, s, split, m_mask, K, BH, BW, KB, EVEN_K, PRECISION,
+                             UPCAST)  # fmt: skip
         n_glob = row * BH + offs_n
         up_off = n_rows * BH
         if MODE == 0:
@@ -390,18 +408,18 @@ if HAS_TRITON:
             _decode_out(total, total_up, b_ptr, y_ptr, offs_m, m_mask, n_glob, N, stride_ym, HAS_BIAS, ACT)
 
     @triton.jit
-    def _decode_row(acc, x_rows, w_ptr, col_ptr, row_ptr, s, split, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
+    def _decode_row(acc, x_rows, w_ptr, col_ptr, start, end, s, split, m_mask, K, BH: tl.constexpr, BW: tl.constexpr,
                     KB: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-        # acc += program s's share (kept blocks s, s + split, ...; with KB > 1 the runs of KB blocks s, s + split,
-        # ...) of one block row, whose row pointer is at row_ptr
+        # acc += program s's share (kept blocks s, s + split, ...; with KB > 1 the runs of KB blocks s*KB,
+        # (s + split)*KB, ...) of one block row, whose kept blocks are values[start:end]
+        start = start.to(tl.int64)
+        end = end.to(tl.int64)
         if KB > 1:
-            return _packed_row(acc, x_rows, 1, w_ptr, col_ptr, row_ptr, s * KB, split * KB, m_mask, K, BH, BW, KB,
+            return _packed_row(acc, x_rows, 1, w_ptr, col_ptr, start + s * KB, end, split * KB, m_mask, K, BH, BW, KB,
                                EVEN_K, PRECISION, UPCAST)  # fmt: skip
         offs_k = tl.arange(0, BW)
         x_base = x_rows + offs_k[None, :]
         w_base = w_ptr + tl.arange(0, BH)[:, None] * BW + offs_k[None, :]
-        start = tl.load(row_ptr).to(tl.int64)
-        end = tl.load(row_ptr + 1).to(tl.int64)
         for e in range(start + s, end, split):
             k0 = tl.load(col_ptr + e) * BW
             if EVEN_K:
@@ -495,23 +513,28 @@ def grouped_layout(crow: torch.Tensor, col: torch.Tensor, group: int) -> tuple[t
 
 
 def balanced_work(crow: torch.Tensor, n_groups: int, nnz: int, per_program: int) -> torch.Tensor:
-    """The decode kernel's work list for BAL = per_program: int32 [n_groups + nnz // per_program, 3] of (block row,
-    s, split), block row r getting split = max(1, ceil(kept blocks / per_program)) programs s = 0..split-1 (a gated
-    pair, n_groups = half of crow's rows: the larger of its gate and up rows' counts); rows of -1 pad the list to a
-    length known from the shapes alone. Built on the device with no host sync."""
+    """The decode kernel's work list for BAL = per_program: int32 [n_groups + nnz // per_program, WORK_WIDTH], one
+    entry per program: (block row r, s, split, gate start, gate end, up start, up end, 0), block row r getting
+    split = max(1, ceil(kept blocks / per_program)) programs s = 0..split-1, and its kept blocks' span in `values`
+    written out so that a program reads no row pointers. A gated pair (crow of 2 * n_groups rows: [gate; up]) splits
+    by the longer of its gate and up rows; other weights repeat the gate span. Entries of -1 pad the list to a length
+    known from the shapes alone. Built on the device with no host sync."""
     crow = crow.to(torch.int64)
     counts = crow[1:] - crow[:-1]
+    starts, ends = crow[:-1], crow[1:]
+    up_starts, up_ends = starts, ends
     if counts.numel() == 2 * n_groups:
         counts = torch.maximum(counts[:n_groups], counts[n_groups:])
+        starts, up_starts = starts[:n_groups], starts[n_groups:]
+        ends, up_ends = ends[:n_groups], ends[n_groups:]
     split = torch.clamp((counts + per_program - 1) // per_program, min=1)
-    ends = torch.cumsum(split, 0)
+    last = torch.cumsum(split, 0)
     pid = torch.arange(n_groups + nnz // per_program, device=crow.device)
-    row = torch.searchsorted(ends, pid, right=True)
+    row = torch.searchsorted(last, pid, right=True)
     live = row < n_groups
     row = row.clamp(max=n_groups - 1)
-    s = pid - (ends[row] - split[row])
-    minus = torch.full_like(pid, -1)
-    work = torch.stack([torch.where(live, row, minus), torch.where(live, s, minus), split[row]], dim=1)
+    fields = [row, pid - (last[row] - split[row]), split[row], starts[row], ends[row], up_starts[row], up_ends[row]]
+    work = torch.stack([torch.where(live, f, -1) for f in fields] + [torch.zeros_like(pid)], dim=1)
     return work.to(torch.int32).contiguous()
 
 

@@ -96,6 +96,37 @@ def test_decode_kernel_matches_float64(dtype_name, shape, reduction, monkeypatch
         assert sums.abs().sum().item() == 0 and counters.abs().sum().item() == 0, "workspace left dirty"
 
 
+@pytest.mark.parametrize("reduction", ["workspace", "two_kernels"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-b{s[2][0]}x{s[2][1]}")
+def test_balanced_decode_matches_float64(shape, reduction, monkeypatch):
+    """BAL: programs per block row by that row's kept blocks, on a weight whose rows differ in length (row 0 keeps
+    every block, row 1 and the last none), eager and replayed from a CUDA graph, against float64."""
+    from superblock.timing import capture_graph
+
+    if reduction == "two_kernels":
+        monkeypatch.setattr(_triton_bsr, "WORKSPACE_MAX", 0)
+    dtype, tol = DTYPES["bf16"]
+    out_f, in_f, block = shape
+    w = random_weight(out_f, in_f, block, 0.3, dtype, seed=out_f)
+    w[: block[0]] = torch.randn(block[0], in_f, device="cuda").to(dtype)
+    values, crow, col = dense_to_bsr(w, block)
+    bias = torch.randn(out_f, device="cuda").to(dtype)
+    for m, bal, act in ((1, 1, None), (3, 2, "gelu"), (17, 4, None)):
+        cfg = {**decode_cfg(m, 2), "BAL": bal}
+        x = torch.randn(m, in_f, device="cuda").to(dtype)
+        out = torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype)
+        bsr_linear(x, values, crow, col, (out_f, in_f), bias, act, "triton", config=cfg, out=out)
+        check(out, reference(x, w, bias, act), tol, f"M={m} BAL={bal} {act}")
+        out.fill_(float("nan"))
+        call = (x, values, crow, col, (out_f, in_f), bias, act, "triton")
+        graph = capture_graph(lambda call=call, cfg=cfg, out=out: bsr_linear(*call, config=cfg, out=out))
+        graph.replay()
+        check(out, reference(x, w, bias, act), tol, f"M={m} BAL={bal} {act}, CUDA graph")
+    torch.cuda.synchronize()
+    for sums, counters in _triton_bsr._workspaces.values():
+        assert sums.abs().sum().item() == 0 and counters.abs().sum().item() == 0, "workspace left dirty"
+
+
 def test_tuning_measures_the_decode_kernel(tmp_path, monkeypatch):
     """`auto` at one token measures the decode configurations next to the tiled kernel and dense (both targets),
     and whatever it picks is correct."""

@@ -34,20 +34,22 @@ def test_config_lists_carry_split_and_keep_old_lists():
 
 
 def test_balanced_work_gives_each_row_programs_by_its_kept_blocks():
-    from superblock.kernels._triton_bsr import balanced_work
+    from superblock.kernels._triton_bsr import WORK_WIDTH, balanced_work
 
     crow = torch.tensor([0, 5, 5, 7, 20], dtype=torch.int32)  # rows of 5, 0, 2 and 13 kept blocks
     work = balanced_work(crow, 4, 20, 4)
-    assert work.dtype == torch.int32 and work.shape == (4 + 20 // 4, 3)  # the length follows from the shapes
-    live = [tuple(r) for r in work.tolist() if r[0] >= 0]
-    assert live == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (2, 0, 1), (3, 0, 4), (3, 1, 4), (3, 2, 4), (3, 3, 4)]
-    assert all(r[:2] == [-1, -1] for r in work.tolist()[len(live) :])
-    # no program reads more than 4 blocks: row r's program s takes blocks s, s + split, ...
-    counts = (crow[1:] - crow[:-1]).tolist()
-    assert max(-(-counts[r] // split) for r, _s, split in live) <= 4
-    # a gated pair [gate; up] (two halves of 2 rows): a row's programs cover the longer of its gate and up rows
-    glu = balanced_work(crow, 2, 20, 4)
-    assert [tuple(r) for r in glu.tolist() if r[0] >= 0] == [(0, 0, 2), (0, 1, 2)] + [(1, s, 4) for s in range(4)]
+    assert work.dtype == torch.int32 and work.shape == (4 + 20 // 4, WORK_WIDTH)  # the length follows from shapes
+    live = [tuple(r[:5]) for r in work.tolist() if r[0] >= 0]  # (row, s, split, start, end)
+    assert live == [(0, 0, 2, 0, 5), (0, 1, 2, 0, 5), (1, 0, 1, 5, 5), (2, 0, 1, 5, 7)] + [
+        (3, s, 4, 7, 20) for s in range(4)
+    ]
+    assert all(r[:7] == [-1] * 7 for r in work.tolist()[len(live) :])
+    # no program reads more than 4 blocks: row r's program s takes blocks start + s, start + s + split, ...
+    assert max(len(range(a + s, b, split)) for _r, s, split, a, b in live) <= 4
+    # a gated pair [gate; up] (two halves of 2 rows): a row's programs cover the longer of its gate and up rows, and
+    # each entry carries both spans
+    glu = [tuple(r[:7]) for r in balanced_work(crow, 2, 20, 4).tolist() if r[0] >= 0]
+    assert glu == [(0, 0, 2, 0, 5, 5, 7), (0, 1, 2, 0, 5, 5, 7)] + [(1, s, 4, 5, 5, 7, 20) for s in range(4)]
 
 
 def test_a_balanced_plan_keeps_its_work_list_and_a_trace_falls_back_to_split():
@@ -57,7 +59,7 @@ def test_a_balanced_plan_keeps_its_work_list_and_a_trace_falls_back_to_split():
     plan = layer._build({"backend": "triton", "config": cfg, "precision": "ieee"}, x2d, traced=False)
     assert plan.config[-1] == 2 and plan.tensors[2] == "_balanced2"
     work = layer._buffers["_balanced2"]
-    assert work.shape == (4 + layer.values.shape[0] // 2, 3) and (work[:, 0] >= 0).sum() == 4 * 2  # 3 blocks: 2 each
+    assert work.shape[0] == 4 + layer.values.shape[0] // 2 and (work[:, 0] >= 0).sum() == 4 * 2  # 3 blocks: 2 each
     fresh = _sparse_layer(per_row=3)  # never prepared: inside a trace the work list cannot be built
     traced = fresh._build({"backend": "triton", "config": cfg, "precision": "ieee"}, x2d, traced=True)
     assert traced.tensors[2] is None and _runners.config_from_list(traced.config)["SPLIT"] == 4
