@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/lm_layers.py --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --layers gate_up,down --tokens 1,8 --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --fused --layers gate_up,qkv --tokens 1,8,32,2048 --out $OUT
+    PYTHONPATH=. python benchmarks/lm_layers.py --tokens 1,8 --row-skew 1.0 --out $OUT   # uneven block rows
 
 For each layer (gate/up 4096->14336, down 14336->4096, qkv 4096->6144, o 4096->4096) and token count M, with a
 random block mask (exactly `sparsity` of the blocks zeroed) in bf16:
@@ -62,6 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--block", type=block_arg, default=(64, 64), help="N for N x N, or ROWSxCOLS (e.g. 64x16)")
     p.add_argument("--l2-mib", type=float, default=200.0, help="weight bytes cycled between two uses of one copy")
+    p.add_argument(
+        "--row-skew",
+        type=float,
+        default=0.0,
+        help="uneven block rows: a row keeps blocks in proportion to exp(skew * z), z ~ N(0, 1) per row (0: uniform)",
+    )
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-torch-bsr", action="store_true")
@@ -87,14 +94,26 @@ def block_name(block: tuple[int, int]) -> str:
     return str(block[0]) if block[0] == block[1] else f"{block[0]}x{block[1]}"
 
 
+def random_block_mask(rows: int, cols: int, sparsity: float, gen: torch.Generator, row_skew: float = 0.0):
+    """[rows, cols] bool, exactly `sparsity` of the blocks False, at random; with `row_skew` > 0 a block row's chance
+    of keeping a block grows with exp(row_skew * z), z one standard normal draw per block row (learned masks keep
+    more in some output rows than in others)."""
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    n_keep = round((1 - sparsity) * rows * cols)
+    if row_skew > 0:
+        weight = torch.exp(row_skew * torch.randn(rows, 1, generator=gen)).expand(rows, cols).reshape(-1)
+        keep[torch.multinomial(weight, n_keep, replacement=False, generator=gen)] = True
+    else:
+        keep[torch.randperm(rows * cols, generator=gen)[:n_keep]] = True
+    return keep.view(rows, cols)
+
+
 def random_block_weight(
-    out_f: int, in_f: int, block: tuple[int, int], sparsity: float, gen: torch.Generator
+    out_f: int, in_f: int, block: tuple[int, int], sparsity: float, gen: torch.Generator, row_skew: float = 0.0
 ) -> torch.Tensor:
     bh, bw = block
-    rows, cols = out_f // bh, in_f // bw
-    keep = torch.zeros(rows * cols, dtype=torch.bool)
-    keep[torch.randperm(rows * cols, generator=gen)[: round((1 - sparsity) * rows * cols)]] = True
-    mask = keep.view(rows, cols).repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+    keep = random_block_mask(out_f // bh, in_f // bw, sparsity, gen, row_skew)
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
     return (torch.randn(out_f, in_f, generator=gen) * 0.02 * mask).to("cuda", torch.bfloat16)
 
 
@@ -150,6 +169,8 @@ def choice_label(mod: BlockSparseLinear, m: int) -> str:
     cfg = entry.get("config") or {}
     if entry.get("backend") != "triton":
         return str(entry.get("backend"))
+    if cfg.get("BAL"):
+        return f"decode balanced <={cfg['BAL']} BM{cfg['BLOCK_M']}"
     if cfg.get("SPLIT"):
         return f"decode S{cfg['SPLIT']} BM{cfg['BLOCK_M']}"
     return f"tiled BM{cfg['BLOCK_M']}{' TMA' if cfg.get('TMA') else ''}"
@@ -187,7 +208,7 @@ def unfused_fns(vals, crow, col, in_f: int, activation, parts, x, bh: int) -> di
 
 
 def bench_layer(name: str, out_f: int, in_f: int, tokens: list[int], args, gen, activation=None, parts=None):
-    w0 = random_block_weight(out_f, in_f, args.block, args.sparsity, gen)
+    w0 = random_block_weight(out_f, in_f, args.block, args.sparsity, gen, args.row_skew)
     values, crow, col = dense_to_bsr(w0, args.block)
     kept = values.numel() * 2 + (crow.numel() + col.numel()) * 4
     n_dense, n_sparse = copies_for(w0.numel() * 2, args.l2_mib), copies_for(kept, args.l2_mib)
@@ -279,7 +300,8 @@ def fmt_x(v) -> str:
 def table(rows: list[dict], args) -> str:
     lines = [
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, sparsity {args.sparsity}, block "
-        f"{block_name(args.block)}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms in the same runtime",
+        f"{block_name(args.block)}, row skew {args.row_skew}, {time.strftime('%Y-%m-%d')}; cells: dense ms / other ms "
+        "in the same runtime",
         "",
         "| layer | M | dense eager / graph (ms) | torch BSR eager / graph | ours eager / graph | bound | ours picks "
         "(eager / graph) | fused vs unfused (eager / graph) |",

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import vit_e2e  # noqa: E402
@@ -48,3 +50,13 @@ def test_vit_e2e_takes_tile_shapes_on_one_pattern():
     vit_e2e.zero_random_blocks(w, (64, 64), 0.75, torch.Generator().manual_seed(0))
     kept = w.view(4, 64, 8, 64).amax(dim=(1, 3))
     assert kept.sum() == 8 and bool((w.view(4, 64, 8, 64).amin(dim=(1, 3)) == kept).all())  # whole 64 x 64 blocks
+
+
+def test_lm_layers_masks_keep_exactly_their_share_and_skew_rows_on_request():
+    from benchmarks import lm_layers
+
+    even = lm_layers.random_block_mask(64, 64, 0.9, torch.Generator().manual_seed(0))
+    skewed = lm_layers.random_block_mask(64, 64, 0.9, torch.Generator().manual_seed(0), row_skew=1.0)
+    assert even.sum() == skewed.sum() == round(0.1 * 64 * 64)
+    # uneven rows: the longest block row of the skewed mask holds far more than the even mask's
+    assert skewed.sum(1).max() > 2 * even.sum(1).max() and skewed.sum(1).float().std() > 2 * even.sum(1).float().std()
