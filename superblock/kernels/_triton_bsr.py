@@ -18,6 +18,7 @@ into two accumulators (x tiles of columns both keep are read twice, from L2), so
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -546,7 +547,8 @@ def feature_major(t2d: torch.Tensor) -> bool:
     """Whether a [M, C] matrix is stored feature-major (a transposed view of a [C, M] row-major tensor: columns are
     contiguous runs of tokens), which the tiled and TMA kernels read and write as they are. One token, or any other
     layout, is not: those are taken token-major (row-major, made so where they are not)."""
-    return t2d.shape[0] > 1 and t2d.stride(0) == 1 and t2d.stride(1) >= t2d.shape[0]
+    stride = t2d.stride()
+    return stride[0] == 1 and t2d.shape[0] > 1 and stride[1] >= t2d.shape[0]
 
 
 def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
@@ -565,8 +567,34 @@ def _descriptor(t2d: torch.Tensor, box_m: int, box_c: int):
     itself when token-major, over t2d.T ([C, M]) with boxes [box_c, box_m] when feature-major."""
     if feature_major(t2d):
         tt = t2d.t()
-        return TensorDescriptor(tt, list(tt.shape), list(tt.stride()), [box_c, box_m]), True
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [box_m, box_c]), False
+        return _prechecked_descriptor(tt, list(tt.shape), list(tt.stride()), [box_c, box_m]), True
+    return _prechecked_descriptor(t2d, list(t2d.shape), list(t2d.stride()), [box_m, box_c]), False
+
+
+def _descriptor_defaults() -> dict | None:
+    """The defaulted fields of this Triton's TensorDescriptor (None when it is not a plain dataclass)."""
+    if TensorDescriptor is None or not dataclasses.is_dataclass(TensorDescriptor):
+        return None
+    fields = dataclasses.fields(TensorDescriptor)
+    if {"base", "shape", "strides", "block_shape"} - {f.name for f in fields}:
+        return None
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+_DESCRIPTOR_DEFAULTS = _descriptor_defaults()
+
+
+def _prechecked_descriptor(base: torch.Tensor, shape: list, strides: list, block_shape: list):
+    """TensorDescriptor(base, shape, strides, block_shape) without its constructor's checks, which cost about as
+    much host time per call as the rest of a launch: x and y get a descriptor on every call, after tma_ok checked
+    what those checks would (16-byte aligned base and row stride, unit last stride, M >= 1; the box is the launch's
+    own). A Triton whose TensorDescriptor is not the dataclass this was written for gets the constructor."""
+    if _DESCRIPTOR_DEFAULTS is None:
+        return TensorDescriptor(base, shape, strides, block_shape)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS)
+    desc.base, desc.shape, desc.strides, desc.block_shape = base, shape, strides, block_shape
+    return desc
 
 
 def launch(

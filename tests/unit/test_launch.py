@@ -164,3 +164,26 @@ def test_a_kept_dense_plan_runs_f_linear_on_x_as_given():
     ops = [n for n in rec.names if not n.startswith("__get__") and n not in ("__get__",)]
     assert "linear" in ops
     assert not {"reshape", "view", "contiguous", "flatten"} & set(ops), ops
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_per_call_descriptors_skip_the_constructor_checks_but_match_it(layout, monkeypatch):
+    """x and y get a TMA descriptor on every call; tma_ok already checked what the descriptor's constructor would, so
+    the per-call ones skip its checks and must hold what the constructor would have made of the same matrix."""
+    tma = pytest.importorskip("triton.tools.tensor_descriptor")
+    from superblock.kernels import _triton_bsr
+
+    if _triton_bsr._DESCRIPTOR_DEFAULTS is None:
+        pytest.skip("this Triton's TensorDescriptor is not the dataclass the shortcut is written for")
+    x = torch.randn(48, 64) if layout == "token" else torch.randn(64, 48).t()
+    checks = []
+    monkeypatch.setattr(tma.TensorDescriptor, "__post_init__", lambda self: checks.append(self))
+    desc, transposed = _triton_bsr._descriptor(x, 16, 32)
+    assert not checks and isinstance(desc, tma.TensorDescriptor)
+    monkeypatch.undo()
+    base = x.t() if transposed else x
+    box = [32, 16] if transposed else [16, 32]
+    expected = tma.TensorDescriptor(base, list(base.shape), list(base.stride()), box)  # the checked constructor
+    assert transposed == (layout == "feature") and desc.base.data_ptr() == base.data_ptr()
+    for field in ("shape", "strides", "block_shape", "padding"):
+        assert getattr(desc, field) == getattr(expected, field), field
