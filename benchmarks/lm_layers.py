@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/lm_layers.py --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --layers gate_up,down --tokens 1,8 --out $OUT
     PYTHONPATH=. python benchmarks/lm_layers.py --fused --layers gate_up,qkv --tokens 1,8,32,2048 --out $OUT
-    PYTHONPATH=. python benchmarks/lm_layers.py --tokens 1,8 --row-skew 1.0 --out $OUT   # uneven block rows
+    PYTHONPATH=. python benchmarks/lm_layers.py --tokens 1,8 --row-skew 0.5 --out $OUT   # uneven block rows
 
 For each layer (gate/up 4096->14336, down 14336->4096, qkv 4096->6144, o 4096->4096) and token count M, with a
 random block mask (exactly `sparsity` of the blocks zeroed) in bf16:
