@@ -140,9 +140,9 @@ def build_plan(choice: Choice, device: torch.device, traced: bool, weight: Weigh
             handles = layout
     per_program = int(config.get("BAL", 0))
     if per_program:
-        n_groups = -(-_runners.out_width(weight.shape[0], weight.activation) // int(weight.values.shape[1]))
-        nnz = int(weight.values.shape[0])
-        build = lambda: _triton_bsr.balanced_work(weight.resolve(weight.crow), n_groups, nnz, per_program)  # noqa: E731
+        build = lambda: _runners.balanced_work_for(  # noqa: E731
+            weight.resolve(weight.crow), weight.shape, weight.activation, weight.values, per_program
+        )
         work = derive(f"_balanced{per_program}", build, 1)
         if work is None:
             config.pop("BAL")

@@ -451,15 +451,18 @@ def _time_triton(args, precision: str, candidates: list[dict]):
     (the launch bound to the weight, _runners.bind_triton, allocating its output), so that an eager time holds the
     host cost callers pay, no more and no less."""
     x2d, values, crow, col, shape, bias, activation = args
-    layouts: dict[int, tuple] = {}
+    layouts: dict[tuple[int, int], tuple] = {}
     bound: dict[int, tuple] = {}
     y = torch.empty(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
 
     def run_cfg(cfg, out=None):
-        group = int(cfg.get("G", 1))
-        if group not in layouts:
-            layouts[group] = _runners.layout_for(crow, col, group)
-        lc, lcol, gidx = layouts[group]
+        group, per_program = int(cfg.get("G", 1)), int(cfg.get("BAL", 0))
+        if (group, per_program) not in layouts:  # the derived tensors a plan would keep: grouped layout, work list
+            lc, lcol, gidx = _runners.layout_for(crow, col, group)
+            if per_program:
+                gidx = _runners.balanced_work_for(lc, shape, activation, values, per_program)
+            layouts[(group, per_program)] = (lc, lcol, gidx)
+        lc, lcol, gidx = layouts[(group, per_program)]
         if out is None and _runners.bindable(x2d.device):
             found = bound.get(id(cfg))  # bound once per config (kept beside it): timed calls are the calls layers make
             if found is None:

@@ -291,3 +291,30 @@ def test_kept_workspaces_are_allocated_off_the_calling_thread(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):  # an error on the worker reaches the caller
         _triton_bsr.outside_graph_pools(fails, torch.device("cuda"))
     assert _triton_bsr.outside_graph_pools(lambda: threading.current_thread(), torch.device("cpu")) is caller
+
+
+def test_tuning_runs_balanced_candidates_with_their_work_list(monkeypatch):
+    """The tuner times each candidate as a plan would run it: a balanced decode config gets its work list (without
+    it the launch refuses, and a refused candidate is silently left out of the measurement)."""
+    from superblock.kernels._triton_bsr import WORK_WIDTH
+
+    seen = []
+
+    def fake_run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, cfg, y=None, wrap=None):
+        _runners._check_config(out_f, values, gidx, activation, cfg)  # what the real launch checks first
+        seen.append((dict(cfg), gidx))
+        return y
+
+    monkeypatch.setattr(_runners, "run_triton", fake_run_triton)
+    monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    layer = _sparse_layer(per_row=3)
+    x2d = torch.randn(1, layer.in_features)
+    args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
+    cands = tuning_mod.decode_configs(1, 64, 64, 3.0)
+    gpu_ms, configs, _ = tuning_mod._time_triton(args, "ieee", cands)
+    assert len(configs) == len({tuple(sorted(c.items())) for c in cands})  # none refused
+    balanced = [(c, g) for c, g in seen if c.get("BAL")]
+    assert {c["BAL"] for c, _ in balanced} == {2, 4}
+    for c, work in balanced:
+        assert work.shape == (4 + layer.values.shape[0] // c["BAL"], WORK_WIDTH)
+    assert all(g is None for c, g in seen if not c.get("BAL"))
