@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON {glob: sparsity} for sparsity.level_overrides, e.g. '{\"*.gate_proj.weight\": 0.1, "
              "\"*.up_proj.weight\": 0.1}'; the others then at --levels (the table gives the zeroed share of all)",
     )  # fmt: skip
+    p.add_argument(
+        "--block-overrides", default="",
+        help="JSON {glob: tile} for sparsity.block_overrides, e.g. '{\"*.down_proj.weight\": \"16x64\"}': those "
+             "weights get that tile, the others --blocks (which dimension should be tall, per layer type)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.blocks = [b for b in args.blocks.split(",") if b]
     args.scores = [s for s in args.scores.split(",") if s]
     args.level_overrides = json.loads(args.level_overrides) if args.level_overrides else {}
+    args.block_overrides = json.loads(args.block_overrides) if args.block_overrides else {}
     return args
 
 
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 model = load(args)
                 base, _, refit = score.partition("+")
                 report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
-                                  level_overrides=args.level_overrides, seed=0)  # fmt: skip
+                                  level_overrides=args.level_overrides, seed=0,
+                                  block_overrides={k: tile(v) for k, v in args.block_overrides.items()})  # fmt: skip
                 if base == "activation":
                     calibrate_scores(model, calibration, forward)
                 if refit:
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {r['score']} | {r['sparsity']:.0%} | {r.get('zeroed', 0.0):.1%} | {r['block'] or '-'} | "
               f"{r['ppl']:.4g} | {r['ppl_byte']:.3f} |" for r in rows]  # fmt: skip
     head = f"{args.model}, {args.device}, {time.strftime('%Y-%m-%d')}; {args.windows} windows of {args.seq_len}"
-    head += f"; level overrides {args.level_overrides}\n\n" if args.level_overrides else "\n\n"
+    head += f"; level overrides {args.level_overrides}" if args.level_overrides else ""
+    head += f"; tile overrides {args.block_overrides}\n\n" if args.block_overrides else "\n\n"
     (out / "oneshot_lm.md").write_text(head + "\n".join(lines) + "\n")
     print("\n" + head + "\n".join(lines))
 

@@ -142,3 +142,9 @@ def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
                      "--level-overrides", '{"*.up_proj.weight": 0.0}'])  # fmt: skip
     (_, row) = json.loads((tmp_path / "lv" / "oneshot_lm.json").read_text())["rows"]
     assert 0.2 < row["zeroed"] < 0.45  # up_proj kept whole: less than half of all masked weights zeroed
+    oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16", "--seq-len", "16",
+                     "--windows", "4", "--calibration", "4", "--scores", "magnitude", "--out", str(tmp_path / "bo"),
+                     "--block-overrides", '{"*.down_proj.weight": "8x16"}'])  # fmt: skip
+    (_, row) = json.loads((tmp_path / "bo" / "oneshot_lm.json").read_text())["rows"]
+    assert row["ppl"] != rows[1]["ppl"]  # the same run as rows[1] but down_proj's tiles: another mask
+    assert "tile overrides {'*.down_proj.weight': '8x16'}" in (tmp_path / "bo" / "oneshot_lm.md").read_text()
