@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument(
+        "--replot", default="",
+        help="earlier runs' oneshot_lm.json files, comma-separated: one table and plot of their rows, nothing measured",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.levels = [float(v) for v in args.levels.split(",") if v]
     args.blocks = [b for b in args.blocks.split(",") if b]
@@ -81,6 +85,9 @@ def load(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        replot([p for p in args.replot.split(",") if p], Path(args.out))
+        return
     data = text_bundle(None, seq_len=args.seq_len, tokenizer=args.model, train_size=args.calibration,
                        val_size=args.windows)  # fmt: skip
     device = torch.device(args.device)
@@ -119,15 +126,65 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oneshot_lm.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = ["| score | sparsity | zeroed (all masked weights) | tile | perplexity / token | per byte |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['score']} | {r['sparsity']:.0%} | {r.get('zeroed', 0.0):.1%} | {r['block'] or '-'} | "
-              f"{r['ppl']:.4g} | {r['ppl_byte']:.3f} |" for r in rows]  # fmt: skip
     head = f"{args.model}, {args.device}, {time.strftime('%Y-%m-%d')}; {args.windows} windows of {args.seq_len}"
     head += f"; level overrides {args.level_overrides}" if args.level_overrides else ""
-    head += f"; tile overrides {args.block_overrides}\n\n" if args.block_overrides else "\n\n"
-    (out / "oneshot_lm.md").write_text(head + "\n".join(lines) + "\n")
-    print("\n" + head + "\n".join(lines))
+    head += f"; tile overrides {args.block_overrides}" if args.block_overrides else ""
+    write_report(rows, head, out)
+
+
+def row_label(r: dict) -> str:
+    """A row's name in tables and plots: tile (with its overrides), score, sparsity."""
+    if r["block"] is None:
+        return "dense"
+    block = r["block"] if "x" in r["block"] else f"{r['block']}x{r['block']}"
+    tiles = block + "".join(f", {k.strip('*.').split('.')[0]} {v}" for k, v in r.get("overrides", {}).items())
+    return f"{tiles} ({r['score']}, {r['sparsity']:.0%})"
+
+
+def write_report(rows: list[dict], head: str, out: Path) -> None:
+    """oneshot_lm.md (the table) and oneshot_lm.png (perplexity per row, log scale, dense marked)."""
+    lines = ["| score | sparsity | zeroed (all masked weights) | tile | perplexity / token | per byte |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['score']} | {r['sparsity']:.0%} | {r.get('zeroed', 0.0):.1%} | {row_label(r).split(' (')[0]} | "
+              f"{r['ppl']:.4g} | {r['ppl_byte']:.3f} |" for r in rows]  # fmt: skip
+    (out / "oneshot_lm.md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
+    print("\n" + head + "\n\n" + "\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparse = [r for r in rows if r["block"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(sparse) + 1.2))
+    ax.barh(range(len(sparse)), [r["ppl"] for r in sparse], color="tab:blue")
+    ax.set_yticks(range(len(sparse)), [row_label(r) for r in sparse], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    for r in rows:
+        if r["block"] is None:
+            ax.axvline(r["ppl"], color="k", ls="--", lw=1, label=f"dense {r['ppl']:.3g}")
+    ax.set_xlabel("validation perplexity per token (lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title(head.split(";")[0], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "oneshot_lm.png", dpi=120)
+    plt.close(fig)
+
+
+def replot(paths: list[str], out: Path) -> None:
+    """One table and plot of earlier runs' rows (one dense row: they must share model and windows)."""
+    rows, heads = [], []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        overrides = saved["args"].get("block_overrides") or {}
+        for r in saved["rows"]:
+            if r["block"] is None and any(q["block"] is None for q in rows):
+                continue
+            rows.append({**r, "overrides": overrides} if r["block"] is not None and overrides else r)
+        a = saved["args"]
+        heads.append(f"{Path(a['model']).name}, {a['device']}; {a['windows']} windows of {a['seq_len']}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(rows, heads[0] + f"; rows of {len(paths)} runs", out)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,10 @@ def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
     (_, row) = json.loads((tmp_path / "bo" / "oneshot_lm.json").read_text())["rows"]
     assert row["ppl"] != rows[1]["ppl"]  # the same run as rows[1] but down_proj's tiles: another mask
     assert "tile overrides {'*.down_proj.weight': '8x16'}" in (tmp_path / "bo" / "oneshot_lm.md").read_text()
+    # the two runs' rows in one table and plot (one dense row), the override named on its row
+    oneshot_lm.main(["--model", "unused", "--replot", f"{tmp_path / 'out' / 'oneshot_lm.json'},"
+                     f"{tmp_path / 'bo' / 'oneshot_lm.json'}", "--out", str(tmp_path / "both")])  # fmt: skip
+    table = (tmp_path / "both" / "oneshot_lm.md").read_text()
+    assert sum(line.startswith("| dense |") for line in table.splitlines()) == 1
+    assert table.count("| 16x16") == 3 and "16x16, down_proj 8x16" in table
+    assert (tmp_path / "both" / "oneshot_lm.png").read_bytes()[:4] == b"\x89PNG"
