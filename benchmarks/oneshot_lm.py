@@ -155,9 +155,13 @@ def write_report(rows: list[dict], head: str, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     sparse = [r for r in rows if r["block"] is not None]
+    labels = [row_label(r) for r in sparse]
+    common = {label.rsplit(" (", 1)[1] for label in labels}
+    if len(common) == 1:  # one score and sparsity: said once, in the title
+        labels = [label.rsplit(" (", 1)[0] for label in labels]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(sparse) + 1.2))
     ax.barh(range(len(sparse)), [r["ppl"] for r in sparse], color="tab:blue")
-    ax.set_yticks(range(len(sparse)), [row_label(r) for r in sparse], fontsize=7)
+    ax.set_yticks(range(len(sparse)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     for r in rows:
@@ -165,9 +169,8 @@ def write_report(rows: list[dict], head: str, out: Path) -> None:
             ax.axvline(r["ppl"], color="k", ls="--", lw=1, label=f"dense {r['ppl']:.3g}")
     ax.set_xlabel("validation perplexity per token (lower is better)")
     ax.legend(fontsize=7)
-    ax.set_title(head.split(";")[0], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "oneshot_lm.png", dpi=120)
+    ax.set_title(head.split(";")[0] + (f" ({common.pop()[:-1]})" if len(common) == 1 else ""), fontsize=8)
+    fig.savefig(out / "oneshot_lm.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
