@@ -144,6 +144,7 @@ def test_oneshot_refit_under_two_process_ddp(tmp_path):
     assert summary_of(tmp_path)["masks_equal_across_ranks"] is True
 
 
+@pytest.mark.slow  # two ranks or a compile: tens of seconds on 2 cores; CI's slow run has it
 def test_fsdp2_sharded_training_matches_ddp_and_writes_whole_checkpoints(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     assert _two_process(f"hydra.run.dir={ddp}").returncode == 0
@@ -163,6 +164,7 @@ def test_fsdp2_sharded_training_matches_ddp_and_writes_whole_checkpoints(tmp_pat
             assert torch.allclose(cb["model"][name].float(), tensor.float(), atol=1e-4), name
 
 
+@pytest.mark.slow  # two ranks or a compile: tens of seconds on 2 cores; CI's slow run has it
 def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
     common = ["trainer.strategy=fsdp", "trainer.checkpoint_every_steps=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -243,6 +245,7 @@ def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
     assert torch.equal(built.transformer.wte.weight, model.transformer.wte.weight)
 
 
+@pytest.mark.slow  # two ranks or a compile: tens of seconds on 2 cores; CI's slow run has it
 def test_compiled_lm_distils_from_a_dense_lm(tmp_path):
     """trainer.compile and distill.teacher on a language model: per-token soft targets from a dense LM run."""
     dense, student = tmp_path / "dense", tmp_path / "student"
