@@ -1,4 +1,5 @@
-"""Every Triton kernel of the package compiled for Hopper (sm_90) ahead of time, on the CPU.
+"""Every Triton kernel of the package (the BSR products and the training mask kernels) compiled for Hopper (sm_90)
+ahead of time, on the CPU.
 
 Compiling needs no GPU (Triton's front end, its passes and the bundled ptxas), so a kernel change that the CPU
 interpreter runs but the compiler rejects (a constexpr used where a runtime value is needed, branches of a runtime
@@ -92,3 +93,17 @@ def test_the_decode_kernel_compiles(bal, split, mode, act, kb, bw):
 def test_the_decode_reduction_compiles(act):
     const = {"SPLIT": 4, "BLOCK_N": tb.REDUCE_BLOCK_N, "HAS_BIAS": True, "ACT": act}
     assert compile_sm90(tb._decode_reduce_kernel, const, warps=4, stages=3).asm["ptx"]
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)], ids=["both", "weight", "scores"])
+def test_the_training_mask_kernels_compile(grads):
+    """The fused masked-weight kernels of eager CUDA training (superblock.sparsity.fused): forward and backward."""
+    from superblock.sparsity import fused
+
+    if fused.triton is None:
+        pytest.skip("no Triton kernels in superblock.sparsity.fused here")
+    types = {"w_ptr": "*fp32", "m_ptr": "*fp32", "out_ptr": "*bf16", "g_ptr": "*bf16", "gw_ptr": "*fp32",
+             "gs_ptr": "*fp32"}  # fmt: skip
+    assert compile_sm90(fused._masked_weight_kernel, {"BH": 64, "BW": 16}, types).asm["ptx"]
+    const = {"BH": 64, "BW": 16, "GRAD_WEIGHT": grads[0], "GRAD_SCORES": grads[1]}
+    assert compile_sm90(fused._masked_weight_backward_kernel, const, types).asm["ptx"]
