@@ -173,13 +173,6 @@ def layout_for(
     return (*index32(crow, col), None)
 
 
-def balanced_work_for(crow: torch.Tensor, shape, activation: str | None, values: torch.Tensor, per_program: int):
-    """The balanced decode kernel's work list (config BAL = per_program) for this weight: _triton_bsr.balanced_work
-    over its block rows (a gated pair's: the output's)."""
-    n_groups = -(-out_width(int(shape[0]), activation) // int(values.shape[1]))
-    return _triton_bsr.balanced_work(crow, n_groups, int(values.shape[0]), per_program)
-
-
 def out_width(out_f: int, activation: str | None) -> int:
     """Columns of y for a weight of `out_f` rows: "silu_mul" (a gated MLP's [gate; up]) halves them."""
     return out_f // 2 if activation == "silu_mul" else out_f

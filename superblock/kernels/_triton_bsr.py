@@ -304,7 +304,8 @@ if HAS_TRITON:
         # blocks s, s + SPLIT, ... (adjacent programs read adjacent blocks), so ~nnz / SPLIT programs keep every
         # SM's loads in flight even when a block row holds 20+ blocks. BAL > 0 (balanced by kept blocks): each
         # block row gets its own count of programs, enough that none reads more than BAL blocks, and a program
-        # reads its (row, s, split) from the weight's work list (balanced_work; rows of -1 pad the grid). The
+        # reads its (row, s, split) and its rows' spans from the weight's work list (balanced_work; entries of -1
+        # pad the grid). The
         # partial sums of a row meet:
         #   MODE 0  SPLIT == 1: the program owns its row and writes y itself
         #   MODE 1  each writes its fp32 partial to part[s] ([SPLIT, M, n_rows*BH]); _decode_reduce_kernel adds them
@@ -513,18 +514,20 @@ def grouped_layout(crow: torch.Tensor, col: torch.Tensor, group: int) -> tuple[t
     )
 
 
-def balanced_work(crow: torch.Tensor, n_groups: int, nnz: int, per_program: int) -> torch.Tensor:
+def balanced_work(crow: torch.Tensor, nnz: int, per_program: int, gated: bool = False) -> torch.Tensor:
     """The decode kernel's work list for BAL = per_program: int32 [n_groups + nnz // per_program, WORK_WIDTH], one
     entry per program: (block row r, s, split, gate start, gate end, up start, up end, 0), block row r getting
     split = max(1, ceil(kept blocks / per_program)) programs s = 0..split-1, and its kept blocks' span in `values`
-    written out so that a program reads no row pointers. A gated pair (crow of 2 * n_groups rows: [gate; up]) splits
-    by the longer of its gate and up rows; other weights repeat the gate span. Entries of -1 pad the list to a length
-    known from the shapes alone. Built on the device with no host sync."""
+    written out so that a program reads no row pointers. n_groups is crow's block rows, or half of them for a
+    `gated` pair ([gate; up], activation "silu_mul"), which splits by the longer of its gate and up rows; other
+    weights repeat the gate span. Entries of -1 pad the list to a length known from the shapes alone (nnz is
+    values.shape[0]). Built on the device with no host sync."""
     crow = crow.to(torch.int64)
+    n_groups = (crow.numel() - 1) // 2 if gated else crow.numel() - 1
     counts = crow[1:] - crow[:-1]
     starts, ends = crow[:-1], crow[1:]
     up_starts, up_ends = starts, ends
-    if counts.numel() == 2 * n_groups:
+    if gated:
         counts = torch.maximum(counts[:n_groups], counts[n_groups:])
         starts, up_starts = starts[:n_groups], starts[n_groups:]
         ends, up_ends = ends[:n_groups], ends[n_groups:]
@@ -730,8 +733,6 @@ class Launch:
         if y.shape[0] > 1 and y.stride(1) != 1:  # and writes y token-major
             tmp = torch.empty(y.shape, device=y.device, dtype=y.dtype)
             return y.copy_(self._run_decode(x2d, values, crow, col, work, b_arg, tmp))
-        if self.bal and work is None:
-            raise ValueError("a balanced decode config (BAL > 0) needs its work list (balanced_work) in gidx's place")
         M, bh, block_m = x2d.shape[0], self.bh, self.block_m
         split = self.bal_split if self.bal else self.split
         m_tiles = -(-M // block_m)

@@ -140,8 +140,8 @@ def build_plan(choice: Choice, device: torch.device, traced: bool, weight: Weigh
             handles = layout
     per_program = int(config.get("BAL", 0))
     if per_program:
-        build = lambda: _runners.balanced_work_for(  # noqa: E731
-            weight.resolve(weight.crow), weight.shape, weight.activation, weight.values, per_program
+        build = lambda: _triton_bsr.balanced_work(  # noqa: E731
+            weight.resolve(weight.crow), int(weight.values.shape[0]), per_program, weight.activation == "silu_mul"
         )
         work = derive(f"_balanced{per_program}", build, 1)
         if work is None:

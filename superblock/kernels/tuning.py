@@ -460,7 +460,7 @@ def _time_triton(args, precision: str, candidates: list[dict]):
         if (group, per_program) not in layouts:  # the derived tensors a plan would keep: grouped layout, work list
             lc, lcol, gidx = _runners.layout_for(crow, col, group)
             if per_program:
-                gidx = _runners.balanced_work_for(lc, shape, activation, values, per_program)
+                gidx = _triton_bsr.balanced_work(lc, int(values.shape[0]), per_program, activation == "silu_mul")
             layouts[(group, per_program)] = (lc, lcol, gidx)
         lc, lcol, gidx = layouts[(group, per_program)]
         if out is None and _runners.bindable(x2d.device):

@@ -37,7 +37,7 @@ def test_balanced_work_gives_each_row_programs_by_its_kept_blocks():
     from superblock.kernels._triton_bsr import WORK_WIDTH, balanced_work
 
     crow = torch.tensor([0, 5, 5, 7, 20], dtype=torch.int32)  # rows of 5, 0, 2 and 13 kept blocks
-    work = balanced_work(crow, 4, 20, 4)
+    work = balanced_work(crow, 20, 4)
     assert work.dtype == torch.int32 and work.shape == (4 + 20 // 4, WORK_WIDTH)  # the length follows from shapes
     live = [tuple(r[:5]) for r in work.tolist() if r[0] >= 0]  # (row, s, split, start, end)
     assert live == [(0, 0, 2, 0, 5), (0, 1, 2, 0, 5), (1, 0, 1, 5, 5), (2, 0, 1, 5, 7)] + [
@@ -48,7 +48,7 @@ def test_balanced_work_gives_each_row_programs_by_its_kept_blocks():
     assert max(len(range(a + s, b, split)) for _r, s, split, a, b in live) <= 4
     # a gated pair [gate; up] (two halves of 2 rows): a row's programs cover the longer of its gate and up rows, and
     # each entry carries both spans
-    glu = [tuple(r[:7]) for r in balanced_work(crow, 2, 20, 4).tolist() if r[0] >= 0]
+    glu = [tuple(r[:7]) for r in balanced_work(crow, 20, 4, gated=True).tolist() if r[0] >= 0]
     assert glu == [(0, 0, 2, 0, 5, 5, 7), (0, 1, 2, 0, 5, 5, 7)] + [(1, s, 4, 5, 5, 7, 20) for s in range(4)]
 
 
@@ -236,7 +236,7 @@ _BALANCED_SCRIPT = textwrap.dedent(
                         err = rel_err(y, reference(x, w, bias, act))
                         assert err < tol, (out_f, in_f, block, bal, m, dtype, act, err)
                 if out_f % (2 * block[0]) == 0:
-                    work = _triton_bsr.balanced_work(crow, out_f // 2 // block[0], values.shape[0], bal)
+                    work = _triton_bsr.balanced_work(crow, values.shape[0], bal, gated=True)
                     x = torch.randn(3, in_f).to(dtype)
                     y = _runners.run_triton(x, values, crow.int(), col.int(), work, None, out_f, "silu_mul", "ieee",
                                             cfg)
