@@ -183,7 +183,7 @@ def make_tensors(case, device, n_rot=1, seed=0):
     w = (torch.randn(out_f, in_f, device=device) * full / math.sqrt(in_f)).to(dtype)
     values, crow, col = dense_to_bsr(w, (bh, bw))
     M = case["batch"] * TOKENS_PER_IMAGE
-    xs = [_layout(torch.randn(M, in_f, device=device).to(dtype), case.get("x_layout", "token")) for _ in range(n_rot)]
+    xs = [_layout(torch.randn(M, in_f, device=device).to(dtype), case["x_layout"]) for _ in range(n_rot)]
     return {"w": w, "values": values, "crow": crow, "col": col, "xs": xs, "M": M, "N": out_f, "K": in_f}
 
 
@@ -262,7 +262,7 @@ def _warm_worker(job):
     full = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:N, :K]
     w = (torch.randn(N, K, device="cuda") * full).to(dtype)
     values, crow, col = dense_to_bsr(w, (bh, bw))
-    x = _layout(torch.randn(M, K, device="cuda").to(dtype), job.get("x_layout", "token"))
+    x = _layout(torch.randn(M, K, device="cuda").to(dtype), job["x_layout"])
     bias = torch.randn(N, device="cuda").to(dtype) if job.get("bias") else None
     failed = 0
     for cfg in job["configs"]:
@@ -303,7 +303,7 @@ def precompile(cases, args):
     jobs, seen = [], set()
     for case in cases:  # sparsity and seeds do not change what is compiled
         M = case["batch"] * TOKENS_PER_IMAGE
-        sig = (case["layer"], case["block"], case["mode"], case["batch"], case.get("x_layout", "token"))
+        sig = (case["layer"], case["block"], case["mode"], case["batch"], case["x_layout"])
         if sig not in seen:
             seen.add(sig)
             dtype, prec, _ = MODES[case["mode"]]
@@ -319,7 +319,7 @@ def precompile(cases, args):
                     "prec": prec,
                     "configs": configs[i : i + 4],
                     "torch": i == 0,
-                    "x_layout": case.get("x_layout", "token"),
+                    "x_layout": case["x_layout"],
                 }
                 jobs.append(job)
     warm_kernels(jobs, args.workers)
@@ -340,7 +340,7 @@ def run_case(case, args, device, ceil, dense_cache, sweep_rows):
     shape = (t["N"], t["K"])
     row = {**case, "block": f"{case['block'][0]}x{case['block'][1]}", "tokens": M, "N": out_f, "K": in_f}
 
-    dkey = (case["layer"], case["mode"], M, case.get("x_layout", "token"))  # dense on the same x
+    dkey = (case["layer"], case["mode"], M, case["x_layout"])  # dense on the same x
     if dkey not in dense_cache:
         dense_cache[dkey] = bench(_rotating(lambda x: F.linear(x, t["w"]), t["xs"]), args.rep_ms)
     row["dense_ms"] = dense_cache[dkey]
@@ -470,7 +470,8 @@ def host_costs(device) -> list[dict]:
 
 @torch.no_grad()
 def _host_row(layer: str, tokens: int, device) -> dict:
-    t = make_tensors({"layer": layer, "block": (64, 64), "sparsity": 0.9, "mode": "bf16", "batch": 1}, device)
+    case = {"layer": layer, "block": (64, 64), "sparsity": 0.9, "mode": "bf16", "batch": 1, "x_layout": "token"}
+    t = make_tensors(case, device)
     x = torch.randn(tokens, t["K"], device=device, dtype=torch.bfloat16)
     shape, v, c, cl = (t["N"], t["K"]), t["values"], t["crow"], t["col"]
     cfg = tuning_mod.default_config(tokens, *shape, 64, 64, torch.bfloat16, "ieee", v.shape[0])
