@@ -1,4 +1,4 @@
-"""Several served models in one process, in the order that crashed issue 20's side-by-side script: a throwaway
+"""Several served models in one process, in the order that once crashed a side-by-side serving script: a throwaway
 CUDA graph (as the tuner captures), a block-sparse model served under CUDA graphs, the same weights dense under
 torch.compile(mode="reduce-overhead") (which clears cuBLAS workspaces when it records), a release of cached memory,
 then the served model again, checked against dense. Run as a script by test_serve_in_one_process_gpu.py so that a

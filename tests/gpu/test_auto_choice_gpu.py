@@ -1,16 +1,16 @@
-"""`auto` at the token counts where it used to mis-pick (issue 20: 6,304 tokens = 32 ViT-B images, block 64, 90%:
-fc1 ran at 1.02x where its Triton kernel gave 1.88x, qkv at 0.88x, slower than dense).
+"""`auto` at the token counts where it once mis-picked (6,304 tokens = 32 ViT-B images, block 64, 90%: it ran fc1
+and qkv near or below dense where their Triton kernels were much faster).
 
 The cause was not the choice but its cost: the functional `bsr_linear(backend="auto")` looked the choice up in the
-tuning table on every call (key formatting and a driver query, ~20 us), which the tuner's own timing of the winner
-did not include. The choice is now kept per weight and token bucket. These tests check that (1) after the first
-calls no call consults the dispatch again until the tuning table changes, and (2) a call through `auto` costs at most
-10% more than the best measured candidate called directly, and no more than 10% over dense (interleaved medians of
-CUDA-event times per call of bursts of 8 back-to-back calls, so host overhead counts as it does for a caller: a call
-that needs more host time than GPU time costs its host time; a lone call's events after an idle GPU would add the
-two).
+tuning table on every call (key formatting and a driver query), which the tuner's own timing of the winner did not
+include. The choice is now kept per weight and token bucket. These tests check that (1) after the first calls no
+call consults the dispatch again until the tuning table changes, and (2) a call through `auto` costs at most 10% more
+than the best measured candidate called directly, and no more than 10% over dense (interleaved medians of CUDA-event
+times per call of bursts of 8 back-to-back calls, so host overhead counts as it does for a caller: a call that needs
+more host time than GPU time costs its host time; a lone call's events after an idle GPU would add the two).
+Measured history: docs/benchmarks.md, the GPU checks.
 
-Run on a CUDA machine: python -m pytest -m gpu tests/gpu/test_auto_choice_gpu.py (~30 s on an H200)."""
+Run on a CUDA machine: python -m pytest -m gpu tests/gpu/test_auto_choice_gpu.py"""
 
 from __future__ import annotations
 

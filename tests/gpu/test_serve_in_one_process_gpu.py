@@ -1,7 +1,7 @@
-"""Issue 20's illegal memory access: served CUDA graphs must survive other models in the same process clearing
+"""An illegal memory access seen in serving: served CUDA graphs must survive other models in the same process clearing
 cuBLAS workspaces and releasing cached memory (torch.compile's "reduce-overhead" mode does both). The scenario runs
 in a child process (tests/gpu/serve_in_one_process.py): a fault there fails this test instead of ending pytest.
-Quick: ~1 min on an H200 (one small compile)."""
+Quick: one small compile."""
 
 from __future__ import annotations
 

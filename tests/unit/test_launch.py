@@ -1,4 +1,4 @@
-"""The per-call host work of our kernels' eager paths (issue 27): the mechanism, on the CPU. Timed claims live in
+"""The per-call host work of our kernels' eager paths: the mechanism, on the CPU. Timed claims live in
 benchmarks/bsr_linear.py's host-cost table; these tests check that the work which makes a call slow happens once.
 
 - kernels._launch.KernelLaunch goes through Triton's JIT front door once per specialization, then launches the
