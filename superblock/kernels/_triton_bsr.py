@@ -305,8 +305,7 @@ if HAS_TRITON:
         # SM's loads in flight even when a block row holds 20+ blocks. BAL > 0 (balanced by kept blocks): each
         # block row gets its own count of programs, enough that none reads more than BAL blocks, and a program
         # reads its (row, s, split) and its rows' spans from the weight's work list (balanced_work; entries of -1
-        # pad the grid). The
-        # partial sums of a row meet:
+        # pad the grid). The partial sums of a row meet:
         #   MODE 0  SPLIT == 1: the program owns its row and writes y itself
         #   MODE 1  each writes its fp32 partial to part[s] ([SPLIT, M, n_rows*BH]); _decode_reduce_kernel adds them
         #   MODE 2  each adds its partial into a zeroed fp32 workspace (part, [M, n_rows*BH]) with atomics, then
