@@ -72,19 +72,22 @@ def test_two_process_ddp_on_cpu_keeps_masks_equal(tmp_path):
     assert not (ROOT / ".hydra").exists()
 
 
+# Each mistake fails before any work with one line naming it. Two go through the real command line (the exit code,
+# stderr, a mistake found only when the model is built); the rest through the same entry point in this process.
+BAD_CONFIGS = [
+    ("sparsity.level=1.5", "sparsity.level must be in [0, 1)"),
+    ("sparsity.block_size=0", "block_size must be positive"),
+    ("sparsity.targets=[mlpp]", "mlpp"),
+    ("data=imagefolder", "data.root is required"),
+    ("model.name=resnet999", "resnet999"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be > 0"),
+    ("optim.name=lamb", "optim.name='lamb' is not one of"),
+]
+
+
 @pytest.mark.parametrize(
     "override,message",
-    [
-        ("sparsity.level=1.5", "sparsity.level must be in [0, 1)"),
-        ("sparsity.block_size=0", "block_size must be positive"),
-        ("sparsity.targets=[mlpp]", "mlpp"),
-        ("data=imagefolder", "data.root is required"),
-        ("model.name=resnet999", "resnet999"),
-        ("trainer.max_epochs=0", "trainer.max_epochs must be > 0"),
-        ("sparsity.strict_blocks=true", "does not divide"),
-        ("data.batch_size=abc", "data.batch_size"),
-        ("optim.name=lamb", "optim.name='lamb' is not one of"),
-    ],
+    [("sparsity.strict_blocks=true", "does not divide"), ("data.batch_size=abc", "data.batch_size")],
 )
 def test_bad_configs_fail_before_work_with_one_clear_line(tmp_path, override, message):
     extra = ["sparsity.block_size=24"] if "strict_blocks" in override else []
@@ -92,6 +95,26 @@ def test_bad_configs_fail_before_work_with_one_clear_line(tmp_path, override, me
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS)
+def test_bad_configs_fail_in_train_main_before_work(tmp_path, capsys, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from superblock.cli import train_main
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMOKE, override, f"run_dir={tmp_path / 'run'}"])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            train_main(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert exited.value.code != 0
+    assert message in err and err.count("superblock: error:") == 1, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_key_is_rejected_by_hydra(tmp_path):
