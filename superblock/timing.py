@@ -13,6 +13,8 @@ the training step's lazily read timers. Used by kernel tuning (kernels.tuning), 
   host_us(fn, reps)        host (CPU) time of one call in us: the Python and launch cost a caller pays per call
   compare_latency(fns, ..) medians of several functions measured interleaved (fair ratios under clock drift), per
                            call or per call of bursts of back-to-back calls
+  interleaved_ms(fns)      per-call times (ms) of argument-free functions, interleaved in bursts: what `auto`
+                           compares its eager finalists with
   StepTimer                sums the time spent in a block of the training step, read only when the log asks
 """
 
@@ -225,6 +227,26 @@ def compare_latency(
             _sync(device)
             samples[name] += _time_calls(fn, inputs, device, per_round, r * per_round * burst, burst)
     return {name: _stats(ts) for name, ts in samples.items()}
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 3, samples: int = 4, burst: int = 8
+) -> dict[str, float]:
+    """{name: ms per call} of argument-free functions: the median of `rounds` x `samples` bursts of `burst`
+    back-to-back calls, the functions interleaved round by round (compare_latency). A host that changes speed
+    during the measurement slows every function's samples alike instead of deciding between them, and a call
+    that needs more host than GPU time costs its host time, as it does for a caller running one layer after
+    another."""
+    stats = compare_latency(
+        {name: (lambda _x, f=fn: f()) for name, fn in fns.items()},
+        [None],
+        device,
+        warmup=2,
+        repeats=rounds * samples,
+        rounds=rounds,
+        burst=burst,
+    )
+    return {name: s["median_ms"] for name, s in stats.items()}
 
 
 def _stats(times: list[float]) -> dict[str, float]:

@@ -25,7 +25,7 @@ import torch
 
 from superblock.io import write_text_atomically
 from superblock.kernels import _runners, _triton_bsr
-from superblock.timing import time_cuda, time_graph
+from superblock.timing import interleaved_ms, time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
 VERSION = 1
@@ -499,10 +499,10 @@ def measure(
 
     args = (x2d, values, crow, col, (out, in), bias, activation). Triton configurations (the decode kernel's among
     them for few tokens) compete on GPU time; the winner then against the other backends on eager time (target
-    "eager": launch overhead included) or GPU time (target "graph")."""
+    "eager": bursts of back-to-back calls interleaved across the finalists, launch overhead included:
+    timing.interleaved_ms) or GPU time (target "graph")."""
     x2d, values, crow, col, shape, bias, activation = args
     graph = target == "graph"
-    times: dict[str, float] = {}
     gpu_ms: dict[str, float] = {}
     configs: dict[str, dict] = {}
     best_cfg = None
@@ -513,23 +513,35 @@ def measure(
         gpu_ms, configs, run_cfg = _time_triton(args, precision, candidates)
         if gpu_ms:
             best_cfg = min(gpu_ms, key=gpu_ms.get)
-            times[best_cfg] = gpu_ms[best_cfg] if graph else time_cuda(lambda: run_cfg(configs[best_cfg]))
-
-    def timed(fn):
-        if graph:
-            with contextlib.suppress(Exception):
-                return time_graph(fn)
-        return time_cuda(fn)
-
+    finalists = {}  # the backends' eager calls: {label: fn()}
+    if best_cfg is not None:
+        finalists[best_cfg] = lambda: run_cfg(configs[best_cfg])
     if "torch" in backends and x2d.dtype in (torch.float16, torch.bfloat16, torch.float32):
         crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
+        torch_call = lambda: _runners.run_torch(x2d, values, crow64, col64, shape, bias, activation)  # noqa: E731
         with contextlib.suppress(Exception):  # e.g. no torch kernel for this block shape
-            times["torch"] = timed(lambda: _runners.run_torch(x2d, values, crow64, col64, shape, bias, activation))
+            torch_call()
+            finalists["torch"] = torch_call
     if "dense" in backends:
         w = _runners.bsr_to_dense(values, crow, col, shape)
-        times["dense"] = timed(lambda: _runners.run_dense(x2d, w, bias, activation))
-        del w
+        finalists["dense"] = lambda: _runners.run_dense(x2d, w, bias, activation)
+    times = _graph_times(finalists, gpu_ms) if graph else interleaved_ms(finalists, x2d.device)
     return times, _entry(times, configs, gpu_ms, best_cfg)
+
+
+def _graph_times(finalists: dict, gpu_ms: dict[str, float]) -> dict[str, float]:
+    """GPU time of each finalist: a Triton config's from its candidate timing, the others' from CUDA-graph replays
+    (CUDA events where a capture fails)."""
+    times = {}
+    for label, fn in finalists.items():
+        if label in gpu_ms:
+            times[label] = gpu_ms[label]
+            continue
+        try:
+            times[label] = time_graph(fn)
+        except Exception:
+            times[label] = time_cuda(fn)
+    return times
 
 
 def _entry(times: dict, configs: dict, gpu_ms: dict, best_cfg: str | None) -> dict:

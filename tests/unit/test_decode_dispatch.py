@@ -132,9 +132,12 @@ def test_measure_offers_the_decode_kernel_and_records_it(monkeypatch, target):
 
     monkeypatch.setattr(tuning_mod, "_time_triton", fake_time_triton)
     monkeypatch.setattr(_runners, "triton_usable", lambda *a: True)
-    # eager: the triton winner is timed first (0.5 ms), then dense (1 ms); graph: dense 1 ms, triton its GPU time
-    eager_ms = iter([0.5, 1.0])
-    monkeypatch.setattr(tuning_mod, "time_cuda", lambda fn, *a, **k: (fn(), next(eager_ms))[1])
+    # eager: the triton winner 0.5 ms, dense 1 ms (interleaved); graph: dense 1 ms, triton its GPU time
+    monkeypatch.setattr(
+        tuning_mod,
+        "interleaved_ms",
+        lambda fns, device, **k: {n: (f(), 1.0 if n == "dense" else 0.5)[1] for n, f in fns.items()},
+    )
     monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
     layer = _sparse_layer()
     x2d = torch.randn(1, layer.in_features)

@@ -35,3 +35,18 @@ def test_host_us_counts_every_call_once_across_bursts():
     n = []
     us = timing.host_us(lambda: n.append(1), reps=45, warmup=5, burst=20)
     assert len(n) == 50 and us >= 0.0
+
+
+def test_interleaved_ms_takes_bursts_of_each_function_round_by_round():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    ms = timing.interleaved_ms(fns, torch.device("cpu"), rounds=3, samples=2, burst=4)
+    assert set(ms) == {"a", "b"} and all(v >= 0.0 for v in ms.values())
+    runs = []  # the call sequence as (name, length) runs
+    for name in order:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    # two warm-up calls before the first round, one before each later round, then 2 samples of 4 calls each
+    assert runs == [["a", 2 + 8], ["b", 2 + 8], ["a", 1 + 8], ["b", 1 + 8], ["a", 1 + 8], ["b", 1 + 8]]

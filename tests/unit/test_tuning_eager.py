@@ -31,8 +31,13 @@ def test_the_eager_time_of_the_winner_is_of_its_bound_launch(monkeypatch):
     monkeypatch.setattr(_runners, "bind_triton", fake_bind)
     monkeypatch.setattr(_runners, "run_triton", fake_run_triton)
     monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), next(gpu))[1])
-    eager = iter([0.5, 1.0])  # the triton winner's eager time, then dense's
-    monkeypatch.setattr(tuning_mod, "time_cuda", lambda fn, *a, **k: ([fn() for _ in range(5)], next(eager))[1])
+    eager = {"dense": 1.0}  # the triton winner's eager time 0.5 ms, dense's 1 ms
+
+    def fake_interleaved(fns, device, **kw):
+        assert set(fns) == {"dense", *[k for k in fns if k.startswith("triton:")]} and len(fns) == 2
+        return {name: ([fn() for _ in range(5)], eager.get(name, 0.5))[1] for name, fn in fns.items()}
+
+    monkeypatch.setattr(tuning_mod, "interleaved_ms", fake_interleaved)
     w = torch.zeros(128, 64)
     w[:64, :32] = 1.0
     values, crow, col = dense_to_bsr(w, 32)
