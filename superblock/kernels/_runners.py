@@ -261,8 +261,9 @@ def kernel_layout(x2d: torch.Tensor) -> torch.Tensor:
     """x [M, K] as the Triton kernels read it: token-major (rows of K contiguous features) or feature-major (a
     transposed view: columns of M contiguous tokens, e.g. the previous layer's output written transposed) as it is,
     any other layout copied to token-major."""
-    token_major = x2d.stride(-1) == 1 and (x2d.shape[0] <= 1 or x2d.stride(0) >= x2d.shape[1])
-    return x2d if token_major or _triton_bsr.feature_major(x2d) else x2d.contiguous()
+    shape, stride = x2d.shape, x2d.stride()
+    token_major = stride[1] == 1 and (shape[0] <= 1 or stride[0] >= shape[1])
+    return x2d if token_major or _triton_bsr._feature_major(shape, stride) else x2d.contiguous()
 
 
 def run_triton(x2d, values, crow, col, gidx, bias, out_f, activation, precision, config, y=None, wrap=None):

@@ -549,8 +549,11 @@ def feature_major(t2d: torch.Tensor) -> bool:
     """Whether a [M, C] matrix is stored feature-major (a transposed view of a [C, M] row-major tensor: columns are
     contiguous runs of tokens), which the tiled and TMA kernels read and write as they are. One token, or any other
     layout, is not: those are taken token-major (row-major, made so where they are not)."""
-    stride = t2d.stride()
-    return stride[0] == 1 and t2d.shape[0] > 1 and stride[1] >= t2d.shape[0]
+    return _feature_major(t2d.shape, t2d.stride())
+
+
+def _feature_major(shape, stride) -> bool:
+    return stride[0] == 1 and shape[0] > 1 and stride[1] >= shape[0]
 
 
 def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
@@ -558,19 +561,19 @@ def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
     columns)."""
     if TensorDescriptor is None:
         return False
-    es = x2d.element_size()
-    return all(t.data_ptr() % 16 == 0 for t in (x2d, y, values)) and all(
-        (max(t.stride(0), t.stride(1)) * es) % 16 == 0 for t in (x2d, y)
+    es = x2d.element_size()  # one stride() a tensor: each stride(i) is a dispatcher call (host cost, every launch)
+    return (x2d.data_ptr() | y.data_ptr() | values.data_ptr()) & 15 == 0 and (
+        (max(x2d.stride()) * es) & 15 == 0 and (max(y.stride()) * es) & 15 == 0
     )
 
 
 def _descriptor(t2d: torch.Tensor, box_m: int, box_c: int):
     """(TMA descriptor, transposed?) of a [M, C] matrix in boxes of box_m tokens by box_c features: over t2d
     itself when token-major, over t2d.T ([C, M]) with boxes [box_c, box_m] when feature-major."""
-    if feature_major(t2d):
-        tt = t2d.t()
-        return _prechecked_descriptor(tt, list(tt.shape), list(tt.stride()), [box_c, box_m]), True
-    return _prechecked_descriptor(t2d, list(t2d.shape), list(t2d.stride()), [box_m, box_c]), False
+    (m, c), (sm, sc) = t2d.shape, t2d.stride()
+    if _feature_major((m, c), (sm, sc)):  # described as t2d.T: [C, M], strides (sc, 1)
+        return _prechecked_descriptor(t2d, [c, m], [sc, sm], [box_c, box_m]), True
+    return _prechecked_descriptor(t2d, [m, c], [sm, sc], [box_m, box_c]), False
 
 
 def _descriptor_defaults() -> dict | None:
@@ -694,10 +697,11 @@ class Launch:
         return (-(-M // self.block_m) * self.n_groups,)
 
     def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y) -> tuple:
+        (sx0, sx1), (sy0, sy1) = x2d.stride(), y.stride()
         return (
             x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, x2d.shape[0], self.n_out, self.k_in,
-            x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1), self.n_groups, self.bh, self.bw, self.group,
-            self.kb, self.block_m, self.even_k, self.has_bias, self.act, self.prec, INTERPRET,
+            sx0, sx1, sy0, sy1, self.n_groups, self.bh, self.bw, self.group, self.kb, self.block_m, self.even_k,
+            self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
 
     def __call__(self, x2d, values, crow, col, gidx, bias, y, w_desc=None) -> torch.Tensor:
