@@ -92,6 +92,7 @@ def test_activation_aware_scores_are_calibrated_once_before_the_first_step(tmp_p
     assert summary_of(straight)["mask_digest"] == summary_of(killed)["mask_digest"]
 
 
+@pytest.mark.slow  # two training subprocesses (~25 s); the image runs' resume tests stay in the default run
 def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     common = [*LM_TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
