@@ -301,6 +301,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
     launch = _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f, activation, precision, config)
     dtype, device = values.dtype, values.device
     w_desc = _triton_bsr.weight_descriptor(values) if launch.tma else None
+    call = launch.bind(values, crow, col, gidx, w_desc)
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
@@ -309,7 +310,7 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
         x2d = kernel_layout(x.reshape(-1, in_f))
         y = torch.empty(x2d.shape[0], n_out, device=device, dtype=dtype) if out is None else out.view(-1, n_out)
         if x2d.shape[0]:
-            launch(x2d, values, crow, col, gidx, bias, y, w_desc)
+            call(x2d, bias, y)
         return y.view(*x.shape[:-1], n_out) if out is None else out
 
     return run

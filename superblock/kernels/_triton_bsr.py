@@ -556,6 +556,23 @@ def _feature_major(shape, stride) -> bool:
     return stride[0] == 1 and shape[0] > 1 and stride[1] >= shape[0]
 
 
+def _tma_ok_xy(x2d: torch.Tensor, y: torch.Tensor) -> bool:
+    """tma_ok for a weight already known to be readable by TMA (a bound launch with its weight_descriptor)."""
+    es = x2d.element_size()
+    return (x2d.data_ptr() | y.data_ptr()) & 15 == 0 and (
+        (max(x2d.stride()) * es) & 15 == 0 and (max(y.stride()) * es) & 15 == 0
+    )
+
+
+def _pointer_key(t: torch.Tensor) -> tuple:
+    """One tensor's part of a specialization key (see kernels._launch.specialization)."""
+    return (t.dtype, t.data_ptr() & 15 == 0)
+
+
+def _int_keys(ints: tuple) -> tuple:
+    return specialization((), ints)[1]
+
+
 def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
     """TMA descriptors need 16-byte aligned base pointers and row strides (a feature-major matrix's rows are its
     columns)."""
@@ -724,6 +741,36 @@ class Launch:
         args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
         self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:15]), args, y.device)
         return y
+
+    def bind(self, values, crow, col, gidx, w_desc=None):
+        """`__call__` for one weight's tensors, as `call(x2d, bias, y) -> y`: their part of the specialization key
+        and the TMA checks of the weight worked out once, so a call looks only at x, y and the bias. `w_desc`:
+        weight_descriptor(values) (None: the tiled kernel, where TMA cannot read the weight)."""
+        if self.split:
+            return lambda x2d, bias, y: self(x2d, values, crow, col, gidx, bias, y, w_desc)
+        gcol = gidx if gidx is not None else col
+        w_key = specialization((values, crow, col, gcol), (self.n_out, self.k_in, self.n_groups))
+        tma_key = specialization((crow, col), (self.n_out,))[0]
+        use_tma = self.tma and w_desc is not None and TensorDescriptor is not None
+        bm, bh, bw = self.block_m, self.bh, self.bw
+
+        def call(x2d: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+            b_arg = bias if bias is not None else y
+            grid = self.tiled_grid(x2d.shape[0])
+            if use_tma and _tma_ok_xy(x2d, y):
+                (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
+                args = (
+                    x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias,
+                    self.act, self.prec, INTERPRET, x_t, y_t,
+                )  # fmt: skip
+                self._tma(grid, (x_t, y_t, tma_key, _pointer_key(b_arg)), args, y.device)
+                return y
+            args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
+            key = (w_key, _pointer_key(x2d), _pointer_key(b_arg), _pointer_key(y), _int_keys(args[7:8] + args[10:14]))
+            self._tiled(grid, key, args, y.device)
+            return y
+
+        return call
 
     def _run_decode(self, x2d, values, crow, col, work, b_arg, y) -> torch.Tensor:
         """The decode kernel: grid (block rows * SPLIT, token tiles), or with BAL one program per entry of the work

@@ -95,6 +95,43 @@ def test_specialization_separates_what_triton_specializes_on():
 
 
 @torch.no_grad()
+def test_a_bound_launch_keys_on_what_changes_between_calls(direct, monkeypatch):
+    """A weight's bound launch (Launch.bind) works out the weight's part of the specialization once; a call keys
+    on x, y and the bias: a new alignment or a new class of M or of a stride compiles (looks up) once more, a repeat
+    does not, and every launch gets the arguments the JIT path would."""
+    from superblock.kernels import _triton_bsr
+
+    monkeypatch.setattr(_triton_bsr, "INTERPRET", False)
+    w = torch.randn(128, 96) * (torch.rand(2, 6) < 0.5).repeat_interleave(64, 0).repeat_interleave(16, 1)
+    values, crow, col = (t if t.dtype.is_floating_point else t.int() for t in dense_to_bsr(w, (64, 16)))
+    cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False}
+    launch = _triton_bsr.Launch(values, crow, False, 128, 96, None, "ieee", cfg)
+
+    class OnCuda0(_launch.KernelLaunch):  # CPU tensors, launched as if on a GPU (only there are kernels kept)
+        def __call__(self, grid, spec, args, device):
+            return super().__call__(grid, spec, args, CUDA0)
+
+    fn = StandInJit()
+    launch._tiled = OnCuda0(fn, 4, 2)
+    call = launch.bind(values, crow, col, None)
+    buf = torch.randn(40 * 100 + 4)
+    y = torch.empty(40, 128)
+    x = buf[: 40 * 96].view(40, 96)
+    for _ in range(3):
+        call(x, None, y)
+    assert fn.jit_calls == 1 and len(fn.compiled.launches) == 2
+    assert fn.compiled.launches[-1][9:] == launch.tiled_args(x, values, crow, col, None, y, y)
+    call(buf[1 : 1 + 40 * 96].view(40, 96), None, y)  # x no longer 16-byte aligned
+    call(x[:1], None, y[:1])  # M = 1
+    call(x[:32], None, y[:32])  # M a multiple of 16
+    call(buf[: 40 * 100].view(40, 100)[:, :96], None, y)  # x's row stride 100: another class than 96
+    assert fn.jit_calls == 5
+    call(x, None, y)
+    call(x[:1], None, y[:1])
+    assert fn.jit_calls == 5
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("backend", ["dense", "torch", "auto"])
 def test_a_weight_is_checked_and_planned_once(backend, monkeypatch):
     w = torch.randn(64, 96) * (torch.rand(4, 6) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
