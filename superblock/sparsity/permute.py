@@ -16,7 +16,8 @@ follower copies, e.g. an EMA model), so nothing needs undoing at export.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -356,6 +357,19 @@ def _starts(problem: _Problem) -> list[torch.Tensor]:
     return [torch.arange(n), by_size, by_block]
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The search's tensors are small (units x tile rows, float64) and its steps many: with several intra-op
+    threads per process, and several runs on one host (a grid), the threads' hand-offs cost more than the work
+    (minutes for SmolLM2's 30 MLPs, seconds on one thread). The caller's thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def search(problem: _Problem) -> tuple[float, float, torch.Tensor]:
     """(kept magnitude of the identity, of the best permutation found, that permutation)."""
     identity = torch.arange(problem.c.n)
@@ -479,15 +493,16 @@ def permute_model(
     targeted = _targeted(model, tiling, targets, exclude, skip_first_block, skip_head)
     report = PermutationReport(mode, skipped=skipped, couplings=len(couplings))
     report.kept_before = kept_magnitude(model, targeted, sparsity)
-    for coupling in couplings:
-        try:
-            problem = _Problem(coupling, targeted, sparsity)
-        except _Skip as why:
-            report.skipped.append(str(why))
-            continue
-        before, after, perm = search(problem)
-        if after > before * (1 + 1e-9):
-            report.perms[coupling.name] = perm
+    with _one_thread():
+        for coupling in couplings:
+            try:
+                problem = _Problem(coupling, targeted, sparsity)
+            except _Skip as why:
+                report.skipped.append(str(why))
+                continue
+            before, after, perm = search(problem)
+            if after > before * (1 + 1e-9):
+                report.perms[coupling.name] = perm
     if report.perms:
         apply_permutations(model, report.perms, tiling, mode, optimizers)
         for follower in followers:

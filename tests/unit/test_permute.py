@@ -287,3 +287,31 @@ def test_a_permutation_at_the_ramp_measures_activation_scores_again() -> None:
         torch.testing.assert_close(mask.scores, activation_scores(weight, mask.block, squares[name], input_dim(module)))
         differs |= not torch.allclose(mask.scores, init_scores(weight, mask.block, "magnitude"))
     assert differs
+
+
+def test_the_search_runs_on_one_thread_and_gives_the_callers_count_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small steps: several intra-op threads per run (and several runs on one host) made SmolLM2's 30 MLPs
+    take minutes. The search sees one thread; the caller's count is back afterwards, also after an error."""
+    import superblock.sparsity.permute as permute
+
+    seen: list[int] = []
+    real = permute.search
+
+    def spy(problem):
+        seen.append(torch.get_num_threads())
+        return real(problem)
+
+    monkeypatch.setattr(permute, "search", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, _ = _model("micro_vit")
+        permute_model(model, "mlp", block_size=16, sparsity=0.75)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(permute, "search", lambda problem: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            permute_model(model, "mlp", block_size=16, sparsity=0.75)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
