@@ -120,6 +120,7 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["block_sparsity"]) == 2 * 7 and summary["sparsity"] == 0.5
     assert ("refit 14 masked weights in 2 groups" in proc.stdout) == (not recipe)
+    assert "permutation (mlp) at step 0" in proc.stdout  # the experiment's own, whichever recipe
     assert summary["val_perplexity"] is not None
     from superblock.artifacts.checkpoint import load_checkpoint
 
