@@ -558,7 +558,7 @@ def _feature_major(shape, stride) -> bool:
 
 def _tma_ok_xy(x2d: torch.Tensor, y: torch.Tensor) -> bool:
     """tma_ok for a weight already known to be readable by TMA (a bound launch with its weight_descriptor)."""
-    es = x2d.element_size()
+    es = x2d.element_size()  # one stride() a tensor: each stride(i) is a dispatcher call (host cost, every launch)
     return (x2d.data_ptr() | y.data_ptr()) & 15 == 0 and (
         (max(x2d.stride()) * es) & 15 == 0 and (max(y.stride()) * es) & 15 == 0
     )
@@ -578,10 +578,7 @@ def tma_ok(x2d: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> bool:
     columns)."""
     if TensorDescriptor is None:
         return False
-    es = x2d.element_size()  # one stride() a tensor: each stride(i) is a dispatcher call (host cost, every launch)
-    return (x2d.data_ptr() | y.data_ptr() | values.data_ptr()) & 15 == 0 and (
-        (max(x2d.stride()) * es) & 15 == 0 and (max(y.stride()) * es) & 15 == 0
-    )
+    return values.data_ptr() & 15 == 0 and _tma_ok_xy(x2d, y)
 
 
 def _descriptor(t2d: torch.Tensor, box_m: int, box_c: int):
@@ -721,6 +718,17 @@ class Launch:
             self.has_bias, self.act, self.prec, INTERPRET,
         )  # fmt: skip
 
+    def tma_args(self, x2d, w_desc, crow, col, b_arg, y) -> tuple[tuple, bool, bool]:
+        """(the TMA kernel's arguments, x described transposed?, y described transposed?): x's and y's descriptors
+        are built here, the weight's (w_desc) is the caller's."""
+        bm, bh, bw = self.block_m, self.bh, self.bw
+        (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
+        args = (
+            x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias, self.act,
+            self.prec, INTERPRET, x_t, y_t,
+        )  # fmt: skip
+        return args, x_t, y_t
+
     def __call__(self, x2d, values, crow, col, gidx, bias, y, w_desc=None) -> torch.Tensor:
         """y [M, n_out] = the product for x2d [M, k_in] (contiguous rows), on the tensors this layout describes.
         `w_desc`: weight_descriptor(values), when the caller keeps it (else built here for a TMA launch)."""
@@ -730,12 +738,7 @@ class Launch:
         M = x2d.shape[0]
         if self.tma and tma_ok(x2d, y, values):
             w_desc = w_desc if w_desc is not None else weight_descriptor(values)
-            bm, bh, bw = self.block_m, self.bh, self.bw
-            (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
-            args = (
-                x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias,
-                self.act, self.prec, INTERPRET, x_t, y_t,
-            )  # fmt: skip
+            args, x_t, y_t = self.tma_args(x2d, w_desc, crow, col, b_arg, y)
             self._tma(self.tiled_grid(M), (x_t, y_t, specialization((crow, col, b_arg), (self.n_out,))), args, y.device)
             return y
         args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
@@ -752,17 +755,12 @@ class Launch:
         w_key = specialization((values, crow, col, gcol), (self.n_out, self.k_in, self.n_groups))
         tma_key = specialization((crow, col), (self.n_out,))[0]
         use_tma = self.tma and w_desc is not None and TensorDescriptor is not None
-        bm, bh, bw = self.block_m, self.bh, self.bw
 
         def call(x2d: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
             b_arg = bias if bias is not None else y
             grid = self.tiled_grid(x2d.shape[0])
             if use_tma and _tma_ok_xy(x2d, y):
-                (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
-                args = (
-                    x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias,
-                    self.act, self.prec, INTERPRET, x_t, y_t,
-                )  # fmt: skip
+                args, x_t, y_t = self.tma_args(x2d, w_desc, crow, col, b_arg, y)
                 self._tma(grid, (x_t, y_t, tma_key, _pointer_key(b_arg)), args, y.device)
                 return y
             args = self.tiled_args(x2d, values, crow, col, gidx, b_arg, y)
