@@ -60,3 +60,18 @@ def test_lm_layers_masks_keep_exactly_their_share_and_skew_rows_on_request():
     assert even.sum() == skewed.sum() == round(0.1 * 64 * 64)
     # uneven rows: the longest block row of the skewed mask holds far more than the even mask's
     assert skewed.sum(1).max() > 2 * even.sum(1).max() and skewed.sum(1).float().std() > 2 * even.sum(1).float().std()
+
+
+def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
+    """lm_e2e --generate on a tiny Llama on the CPU: both models get a generate() rate (eager here; the static
+    cache and reduce-overhead on a GPU), and the table has the row beside the loop's."""
+    from benchmarks import lm_e2e
+
+    tiny = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
+    tiny += ["--vocab", "1000", "--prefill", "64", "--prompt", "8", "--new-tokens", "4", "--device", "cpu"]
+    lm_e2e.main([*tiny, "--generate", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lm_e2e.json").read_text())["rows"]
+    assert set(rows) == {"dense", "sparse"}
+    assert all(r["generate_tok_s"] > 0 and r["generate_runtime"] == "generate(), eager" for r in rows.values())
+    table = (tmp_path / "lm_e2e.md").read_text()
+    assert "| greedy decode through generate(), batch 1 (tokens/s) | sparse |" in table
