@@ -256,9 +256,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
+def decode_prompt(args) -> torch.Tensor:
+    """The batch-1 prompt of `--prompt` random token ids that every decode measure starts from (the same each call)."""
     gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(args.device)
+    return torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(args.device)
+
+
+def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
+    prompt = decode_prompt(args)
     dec = Decoder(model, args, prompt)
     checks = {}
     with torch.no_grad():
@@ -303,11 +308,9 @@ def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
 
 
 def generate_tokens_per_s(model, args) -> tuple[float, str]:
-    """Greedy tokens/s of model.generate() at batch 1 after the same kind of prompt, and its runtime."""
+    """Greedy tokens/s of model.generate() at batch 1 after the decode loop's prompt, and its runtime."""
     runtime = "compile" if on_gpu(args.device) else "eager"
-    gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(args.device)
-    seconds, _ = timed_generate(model, prompt, generate_kwargs(runtime, args.new_tokens), args.rounds)
+    seconds, _ = timed_generate(model, decode_prompt(args), generate_kwargs(runtime, args.new_tokens), args.rounds)
     label = "generate(), static cache, reduce-overhead" if runtime == "compile" else "generate(), eager"
     return args.new_tokens / seconds, label
 
