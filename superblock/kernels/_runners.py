@@ -290,8 +290,8 @@ def bindable(device: torch.device) -> bool:
 
 def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str | None, precision: str, config: dict):
     """run_triton for one weight, bound: checks and derivations once, then `run(x, bias, out=None)` per call does
-    the product of x [..., in] with the least host work (a reshape, y's allocation, the grid, the launch). `bias`
-    is None exactly when `has_bias` is False."""
+    the product of x [..., in] with the least host work (y's allocation, the grid, the launch; a contiguous x of
+    any rank is read as it is, others through a 2-D view). `bias` is None exactly when `has_bias` is False."""
     out_f, in_f = (int(s) for s in shape)
     _check_triton_here(values.device, values.dtype, values)
     _check_config(out_f, values, gidx, activation, config)
@@ -301,12 +301,17 @@ def bind_triton(values, crow, col, gidx, has_bias: bool, shape, activation: str 
     launch = _triton_bsr.launch_for(values, crow, col, gidx, has_bias, n_out, in_f, activation, precision, config)
     dtype, device = values.dtype, values.device
     w_desc = _triton_bsr.weight_descriptor(values) if launch.tma else None
-    call = launch.bind(values, crow, col, gidx, w_desc)
+    call, flat = launch.bind(values, crow, col, gidx, w_desc)
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != dtype or x.device != device or x.shape[-1] != in_f:
-            raise ValueError(f"x is {x.dtype} [..., {x.shape[-1]}] on {x.device}; this weight takes {dtype} "
+        xs = x.shape
+        if x.dtype != dtype or x.device != device or xs[-1] != in_f:
+            raise ValueError(f"x is {x.dtype} [..., {xs[-1]}] on {x.device}; this weight takes {dtype} "
                              f"[..., {in_f}] on {device}")  # fmt: skip
+        if out is None and x.is_contiguous():  # rows of x as they are, y in its final shape: no views made
+            y = torch.empty((*xs[:-1], n_out), device=device, dtype=dtype)
+            m = x.numel() // in_f
+            return flat(x, m, bias, y) if m else y
         x2d = kernel_layout(x.reshape(-1, in_f))
         y = torch.empty(x2d.shape[0], n_out, device=device, dtype=dtype) if out is None else out.view(-1, n_out)
         if x2d.shape[0]:

@@ -710,12 +710,17 @@ class Launch:
     def tiled_grid(self, M: int) -> tuple[int]:
         return (-(-M // self.block_m) * self.n_groups,)
 
-    def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y) -> tuple:
-        (sx0, sx1), (sy0, sy1) = x2d.stride(), y.stride()
+    def tiled_args(self, x2d, values, crow, col, gidx, b_arg, y, rows: tuple | None = None) -> tuple:
+        """The tiled kernel's arguments. `rows`: (M, x's row stride, y's row stride) for x and y of any rank with
+        unit last strides (flat calls: no 2-D views made); None: read from x2d and y, 2-D."""
+        if rows is None:
+            (sx0, sx1), (sy0, sy1), M = x2d.stride(), y.stride(), x2d.shape[0]
+        else:
+            (M, sx0, sy0), sx1, sy1 = rows, 1, 1
         return (
-            x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, x2d.shape[0], self.n_out, self.k_in,
-            sx0, sx1, sy0, sy1, self.n_groups, self.bh, self.bw, self.group, self.kb, self.block_m, self.even_k,
-            self.has_bias, self.act, self.prec, INTERPRET,
+            x2d, values, crow, col, gidx if gidx is not None else col, b_arg, y, M, self.n_out, self.k_in, sx0, sx1,
+            sy0, sy1, self.n_groups, self.bh, self.bw, self.group, self.kb, self.block_m, self.even_k, self.has_bias,
+            self.act, self.prec, INTERPRET,
         )  # fmt: skip
 
     def tma_args(self, x2d, w_desc, crow, col, b_arg, y) -> tuple[tuple, bool, bool]:
@@ -723,11 +728,14 @@ class Launch:
         are built here, the weight's (w_desc) is the caller's."""
         bm, bh, bw = self.block_m, self.bh, self.bw
         (x_desc, x_t), (y_desc, y_t) = _descriptor(x2d, bm, bw), _descriptor(y, bm, bh)
-        args = (
-            x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, bh, bw, bm, self.has_bias, self.act,
-            self.prec, INTERPRET, x_t, y_t,
+        return self.tma_tail(x_desc, w_desc, crow, col, b_arg, y_desc, x_t, y_t), x_t, y_t
+
+    def tma_tail(self, x_desc, w_desc, crow, col, b_arg, y_desc, x_t: bool, y_t: bool) -> tuple:
+        """The TMA kernel's arguments around the descriptors."""
+        return (
+            x_desc, w_desc, crow, col, b_arg, y_desc, self.n_out, self.n_groups, self.bh, self.bw, self.block_m,
+            self.has_bias, self.act, self.prec, INTERPRET, x_t, y_t,
         )  # fmt: skip
-        return args, x_t, y_t
 
     def __call__(self, x2d, values, crow, col, gidx, bias, y, w_desc=None) -> torch.Tensor:
         """y [M, n_out] = the product for x2d [M, k_in] (contiguous rows), on the tensors this layout describes.
@@ -745,16 +753,30 @@ class Launch:
         self._tiled(self.tiled_grid(M), specialization(args[:7], args[7:15]), args, y.device)
         return y
 
-    def bind(self, values, crow, col, gidx, w_desc=None):
-        """`__call__` for one weight's tensors, as `call(x2d, bias, y) -> y`: their part of the specialization key
-        and the TMA checks of the weight worked out once, so a call looks only at x, y and the bias. `w_desc`:
-        weight_descriptor(values) (None: the tiled kernel, where TMA cannot read the weight)."""
-        if self.split:
-            return lambda x2d, bias, y: self(x2d, values, crow, col, gidx, bias, y, w_desc)
+    def bind(self, values, crow, col, gidx, w_desc=None) -> tuple:
+        """`__call__` for one weight's tensors, as (`call(x2d, bias, y) -> y`, `flat(x, m, bias, y) -> y`): their
+        part of the specialization key and the TMA checks of the weight worked out once, so a call looks only at x,
+        y and the bias. `flat` takes x [..., k_in] and y [..., n_out] of any rank, both contiguous, m rows: no 2-D
+        views of them are made (each is a dispatcher call on every product). `w_desc`: weight_descriptor(values)
+        (None: the tiled kernel, where TMA cannot read the weight)."""
+        k, n = self.k_in, self.n_out
+        if self.split:  # the decode kernel: few tokens, its own host work
+
+            def decode(x2d: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+                return self(x2d, values, crow, col, gidx, bias, y, w_desc)
+
+            def decode_flat(x: torch.Tensor, m: int, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+                decode(x.view(m, k), bias, y.view(m, n))
+                return y
+
+            return decode, decode_flat
         gcol = gidx if gidx is not None else col
-        w_key = specialization((values, crow, col, gcol), (self.n_out, self.k_in, self.n_groups))
-        tma_key = specialization((crow, col), (self.n_out,))[0]
+        w_key = specialization((values, crow, col, gcol), (n, k, self.n_groups))
+        tma_key = specialization((crow, col), (n,))[0]
         use_tma = self.tma and w_desc is not None and TensorDescriptor is not None
+        es = values.element_size()
+        flat_tma = use_tma and (k * es) & 15 == 0 and (n * es) & 15 == 0  # contiguous rows: the stride checks, once
+        bm, bh, bw = self.block_m, self.bh, self.bw
 
         def call(x2d: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
             b_arg = bias if bias is not None else y
@@ -768,7 +790,21 @@ class Launch:
             self._tiled(grid, key, args, y.device)
             return y
 
-        return call
+        def flat(x: torch.Tensor, m: int, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+            b_arg = bias if bias is not None else y
+            grid = self.tiled_grid(m)
+            if flat_tma and (x.data_ptr() | y.data_ptr()) & 15 == 0:
+                x_desc = _prechecked_descriptor(x, [m, k], [k, 1], [bm, bw])
+                y_desc = _prechecked_descriptor(y, [m, n], [n, 1], [bm, bh])
+                args = self.tma_tail(x_desc, w_desc, crow, col, b_arg, y_desc, False, False)
+                self._tma(grid, (False, False, tma_key, _pointer_key(b_arg)), args, y.device)
+                return y
+            args = self.tiled_args(x, values, crow, col, gidx, b_arg, y, (m, k, n))
+            key = (w_key, _pointer_key(x), _pointer_key(b_arg), _pointer_key(y), _int_keys((m, k, 1, n, 1)))
+            self._tiled(grid, key, args, y.device)
+            return y
+
+        return call, flat
 
     def _run_decode(self, x2d, values, crow, col, work, b_arg, y) -> torch.Tensor:
         """The decode kernel: grid (block rows * SPLIT, token tiles), or with BAL one program per entry of the work

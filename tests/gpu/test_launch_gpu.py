@@ -33,13 +33,16 @@ def weight(out_f=768, in_f=1024, block=64, density=0.15, seed=0):
 
 
 def inputs(in_f: int) -> list[torch.Tensor]:
-    """x of several specializations: aligned, not 16-byte aligned (a view one element in), 1 token, 16 tokens."""
+    """x of several specializations: aligned, not 16-byte aligned (a view one element in), 1 token, 16 tokens; 3-D
+    (the bound launch's flat call: read as it is), aligned and not."""
     buf = torch.randn(197 * in_f + 1, device="cuda").bfloat16()
     return [
         torch.randn(197, in_f, device="cuda").bfloat16(),
         buf[1:].view(197, in_f),
         torch.randn(1, in_f, device="cuda").bfloat16(),
         torch.randn(16, in_f, device="cuda").bfloat16(),
+        torch.randn(2, 99, in_f, device="cuda").bfloat16(),
+        buf[1:].view(1, 197, in_f),
     ]
 
 
@@ -58,7 +61,8 @@ def test_direct_launches_are_correct_and_skip_the_jit(kind):
     mod = BlockSparseLinear.from_bsr(values, crow, col, w.shape, bias, backend="triton")
     xs = inputs(w.shape[1])
     for x in xs:
-        mod.set_choice(1 << max(4, (x.shape[0] - 1).bit_length()), {"backend": "triton", "config": CONFIGS[kind]})
+        m = x.numel() // x.shape[-1]
+        mod.set_choice(1 << max(4, (m - 1).bit_length()), {"backend": "triton", "config": CONFIGS[kind]})
     cfg = CONFIGS[kind]
     for _ in range(2):  # the first round compiles every specialization
         for x in xs:

@@ -113,7 +113,7 @@ def test_a_bound_launch_keys_on_what_changes_between_calls(direct, monkeypatch):
 
     fn = StandInJit()
     launch._tiled = OnCuda0(fn, 4, 2)
-    call = launch.bind(values, crow, col, None)
+    call, flat = launch.bind(values, crow, col, None)
     buf = torch.randn(40 * 100 + 4)
     y = torch.empty(40, 128)
     x = buf[: 40 * 96].view(40, 96)
@@ -129,6 +129,17 @@ def test_a_bound_launch_keys_on_what_changes_between_calls(direct, monkeypatch):
     call(x, None, y)
     call(x[:1], None, y[:1])
     assert fn.jit_calls == 5
+    # flat: x and y of any rank, contiguous, as they are (no 2-D view); the same kernels and arguments as the 2-D
+    # call on views of them
+    x3, y3 = x.view(4, 10, 96), torch.empty(4, 10, 128)
+    assert flat(x3, 40, None, y3) is y3 and fn.jit_calls == 5
+    flat_args = fn.compiled.launches[-1][9:]
+    call(x3.view(40, 96), None, y3.view(40, 128))
+    assert fn.jit_calls == 5
+    same = [a == b if not isinstance(a, torch.Tensor) else a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+            for a, b in zip(flat_args, fn.compiled.launches[-1][9:], strict=True)]  # fmt: skip
+    assert all(same), flat_args
+    assert flat_args[0] is x3 and flat_args[6] is y3
 
 
 @torch.no_grad()

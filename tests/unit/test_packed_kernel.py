@@ -109,6 +109,19 @@ _INTERP_SCRIPT = textwrap.dedent(
         ref = _runners.activate(F.linear(x, w, bias), act)
         err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
         assert err < 1e-5, ("decode", out_f, in_f, bh, bw, kb, split, act, err)
+    # a contiguous 3-D x goes through the bound launch's flat call (no 2-D views): the same products through the
+    # TMA, tiled, packed and decode kernels as a 2-D x and a transposed (feature-major) one
+    w = torch.randn(256, 128) * (torch.rand(4, 8) < 0.5).repeat_interleave(64, 0).repeat_interleave(16, 1)
+    values, crow, col = dense_to_bsr(w, (64, 16))
+    bias = torch.randn(256)
+    base = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False}
+    for cfg in ({**base, "TMA": True}, base, {**base, "KB": 4}, {**base, "SPLIT": 2}):
+        xs = torch.randn(6, 128)
+        for x in (xs.view(2, 3, 128), xs, xs.t().contiguous().t()):
+            y = bsr_linear(x, values, crow, col, (256, 128), bias, "gelu", backend="triton", config=cfg)
+            ref = _runners.activate(F.linear(x, w, bias), "gelu")
+            err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            assert y.shape == ref.shape and err < 1e-5, ("flat", cfg, x.shape, x.stride(), err)
     print("packed ok")
     """
 )
