@@ -193,12 +193,13 @@ class BlockSparseLinear(nn.Module):
         if plan is None:
             plan = self._plan(x, m)
         call = plan.call
-        if call == "bound":  # eager triton: the launch bound to this weight
+        if call == "bound":  # eager triton: the launch bound to this weight (never inside a trace)
+            bias = self._buffers["bias"]  # what self.bias returns, without nn.Module's ~1 us attribute fallback
             if self.out_layout == "feature" and m > 1:
                 n = _runners.out_width(self.out_features, self._activation)
                 out = torch.empty(n, m, device=x.device, dtype=x.dtype).t().view(*x.shape[:-1], n)
-                return plan.run(x, self.bias, out)
-            return plan.run(x, self.bias)
+                return plan.run(x, bias, out)
+            return plan.run(x, bias)
         # a plan names its tensors (buffers): torch.export swaps buffers for its own, so they are read here
         if call == "dense":
             names = plan.tensors

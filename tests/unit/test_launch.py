@@ -170,6 +170,39 @@ def test_a_weight_is_checked_and_planned_once(backend, monkeypatch):
         bsr_linear(torch.randn(5, 95), values, crow, col, w.shape, backend=backend)
 
 
+@torch.no_grad()
+def test_a_bound_plan_gets_the_modules_bias_as_it_is_now(monkeypatch):
+    """The module's bound path reads its bias buffer directly (nn.Module's attribute fallback costs ~1 us a call):
+    the launch still gets the bias the module has at the time of the call, after an in-place edit, a new tensor
+    assigned, or None."""
+    from superblock.kernels import BlockSparseLinear, _runners
+
+    seen = []
+
+    def stand_in_bind(*args, **kwargs):
+        return lambda x, bias, out=None: seen.append(bias) or torch.zeros(*x.shape[:-1], 64)
+
+    monkeypatch.setattr(_runners, "bindable", lambda device: True)
+    monkeypatch.setattr(_runners, "bind_triton", stand_in_bind)
+    w = torch.randn(64, 96) * (torch.rand(4, 6) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    values, crow, col = dense_to_bsr(w, 16)
+    mod = BlockSparseLinear.from_bsr(values, crow, col, w.shape, torch.randn(64), backend="triton")
+    cfg = {"BLOCK_M": 16, "G": 1, "num_warps": 4, "num_stages": 2, "TMA": False}
+    mod.set_choice(16, {"backend": "triton", "config": cfg})
+    x = torch.randn(2, 5, 96)
+    mod(x)
+    assert mod._plans[10].call == "bound" and seen[-1] is mod.bias
+    mod.bias.add_(1.0)
+    mod(x)
+    assert seen[-1] is mod.bias
+    mod.bias = torch.ones(64)
+    mod(x)
+    assert seen[-1] is mod.bias and bool((seen[-1] == 1).all())
+    mod.bias = None
+    mod(x)
+    assert seen[-1] is None
+
+
 def test_a_launcher_that_takes_other_arguments_turns_direct_launches_off(direct, monkeypatch):
     """A Triton whose compiled-kernel launcher has another signature: one warning, then the JIT path for good."""
     fn = StandInJit()
