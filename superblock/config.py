@@ -20,6 +20,7 @@ from superblock.sparsity.blocks import normalize_block_size
 from superblock.sparsity.mask import SCORE_INITS
 from superblock.sparsity.permute import PERMUTE_MODES
 from superblock.sparsity.schedule import SCHEDULES, check_sparsity
+from superblock.sparsity.select import SELECTIONS
 from superblock.sparsity.tiling import Levels, Tiling
 from superblock.timing import BATCH_SIZES
 
@@ -97,6 +98,7 @@ class SparsityConfig:
     score_init: str = "kaiming"  # kaiming | magnitude | activation (magnitude x input norms, calibrated at start)
     calibration_batches: int = 8  # score_init=activation / reconstruct: training batches that measure the inputs
     reconstruct: bool = False  # refit the kept weights to the dense outputs once the masks are chosen (step 0)
+    select: str = "scores"  # scores | output_error: with reconstruct, the refit re-chooses the tiles it keeps
     fixed_weight: bool = False
     fixed_mask: bool = False
     min_recovery_steps: int = 600  # start-up notice below this many steps at the final sparsity (0: off)
@@ -399,7 +401,13 @@ def check(c: TrainConfig) -> None:
 
 def _check_reconstruct(s: SparsityConfig, t: TrainerConfig) -> None:
     """sparsity.reconstruct refits the weights to the masks of step 0: those must be the final ones."""
+    _one_of(s.select, SELECTIONS, "sparsity.select")
     if not s.reconstruct:
+        if s.select != "scores":
+            raise ConfigError(
+                f"sparsity.select={s.select} chooses tiles during the least-squares refit: set sparsity.reconstruct="
+                "true (the recipe sparsity=oneshot), or leave sparsity.select=scores"
+            )
         return
     if s.schedule != "constant" or s.start_epoch > 0:
         raise ConfigError(

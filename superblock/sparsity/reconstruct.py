@@ -28,6 +28,7 @@ from torch import nn
 from superblock.sparsity.api import iter_block_masks
 from superblock.sparsity.blocks import BlockSize, expand_blocks
 from superblock.sparsity.calibrate import input_dim, watch_inputs
+from superblock.sparsity.select import SELECTIONS, reorder_scores, select_tiles
 
 DAMPING = 0.01  # of the Gram matrix's mean diagonal
 _NUMBERED = re.compile(r"\d")
@@ -43,11 +44,13 @@ class Reconstruction:
     groups: int
     error_before: float
     error_after: float
+    select: str = "scores"
 
     def __str__(self) -> str:
+        how = "" if self.select == "scores" else ", tiles chosen by the output error their removal leaves"
         return (
-            f"refit {self.weights} masked weights in {self.groups} groups to their dense outputs: relative output "
-            f"error on the calibration batches {self.error_before:.3g} -> {self.error_after:.3g}"
+            f"refit {self.weights} masked weights in {self.groups} groups to their dense outputs{how}: relative "
+            f"output error on the calibration batches {self.error_before:.3g} -> {self.error_after:.3g}"
         )
 
 
@@ -139,10 +142,15 @@ def reconstruct_weights(
     forward: Callable[[nn.Module, object], object],
     reduce: Callable[[torch.Tensor], object] | None = None,
     followers: Iterable[nn.Module] = (),
+    select: str = "scores",
 ) -> Reconstruction:
     """Refit every masked weight of `model` to its dense outputs on `batches` (re-iterable: one pass per group)
     under the masks it has now, group by group in forward order; copy the weights into `followers` (an EMA copy).
-    `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights."""
+    `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights.
+    `select="output_error"` also re-chooses each weight's tiles (as many as its mask keeps) by the output error
+    their removal leaves after the refit (`superblock.sparsity.select`), its scores reordered to match."""
+    if select not in SELECTIONS:
+        raise ValueError(f"unknown tile selection {select!r}: use one of {SELECTIONS}")
     masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
     first = next(iter(batches), None)
     if first is None:
@@ -163,14 +171,14 @@ def reconstruct_weights(
                 if reduce is not None:
                     reduce(gram)
                 module, pname, mask = masks[name]
-                e_before, e_after = _refit(module, pname, mask, gram)
+                e_before, e_after = _refit(module, pname, mask, gram, select)
                 before.append(e_before)
                 after.append(e_after)
     finally:
         model.train(was_training)
     _copy_weights(model, followers)
     n = len(before)
-    return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1))
+    return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1), select)
 
 
 @contextmanager
@@ -187,25 +195,32 @@ def _unmasked(masks: list) -> Iterator[None]:
             m.mask.copy_(kept)
 
 
-def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor) -> tuple[float, float]:
-    """Refit one masked weight in place; its output error before and after."""
+def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor, select: str) -> tuple[float, float]:
+    """Refit one masked weight in place (re-choosing its tiles with `select="output_error"`); its output error
+    before (masked by the scores' tiles) and after."""
     original = module.parametrizations[pname].original
-    tiles, block = mask.mask, mask.block
-    if input_dim(module) == 0:  # GPT-2's Conv1D stores (in, out), and its mask tiles that stored weight
-        dense, tiles, block = original.T, tiles.T, (block[1], block[0])
+    transposed = input_dim(module) == 0  # GPT-2's Conv1D stores (in, out), and its mask tiles that stored weight
+    tiles, block = (mask.mask.T, mask.block[::-1]) if transposed else (mask.mask, mask.block)
+    dense = original.T if transposed else original
+    before = output_error(dense, dense.double() * expand_blocks(tiles.bool(), dense.shape, block).double(), gram)
+    if select == "output_error":
+        new, kept, step = select_tiles(dense, tiles, block, gram, DAMPING)
+        mask.scores.data.copy_(reorder_scores(mask.scores, *((kept.T, step.T) if transposed else (kept, step))))
+        mask.mask.copy_(kept.T if transposed else kept)
+        tiles = kept
     else:
-        dense = original
-    new = refit_rows(dense, tiles, block, gram)
-    keep = expand_blocks(tiles.bool(), dense.shape, block).double()
-    before = output_error(dense, dense.double() * keep, gram)
-    after = output_error(dense, new * keep, gram)
+        new = refit_rows(dense, tiles, block, gram)
+    after = output_error(dense, new * expand_blocks(tiles.bool(), dense.shape, block).double(), gram)
     dense.copy_(new.to(dense.dtype))  # a view of `original` (its transpose for Conv1D)
     return before, after
 
 
 def _copy_weights(model: nn.Module, followers: Iterable[nn.Module]) -> None:
-    live = [module.parametrizations[pname].original for _, module, pname, _ in iter_block_masks(model)]
+    """The refit weights, and the tiles and scores (re-chosen by a selection), into each follower."""
+    live = [(module.parametrizations[pname].original, m) for _, module, pname, m in iter_block_masks(model)]
     for follower in followers:
-        copies = [module.parametrizations[pname].original for _, module, pname, _ in iter_block_masks(follower)]
-        for src, dst in zip(live, copies, strict=True):
+        copies = [(module.parametrizations[pname].original, m) for _, module, pname, m in iter_block_masks(follower)]
+        for (src, src_mask), (dst, dst_mask) in zip(live, copies, strict=True):
             dst.copy_(src)
+            dst_mask.mask.copy_(src_mask.mask)
+            dst_mask.scores.data.copy_(src_mask.scores)
