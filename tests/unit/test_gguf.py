@@ -99,7 +99,9 @@ def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe", [[], ["sparsity=finetune", "sparsity.ramp_fraction=0.5"]], ids=["experiment", "finetune"]
+    "recipe",
+    [[], ["sparsity=finetune", "sparsity.ramp_fraction=0.5"], ["sparsity.select=output_error"]],
+    ids=["experiment", "finetune", "select"],
 )
 def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     """experiment=smollm2_sparse end to end on the CPU (2 steps), with a tiny Llama folder standing in for the real
@@ -119,7 +121,9 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["block_sparsity"]) == 2 * 7 and summary["sparsity"] == 0.5
-    assert ("refit 14 masked weights in 2 groups" in proc.stdout) == (not recipe)
+    refit = "sparsity=finetune" not in recipe
+    assert ("refit 14 masked weights in 2 groups" in proc.stdout) == refit
+    assert ("tiles chosen by the output error" in proc.stdout) == ("sparsity.select=output_error" in recipe)
     assert "permutation (mlp) at step 0" in proc.stdout  # the experiment's own, whichever recipe
     assert summary["val_perplexity"] is not None
     from superblock.artifacts.checkpoint import load_checkpoint
