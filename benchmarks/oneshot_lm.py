@@ -9,7 +9,8 @@ The model (a transformers folder, e.g. the converted SmolLM2) gets superblock's 
 gate/up/down projection at each sparsity, with tile scores from the weights' magnitudes (`magnitude`) or from
 activation-aware magnitudes (`activation`: sparsity.score_init=activation, calibrated on `--calibration` training
 windows of the stdlib corpus), a score with `+refit` also refitting the kept weights to the dense outputs on those
-windows (sparsity.reconstruct: `--scores activation+refit`), and is evaluated on `--windows` validation windows of
+windows (sparsity.reconstruct: `--scores activation+refit`; with `+select` the refit also chooses which tiles to
+keep, sparsity.select=output_error), and is evaluated on `--windows` validation windows of
 `--seq-len` tokens with its own tokenizer: perplexity per token and per byte. How much a tile shape and a score
 destroy before any fine-tune is the starting point the fine-tune has to recover from. Writes oneshot_lm.json and .md.
 """
@@ -43,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a transformers model folder with its tokenizer")
     p.add_argument("--levels", default="0.1,0.3")
     p.add_argument("--blocks", default="16,32,64x16,16x64")
-    p.add_argument("--scores", default="magnitude,activation", help="magnitude | activation, each optionally +refit")
+    p.add_argument(
+        "--scores", default="magnitude,activation",
+        help="magnitude | activation, each optionally +refit (the scores' tiles refit) or +select (the refit chooses "
+             "its own tiles: sparsity.select=output_error)",
+    )  # fmt: skip
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=int, default=16, help="validation windows")
     p.add_argument("--calibration", type=int, default=8, help="training windows that calibrate scores and refits")
@@ -112,13 +117,16 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.time()
                 model = load(args)
                 base, _, refit = score.partition("+")
+                if refit not in ("", "refit", "select"):
+                    raise SystemExit(f"--scores {score}: the part after + is refit or select")
                 report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
                                   level_overrides=args.level_overrides, seed=0,
                                   block_overrides={k: tile(v) for k, v in args.block_overrides.items()})  # fmt: skip
                 if base == "activation":
                     calibrate_scores(model, calibration, forward)
                 if refit:
-                    print(reconstruct_weights(model, calibration, forward), flush=True)
+                    select = "output_error" if refit == "select" else "scores"
+                    print(reconstruct_weights(model, calibration, forward, select=select), flush=True)
                 zeroed = sum((1 - r.density) * r.shape[0] * r.shape[1] for r in report.rows)
                 share = zeroed / sum(r.shape[0] * r.shape[1] for r in report.rows)
                 rows.append({"score": score, "sparsity": level, "block": block, "zeroed": share, **measured(model)})

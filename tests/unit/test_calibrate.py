@@ -148,6 +148,14 @@ def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
     (_, row) = json.loads((tmp_path / "bo" / "oneshot_lm.json").read_text())["rows"]
     assert row["ppl"] != rows[1]["ppl"]  # the same run as rows[1] but down_proj's tiles: another mask
     assert "tile overrides {'*.down_proj.weight': '8x16'}" in (tmp_path / "bo" / "oneshot_lm.md").read_text()
+    oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16", "--seq-len", "16",
+                     "--windows", "4", "--calibration", "4", "--scores", "activation+refit,activation+select",
+                     "--out", str(tmp_path / "sel")])  # fmt: skip
+    _, refit, chosen = json.loads((tmp_path / "sel" / "oneshot_lm.json").read_text())["rows"]
+    assert chosen["score"] == "activation+select" and chosen["ppl"] != refit["ppl"]  # other tiles, other weights
+    assert chosen["zeroed"] == pytest.approx(refit["zeroed"])  # as many tiles kept
+    with pytest.raises(SystemExit, match="refit or select"):
+        oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--scores", "activation+obs", "--out", str(tmp_path / "x")])
     # the two runs' rows in one table and plot (one dense row), the override named on its row
     oneshot_lm.main(["--model", "unused", "--replot", f"{tmp_path / 'out' / 'oneshot_lm.json'},"
                      f"{tmp_path / 'bo' / 'oneshot_lm.json'}", "--out", str(tmp_path / "both")])  # fmt: skip
