@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                     calibrate_scores(model, calibration, forward)
                 if refit:
                     select = "output_error" if refit == "select" else "scores"
-                    print(reconstruct_weights(model, calibration, forward, select=select), flush=True)
+                    print(reconstruct_weights(model, calibration, forward, select=select, progress=True), flush=True)
                 zeroed = sum((1 - r.density) * r.shape[0] * r.shape[1] for r in report.rows)
                 share = zeroed / sum(r.shape[0] * r.shape[1] for r in report.rows)
                 rows.append({"score": score, "sparsity": level, "block": block, "zeroed": share, **measured(model)})

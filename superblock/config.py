@@ -401,13 +401,8 @@ def check(c: TrainConfig) -> None:
 
 def _check_reconstruct(s: SparsityConfig, t: TrainerConfig) -> None:
     """sparsity.reconstruct refits the weights to the masks of step 0: those must be the final ones."""
-    _one_of(s.select, SELECTIONS, "sparsity.select")
+    _one_of(s.select, SELECTIONS, "sparsity.select")  # only read with reconstruct: the refit is what selects
     if not s.reconstruct:
-        if s.select != "scores":
-            raise ConfigError(
-                f"sparsity.select={s.select} chooses tiles during the least-squares refit: set sparsity.reconstruct="
-                "true (the recipe sparsity=oneshot), or leave sparsity.select=scores"
-            )
         return
     if s.schedule != "constant" or s.start_epoch > 0:
         raise ConfigError(

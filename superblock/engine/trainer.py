@@ -355,7 +355,9 @@ class Trainer:
         if not self.cfg.sparsity.reconstruct or not self.sparsity_spec:
             return
         batches, forward, followers = self._calibration()
-        done = reconstruct_weights(self.model, batches, forward, all_reduce_sum, followers, self.cfg.sparsity.select)
+        done = reconstruct_weights(
+            self.model, batches, forward, all_reduce_sum, followers, self.cfg.sparsity.select, self.dist.is_main
+        )
         if self.dist.is_main:
             tqdm.write(str(done))
 

@@ -44,6 +44,18 @@ def _remove(rows: torch.Tensor, hinv: torch.Tensor, cols: slice) -> None:
     hinv -= hinv[:, cols] @ sinv @ hinv[cols, :]
 
 
+def check_memory(shape: tuple[int, int] | torch.Size, tiles: tuple[int, int] | torch.Size, block: BlockSize) -> None:
+    """Raise before any work if one weight's selection would hold more than MEMORY_LIMIT of inverse Gram matrices
+    (one per block row, over its padded inputs, float64)."""
+    need = tiles[0] * (tiles[1] * block[1]) ** 2 * 8
+    if need > MEMORY_LIMIT:
+        raise ValueError(
+            f"sparsity.select=output_error would hold {need / 2**30:.1f} GiB of inverse Gram matrices for a "
+            f"{tuple(shape)} weight ({tiles[0]} block rows of {shape[1]} inputs); use sparsity.select=scores (or "
+            "taller tiles: fewer block rows)"
+        )
+
+
 def select_tiles(
     weight: torch.Tensor, tiles: torch.Tensor, block: BlockSize, gram: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,13 +66,7 @@ def select_tiles(
     bh, bw = block
     n_rows, n_cols = tiles.shape
     out_f, in_f = weight.shape
-    need = n_rows * (n_cols * bw) ** 2 * 8
-    if need > MEMORY_LIMIT:
-        raise ValueError(
-            f"sparsity.select=output_error would hold {need / 2**30:.1f} GiB of inverse Gram matrices for a "
-            f"{tuple(weight.shape)} weight ({n_rows} block rows of {in_f} inputs); use sparsity.select=scores (or "
-            "taller tiles: fewer block rows)"
-        )
+    check_memory(weight.shape, tiles.shape, block)
     # Edge tiles past the weight's end are padded with zero weights and zero inputs (damped like the others).
     w = torch.zeros(n_rows * bh, n_cols * bw, dtype=torch.float64, device=weight.device)
     w[:out_f, :in_f] = weight.double()

@@ -85,7 +85,6 @@ def test_default_config_is_the_embedded_run():
         ),  # the default ramps: step 0's masks are not final
         (["sparsity=oneshot", "sparsity.start_epoch=1"], "sparsity.start_epoch=0"),
         (["sparsity=oneshot", "sparsity.score_init=magnitude", "trainer.strategy=fsdp"], "refits whole weights"),
-        (["sparsity.select=output_error"], "set sparsity.reconstruct=true"),
         (["sparsity=oneshot", "sparsity.select=best"], "sparsity.select"),
     ],
 )

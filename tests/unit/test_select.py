@@ -134,3 +134,14 @@ def test_reconstruct_with_output_error_selection_refits_better_and_the_masks_hol
     assert first_layer_error(model) < first_layer_error(by_scores)
     with pytest.raises(ValueError, match="unknown tile selection"):
         reconstruct_weights(model, batches, lambda m, b: m(b[0]), select="magnitude")
+
+
+def test_a_weight_too_large_to_select_fails_before_any_pass(monkeypatch):
+    import superblock.sparsity.select as select
+
+    _, model = _sparse_stack()
+    calls = []
+    monkeypatch.setattr(select, "MEMORY_LIMIT", 2 * 64 * 64 * 8 - 1)  # layers.*.2 (32 x 64): 2 rows of 64 inputs
+    with pytest.raises(ValueError, match="use sparsity.select=scores"):
+        reconstruct_weights(model, [(torch.randn(4, 32),)], lambda m, b: calls.append(m(b[0])), select="output_error")
+    assert not calls
