@@ -156,9 +156,9 @@ def reconstruct_weights(
         raise ValueError(f"unknown tile selection {select!r}: use one of {SELECTIONS}")
     masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
     if select == "output_error":
-        for module, _, mask in masks.values():  # before any pass: a weight too large for it fails now
-            flip = slice(None, None, -1 if input_dim(module) == 0 else 1)
-            check_memory(mask.weight_shape[flip], tuple(mask.mask.shape)[flip], mask.block[flip])
+        for module, pname, mask in masks.values():  # before any pass: a weight too large for it fails now
+            dense, tiles, _, block = _out_in(module, pname, mask)
+            check_memory(dense.shape, tiles.shape, block)
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("sparsity.reconstruct needs at least one calibration batch")
@@ -202,23 +202,30 @@ def _unmasked(masks: list) -> Iterator[None]:
             m.mask.copy_(kept)
 
 
+def _out_in(module: nn.Module, pname: str, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BlockSize]:
+    """The stored weight as (out, in), and its tiles, scores and tile the same way round: views of what is stored
+    (GPT-2's Conv1D stores (in, out), and its mask tiles that stored weight)."""
+    original = module.parametrizations[pname].original
+    if input_dim(module) == 0:
+        return original.T, mask.mask.T, mask.scores.data.T, (mask.block[1], mask.block[0])
+    return original, mask.mask, mask.scores.data, mask.block
+
+
 def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor, select: str) -> tuple[float, float]:
     """Refit one masked weight in place (re-choosing its tiles with `select="output_error"`); its output error
     before (masked by the scores' tiles) and after."""
-    original = module.parametrizations[pname].original
-    transposed = input_dim(module) == 0  # GPT-2's Conv1D stores (in, out), and its mask tiles that stored weight
-    tiles, block = (mask.mask.T, mask.block[::-1]) if transposed else (mask.mask, mask.block)
-    dense = original.T if transposed else original
-    before = output_error(dense, dense.double() * expand_blocks(tiles.bool(), dense.shape, block).double(), gram)
+    dense, tiles, scores, block = _out_in(module, pname, mask)
+    keep = expand_blocks(tiles.bool(), dense.shape, block).double()
+    before = output_error(dense, dense.double() * keep, gram)
     if select == "output_error":
         new, kept, step = select_tiles(dense, tiles, block, gram, DAMPING)
-        mask.scores.data.copy_(reorder_scores(mask.scores, *((kept.T, step.T) if transposed else (kept, step))))
-        mask.mask.copy_(kept.T if transposed else kept)
-        tiles = kept
+        scores.copy_(reorder_scores(scores, kept, step))
+        tiles.copy_(kept)
+        keep = expand_blocks(kept.bool(), dense.shape, block).double()
     else:
         new = refit_rows(dense, tiles, block, gram)
-    after = output_error(dense, new * expand_blocks(tiles.bool(), dense.shape, block).double(), gram)
-    dense.copy_(new.to(dense.dtype))  # a view of `original` (its transpose for Conv1D)
+    after = output_error(dense, new * keep, gram)
+    dense.copy_(new.to(dense.dtype))  # views of what is stored: the writes land in the weight, mask and scores
     return before, after
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from superblock.sparsity.blocks import BlockSize
+from superblock.sparsity.blocks import BlockSize, expand_blocks
 
 SELECTIONS = ("scores", "output_error")  # which tiles a refit keeps: the scores' top-k, or its own greedy choice
 MEMORY_LIMIT = 8 * 2**30  # bytes of per-block-row inverse Gram matrices one weight may hold (float64)
@@ -85,7 +85,7 @@ def select_tiles(
         alive[r, c] = False
         step[r, c] = s
         cost[r] = removal_costs(rows, hinv[r], alive[r], bw)
-    keep = alive.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
+    keep = expand_blocks(alive, weight.shape, block)
     return torch.where(keep, w[:out_f, :in_f], weight.double()), alive.to(tiles.dtype), step
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from superblock import sparsify
-from superblock.sparsity import iter_block_masks
+from superblock.sparsity import get_controller, iter_block_masks
 from superblock.sparsity.blocks import expand_blocks
 from superblock.sparsity.reconstruct import (
     DAMPING,
@@ -121,7 +121,8 @@ def test_group_keys_follow_numbered_blocks():
     assert group_key("head.weight") == "head.weight"
 
 
-def test_a_gpt2_conv1d_weight_is_refit_in_its_stored_transpose():
+@pytest.mark.parametrize("select", ["scores", "output_error"])
+def test_a_gpt2_conv1d_weight_is_refit_in_its_stored_transpose(select):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=32, vocab_size=97)
     torch.manual_seed(0)
@@ -134,10 +135,13 @@ def test_a_gpt2_conv1d_weight_is_refit_in_its_stored_transpose():
     with torch.no_grad():
         target = dense(held).logits
         before = (model(held).logits - target).pow(2).mean()
-        done = reconstruct_weights(model, [(i,) for i in ids], lambda m, b: m(b[0]))
+        done = reconstruct_weights(model, [(i,) for i in ids], lambda m, b: m(b[0]), select=select)
         after = (model(held).logits - target).pow(2).mean()
     assert done.weights == 8 and done.groups == 2
     assert after < before
+    chosen = [m.mask.clone() for *_, m in iter_block_masks(model)]
+    get_controller(model).refresh(force=True)  # the stored (in, out) scores give the chosen tiles back
+    assert all(torch.equal(m.mask, c) for (*_, m), c in zip(iter_block_masks(model), chosen, strict=True))
 
 
 def test_a_group_is_measured_dense_through_the_refit_groups_before_it():
