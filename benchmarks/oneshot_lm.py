@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.levels = [float(v) for v in args.levels.split(",") if v]
     args.blocks = [b for b in args.blocks.split(",") if b]
     args.scores = [s for s in args.scores.split(",") if s]
+    for score in args.scores:  # before any model is loaded
+        if score.partition("+")[2] not in ("", "refit", "select"):
+            raise SystemExit(f"--scores {score}: the part after + is refit or select")
     args.level_overrides = json.loads(args.level_overrides) if args.level_overrides else {}
     args.block_overrides = json.loads(args.block_overrides) if args.block_overrides else {}
     return args
@@ -117,8 +120,6 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.time()
                 model = load(args)
                 base, _, refit = score.partition("+")
-                if refit not in ("", "refit", "select"):
-                    raise SystemExit(f"--scores {score}: the part after + is refit or select")
                 report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
                                   level_overrides=args.level_overrides, seed=0,
                                   block_overrides={k: tile(v) for k, v in args.block_overrides.items()})  # fmt: skip
