@@ -340,7 +340,7 @@ def report(rows: dict[str, dict], args) -> str:
             f"**{d['prefill_ms'] / s['prefill_ms']:.2f}x** | {d['prefill_runtime']} / {s['prefill_runtime']} |",
             f"| greedy decode, batch 1 (tokens/s; prompt {args.prompt}, {args.new_tokens} new) | {label} | "
             f"{d['decode_tok_s']:.1f} | {s['decode_tok_s']:.1f} | **{s['decode_tok_s'] / d['decode_tok_s']:.2f}x** | "
-            f"{runtime}{d['decode_runtime']} / {s['decode_runtime']} |",
+            f"{runtime}{d['decode_runtime']} / {runtime}{s['decode_runtime']} |",
         ]
         if "generate_tok_s" in s:
             lines.append(
