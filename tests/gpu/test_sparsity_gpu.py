@@ -153,3 +153,19 @@ def test_compiled_bf16_training_matches_eager_without_recompiles(mode):
     assert not counters["graph_break"] and not counters["resumes"], stats
     last = [m.mask for _, _, _, m in iter_block_masks(model)]
     assert any(not torch.equal(a, b) for a, b in zip(first, last, strict=True)), "masks never changed"
+
+
+def test_tile_selection_on_the_gpu_chooses_what_the_cpu_chooses():
+    """sparsity.select=output_error runs on the device the model trains on: the batched removals and the merge give
+    the same tiles, order and refit weights on CUDA as on the CPU (a SmolLM2 down projection's shape, 64 x 16)."""
+    from superblock.sparsity.select import select_tiles
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 384, generator=g) @ torch.randn(384, 384, generator=g) / 384**0.5
+    w = torch.randn(192, 384, generator=g) * torch.rand(1, 384, generator=g)
+    tiles = torch.zeros(3, 24)
+    tiles.view(-1)[:36] = 1
+    cpu = select_tiles(w, tiles, (64, 16), x.T @ x, 0.01)
+    gpu = select_tiles(w.cuda(), tiles.cuda(), (64, 16), (x.T @ x).cuda(), 0.01)
+    assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[2].cpu(), cpu[2])
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-9, atol=1e-9)

@@ -9,7 +9,7 @@ from superblock import sparsify
 from superblock.sparsity import get_controller, iter_block_masks
 from superblock.sparsity.blocks import expand_blocks
 from superblock.sparsity.reconstruct import DAMPING, reconstruct_weights
-from superblock.sparsity.select import removal_costs, reorder_scores, select_tiles
+from superblock.sparsity.select import RowRemovals, reorder_scores, select_tiles
 
 from .test_reconstruct import Stack, _correlated, _sparse_stack
 
@@ -29,16 +29,27 @@ def _best_refit(w0: torch.Tensor, h: torch.Tensor, cols: list[int]) -> tuple[tor
     return w, float(((d @ h) * d).sum())
 
 
-def test_a_tiles_removal_cost_is_the_error_left_after_the_best_refit_of_its_row():
+def test_a_rows_removals_are_the_brute_force_greedy_and_cost_the_error_they_add():
+    """Each step removes the tile whose removal, after the best refit of the rest, leaves the least error; its cost
+    is that error's increase. Two block rows at once, each against its own brute force."""
     torch.manual_seed(0)
-    w0, x = torch.randn(4, 12, dtype=torch.float64), _correlated(300, 12).double()
+    w0, x = torch.randn(8, 12, dtype=torch.float64), _correlated(300, 12).double()
     h = _damped(x.T @ x)
-    costs = removal_costs(w0, torch.linalg.inv(h), torch.ones(4, dtype=torch.bool), 3)
-    for c in range(4):
-        _, err = _best_refit(w0, h, [i for i in range(12) if i // 3 != c])
-        assert costs[c].item() == pytest.approx(err, rel=1e-8)
-    gone = torch.tensor([True, False, True, True])
-    assert torch.isinf(removal_costs(w0, torch.linalg.inv(h), gone, 3)[1])  # a removed tile cannot go again
+    removals = RowRemovals(w0, torch.linalg.inv(h), (4, 3))
+    for _ in range(4):
+        removals.step()
+    for r in range(2):
+        gone: list[int] = []
+        _, err = _best_refit(w0[4 * r : 4 * r + 4], h, list(range(12)))
+        for step in range(4):
+            tries = {}
+            for c in (c for c in range(4) if c not in gone):
+                tries[c] = _best_refit(w0[4 * r : 4 * r + 4], h, [i for i in range(12) if i // 3 not in {*gone, c}])[1]
+            best = min(tries, key=tries.get)
+            assert removals.tiles[r][step] == best
+            assert removals.costs[r][step] == pytest.approx(tries[best] - err, rel=1e-6, abs=1e-9)
+            gone.append(best)
+            err = tries[best]
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (10, 14)])  # whole tiles, and edge tiles past the weight's end
@@ -145,3 +156,14 @@ def test_a_weight_too_large_to_select_fails_before_any_pass(monkeypatch):
     with pytest.raises(ValueError, match="use sparsity.select=scores"):
         reconstruct_weights(model, [(torch.randn(4, 32),)], lambda m, b: calls.append(m(b[0])), select="output_error")
     assert not calls
+
+
+def test_the_selection_benchmark_times_each_shape_and_counts_its_removals(capsys):
+    from benchmarks import select_tiles as bench
+
+    rows = bench.main(["--shapes", "40x48,48x40", "--blocks", "8x4,8", "--levels", "0.5", "--tokens", "128",
+                       "--reps", "1"])  # fmt: skip
+    assert [(r["shape"], r["block"]) for r in rows] == [((40, 48), (8, 4)), ((40, 48), (8, 8)),
+                                                        ((48, 40), (8, 4)), ((48, 40), (8, 8))]  # fmt: skip
+    assert rows[0]["removals"] == 30 and rows[1]["removals"] == 15 and all(r["seconds"] > 0 for r in rows)
+    assert "| 48 x 40 | 8 x 8 | 50% | 15 |" in capsys.readouterr().out
