@@ -230,6 +230,7 @@ def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> No
     as_is = accuracy.command(jobs["as_is"], args)
     assert "trainer.max_steps=0" in as_is and "trainer.max_steps=300" not in as_is
     assert f"model.pretrained={folder}" in as_is and "experiment=smollm2_sparse" in as_is
+    assert "optim.lr=1e-4" in accuracy.command(jobs["dense_s1"], args)  # the dense fine-tune's own best rate
     own = accuracy.command(jobs["experiment_p0_l0.5_b32_s1"], args)
     assert not any(o.startswith("sparsity=") for o in own) and "trainer.max_steps=300" in own
     ref = accuracy.command(jobs["reference_p0_l0.5_b32_s0"], args)
