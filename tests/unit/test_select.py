@@ -167,3 +167,17 @@ def test_the_selection_benchmark_times_each_shape_and_counts_its_removals(capsys
                                                         ((48, 40), (8, 4)), ((48, 40), (8, 8))]  # fmt: skip
     assert rows[0]["removals"] == 30 and rows[1]["removals"] == 15 and all(r["seconds"] > 0 for r in rows)
     assert "| 48 x 40 | 8 x 8 | 50% | 15 |" in capsys.readouterr().out
+
+
+def test_a_block_row_of_zeros_is_emptied_first_and_the_others_keep_the_rest():
+    """A row whose every removal costs nothing loses all its tiles (its sequence runs out; the merge goes on with
+    the other rows), and the count kept is still the mask's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 32, generator=g)
+    w = torch.randn(24, 32, generator=g)
+    w[8:16] = 0
+    tiles = torch.zeros(3, 8)
+    tiles.view(-1)[:10] = 1
+    _, kept, step = select_tiles(w, tiles, (8, 4), x.T @ x, DAMPING)
+    assert kept[1].sum() == 0 and kept.sum() == 10
+    assert sorted(step[1].tolist()) == list(range(1, 9))  # the zero row's tiles are the first eight removed
