@@ -4,7 +4,8 @@
     python benchmarks/select_tiles.py --device cuda --shapes 1536x576,576x1536 --blocks 64x16,32 --levels 0.5,0.7
 
 Each shape gets a random weight (columns of uneven scale) and the Gram matrix of correlated random inputs, the
-selection keeps (1 - level) of its tiles, and the table gives the median seconds of `--reps` calls (after one
+selection keeps (1 - level) of its tiles (choosing them only: the refit of the kept tiles after it is one
+least-squares solve per block row, `refit_rows`), and the table gives the median seconds of `--reps` calls (after one
 warm-up on a GPU) with the number of removals. What a one-shot prune of a model costs is the sum over its weights
 (SmolLM2: per layer q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536).
 """
@@ -21,13 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.oneshot_lm import tile  # noqa: E402  ("64x16" -> (64, 16), "32" -> (32, 32); shapes the same way)
 from superblock.sparsity.reconstruct import DAMPING  # noqa: E402
 from superblock.sparsity.select import select_tiles  # noqa: E402
-
-
-def pair(label: str) -> tuple[int, int]:
-    first, _, second = label.partition("x")
-    return int(first), int(second or first)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    args.shapes = [pair(s) for s in args.shapes.split(",") if s]
-    args.blocks = [pair(b) for b in args.blocks.split(",") if b]
+    args.shapes = [tile(s) for s in args.shapes.split(",") if s]
+    args.blocks = [tile(b) for b in args.blocks.split(",") if b]
     args.levels = [float(v) for v in args.levels.split(",") if v]
     return args
 

@@ -356,8 +356,9 @@ class Trainer:
             return
         batches, forward, followers = self._calibration()
         done = reconstruct_weights(
-            self.model, batches, forward, all_reduce_sum, followers, self.cfg.sparsity.select, self.dist.is_main
-        )
+            self.model, batches, forward, all_reduce_sum, followers,
+            select=self.cfg.sparsity.select, progress=self.dist.is_main,
+        )  # fmt: skip
         if self.dist.is_main:
             tqdm.write(str(done))
 

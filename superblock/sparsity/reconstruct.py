@@ -65,9 +65,13 @@ def group_key(name: str) -> str:
     return name
 
 
-def refit_rows(weight: torch.Tensor, mask: torch.Tensor, block: BlockSize, gram: torch.Tensor) -> torch.Tensor:
+def refit_rows(
+    weight: torch.Tensor, mask: torch.Tensor, block: BlockSize, gram: torch.Tensor, toward_dense: bool = False
+) -> torch.Tensor:
     """`weight` (out, in) with the kept entries of every block row refit by least squares to `weight`'s own outputs
-    on inputs whose Gram matrix is `gram` (in, in); masked entries unchanged. Float64 throughout."""
+    on inputs whose Gram matrix is `gram` (in, in); masked entries unchanged. Float64 throughout. The damping pulls
+    the kept weights toward zero (ridge), or with `toward_dense` toward `weight`'s own values: the minimum of
+    (w' - w) (H + damping I) (w' - w)^T, what a tile selection's removals reach (superblock.sparsity.select)."""
     w = weight.double()
     h = gram.double()
     damp = DAMPING * h.diagonal().mean().clamp_min(1e-12)
@@ -82,6 +86,8 @@ def refit_rows(weight: torch.Tensor, mask: torch.Tensor, block: BlockSize, gram:
         hk = h[cols][:, cols]
         hk.diagonal().add_(damp)
         rhs = wr @ h[:, cols]  # (rows, k): the dense outputs' correlation with the kept inputs
+        if toward_dense:
+            rhs += damp * wr[:, cols]
         new[start : start + rows, cols] = torch.linalg.solve(hk, rhs.T).T
     return new
 
@@ -218,12 +224,11 @@ def _refit(module: nn.Module, pname: str, mask, gram: torch.Tensor, select: str)
     keep = expand_blocks(tiles.bool(), dense.shape, block).double()
     before = output_error(dense, dense.double() * keep, gram)
     if select == "output_error":
-        new, kept, step = select_tiles(dense, tiles, block, gram, DAMPING)
+        kept, step = select_tiles(dense, tiles, block, gram, DAMPING)
         scores.copy_(reorder_scores(scores, kept, step))
         tiles.copy_(kept)
         keep = expand_blocks(kept.bool(), dense.shape, block).double()
-    else:
-        new = refit_rows(dense, tiles, block, gram)
+    new = refit_rows(dense, tiles, block, gram, toward_dense=select == "output_error")
     after = output_error(dense, new * keep, gram)
     dense.copy_(new.to(dense.dtype))  # views of what is stored: the writes land in the weight, mask and scores
     return before, after

@@ -11,16 +11,17 @@ costs sum over its rows of w_C [H^-1]_CC^-1 w_C^T in output error, and the row's
 first, each block row's inverse downdated after every removal of its own, until the weight keeps as many tiles as
 its mask did. A block row's costs depend only on its own removals, so every row's sequence is computed for all rows
 at once (batched matrix products, one step per removal from each row, on a GPU a few dozen steps a weight) and the
-whole weight's greedy order is the merge of the rows' sequences. The weights left are the least-squares refit of
-the kept tiles (what `refit_rows` gives for the same tiles, but damped toward the dense weights rather than toward
-zero), and the tiles' scores are reordered so that a top-k of them keeps exactly these tiles.
+whole weight's greedy order is the merge of the rows' sequences. The weights the removals leave are the
+least-squares refit of the kept tiles damped toward the dense weights: `refit_rows(..., toward_dense=True)` in
+superblock.sparsity.reconstruct gives them; the tiles' scores are reordered so that a top-k of them keeps exactly
+these tiles.
 """
 
 from __future__ import annotations
 
 import torch
 
-from superblock.sparsity.blocks import BlockSize, expand_blocks
+from superblock.sparsity.blocks import BlockSize
 
 SELECTIONS = ("scores", "output_error")  # which tiles a refit keeps: the scores' top-k, or its own greedy choice
 MEMORY_LIMIT = 8 * 2**30  # bytes of per-block-row inverse Gram matrices one weight may hold (float64)
@@ -106,26 +107,12 @@ def _merge(removals: RowRemovals, count: int) -> list[tuple[int, int]]:
     return order
 
 
-def _refit_kept(w: torch.Tensor, h: torch.Tensor, alive: torch.Tensor, block: BlockSize) -> torch.Tensor:
-    """Each block row's kept weights refit to `w`'s outputs under the damped Gram `h`, the others zero:
-    w[:, K] = w h[:, K] h[K, K]^-1, what the removals' OBS updates reach."""
-    bh, bw = block
-    new = torch.zeros_like(w)
-    for r in range(alive.shape[0]):
-        cols = (alive[r].nonzero() * bw + torch.arange(bw, device=w.device)).reshape(-1)
-        if cols.numel():
-            rows = w[r * bh : (r + 1) * bh]
-            new[r * bh : (r + 1) * bh, cols] = torch.linalg.solve(h[cols][:, cols], (rows @ h[:, cols]).T).T
-    return new
-
-
 def select_tiles(
     weight: torch.Tensor, tiles: torch.Tensor, block: BlockSize, gram: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy removal for `weight` (out, in) under a tile grid `tiles` (out // bh, in // bw) whose kept count it
-    keeps, on inputs of Gram matrix `gram` (in, in) damped by `damping` of its mean diagonal. Returns the refit
-    weight (float64; removed tiles keep `weight`'s values, as `refit_rows` leaves them), the kept tiles (0/1,
-    `tiles`' dtype) and each tile's removal step (0 = kept)."""
+    keeps, on inputs of Gram matrix `gram` (in, in) damped by `damping` of its mean diagonal. Returns the kept tiles
+    (0/1, `tiles`' dtype) and each tile's removal step (0 = kept)."""
     bh, bw = block
     n_rows, n_cols = tiles.shape
     out_f, in_f = weight.shape
@@ -142,9 +129,7 @@ def select_tiles(
     for s, (r, c) in enumerate(order, start=1):
         alive[r, c] = False
         step[r, c] = s
-    new = _refit_kept(w, h, alive, block)
-    keep = expand_blocks(alive, weight.shape, block)
-    return torch.where(keep, new[:out_f, :in_f], weight.double()), alive.to(tiles.dtype), step
+    return alive.to(tiles.dtype), step
 
 
 def reorder_scores(scores: torch.Tensor, kept: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from superblock import sparsify
 from superblock.sparsity import get_controller, iter_block_masks
 from superblock.sparsity.blocks import expand_blocks
-from superblock.sparsity.reconstruct import DAMPING, reconstruct_weights
+from superblock.sparsity.reconstruct import DAMPING, reconstruct_weights, refit_rows
 from superblock.sparsity.select import RowRemovals, reorder_scores, select_tiles
 
 from .test_reconstruct import Stack, _correlated, _sparse_stack
@@ -59,7 +59,8 @@ def test_the_selection_keeps_the_count_and_leaves_the_refit_of_what_it_keeps(sha
     w, x = torch.randn(out_f, in_f), _correlated(400, in_f, seed=1)
     tiles = torch.ones(-(-out_f // 4), -(-in_f // 4))
     tiles.view(-1)[: tiles.numel() // 2] = 0  # the count to keep: half the tiles
-    new, kept, step = select_tiles(w, tiles, (4, 4), x.double().T @ x.double(), DAMPING)
+    kept, step = select_tiles(w, tiles, (4, 4), x.double().T @ x.double(), DAMPING)
+    new = refit_rows(w, kept, (4, 4), x.double().T @ x.double(), toward_dense=True)
     assert kept.sum() == tiles.sum() and kept.dtype == tiles.dtype
     assert sorted(step[step > 0].tolist()) == list(range(1, int((kept == 0).sum()) + 1))
     assert torch.equal(step == 0, kept.bool())
@@ -87,9 +88,9 @@ def test_the_selection_drops_a_large_tile_whose_inputs_another_tile_repeats():
     w = torch.cat([3 * torch.ones(4, 8), 0.5 * torch.ones(4, 4)], dim=1).double()
     gram = x.T @ x
     by_scores = torch.tensor([[1.0, 1.0, 0.0]])
-    new, kept, _ = select_tiles(w, by_scores, (4, 4), gram, DAMPING)
+    kept, _ = select_tiles(w, by_scores, (4, 4), gram, DAMPING)
     assert kept[0, 2] == 1 and kept[0, :2].sum() == 1
-    new = new * expand_blocks(kept.bool(), w.shape, (4, 4))
+    new = refit_rows(w, kept, (4, 4), gram, toward_dense=True) * expand_blocks(kept.bool(), w.shape, (4, 4))
 
     def error(v: torch.Tensor) -> float:
         d = v - w
@@ -178,6 +179,6 @@ def test_a_block_row_of_zeros_is_emptied_first_and_the_others_keep_the_rest():
     w[8:16] = 0
     tiles = torch.zeros(3, 8)
     tiles.view(-1)[:10] = 1
-    _, kept, step = select_tiles(w, tiles, (8, 4), x.T @ x, DAMPING)
+    kept, step = select_tiles(w, tiles, (8, 4), x.T @ x, DAMPING)
     assert kept[1].sum() == 0 and kept.sum() == 10
     assert sorted(step[1].tolist()) == list(range(1, 9))  # the zero row's tiles are the first eight removed
