@@ -155,6 +155,7 @@ class DistillConfig:
     alpha: float = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation loss
     temperature: float = 2.0  # soft targets: KL(softmax(t / T) || softmax(s / T)) * T^2
     hard: bool = False  # true: cross-entropy with the teacher's argmax instead of soft targets
+    blocks: float = 0.0  # weight of the layer-wise term: each block's output against the teacher's (MSE / variance)
 
 
 @dataclass
@@ -391,6 +392,9 @@ def check(c: TrainConfig) -> None:
     if not 0.0 <= c.distill.alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")
     _positive(c.distill.temperature, "distill.temperature")
+    _positive(c.distill.blocks, "distill.blocks", allow_zero=True)
+    if c.distill.blocks > 0 and not c.distill.teacher:
+        raise ConfigError("distill.blocks > 0 pulls each block toward a teacher's: set distill.teacher")
     _one_of(c.logger.name, LOGGERS, "logger.name")
     if c.logger.mode is not None:
         _one_of(c.logger.mode, WANDB_MODES, "logger.mode")

@@ -216,8 +216,10 @@ def build_objective(
     num_classes: int,
     student_spec: dict[str, Any],
     device: torch.device,
+    student: nn.Module | None = None,
 ) -> Objective:
-    """The loss: cross-entropy (soft targets under mixup/cutmix), plus distillation when a teacher is named."""
+    """The loss: cross-entropy (soft targets under mixup/cutmix), plus distillation when a teacher is named (of the
+    logits, and of every block's output in `student` with distill.blocks > 0)."""
     mixup = None
     if trainer.mixup > 0 or trainer.cutmix > 0:
         from timm.data import Mixup
@@ -235,8 +237,12 @@ def build_objective(
     teacher = None
     if distill.teacher:
         teacher = load_teacher(distill.teacher, {**student_spec, "pretrained": None}, device)
-        teacher = torch.compile(teacher) if trainer.compile else teacher
-    return Objective(criterion, mixup, teacher, distill.alpha, distill.temperature, distill.hard, device)
+    objective = Objective(
+        criterion, mixup, teacher, distill.alpha, distill.temperature, distill.hard, device, distill.blocks, student
+    )
+    if teacher is not None and trainer.compile:  # after the block hooks are on
+        objective.teacher = torch.compile(teacher)
+    return objective
 
 
 def build_optimization(

@@ -17,17 +17,17 @@ from torch import nn
 STRATEGIES = ("ddp", "fsdp")
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module, trainable_only: bool = True) -> list[nn.Module]:
     """The repeated blocks to shard one by one: the classes a transformers model names in `_no_split_modules`, else
     the elements of every ModuleList / Sequential made of several modules of one class (timm `blocks`, torchvision
-    `encoder.layers`)."""
+    `encoder.layers`) with trainable parameters (any parameters when not `trainable_only`: a frozen teacher's)."""
     named = set(getattr(model, "_no_split_modules", None) or ())
     candidates: list[nn.Module] = []
     if named:
         candidates = [m for m in model.modules() if type(m).__name__ in named]
     else:
         for container in model.modules():
-            if _repeated_blocks(container):
+            if _repeated_blocks(container, trainable_only):
                 candidates.extend(container)
     # Outermost blocks only: a block inside a chosen block is sharded with it.
     inside: set[int] = set()
@@ -39,11 +39,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _repeated_blocks(container: nn.Module) -> bool:
-    """A ModuleList / Sequential of several trainable modules of one class."""
+def _repeated_blocks(container: nn.Module, trainable_only: bool = True) -> bool:
+    """A ModuleList / Sequential of several (trainable) modules of one class."""
     if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
         return False
-    return len({type(m) for m in container}) == 1 and any(p.requires_grad for p in container.parameters())
+    weights = [p.requires_grad or not trainable_only for p in container.parameters()]
+    return len({type(m) for m in container}) == 1 and any(weights)
 
 
 def shard_model(model: nn.Module) -> nn.Module:

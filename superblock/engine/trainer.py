@@ -148,7 +148,12 @@ class Trainer:
         """The objective, the EMA copy, the wrapped model (DDP / FSDP / compiled) and the optimization of a step."""
         cfg, t, dist = self.cfg, self.cfg.trainer, self.dist
         self.objective = build_objective(
-            t, cfg.distill, num_classes=self.bundle.num_classes, student_spec=self.model_spec, device=self.device
+            t,
+            cfg.distill,
+            num_classes=self.bundle.num_classes,
+            student_spec=self.model_spec,
+            device=self.device,
+            student=self.model,
         )
         ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
         # Before the optimizer: FSDP replaces the parameters with sharded ones.

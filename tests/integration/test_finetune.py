@@ -50,6 +50,7 @@ def test_distilled_finetune_resumes_exactly_and_logs_teacher_time(dense_run, tmp
         *SMOKE,
         f"model.pretrained={dense_run}",
         f"distill.teacher={dense_run}",
+        "distill.blocks=1.0",  # the layer-wise term too: its hooks must not break resuming exactly
         "sparsity=finetune",
         "sparsity.ramp_epochs=1",
         "trainer.max_epochs=2",

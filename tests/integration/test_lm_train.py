@@ -248,10 +248,12 @@ def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
 
 @pytest.mark.slow  # two ranks or a compile: tens of seconds on 2 cores; CI's slow run has it
 def test_compiled_lm_distils_from_a_dense_lm(tmp_path):
-    """trainer.compile and distill.teacher on a language model: per-token soft targets from a dense LM run."""
+    """trainer.compile and distill.teacher on a language model: per-token soft targets from a dense LM run, and each
+    block's output against the teacher's (hooks on compiled blocks)."""
     dense, student = tmp_path / "dense", tmp_path / "student"
     assert run_train(*LM_TINY, "sparsity=none", f"hydra.run.dir={dense}").returncode == 0
-    proc = run_train(*LM_TINY, "trainer.compile=true", f"distill.teacher={dense}", f"hydra.run.dir={student}")
+    overrides = ("trainer.compile=true", f"distill.teacher={dense}", "distill.blocks=1.0", f"hydra.run.dir={student}")
+    proc = run_train(*LM_TINY, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary_of(student)
     assert s["status"] == "completed" and math.isfinite(s["val_perplexity"])
