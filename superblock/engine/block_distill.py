@@ -1,10 +1,11 @@
 """Layer-wise distillation: every transformer block's output in the student pulled toward the same block's output in
 the dense teacher, next to the logit distillation (engine/distill.py).
 
-Pruned language models recover faster when each block gets its own target than from the logits alone (the
-"SquareHead" loss of sparse fine-tuning: per block, the mean squared error divided by the teacher's variance, so
-every block weighs the same whatever its scale; the mean over blocks). The blocks are found the way FSDP shards
-them (engine/sharding.py's `transformer_blocks`); forward hooks record their outputs only while a batch is taken.
+The term is the "SquareHead" loss of sparse LLM fine-tuning: per block, the mean squared error divided by the
+teacher's variance, so every block weighs the same whatever its scale; the mean over blocks. It was made for deep
+pretrained models; on the 4-block lm_tiny it did not help (docs/frontier.md, "Layer-wise distillation").
+The blocks are found the way FSDP shards them (engine/sharding.py's `transformer_blocks`); forward hooks record
+their outputs only while a batch is taken.
 """
 
 from __future__ import annotations
