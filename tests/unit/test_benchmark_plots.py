@@ -75,3 +75,27 @@ def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
     assert all(r["generate_tok_s"] > 0 and r["generate_runtime"] == "generate(), eager" for r in rows.values())
     table = (tmp_path / "lm_e2e.md").read_text()
     assert "| greedy decode through generate(), batch 1 (tokens/s) | sparse |" in table
+
+
+def test_recipe_ladder_draws_the_shipped_smollm2_rows(tmp_path, capsys):
+    from benchmarks import recipe_ladder
+
+    saved = ROWS.parent / "smollm2_ladder_h100_2026-12-06.csv"
+    out = tmp_path / "ladder.png"
+    recipe_ladder.main([str(saved), "--within", "0.5=0.10,0.7=0.25", "--out", str(out)])
+    table = capsys.readouterr().out
+    best = next(line for line in table.splitlines() if line.startswith("| 50% | + lr 3e-4"))
+    assert "16.06" in best and "+89%" in best and "<= 9.35" in best  # 8.503 x 1.10
+    assert "(440 steps)" in table  # a row shorter than the dense reference says so
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_ladder_refuses_rows_without_a_dense_reference(tmp_path):
+    import pytest
+
+    from benchmarks import recipe_ladder
+
+    bad = tmp_path / "rows.csv"
+    bad.write_text("level,recipe,perplexity,std,seeds,per_byte,steps,source\n0.5,x,20,,1,2.0,600,\n")
+    with pytest.raises(SystemExit, match="dense fine-tune"):
+        recipe_ladder.main([str(bad), "--out", str(tmp_path / "p.png")])
