@@ -11,8 +11,9 @@ eagerly; every later token's forward (the model over one token per sequence, wri
 static cache) is captured once in a CUDA graph per cache and batch size and replayed. The logits processors,
 greedy or sampled choice and end-of-sequence bookkeeping run eagerly on the device without waiting for it: the host
 checks whether every sequence has finished only every `CHECK_EVERY` tokens, and the output is cut where
-transformers' own loop would have stopped. So the host work per token is a replay and a few small launches instead
-of transformers' per-step Python (which costs ~2.4 ms a token on a Llama-3-8B-shaped model, docs/benchmarks.md).
+transformers' own loop would have stopped. So the host work per token is a replay and a few small launches. (On a
+Llama-3-8B-shaped model transformers' own loop with reduce-overhead took 2.3-2.4 ms a token more than a replayed
+step, dense and sparse alike: docs/benchmarks.md, "Fused, compiled, and through generate()".)
 
 Greedy decoding and sampling with any logits processors, batch padding (left-padded prompts with their attention
 mask), and the stopping criteria of `max_new_tokens` / `max_length` and `eos_token_id` are served this way. Anything
@@ -74,6 +75,9 @@ def _unsupported(model, cache, stops, config, synced_gpus: bool, streamer, model
     """Why this call cannot be served from a graph (None: it can)."""
     if type(cache).__name__ != "StaticCache":
         return f"the cache is a {type(cache).__name__}, not a StaticCache (pass cache_implementation='static')"
+    layers = {type(layer).__name__ for layer in getattr(cache, "layers", [])} - {"StaticLayer"}
+    if layers:
+        return f"cache layers {sorted(layers)} keep their length on the host (sliding windows)"
     if streamer is not None or synced_gpus:
         return "a streamer or synced_gpus asks for every token on the host as it comes"
     if config.return_dict_in_generate:

@@ -87,6 +87,10 @@ def test_what_a_graph_cannot_serve_runs_transformers_loop_with_a_warning(llama):
         out = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static",
                              return_dict_in_generate=True, custom_generate=graph_decoding)  # fmt: skip
     assert torch.equal(out.sequences, want)
+    with pytest.warns(RuntimeWarning, match="stopping criteria"):
+        got = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static",
+                             max_time=60.0, custom_generate=graph_decoding)  # fmt: skip
+    assert torch.equal(got, want)
     with pytest.raises(ValueError, match="beam search"):
         llama.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=0, custom_generate=graph_decoding)
 
