@@ -1,5 +1,6 @@
 """generate(..., custom_generate=graph_decoding): the same tokens as transformers' own loop, on an exported
-block-sparse Llama (CPU: the step runs eagerly in the same loop; the GPU test replays its CUDA graph)."""
+block-sparse Llama (CPU: the step runs eagerly in the same loop; tests/gpu/test_graph_decoding_gpu.py replays its
+CUDA graph)."""
 
 from __future__ import annotations
 
@@ -101,22 +102,3 @@ def test_step_buffers_are_kept_per_cache_and_batch(llama):
         both(llama, prompts(batch, 5), max_new_tokens=4, do_sample=False)
     graphs = llama.__dict__["_superblock_step_graphs"]
     assert 1 <= len(graphs) <= decoding.KEEP_GRAPHS and list(graphs)[-1][1] == 1
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_the_step_replays_a_graph_and_decodes_what_the_eager_loop_decodes(tmp_path):
-    """Run on the device machine: python -m pytest -m gpu tests/integration/test_graph_decoding.py"""
-    config = {**LLAMA, "hidden_size": 256, "intermediate_size": 512, "max_position_embeddings": 256}
-    hf_run(tmp_path / "run", "llama", config, num_classes=512, block_size=32)
-    export(tmp_path / "run", tmp_path / "exp", dtype="bf16", device="cuda")
-    model = load_sparse(tmp_path / "exp", device="cuda", dtype="bf16")
-    prompt = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
-    kw = {"max_new_tokens": 24, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
-    want = model.generate(prompt, **kw)
-    for compile_step in (False, True):
-        got = model.generate(prompt, custom_generate=graph_decoding, compile_step=compile_step, **kw)
-        steps = [s for s in model.__dict__["_superblock_step_graphs"].values() if s.graph is not None]
-        assert steps and got.shape == want.shape
-        assert (got == want).float().mean() >= 0.9  # bf16: a replayed step may round differently, then diverge
-        assert torch.equal(got[:, :13], want[:, :13])
