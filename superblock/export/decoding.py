@@ -68,7 +68,7 @@ def graph_decoding(
     mask = model_kwargs.get("attention_mask")
     padded = mask is not None and not bool(mask.all())
     step = _step_graph(model, cache, input_ids.shape[0], generation_config.max_length, padded, compile_step)
-    return step.decode(input_ids, mask if padded else None, logits_processor, generation_config)
+    return decode_loop(step, input_ids, mask if padded else None, logits_processor, generation_config)
 
 
 def _unsupported(model, cache, stops, config, synced_gpus: bool, streamer, model_kwargs: dict) -> str | None:
@@ -158,9 +158,6 @@ class _StepGraph:
         self.pos.copy_(positions[:, -1:] + 1)
         self.slot.fill_(n)
         return out.logits[:, -1].float()
-
-    def decode(self, input_ids: torch.Tensor, mask: torch.Tensor | None, processors, config) -> torch.Tensor:
-        return decode_loop(self, input_ids, mask, processors, config)
 
 
 def decode_loop(step, input_ids: torch.Tensor, mask: torch.Tensor | None, processors, config) -> torch.Tensor:
