@@ -22,7 +22,9 @@ same inputs:
            replayed steps' logits are checked against the eager steps' and against a cache-free forward.
   generate (--generate) the same decode through transformers' own `model.generate()`: greedy, batch 1, a static
            cache and its decode step compiled with mode="reduce-overhead" (CUDA graphs; eager on a CPU), the way
-           lm_generate.py serves an export: how close a user's generate() comes to the loop above.
+           lm_generate.py serves an export: how close a user's generate() comes to the loop above; and through
+           generate(custom_generate=graph_decoding) (superblock.export: the step captured in a CUDA graph, compiled
+           first under --compile)
 """
 
 from __future__ import annotations
@@ -307,11 +309,16 @@ def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
     return statistics.median(rates), runtime, checks
 
 
-def generate_tokens_per_s(model, args) -> tuple[float, str]:
-    """Greedy tokens/s of model.generate() at batch 1 after the decode loop's prompt, and its runtime."""
-    runtime = "compile" if on_gpu(args.device) else "eager"
+def generate_tokens_per_s(model, args, graph: bool = False) -> tuple[float, str]:
+    """Greedy tokens/s of model.generate() at batch 1 after the decode loop's prompt, and its runtime; `graph`:
+    with custom_generate=graph_decoding (the step replayed from a CUDA graph, compiled first under --compile)."""
+    if graph:
+        runtime = "graph-compile" if args.compile else "graph"
+        label = f"generate(custom_generate=graph_decoding{', compile_step' if args.compile else ''})"
+    else:
+        runtime = "compile" if on_gpu(args.device) else "eager"
+        label = "generate(), static cache, reduce-overhead" if runtime == "compile" else "generate(), eager"
     seconds, _ = timed_generate(model, decode_prompt(args), generate_kwargs(runtime, args.new_tokens), args.rounds)
-    label = "generate(), static cache, reduce-overhead" if runtime == "compile" else "generate(), eager"
     return args.new_tokens / seconds, label
 
 
@@ -348,6 +355,12 @@ def report(rows: dict[str, dict], args) -> str:
                 f"{s['generate_tok_s']:.1f} | **{s['generate_tok_s'] / d['generate_tok_s']:.2f}x** | "
                 f"{s['generate_runtime']} |"
             )
+        if "graph_tok_s" in s:
+            lines.append(
+                f"| greedy decode through generate() with graph_decoding, batch 1 (tokens/s) | {label} | "
+                f"{d['graph_tok_s']:.1f} | {s['graph_tok_s']:.1f} | **{s['graph_tok_s'] / d['graph_tok_s']:.2f}x** | "
+                f"{s['graph_runtime']} |"
+            )
     return "\n".join(lines)
 
 
@@ -374,6 +387,7 @@ def main(argv=None):
         }
         if args.generate:
             rows[name]["generate_tok_s"], rows[name]["generate_runtime"] = generate_tokens_per_s(model, args)
+            rows[name]["graph_tok_s"], rows[name]["graph_runtime"] = generate_tokens_per_s(model, args, graph=True)
         rows[name]["seconds"] = time.time() - t0
         print(json.dumps({name: rows[name]}), flush=True)
         if on_gpu(args.device):

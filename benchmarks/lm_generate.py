@@ -11,6 +11,9 @@ same process, same prompts, same runtime. Runtimes:
   eager    generate() with its dynamic KV cache, nothing compiled
   compile  generate() with a static KV cache, its decode step compiled by transformers with
            mode="reduce-overhead" (CUDA graphs): how a user serves a small model fast
+  graph    generate() with a static KV cache and custom_generate=graph_decoding (superblock.export): the
+           one-token step captured once in a CUDA graph and replayed, the host checking for finished rows every
+           few tokens; graph-compile: the same with the step compiled before capture (compile_step=True)
 
 Each cell is greedy decoding of `--new-tokens` tokens (no early stop) after a `--prompt`-token prompt of random ids,
 at batch 1 and 8 by default: tokens/s = batch x new tokens / the median wall time of `--reps` generate() calls after
@@ -32,11 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from superblock.export import load_folded, load_sparse  # noqa: E402
+from superblock.export import graph_decoding, load_folded, load_sparse  # noqa: E402
 from superblock.export.serving import set_model_tuning_target, tuning_target  # noqa: E402
 from superblock.hf_models import max_positions  # noqa: E402
 
-RUNTIMES = ("eager", "compile")
+RUNTIMES = ("eager", "compile", "graph", "graph-compile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +67,9 @@ def generate_kwargs(runtime: str, new_tokens: int) -> dict:
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     if runtime == "eager":
         return {**kwargs, "disable_compile": True}
+    if runtime.startswith("graph"):
+        return {**kwargs, "cache_implementation": "static", "custom_generate": graph_decoding,
+                "compile_step": runtime == "graph-compile", "disable_compile": True}  # fmt: skip
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=False, mode="reduce-overhead")
@@ -102,7 +108,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} > the model's {limit} positions")
     rows = []
     for runtime in args.runtimes:
-        set_model_tuning_target(sparse, tuning_target("cudagraph" if runtime == "compile" else "eager"))
+        set_model_tuning_target(sparse, tuning_target("eager" if runtime == "eager" else "cudagraph"))
         kwargs = generate_kwargs(runtime, args.new_tokens)
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)

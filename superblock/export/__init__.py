@@ -7,6 +7,7 @@ model = load_sparse("exports/<run>", device="cuda")     # BlockSparseLinear / bl
 served = load_sparse("exports/<run>", device="cuda", dtype="bf16", runtime="cudagraph", batch_sizes=[1, 8, 32, 256])
 fast = make_runtime(my_model, "compile", batch_sizes=[1, 8, 32, 256])  # any model (BlockSparseLinear inside or not)
 lm = load_sparse("exports/<lm run>")         # a transformers model (hf: spec): lm.generate(ids, max_new_tokens=20)
+lm.generate(ids, max_new_tokens=128, cache_implementation="static", custom_generate=graph_decoding)  # CUDA-graph steps
 ```
 The on-disk format is described in superblock/artifacts/format.py and docs/export.md.
 """
@@ -15,6 +16,7 @@ from superblock.artifacts.format import FORMAT, VERSION, ExportError, read_manif
 from superblock.artifacts.resolve import is_export_dir
 from superblock.devices import DTYPES, ensure_runnable, parse_dtype, resolve_device
 from superblock.export.convert import Layer, install_bsr, masked_layers, pack_tensors
+from superblock.export.decoding import graph_decoding
 from superblock.export.loader import load_folded, load_sparse
 from superblock.export.serving import (
     RUNTIMES,
@@ -46,6 +48,7 @@ __all__ = [
     "ensure_runnable",
     "export_checkpoint",
     "fold_copy",
+    "graph_decoding",
     "image_shape",
     "install_bsr",
     "is_export_dir",

@@ -210,15 +210,16 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 256}
     assert torch.equal(sparse.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
 
-    # the served-generation benchmark on this export (CPU: eager only): greedy tokens agree, tokens/s are measured
+    # the served-generation benchmark on this export (CPU: eager, and graph_decoding with its step run eagerly):
+    # greedy tokens agree, tokens/s are measured
     sys.path.insert(0, str(ROOT))
     from benchmarks import lm_generate
 
-    gen = ["--device", "cpu", "--dtype", "fp32", "--runtimes", "eager", "--batches", "1,2", "--prompt", "8"]
+    gen = ["--device", "cpu", "--dtype", "fp32", "--runtimes", "eager,graph", "--batches", "1,2", "--prompt", "8"]
     gen += ["--new-tokens", "3", "--reps", "1", "--out", str(tmp_path / "gen")]
     lm_generate.main(["--export", str(export_dir), *gen])
     rows = json.loads((tmp_path / "gen" / "lm_generate.json").read_text())["rows"]
-    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2)]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2), ("graph", 1), ("graph", 2)]
     assert all(r["agree"] == 1.0 and r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
     assert "| eager | 2 |" in (tmp_path / "gen" / "lm_generate.md").read_text()
 

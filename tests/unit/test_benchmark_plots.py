@@ -73,8 +73,10 @@ def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
     rows = json.loads((tmp_path / "lm_e2e.json").read_text())["rows"]
     assert set(rows) == {"dense", "sparse"}
     assert all(r["generate_tok_s"] > 0 and r["generate_runtime"] == "generate(), eager" for r in rows.values())
+    assert all(r["graph_tok_s"] > 0 and "graph_decoding" in r["graph_runtime"] for r in rows.values())
     table = (tmp_path / "lm_e2e.md").read_text()
     assert "| greedy decode through generate(), batch 1 (tokens/s) | sparse |" in table
+    assert "| greedy decode through generate() with graph_decoding, batch 1 (tokens/s) | sparse |" in table
 
 
 def test_recipe_ladder_draws_the_shipped_smollm2_rows(tmp_path, capsys):

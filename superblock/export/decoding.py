@@ -1,0 +1,203 @@
+"""Decoding through transformers' `generate()` with the one-token step replayed from a CUDA graph.
+
+    from superblock.export import graph_decoding, load_sparse
+    lm = load_sparse("exports/<lm run>", device="cuda", dtype="bf16")
+    out = lm.generate(ids, max_new_tokens=128, cache_implementation="static", custom_generate=graph_decoding)
+    out = lm.generate(..., custom_generate=graph_decoding, compile_step=True)  # the step compiled before capture
+
+`generate()` prepares the inputs, the static KV cache, the logits processors and the stopping criteria as it always
+does, then hands its decoding loop to `graph_decoding` (transformers' `custom_generate` hook). The prompt runs
+eagerly; every later token's forward (the model over one token per sequence, writing its keys and values into the
+static cache) is captured once in a CUDA graph per cache and batch size and replayed. The logits processors,
+greedy or sampled choice and end-of-sequence bookkeeping run eagerly on the device without waiting for it: the host
+checks whether every sequence has finished only every `CHECK_EVERY` tokens, and the output is cut where
+transformers' own loop would have stopped. So the host work per token is a replay and a few small launches. (On a
+Llama-3-8B-shaped model transformers' own loop with reduce-overhead took 2.3-2.4 ms a token more than a replayed
+step, dense and sparse alike: docs/benchmarks.md, "Fused, compiled, and through generate()".)
+
+Greedy decoding and sampling with any logits processors, batch padding (left-padded prompts with their attention
+mask), and the stopping criteria of `max_new_tokens` / `max_length` and `eos_token_id` are served this way. Anything
+else (no static cache, a streamer, `return_dict_in_generate`, other stopping criteria, extra model inputs) runs
+transformers' own loop, with a warning that names why; beam search and assisted decoding are refused. On a CPU the
+step runs eagerly in the same loop. Outputs equal transformers' own decoding token for token on a CPU (greedy, and
+sampled under the same seed); on a GPU up to the graph's floating-point order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from superblock.export.serving import set_model_tuning_target, tuning_target
+from superblock.timing import capture_graph
+
+CHECK_EVERY = 16  # tokens between the host's checks that every sequence has finished
+KEEP_GRAPHS = 4  # step graphs (each holding its KV cache) kept per model, the most recently used
+STOPS = frozenset({"MaxLengthCriteria", "EosTokenCriteria"})
+INPUTS = frozenset(
+    {"attention_mask", "position_ids", "logits_to_keep", "use_cache", "cache", "past_key_values", "cache_position"}
+)
+
+
+def graph_decoding(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    compile_step: bool = False,
+    **model_kwargs,
+):
+    """transformers' decoding loop with the one-token step replayed from a CUDA graph (see the module docstring);
+    pass it as `generate(..., custom_generate=graph_decoding)`. `compile_step=True` compiles the step with
+    torch.compile before it is captured (slower to start, faster per token). Returns the token ids, prompt first."""
+    if getattr(generation_config, "num_beams", 1) > 1 or getattr(generation_config, "prompt_lookup_num_tokens", None):
+        raise ValueError("graph_decoding decodes greedily or by sampling: drop custom_generate for beam search")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    why = _unsupported(model, cache, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs)
+    if why is not None:
+        warnings.warn(f"graph_decoding: {why}; decoding with transformers' own loop", RuntimeWarning, stacklevel=2)
+        return type(model)._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)  # fmt: skip
+    mask = model_kwargs.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    step = _step_graph(model, cache, input_ids.shape[0], generation_config.max_length, padded, compile_step)
+    return decode_loop(step, input_ids, mask if padded else None, logits_processor, generation_config)
+
+
+def _unsupported(model, cache, stops, config, synced_gpus: bool, streamer, model_kwargs: dict) -> str | None:
+    """Why this call cannot be served from a graph (None: it can)."""
+    if type(cache).__name__ != "StaticCache":
+        return f"the cache is a {type(cache).__name__}, not a StaticCache (pass cache_implementation='static')"
+    layers = {type(layer).__name__ for layer in getattr(cache, "layers", [])} - {"StaticLayer"}
+    if layers:
+        return f"cache layers {sorted(layers)} keep their length on the host (sliding windows)"
+    if streamer is not None or synced_gpus:
+        return "a streamer or synced_gpus asks for every token on the host as it comes"
+    if config.return_dict_in_generate:
+        return "return_dict_in_generate asks for per-step scores or states"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not served from a graph"
+    other = {type(c).__name__ for c in stops} - STOPS
+    if other:
+        return f"stopping criteria {sorted(other)} need the host every token"
+    extra = {k for k, v in model_kwargs.items() if v is not None and k not in INPUTS}
+    if extra:
+        return f"model inputs {sorted(extra)} are not fed to the graph"
+    return None
+
+
+def _step_graph(model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool) -> _StepGraph:
+    """The model's step graph for this cache and batch (captured on first use; the most recent KEEP_GRAPHS kept)."""
+    graphs = model.__dict__.setdefault("_superblock_step_graphs", OrderedDict())
+    key = (id(cache), batch, padded, compile_step)
+    step = graphs.get(key)
+    if step is None or step.cache is not cache or step.max_length < max_length:
+        step = _StepGraph(model, cache, batch, max_length, padded, compile_step)
+        graphs[key] = step
+    graphs.move_to_end(key)
+    while len(graphs) > KEEP_GRAPHS:
+        graphs.popitem(last=False)
+    return step
+
+
+class _StepGraph:
+    """Static buffers for one token per sequence (token, its position, the cache slot, the attention mask, the
+    logits) and the CUDA graph of the model's forward over them."""
+
+    def __init__(self, model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool):
+        params = inspect.signature(type(model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
+        self.model, self.cache, self.max_length = model, cache, max_length
+        device = next(model.parameters()).device
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.ones(batch, max_length, dtype=torch.long, device=device) if padded else None
+        self.logits = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.forward = torch.compile(model, dynamic=False) if compile_step else model
+        self.graph = None  # on a CPU the step runs eagerly, in the same loop
+        if device.type == "cuda":
+            set_model_tuning_target(model, tuning_target("cudagraph"))  # `auto` chooses by GPU time
+            self.graph = capture_graph(self.step, warmups=2, device=device)
+            cache.reset()  # the warm-up steps wrote into it
+
+    def inputs(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None) -> dict:
+        kw = {self.cache_kw: self.cache, "position_ids": positions, "use_cache": True, "logits_to_keep": 1}
+        if mask is not None:
+            kw["attention_mask"] = mask
+        if self.with_cache_position:
+            kw["cache_position"] = slots
+        return kw
+
+    def step(self) -> None:
+        out = self.forward(input_ids=self.tok, **self.inputs(self.pos, self.slot, self.mask))
+        self.logits.copy_(out.logits[:, -1])
+        self.pos.add_(1)
+        self.slot.add_(1)
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt through the model eagerly (filling the cache); the step buffers set for the first token."""
+        n = input_ids.shape[1]
+        if mask is None:
+            positions = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        else:
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            self.mask.fill_(1)
+            self.mask[:, :n].copy_(mask)
+        slots = torch.arange(n, device=input_ids.device)
+        prompt_mask = None if mask is None else self.mask[:, :n]
+        out = self.model(input_ids=input_ids, **self.inputs(positions, slots, prompt_mask))
+        self.pos.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(n)
+        return out.logits[:, -1].float()
+
+
+def decode_loop(step, input_ids: torch.Tensor, mask: torch.Tensor | None, processors, config) -> torch.Tensor:
+    """Prefill, then one replay of `step.graph` per token (or `step.step()` where there is no graph); the choice
+    of each token and the finished sequences' padding as transformers' own loop does them."""
+    batch, n = input_ids.shape
+    eos, pad = config._eos_token_tensor, config._pad_token_tensor
+    ids = input_ids.new_zeros(batch, config.max_length)
+    ids[:, :n] = input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
+    logits, cur = step.prefill(input_ids, mask), n
+    while cur < config.max_length:
+        scores = processors(ids[:, :cur], logits)
+        if config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = torch.argmax(scores, dim=-1)
+        if eos is not None:
+            if pad is not None:
+                token = torch.where(unfinished, token, pad)
+            unfinished &= ~torch.isin(token, eos)
+        ids[:, cur] = token
+        cur += 1
+        if cur == config.max_length or (eos is not None and (cur - n) % CHECK_EVERY == 0 and not unfinished.any()):
+            break
+        step.tok.copy_(token[:, None])
+        if step.graph is not None:
+            step.graph.replay()
+        else:
+            step.step()
+        logits = step.logits
+    return ids[:, : _stopped_at(ids, n, cur, eos)]
+
+
+def _stopped_at(ids: torch.Tensor, n: int, cur: int, eos: torch.Tensor | None) -> int:
+    """The length transformers' loop ends at: where the last sequence to finish wrote its end-of-sequence token
+    (the tokens after it, written while the host had not looked yet, are padding), else `cur`."""
+    if eos is None or cur == n:
+        return cur
+    ended = torch.isin(ids[:, n:cur], eos)
+    if not bool(ended.any(dim=1).all()):
+        return cur
+    return n + int(ended.int().argmax(dim=1).max()) + 1

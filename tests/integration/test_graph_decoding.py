@@ -1,0 +1,104 @@
+"""generate(..., custom_generate=graph_decoding): the same tokens as transformers' own loop, on an exported
+block-sparse Llama (CPU: the step runs eagerly in the same loop; tests/gpu/test_graph_decoding_gpu.py replays its
+CUDA graph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superblock.export import decoding, graph_decoding, load_sparse
+from tests.integration.test_hf_export import LLAMA, VOCAB, count, export, hf_run
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    hf_run(root / "run", "llama", {**LLAMA, "initializer_range": 0.5})  # weights large enough that positions and
+    export(root / "run", root / "exp")  # the cache change the tokens (at the default 0.02 they barely do)
+    model = load_sparse(root / "exp")
+    assert count(model, "BlockSparseLinear") == 6
+    return model
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def both(model, prompt, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' loop and graph_decoding on the same static-cache call (sampling: the same seed each)."""
+    kw = {"cache_implementation": "static", "pad_token_id": 0, **kw}
+    torch.manual_seed(5)
+    want = model.generate(prompt, **kw)
+    torch.manual_seed(5)
+    got = model.generate(prompt, custom_generate=graph_decoding, **kw)
+    return want, got
+
+
+def test_greedy_tokens_equal_transformers_loop_at_batch_1_and_3(llama):
+    for batch in (1, 3):
+        want, got = both(llama, prompts(batch, 7), max_new_tokens=21, do_sample=False)
+        assert want.shape == (batch, 28) and torch.equal(got, want)
+
+
+def test_left_padded_prompts_decode_as_transformers_does(llama):
+    prompt = prompts(3, 9, seed=1)
+    mask = torch.ones_like(prompt)
+    mask[0, :4], mask[2, :1] = 0, 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    want, got = both(llama, prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_sampling_with_processors_draws_what_transformers_draws(llama):
+    want, got = both(llama, prompts(2, 5, seed=2), max_new_tokens=10, do_sample=True, temperature=0.7, top_k=8,
+                     repetition_penalty=1.3)  # fmt: skip
+    assert torch.equal(got, want)
+
+
+def test_end_of_sequence_pads_finished_rows_and_cuts_where_transformers_stops(llama):
+    prompt = prompts(2, 6, seed=3)
+    free, _ = both(llama, prompt, max_new_tokens=40, do_sample=False)
+    eos = int(free[0, 8])  # row 0 ends after its third new token; row 1 when (if) it first emits the same token
+    want, got = both(llama, prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    assert want.shape[1] < free.shape[1] or bool((free[1, 6:] == eos).any()) is False
+    assert torch.equal(got, want)
+    assert (got[0, 9:] == 0).all()  # padding after row 0's end
+
+
+def test_the_host_checks_for_finished_rows_only_every_few_tokens(llama, monkeypatch):
+    """Both rows end early: the loop runs on up to CHECK_EVERY - 1 tokens past the end, and the output is cut back."""
+    monkeypatch.setattr(decoding, "CHECK_EVERY", 5)
+    prompt = prompts(1, 6, seed=4)
+    free, _ = both(llama, prompt, max_new_tokens=30, do_sample=False)
+    eos = int(free[0, 7])  # ends after 2 new tokens
+    want, got = both(llama, prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos)
+    assert want.shape == (1, 8) and torch.equal(got, want)
+
+
+def test_what_a_graph_cannot_serve_runs_transformers_loop_with_a_warning(llama):
+    prompt = prompts(2, 5, seed=6)
+    want = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)  # a dynamic cache
+    with pytest.warns(RuntimeWarning, match="not a StaticCache"):
+        got = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, custom_generate=graph_decoding)
+    assert torch.equal(got, want)
+    with pytest.warns(RuntimeWarning, match="return_dict_in_generate"):
+        out = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static",
+                             return_dict_in_generate=True, custom_generate=graph_decoding)  # fmt: skip
+    assert torch.equal(out.sequences, want)
+    with pytest.warns(RuntimeWarning, match="stopping criteria"):
+        got = llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static",
+                             max_time=60.0, custom_generate=graph_decoding)  # fmt: skip
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="beam search"):
+        llama.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=0, custom_generate=graph_decoding)
+
+
+def test_step_buffers_are_kept_per_cache_and_batch(llama):
+    llama.__dict__.pop("_superblock_step_graphs", None)
+    for batch in (1, 2, 1):
+        both(llama, prompts(batch, 5), max_new_tokens=4, do_sample=False)
+    graphs = llama.__dict__["_superblock_step_graphs"]
+    assert 1 <= len(graphs) <= decoding.KEEP_GRAPHS and list(graphs)[-1][1] == 1
