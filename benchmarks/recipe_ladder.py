@@ -58,13 +58,17 @@ def parse_within(spec: str) -> dict[float, float]:
     return out
 
 
+def targets(dense: dict, within: dict[float, float]) -> dict[float, float]:
+    """level -> the perplexity a sparse row must reach: dense x (1 + F) for each LEVEL=F of --within."""
+    return {level: dense["perplexity"] * (1.0 + frac) for level, frac in within.items()}
+
+
 def label(row: dict, dense_steps: int) -> str:
     short = f" ({row['steps']} steps)" if row["steps"] and row["steps"] < dense_steps else ""
     return row["recipe"] + short
 
 
-def table(rows: list[dict], within: dict[float, float]) -> str:
-    dense = dense_reference(rows)
+def table(rows: list[dict], dense: dict, goal: dict[float, float]) -> str:
     lines = [
         "| level | recipe | seeds | perplexity / token | per byte | vs the dense fine-tune | target |",
         "|---|---|---|---|---|---|---|",
@@ -72,7 +76,7 @@ def table(rows: list[dict], within: dict[float, float]) -> str:
     for r in rows:
         ppl = f"{r['perplexity']:.2f}" + (f" +- {r['std']:.2g}" if r["std"] is not None else "")
         gap = f"{100.0 * (r['perplexity'] / dense['perplexity'] - 1.0):+.0f}%"
-        target = f"<= {dense['perplexity'] * (1.0 + within[r['level']]):.2f}" if r["level"] in within else "-"
+        target = f"<= {goal[r['level']]:.2f}" if r["level"] in goal else "-"
         lines.append(
             f"| {r['level']:.0%} | {label(r, dense['steps'])} | {r['seeds']} | {ppl} | {r['per_byte']:.3f} | "
             f"{gap} | {target} |"
@@ -80,13 +84,12 @@ def table(rows: list[dict], within: dict[float, float]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], within: dict[float, float], path: Path, title: str) -> Path:
+def plot(rows: list[dict], dense: dict, goal: dict[float, float], path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = dense_reference(rows)
     levels = sorted({r["level"] for r in rows if r["level"] > 0.0})
     if not levels:
         raise SystemExit("no sparse rows (level > 0) to draw")
@@ -105,9 +108,8 @@ def plot(rows: list[dict], within: dict[float, float], path: Path, title: str) -
             ax.text(r["perplexity"] * 1.04, y, f"{r['perplexity']:.1f}", va="center", fontsize=8)
         ax.set_yticks(ys, [label(r, dense["steps"]) for r in mine], fontsize=8)
         ax.axvline(dense["perplexity"], color="black", lw=1.2, label=f"dense fine-tune {dense['perplexity']:.2f}")
-        if level in within:
-            target = dense["perplexity"] * (1.0 + within[level])
-            ax.axvline(target, color="tab:green", ls="--", lw=1.2, label=f"target {target:.2f}")
+        if level in goal:
+            ax.axvline(goal[level], color="tab:green", ls="--", lw=1.2, label=f"target {goal[level]:.2f}")
         ax.set_xscale("log")
         ax.set_xlabel("validation perplexity per token (log scale; lower is better)")
         ax.set_title(f"{level:.0%} of the masked weights zeroed", fontsize=10)
@@ -129,9 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--title", default="each step of the recipe, same data and length (600 steps unless said)")
     args = p.parse_args(argv)
     rows = read_rows(args.csv)
-    within = parse_within(args.within)
-    plot(rows, within, args.out, args.title)
-    print(table(rows, within))
+    dense = dense_reference(rows)
+    goal = targets(dense, parse_within(args.within))
+    plot(rows, dense, goal, args.out, args.title)
+    print(table(rows, dense, goal))
 
 
 if __name__ == "__main__":

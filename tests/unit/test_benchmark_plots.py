@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -93,8 +94,6 @@ def test_recipe_ladder_draws_the_shipped_smollm2_rows(tmp_path, capsys):
 
 
 def test_recipe_ladder_refuses_rows_without_a_dense_reference(tmp_path):
-    import pytest
-
     from benchmarks import recipe_ladder
 
     bad = tmp_path / "rows.csv"
