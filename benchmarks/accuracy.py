@@ -70,8 +70,15 @@ DENSE_OVERRIDES = {"smollm2": ["optim.lr=1e-4"]}
 # a second metric recorded beside the first where runs report it (perplexity per byte compares across tokenizers)
 ALSO = {"val_perplexity": "val_perplexity_per_byte"}
 RECIPES = {
-    # the reference recipe, whatever an experiment preset sets for its own: no ramp, no frozen masks
-    "reference": ["sparsity=supermask_reference", "sparsity.ramp_fraction=null", "sparsity.freeze_after_ramp=false"],
+    # the reference recipe, whatever an experiment preset sets for its own: no ramp, no frozen masks, one level for
+    # every weight (the other recipes keep a preset's per-layer levels, e.g. smollm2's dense layers 0-1)
+    "reference": [
+        "sparsity=supermask_reference",
+        "sparsity.ramp_fraction=null",
+        "sparsity.freeze_after_ramp=false",
+        "sparsity.level_overrides=[]",
+        "sparsity.level_total=false",
+    ],
     "default": ["sparsity=learned"],
     "magnitude_init": ["sparsity=learned", "sparsity.score_init=magnitude"],  # learned scores, magnitude start
     "magnitude_frozen": ["sparsity=magnitude_frozen"],

@@ -84,6 +84,7 @@ class SparsityConfig:
     block_size: Any = 16  # int or [rows, cols]: output rows by input columns of every targeted weight
     block_overrides: list[Any] = field(default_factory=list)  # [{match: glob on weight / module name, block: size}]
     level_overrides: list[Any] = field(default_factory=list)  # [{match: glob, level: sparsity}]: its own final level
+    level_total: bool = False  # level = the share of ALL masked weights zeroed: the others take what overrides leave
     targets: list[str] = field(default_factory=lambda: ["mlp", "attn"])
     exclude: list[str] = field(default_factory=list)
     skip_first_block: bool = False

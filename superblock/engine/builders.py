@@ -161,6 +161,7 @@ def sparsity_spec(s: SparsityConfig, steps_per_epoch: int, total_steps: int) -> 
         **({"freeze_after_ramp": True} if s.freeze_after_ramp else {}),
         **({"block_overrides": Tiling.of(block, s.block_overrides).to_list()} if s.block_overrides else {}),
         **({"level_overrides": Levels.of(s.level_overrides).to_list()} if s.level_overrides else {}),
+        **({"level_total": True} if s.level_total else {}),
     }
 
 

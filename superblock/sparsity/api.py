@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -155,6 +156,24 @@ def _levels_of(found: list[Target], levels: Levels) -> dict[str, float]:
     return {t.name: lv for t in found if (lv := levels.level(t.name)) is not None}
 
 
+def _level_of_the_rest(found: list[Target], levels: dict[str, float], total: float) -> float:
+    """The level of the weights no override names so that `total` of all targeted weights is zeroed."""
+    sizes = {t.name: math.prod(t.shape) for t in found}
+    rest = sum(n for name, n in sizes.items() if name not in levels)
+    if not levels:
+        return total
+    if rest == 0:
+        raise ValueError("level_total: every targeted weight has a level_overrides entry, so no weight is left to "
+                         "make up sparsity; drop level_total or an override")  # fmt: skip
+    level = (total * sum(sizes.values()) - sum(lv * sizes[name] for name, lv in levels.items())) / rest
+    if not 0.0 < level < 1.0:
+        raise ValueError(
+            f"level_total: to zero {total:.1%} of all targeted weights with these level_overrides, the other weights "
+            f"would need sparsity {level:.1%}: lower the overrides' levels or choose another sparsity"
+        )
+    return level
+
+
 def _out_in(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A weight's shape as (out, in) whatever the module stores (a Conv1D stores (in, out))."""
     return tuple(shape[::-1]) if is_conv1d(module) else tuple(shape)
@@ -185,6 +204,7 @@ def sparsify(
     *,
     block_overrides: Overrides | None = None,
     level_overrides: Overrides | None = None,
+    level_total: bool = False,
     skip_first_block: bool = False,
     skip_head: bool = True,
     allocation: str = "layerwise",
@@ -205,18 +225,22 @@ def sparsify(
     `block_size` is (output rows, input columns) of every weight as the layer computes with it (a Conv1D's stored
     tile is the transpose); `block_overrides` gives some weights another (superblock.sparsity.tiling), and
     `level_overrides` another sparsity (`[{"match": "*.mlp.up_proj", "level": 0.3}]`: those weights ramp with the
-    schedule to their own level; layerwise allocation only).
+    schedule to their own level; layerwise allocation only). With `level_total`, `sparsity` is the share of all
+    targeted weights zeroed: the weights no override names take the level that makes up that total (layers 0-1 of a
+    pretrained LM dense and the rest sparser, at the same total as a uniform mask).
     Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
     returns the report without changing the model. See README for the meaning of each option.
     """
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
     tiling = Tiling.of(block_size, block_overrides)
-    sched = SparsitySchedule(check_sparsity(sparsity), schedule, initial_sparsity, start_step, ramp_steps)
+    check_sparsity(sparsity)
     _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     _validate_targets(found, tiling)
     levels = _levels_of(found, Levels.of(level_overrides))
+    final = _level_of_the_rest(found, levels, sparsity) if level_total else sparsity
+    sched = SparsitySchedule(final, schedule, initial_sparsity, start_step, ramp_steps)
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     masks = [(t.name, _mask_for(t, tiling, score_init, fixed_mask, generator)) for t in found]
@@ -227,7 +251,7 @@ def sparsify(
     controller.refresh(force=True)
     report = SparsityReport(
         rows=[_row(t, m, tiling) for t, (_, m) in zip(found, masks, strict=True)],
-        sparsity=sched.value(0),
+        sparsity=sched.value(0) * sparsity / final,  # of all masked weights (level_total: the others are at final)
         allocation=allocation,
         dry_run=dry_run,
     )

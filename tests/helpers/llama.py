@@ -9,8 +9,8 @@ from superblock.gguf import PROMPTS
 WORDS = sorted({w for p in PROMPTS for w in p.replace(",", " ").replace("(", " ").replace(")", " ").split()})
 
 
-def tiny_llama() -> tuple[torch.nn.Module, object]:
-    """A 2-layer Llama with tied embeddings (as SmolLM2) and a word-level tokenizer that covers the prompts."""
+def tiny_llama(layers: int = 2) -> tuple[torch.nn.Module, object]:
+    """A `layers`-layer Llama with tied embeddings (as SmolLM2) and a word-level tokenizer that covers the prompts."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -19,7 +19,7 @@ def tiny_llama() -> tuple[torch.nn.Module, object]:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)  # fmt: skip
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval(), tokenizer

@@ -289,8 +289,11 @@ def test_every_recipe_composes_into_a_valid_train_config(recipe) -> None:
     overrides = [o.format(root="/nonexistent/folder") for o in preset] + accuracy.RECIPES[recipe]
     with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
         cfg = to_config(compose("train", overrides))
-    if recipe == "activation_first2":
-        assert [e["match"] for e in cfg.sparsity.level_overrides] == ["model.layers.0.*", "model.layers.1.*"]
+    dense_first2 = [e["match"] for e in cfg.sparsity.level_overrides] == ["model.layers.0.*", "model.layers.1.*"]
+    if recipe == "reference":  # the published method: one level for every weight
+        assert cfg.sparsity.level_overrides == [] and not cfg.sparsity.level_total
+    elif recipe != "finetune":  # (another experiment) the preset's own levels: layers 0-1 dense, the rest make it up
+        assert dense_first2 and cfg.sparsity.level_total
 
 
 def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:

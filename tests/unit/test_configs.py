@@ -167,3 +167,5 @@ def test_level_overrides_reach_sparsify_only_when_set():
     spec = sparsity_spec(to_config(_compose("train", set_)).sparsity, 10, 100)
     assert "level_overrides" not in plain
     assert spec == {**plain, "level_overrides": [{"match": "*.mlp.*", "level": 0.3}]}
+    total = sparsity_spec(to_config(_compose("train", [*set_, "sparsity.level_total=true"])).sparsity, 10, 100)
+    assert total == {**spec, "level_total": True} and "level_total" not in plain  # old runs' specs stay equal

@@ -105,11 +105,12 @@ def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
 )
 def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     """experiment=smollm2_sparse end to end on the CPU (2 steps), with a tiny Llama folder standing in for the real
-    conversion: masks on the 7 projections of each block, distillation from the same folder, its own tokenizer; the
-    experiment's recipe refits the kept weights of both blocks before the first step, sparsity=finetune does not."""
+    conversion: masks on the 7 projections of each block, layers 0-1 dense and the other three sparser so that half
+    of all masked weights is zeroed, distillation from the same folder, its own tokenizer; the experiment's recipe
+    refits the kept weights before the first step, sparsity=finetune does not."""
     import subprocess
 
-    model, tokenizer = tiny_llama()
+    model, tokenizer = tiny_llama(layers=5)
     save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
     proc = subprocess.run(
         [sys.executable, "train.py", "experiment=smollm2_sparse", f"model.pretrained={tmp_path / 'tiny'}",
@@ -120,9 +121,12 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert len(summary["block_sparsity"]) == 2 * 7 and summary["sparsity"] == 0.5
+    levels = summary["block_sparsity"]
+    assert len(levels) == 5 * 7 and summary["sparsity"] == 0.5
+    assert all(v == 0.0 for k, v in levels.items() if k.startswith(("model.layers.0.", "model.layers.1.")))
+    assert min(v for k, v in levels.items() if k.startswith("model.layers.4.")) >= 0.5  # 0.833 at 16 x 16 tiles
     refit = "sparsity=finetune" not in recipe
-    assert ("refit 14 masked weights in 2 groups" in proc.stdout) == refit
+    assert ("refit 35 masked weights in 5 groups" in proc.stdout) == refit
     assert ("tiles chosen by the output error" in proc.stdout) == (not recipe)  # the recipe's own selection
     assert "permutation (mlp) at step 0" in proc.stdout  # the experiment's own, whichever recipe
     assert summary["val_perplexity"] is not None

@@ -552,6 +552,39 @@ def test_level_overrides_give_named_weights_their_own_sparsity_along_the_ramp():
         get_controller(other).set_state(state)
 
 
+def test_level_total_makes_the_other_weights_carry_the_overrides_share():
+    """level_total: `sparsity` is the zeroed share of all targeted weights; a dense override makes the others sparser
+    by exactly what it leaves (the smollm2 recipe: layers 0-1 dense at the same total as a uniform mask)."""
+    shapes = ((64, 64), (128, 64), (64, 128))  # 4,096 / 8,192 / 8,192 weights; tiles of 16 x 16
+    net = Net(shapes=shapes)
+    report = sparsify(net, 0.4, 16, targets=["mlp.*.weight"], level_overrides=[("mlp.0", 0.0)], level_total=True)
+    assert report.sparsity == pytest.approx(0.4)  # what it reports is the total, not the others' 0.5
+    measured = block_sparsity(net, 16)
+    assert measured["mlp.0.weight"] == 0.0
+    assert measured["mlp.1.weight"] == measured["mlp.2.weight"] == pytest.approx(0.4 * 20480 / 16384, abs=1 / 32)
+    sizes = [o * i for o, i in shapes]
+    total = sum(measured[f"mlp.{k}.weight"] * n for k, n in enumerate(sizes)) / sum(sizes)
+    assert total == pytest.approx(0.4, abs=1 / 64)
+    plain = Net(shapes=shapes)  # without level_total the others keep `sparsity` and the total falls short
+    sparsify(plain, 0.4, 16, targets=["mlp.*.weight"], level_overrides=[("mlp.0", 0.0)])
+    assert block_sparsity(plain, 16)["mlp.1.weight"] == pytest.approx(0.4, abs=1 / 32)
+
+
+@pytest.mark.parametrize(
+    ("level", "overrides", "msg"),
+    [
+        (0.9, [("mlp.0", 0.0), ("mlp.1", 0.0)], "would need sparsity 225.0%"),
+        (0.1, [("mlp.0", 0.5)], "would need sparsity 0.0%"),
+        (0.5, [("mlp.*", 0.3)], "no weight is left"),
+    ],
+)
+def test_level_total_refuses_a_total_the_other_weights_cannot_make_up(level, overrides, msg):
+    net = Net(shapes=((64, 64), (128, 64), (64, 128)))
+    with pytest.raises(ValueError, match=msg):
+        sparsify(net, level, 16, targets=["mlp.*.weight"], level_overrides=overrides, level_total=True)
+    assert get_controller(net) is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "msg"),
     [
