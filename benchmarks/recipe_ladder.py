@@ -1,7 +1,7 @@
 """What each step of a fine-tune recipe buys: validation perplexity of a pretrained model pruned by successive
 recipes, one panel per sparsity level, beside the dense fine-tune and the target, from one CSV.
 
-    python benchmarks/recipe_ladder.py docs/data/smollm2_ladder_h100_2026-12-06.csv \
+    python benchmarks/recipe_ladder.py docs/data/smollm2_ladder_h100.csv \
         --within 0.5=0.10,0.7=0.25 --out docs/images/smollm2_ladder.png
 
 The CSV has a row per (level, recipe): level, recipe, perplexity, std (empty for one seed), seeds, per_byte, steps,

@@ -83,13 +83,15 @@ def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
 def test_recipe_ladder_draws_the_shipped_smollm2_rows(tmp_path, capsys):
     from benchmarks import recipe_ladder
 
-    saved = ROWS.parent / "smollm2_ladder_h100_2026-12-06.csv"
+    saved = ROWS.parent / "smollm2_ladder_h100.csv"
     out = tmp_path / "ladder.png"
     recipe_ladder.main([str(saved), "--within", "0.5=0.10,0.7=0.25", "--out", str(out)])
     table = capsys.readouterr().out
     best = next(line for line in table.splitlines() if line.startswith("| 50% | + lr 3e-4"))
     assert "16.06" in best and "+89%" in best and "<= 9.35" in best  # 8.503 x 1.10
-    assert "(440 steps)" in table  # a row shorter than the dense reference says so
+    first2 = next(line for line in table.splitlines() if line.startswith("| 50% | + layers 0-1 dense"))
+    assert "14.79" in first2 and "+74%" in first2
+    assert "(330 steps)" in table  # a row shorter than the dense reference says so
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
