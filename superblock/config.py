@@ -75,6 +75,7 @@ class DataConfig:
     seq_len: int = 128  # text: tokens per training sequence
     tokenizer: str | None = None  # text: a local tokenizer directory; None: the pretrained model's, else UTF-8 bytes
     max_bytes: int | None = None  # text: cap on the corpus read (None: the dataset's default)
+    val_max_bytes: int | None = None  # text: cap on the validation text alone (None: its share of max_bytes)
 
 
 @dataclass
@@ -460,6 +461,7 @@ def _check_text(c: TrainConfig) -> None:
         raise ConfigError("trainer.mixup / trainer.cutmix mix images: set them to 0 for data=text")
     _positive(c.data.seq_len, "data.seq_len")
     _positive(c.data.max_bytes, "data.max_bytes")
+    _positive(c.data.val_max_bytes, "data.val_max_bytes")
 
 
 def _check_permute(s: SparsityConfig, t: TrainerConfig) -> None:

@@ -105,17 +105,25 @@ def _read(base: Path, names: list[str], budget: int | None, digest: Any, tag: st
     return split
 
 
-def _split_by_file(base: Path, names: list[str], max_bytes: int | None, source: str) -> Corpus:
+def _split_by_file(
+    base: Path, names: list[str], max_bytes: int | None, source: str, val_max_bytes: int | None = None
+) -> Corpus:
     """A corpus from one file list: each file to train or val by :func:`split_of`, each split its share of the
-    byte budget (so a small budget still gives both splits text)."""
+    byte budget (so a small budget still gives both splits text); `val_max_bytes` sets val's share instead."""
     if not names:
         raise ValueError(f"no text files under {base} (expected {LAYOUTS})")
     digest = hashlib.sha256()
-    val_budget = None if max_bytes is None else max(1, max_bytes * VAL_PERCENT // 100)
+    val_budget = val_max_bytes
+    if val_budget is None and max_bytes is not None:
+        val_budget = max(1, max_bytes * VAL_PERCENT // 100)
+    if max_bytes is not None and val_budget is not None and val_budget >= max_bytes:
+        raise ValueError(f"data.val_max_bytes ({val_budget}) must be below data.max_bytes ({max_bytes}): both "
+                         "splits come out of max_bytes")  # fmt: skip
     train_budget = None if max_bytes is None else max(1, max_bytes - (val_budget or 0))
     train = _read(base, [n for n in names if split_of(n) == "train"], train_budget, digest, "train")
     val = _read(base, [n for n in names if split_of(n) == "val"], val_budget, digest, "val")
-    return Corpus(train, val, None, _info(source, base, "split_by_file", train, val, max_bytes, digest))
+    info = _info(source, base, "split_by_file", train, val, max_bytes, digest)
+    return Corpus(train, val, None, {**info, "val_max_bytes": val_max_bytes} if val_max_bytes else info)
 
 
 def _info(
@@ -133,9 +141,11 @@ def _info(
     return info
 
 
-def stdlib_corpus(max_bytes: int | None = None) -> Corpus:
-    """The default corpus: the stdlib's own source, ``max_bytes`` in all (default :data:`DEFAULT_MAX_BYTES`)."""
-    return _split_by_file(stdlib_root(), stdlib_files(), max_bytes or DEFAULT_MAX_BYTES, "stdlib")
+def stdlib_corpus(max_bytes: int | None = None, val_max_bytes: int | None = None) -> Corpus:
+    """The default corpus: the stdlib's own source, ``max_bytes`` in all (default :data:`DEFAULT_MAX_BYTES`), of
+    which ``val_max_bytes`` (default 10%) is validation text: fixing it keeps the validation text when max_bytes
+    grows (the first val_max_bytes of the validation files, in the same order)."""
+    return _split_by_file(stdlib_root(), stdlib_files(), max_bytes or DEFAULT_MAX_BYTES, "stdlib", val_max_bytes)
 
 
 def _txt_files(folder: Path) -> list[str]:
@@ -164,7 +174,9 @@ def _interleave(lists: list[list[str]]) -> list[tuple[str, int]]:
     return [(lst[i], label) for i in range(longest) for label, lst in enumerate(lists) if i < len(lst)]
 
 
-def _split_folders(base: Path, max_bytes: int | None, task: str | None, val_only: bool) -> Corpus:
+def _split_folders(
+    base: Path, max_bytes: int | None, task: str | None, val_only: bool, val_max_bytes: int | None = None
+) -> Corpus:
     """``<root>/train`` and ``<root>/val`` folders: causal-LM text, or classes when ``task`` asks for them (or,
     with ``task=None``, when ``val`` holds only class folders)."""
     dirs = {s: base / s for s in (("val",) if val_only else ("train", "val"))}
@@ -176,14 +188,16 @@ def _split_folders(base: Path, max_bytes: int | None, task: str | None, val_only
         raise ValueError(f"sequence classification needs class folders {dirs['val']}/<class>/*.txt (two or more)")
     digest = hashlib.sha256()
     if task == "causal_lm" or not classes:
-        splits = {s: _read(d, _txt_files(d), max_bytes, digest, s) for s, d in dirs.items()}
+        splits = {s: _read(d, _txt_files(d), _budget(s, max_bytes, val_max_bytes), digest, s) for s, d in dirs.items()}
         layout, classes_out = "split_folders", None
     else:
         if not val_only and _class_folders(dirs["train"]) != classes:
             raise ValueError(
                 f"{dirs['train']} and {dirs['val']} have different class folders; labels would not line up"
             )
-        splits = {s: _read_classes(d, classes, max_bytes, digest, s) for s, d in dirs.items()}
+        splits = {
+            s: _read_classes(d, classes, _budget(s, max_bytes, val_max_bytes), digest, s) for s, d in dirs.items()
+        }
         layout, classes_out = "class_folders", classes
     train = splits.get("train")
     return Corpus(
@@ -191,13 +205,18 @@ def _split_folders(base: Path, max_bytes: int | None, task: str | None, val_only
     )
 
 
-def _split_files(base: Path, max_bytes: int | None, val_only: bool) -> Corpus:
+def _budget(split: str, max_bytes: int | None, val_max_bytes: int | None) -> int | None:
+    """Bytes read of one split of a train / val layout: max_bytes each, val_max_bytes for val when set."""
+    return val_max_bytes if split == "val" and val_max_bytes is not None else max_bytes
+
+
+def _split_files(base: Path, max_bytes: int | None, val_only: bool, val_max_bytes: int | None = None) -> Corpus:
     digest = hashlib.sha256()
     splits = {}
     for s in ("val",) if val_only else ("train", "val"):
         if not (base / f"{s}.txt").is_file():
             raise ValueError(f"missing {base / f'{s}.txt'} (expected {LAYOUTS})")
-        splits[s] = _read(base, [f"{s}.txt"], max_bytes, digest, s)
+        splits[s] = _read(base, [f"{s}.txt"], _budget(s, max_bytes, val_max_bytes), digest, s)
     train = splits.get("train")
     return Corpus(
         train, splits["val"], None, _info("local", base, "split_files", train, splits["val"], max_bytes, digest)
@@ -205,23 +224,28 @@ def _split_files(base: Path, max_bytes: int | None, val_only: bool) -> Corpus:
 
 
 def local_corpus(
-    root: str | Path, max_bytes: int | None = None, task: str | None = None, val_only: bool = False
+    root: str | Path,
+    max_bytes: int | None = None,
+    task: str | None = None,
+    val_only: bool = False,
+    val_max_bytes: int | None = None,
 ) -> Corpus:
     """A corpus read from ``root`` (layouts: :data:`LAYOUTS`). ``max_bytes`` caps the bytes read per split
-    (the split-by-file layout: in all, as for the stdlib); ``None`` reads everything."""
+    (the split-by-file layout: in all, as for the stdlib); ``None`` reads everything. ``val_max_bytes`` caps the
+    validation split on its own."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ValueError(f"data.root {base} does not exist or is not a directory (expected {LAYOUTS})")
     if (base / "train.txt").is_file() or (base / "val.txt").is_file():
         if task == "sequence_classification":
             raise ValueError(f"{base} holds train.txt / val.txt, one text per split: no classes to classify")
-        corpus = _split_files(base, max_bytes, val_only)
+        corpus = _split_files(base, max_bytes, val_only, val_max_bytes)
     elif (base / "train").is_dir() or (base / "val").is_dir():
-        corpus = _split_folders(base, max_bytes, task, val_only)
+        corpus = _split_folders(base, max_bytes, task, val_only, val_max_bytes)
     else:
         if task == "sequence_classification":
             raise ValueError(f"sequence classification needs {base}/train/<class>/*.txt and {base}/val/<class>/*.txt")
-        corpus = _split_by_file(base, _txt_files(base), max_bytes, "local")
+        corpus = _split_by_file(base, _txt_files(base), max_bytes, "local", val_max_bytes)
     _check_not_empty(corpus, base)
     return corpus
 
@@ -242,7 +266,11 @@ def _check_not_empty(corpus: Corpus, base: Path) -> None:
 
 
 def load_corpus(
-    root: str | Path | None, max_bytes: int | None = None, task: str | None = None, val_only: bool = False
+    root: str | Path | None,
+    max_bytes: int | None = None,
+    task: str | None = None,
+    val_only: bool = False,
+    val_max_bytes: int | None = None,
 ) -> Corpus:
     """``root=None``: the stdlib corpus (causal LM only); else :func:`local_corpus`."""
     if root is None or str(root) == "":
@@ -251,8 +279,8 @@ def load_corpus(
                 "the default corpus (data.root=null) has no classes: sequence classification needs "
                 "data.root=<dir with train/<class>/*.txt and val/<class>/*.txt>"
             )
-        corpus = stdlib_corpus(max_bytes)
+        corpus = stdlib_corpus(max_bytes, val_max_bytes)
         if val_only:
             corpus.train = None
         return corpus
-    return local_corpus(root, max_bytes, task, val_only)
+    return local_corpus(root, max_bytes, task, val_only, val_max_bytes)

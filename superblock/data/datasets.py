@@ -31,6 +31,7 @@ def build_datasets(
     tokenizer: str | None = None,
     max_bytes: int | None = None,
     task: str | None = None,
+    val_max_bytes: int | None = None,
 ) -> DataBundle:
     """Build the train and val datasets of ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -43,7 +44,8 @@ def build_datasets(
     (:func:`image_transforms`).
 
     ``text`` (:func:`text_bundle`) reads ``root`` (``None``: the Python stdlib's own source) with ``tokenizer``
-    (``None``: UTF-8 bytes; else a local tokenizer directory), ``max_bytes`` of it, into ``seq_len``-token samples
+    (``None``: UTF-8 bytes; else a local tokenizer directory), ``max_bytes`` of it (``val_max_bytes`` of it for
+    validation, when set), into ``seq_len``-token samples
     for ``task`` (``causal_lm``, ``sequence_classification`` or ``None``: from the layout). Its caps are evenly
     spaced, not seeded; the image arguments (``image_size``, ``download``, ``randaugment``, ``augment``) do not
     apply to it, and the text ones apply only to it.
@@ -58,7 +60,7 @@ def build_datasets(
     if num_classes is not None:
         raise ValueError(f"num_classes is fixed by the {name} dataset; only synthetic data takes it")
     if name == "text":
-        return text_bundle(root, seq_len, tokenizer, max_bytes, train_size, val_size, task, val_only)
+        return text_bundle(root, seq_len, tokenizer, max_bytes, train_size, val_size, task, val_only, val_max_bytes)
     if name == "imagefolder":
         bundle = _imagefolder_bundle(root, image_size or 224, randaugment, val_only, augment)
     elif name in ("cifar10", "cifar100"):

@@ -148,20 +148,23 @@ def text_bundle(
     val_size: int | None = None,
     task: str | None = None,
     val_only: bool = False,
+    val_max_bytes: int | None = None,
 ) -> DataBundle:
     """The text bundle: ``root=None`` reads the stdlib corpus, else a local tree (:func:`load_corpus`);
     ``tokenizer=None`` encodes UTF-8 bytes, else it names a local tokenizer directory. ``task`` is ``causal_lm``,
     ``sequence_classification`` or ``None`` (class folders under ``root`` make it classification). ``train_size``
-    / ``val_size`` keep that many samples, evenly spaced."""
+    / ``val_size`` keep that many samples, evenly spaced; ``val_max_bytes`` caps the validation text on its own (the
+    same validation text whatever ``max_bytes`` the training text gets)."""
     if task is not None and task not in TEXT_TASKS:
         raise ValueError(f"data.task must be one of {', '.join(TEXT_TASKS)} (or null), got {task!r}")
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"data.max_bytes must be >= 1 (or null), got {max_bytes}")
+    for label, value in (("max_bytes", max_bytes), ("val_max_bytes", val_max_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"data.{label} must be >= 1 (or null), got {value}")
     tok = load_tokenizer(tokenizer)
-    corpus = load_corpus(root, max_bytes, task, val_only)
+    corpus = load_corpus(root, max_bytes, task, val_only, val_max_bytes)
     if corpus.classes is not None:
         val: Dataset = _classified(corpus.val, tok, seq_len, val_size)
         train = None if corpus.train is None else _classified(corpus.train, tok, seq_len, train_size)

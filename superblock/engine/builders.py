@@ -94,7 +94,8 @@ def dataset_options(data: DataConfig) -> dict[str, Any]:
     """`build_datasets` keyword arguments of `data` (text data takes its own; image data its transforms)."""
     common = {"root": data.root, "train_size": data.train_size, "val_size": data.val_size}
     if data.name == "text":
-        return {**common, "seq_len": data.seq_len, "tokenizer": data.tokenizer, "max_bytes": data.max_bytes}
+        text = {**common, "seq_len": data.seq_len, "tokenizer": data.tokenizer, "max_bytes": data.max_bytes}
+        return {**text, "val_max_bytes": data.val_max_bytes} if data.val_max_bytes is not None else text
     return {
         **common,
         "image_size": data.image_size,

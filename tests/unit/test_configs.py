@@ -169,3 +169,15 @@ def test_level_overrides_reach_sparsify_only_when_set():
     assert spec == {**plain, "level_overrides": [{"match": "*.mlp.*", "level": 0.3}]}
     total = sparsity_spec(to_config(_compose("train", [*set_, "sparsity.level_total=true"])).sparsity, 10, 100)
     assert total == {**spec, "level_total": True} and "level_total" not in plain  # old runs' specs stay equal
+
+
+def test_val_max_bytes_reaches_the_text_data_only_when_set():
+    from superblock.engine.builders import dataset_options
+
+    lm = ["model=hf", "model.name=hf:llama", "data=text"]
+    plain = dataset_options(to_config(_compose("train", lm)).data)
+    fixed = dataset_options(to_config(_compose("train", [*lm, "data.val_max_bytes=200000"])).data)
+    assert "val_max_bytes" not in plain and fixed == {**plain, "val_max_bytes": 200_000}
+    with pytest.raises(ConfigError, match="data.val_max_bytes"):
+        to_config(_compose("train", [*lm, "data.val_max_bytes=0"]))
+

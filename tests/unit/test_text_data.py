@@ -120,6 +120,23 @@ def test_stdlib_corpus_is_deterministic_fast_and_within_budget() -> None:
     assert stdlib_corpus(max_bytes=100_000).info["sha256"] != corpus.info["sha256"]
 
 
+def test_a_fixed_validation_budget_keeps_the_validation_text_when_the_training_text_grows(tmp_path) -> None:
+    """data.val_max_bytes: runs that read 300 KB and 600 KB of the stdlib are scored on the same validation text
+    (300 KB's own 10%), and the larger one trains on more."""
+    small, large = stdlib_corpus(300_000), stdlib_corpus(600_000, val_max_bytes=30_000)
+    assert large.val.docs == small.val.docs and large.val.names == small.val.names
+    assert 1.9 * small.train.nbytes < large.train.nbytes <= 570_000
+    assert large.info["val_max_bytes"] == 30_000 and "val_max_bytes" not in small.info
+    assert stdlib_corpus(600_000).val.nbytes > 50_000  # without it, val grows with max_bytes
+    with pytest.raises(ValueError, match="must be below data.max_bytes"):
+        stdlib_corpus(100_000, val_max_bytes=100_000)
+    root = _write(tmp_path / "tree", {"train/a.txt": "x" * 500 + "\n", "val/b.txt": ("line\n" * 100)})
+    capped = load_corpus(str(root), val_max_bytes=50)  # a train / val layout: val alone is capped
+    assert capped.val.nbytes == 50 and capped.train.nbytes == 501
+    with pytest.raises(ValueError, match="val_max_bytes must be >= 1"):
+        text_bundle(str(root), seq_len=2, val_max_bytes=0)
+
+
 def test_default_text_bundle_through_build_datasets() -> None:
     bundle = build_datasets("text", seq_len=64, max_bytes=100_000, train_size=50, image_size=224, augment={})
     assert isinstance(bundle, DataBundle) and bundle.task == "causal_lm" and len(bundle.train) == 50
