@@ -156,6 +156,15 @@ def _levels_of(found: list[Target], levels: Levels) -> dict[str, float]:
     return {t.name: lv for t in found if (lv := levels.level(t.name)) is not None}
 
 
+def _levels_and_final(
+    found: list[Target], overrides: Overrides | None, sparsity: float, total: bool
+) -> tuple[dict[str, float], float]:
+    """{weight: its override's level} and the final level of the others (`sparsity`, or with `total` what makes
+    up `sparsity` of all targeted weights)."""
+    levels = _levels_of(found, Levels.of(overrides))
+    return levels, (_level_of_the_rest(found, levels, sparsity) if total else sparsity)
+
+
 def _level_of_the_rest(found: list[Target], levels: dict[str, float], total: float) -> float:
     """The level of the weights no override names so that `total` of all targeted weights is zeroed."""
     sizes = {t.name: math.prod(t.shape) for t in found}
@@ -226,22 +235,18 @@ def sparsify(
     tile is the transpose); `block_overrides` gives some weights another (superblock.sparsity.tiling), and
     `level_overrides` another sparsity (`[{"match": "*.mlp.up_proj", "level": 0.3}]`: those weights ramp with the
     schedule to their own level; layerwise allocation only). With `level_total`, `sparsity` is the share of all
-    targeted weights zeroed: the weights no override names take the level that makes up that total (layers 0-1 of a
-    pretrained LM dense and the rest sparser, at the same total as a uniform mask).
+    targeted weights zeroed: the weights no override names make up what the overrides leave.
     Every argument is validated before the model is touched, so an error leaves it unchanged. `dry_run=True`
     returns the report without changing the model. See README for the meaning of each option.
     """
     if get_controller(model) is not None:
         raise ValueError("model is already sparsified: call fold_masks(model) first to sparsify it again")
     tiling = Tiling.of(block_size, block_overrides)
-    check_sparsity(sparsity)
     _check_training_mode(score_init, fixed_weight, fixed_mask)
     found = select_targets(model, targets, exclude, skip_first_block=skip_first_block, skip_head=skip_head)
     _validate_targets(found, tiling)
-    levels = _levels_of(found, Levels.of(level_overrides))
-    final = _level_of_the_rest(found, levels, sparsity) if level_total else sparsity
+    levels, final = _levels_and_final(found, level_overrides, check_sparsity(sparsity), level_total)
     sched = SparsitySchedule(final, schedule, initial_sparsity, start_step, ramp_steps)
-
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     masks = [(t.name, _mask_for(t, tiling, score_init, fixed_mask, generator)) for t in found]
     freeze = sched.end_step if freeze_after_ramp else None
@@ -251,7 +256,7 @@ def sparsify(
     controller.refresh(force=True)
     report = SparsityReport(
         rows=[_row(t, m, tiling) for t, (_, m) in zip(found, masks, strict=True)],
-        sparsity=sched.value(0) * sparsity / final,  # of all masked weights (level_total: the others are at final)
+        sparsity=sched.value(0) * (sparsity / final if final else 1.0),  # of all (level_total: the rest at final)
         allocation=allocation,
         dry_run=dry_run,
     )

@@ -180,4 +180,3 @@ def test_val_max_bytes_reaches_the_text_data_only_when_set():
     assert "val_max_bytes" not in plain and fixed == {**plain, "val_max_bytes": 200_000}
     with pytest.raises(ConfigError, match="data.val_max_bytes"):
         to_config(_compose("train", [*lm, "data.val_max_bytes=0"]))
-
