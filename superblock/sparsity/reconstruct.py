@@ -18,6 +18,7 @@ yet refit, earlier weights give, and the refit does not carry through: docs/fron
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class _Grams:
     def __init__(self, names: list[str]) -> None:
         self.names, self.final = set(names), names[-1]
         self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}  # rows of X behind each sum
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, name: str, x: torch.Tensor) -> None:
@@ -131,6 +133,7 @@ class _Grams:
             g = flat.T @ flat
             self._last = (x, g)
         self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
+        self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
         if name == self.final and len(self.sums) == len(self.names):
             raise _GroupDone
 
@@ -174,11 +177,12 @@ def reconstruct_weights(
     try:
         for name in forward_order(model, first, forward):
             groups.setdefault(group_key(name), []).append(name)
-        before, after = [], []
+        before, after, short = [], [], (0, 0)
         for names in tqdm(groups.values(), desc="refit", unit="block", disable=not progress, leave=False):
             grams = _Grams(names)
             with _unmasked([masks[name][2] for name in names]):
                 grams.measure(model, batches, forward)
+            short = max(short, _too_few_tokens(grams, names, reduce))
             for name in names:
                 gram = grams.sums[name]
                 if reduce is not None:
@@ -190,8 +194,30 @@ def reconstruct_weights(
     finally:
         model.train(was_training)
     _copy_weights(model, followers)
+    if short[0]:
+        warnings.warn(
+            f"the refit saw {short[1]} calibration tokens for a weight with {short[0]} inputs: it can match them "
+            "exactly and then generalises poorly (a perplexity of thousands after it); calibrate on more tokens than "
+            "the widest weight has inputs (sparsity.calibration_batches x data.batch_size x data.seq_len)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     n = len(before)
     return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1), select)
+
+
+def _too_few_tokens(grams: _Grams, names: list[str], reduce) -> tuple[int, int]:
+    """(inputs, tokens) of the group's widest weight when it saw fewer calibration tokens (on all ranks) than it
+    has inputs (its Gram matrix is then singular), else (0, 0)."""
+    worst = (0, 0)
+    for name in names:
+        tokens = torch.tensor([float(grams.tokens[name])], dtype=torch.float64, device=grams.sums[name].device)
+        if reduce is not None:
+            reduce(tokens)
+        inputs = grams.sums[name].shape[0]
+        if tokens.item() < inputs:
+            worst = max(worst, (inputs, int(tokens.item())))
+    return worst
 
 
 @contextmanager

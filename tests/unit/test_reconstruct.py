@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -100,6 +102,22 @@ def test_reconstruction_brings_a_masked_network_back_toward_its_dense_outputs():
         assert not torch.equal(w[keep], cut_before[name][keep])
     for (_, a, pa, _), (_, b, pb, _) in zip(iter_block_masks(model), iter_block_masks(follower), strict=True):
         assert torch.equal(a.parametrizations[pa].original, b.parametrizations[pb].original)  # the EMA copy follows
+
+
+def test_a_refit_on_fewer_tokens_than_inputs_says_so():
+    """24 calibration tokens for weights of 32 and 64 inputs: the Gram matrices are singular, the refit matches
+    them exactly and generalises poorly (SmolLM2's CPU smoke run: 256 tokens, 1,536 inputs, perplexity 600,000)."""
+    _, model = _sparse_stack()
+    few = [(_correlated(8, 32, seed=s),) for s in range(3)]
+    with pytest.warns(RuntimeWarning, match="saw 24 calibration tokens for a weight with 64 inputs"):
+        reconstruct_weights(model, few, lambda m, b: m(b[0]))
+    _, model = _sparse_stack()
+    with pytest.warns(RuntimeWarning, match="saw 48 calibration tokens for a weight with 64 inputs"):  # all ranks
+        reconstruct_weights(model, few, lambda m, b: m(b[0]), reduce=lambda t: t.mul_(2))
+    _, model = _sparse_stack()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reconstruct_weights(model, few, lambda m, b: m(b[0]), reduce=lambda t: t.mul_(3))  # 72 of 64: enough
 
 
 def test_later_groups_are_fitted_through_the_refit_earlier_ones():
