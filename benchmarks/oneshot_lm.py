@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "\"*.up_proj.weight\": 0.1}'; the others then at --levels (the table gives the zeroed share of all)",
     )  # fmt: skip
     p.add_argument(
+        "--level-total", action="store_true",
+        help="--levels count all masked weights: the weights without a --level-overrides entry make up what the "
+             "overrides leave (sparsity.level_total)",
+    )  # fmt: skip
+    p.add_argument(
         "--block-overrides", default="",
         help="JSON {glob: tile} for sparsity.block_overrides, e.g. '{\"*.down_proj.weight\": \"16x64\"}': those "
              "weights get that tile, the others --blocks (which dimension should be tall, per layer type)",
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                 model = load(args)
                 base, _, refit = score.partition("+")
                 report = sparsify(model, sparsity=level, block_size=tile(block), targets=targets, score_init=base,
-                                  level_overrides=args.level_overrides, seed=0,
+                                  level_overrides=args.level_overrides, level_total=args.level_total, seed=0,
                                   block_overrides={k: tile(v) for k, v in args.block_overrides.items()})  # fmt: skip
                 if base == "activation":
                     calibrate_scores(model, calibration, forward)
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "oneshot_lm.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     head = f"{args.model}, {args.device}, {time.strftime('%Y-%m-%d')}; {args.windows} windows of {args.seq_len}"
     head += f"; level overrides {args.level_overrides}" if args.level_overrides else ""
+    head += " (levels of all masked weights)" if args.level_total and args.level_overrides else ""
     head += f"; tile overrides {args.block_overrides}" if args.block_overrides else ""
     write_report(rows, head, out)
 

@@ -143,6 +143,11 @@ def test_oneshot_benchmark_runs_both_scores_on_a_tiny_llama(tmp_path):
     (_, row) = json.loads((tmp_path / "lv" / "oneshot_lm.json").read_text())["rows"]
     assert 0.2 < row["zeroed"] < 0.45  # up_proj kept whole: less than half of all masked weights zeroed
     oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16", "--seq-len", "16",
+                     "--windows", "4", "--calibration", "4", "--scores", "magnitude", "--out", str(tmp_path / "lt"),
+                     "--level-overrides", '{"*.up_proj.weight": 0.0}', "--level-total"])  # fmt: skip
+    (_, row) = json.loads((tmp_path / "lt" / "oneshot_lm.json").read_text())["rows"]
+    assert row["zeroed"] == pytest.approx(0.5, abs=0.04)  # the others make up up_proj's share (16 x 16 tiles round)
+    oneshot_lm.main(["--model", str(tmp_path / "tiny"), "--levels", "0.5", "--blocks", "16", "--seq-len", "16",
                      "--windows", "4", "--calibration", "4", "--scores", "magnitude", "--out", str(tmp_path / "bo"),
                      "--block-overrides", '{"*.down_proj.weight": "8x16"}'])  # fmt: skip
     (_, row) = json.loads((tmp_path / "bo" / "oneshot_lm.json").read_text())["rows"]
