@@ -122,12 +122,18 @@ def _split_by_file(
     train_budget = None if max_bytes is None else max(1, max_bytes - (val_budget or 0))
     train = _read(base, [n for n in names if split_of(n) == "train"], train_budget, digest, "train")
     val = _read(base, [n for n in names if split_of(n) == "val"], val_budget, digest, "val")
-    info = _info(source, base, "split_by_file", train, val, max_bytes, digest)
-    return Corpus(train, val, None, {**info, "val_max_bytes": val_max_bytes} if val_max_bytes else info)
+    return Corpus(train, val, None, _info(source, base, "split_by_file", train, val, max_bytes, digest, val_max_bytes))
 
 
 def _info(
-    source: str, base: Path, layout: str, train: TextSplit | None, val: TextSplit, max_bytes: int | None, digest: Any
+    source: str,
+    base: Path,
+    layout: str,
+    train: TextSplit | None,
+    val: TextSplit,
+    max_bytes: int | None,
+    digest: Any,
+    val_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     info: dict[str, Any] = {"source": source, "root": str(base), "layout": layout}
     if source == "stdlib":
@@ -137,6 +143,8 @@ def _info(
     info["files"] = {k: len(s.names) for k, s in splits.items() if s is not None}
     info["bytes"] = {k: s.nbytes for k, s in splits.items() if s is not None}
     info["max_bytes"] = max_bytes
+    if val_max_bytes is not None:  # only when set: the record of a corpus read without it stays as it was
+        info["val_max_bytes"] = val_max_bytes
     info["sha256"] = digest.hexdigest()
     return info
 
@@ -200,9 +208,8 @@ def _split_folders(
         }
         layout, classes_out = "class_folders", classes
     train = splits.get("train")
-    return Corpus(
-        train, splits["val"], classes_out, _info("local", base, layout, train, splits["val"], max_bytes, digest)
-    )
+    info = _info("local", base, layout, train, splits["val"], max_bytes, digest, val_max_bytes)
+    return Corpus(train, splits["val"], classes_out, info)
 
 
 def _budget(split: str, max_bytes: int | None, val_max_bytes: int | None) -> int | None:
@@ -218,9 +225,8 @@ def _split_files(base: Path, max_bytes: int | None, val_only: bool, val_max_byte
             raise ValueError(f"missing {base / f'{s}.txt'} (expected {LAYOUTS})")
         splits[s] = _read(base, [f"{s}.txt"], _budget(s, max_bytes, val_max_bytes), digest, s)
     train = splits.get("train")
-    return Corpus(
-        train, splits["val"], None, _info("local", base, "split_files", train, splits["val"], max_bytes, digest)
-    )
+    info = _info("local", base, "split_files", train, splits["val"], max_bytes, digest, val_max_bytes)
+    return Corpus(train, splits["val"], None, info)
 
 
 def local_corpus(

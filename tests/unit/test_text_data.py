@@ -132,7 +132,7 @@ def test_a_fixed_validation_budget_keeps_the_validation_text_when_the_training_t
         stdlib_corpus(100_000, val_max_bytes=100_000)
     root = _write(tmp_path / "tree", {"train/a.txt": "x" * 500 + "\n", "val/b.txt": ("line\n" * 100)})
     capped = load_corpus(str(root), val_max_bytes=50)  # a train / val layout: val alone is capped
-    assert capped.val.nbytes == 50 and capped.train.nbytes == 501
+    assert capped.val.nbytes == 50 and capped.train.nbytes == 501 and capped.info["val_max_bytes"] == 50
     with pytest.raises(ValueError, match="val_max_bytes must be >= 1"):
         text_bundle(str(root), seq_len=2, val_max_bytes=0)
 
