@@ -209,15 +209,12 @@ def reconstruct_weights(
 def _too_few_tokens(grams: _Grams, names: list[str], reduce) -> tuple[int, int]:
     """(inputs, tokens) of the group's widest weight when it saw fewer calibration tokens (on all ranks) than it
     has inputs (its Gram matrix is then singular), else (0, 0)."""
-    worst = (0, 0)
-    for name in names:
-        tokens = torch.tensor([float(grams.tokens[name])], dtype=torch.float64, device=grams.sums[name].device)
-        if reduce is not None:
-            reduce(tokens)
-        inputs = grams.sums[name].shape[0]
-        if tokens.item() < inputs:
-            worst = max(worst, (inputs, int(tokens.item())))
-    return worst
+    device = grams.sums[names[0]].device
+    tokens = torch.tensor([float(grams.tokens[name]) for name in names], dtype=torch.float64, device=device)
+    if reduce is not None:
+        reduce(tokens)  # one collective and one host read for the whole group
+    short = [(grams.sums[name].shape[0], int(t)) for name, t in zip(names, tokens.tolist(), strict=True)]
+    return max(((inputs, t) for inputs, t in short if t < inputs), default=(0, 0))
 
 
 @contextmanager
