@@ -167,10 +167,10 @@ def _levels_and_final(
 
 def _level_of_the_rest(found: list[Target], levels: dict[str, float], total: float) -> float:
     """The level of the weights no override names so that `total` of all targeted weights is zeroed."""
-    sizes = {t.name: math.prod(t.shape) for t in found}
-    rest = sum(n for name, n in sizes.items() if name not in levels)
     if not levels:
         return total
+    sizes = {t.name: math.prod(t.shape) for t in found}
+    rest = sum(n for name, n in sizes.items() if name not in levels)
     if rest == 0:
         raise ValueError("level_total: every targeted weight has a level_overrides entry, so no weight is left to "
                          "make up sparsity; drop level_total or an override")  # fmt: skip
