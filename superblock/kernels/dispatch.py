@@ -208,6 +208,7 @@ def choose(
     if config is None:
         bh, bw = values.shape[1:]
         config = _tuning.default_config(
-            x2d.shape[0], *shape, bh, bw, x2d.dtype, precision, values.shape[0], bias is not None, activation, target
-        )
+            x2d.shape[0], *shape, bh, bw, x2d.dtype, precision, values.shape[0], bias is not None, activation, target,
+            _triton_bsr.feature_major(x2d),
+        )  # fmt: skip
     return Choice("triton", dict(config), precision)

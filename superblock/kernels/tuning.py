@@ -1,12 +1,13 @@
 """Per-GPU choice of backend and Triton launch configuration for bsr_linear, measured once and cached.
 
 A choice is keyed by the problem (out x in, block, density in percent, dtype / fp32 precision, bias and
-activation, token-count bucket) inside a scope naming the device and the torch / triton versions. The table
-lives in memory and in `$SUPERBLOCK_CACHE_DIR/tuning.json` (default `~/.cache/superblock/tuning.json`), so a
-GPU is measured once; `tuning_table()` / `load_tuning()` let an export manifest carry it to another machine.
-`configure(tune=False)` skips measuring (built-in defaults are used instead); `configure(cache_dir=...)` moves the
-table. export.py / evaluate.py set both from their `kernels.tune` / `kernels.cache_dir` keys; a process that sets
-neither starts from the environment (SUPERBLOCK_TUNE=0, SUPERBLOCK_CACHE_DIR, SUPERBLOCK_TUNE_FOR).
+activation, token-count bucket, x's layout where it is feature-major) inside a scope naming the device and the
+torch / triton versions. The table lives in memory and in `$SUPERBLOCK_CACHE_DIR/tuning.json` (default
+`~/.cache/superblock/tuning.json`), so a GPU is measured once; `tuning_table()` / `load_tuning()` let an export
+manifest carry it to another machine. `configure(tune=False)` skips measuring (built-in defaults are used instead);
+`configure(cache_dir=...)` moves the table. export.py / evaluate.py set both from their `kernels.tune` /
+`kernels.cache_dir` keys; a process that sets neither starts from the environment (SUPERBLOCK_TUNE=0,
+SUPERBLOCK_CACHE_DIR, SUPERBLOCK_TUNE_FOR).
 """
 
 from __future__ import annotations
@@ -247,14 +248,26 @@ def candidate_configs(
 
 
 def default_config(
-    M, N, K, bh, bw, dtype, precision="ieee", nnz=None, has_bias=False, activation=None, target: str | None = None
+    M,
+    N,
+    K,
+    bh,
+    bw,
+    dtype,
+    precision="ieee",
+    nnz=None,
+    has_bias=False,
+    activation=None,
+    target: str | None = None,
+    x_feature_major: bool = False,
 ) -> dict:
     """Launch configuration for backend='triton': the measured one if this problem was tuned (for `target`,
-    else for eager), else the first candidate."""
+    else for eager; for x's layout), else the first candidate."""
     if nnz is not None and torch.cuda.is_available():
         scope = scope_for()
         for tgt in dict.fromkeys((target or get_tuning_target(), "eager")):
-            entry = lookup(scope, problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, tgt))
+            key = problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, tgt, x_feature_major)
+            entry = lookup(scope, key)
             if entry is not None and "triton_config" in entry:
                 return entry["triton_config"]
     return candidate_configs(M, bh, bw, dtype, precision)[0]
@@ -311,14 +324,20 @@ def get_tuning_target() -> str:
     return STATE.tuning_target()
 
 
-def problem_key(M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, target: str = "eager") -> str:
+def problem_key(
+    M, N, K, bh, bw, nnz, dtype, precision, has_bias, activation, target: str = "eager", x_feature_major: bool = False
+) -> str:
+    """The table's key of one product. A feature-major x (a transposed view, as a layer's feature-major hand-off
+    gives the next) reads differently and is measured on its own: its key ends in "|xT"; token-major keys are as
+    they were before the layout counted."""
     n_blocks = math.ceil(N / bh) * math.ceil(K / bw)
     density = round(100.0 * nnz / n_blocks)
     dt = str(dtype).replace("torch.", "")
     if dtype == torch.float32:
         dt += "-" + precision
     key = f"{N}x{K}|b{bh}x{bw}|d{density}|{dt}|bias{int(bool(has_bias))}|{activation or 'none'}|m{token_bucket(M)}"
-    return key if target == "eager" else key + "|" + target
+    key = key if target == "eager" else key + "|" + target
+    return key + "|xT" if x_feature_major else key
 
 
 def configure(tune: bool | None = None, cache_dir: str | os.PathLike | None = None) -> None:
@@ -583,8 +602,9 @@ def measured_choice(args, precision: str, target: str | None = None) -> dict:
     M = x2d.shape[0]
     bh, bw = values.shape[1:]
     target = target or get_tuning_target()
+    x_t = _triton_bsr.feature_major(x2d)
     key = problem_key(
-        M, shape[0], shape[1], bh, bw, values.shape[0], x2d.dtype, precision, bias is not None, activation, target
+        M, shape[0], shape[1], bh, bw, values.shape[0], x2d.dtype, precision, bias is not None, activation, target, x_t
     )
     scope = scope_for(x2d.device)
     entry = lookup(scope, key)

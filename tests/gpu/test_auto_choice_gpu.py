@@ -83,3 +83,21 @@ def test_auto_costs_at_most_10pct_over_the_best_candidate_and_dense(layer, fresh
     ms = {name: s["median_ms"] for name, s in stats.items()}
     best = min(v for k, v in ms.items() if k != "auto")
     assert ms["auto"] <= 1.10 * best, f"{layer}: auto {ms} (entry {entry['backend']}, {entry.get('times_us')})"
+
+
+@torch.no_grad()
+def test_auto_measures_a_feature_major_x_on_its_own(fresh_table):
+    """The same product with x token-major and feature-major (a transposed view, as a feature-major hand-off gives
+    fc2) is measured and stored twice, under keys that differ only by the layout, and either choice is correct."""
+    w, values, crow, col = block_sparse(768, 3072, seed=3)
+    x = torch.randn(TOKENS, 3072, device="cuda", dtype=torch.bfloat16)
+    x_t = x.t().contiguous().t()
+    assert x_t.stride() == (1, TOKENS)
+    key = tuning_mod.problem_key(TOKENS, 768, 3072, 64, 64, values.shape[0], x.dtype, "ieee", False, None)
+    scope = tuning_mod.scope_for(x.device)
+    ref = F.linear(x.float(), w.float())
+    for xi, k in ((x, key), (x_t, key + "|xT")):
+        entry = tuning_mod.measured_choice((xi, values, crow, col, w.shape, None, None), "ieee")
+        assert entry.get("measured", True) and tuning_mod.lookup(scope, k) == entry
+        torch.testing.assert_close(bsr_linear(xi, values, crow, col, w.shape).float(), ref, rtol=2e-2, atol=2e-1)
+    assert len(tuning_mod.tuning_table(scope)["scopes"][scope]) == 2

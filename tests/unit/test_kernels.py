@@ -320,6 +320,8 @@ def test_tuning_target():
     assert tuning_mod.problem_key(197, 768, 768, 64, 64, 14, torch.bfloat16, "ieee", False, None, "graph") == (
         key + "|graph"
     )
+    xt = tuning_mod.problem_key(197, 768, 768, 64, 64, 14, torch.bfloat16, "ieee", False, None, "graph", True)
+    assert xt == key + "|graph|xT"  # a feature-major x is measured on its own; token-major keys are unchanged
     assert get_tuning_target() == "eager"
     set_tuning_target("graph")
     try:
