@@ -19,8 +19,16 @@ Greedy decoding and sampling with any logits processors, batch padding (left-pad
 mask), and the stopping criteria of `max_new_tokens` / `max_length` and `eos_token_id` are served this way. Anything
 else (no static cache, a streamer, `return_dict_in_generate`, other stopping criteria, extra model inputs) runs
 transformers' own loop, with a warning that names why; beam search and assisted decoding are refused. On a CPU the
-step runs eagerly in the same loop. Outputs equal transformers' own decoding token for token on a CPU (greedy, and
-sampled under the same seed); on a GPU up to the graph's floating-point order.
+step (and the chunk below) run eagerly in the same loop. Outputs equal transformers' own decoding token for token on
+a CPU (greedy, and sampled under the same seed); on a GPU up to the graph's floating-point order.
+
+Greedy decoding whose only logits processors are minimum lengths (`min_length`, `min_new_tokens`, or none: what
+generate() passes by default) goes further: a chunk of `CHECK_EVERY` tokens, each the step's forward then on the
+device the end-of-sequence ids banned below the length floors, the argmax, the finished sequences' padding, the token
+written at a device-side cursor and fed to the next forward, is captured as one CUDA graph (on first such use, per
+step graph) and replayed once per `CHECK_EVERY` tokens, with one host check that some sequence is unfinished per
+replay. The first token (from the prompt's logits) and the tail too short for a whole chunk before `max_length` go
+through the one-token loop.
 """
 
 from __future__ import annotations
@@ -109,19 +117,30 @@ def _step_graph(model: nn.Module, cache, batch: int, max_length: int, padded: bo
 
 class _StepGraph:
     """Static buffers for one token per sequence (token, its position, the cache slot, the attention mask, the
-    logits) and the CUDA graph of the model's forward over them."""
+    logits) and the CUDA graph of the model's forward over them; and for the greedy chunk, the output ids, the cursor
+    where the next token goes, the unfinished sequences, the length floors, the end-of-sequence ids and the padding,
+    with the chunk's graph (captured on first use)."""
 
     def __init__(self, model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool):
         params = inspect.signature(type(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
         self.model, self.cache, self.max_length = model, cache, max_length
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
+        vocab = model.config.vocab_size
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch, max_length, dtype=torch.long, device=device) if padded else None
-        self.logits = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+        self.ids = torch.zeros(batch, max_length, dtype=torch.long, device=device)  # prompt and tokens, as decoded
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the chunk's next column of `ids`
+        self.floor = torch.zeros(vocab, dtype=torch.long, device=device)  # per token: banned while the length is less
+        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.pad = torch.zeros((), dtype=torch.long, device=device)
+        self.chunk_len = CHECK_EVERY  # tokens per chunk, fixed per step graph (its chunk graph is captured so)
+        self.chunk_graph = None
         self.forward = torch.compile(model, dynamic=False) if compile_step else model
         self.graph = None  # on a CPU the step runs eagerly, in the same loop
         if device.type == "cuda":
@@ -143,6 +162,63 @@ class _StepGraph:
         self.pos.add_(1)
         self.slot.add_(1)
 
+    def take(self, token: torch.Tensor) -> None:
+        """`token` (one per sequence) is the next forward's input."""
+        self.tok.copy_(token[:, None])
+
+    def advance(self) -> None:
+        """The forward over the taken token: the step's graph replayed (on a CPU, the step run)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+    def chunk(self) -> None:
+        """`chunk_len` greedy tokens without the host: each the forward over the taken token, then the end-of-sequence
+        ids banned below their length floors, the argmax, the finished sequences' padding (as transformers' loop),
+        the token written at `cursor` and taken for the next forward."""
+        for _ in range(self.chunk_len):
+            self.step()
+            token = self.logits.masked_fill(self.cursor < self.floor, -float("inf")).argmax(dim=-1)
+            ended = self.is_eos[token]  # for the unfinished rows, whose token this is
+            token = torch.where(self.unfinished, token, self.pad)
+            self.unfinished &= ~ended
+            self.ids.index_copy_(1, self.cursor, token[:, None])
+            self.cursor.add_(1)
+            self.take(token)
+
+    def decode_chunk(self, cur: int) -> None:
+        """The chunk from column `cur` of `ids` (the token before it taken): its graph replayed (on a CPU, run)."""
+        self.cursor.fill_(cur)
+        if self.chunk_graph is not None:
+            self.chunk_graph.replay()
+        else:
+            self.chunk()
+
+    def capture_chunk(self) -> None:
+        """The chunk's CUDA graph, once (before the prompt: the warm-up writes into the cache, which is reset, and
+        into the buffers, which each call sets)."""
+        if self.graph is None or self.chunk_graph is not None:
+            return
+        for buffer in (self.pos, self.slot, self.cursor):  # the warm-up writes slots and columns from the first
+            buffer.zero_()
+        self.chunk_graph = capture_graph(self.chunk, warmups=1, device=self.device)
+        self.cache.reset()
+
+    def start(self, input_ids: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ids` for this call (the prompt, then zeros up to `max_length`) and the unfinished sequences (all)."""
+        ids = self.ids[:, :max_length]
+        ids.zero_()
+        ids[:, : input_ids.shape[1]] = input_ids
+        return ids, self.unfinished.fill_(True)
+
+    def set_greedy(self, floor: torch.Tensor, eos: torch.Tensor | None, pad: torch.Tensor | None) -> None:
+        """This call's length floors, end-of-sequence ids and padding into the chunk's buffers."""
+        self.floor.copy_(floor)
+        vocab = torch.arange(self.is_eos.shape[0], device=self.device)
+        self.is_eos.copy_(torch.isin(vocab, eos.to(self.device)) if eos is not None else vocab < 0)
+        self.pad.copy_(pad.reshape(()) if pad is not None else self.pad.new_zeros(()))
+
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The prompt through the model eagerly (filling the cache); the step buffers set for the first token."""
         n = input_ids.shape[1]
@@ -162,34 +238,71 @@ class _StepGraph:
 
 def decode_loop(step, input_ids: torch.Tensor, mask: torch.Tensor | None, processors, config) -> torch.Tensor:
     """Prefill, then one replay of `step.graph` per token (or `step.step()` where there is no graph); the choice
-    of each token and the finished sequences' padding as transformers' own loop does them."""
-    batch, n = input_ids.shape
+    of each token and the finished sequences' padding as transformers' own loop does them. Greedy decoding with
+    only minimum-length processors replays `step.chunk_graph` (or runs `step.chunk()`) per `step.chunk_len` tokens
+    where a whole chunk fits before `max_length`."""
+    n, end = input_ids.shape[1], config.max_length
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
-    ids = input_ids.new_zeros(batch, config.max_length)
-    ids[:, :n] = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
+    floor = _length_floors(processors, config, step.floor.shape[0])
+    chunked = floor is not None and n + 1 + step.chunk_len <= end
+    if chunked:
+        step.capture_chunk()
+        step.set_greedy(floor, eos, pad)
+    ids, unfinished = step.start(input_ids, end)
     logits, cur = step.prefill(input_ids, mask), n
-    while cur < config.max_length:
-        scores = processors(ids[:, :cur], logits)
-        if config.do_sample:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            token = torch.argmax(scores, dim=-1)
-        if eos is not None:
-            if pad is not None:
-                token = torch.where(unfinished, token, pad)
-            unfinished &= ~torch.isin(token, eos)
+    while cur < end:
+        if cur > n and chunked and cur + step.chunk_len <= end:
+            step.decode_chunk(cur)
+            cur += step.chunk_len
+            if cur == end or (eos is not None and not unfinished.any()):
+                break
+            continue
+        if cur > n:
+            step.advance()
+            logits = step.logits
+        token = _choose(processors, ids[:, :cur], logits, config, unfinished)
         ids[:, cur] = token
         cur += 1
-        if cur == config.max_length or (eos is not None and (cur - n) % CHECK_EVERY == 0 and not unfinished.any()):
+        if cur == end or (eos is not None and (cur - n) % CHECK_EVERY == 0 and not unfinished.any()):
             break
-        step.tok.copy_(token[:, None])
-        if step.graph is not None:
-            step.graph.replay()
+        step.take(token)
+    return ids[:, : _stopped_at(ids, n, cur, eos)].clone()  # `ids` is the step's buffer, which the next call reuses
+
+
+def _choose(processors, ids: torch.Tensor, logits: torch.Tensor, config, unfinished: torch.Tensor) -> torch.Tensor:
+    """The next token per sequence from `logits` as transformers' loop chooses it (finished sequences: the padding);
+    `unfinished` updated in place."""
+    eos, pad = config._eos_token_tensor, config._pad_token_tensor
+    scores = processors(ids, logits)
+    if config.do_sample:
+        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        token = torch.argmax(scores, dim=-1)
+    if eos is not None:
+        if pad is not None:
+            token = torch.where(unfinished, token, pad)
+        unfinished &= ~torch.isin(token, eos)
+    return token
+
+
+def _length_floors(processors, config, vocab: int) -> torch.Tensor | None:
+    """For greedy decoding whose only logits processors are minimum lengths: per token id, the length (prompt
+    included) below which its logit is -inf (0: never). None where the chunk does not serve the call (sampling,
+    other processors, end-of-sequence ids without padding)."""
+    if config.do_sample or (config._eos_token_tensor is not None and config._pad_token_tensor is None):
+        return None
+    floor = torch.zeros(vocab, dtype=torch.long)
+    for processor in processors or ():
+        name = type(processor).__name__
+        if name == "MinLengthLogitsProcessor":
+            length = processor.min_length
+        elif name == "MinNewTokensLengthLogitsProcessor":
+            length = processor.prompt_length_to_skip + processor.min_new_tokens
         else:
-            step.step()
-        logits = step.logits
-    return ids[:, : _stopped_at(ids, n, cur, eos)]
+            return None
+        banned = torch.isin(torch.arange(vocab), torch.as_tensor(processor.eos_token_id).cpu())
+        floor = torch.where(banned, floor.clamp(min=length), floor)
+    return floor
 
 
 def _stopped_at(ids: torch.Tensor, n: int, cur: int, eos: torch.Tensor | None) -> int:
