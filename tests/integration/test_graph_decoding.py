@@ -37,19 +37,71 @@ def both(model, prompt, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     return want, got
 
 
-def test_greedy_tokens_equal_transformers_loop_at_batch_1_and_3(llama):
+@pytest.fixture
+def chunks(monkeypatch) -> list:
+    """The greedy chunks decoded (one entry per `_StepGraph.chunk` call: on a CPU the chunk runs, not its graph)."""
+    calls, chunk = [], decoding._StepGraph.chunk
+
+    def counted(step) -> None:
+        calls.append(step.chunk_len)
+        chunk(step)
+
+    monkeypatch.setattr(decoding._StepGraph, "chunk", counted)
+    return calls
+
+
+def test_greedy_tokens_equal_transformers_loop_at_batch_1_and_3(llama, chunks):
+    """Greedy without processors (generate()'s default): the first token from the prompt's logits, then chunks of
+    CHECK_EVERY tokens, then the tail short of a chunk token by token (21 and 40 new tokens: 1 + 16 + 4, 1 + 32 + 7)."""
     for batch in (1, 3):
-        want, got = both(llama, prompts(batch, 7), max_new_tokens=21, do_sample=False)
-        assert want.shape == (batch, 28) and torch.equal(got, want)
+        for new in (21, 40):
+            chunks.clear()
+            want, got = both(llama, prompts(batch, 7), max_new_tokens=new, do_sample=False)
+            assert want.shape == (batch, 7 + new) and torch.equal(got, want)
+            assert chunks == [decoding.CHECK_EVERY] * ((new - 1) // decoding.CHECK_EVERY)
 
 
-def test_left_padded_prompts_decode_as_transformers_does(llama):
+def test_left_padded_prompts_decode_as_transformers_does(llama, chunks):
     prompt = prompts(3, 9, seed=1)
     mask = torch.ones_like(prompt)
     mask[0, :4], mask[2, :1] = 0, 0
     prompt = prompt.masked_fill(mask == 0, 0)
-    want, got = both(llama, prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for new in (12, 40):  # token by token; in chunks
+        want, got = both(llama, prompt, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        assert torch.equal(got, want)
+    assert len(chunks) == 2
+
+
+def test_an_end_of_sequence_inside_a_chunk_pads_the_row_and_cuts_where_transformers_stops(llama, chunks):
+    prompt = prompts(2, 6, seed=7)  # row 1 emits the model's end of sequence (2) as its eighth new token
+    want, got = both(llama, prompt, max_new_tokens=40, do_sample=False)
+    assert want.shape == (2, 46) and want[1, 6 + 7] == 2 and (want[1, 6 + 8 :] == 0).all()  # padded after
     assert torch.equal(got, want)
+    prompt = prompts(1, 7, seed=1)
+    free, _ = both(llama, prompt, max_new_tokens=40, do_sample=False)
+    eos = int(free[0, 7 + 5])  # the sixth new token (the fifth of the first chunk) ends the only row
+    assert eos not in free[0, 7 : 7 + 5].tolist()
+    chunks.clear()
+    want, got = both(llama, prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    assert want.shape == (1, 13) and torch.equal(got, want)
+    assert len(chunks) == 1  # the host saw after the first chunk that every row had ended
+
+
+def test_minimum_length_floors_ban_the_end_of_sequence_inside_chunks_as_transformers_does(llama, chunks):
+    prompt = prompts(2, 6, seed=7)  # without a floor row 1 ends at its eighth new token (the chunk's seventh)
+    for floor in ({"min_new_tokens": 12}, {"min_length": 6 + 10}, {"min_new_tokens": 9, "min_length": 6 + 13}):
+        chunks.clear()
+        want, got = both(llama, prompt, max_new_tokens=40, do_sample=False, **floor)
+        assert want[1, 6 + 7] != 2 and torch.equal(got, want)  # the floor held the end of sequence off
+        assert len(chunks) == 2
+
+
+def test_other_processors_and_sampling_decode_token_by_token(llama, chunks):
+    prompt = prompts(2, 7, seed=8)
+    want, got = both(llama, prompt, max_new_tokens=40, do_sample=False, repetition_penalty=1.3)
+    assert torch.equal(got, want)
+    want, got = both(llama, prompt, max_new_tokens=40, do_sample=True)
+    assert torch.equal(got, want) and not chunks
 
 
 def test_sampling_with_processors_draws_what_transformers_draws(llama):
