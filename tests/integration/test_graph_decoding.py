@@ -4,6 +4,8 @@ CUDA graph)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -89,11 +91,32 @@ def test_an_end_of_sequence_inside_a_chunk_pads_the_row_and_cuts_where_transform
 
 def test_minimum_length_floors_ban_the_end_of_sequence_inside_chunks_as_transformers_does(llama, chunks):
     prompt = prompts(2, 6, seed=7)  # without a floor row 1 ends at its eighth new token (the chunk's seventh)
-    for floor in ({"min_new_tokens": 12}, {"min_length": 6 + 10}, {"min_new_tokens": 9, "min_length": 6 + 13}):
+    floors = [{"min_new_tokens": 12}, {"min_length": 6 + 10}, {"min_new_tokens": 9, "min_length": 6 + 13}]
+    for floor in [*floors, {"min_new_tokens": 7}]:  # the last one lifts just before the end of sequence
         chunks.clear()
         want, got = both(llama, prompt, max_new_tokens=40, do_sample=False, **floor)
-        assert want[1, 6 + 7] != 2 and torch.equal(got, want)  # the floor held the end of sequence off
+        assert (want[1, 6 + 7] == 2) == (floor == {"min_new_tokens": 7}) and torch.equal(got, want)
         assert len(chunks) == 2
+
+
+def test_length_floors_mask_what_the_minimum_length_processors_mask():
+    from transformers.generation import logits_process as lp
+
+    config = SimpleNamespace(do_sample=False, _eos_token_tensor=torch.tensor([2, 5]), _pad_token_tensor=torch.tensor(0))
+    processors = lp.LogitsProcessorList([lp.MinLengthLogitsProcessor(9, [2, 5]),
+                                         lp.MinNewTokensLengthLogitsProcessor(4, 7, 5)])  # fmt: skip
+    floor = decoding._length_floors(processors, config, VOCAB)  # token 2 banned below length 9, token 5 below 11
+    scores = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
+    for length in range(4, 16):
+        want = processors(torch.zeros(2, length, dtype=torch.long), scores)
+        assert torch.equal(scores.masked_fill(length < floor, -float("inf")), want)
+    assert torch.equal(decoding._length_floors(lp.LogitsProcessorList(), config, VOCAB), torch.zeros(VOCAB).long())
+    repeats = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.3)])
+    assert decoding._length_floors(repeats, config, VOCAB) is None  # other processors, sampling: token by token
+    sampled, unpadded = SimpleNamespace(**vars(config)), SimpleNamespace(**vars(config))
+    sampled.do_sample, unpadded._pad_token_tensor = True, None
+    assert decoding._length_floors(lp.LogitsProcessorList(), sampled, VOCAB) is None
+    assert decoding._length_floors(lp.LogitsProcessorList(), unpadded, VOCAB) is None
 
 
 def test_other_processors_and_sampling_decode_token_by_token(llama, chunks):
