@@ -122,9 +122,8 @@ class _StepGraph:
     with the chunk's graph (captured on first use)."""
 
     def __init__(self, model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool):
-        params = inspect.signature(type(model).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
-        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
+        self.cache_kw = self.cache_kwarg(model)
+        self.with_cache_position = "cache_position" in inspect.signature(type(model).forward).parameters  # older 5.x
         self.model, self.cache, self.max_length = model, cache, max_length
         self.device = device = next(model.parameters()).device
         vocab = model.config.vocab_size
@@ -147,6 +146,11 @@ class _StepGraph:
             set_model_tuning_target(model, tuning_target("cudagraph"))  # `auto` chooses by GPU time
             self.graph = capture_graph(self.step, warmups=2, device=device)
             cache.reset()  # the warm-up steps wrote into it
+
+    @staticmethod
+    def cache_kwarg(model: nn.Module) -> str:
+        """The name `model.forward` (and generate()) takes the cache by: renamed in transformers 5.2x."""
+        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
     def inputs(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None) -> dict:
         kw = {self.cache_kw: self.cache, "position_ids": positions, "use_cache": True, "logits_to_keep": 1}
@@ -200,7 +204,8 @@ class _StepGraph:
         into the buffers, which each call sets)."""
         if self.graph is None or self.chunk_graph is not None:
             return
-        for buffer in (self.pos, self.slot, self.cursor):  # the warm-up writes slots and columns from the first
+        self.cache.reset()  # the warm-up writes slots and columns from the first on
+        for buffer in (self.pos, self.slot, self.cursor):
             buffer.zero_()
         self.chunk_graph = capture_graph(self.chunk, warmups=1, device=self.device)
         self.cache.reset()
