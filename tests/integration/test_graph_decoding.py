@@ -99,6 +99,25 @@ def test_minimum_length_floors_ban_the_end_of_sequence_inside_chunks_as_transfor
         assert len(chunks) == 2
 
 
+def test_a_step_kept_with_its_cache_reads_each_calls_floors_end_of_sequence_and_padding(llama, chunks):
+    """A cache passed to generate() keeps its step (on a GPU: the chunk's graph) from call to call: each call's
+    length floors, end-of-sequence ids and padding go into the step's buffers, none is kept from an earlier call."""
+    from transformers import StaticCache
+
+    prompt = prompts(2, 6, seed=7)  # row 1 ends on the model's end of sequence (2) at its eighth new token
+    cache = StaticCache(config=llama.config, max_cache_len=6 + 40)
+    cache_kw = decoding._StepGraph.cache_kwarg(llama)
+    free, _ = both(llama, prompt, max_new_tokens=40, do_sample=False)
+    eos = int(free[0, 6 + 5])
+    for call in ({"min_new_tokens": 12}, {}, {"eos_token_id": eos, "pad_token_id": 7}, {"min_length": 6 + 10}, {}):
+        kw = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0, **call}
+        want = llama.generate(prompt, cache_implementation="static", **kw)
+        cache.reset()  # a cache passed in is the caller's to reset
+        got = llama.generate(prompt, custom_generate=graph_decoding, **{cache_kw: cache}, **kw)
+        assert torch.equal(got, want)
+    assert [s.cache for s in llama.__dict__["_superblock_step_graphs"].values()].count(cache) == 1 and chunks
+
+
 def test_length_floors_mask_what_the_minimum_length_processors_mask():
     from transformers.generation import logits_process as lp
 
