@@ -5,19 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superblock.export import graph_decoding, load_sparse
+from superblock.export import decoding, graph_decoding, load_sparse
 from tests.integration.test_hf_export import LLAMA, export, hf_run
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_the_step_replays_a_graph_and_decodes_what_the_eager_loop_decodes(tmp_path):
+def exported(tmp_path):
+    """A block-sparse Llama of 512 tokens on the GPU, in fp32 (the replayed step computes what the eager one does)."""
     config = {**LLAMA, "hidden_size": 256, "intermediate_size": 512, "max_position_embeddings": 256}
     hf_run(tmp_path / "run", "llama", config, num_classes=512, block_size=32)
     export(tmp_path / "run", tmp_path / "exp", device="cuda")
-    model = load_sparse(tmp_path / "exp", device="cuda")  # fp32: the replayed step computes what the eager one does
+    return load_sparse(tmp_path / "exp", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_step_replays_a_graph_and_decodes_what_the_eager_loop_decodes(tmp_path):
+    model = exported(tmp_path)
     prompt = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
     kw = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False, "cache_implementation": "static",
           "pad_token_id": 0}  # fmt: skip
@@ -26,7 +31,34 @@ def test_on_cuda_the_step_replays_a_graph_and_decodes_what_the_eager_loop_decode
         got = model.generate(prompt, custom_generate=graph_decoding, compile_step=compile_step, **kw)
         steps = [s for s in model.__dict__["_superblock_step_graphs"].values() if s.graph is not None]
         assert steps and got.shape == want.shape == (2, 36)
+        assert all(s.chunk_graph is not None for s in steps)  # greedy with a min_new_tokens floor: 1 + 16 + 7 tokens
         if compile_step:  # inductor's fused kernels round differently: the first new token, and most of the rest
             assert torch.equal(got[:, :13], want[:, :13]) and (got == want).float().mean() >= 0.9
         else:
             assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_greedy_chunks_replay_one_graph_per_16_tokens_and_decode_what_transformers_decodes(tmp_path):
+    """40 new tokens (the first, two chunk replays, 7 more) under a floor; then with an end of sequence (the floored
+    run's sixth token of row 0, likely inside the first chunk), without and with a floor. One cache is passed to every
+    call, so that one chunk graph serves them all, reading each call's floors, end-of-sequence ids and padding from
+    its buffers; fp32 without compiling, so the tokens equal transformers' own."""
+    from transformers import StaticCache
+
+    model = exported(tmp_path)
+    prompt = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    kw = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0}
+    free = model.generate(prompt, cache_implementation="static", min_new_tokens=40, **kw)
+    eos = int(free[0, 12 + 5])  # row 0's sixth new token, the fifth of the first chunk
+    calls = ({"min_new_tokens": 40}, {"eos_token_id": eos}, {"eos_token_id": eos, "min_new_tokens": 10})
+    wants = [model.generate(prompt, cache_implementation="static", **kw, **call) for call in calls]
+    cache = StaticCache(config=model.config, max_cache_len=12 + 40 - 1)  # as generate() sizes its own
+    cache_kw = decoding._StepGraph.cache_kwarg(model)
+    for call, want in zip(calls, wants, strict=True):
+        cache.reset()  # a cache passed in is the caller's to reset
+        got = model.generate(prompt, custom_generate=graph_decoding, **{cache_kw: cache}, **kw, **call)
+        assert torch.equal(got, want)
+    assert wants[0].shape == (2, 52)
+    steps = [s for s in model.__dict__["_superblock_step_graphs"].values() if s.cache is cache]
+    assert len(steps) == 1 and steps[0].graph is not None and steps[0].chunk_graph is not None

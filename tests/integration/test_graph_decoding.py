@@ -105,7 +105,7 @@ def test_a_step_kept_with_its_cache_reads_each_calls_floors_end_of_sequence_and_
     from transformers import StaticCache
 
     prompt = prompts(2, 6, seed=7)  # row 1 ends on the model's end of sequence (2) at its eighth new token
-    cache = StaticCache(config=llama.config, max_cache_len=6 + 40)
+    cache = StaticCache(config=llama.config, max_cache_len=6 + 40 - 1)  # as generate() sizes its own
     cache_kw = decoding._StepGraph.cache_kwarg(llama)
     free, _ = both(llama, prompt, max_new_tokens=40, do_sample=False)
     eos = int(free[0, 6 + 5])
