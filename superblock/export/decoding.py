@@ -123,7 +123,8 @@ class _StepGraph:
 
     def __init__(self, model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool):
         self.cache_kw = self.cache_kwarg(model)
-        self.with_cache_position = "cache_position" in inspect.signature(type(model).forward).parameters  # older 5.x
+        params = inspect.signature(type(model).forward).parameters
+        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
         self.model, self.cache, self.max_length = model, cache, max_length
         self.device = device = next(model.parameters()).device
         vocab = model.config.vocab_size
