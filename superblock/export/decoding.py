@@ -8,7 +8,9 @@
 `generate()` prepares the inputs, the static KV cache, the logits processors and the stopping criteria as it always
 does, then hands its decoding loop to `graph_decoding` (transformers' `custom_generate` hook). The prompt runs
 eagerly; every later token's forward (the model over one token per sequence, writing its keys and values into the
-static cache) is captured once in a CUDA graph per cache and batch size and replayed. The logits processors,
+static cache) is captured once in a CUDA graph per batch size and cache length and replayed (generate() makes a
+new, empty static cache every call: the first call's cache is kept with its graphs and serves the later ones; a
+cache the caller passes keeps graphs of its own). The logits processors,
 greedy or sampled choice and end-of-sequence bookkeeping run eagerly on the device without waiting for it: the host
 checks whether every sequence has finished only every `CHECK_EVERY` tokens, and the output is cut where
 transformers' own loop would have stopped. So the host work per token is a replay and a few small launches. (On a
@@ -102,17 +104,37 @@ def _unsupported(model, cache, stops, config, synced_gpus: bool, streamer, model
 
 
 def _step_graph(model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool) -> _StepGraph:
-    """The model's step graph for this cache and batch (captured on first use; the most recent KEEP_GRAPHS kept)."""
+    """The model's step graph for this cache and batch (captured on first use; the most recent KEEP_GRAPHS kept).
+
+    generate(cache_implementation="static") makes a new, still empty cache on every call: where a step of the same
+    batch and cache length is kept, that cache is left unused and the step's own cache is reset and serves the call,
+    so the graphs are captured once rather than on every call. A cache the caller passes keeps its own step."""
     graphs = model.__dict__.setdefault("_superblock_step_graphs", OrderedDict())
-    key = (id(cache), batch, padded, compile_step)
-    step = graphs.get(key)
-    if step is None or step.cache is not cache or step.max_length < max_length:
+    shape = (batch, padded, compile_step)
+    keys = [(id(cache), *shape)] + ([("fresh", _cache_length(cache), *shape)] if _fresh(cache) else [])
+    found = [(k, graphs[k]) for k in keys if k in graphs and (k[0] == "fresh" or graphs[k].cache is cache)]
+    key, step = found[0] if found else (keys[-1], None)
+    if step is None or step.max_length < max_length:
         step = _StepGraph(model, cache, batch, max_length, padded, compile_step)
-        graphs[key] = step
+        for k in keys:
+            graphs[k] = step
+    elif step.cache is not cache:
+        step.cache.reset()  # the kept cache serves this call in place of generate()'s new one
     graphs.move_to_end(key)
     while len(graphs) > KEEP_GRAPHS:
         graphs.popitem(last=False)
     return step
+
+
+def _fresh(cache) -> bool:
+    """Whether generate() made this cache for the call: not passed by the caller, nothing written into it yet."""
+    if getattr(cache, "_is_user_defined", False):
+        return False
+    return not any(getattr(layer, "is_initialized", True) for layer in cache.layers)
+
+
+def _cache_length(cache) -> int:
+    return max(int(layer.max_cache_len) for layer in cache.layers)
 
 
 class _StepGraph:

@@ -195,4 +195,27 @@ def test_step_buffers_are_kept_per_cache_and_batch(llama):
     for batch in (1, 2, 1):
         both(llama, prompts(batch, 5), max_new_tokens=4, do_sample=False)
     graphs = llama.__dict__["_superblock_step_graphs"]
-    assert 1 <= len(graphs) <= decoding.KEEP_GRAPHS and list(graphs)[-1][1] == 1
+    assert 1 <= len(graphs) <= decoding.KEEP_GRAPHS and list(graphs.values())[-1].tok.shape[0] == 1
+
+
+def test_generates_own_static_caches_share_one_kept_step(llama, monkeypatch):
+    """generate(cache_implementation="static") makes a new, empty cache every call: the kept step of the same batch
+    and cache length (on a GPU: its captured graphs) serves the next calls with its own cache, reset, and gives
+    transformers' tokens each time; a longer call gets a step of its own, and so does a cache the caller passes."""
+    from transformers import StaticCache
+
+    llama.__dict__.pop("_superblock_step_graphs", None)
+    built, init = [], decoding._StepGraph.__init__
+    counted = lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(decoding._StepGraph, "__init__", counted)
+    llama._previous_max_cache_length = -1  # generate() sizes its caches to the longest call so far
+    for seed in (0, 1, 2):
+        want, got = both(llama, prompts(2, 6, seed=seed), max_new_tokens=20, do_sample=False)
+        assert torch.equal(got, want)
+    assert len(built) == 1
+    want, got = both(llama, prompts(2, 6, seed=3), max_new_tokens=30, do_sample=False)
+    assert torch.equal(got, want) and len(built) == 2
+    cache = StaticCache(config=llama.config, max_cache_len=6 + 30 - 1)
+    got = llama.generate(prompts(2, 6, seed=3), custom_generate=graph_decoding, max_new_tokens=30, do_sample=False,
+                         pad_token_id=0, **{decoding._StepGraph.cache_kwarg(llama): cache})  # fmt: skip
+    assert torch.equal(got, want) and len(built) == 3 and cache.is_initialized
