@@ -2,14 +2,17 @@
 
     PYTHONPATH=. python benchmarks/lm_e2e.py --out $OUT                  # 32 layers, prefill 2048, decode 256 tokens
     PYTHONPATH=. python benchmarks/lm_e2e.py --fuse both --compile --out $OUT  # sparse unfused and fused vs dense
+    PYTHONPATH=. python benchmarks/lm_e2e.py --fuse on --compile --sparsity 0.5,0.7,0.8,0.9 --out $OUT  # + a plot
     PYTHONPATH=. python benchmarks/lm_e2e.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \
         --vocab 1000 --prefill 64 --prompt 8 --new-tokens 8 --device cpu   # a smoke run of the same code on a CPU
 
 transformers' LlamaForCausalLM (hidden 4096, intermediate 14336, 32 heads, 8 kv heads, vocab 128256) with random
-weights, nothing downloaded, bf16, SDPA attention. In every decoder layer `sparsity` of the 64x64 blocks of q/k/v/o
-and gate/up/down are zeroed at random (exact count per weight); the dense model keeps those zero-filled weights on
-cuBLAS, the sparse one replaces each of those nn.Linear by BlockSparseLinear.from_dense (backend "auto", tuned for
-the CUDA-graph target at 1 and `--prefill` tokens); embeddings and lm_head stay dense in both. `--fuse on` fuses the
+weights, nothing downloaded, bf16, SDPA attention. In every decoder layer of a copy of the dense model `sparsity` of
+the 64x64 blocks of q/k/v/o and gate/up/down are zeroed at random (exact count per weight) and each of those
+nn.Linear is replaced by BlockSparseLinear.from_dense (backend "auto", tuned for the CUDA-graph target at 1 and
+`--prefill` tokens); the dense model runs its full weights on cuBLAS (whose time does not depend on the values);
+embeddings and lm_head stay dense in both. `--sparsity 0.5,0.7,0.8,0.9` measures one sparse model per level (built,
+measured and freed in turn) against the same dense one and draws tokens/s against sparsity. `--fuse on` fuses the
 sparse model's projections as load_sparse does by default (superblock.kernels.projection_fusion: q/k/v one
 product, gate/up one with silu * up in the kernel: 4 sparse products per layer instead of 7); `--fuse both`
 measures the unfused and the fused sparse model, each against the same dense one. Same process, same runtime,
@@ -62,6 +65,13 @@ PROJECTIONS = (
 )
 
 
+def levels_list(text: str) -> list[float]:
+    levels = [float(v) for v in text.split(",") if v.strip()]
+    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
+        raise argparse.ArgumentTypeError(f"sparsity levels must be in [0, 1), got {text!r}")
+    return levels
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
@@ -70,7 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument(
+        "--sparsity",
+        type=levels_list,
+        default=[0.9],
+        help="fraction of blocks zeroed, or a comma list (e.g. 0.5,0.7,0.8,0.9): one sparse model per level, each "
+        "against the same dense one, and a plot of tokens/s against sparsity (lm_e2e*_sparsity.png)",
+    )
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--prompt", type=int, default=128)
@@ -126,13 +142,7 @@ def build_dense(args) -> nn.Module:
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(dtype).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for name in PROJECTIONS:
-                zero_random_blocks(layer.get_submodule(name).weight, args.block, args.sparsity, gen)
-    return model
+    return model.to(dtype).eval()  # cuBLAS takes as long whatever the values: the zeros go into each sparse copy
 
 
 def zero_random_blocks(w: torch.Tensor, block: int, sparsity: float, gen: torch.Generator) -> None:
@@ -143,15 +153,28 @@ def zero_random_blocks(w: torch.Tensor, block: int, sparsity: float, gen: torch.
     w.mul_(full[: w.shape[0], : w.shape[1]].to(w.device, w.dtype))
 
 
-def to_sparse(dense: nn.Module, args, fuse: bool = False) -> nn.Module:
+def kept_fraction(model: nn.Module) -> float:
+    """The fraction of the block-sparse layers' blocks that are stored."""
+    mods = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    total = sum(-(-m.out_features // m.values.shape[1]) * -(-m.in_features // m.values.shape[2]) for m in mods)
+    return sum(int(m.values.shape[0]) for m in mods) / max(total, 1)
+
+
+def to_sparse(dense: nn.Module, args, level: float, fuse: bool = False) -> nn.Module:
+    """A copy of the dense model with `level` of the 64x64 blocks of every projection zeroed at random (the same
+    blocks for the same level, fused or not) and each projection a BlockSparseLinear, tuned and prepared."""
     model = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(1)
     for layer in model.model.layers:
         for name in PROJECTIONS:
             parent_name, attr = name.rsplit(".", 1)
             parent = layer.get_submodule(parent_name)
+            with torch.no_grad():
+                zero_random_blocks(getattr(parent, attr).weight, args.block, level, gen)
             mod = BlockSparseLinear.from_dense(getattr(parent, attr), block_size=args.block)
             mod.tuning_target = "graph"
             setattr(parent, attr, mod)
+    model.kept_fraction = kept_fraction(model)
     if fuse:
         counts = fuse_projections(model)
         print(f"fused q/k/v in {counts['qkv']} layers, gate/up in {counts['gate_up']}", flush=True)
@@ -332,7 +355,8 @@ def report(rows: dict[str, dict], args) -> str:
     )
     runtime = "torch.compile + " if args.compile else ""
     lines = [
-        f"{device}, torch {torch.__version__}, bf16, LlamaForCausalLM ({dims}), sparsity {args.sparsity} block "
+        f"{device}, torch {torch.__version__}, bf16, LlamaForCausalLM ({dims}), sparsity "
+        f"{', '.join(f'{v:g}' for v in args.sparsity)} block "
         f"{args.block} on q/k/v/o/gate/up/down, {time.strftime('%Y-%m-%d')}",
         "",
         "| measure | model | dense | sparse | speedup | runtime (dense / sparse) |",
@@ -341,7 +365,9 @@ def report(rows: dict[str, dict], args) -> str:
     for name, s in rows.items():
         if name == "dense":
             continue
-        label = "sparse, q/k/v + gate/up fused" if name == "sparse_fused" else "sparse"
+        label = "sparse, q/k/v + gate/up fused" if name.startswith("sparse_fused") else "sparse"
+        if len(args.sparsity) > 1:
+            label += f", {s['sparsity']:.0%}"
         lines += [
             f"| prefill {args.prefill} tokens (ms) | {label} | {d['prefill_ms']:.2f} | {s['prefill_ms']:.2f} | "
             f"**{d['prefill_ms'] / s['prefill_ms']:.2f}x** | {d['prefill_runtime']} / {s['prefill_runtime']} |",
@@ -364,41 +390,79 @@ def report(rows: dict[str, dict], args) -> str:
     return "\n".join(lines)
 
 
+def measure(model: nn.Module, args) -> dict:
+    """One model's row: prefill ms, decode tokens/s (and through generate() with --generate), seconds taken."""
+    t0 = time.time()
+    ms, prefill_rt = prefill_ms(model, args)
+    tps, decode_rt, checks = decode_tokens_per_s(model, args)
+    row = {"prefill_ms": ms, "prefill_runtime": prefill_rt, "decode_tok_s": tps, "decode_runtime": decode_rt}
+    row["checks"] = checks
+    if args.generate:
+        row["generate_tok_s"], row["generate_runtime"] = generate_tokens_per_s(model, args)
+        row["graph_tok_s"], row["graph_runtime"] = generate_tokens_per_s(model, args, graph=True)
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def row_name(variant: str, level: float, args) -> str:
+    """ "sparse" / "sparse_fused", with "@<level>" when several levels are measured."""
+    return variant if len(args.sparsity) == 1 else f"{variant}@{level:g}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     dense = build_dense(args)
     variants = {"off": ("sparse",), "on": ("sparse_fused",), "both": ("sparse", "sparse_fused")}[args.fuse]
-    models = {"dense": dense, **{v: to_sparse(dense, args, fuse=v == "sparse_fused") for v in variants}}
-    print(f"built {len(models)} models in {time.time() - t0:.1f} s", flush=True)
-    rows: dict[str, dict] = {}
-    for name, model in models.items():
-        t0 = time.time()
-        ms, prefill_rt = prefill_ms(model, args)
-        tps, decode_rt, checks = decode_tokens_per_s(model, args)
-        rows[name] = {
-            "prefill_ms": ms,
-            "prefill_runtime": prefill_rt,
-            "decode_tok_s": tps,
-            "decode_runtime": decode_rt,
-            "checks": checks,
-        }
-        if args.generate:
-            rows[name]["generate_tok_s"], rows[name]["generate_runtime"] = generate_tokens_per_s(model, args)
-            rows[name]["graph_tok_s"], rows[name]["graph_runtime"] = generate_tokens_per_s(model, args, graph=True)
-        rows[name]["seconds"] = time.time() - t0
-        print(json.dumps({name: rows[name]}), flush=True)
-        if on_gpu(args.device):
-            torch.cuda.empty_cache()
+    rows: dict[str, dict] = {"dense": measure(dense, args)}
+    print(json.dumps({"dense": rows["dense"]}), flush=True)
+    for level in args.sparsity:
+        for variant in variants:  # one sparse model at a time: an 8B copy each before it is made sparse
+            t0 = time.time()
+            model = to_sparse(dense, args, level, fuse=variant == "sparse_fused")
+            print(f"built {variant} at {level:g} in {time.time() - t0:.1f} s", flush=True)
+            name = row_name(variant, level, args)
+            rows[name] = {"sparsity": level, "kept_fraction": model.kept_fraction, **measure(model, args)}
+            print(json.dumps({name: rows[name]}), flush=True)
+            del model
+            if on_gpu(args.device):
+                torch.cuda.empty_cache()
     text = report(rows, args)
     stem = "lm_e2e_compiled" if args.compile else "lm_e2e"
     if args.fuse != "off":
         stem += "_fused" if args.fuse == "on" else "_fuse_both"
     (out_dir / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     (out_dir / f"{stem}.md").write_text(text + "\n")
+    if len(args.sparsity) > 1:
+        plot_against_sparsity(rows, out_dir / f"{stem}_sparsity.png")
     print(text)
+
+
+def plot_against_sparsity(rows: dict[str, dict], path: Path) -> None:
+    """Decode tokens/s (left) and prefill speedup (right) against sparsity, per sparse variant; dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = rows["dense"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in sorted({name.split("@")[0] for name in rows} - {"dense"}):
+        points = sorted((r["sparsity"], r) for n, r in rows.items() if n.split("@")[0] == variant)
+        xs = [100 * x for x, _ in points]
+        left.plot(xs, [r["decode_tok_s"] for _, r in points], "o-", label=variant)
+        right.plot(xs, [dense["prefill_ms"] / r["prefill_ms"] for _, r in points], "o-", label=variant)
+    left.axhline(dense["decode_tok_s"], color="gray", linestyle="--", label="dense")
+    right.axhline(1.0, color="gray", linestyle="--", label="dense")
+    left.set(xlabel="sparsity (% of 64x64 blocks zeroed)", ylabel="greedy decode, batch 1 (tokens/s)")
+    right.set(xlabel="sparsity (% of 64x64 blocks zeroed)", ylabel="prefill speedup over dense")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

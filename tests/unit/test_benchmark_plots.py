@@ -80,6 +80,26 @@ def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
     assert "| greedy decode through generate() with graph_decoding, batch 1 (tokens/s) | sparse |" in table
 
 
+def test_lm_e2e_measures_one_sparse_model_per_level_and_plots_them(tmp_path):
+    """--sparsity 0.5,0.9: one sparse row per level, each keeping its share of blocks, beside one dense row; the
+    table labels the levels and the plot is drawn."""
+    from benchmarks import lm_e2e
+
+    tiny = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
+    tiny += ["--vocab", "1000", "--prefill", "64", "--prompt", "8", "--new-tokens", "4", "--device", "cpu"]
+    lm_e2e.main([*tiny, "--sparsity", "0.5,0.9", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lm_e2e.json").read_text())["rows"]
+    assert set(rows) == {"dense", "sparse@0.5", "sparse@0.9"}
+    assert abs(rows["sparse@0.5"]["kept_fraction"] - 0.5) < 0.02
+    assert abs(rows["sparse@0.9"]["kept_fraction"] - 0.1) < 0.02
+    assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
+    table = (tmp_path / "lm_e2e.md").read_text()
+    assert "| sparse, 50% |" in table and "| sparse, 90% |" in table and "sparsity 0.5, 0.9 block 64" in table
+    assert (tmp_path / "lm_e2e_sparsity.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        lm_e2e.parse_args(["--sparsity", "0.5,1.2"])
+
+
 def test_recipe_ladder_draws_the_shipped_smollm2_rows(tmp_path, capsys):
     from benchmarks import recipe_ladder
 
