@@ -7,16 +7,17 @@
         --vocab 1000 --prefill 64 --prompt 8 --new-tokens 8 --device cpu   # a smoke run of the same code on a CPU
 
 transformers' LlamaForCausalLM (hidden 4096, intermediate 14336, 32 heads, 8 kv heads, vocab 128256) with random
-weights, nothing downloaded, bf16, SDPA attention. In every decoder layer of a copy of the dense model `sparsity` of
+weights, nothing downloaded, bf16, SDPA attention. In every decoder layer of the dense model built again `sparsity` of
 the 64x64 blocks of q/k/v/o and gate/up/down are zeroed at random (exact count per weight) and each of those
 nn.Linear is replaced by BlockSparseLinear.from_dense (backend "auto", tuned for the CUDA-graph target at 1 and
-`--prefill` tokens); the dense model runs its full weights on cuBLAS (whose time does not depend on the values);
-embeddings and lm_head stay dense in both. `--sparsity 0.5,0.7,0.8,0.9` measures one sparse model per level (built,
-measured and freed in turn) against the same dense one and draws tokens/s against sparsity. `--fuse on` fuses the
-sparse model's projections as load_sparse does by default (superblock.kernels.projection_fusion: q/k/v one
+`--prefill` tokens); the dense model runs all its weights on cuBLAS (`--dense-weights zeroed`: with the sparse
+model's zeros, as the earlier tables in docs/benchmarks.md; zeros draw less power, and the H100's prefill ran 11%
+faster on them); embeddings and lm_head stay dense in both. `--sparsity 0.5,0.7,0.8,0.9` measures one sparse model
+per level (built, measured and freed in turn) against the same dense one and draws tokens/s against sparsity.
+`--fuse on` fuses the sparse model's projections as load_sparse does by default (projection_fusion: q/k/v one
 product, gate/up one with silu * up in the kernel: 4 sparse products per layer instead of 7); `--fuse both`
-measures the unfused and the fused sparse model, each against the same dense one. Same process, same runtime,
-same inputs:
+measures the unfused and the fused sparse model, each against the same dense one. Same
+process, same runtime, same inputs:
 
   prefill  ms of one forward over `--prefill` tokens (batch 1, no cache, logits of the last token only, as
            generate() computes them), replayed from a CUDA graph (eager if the capture fails: the table says)
@@ -33,7 +34,6 @@ same inputs:
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -88,6 +88,14 @@ def parse_args(argv=None):
         "against the same dense one, and a plot of tokens/s against sparsity (lm_e2e*_sparsity.png)",
     )
     p.add_argument("--block", type=int, default=64)
+    p.add_argument(
+        "--dense-weights",
+        choices=("full", "zeroed"),
+        default="full",
+        help="the dense model's weights: all of them (a dense model as users have it), or zeroed where the sparse "
+        "model's are (one level only; the earlier tables in docs/benchmarks.md). cuBLAS runs faster on zeros: on "
+        "the H100 prefill took 60.3 ms against 67.9",
+    )
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -115,7 +123,10 @@ def parse_args(argv=None):
         "reduce-overhead on a GPU) beside the benchmark's own decode loop",
     )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dense_weights == "zeroed" and len(args.sparsity) > 1:
+        p.error("--dense-weights zeroed takes one --sparsity level (the dense model holds that level's zeros)")
+    return args
 
 
 def build_dense(args) -> nn.Module:
@@ -160,17 +171,25 @@ def kept_fraction(model: nn.Module) -> float:
     return sum(int(m.values.shape[0]) for m in mods) / max(total, 1)
 
 
-def to_sparse(dense: nn.Module, args, level: float, fuse: bool = False) -> nn.Module:
-    """A copy of the dense model with `level` of the 64x64 blocks of every projection zeroed at random (the same
-    blocks for the same level, fused or not) and each projection a BlockSparseLinear, tuned and prepared."""
-    model = copy.deepcopy(dense)
+def zero_blocks(model: nn.Module, args, level: float) -> nn.Module:
+    """`level` of the blocks of every projection zeroed at random: the same blocks for the same level."""
     gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in PROJECTIONS:
+                zero_random_blocks(layer.get_submodule(name).weight, args.block, level, gen)
+    return model
+
+
+def to_sparse(args, level: float, fuse: bool = False) -> nn.Module:
+    """The dense model built again (the same weights: built, not copied, since a measured model holds CUDA graphs
+    that do not copy) with `level` of the blocks of every projection zeroed and each projection a BlockSparseLinear,
+    tuned and prepared."""
+    model = zero_blocks(build_dense(args), args, level)
     for layer in model.model.layers:
         for name in PROJECTIONS:
             parent_name, attr = name.rsplit(".", 1)
             parent = layer.get_submodule(parent_name)
-            with torch.no_grad():
-                zero_random_blocks(getattr(parent, attr).weight, args.block, level, gen)
             mod = BlockSparseLinear.from_dense(getattr(parent, attr), block_size=args.block)
             mod.tuning_target = "graph"
             setattr(parent, attr, mod)
@@ -414,13 +433,15 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dense = build_dense(args)
+    if args.dense_weights == "zeroed":
+        zero_blocks(dense, args, args.sparsity[0])
     variants = {"off": ("sparse",), "on": ("sparse_fused",), "both": ("sparse", "sparse_fused")}[args.fuse]
     rows: dict[str, dict] = {"dense": measure(dense, args)}
     print(json.dumps({"dense": rows["dense"]}), flush=True)
     for level in args.sparsity:
         for variant in variants:  # one sparse model at a time: an 8B copy each before it is made sparse
             t0 = time.time()
-            model = to_sparse(dense, args, level, fuse=variant == "sparse_fused")
+            model = to_sparse(args, level, fuse=variant == "sparse_fused")
             print(f"built {variant} at {level:g} in {time.time() - t0:.1f} s", flush=True)
             name = row_name(variant, level, args)
             rows[name] = {"sparsity": level, "kept_fraction": model.kept_fraction, **measure(model, args)}
