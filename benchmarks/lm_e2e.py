@@ -461,7 +461,8 @@ def main(argv=None):
 
 
 def plot_against_sparsity(rows: dict[str, dict], path: Path) -> None:
-    """Decode tokens/s (left) and prefill speedup (right) against sparsity, per sparse variant; dense as a line."""
+    """Decode tokens/s (left) and prefill speedup (right) against sparsity, per sparse variant; dense as a line; a
+    cross marks a decode timed in another runtime than dense's (its capture failed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,7 +473,11 @@ def plot_against_sparsity(rows: dict[str, dict], path: Path) -> None:
     for variant in sorted({name.split("@")[0] for name in rows} - {"dense"}):
         points = sorted((r["sparsity"], r) for n, r in rows.items() if n.split("@")[0] == variant)
         xs = [100 * x for x, _ in points]
-        left.plot(xs, [r["decode_tok_s"] for _, r in points], "o-", label=variant)
+        line = left.plot(xs, [r["decode_tok_s"] for _, r in points], "o-", label=variant)[0]
+        off = [(100 * x, r["decode_tok_s"]) for x, r in points if r["decode_runtime"] != dense["decode_runtime"]]
+        if off:  # the step's capture failed (the log says why): timed in another runtime than dense's
+            left.plot([x for x, _ in off], [y for _, y in off], "x", color=line.get_color(), markersize=12,
+                      label=f"{variant}: not from a graph")  # fmt: skip
         right.plot(xs, [dense["prefill_ms"] / r["prefill_ms"] for _, r in points], "o-", label=variant)
     left.axhline(dense["decode_tok_s"], color="gray", linestyle="--", label="dense")
     right.axhline(1.0, color="gray", linestyle="--", label="dense")
