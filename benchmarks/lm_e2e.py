@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lm_generate import generate_kwargs, timed_generate  # noqa: E402
-from superblock.kernels import BlockSparseLinear  # noqa: E402
+from superblock.kernels import BlockSparseLinear, choice_counts  # noqa: E402
 from superblock.kernels.projection_fusion import fuse_projections  # noqa: E402
 from superblock.timing import capture_graph  # noqa: E402
 
@@ -406,6 +406,12 @@ def report(rows: dict[str, dict], args) -> str:
                 f"{d['graph_tok_s']:.1f} | {s['graph_tok_s']:.1f} | **{s['graph_tok_s'] / d['graph_tok_s']:.2f}x** | "
                 f"{s['graph_runtime']} |"
             )
+    for name, s in rows.items():
+        if s.get("choices"):
+            picks = "; ".join(
+                f"up to {b} tokens: " + ", ".join(f"{k} x{v}" for k, v in c.items()) for b, c in s["choices"].items()
+            )
+            lines.append(f"\n`auto` in {name} (layers per backend / kernel, per token bucket): {picks}")
     return "\n".join(lines)
 
 
@@ -420,6 +426,8 @@ def measure(model: nn.Module, args) -> dict:
         row["generate_tok_s"], row["generate_runtime"] = generate_tokens_per_s(model, args)
         row["graph_tok_s"], row["graph_runtime"] = generate_tokens_per_s(model, args, graph=True)
     row["seconds"] = time.time() - t0
+    if any(isinstance(m, BlockSparseLinear) for m in model.modules()):  # which kernels auto chose, per token bucket
+        row["choices"] = {str(b): c for b, c in choice_counts(model).items()}
     return row
 
 

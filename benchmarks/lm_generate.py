@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from superblock.export import graph_decoding, load_folded, load_sparse  # noqa: E402
 from superblock.export.serving import set_model_tuning_target, tuning_target  # noqa: E402
 from superblock.hf_models import max_positions  # noqa: E402
+from superblock.kernels import choice_counts  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "graph", "graph-compile")
 
@@ -124,6 +125,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     "sparse_tok_s": tokens / sparse_s,
                     "speedup": dense_s / sparse_s,
                     "agree": float((dense_ids == sparse_ids).float().mean()),
+                    "choices": {str(b): c for b, c in choice_counts(sparse).items()},  # auto's, per token bucket
                 }
             )
             print(table(rows[-1:], header=not rows[:-1]), flush=True)

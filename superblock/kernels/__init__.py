@@ -5,6 +5,7 @@ layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks 
 layer.prepare([197, 1576])                                    # choose (tune) per token bucket now, outside traces
 fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
 hand_off_feature_major(model)                                 # fc1 writes its output transposed for fc2 (eager)
+choice_counts(model)                                          # {token bucket: {backend / kernel: layers}}
 
 Which backend, kernel and call run a product is decided in one place, dispatch.py (its docstring is the table):
 eager calls launch the kernel bound to the weight or call the op's kernel directly; inside torch.compile and
@@ -27,6 +28,7 @@ from superblock.kernels.bsr_linear import (
 from superblock.kernels.modules import (
     BlockSparseLinear,
     BlockSparseMultiheadAttention,
+    choice_counts,
     dense_to_bsr,
     fuse_linear_gelu,
     hand_off_feature_major,
@@ -50,6 +52,7 @@ __all__ = [
     "bsr_linear",
     "bsr_to_dense",
     "check_bsr",
+    "choice_counts",
     "cache_path",
     "clear_caches",
     "clear_tuning",

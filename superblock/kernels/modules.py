@@ -412,6 +412,23 @@ def hand_off_feature_major(module: nn.Module) -> int:
     return handed
 
 
+def choice_counts(module: nn.Module) -> dict[int, dict[str, int]]:
+    """Per token bucket a layer was prepared or called for: how many BlockSparseLinear layers run each backend (a
+    Triton choice by its kernel: "triton:decode", "triton:tiled", ...). Which share of a model's products run our
+    kernels, and which went to torch's BSR path or to dense."""
+    counts: dict[int, dict[str, int]] = {}
+    for mod in module.modules():
+        if not isinstance(mod, BlockSparseLinear):
+            continue
+        for bucket, choice in mod.choices().items():
+            label = choice.backend
+            if choice.backend == "triton" and choice.config:
+                label += ":" + _dispatch.kernel_variant(choice.config, mod.activation)
+            row = counts.setdefault(int(bucket), {})
+            row[label] = row.get(label, 0) + 1
+    return {b: dict(sorted(row.items())) for b, row in sorted(counts.items())}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # attention
 

@@ -221,6 +221,8 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     rows = json.loads((tmp_path / "gen" / "lm_generate.json").read_text())["rows"]
     assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2), ("graph", 1), ("graph", 2)]
     assert all(r["agree"] == 1.0 and r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
+    layers = sum(type(m).__name__ == "BlockSparseLinear" for m in sparse.modules())
+    assert all(sum(r["choices"]["16"].values()) == layers for r in rows)  # every layer's choice at the decode bucket
     assert "| eager | 2 |" in (tmp_path / "gen" / "lm_generate.md").read_text()
 
 

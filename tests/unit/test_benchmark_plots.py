@@ -104,7 +104,9 @@ def test_lm_e2e_measures_one_sparse_model_per_level_and_plots_them(tmp_path, mon
     assert abs(rows["sparse@0.5"]["kept_fraction"] - 0.5) < 0.02
     assert abs(rows["sparse@0.9"]["kept_fraction"] - 0.1) < 0.02
     assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
+    assert "choices" not in rows["dense"] and sum(rows["sparse@0.9"]["choices"]["16"].values()) == 2 * 7
     table = (tmp_path / "lm_e2e.md").read_text()
+    assert "`auto` in sparse@0.9 (layers per backend / kernel, per token bucket): up to 16 tokens: " in table
     assert "| sparse, 50% |" in table and "| sparse, 90% |" in table and "sparsity 0.5, 0.9 block 64" in table
     assert (tmp_path / "lm_e2e_sparsity.png").stat().st_size > 10_000
     for bad in (["--sparsity", "0.5,1.2"], ["--sparsity", "0.5,0.9", "--dense-weights", "zeroed"]):

@@ -403,3 +403,19 @@ def test_one_bsr_check_for_the_functional_op_the_module_and_stored_files():
     check_bsr(values, stepped, col, (48, 40))
     with pytest.raises(ValueError, match="step back"):
         check_bsr(values, stepped, col, (48, 40), contents=True)
+
+
+def test_choice_counts_tell_how_many_layers_run_each_backend_per_bucket():
+    """choice_counts: per token bucket, the layers per backend (a Triton choice by its kernel)."""
+    from superblock.kernels import BlockSparseLinear, choice_counts, dispatch
+
+    square = BlockSparseLinear.from_dense(torch.nn.Linear(64, 64), block_size=32)  # fp32, square: torch's BSR on CPU
+    thin = BlockSparseLinear.from_dense(torch.nn.Linear(64, 64), block_size=(32, 16))  # thin tiles: dense on CPU
+    model = torch.nn.Sequential(square, thin, torch.nn.ReLU())
+    for layer in (square, thin):
+        layer.prepare([1, 100])
+    config = tuning_mod.candidate_configs(1, 32, 16, torch.bfloat16)[0]
+    thin.dispatch[16] = {"backend": "triton", "config": config, "precision": "ieee"}
+    kernel = "triton:" + dispatch.kernel_variant(config)
+    assert choice_counts(model) == {16: {"torch": 1, kernel: 1}, 128: {"dense": 1, "torch": 1}}
+    assert choice_counts(torch.nn.Linear(4, 4)) == {}
