@@ -21,10 +21,11 @@ process, same runtime, same inputs:
 
   prefill  ms of one forward over `--prefill` tokens (batch 1, no cache, logits of the last token only, as
            generate() computes them), replayed from a CUDA graph (eager if the capture fails: the table says)
-  decode   greedy tokens/s at batch 1: a StaticCache, the one-token step (forward, argmax, position += 1) captured
-           in a CUDA graph and replayed `--new-tokens` times after a `--prompt`-token prefill. Before timing, the
-           replayed steps' logits are checked against the eager steps' and against a cache-free forward.
-  generate (--generate) the same decode through transformers' own `model.generate()`: greedy, batch 1, a static
+  decode   greedy tokens/s at batch `--batch` (1 by default; the tokens of all sequences): a StaticCache, the
+           one-token step (forward, argmax, position += 1) captured in a CUDA graph and replayed `--new-tokens`
+           times after a `--prompt`-token prefill. Before timing, the replayed steps' logits are checked against
+           the eager steps' and against a cache-free forward.
+  generate (--generate) the same decode through transformers' own `model.generate()`: greedy, same batch, a static
            cache and its decode step compiled with mode="reduce-overhead" (CUDA graphs; eager on a CPU), the way
            lm_generate.py serves an export: how close a user's generate() comes to the loop above; and through
            generate(custom_generate=graph_decoding) (superblock.export: the step captured in a CUDA graph, compiled
@@ -99,6 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (equal-length prompts)")
     p.add_argument("--reps", type=int, default=10, help="prefill calls per timing round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda")
@@ -119,7 +121,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--generate",
         action="store_true",
-        help="also time model.generate() (greedy, batch 1, static cache, decode step compiled with "
+        help="also time model.generate() (greedy, --batch sequences, static cache, decode step compiled with "
         "reduce-overhead on a GPU) beside the benchmark's own decode loop",
     )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -201,7 +203,7 @@ def to_sparse(args, level: float, fuse: bool = False) -> nn.Module:
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, BlockSparseLinear):
-                mod.prepare([1, args.prefill])
+                mod.prepare([args.batch, args.prefill])
     print(f"tuned and prepared the sparse layers in {time.time() - t0:.1f} s", flush=True)
     return model
 
@@ -259,7 +261,8 @@ def prefill_ms(model, args) -> tuple[float, str]:
 
 
 class Decoder:
-    """Greedy batch-1 decoding around a transformers StaticCache with every tensor at a fixed address, so that the
+    """Greedy decoding of `--batch` equal-length prompts around a transformers StaticCache with every tensor at a
+    fixed address, so that the
     one-token step (forward, argmax, position += 1) can be captured in a CUDA graph and replayed."""
 
     def __init__(self, model, args, prompt: torch.Tensor) -> None:
@@ -272,9 +275,10 @@ class Decoder:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
         dev = prompt.device
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.logits = torch.zeros(1, model.config.vocab_size, dtype=torch.float32, device=dev)
+        batch = prompt.shape[0]
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # equal-length prompts: one position for all
+        self.logits = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=dev)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, model=None):
         kw = {self.cache_kw: self.cache, "position_ids": positions.view(1, -1), "use_cache": True, "logits_to_keep": 1}
@@ -301,9 +305,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def decode_prompt(args) -> torch.Tensor:
-    """The batch-1 prompt of `--prompt` random token ids that every decode measure starts from (the same each call)."""
+    """The `--batch` prompts of `--prompt` random token ids that every decode measure starts from (the same each
+    call)."""
     gen = torch.Generator().manual_seed(2)
-    return torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(args.device)
+    return torch.randint(0, args.vocab, (args.batch, args.prompt), generator=gen).to(args.device)
 
 
 def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
@@ -347,13 +352,14 @@ def decode_tokens_per_s(model, args) -> tuple[float, str, dict]:
             for _ in range(args.new_tokens):
                 run()
             sync(args.device)
-            rates.append(args.new_tokens / (time.perf_counter() - t0))
+            rates.append(args.batch * args.new_tokens / (time.perf_counter() - t0))
     return statistics.median(rates), runtime, checks
 
 
 def generate_tokens_per_s(model, args, graph: bool = False) -> tuple[float, str]:
-    """Greedy tokens/s of model.generate() at batch 1 after the decode loop's prompt, and its runtime; `graph`:
-    with custom_generate=graph_decoding (the step replayed from a CUDA graph, compiled first under --compile)."""
+    """Greedy tokens/s of model.generate() on the decode loop's prompts (all sequences' tokens), and its runtime;
+    `graph`: with custom_generate=graph_decoding (the step replayed from a CUDA graph, compiled first under
+    --compile)."""
     if graph:
         runtime = "graph-compile" if args.compile else "graph"
         label = f"generate(custom_generate=graph_decoding{', compile_step' if args.compile else ''})"
@@ -361,7 +367,7 @@ def generate_tokens_per_s(model, args, graph: bool = False) -> tuple[float, str]
         runtime = "compile" if on_gpu(args.device) else "eager"
         label = "generate(), static cache, reduce-overhead" if runtime == "compile" else "generate(), eager"
     seconds, _ = timed_generate(model, decode_prompt(args), generate_kwargs(runtime, args.new_tokens), args.rounds)
-    return args.new_tokens / seconds, label
+    return args.batch * args.new_tokens / seconds, label
 
 
 def report(rows: dict[str, dict], args) -> str:
@@ -390,19 +396,19 @@ def report(rows: dict[str, dict], args) -> str:
         lines += [
             f"| prefill {args.prefill} tokens (ms) | {label} | {d['prefill_ms']:.2f} | {s['prefill_ms']:.2f} | "
             f"**{d['prefill_ms'] / s['prefill_ms']:.2f}x** | {d['prefill_runtime']} / {s['prefill_runtime']} |",
-            f"| greedy decode, batch 1 (tokens/s; prompt {args.prompt}, {args.new_tokens} new) | {label} | "
+            f"| greedy decode, batch {args.batch} (tokens/s; prompt {args.prompt}, {args.new_tokens} new) | {label} | "
             f"{d['decode_tok_s']:.1f} | {s['decode_tok_s']:.1f} | **{s['decode_tok_s'] / d['decode_tok_s']:.2f}x** | "
             f"{runtime}{d['decode_runtime']} / {runtime}{s['decode_runtime']} |",
         ]
         if "generate_tok_s" in s:
             lines.append(
-                f"| greedy decode through generate(), batch 1 (tokens/s) | {label} | {d['generate_tok_s']:.1f} | "
-                f"{s['generate_tok_s']:.1f} | **{s['generate_tok_s'] / d['generate_tok_s']:.2f}x** | "
-                f"{s['generate_runtime']} |"
+                f"| greedy decode through generate(), batch {args.batch} (tokens/s) | {label} | "
+                f"{d['generate_tok_s']:.1f} | {s['generate_tok_s']:.1f} | "
+                f"**{s['generate_tok_s'] / d['generate_tok_s']:.2f}x** | {s['generate_runtime']} |"
             )
         if "graph_tok_s" in s:
             lines.append(
-                f"| greedy decode through generate() with graph_decoding, batch 1 (tokens/s) | {label} | "
+                f"| greedy decode through generate() with graph_decoding, batch {args.batch} (tokens/s) | {label} | "
                 f"{d['graph_tok_s']:.1f} | {s['graph_tok_s']:.1f} | **{s['graph_tok_s'] / d['graph_tok_s']:.2f}x** | "
                 f"{s['graph_runtime']} |"
             )
@@ -489,7 +495,7 @@ def plot_against_sparsity(rows: dict[str, dict], path: Path) -> None:
         right.plot(xs, [dense["prefill_ms"] / r["prefill_ms"] for _, r in points], "o-", label=variant)
     left.axhline(dense["decode_tok_s"], color="gray", linestyle="--", label="dense")
     right.axhline(1.0, color="gray", linestyle="--", label="dense")
-    left.set(xlabel="sparsity (% of 64x64 blocks zeroed)", ylabel="greedy decode, batch 1 (tokens/s)")
+    left.set(xlabel="sparsity (% of 64x64 blocks zeroed)", ylabel="greedy decode (tokens/s)")
     right.set(xlabel="sparsity (% of 64x64 blocks zeroed)", ylabel="prefill speedup over dense")
     for ax in (left, right):
         ax.grid(alpha=0.3)
