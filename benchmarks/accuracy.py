@@ -82,14 +82,9 @@ RECIPES = {
     "default": ["sparsity=learned"],
     "magnitude_init": ["sparsity=learned", "sparsity.score_init=magnitude"],  # learned scores, magnitude start
     "magnitude_frozen": ["sparsity=magnitude_frozen"],
-    # an experiment preset's own recipe with activation-aware scores (pretrained language models)
+    # an experiment preset's own recipe with activation-aware scores (pretrained language models; it keeps the
+    # preset's per-layer levels: smollm2's first two layers dense)
     "activation_init": ["sparsity.score_init=activation"],
-    # the same with a transformers Llama's first two layers left dense (sparsity.level_overrides; docs/frontier.md,
-    # "Where the sparsity goes"): for the smollm2 preset
-    "activation_first2": [
-        "sparsity.score_init=activation",
-        "sparsity.level_overrides=[{match:'model.layers.0.*',level:0.0},{match:'model.layers.1.*',level:0.0}]",
-    ],
     # one-shot activation-aware masks at the final level, kept weights refit to the dense outputs, then the fine-tune
     # with the masks fixed (sparsity=oneshot; pretrained models: docs/frontier.md, "A pretrained language model")
     "oneshot": ["sparsity=oneshot"],
