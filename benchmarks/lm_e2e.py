@@ -155,7 +155,7 @@ def build_dense(args) -> nn.Module:
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(dtype).eval()  # cuBLAS takes as long whatever the values: the zeros go into each sparse copy
+    return model.to(dtype).eval()  # the zeros go into each sparse model (--dense-weights zeroed: here too)
 
 
 def zero_random_blocks(w: torch.Tensor, block: int, sparsity: float, gen: torch.Generator) -> None:
@@ -195,7 +195,6 @@ def to_sparse(args, level: float, fuse: bool = False) -> nn.Module:
             mod = BlockSparseLinear.from_dense(getattr(parent, attr), block_size=args.block)
             mod.tuning_target = "graph"
             setattr(parent, attr, mod)
-    model.kept_fraction = kept_fraction(model)
     if fuse:
         counts = fuse_projections(model)
         print(f"fused q/k/v in {counts['qkv']} layers, gate/up in {counts['gate_up']}", flush=True)
@@ -453,12 +452,12 @@ def main(argv=None):
     rows: dict[str, dict] = {"dense": measure(dense, args)}
     print(json.dumps({"dense": rows["dense"]}), flush=True)
     for level in args.sparsity:
-        for variant in variants:  # one sparse model at a time: an 8B copy each before it is made sparse
+        for variant in variants:  # one sparse model at a time: each is built dense (8B) before it is made sparse
             t0 = time.time()
             model = to_sparse(args, level, fuse=variant == "sparse_fused")
             print(f"built {variant} at {level:g} in {time.time() - t0:.1f} s", flush=True)
             name = row_name(variant, level, args)
-            rows[name] = {"sparsity": level, "kept_fraction": model.kept_fraction, **measure(model, args)}
+            rows[name] = {"sparsity": level, "kept_fraction": kept_fraction(model), **measure(model, args)}
             print(json.dumps({name: rows[name]}), flush=True)
             del model
             if on_gpu(args.device):
@@ -485,7 +484,7 @@ def plot_against_sparsity(rows: dict[str, dict], path: Path) -> None:
     dense = rows["dense"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for variant in sorted({name.split("@")[0] for name in rows} - {"dense"}):
-        points = sorted((r["sparsity"], r) for n, r in rows.items() if n.split("@")[0] == variant)
+        points = sorted(((r["sparsity"], r) for n, r in rows.items() if n.split("@")[0] == variant), key=lambda p: p[0])
         xs = [100 * x for x, _ in points]
         line = left.plot(xs, [r["decode_tok_s"] for _, r in points], "o-", label=variant)[0]
         off = [(100 * x, r["decode_tok_s"]) for x, r in points if r["decode_runtime"] != dense["decode_runtime"]]
