@@ -26,7 +26,7 @@ import torch
 
 from superblock.io import write_text_atomically
 from superblock.kernels import _runners, _triton_bsr
-from superblock.timing import interleaved_ms, time_cuda, time_graph
+from superblock.timing import capture_graph, interleaved_ms, time_cuda, time_graph
 
 FORMAT = "superblock-tuning"
 VERSION = 1
@@ -550,17 +550,35 @@ def measure(
 
 def _graph_times(finalists: dict, gpu_ms: dict[str, float]) -> dict[str, float]:
     """GPU time of each finalist: a Triton config's from its candidate timing, the others' from CUDA-graph replays
-    (CUDA events where a capture fails)."""
+    (CUDA events where a capture fails). A finalist whose replay computes something else than its eager call is left
+    out: a replay that skips or repeats stale work can look fast, and the graph target would then serve it."""
     times = {}
     for label, fn in finalists.items():
         if label in gpu_ms:
             times[label] = gpu_ms[label]
             continue
         try:
+            if not replays_as_called(fn):
+                msg = f"auto: {label}'s CUDA-graph replay differs from its eager call; not chosen for graphs"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                continue
             times[label] = time_graph(fn)
         except Exception:
             times[label] = time_cuda(fn)
     return times
+
+
+def replays_as_called(fn, tolerance: float = 1e-2) -> bool:
+    """Whether a CUDA-graph replay of fn() returns what an eager call of it returns (within `tolerance` of the
+    output's largest magnitude: the same kernels on the same inputs differ at most by their sums' order)."""
+    want = fn().float()
+    outs: list[torch.Tensor] = []
+    graph = capture_graph(lambda: outs.append(fn()))
+    outs[-1].zero_()  # what the replay must write
+    graph.replay()
+    torch.cuda.synchronize()
+    err = (outs[-1].float() - want).abs().max().item() if want.numel() else 0.0
+    return err <= tolerance * want.abs().max().item() + 1e-6
 
 
 def _entry(times: dict, configs: dict, gpu_ms: dict, best_cfg: str | None) -> dict:

@@ -101,3 +101,50 @@ def test_auto_measures_a_feature_major_x_on_its_own(fresh_table):
         assert entry.get("measured", True) and tuning_mod.lookup(scope, k) == entry
         torch.testing.assert_close(bsr_linear(xi, values, crow, col, w.shape).float(), ref, rtol=2e-2, atol=2e-1)
     assert len(tuning_mod.tuning_table(scope)["scopes"][scope]) == 2
+
+
+@torch.no_grad()
+def test_graph_target_leaves_out_a_backend_whose_replay_is_wrong(fresh_table, monkeypatch):
+    """A backend that is right when called and wrong when replayed (here torch's, made to write zeros under a
+    capture: fast, and wrong) is not chosen for CUDA graphs, whatever its time."""
+    from superblock.kernels import _runners
+
+    real = _runners.run_torch
+
+    def wrong_in_graphs(x2d, values, crow, col, shape, bias, activation):
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(x2d.shape[0], shape[0], device=x2d.device, dtype=x2d.dtype)
+        return real(x2d, values, crow, col, shape, bias, activation)
+
+    monkeypatch.setattr(_runners, "run_torch", wrong_in_graphs)
+    w, values, crow, col = block_sparse(4096, 4096, seed=5, density=0.5)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="torch's CUDA-graph replay differs"):
+        _, entry = tuning_mod.measure((x, values, crow, col, w.shape, None, None), "ieee", target="graph")
+    assert entry["backend"] != "torch" and "torch" not in entry["times_us"]
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1])
+@torch.no_grad()
+def test_graph_target_choice_replays_what_it_computes(fresh_table, density):
+    """What `auto` picks for CUDA graphs at one token (Llama-3-8B's o and down shapes), captured and replayed,
+    gives the eager call's output. lm_e2e's 50% decode step once replayed wrong values (off by 1.2 relative) while
+    its eager steps were right."""
+    from superblock.kernels import BlockSparseLinear
+    from superblock.timing import capture_graph
+
+    for out_f, in_f in ((4096, 4096), (4096, 14336)):
+        w, *_ = block_sparse(out_f, in_f, seed=7, density=density)
+        mod = BlockSparseLinear.from_dense(w, None, 64)
+        mod.tuning_target = "graph"
+        mod.prepare(1)
+        x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+        want = mod(x).float()
+        outs = []
+        graph = capture_graph(lambda: outs.append(mod(x)))  # noqa: B023
+        outs[-1].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = F.linear(x.float(), w.float())
+        torch.testing.assert_close(outs[-1].float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        torch.testing.assert_close(want, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
