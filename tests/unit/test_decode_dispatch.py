@@ -139,6 +139,7 @@ def test_measure_offers_the_decode_kernel_and_records_it(monkeypatch, target):
         lambda fns, device, **k: {n: (f(), 1.0 if n == "dense" else 0.5)[1] for n, f in fns.items()},
     )
     monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    monkeypatch.setattr(tuning_mod, "replays_as_called", lambda fn: True)  # no graphs on a CPU
     layer = _sparse_layer()
     x2d = torch.randn(1, layer.in_features)
     args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
@@ -159,6 +160,7 @@ def test_measure_keeps_dense_when_decode_is_not_faster(monkeypatch):
     monkeypatch.setattr(tuning_mod, "_time_triton", fake_time_triton)
     monkeypatch.setattr(_runners, "triton_usable", lambda *a: True)
     monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    monkeypatch.setattr(tuning_mod, "replays_as_called", lambda fn: True)  # no graphs on a CPU
     layer = _sparse_layer()
     x2d = torch.randn(1, layer.in_features)
     args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
@@ -310,6 +312,7 @@ def test_tuning_runs_balanced_candidates_with_their_work_list(monkeypatch):
 
     monkeypatch.setattr(_runners, "run_triton", fake_run_triton)
     monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: (fn(), 1.0)[1])
+    monkeypatch.setattr(tuning_mod, "replays_as_called", lambda fn: True)  # no graphs on a CPU
     layer = _sparse_layer(per_row=3)
     x2d = torch.randn(1, layer.in_features)
     args = (x2d, layer.values, layer.crow_indices, layer.col_indices, layer.shape, layer.bias, None)
@@ -321,3 +324,20 @@ def test_tuning_runs_balanced_candidates_with_their_work_list(monkeypatch):
     for c, work in balanced:
         assert work.shape == (4 + layer.values.shape[0] // c["BAL"], WORK_WIDTH)
     assert all(g is None for c, g in seen if not c.get("BAL"))
+
+
+def test_graph_times_leave_out_a_finalist_whose_replay_differs(monkeypatch):
+    """For the CUDA-graph target a finalist that replays something else than it computes is not timed (so never
+    chosen), with a warning; the others are timed as before."""
+
+    def torch_call():
+        return None
+
+    def dense_call():
+        return None
+
+    monkeypatch.setattr(tuning_mod, "time_graph", lambda fn, *a, **k: 1.0)
+    monkeypatch.setattr(tuning_mod, "replays_as_called", lambda fn: fn is not torch_call)
+    with pytest.warns(RuntimeWarning, match="torch's CUDA-graph replay differs"):
+        times = tuning_mod._graph_times({"torch": torch_call, "dense": dense_call}, {})
+    assert times == {"dense": 1.0}
