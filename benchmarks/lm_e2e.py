@@ -35,7 +35,6 @@ process, same runtime, same inputs:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -50,6 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lm_generate import generate_kwargs, timed_generate  # noqa: E402
+from superblock.export.decoding import step_inputs  # noqa: E402
 from superblock.kernels import BlockSparseLinear, choice_counts  # noqa: E402
 from superblock.kernels.projection_fusion import fuse_projections  # noqa: E402
 from superblock.timing import capture_graph  # noqa: E402
@@ -270,9 +270,6 @@ class Decoder:
         self.model, self.prompt = model, prompt
         self.step_model = compiled(model, args)  # the one-token step; prefill and checks run eagerly
         self.cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.new_tokens + 16)
-        params = inspect.signature(type(model).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
-        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
         dev = prompt.device
         batch = prompt.shape[0]
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -280,9 +277,7 @@ class Decoder:
         self.logits = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=dev)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, model=None):
-        kw = {self.cache_kw: self.cache, "position_ids": positions.view(1, -1), "use_cache": True, "logits_to_keep": 1}
-        if self.with_cache_position:
-            kw["cache_position"] = positions.view(-1)
+        kw = step_inputs(self.model, self.cache, positions.view(1, -1), positions.view(-1))
         return (self.model if model is None else model)(input_ids=ids, **kw).logits[:, -1].float()
 
     def prefill(self) -> None:

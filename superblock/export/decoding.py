@@ -35,6 +35,7 @@ through the one-token loop.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections import OrderedDict
@@ -137,6 +138,30 @@ def _cache_length(cache) -> int:
     return max(int(layer.max_cache_len) for layer in cache.layers)
 
 
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name `model.forward` (and generate()) takes the cache by: renamed in transformers 5.2x."""
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def step_inputs(
+    model: nn.Module, cache, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict:
+    """The keyword arguments of a cached forward, `model(input_ids=ids, **step_inputs(...))`, whose tokens sit at
+    `positions` and are written into `cache` at `slots`, whatever the transformers 5.x version: the cache's keyword
+    was renamed in 5.2x, and older versions write where `cache_position` says."""
+    kw = {cache_kwarg(model): cache, "position_ids": positions, "use_cache": True, "logits_to_keep": 1}
+    if mask is not None:
+        kw["attention_mask"] = mask
+    if "cache_position" in _forward_params(type(model)):
+        kw["cache_position"] = slots
+    return kw
+
+
 class _StepGraph:
     """Static buffers for one token per sequence (token, its position, the cache slot, the attention mask, the
     logits) and the CUDA graph of the model's forward over them; and for the greedy chunk, the output ids, the cursor
@@ -144,9 +169,6 @@ class _StepGraph:
     with the chunk's graph (captured on first use)."""
 
     def __init__(self, model: nn.Module, cache, batch: int, max_length: int, padded: bool, compile_step: bool):
-        self.cache_kw = self.cache_kwarg(model)
-        params = inspect.signature(type(model).forward).parameters
-        self.with_cache_position = "cache_position" in params  # older 5.x write the cache where this says
         self.model, self.cache, self.max_length = model, cache, max_length
         self.device = device = next(model.parameters()).device
         vocab = model.config.vocab_size
@@ -170,18 +192,8 @@ class _StepGraph:
             self.graph = capture_graph(self.step, warmups=2, device=device)
             cache.reset()  # the warm-up steps wrote into it
 
-    @staticmethod
-    def cache_kwarg(model: nn.Module) -> str:
-        """The name `model.forward` (and generate()) takes the cache by: renamed in transformers 5.2x."""
-        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
     def inputs(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None) -> dict:
-        kw = {self.cache_kw: self.cache, "position_ids": positions, "use_cache": True, "logits_to_keep": 1}
-        if mask is not None:
-            kw["attention_mask"] = mask
-        if self.with_cache_position:
-            kw["cache_position"] = slots
-        return kw
+        return step_inputs(self.model, self.cache, positions, slots, mask)
 
     def step(self) -> None:
         out = self.forward(input_ids=self.tok, **self.inputs(self.pos, self.slot, self.mask))

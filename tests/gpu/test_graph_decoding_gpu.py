@@ -54,7 +54,7 @@ def test_on_cuda_greedy_chunks_replay_one_graph_per_16_tokens_and_decode_what_tr
     calls = ({"min_new_tokens": 40}, {"eos_token_id": eos}, {"eos_token_id": eos, "min_new_tokens": 10})
     wants = [model.generate(prompt, cache_implementation="static", **kw, **call) for call in calls]
     cache = StaticCache(config=model.config, max_cache_len=12 + 40 - 1)  # as generate() sizes its own
-    cache_kw = decoding._StepGraph.cache_kwarg(model)
+    cache_kw = decoding.cache_kwarg(model)
     for call, want in zip(calls, wants, strict=True):
         cache.reset()  # a cache passed in is the caller's to reset
         got = model.generate(prompt, custom_generate=graph_decoding, **{cache_kw: cache}, **kw, **call)

@@ -106,7 +106,7 @@ def test_a_step_kept_with_its_cache_reads_each_calls_floors_end_of_sequence_and_
 
     prompt = prompts(2, 6, seed=7)  # row 1 ends on the model's end of sequence (2) at its eighth new token
     cache = StaticCache(config=llama.config, max_cache_len=6 + 40 - 1)  # as generate() sizes its own
-    cache_kw = decoding._StepGraph.cache_kwarg(llama)
+    cache_kw = decoding.cache_kwarg(llama)
     free, _ = both(llama, prompt, max_new_tokens=40, do_sample=False)
     eos = int(free[0, 6 + 5])
     for call in ({"min_new_tokens": 12}, {}, {"eos_token_id": eos, "pad_token_id": 7}, {"min_length": 6 + 10}, {}):
@@ -218,5 +218,5 @@ def test_generates_own_static_caches_share_one_kept_step(llama, monkeypatch):
     assert torch.equal(got, want) and len(built) == 2
     cache = StaticCache(config=llama.config, max_cache_len=6 + 30 - 1)
     got = llama.generate(prompts(2, 6, seed=3), custom_generate=graph_decoding, max_new_tokens=30, do_sample=False,
-                         pad_token_id=0, **{decoding._StepGraph.cache_kwarg(llama): cache})  # fmt: skip
+                         pad_token_id=0, **{decoding.cache_kwarg(llama): cache})  # fmt: skip
     assert torch.equal(got, want) and len(built) == 3 and cache.is_initialized
