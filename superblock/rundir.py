@@ -4,7 +4,7 @@
 ```
 <run dir>/config.yaml               the resolved config (train.py writes it before training)
 <run dir>/checkpoints/last.pt       the latest checkpoint (resume, export, evaluate start from it)
-<run dir>/checkpoints/best.pt       the checkpoint of the best validation top-1
+<run dir>/checkpoints/best.pt       the checkpoint of the best validation: top-1, a language model's perplexity
 <run dir>/metrics.jsonl             one JSON object per logged step
 <run dir>/summary.json              RunSummary.to_dict(), written at the end (or on failure)
 <run dir>/export/, eval.json        measure.enabled=true: the run's export and its timing vs dense
@@ -95,6 +95,8 @@ class RunSummary:
     val_perplexity_per_byte: float | None = None  # the same per UTF-8 byte of text (compares across tokenizers)
     best_val_top1: float | None = None
     best_val_top5: float | None = None
+    best_val_perplexity: float | None = None  # a language model's lowest validation perplexity (best.pt's)
+    best_val_perplexity_per_byte: float | None = None  # that validation's per byte
     block_sparsity: dict[str, float] | None = None  # weight name -> measured fraction of all-zero blocks
     mean_block_sparsity: float | None = None
     params_total: int | None = None

@@ -31,6 +31,8 @@ class Progress:
     step: int = 0  # optimizer steps
     best_top1: float = -1.0
     best_top5: float = -1.0
+    best_perplexity: float | None = None  # a language model's lowest validation perplexity (its best.pt)
+    best_perplexity_per_byte: float | None = None  # the same validation's, per byte
     train_images: int = 0  # throughput, steady state: first logging window of each process start left out
     train_seconds: float = 0.0
     train_tokens: int = 0  # a language model's input tokens over the same windows (0 for images)

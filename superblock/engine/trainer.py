@@ -406,9 +406,20 @@ class Trainer:
             self.logger.log({**metrics, "epoch": epoch + 1}, self.progress.step)
         if self.dist.is_main:
             tqdm.write(_validation_line(epoch, metrics))
-        if metrics["val_top1"] > self.progress.best_top1:
-            self.progress.best_top1, self.progress.best_top5 = metrics["val_top1"], metrics["val_top5"]
+        if self._best_so_far(metrics):
+            p = self.progress
+            p.best_top1, p.best_top5 = metrics["val_top1"], metrics["val_top5"]
+            p.best_perplexity = metrics.get("val_perplexity")
+            p.best_perplexity_per_byte = metrics.get("val_perplexity_per_byte")
             self.save(self.run.best)
+
+    def _best_so_far(self, metrics: dict[str, float]) -> bool:
+        """Whether this validation is the run's best: the lowest perplexity for a language model, else the highest
+        top-1 (best.pt and summary.json's best_* are that validation's)."""
+        if metrics.get("val_perplexity") is not None:
+            best = self.progress.best_perplexity
+            return best is None or metrics["val_perplexity"] < best
+        return metrics["val_top1"] > self.progress.best_top1
 
     # --------------------------------------------------------------------------------------------- summary
     def _whole_model(self) -> nn.Module | None:
@@ -448,6 +459,8 @@ class Trainer:
             val_perplexity_per_byte=m.get("val_perplexity_per_byte"),
             best_val_top1=p.best_top1,
             best_val_top5=p.best_top5,
+            best_val_perplexity=p.best_perplexity,
+            best_val_perplexity_per_byte=p.best_perplexity_per_byte,
             block_sparsity=measured,
             mean_block_sparsity=sum(measured.values()) / len(measured) if measured else 0.0,
             params_total=total,

@@ -34,6 +34,7 @@ SUMMARY_FIELDS = (
     "epochs",
     "steps",
     "val_perplexity",
+    "best_val_perplexity",
     "val_perplexity_per_byte",
 )
 EVAL_FIELDS = ("speedup", "latency_ms", "dense_latency_ms", "device", "dtype")

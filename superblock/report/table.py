@@ -27,6 +27,7 @@ CSV_FIELDS = (
     "best_val_top5",
     "ema_val_top1",
     "val_perplexity",
+    "best_val_perplexity",
     "delta",
     "mean_block_sparsity",
     "params_kept_frac",

@@ -65,6 +65,24 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     assert ckpt["model_spec"]["num_classes"] == 257  # the byte vocabulary reached the model
 
 
+def test_best_checkpoint_of_a_language_model_is_its_lowest_perplexity(tmp_path):
+    """A language model's best.pt and summary.json's best_val_perplexity are the validation of lowest perplexity,
+    not of highest next-token top-1; a learning rate of 0.05 overshoots, so the last epoch is not the best."""
+    common = [a for a in LM_TINY if not a.startswith(("trainer.max_steps", "data.max_bytes"))]
+    overrides = ["data.max_bytes=6000", "trainer.max_epochs=4", "trainer.min_steps=null", "optim.lr=0.05"]
+    proc = run_train(*common, *overrides, "optim.warmup_epochs=0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path)
+    validations = [m for m in _metrics(tmp_path) if "val_perplexity" in m]
+    assert len(validations) == 4
+    lowest = min(validations, key=lambda m: m["val_perplexity"])
+    assert s["val_perplexity"] > s["best_val_perplexity"] == pytest.approx(lowest["val_perplexity"], rel=1e-9)
+    assert s["best_val_perplexity_per_byte"] == pytest.approx(lowest["val_perplexity_per_byte"], rel=1e-9)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["progress"]["epoch"] == lowest["epoch"]
+    assert best["progress"]["last_metrics"]["val_perplexity"] == pytest.approx(lowest["val_perplexity"], rel=1e-9)
+
+
 def test_zero_steps_validates_the_starting_model_only(tmp_path):
     """trainer.max_steps=0: the starting model's validation (a pretrained model as is), no optimizer step."""
     proc = run_train(*LM_TINY, "sparsity=none", "trainer.max_steps=0", f"hydra.run.dir={tmp_path}")
