@@ -27,10 +27,11 @@ Budget: with --budget-minutes M no run starts once the runs so far say it would 
 start, and runs still going at M minutes are stopped (their rows say so, with the last validation they logged);
 dense runs are queued first, then the sparse runs seed by seed, all at once (only a finetune run waits for its dense
 run), so a cut grid still has every configuration at its first seed. Without a budget it runs all.
-Writes <out>/runs.jsonl (a row per run, as each ends), runs.csv, results.md (mean +- std over seeds of the metric
-and of its gap to the same seed's dense run; for perplexities also the gap in percent of dense and the perplexity
-per byte of text), results.json and accuracy.png. `--as-is` adds one run that trains nothing (trainer.max_steps=0):
-the starting model's own metric, for presets that start from a pretrained model.
+Writes <out>/runs.jsonl (a row per run, as each ends: the metric's last and best validation), runs.csv, results.md
+(mean +- std over seeds of the metric and of its gap to the same seed's dense run; for perplexities also the gap in
+percent of dense and the perplexity per byte of text), results.json and accuracy.png. `--as-is` adds one run that
+trains nothing (trainer.max_steps=0): the starting model's own metric, for presets that start from a pretrained
+model.
 """
 
 from __future__ import annotations
@@ -314,6 +315,8 @@ def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
         row.update(value=s.get(metric), wall_time_s=s.get("wall_time_s"), status="ok")
         if s.get(ALSO.get(metric, "")) is not None:
             row["also"] = s[ALSO[metric]]
+        if s.get(f"best_{metric}") is not None:  # the best validation's (runs that peak before their end)
+            row["best"] = s[f"best_{metric}"]
         row.update(_permutation(run_dir))
     print(f"{row['status']:>18} {job['name']}: {metric} {row['value']}", flush=True)
     return row

@@ -272,6 +272,7 @@ def test_pretrained_preset_end_to_end_on_a_tiny_converted_llama(tmp_path) -> Non
     rows = {r["recipe"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
     assert set(rows) == {"dense", "as_is", "experiment"} and all(r["status"] == "ok" for r in rows.values())
     assert all(r["also"] > 0 for r in rows.values())  # the per-byte perplexity of every run
+    assert all(0 < r["best"] <= r["value"] for r in rows.values())  # the lowest perplexity of each run's validations
     summary = json.loads((out / "runs" / "as_is" / "summary.json").read_text())
     assert summary["steps"] == 0 and summary["val_perplexity"] == rows["as_is"]["value"]
     assert "| as_is |" in (out / "results.md").read_text()
