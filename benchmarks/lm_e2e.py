@@ -371,6 +371,15 @@ def generate_tokens_per_s(model, args, graph: bool = False) -> tuple[float, str]
     return args.batch * args.new_tokens / seconds, label
 
 
+def table_row(
+    title: str, label: str, dense: dict, sparse: dict, key: str, fmt: str, runtimes: str, lower_is_faster: bool = False
+) -> str:
+    """One line of the report: a measure's dense and sparse values, the sparse model's speedup, the runtimes."""
+    a, b = dense[key], sparse[key]
+    speedup = a / b if lower_is_faster else b / a
+    return f"| {title} | {label} | {a:{fmt}} | {b:{fmt}} | **{speedup:.2f}x** | {runtimes} |"
+
+
 def report(rows: dict[str, dict], args) -> str:
     """The markdown table: dense against each sparse variant (unfused "sparse", fused "sparse_fused")."""
     d = rows["dense"]
@@ -394,32 +403,22 @@ def report(rows: dict[str, dict], args) -> str:
         label = "sparse, q/k/v + gate/up fused" if name.startswith("sparse_fused") else "sparse"
         if len(args.sparsity) > 1:
             label += f", {s['sparsity']:.0%}"
-        lines += [
-            f"| prefill {args.prefill} tokens (ms) | {label} | {d['prefill_ms']:.2f} | {s['prefill_ms']:.2f} | "
-            f"**{d['prefill_ms'] / s['prefill_ms']:.2f}x** | {d['prefill_runtime']} / {s['prefill_runtime']} |",
-            f"| greedy decode, batch {args.batch} (tokens/s; prompt {args.prompt}, {args.new_tokens} new) | {label} | "
-            f"{d['decode_tok_s']:.1f} | {s['decode_tok_s']:.1f} | **{s['decode_tok_s'] / d['decode_tok_s']:.2f}x** | "
-            f"{runtime}{d['decode_runtime']} / {runtime}{s['decode_runtime']} |",
-        ]
-        if "decode_with_prompt_tok_s" in s:  # what generate() is measured against: its calls include the prompt
-            lines.append(
-                f"| greedy decode, the loop with its prompt's prefill (tokens/s, as generate() is timed) | {label} | "
-                f"{d['decode_with_prompt_tok_s']:.1f} | {s['decode_with_prompt_tok_s']:.1f} | "
-                f"**{s['decode_with_prompt_tok_s'] / d['decode_with_prompt_tok_s']:.2f}x** | "
-                f"{d['decode_runtime']} / {s['decode_runtime']}, prompt eager |"
-            )
-        if "generate_tok_s" in s:
-            lines.append(
-                f"| greedy decode through generate(), batch {args.batch} (tokens/s) | {label} | "
-                f"{d['generate_tok_s']:.1f} | {s['generate_tok_s']:.1f} | "
-                f"**{s['generate_tok_s'] / d['generate_tok_s']:.2f}x** | {s['generate_runtime']} |"
-            )
-        if "graph_tok_s" in s:
-            lines.append(
-                f"| greedy decode through generate() with graph_decoding, batch {args.batch} (tokens/s) | {label} | "
-                f"{d['graph_tok_s']:.1f} | {s['graph_tok_s']:.1f} | **{s['graph_tok_s'] / d['graph_tok_s']:.2f}x** | "
-                f"{s['graph_runtime']} |"
-            )
+        prefill_rt = f"{d['prefill_runtime']} / {s['prefill_runtime']}"
+        lines.append(
+            table_row(f"prefill {args.prefill} tokens (ms)", label, d, s, "prefill_ms", ".2f", prefill_rt, True)
+        )
+        rates = (  # tokens/s rows: (measure, row key, runtime column); the generate() rows only with --generate
+            (f"greedy decode, batch {args.batch} (tokens/s; prompt {args.prompt}, {args.new_tokens} new)",
+             "decode_tok_s", f"{runtime}{d['decode_runtime']} / {runtime}{s['decode_runtime']}"),
+            # what generate() is measured against: its calls include the prompt
+            ("greedy decode, the loop with its prompt's prefill (tokens/s, as generate() is timed)",
+             "decode_with_prompt_tok_s", f"{d['decode_runtime']} / {s['decode_runtime']}, prompt eager"),
+            (f"greedy decode through generate(), batch {args.batch} (tokens/s)", "generate_tok_s",
+             s.get("generate_runtime")),
+            (f"greedy decode through generate() with graph_decoding, batch {args.batch} (tokens/s)", "graph_tok_s",
+             s.get("graph_runtime")),
+        )  # fmt: skip
+        lines += [table_row(title, label, d, s, key, ".1f", runtimes=rt) for title, key, rt in rates if key in s]
     for name, s in rows.items():
         if s.get("choices"):
             picks = "; ".join(
@@ -441,8 +440,8 @@ def measure(model: nn.Module, args) -> dict:
         row["generate_tok_s"], row["generate_runtime"] = generate_tokens_per_s(model, args)
         row["graph_tok_s"], row["graph_runtime"] = generate_tokens_per_s(model, args, graph=True)
     row["seconds"] = time.time() - t0
-    if any(isinstance(m, BlockSparseLinear) for m in model.modules()):  # which kernels auto chose, per token bucket
-        row["choices"] = {str(b): c for b, c in choice_counts(model).items()}
+    if counts := choice_counts(model):  # which kernels auto chose, per token bucket (none in the dense model)
+        row["choices"] = {str(b): c for b, c in counts.items()}
     return row
 
 
