@@ -209,7 +209,8 @@ class Trainer:
         barrier()
 
     def resume_from(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        # read onto the CPU: the random states must be CPU tensors, and load_state_dict moves the rest where it lives
+        state = load_checkpoint(path, map_location="cpu")
         if state.get("model_spec") != self.model_spec or state.get("sparsity_spec") != self.sparsity_spec:
             raise ValueError(
                 f"cannot resume from {path}: it was trained with a different model or sparsity config "
