@@ -162,3 +162,38 @@ def test_recipe_ladder_refuses_rows_without_a_dense_reference(tmp_path):
     bad.write_text("level,recipe,perplexity,std,seeds,per_byte,steps,source\n0.5,x,20,,1,2.0,600,\n")
     with pytest.raises(SystemExit, match="dense fine-tune"):
         recipe_ladder.main([str(bad), "--out", str(tmp_path / "p.png")])
+
+
+def test_lm_e2e_replay_check_feeds_each_replay_the_eager_steps_token():
+    """The replayed step is checked on the eager steps' own tokens: a replay whose argmax goes the other way on a
+    near-tie (here: every token it picks is replaced) still matches the eager logits, and a replay that is really
+    wrong (one that ignores its input token) is still far off."""
+    from benchmarks import lm_e2e
+
+    tiny = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
+    args = lm_e2e.parse_args([*tiny, "--vocab", "1000", "--prompt", "8", "--new-tokens", "4", "--device", "cpu",
+                              "--batch", "3"])  # fmt: skip
+    model = lm_e2e.build_dense(args)
+    dec = lm_e2e.Decoder(model, args, lm_e2e.decode_prompt(args))
+
+    class Replay:  # stands in for the captured graph: the step, with what a faulty replay would do around it
+        def __init__(self, before=lambda: None, after=lambda: None):
+            self.before, self.after = before, after
+
+        def replay(self):
+            self.before()
+            dec.step()
+            self.after()
+
+    with torch.no_grad():
+        dec.prefill()
+        eager, toks = [], [dec.tok.clone()]
+        for _ in range(3):
+            dec.step()
+            eager.append(dec.logits.clone())
+            toks.append(dec.tok.clone())
+        full = model(input_ids=torch.cat([dec.prompt, *toks[:3]], dim=1), use_cache=False).logits.float()[:, 8:]
+        flipped = lm_e2e.replay_checks(dec, Replay(after=lambda: dec.tok.add_(1).remainder_(1000)), toks, eager, full)
+        baked = lm_e2e.replay_checks(dec, Replay(before=lambda: dec.tok.fill_(7)), toks, eager, full)  # input ignored
+    assert flipped["graph_vs_eager"] < 1e-6 and flipped["graph_vs_cache_free"] < 5e-2
+    assert baked["graph_vs_eager"] > 0.1 and baked["graph_vs_cache_free"] > 0.1
