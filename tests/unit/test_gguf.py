@@ -106,8 +106,8 @@ def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
 def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     """experiment=smollm2_sparse end to end on the CPU (2 steps), with a tiny Llama folder standing in for the real
     conversion: masks on the 7 projections of each block, layers 0-1 dense and the other three sparser so that half
-    of all masked weights is zeroed, distillation from the same folder, its own tokenizer; the experiment's recipe
-    refits the kept weights before the first step, sparsity=finetune does not."""
+    of all masked weights is zeroed, distillation from the same folder, its own tokenizer, student and teacher
+    compiled; the experiment's recipe refits the kept weights before the first step, sparsity=finetune does not."""
     import subprocess
 
     model, tokenizer = tiny_llama(layers=5)
@@ -134,4 +134,6 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
 
     spec = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model_spec"]
     assert spec["num_classes"] == len(tokenizer)  # its own vocabulary, not UTF-8 bytes (257)
-    assert f"teacher: {tmp_path / 'tiny'}" in (tmp_path / "run" / "config.yaml").read_text()
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"teacher: {tmp_path / 'tiny'}" in config
+    assert "compile: true" in config  # the experiment compiles student and teacher (here on the CPU, as shipped)
