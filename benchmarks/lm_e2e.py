@@ -306,6 +306,19 @@ def decode_prompt(args) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.prompt), generator=gen).to(args.device)
 
 
+def eager_steps(dec: Decoder, steps: int = 3) -> tuple[list, list, torch.Tensor]:
+    """Prefill, then `steps` eager steps: the tokens they were fed (and the last one they picked), their logits, and a
+    cache-free forward's logits at the same positions ([batch, steps, vocab])."""
+    dec.prefill()
+    eager, toks = [], [dec.tok.clone()]
+    for _ in range(steps):
+        dec.step()
+        eager.append(dec.logits.clone())
+        toks.append(dec.tok.clone())
+    full = dec.model(input_ids=torch.cat([dec.prompt, *toks[:steps]], dim=1), use_cache=False).logits.float()
+    return toks, eager, full[:, dec.prompt.shape[1] :]
+
+
 def replay_checks(dec: Decoder, graph, toks: list, eager: list, full: torch.Tensor) -> dict[str, float]:
     """The captured step replayed once per eager step, each replay fed the token the eager step was fed (`toks[i]`),
     against the eager steps' logits and the cache-free forward's (`full[:, i]`). Fed its own argmax instead, one
@@ -330,19 +343,13 @@ def decode_tokens_per_s(model, args) -> tuple[float, float, str, dict]:
     dec = Decoder(model, args, prompt)
     checks = {}
     with torch.no_grad():
-        dec.prefill()
-        eager, toks = [], [dec.tok.clone()]
-        for _ in range(3):
-            dec.step()
-            eager.append(dec.logits.clone())
-            toks.append(dec.tok.clone())
-        full = model(input_ids=torch.cat([prompt, *toks[:3]], dim=1), use_cache=False).logits.float()
-        checks["step_vs_cache_free"] = max(rel(eager[i], full[:, args.prompt + i]) for i in range(3))
+        toks, eager, full = eager_steps(dec)
+        checks["step_vs_cache_free"] = max(rel(e, full[:, i]) for i, e in enumerate(eager))
         runtime, run = "eager", dec.step
         try:
             graph = capture(dec.step, args.device)
             if graph is not None:
-                checks.update(replay_checks(dec, graph, toks, eager, full[:, args.prompt :]))
+                checks.update(replay_checks(dec, graph, toks, eager, full))
                 # bf16 through 32 layers: eager steps differ from a cache-free forward by ~1e-2 already, and fp32
                 # atomic sums (the decode kernel) are not bit-reproducible; a wrong capture (stale positions, a
                 # baked-in cache slot) is off by far more than that

@@ -173,8 +173,7 @@ def test_lm_e2e_replay_check_feeds_each_replay_the_eager_steps_token():
     tiny = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
     args = lm_e2e.parse_args([*tiny, "--vocab", "1000", "--prompt", "8", "--new-tokens", "4", "--device", "cpu",
                               "--batch", "3"])  # fmt: skip
-    model = lm_e2e.build_dense(args)
-    dec = lm_e2e.Decoder(model, args, lm_e2e.decode_prompt(args))
+    dec = lm_e2e.Decoder(lm_e2e.build_dense(args), args, lm_e2e.decode_prompt(args))
 
     class Replay:  # stands in for the captured graph: the step, with what a faulty replay would do around it
         def __init__(self, before=lambda: None, after=lambda: None):
@@ -186,13 +185,7 @@ def test_lm_e2e_replay_check_feeds_each_replay_the_eager_steps_token():
             self.after()
 
     with torch.no_grad():
-        dec.prefill()
-        eager, toks = [], [dec.tok.clone()]
-        for _ in range(3):
-            dec.step()
-            eager.append(dec.logits.clone())
-            toks.append(dec.tok.clone())
-        full = model(input_ids=torch.cat([dec.prompt, *toks[:3]], dim=1), use_cache=False).logits.float()[:, 8:]
+        toks, eager, full = lm_e2e.eager_steps(dec)
         flipped = lm_e2e.replay_checks(dec, Replay(after=lambda: dec.tok.add_(1).remainder_(1000)), toks, eager, full)
         baked = lm_e2e.replay_checks(dec, Replay(before=lambda: dec.tok.fill_(7)), toks, eager, full)  # input ignored
     assert flipped["graph_vs_eager"] < 1e-6 and flipped["graph_vs_cache_free"] < 5e-2
