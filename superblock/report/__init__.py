@@ -1,4 +1,4 @@
-"""Sweep reports: many run directories -> results.csv, results.md and an accuracy-vs-speed plot.
+"""Sweep reports: many run directories -> results.csv, results.md, an accuracy-vs-speed plot and validation curves.
 
     python -m superblock.report multirun/<sweep> [more dirs...] [--out DIR] [--force] [--metric val_top1]
 
@@ -8,11 +8,13 @@ A run directory is any directory holding `summary.json` (see docs/architecture.m
 This package itself needs no torch: reporting only reads files.
 
 Modules: ``runs`` (finding and reading run directories into rows), ``table`` (dense deltas, csv, markdown),
-``plot`` (accuracy vs speedup), ``writer`` (write_report: all three files), ``cli`` (``main``, run by
-``__main__``). Every public name is importable from ``superblock.report``.
+``plot`` (accuracy vs speedup), ``curves`` (each run's validations against its step, from metrics.jsonl),
+``writer`` (write_report: all the files), ``cli`` (``main``, run by ``__main__``). Every public name is importable
+from ``superblock.report``.
 """
 
 from superblock.report.cli import main
+from superblock.report.curves import curve_metric, plot_curves, read_curve
 from superblock.report.plot import pareto_front, plot_accuracy_vs_speed
 from superblock.report.runs import (
     CONFIG,
@@ -59,6 +61,7 @@ __all__ = [
     "accuracy_spec",
     "add_deltas",
     "collect_runs",
+    "curve_metric",
     "dense_baselines",
     "find_run_dirs",
     "fmt_block",
@@ -74,6 +77,8 @@ __all__ = [
     "parse_float",
     "parse_targets",
     "plot_accuracy_vs_speed",
+    "plot_curves",
+    "read_curve",
     "read_run",
     "sparsity_fields",
     "status_counts",

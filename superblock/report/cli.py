@@ -24,7 +24,8 @@ def _default_out(paths: Sequence[str]) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m superblock.report",
-        description="Collect sweep/run directories into results.csv, results.md and accuracy_vs_speedup.png.",
+        description="Collect sweep/run directories into results.csv, results.md, accuracy_vs_speedup.png and "
+        "val_curves.png (each run's validations against its step).",
     )
     parser.add_argument("paths", nargs="+", help="sweep directories and/or run directories (searched recursively)")
     parser.add_argument("--out", help="output directory (default: the one path given, else their common parent)")

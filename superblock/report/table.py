@@ -204,11 +204,16 @@ def _problems(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def markdown_report(rows: Sequence[dict], baselines: dict[str, dict], metric: str, plot_name: str) -> str:
+def markdown_report(
+    rows: Sequence[dict], baselines: dict[str, dict], metric: str, plot_name: str, curves_name: str | None = None
+) -> str:
     lines = ["# Sweep report", "", f"{len(rows)} runs: {status_counts(rows)}.", ""]
     for model in _models(rows):
         base = baselines.get(model)
         text = f"run `{base['run']}`, {metric} = {fmt_num(base[metric])}" if base else "none in these runs (no deltas)"
         lines.append(f"- Dense baseline of {model}: {text}.")
-    lines += ["", _speed_context(rows), "", f"![{metric} vs speed]({plot_name})", "", markdown_table(rows, metric)]
+    lines += ["", _speed_context(rows), "", f"![{metric} vs speed]({plot_name})", ""]
+    if curves_name:
+        lines += [f"![validation curves]({curves_name})", ""]
+    lines += [markdown_table(rows, metric)]
     return "\n".join(lines + _problems(rows)) + "\n"

@@ -1,4 +1,4 @@
-"""write_report: report rows -> results.csv, results.md and accuracy_vs_speedup.png in one directory.
+"""write_report: report rows -> results.csv, results.md, accuracy_vs_speedup.png and val_curves.png in one directory.
 
 No torch: reporting only reads files.
 """
@@ -9,13 +9,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from superblock.report.curves import plot_curves
 from superblock.report.plot import plot_accuracy_vs_speed
 from superblock.report.runs import METRICS, ReportError
 from superblock.report.table import _models, add_deltas, markdown_report, write_csv
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = {"csv": "results.csv", "md": "results.md", "plot": "accuracy_vs_speedup.png"}
+OUTPUTS = {"csv": "results.csv", "md": "results.md", "plot": "accuracy_vs_speedup.png", "curves": "val_curves.png"}
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -23,8 +24,9 @@ def output_paths(out_dir: str | Path) -> dict[str, Path]:
 
 
 def write_report(rows: Sequence[dict], out_dir: str | Path, force: bool = False, metric: str = "val_top1") -> dict:
-    """Write results.csv, results.md and accuracy_vs_speedup.png into `out_dir`; returns {"csv"|"md"|"plot": path}.
-    Raises ReportError when there are no rows, or when an output exists and `force` is False."""
+    """Write results.csv, results.md, accuracy_vs_speedup.png and, where any run logged a validation, val_curves.png
+    into `out_dir`; returns {"csv"|"md"|"plot"|"curves": path} (no "curves" when none was drawn). Raises ReportError
+    when there are no rows, or when an output exists and `force` is False."""
     if not rows:
         raise ReportError("no runs to report")
     if metric not in METRICS:
@@ -44,6 +46,10 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, force: bool = False,
     baselines = add_deltas(rows, metric)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_csv(rows, paths["csv"], metric)
-    paths["md"].write_text(markdown_report(rows, baselines, metric, paths["plot"].name))
     plot_accuracy_vs_speed(rows, paths["plot"], metric)
+    paths["curves"].unlink(missing_ok=True)  # --force: no stale curves beside a report that has none
+    if plot_curves(rows, paths["curves"], metric) is None:
+        del paths["curves"]
+    curves = paths["curves"].name if "curves" in paths else None
+    paths["md"].write_text(markdown_report(rows, baselines, metric, paths["plot"].name, curves))
     return paths

@@ -39,7 +39,10 @@ def check_grid_report(sweep: Path, out: Path) -> None:
     assert all(r["status"] == "completed" for r in rows)
     png = (out / "accuracy_vs_speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    curves = (out / "val_curves.png").read_bytes()  # each run's validations, from the metrics.jsonl train.py wrote
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 10_000
     md = (out / "results.md").read_text().splitlines()
+    assert "![validation curves](val_curves.png)" in md
     table = [ln for ln in md if ln.startswith("|")]
     assert len(table) == 2 + 4 and set(table[1].replace("|", "").strip()) <= set("-: ")
 

@@ -388,3 +388,57 @@ def test_callback_uses_the_run_dir_the_trainer_returned(tmp_path: Path) -> None:
     assert job_run_dir(hydra_cfg, ret) == tmp_path / "resumed"
     assert job_run_dir(hydra_cfg, JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError())).name == "3_a=1"
     assert job_sweep_dir(hydra_cfg) == tmp_path / "sw"
+
+
+def _validations(run: Path, lines: list) -> None:
+    """metrics.jsonl as the trainer writes it: training lines, then a validation line per epoch (str: verbatim)."""
+    text = [ln if isinstance(ln, str) else json.dumps(ln) for ln in lines]
+    (run / "metrics.jsonl").write_text("\n".join(text) + "\n")
+
+
+def test_read_curve_takes_each_validation_once_and_skips_what_does_not_parse(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "r")
+    _validations(run, [
+        {"step": 10, "train_loss": 2.0},
+        {"step": 20, "val_top1": 40.0, "epoch": 1},
+        '{"step": 40, "val_top1": ',  # killed mid-write, then resumed from step 20
+        {"step": 40, "val_top1": 52.0, "epoch": 2},
+        {"step": 40, "val_top1": 55.0, "epoch": 2},  # validated again after a resume: the later line stands
+        {"step": 60, "val_top1": float("nan")},
+    ])  # fmt: skip
+    assert report.read_curve(run, "val_top1") == [(20, 40.0), (40, 55.0)]
+    assert report.read_curve(run, "val_perplexity") == [] and report.read_curve(tmp_path / "none", "val_top1") == []
+    assert report.curve_metric("best_val_top1") == report.curve_metric("ema_val_top1") == "val_top1"
+
+
+def test_language_model_curves_are_perplexity_and_image_curves_top1(tmp_path: Path) -> None:
+    for name, sparsity, ppl in (("dense", None, [9.0, 7.5]), ("s50", 0.5, [14.0, 11.0])):
+        summary = _summary("hf:llama", sparsity or 0.0, 64 if sparsity else None, 50.0) | {"val_perplexity": ppl[-1]}
+        run = make_run(tmp_path / "lm", name, model="hf:llama", sparsity=sparsity, block=64, summary=summary)
+        _validations(run, [{"step": 100 * (i + 1), "val_perplexity": p, "val_top1": 50.0} for i, p in enumerate(ppl)])
+    run = make_run(tmp_path / "vit", "v", sparsity=0.8, block=16, top1=60.0)
+    _validations(run, [{"step": 8, "val_top1": 41.0}, {"step": 16, "val_top1": 60.0}])
+    paths = write_report(collect_runs([tmp_path]), tmp_path / "out")
+    _assert_png(paths["curves"])
+    assert "![validation curves](val_curves.png)" in paths["md"].read_text()
+    from matplotlib.figure import Figure
+
+    drawn = []  # what each panel drew, read back from the axes the report's own panel function filled
+    for model in ("hf:llama", "tiny_vit"):
+        ax = Figure().subplots()
+        rows = [r for r in collect_runs([tmp_path]) if r["model"] == model]
+        assert report.curves._draw_panel(ax, rows, model, "val_top1") == len(rows)
+        drawn.append((ax.get_ylabel(), ax.get_yscale(), sorted(tuple(line.get_ydata()) for line in ax.get_lines())))
+    assert drawn[0] == ("val_perplexity (lower is better)", "log", [(9.0, 7.5), (14.0, 11.0)])
+    assert drawn[1] == ("val_top1", "linear", [(41.0, 60.0)])
+
+
+def test_runs_without_validations_get_no_curves_and_force_drops_stale_ones(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs", "a", top1=60.0)
+    _validations(run, [{"step": 8, "val_top1": 60.0}])
+    out = tmp_path / "out"
+    assert "curves" in write_report(collect_runs([tmp_path / "runs"]), out)
+    _validations(run, [{"step": 8, "train_loss": 1.0}])  # the same run, its validations gone
+    paths = write_report(collect_runs([tmp_path / "runs"]), out, force=True)
+    assert "curves" not in paths and not (out / "val_curves.png").exists()
+    assert "validation curves" not in paths["md"].read_text()
