@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superblock.export import graph_decoding, load_folded, load_sparse  # noqa: E402
-from superblock.export.serving import set_model_tuning_target, tuning_target  # noqa: E402
+from superblock.export.serving import prepare_for_decoding, tuning_target  # noqa: E402
 from superblock.hf_models import max_positions  # noqa: E402
 from superblock.kernels import choice_counts  # noqa: E402
 
@@ -109,7 +109,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} > the model's {limit} positions")
     rows = []
     for runtime in args.runtimes:
-        set_model_tuning_target(sparse, tuning_target("eager" if runtime == "eager" else "cudagraph"))
+        # the decode steps' token counts chosen (measured) now: inside a compiled step nothing is measured
+        prepare_for_decoding(sparse, args.batches, tuning_target("eager" if runtime == "eager" else "cudagraph"))
         kwargs = generate_kwargs(runtime, args.new_tokens)
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)

@@ -43,7 +43,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from superblock.export.serving import set_model_tuning_target, tuning_target
+from superblock.export.serving import prepare_for_decoding, tuning_target
 from superblock.timing import capture_graph
 
 CHECK_EVERY = 16  # tokens between the host's checks that every sequence has finished
@@ -188,7 +188,8 @@ class _StepGraph:
         self.forward = torch.compile(model, dynamic=False) if compile_step else model
         self.graph = None  # on a CPU the step runs eagerly, in the same loop
         if device.type == "cuda":
-            set_model_tuning_target(model, tuning_target("cudagraph"))  # `auto` chooses by GPU time
+            # `auto` chooses by GPU time, for this batch's token count, before a compiled step could trace a stand-in
+            prepare_for_decoding(model, batch, tuning_target("cudagraph"))
             self.graph = capture_graph(self.step, warmups=2, device=device)
             cache.reset()  # the warm-up steps wrote into it
 

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from superblock.hf_models import is_language_model, max_positions
-from superblock.kernels import BlockSparseLinear, tuning
+from superblock.kernels import BlockSparseLinear, prepare_layers, tuning
 from superblock.kernels.dispatch import Choice
 from superblock.timing import BATCH_SIZES, capture_graph, wall_ms
 
@@ -177,13 +177,27 @@ def set_model_tuning_target(model: nn.Module, target: str | None) -> int:
     return len(layers)
 
 
+def prepare_for_decoding(model: nn.Module, batch_sizes: Sequence[int] | int, target: str | None = "graph") -> int:
+    """Before a language model's decode steps run compiled or captured (`generate(compile_config=...)`,
+    `graph_decoding` with `compile_step=True`): `auto` set to optimize `target` ("graph": GPU time, as CUDA graphs
+    and reduce-overhead run; "eager"; None: the global target), and every block-sparse layer's choice for one new
+    token per sequence at each batch size decided (on CUDA, measured) now. Inside a compiled step nothing is
+    measured: a token count never prepared would run a stand-in (the Triton kernel's default configuration), even
+    where dense is faster. Returns how many layers were prepared."""
+    set_model_tuning_target(model, target)
+    return prepare_layers(model, check_runtime("eager", batch_sizes))
+
+
 @torch.no_grad()
 def warm_up(model: nn.Module, batch_sizes: Sequence[int], sample_shape: SampleInput | Sequence[int]) -> nn.Module:
     """One eager forward per batch size (largest first) on random inputs of the model's device and dtype (token
     ids for a SampleInput with a vocabulary): every BlockSparseLinear makes (and measures) its choice for those
-    token counts. Returns the model."""
+    token counts; a language model's layers also for one token per sequence (its decode steps). Returns the
+    model."""
     device, dtype = _model_place(model)
     sample = as_sample(sample_shape)
+    if sample.vocab_size is not None:
+        prepare_layers(model, batch_sizes)
     for b in sorted(batch_sizes, reverse=True):
         model(sample.make(b, device, dtype))
     if device.type == "cuda":

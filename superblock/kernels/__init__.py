@@ -3,6 +3,7 @@
 y = bsr_linear(x, values, crow_indices, col_indices, (out, in), bias, activation="gelu")
 layer = BlockSparseLinear.from_dense(linear, block_size=32)     # zeroed blocks dropped
 layer.prepare([197, 1576])                                    # choose (tune) per token bucket now, outside traces
+prepare_layers(model, [1, 8])                                 # the same for every block-sparse layer of a model
 fuse_linear_gelu(model)                                       # Linear -> GELU pairs become one kernel
 hand_off_feature_major(model)                                 # fc1 writes its output transposed for fc2 (eager)
 choice_counts(model)                                          # {token bucket: {backend / kernel: layers}}
@@ -32,6 +33,7 @@ from superblock.kernels.modules import (
     dense_to_bsr,
     fuse_linear_gelu,
     hand_off_feature_major,
+    prepare_layers,
 )
 from superblock.kernels.tuning import (
     cache_path,
@@ -62,6 +64,7 @@ __all__ = [
     "get_tuning_target",
     "hand_off_feature_major",
     "load_tuning",
+    "prepare_layers",
     "set_fp32_precision",
     "set_tuning_target",
     "token_bucket",

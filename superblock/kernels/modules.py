@@ -412,6 +412,17 @@ def hand_off_feature_major(module: nn.Module) -> int:
     return handed
 
 
+def prepare_layers(module: nn.Module, tokens: int | Sequence[int]) -> int:
+    """BlockSparseLinear.prepare(tokens) for every block-sparse layer of a module: each decides (on CUDA with
+    backend="auto", measures) its choice for these token counts now, in eager code, so that a compiled or captured
+    forward later finds it (inside a trace nothing is measured: a token bucket never prepared runs a stand-in).
+    Returns how many layers were prepared."""
+    layers = [m for m in module.modules() if isinstance(m, BlockSparseLinear)]
+    for layer in layers:
+        layer.prepare(tokens)
+    return len(layers)
+
+
 def choice_counts(module: nn.Module) -> dict[int, dict[str, int]]:
     """Per token bucket a layer was prepared or called for: how many BlockSparseLinear layers run each backend (a
     Triton choice by its kernel: "triton:decode", "triton:tiled", ...). Which share of a model's products run our

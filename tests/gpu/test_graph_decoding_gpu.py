@@ -39,6 +39,24 @@ def test_on_cuda_the_step_replays_a_graph_and_decodes_what_the_eager_loop_decode
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_step_runs_measured_choices_for_its_token_count(tmp_path):
+    """graph_decoding with compile_step=True on a freshly loaded model: every block-sparse layer measured its choice
+    for the step's token count (the batch) before the step was compiled, by GPU time. Inside the compiled step
+    nothing is measured, and the prompt's prefill (2 x 24 tokens) is another bucket: without the preparation the
+    step's bucket would run an unmeasured stand-in and never appear among the layers' choices."""
+    from superblock.kernels import BlockSparseLinear, tuning
+
+    model = exported(tmp_path)
+    prompt = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    model.generate(prompt, custom_generate=graph_decoding, compile_step=True, max_new_tokens=4, min_new_tokens=4,
+                   do_sample=False, cache_implementation="static", pad_token_id=0)  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    step = tuning.token_bucket(2)
+    assert layers and step != tuning.token_bucket(2 * 24)
+    assert all(layer.tuning_target == "graph" and layer.choices()[step].measured for layer in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_greedy_chunks_replay_one_graph_per_16_tokens_and_decode_what_transformers_decodes(tmp_path):
     """40 new tokens (the first, two chunk replays, 7 more) under a floor; then with an end of sequence (the floored
     run's sixth token of row 0, likely inside the first chunk), without and with a floor. One cache is passed to every

@@ -9,7 +9,7 @@ import torch
 from superblock.export import export_checkpoint, load_folded, load_sparse, make_runtime, read_manifest
 from superblock.export.serving import LM_SAMPLE_TOKENS, SampleInput, check_against_dense
 from superblock.export.writer import fold_copy
-from superblock.kernels import BlockSparseLinear
+from superblock.kernels import BlockSparseLinear, token_bucket
 from superblock.models import build_model
 from tests.helpers.hf import CONFIGS
 from tests.helpers.runs import make_run
@@ -144,11 +144,13 @@ def test_layout_auto_and_runtimes_feed_token_ids(tmp_path):
         rows = d["timing"]["per_batch"]
         assert [(r["batch"], r["tokens"]) for r in rows] == [(1, LM_SAMPLE_TOKENS), (2, 2 * LM_SAMPLE_TOKENS)]
         assert d["layout"] in ("bsr", "dense") and (d["layout"] == "bsr") == (d["reason"] is None)
-    # warmed up on token ids (a language model's default sample input): every layer chose a kernel for them
+    # warmed up on token ids (a language model's default sample input): every layer chose a kernel for them, and
+    # for one token per sequence (the decode steps: 1 and 2 tokens, one bucket)
     export(tmp_path / "run", tmp_path / "bsr")
     model = make_runtime(load_sparse(tmp_path / "bsr"), "eager", batch_sizes=[1, 2])
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
-    assert layers and all(len(m.dispatch) == 2 for m in layers)
+    buckets = {token_bucket(m) for m in (1, 2, LM_SAMPLE_TOKENS, 2 * LM_SAMPLE_TOKENS)}
+    assert len(buckets) == 3 and layers and all(set(m.dispatch) == buckets for m in layers)
     # the whole-model check against dense kernels times the model on token ids (floats would fail in the embedding)
     report = check_against_dense(model, [2], SampleInput((7,), VOCAB), rounds=1, reps=1)
     assert set(report) == {2} and report[2]["kept"] in ("dense", "tuned")

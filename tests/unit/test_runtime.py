@@ -180,3 +180,26 @@ def test_compile_check_against_dense_times_the_compiled_graphs(exported, monkeyp
     assert kinds == ({"dense"} if faster == "dense" else {"torch"})
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(logits(served, probe(n=2)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_language_model_is_warmed_up_for_its_decode_steps_too(tmp_path):
+    """A language model's runtime warm-up (full sequences of the sample's tokens per batch size) also decides every
+    block-sparse layer's choice for one token per sequence (the buckets generate()'s compiled or captured decode
+    steps run: inside a trace nothing is measured); prepare_for_decoding does the same before generate() and sets
+    `auto`'s target. On the CPU the choice is the CPU rule, but the same bookkeeping."""
+    from superblock.export import prepare_for_decoding, sample_input, warm_up
+    from tests.integration.test_hf_export import LLAMA, export, hf_run
+
+    hf_run(tmp_path / "run", "llama", LLAMA, block_size=8)
+    model = load_sparse(export(tmp_path / "run", tmp_path / "exp").path)
+    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    assert layers and all(not layer.choices() for layer in layers)
+    warm_up(model, [1, 8], sample_input(model))  # full sequences: 32 and 256 tokens
+    buckets = {tuning.token_bucket(m) for m in (1, 8)}  # one new token per sequence
+    assert all(buckets <= set(layer.choices()) for layer in layers)
+    assert all({tuning.token_bucket(32), tuning.token_bucket(256)} <= set(layer.choices()) for layer in layers)
+    model = load_sparse(tmp_path / "exp")
+    assert prepare_for_decoding(model, [1, 64], target="graph") == len(layers)
+    assert all(layer.tuning_target == "graph" for layer in model.modules() if isinstance(layer, BlockSparseLinear))
+    want = {tuning.token_bucket(1), tuning.token_bucket(64)}
+    assert all(set(layer.choices()) == want for layer in model.modules() if isinstance(layer, BlockSparseLinear))
