@@ -110,9 +110,13 @@ def test_activation_aware_scores_are_calibrated_once_before_the_first_step(tmp_p
     assert summary_of(straight)["mask_digest"] == summary_of(killed)["mask_digest"]
 
 
-@pytest.mark.slow  # two training subprocesses (~25 s); the image runs' resume tests stay in the default run
-def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
+@pytest.mark.slow  # three training subprocesses (~25 s, compiled ~45 s); the image runs' resume tests are default
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_causal_lm_resumes_exactly_after_sigkill(tmp_path, compiled):
+    """Compiled too (trainer.compile=true, the SmolLM2 experiment's default): the checkpoint holds the bare model's
+    state, so either run resumes to the uninterrupted run's perplexity and losses."""
     common = [*LM_TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
+    common += ["trainer.compile=true"] if compiled else []
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train(*common, f"hydra.run.dir={straight}").returncode == 0
     crashed = run_train(*common, f"hydra.run.dir={killed}", fault_at(3))
@@ -127,22 +131,6 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path):
     loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
     loss_resumed = {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m}
     assert loss_resumed == pytest.approx(loss, rel=1e-5)
-
-
-@pytest.mark.slow  # three compiled runs (~50 s)
-def test_a_compiled_causal_lm_resumes_exactly_after_sigkill(tmp_path):
-    """trainer.compile=true (the SmolLM2 experiment's default): the checkpoint holds the bare model's state, so a
-    compiled run killed after its checkpoint resumes to the uninterrupted run's perplexity and losses."""
-    common = [*LM_TINY, "trainer.compile=true", "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_train(*common, f"hydra.run.dir={straight}").returncode == 0
-    assert run_train(*common, f"hydra.run.dir={killed}", fault_at(3)).returncode != 0
-    resumed = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = summary_of(straight), summary_of(killed)
-    assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-5) and b["steps"] == a["steps"]
-    loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
-    assert {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m} == pytest.approx(loss, rel=1e-5)
 
 
 def test_causal_lm_trains_under_two_process_ddp(tmp_path):
