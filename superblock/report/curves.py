@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from superblock.report.plot import panels_by_model
 from superblock.report.runs import _natural_key, is_dense, parse_float
-from superblock.report.table import _models, fmt_block, fmt_num
+from superblock.report.table import fmt_block, fmt_num
+from superblock.rundir import METRICS
 
-METRICS_FILE = "metrics.jsonl"
 PERPLEXITY = "val_perplexity"
 
 
@@ -26,23 +27,31 @@ def curve_metric(metric: str) -> str:
     return "val_" + metric.removeprefix("best_").removeprefix("ema_").removeprefix("val_")
 
 
-def read_curve(run_dir: str | Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every validation line of the run's metrics.jsonl that holds `key`, in step order; a line
-    that does not parse (a run killed mid-write) is skipped, a missing file gives []."""
-    path = Path(run_dir) / METRICS_FILE
+def read_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric key of the run's metrics.jsonl: its (step, value) points in step order, the file read once; a
+    line that does not parse (a run killed mid-write) is skipped, a missing file gives {}."""
+    path = Path(run_dir) / METRICS
     if not path.is_file():
-        return []
-    points = {}
+        return {}
+    points: dict[str, dict[int, float]] = {}
     for line in path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        value = parse_float(entry.get(key)) if isinstance(entry, dict) else None
         step = entry.get("step") if isinstance(entry, dict) else None
-        if value is not None and math.isfinite(value) and isinstance(step, int):
-            points[step] = value  # a resumed run validates a step again: the later line stands
-    return sorted(points.items())
+        if not isinstance(step, int):
+            continue
+        for key, raw in entry.items():
+            value = parse_float(raw)
+            if value is not None and math.isfinite(value):
+                points.setdefault(key, {})[step] = value  # a resumed run validates a step again: the later stands
+    return {key: sorted(by_step.items()) for key, by_step in points.items()}
+
+
+def read_curve(run_dir: str | Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every line of the run's metrics.jsonl that holds `key`, in step order (read_curves)."""
+    return read_curves(run_dir).get(key, [])
 
 
 def _label(row: dict) -> str:
@@ -53,15 +62,16 @@ def _label(row: dict) -> str:
 
 def _draw_panel(ax: Any, rows: Sequence[dict], model: str, metric: str) -> int:
     """The curves of one model's runs; returns how many runs had one."""
-    lm = any(row.get(PERPLEXITY) is not None or read_curve(row["run_dir"], PERPLEXITY) for row in rows)
+    runs = sorted(rows, key=lambda r: (not is_dense(r), _natural_key(r["run"])))
+    curves = [read_curves(row["run_dir"]) for row in runs]
+    lm = any(row.get(PERPLEXITY) is not None or PERPLEXITY in c for row, c in zip(runs, curves, strict=True))
     key = PERPLEXITY if lm else curve_metric(metric)  # a run killed before its summary has only its curve
     drawn = 0
-    for row in sorted(rows, key=lambda r: (not is_dense(r), _natural_key(r["run"]))):
-        points = read_curve(row["run_dir"], key)
-        if not points:
+    for row, c in zip(runs, curves, strict=True):
+        if not c.get(key):
             continue
         dense = is_dense(row)
-        ax.plot(*zip(*points, strict=True), marker="o", ms=3, lw=2.0 if dense else 1.2,
+        ax.plot(*zip(*c[key], strict=True), marker="o", ms=3, lw=2.0 if dense else 1.2,
                 color="black" if dense else None, label=_label(row))  # fmt: skip
         drawn += 1
     if key == PERPLEXITY and drawn:
@@ -84,19 +94,8 @@ def _draw_panel(ax: Any, rows: Sequence[dict], model: str, metric: str) -> int:
 
 def plot_curves(rows: Sequence[dict], path: Path, metric: str = "val_top1") -> Path | None:
     """One panel per model, saved as PNG; None (nothing written) when no run has a validation line."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI, safe in threads and on servers
-
-    models = _models(rows) or ["unknown"]
-    cols = min(len(models), 3)
-    nrows = math.ceil(len(models) / cols)
-    fig = Figure(figsize=(6.4 * cols, 4.8 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    drawn = 0
-    for ax, model in zip(axes, models, strict=False):
-        drawn += _draw_panel(ax, [r for r in rows if (r["model"] or "unknown") == model], model, metric)
-    for ax in axes[len(models) :]:
-        ax.set_visible(False)
-    if not drawn:
+    fig, drawn = panels_by_model(rows, lambda ax, mine, model: _draw_panel(ax, mine, model, metric))
+    if not sum(drawn):
         return None
     fig.savefig(path, dpi=120)
     return path

@@ -6,12 +6,14 @@ No torch: reporting only reads files.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from superblock.report.runs import _natural_key, is_dense, parse_float
 from superblock.report.table import _models, fmt_block, fmt_num
+
+T = TypeVar("T")
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -103,18 +105,25 @@ def _label_axes(ax: Any, title: str, metric: str, by_speed: bool, left_out: int)
         ax.legend(fontsize=7, loc="best")
 
 
-def plot_accuracy_vs_speed(rows: Sequence[dict], path: Path, metric: str = "val_top1") -> Path:
-    """One panel per model (a single panel in the usual one-model sweep), saved as PNG with the Agg renderer."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI, safe in threads and on servers
+def panels_by_model(rows: Sequence[dict], draw: Callable[[Any, list[dict], str], T]) -> tuple[Any, list[T]]:
+    """A figure with one panel per model (up to 3 a row; Agg renderer, no pyplot: no global backend, no GUI, safe
+    in threads and on servers) and what draw(ax, that model's rows, model) returned for each."""
+    from matplotlib.figure import Figure
 
     models = _models(rows) or ["unknown"]
     cols = min(len(models), 3)
     nrows = math.ceil(len(models) / cols)
     fig = Figure(figsize=(6.4 * cols, 4.8 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    for ax, model in zip(axes, models, strict=False):
-        _draw_panel(ax, [r for r in rows if (r["model"] or "unknown") == model], model, metric)
+    drawn = [draw(ax, [r for r in rows if (r["model"] or "unknown") == model], model)
+             for ax, model in zip(axes, models, strict=False)]  # fmt: skip
     for ax in axes[len(models) :]:
         ax.set_visible(False)
+    return fig, drawn
+
+
+def plot_accuracy_vs_speed(rows: Sequence[dict], path: Path, metric: str = "val_top1") -> Path:
+    """One panel per model (a single panel in the usual one-model sweep), saved as PNG with the Agg renderer."""
+    fig, _ = panels_by_model(rows, lambda ax, mine, model: _draw_panel(ax, mine, model, metric))
     fig.savefig(path, dpi=120)
     return path

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from superblock.rundir import CONFIG, EVAL, SUMMARY
+
 log = logging.getLogger(__name__)
 
-SUMMARY, CONFIG, EVAL = "summary.json", "config.yaml", "eval.json"
 METRICS = ("val_top1", "val_top5", "best_val_top1", "best_val_top5", "ema_val_top1")
 SUMMARY_FIELDS = (
     "val_top1",

@@ -3,12 +3,10 @@ them) is read back and the run goes on where it stopped (run on the device: pyth
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.helpers.train import fault_at, run_train, summary_of
+from tests.helpers.train import fault_at, metrics_of, run_train, summary_of
 from tests.integration.test_lm_train import LM_TINY
 
 pytestmark = pytest.mark.gpu
@@ -38,10 +36,6 @@ def test_a_distilled_causal_lm_on_cuda_resumes_after_sigkill_where_it_stopped(tm
     a, b = summary_of(straight), summary_of(killed)
     assert (b["steps"], b["mask_digest"]) == (a["steps"], a["mask_digest"])
     assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-3)
-    loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
-    loss_resumed = {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m}
+    loss = {m["step"]: m["train_loss"] for m in metrics_of(straight) if "train_loss" in m}
+    loss_resumed = {m["step"]: m["train_loss"] for m in metrics_of(killed) if "train_loss" in m}
     assert loss_resumed == pytest.approx(loss, rel=1e-3)
-
-
-def _metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -32,3 +32,8 @@ def fault_at(step: int) -> str:
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, a dict per logged line."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.train import ROOT, fault_at, run_train, summary_of
+from tests.helpers.train import ROOT, fault_at, metrics_of, run_train, summary_of
 
 pytest.importorskip("transformers")
 
@@ -32,10 +31,6 @@ LM_TINY = [
 ]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     proc = run_train(*LM_TINY, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,12 +38,12 @@ def test_tiny_causal_lm_trains_with_masks_on_attention_and_mlp(tmp_path):
     assert s["status"] == "completed" and s["steps"] == 6
     # Byte-level: 257 symbols; a model that learned anything beats uniform guessing.
     assert s["val_perplexity"] is not None and math.isfinite(s["val_perplexity"]) and s["val_perplexity"] < 257
-    assert s["val_perplexity"] == pytest.approx(math.exp(_metrics(tmp_path)[-1]["val_loss"]), rel=1e-6)
+    assert s["val_perplexity"] == pytest.approx(math.exp(metrics_of(tmp_path)[-1]["val_loss"]), rel=1e-6)
     # per byte: bytes, save the end-of-document ids, are the tokens, so a little above per token
     assert s["val_perplexity"] <= s["val_perplexity_per_byte"] < s["val_perplexity"] * 1.1
     assert "val perplexity" in proc.stdout and "per byte" in proc.stdout
     # throughput in tokens, as language models report it: 8 windows of 32 tokens a step
-    logged = [m for m in _metrics(tmp_path) if "train_loss" in m]
+    logged = [m for m in metrics_of(tmp_path) if "train_loss" in m]
     assert all(m["tokens_per_s"] == pytest.approx(32 * m["images_per_s"]) for m in logged)
     out = proc.stdout + proc.stderr  # the progress bar writes to stderr
     assert "tok_s=" in out and "img_s=" not in out
@@ -73,7 +68,7 @@ def test_best_checkpoint_of_a_language_model_is_its_lowest_perplexity(tmp_path):
     proc = run_train(*common, *overrides, "optim.warmup_epochs=0", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary_of(tmp_path)
-    validations = [m for m in _metrics(tmp_path) if "val_perplexity" in m]
+    validations = [m for m in metrics_of(tmp_path) if "val_perplexity" in m]
     assert len(validations) == 4
     lowest = min(validations, key=lambda m: m["val_perplexity"])
     assert s["val_perplexity"] > s["best_val_perplexity"] == pytest.approx(lowest["val_perplexity"], rel=1e-9)
@@ -90,7 +85,7 @@ def test_zero_steps_validates_the_starting_model_only(tmp_path):
     s = summary_of(tmp_path)
     assert s["status"] == "completed" and s["steps"] == 0 and s["epochs"] == 0
     assert math.isfinite(s["val_perplexity"]) and math.isfinite(s["val_perplexity_per_byte"])
-    assert [m["step"] for m in _metrics(tmp_path)] == [0]  # one validation, at step 0
+    assert [m["step"] for m in metrics_of(tmp_path)] == [0]  # one validation, at step 0
 
 
 @pytest.mark.slow  # three training subprocesses (~35 s); tests/unit/test_calibrate.py covers the scores
@@ -128,8 +123,8 @@ def test_causal_lm_resumes_exactly_after_sigkill(tmp_path, compiled):
     assert b["mask_digest"] == a["mask_digest"]
     # throughput over the whole run, both processes' steady windows (tokens saved with the checkpoint like images)
     assert b["tokens_per_s"] == pytest.approx(32 * b["images_per_s"], rel=1e-6)
-    loss = {m["step"]: m["train_loss"] for m in _metrics(straight) if "train_loss" in m}
-    loss_resumed = {m["step"]: m["train_loss"] for m in _metrics(killed) if "train_loss" in m}
+    loss = {m["step"]: m["train_loss"] for m in metrics_of(straight) if "train_loss" in m}
+    loss_resumed = {m["step"]: m["train_loss"] for m in metrics_of(killed) if "train_loss" in m}
     assert loss_resumed == pytest.approx(loss, rel=1e-5)
 
 
@@ -282,5 +277,5 @@ def test_compiled_lm_distils_from_a_dense_lm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary_of(student)
     assert s["status"] == "completed" and math.isfinite(s["val_perplexity"])
-    logged = [m for m in _metrics(student) if "train_loss" in m]
+    logged = [m for m in metrics_of(student) if "train_loss" in m]
     assert logged and all(m["teacher_ms"] > 0 for m in logged)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
 
-from tests.helpers.train import ROOT, SMOKE, fault_at, run_train, summary_of
+from tests.helpers.train import ROOT, SMOKE, fault_at, metrics_of, run_train, summary_of
 
 
 def test_smoke_run_leaves_a_complete_run_dir(tmp_path):
@@ -24,7 +23,7 @@ def test_smoke_run_leaves_a_complete_run_dir(tmp_path):
     assert all(name.endswith("weight") for name in s["block_sparsity"])
     assert s["params_kept"] < s["params_total"]
     assert "val top-1" in proc.stdout and f"run directory: {run_dir}" in proc.stdout
-    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_of(run_dir)
     assert any("train_loss" in ln for ln in lines) and any("val_top1" in ln for ln in lines)
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "lr_scheduler", "scaler", "rng", "progress", "model_spec", "sparsity_spec"):
@@ -57,7 +56,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         if isinstance(wa[k], torch.Tensor):
             assert torch.equal(wa[k], wb[k]), k
     # metrics.jsonl has no duplicate steps from the killed attempt
-    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines() if "train_loss" in ln]
+    steps = [m["step"] for m in metrics_of(killed) if "train_loss" in m]
     assert steps == sorted(set(steps))
 
 
@@ -97,20 +96,26 @@ def test_bad_configs_fail_before_work_with_one_clear_line(tmp_path, override, me
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("override,message", BAD_CONFIGS)
-def test_bad_configs_fail_in_train_main_before_work(tmp_path, capsys, override, message):
+def train_in_process(*overrides: str) -> None:
+    """train.py's entry point (train_main) in this process on the smoke preset and `overrides`; the torch thread
+    count it sets is put back."""
     from hydra import compose, initialize_config_dir
 
     from superblock.cli import train_main
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMOKE, override, f"run_dir={tmp_path / 'run'}"])
+        cfg = compose("train", overrides=[*SMOKE, *overrides])
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(SystemExit) as exited:
-            train_main(cfg)
+        train_main(cfg)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS)
+def test_bad_configs_fail_in_train_main_before_work(tmp_path, capsys, override, message):
+    with pytest.raises(SystemExit) as exited:
+        train_in_process(override, f"run_dir={tmp_path / 'run'}")
     err = capsys.readouterr().err
     assert exited.value.code != 0
     assert message in err and err.count("superblock: error:") == 1, err[-2000:]
@@ -165,22 +170,11 @@ def test_throughput_leaves_out_the_time_checkpoints_take(tmp_path, monkeypatch):
     the pause each window after a checkpoint held its second), and the checkpoints are all written."""
     import time
 
-    from hydra import compose, initialize_config_dir
-
-    from superblock.cli import train_main
     from superblock.engine.trainer import Trainer
 
     save = Trainer.save
     monkeypatch.setattr(Trainer, "save", lambda self, *a, **k: (time.sleep(1.0), save(self, *a, **k))[1])
-    overrides = ["trainer.checkpoint_every_steps=1", "trainer.log_every_steps=1", f"run_dir={tmp_path / 'run'}"]
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMOKE, *overrides])
-    threads = torch.get_num_threads()
-    try:
-        train_main(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    step_ms = [ln["step_ms"] for ln in lines if "step_ms" in ln]
+    train_in_process("trainer.checkpoint_every_steps=1", "trainer.log_every_steps=1", f"run_dir={tmp_path / 'run'}")
+    step_ms = [m["step_ms"] for m in metrics_of(tmp_path / "run") if "step_ms" in m]
     assert len(step_ms) == 8 and max(step_ms[1:]) < 700, step_ms  # a smoke step takes ~0.1 s on 2 cores
     assert summary_of(tmp_path / "run")["steps"] == 8 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
