@@ -50,6 +50,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from superblock.report.curves import read_curve
+from superblock.rundir import SUMMARY
+
 ROOT = Path(__file__).resolve().parents[1]
 # Data / model presets: train.py overrides ({root}: --root) and the metric read from summary.json.
 PRESETS = {
@@ -301,7 +304,7 @@ def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
     _, metric = PRESETS[args.preset]
     run_dir = Path(args.out).resolve() / "runs" / job["name"]
     row = {k: v for k, v in job.items() if k != "overrides"} | {"metric": metric, "value": None, "status": "ok"}
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY
     if not summary.exists():
         if not budget.can_start():
             return {**row, "status": "skipped (budget)"}
@@ -346,19 +349,14 @@ def _train(job: dict, args: argparse.Namespace, budget: Budget, run_dir: Path) -
 
 
 def last_validation(run_dir: Path, metric: str) -> str:
-    """' at step N: <metric> V' from the last validation a stopped run logged (metrics.jsonl), or '': how far a run
-    the budget cut had got, said in its status; its value stays empty, since it is not the run's result."""
-    path = run_dir / "metrics.jsonl"
-    last = None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the line being written when the run was stopped
-                continue
-            if record.get(metric) is not None:
-                last = record
-    return "" if last is None else f" at step {last.get('step')}: {metric} {last[metric]:.4g}"
+    """' at step N: <metric> V' from the last (finite) validation a stopped run logged (its metrics.jsonl, read by
+    the report's read_curve), or '': how far a run the budget cut had got, said in its status; its value stays empty,
+    since it is not the run's result."""
+    curve = read_curve(run_dir, metric)
+    if not curve:
+        return ""
+    step, value = curve[-1]
+    return f" at step {step}: {metric} {value:.4g}"
 
 
 def _permutation(run_dir: Path) -> dict:
