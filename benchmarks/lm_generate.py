@@ -18,7 +18,8 @@ same process, same prompts, same runtime. Runtimes:
 Each cell is greedy decoding of `--new-tokens` tokens (no early stop) after a `--prompt`-token prompt of random ids,
 at batch 1 and 8 by default: tokens/s = batch x new tokens / the median wall time of `--reps` generate() calls after
 warm-up (the first call compiles and tunes). `agree` is the share of generated tokens the sparse model picks the
-same as the dense one (bf16 rounding differs between kernels, so not always 100%). Writes lm_generate.json and .md.
+same as the dense one (bf16 rounding differs between kernels, so not always 100%). Writes lm_generate.json and .md
+after every row, so a run stopped by a time limit keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,7 +102,9 @@ def timed_generate(model, prompt: torch.Tensor, kwargs: dict, reps: int) -> tupl
     return statistics.median(times), out[:, prompt.shape[1] :]
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The rows of every runtime x batch; `on_row` gets the rows so far after each one (main writes them out, so a
+    run stopped by a time limit keeps what it measured)."""
     device = torch.device(args.device)
     dense = load_folded(args.export, device=device, dtype=args.dtype)
     sparse = load_sparse(args.export, device=device, dtype=args.dtype)
@@ -130,6 +134,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 }
             )
             print(table(rows[-1:], header=not rows[:-1]), flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -146,7 +152,6 @@ def table(rows: list[dict], header: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = measure(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     head = (
         f"{args.export}, {device}, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; prompt "
@@ -155,8 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lm_generate.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out / "lm_generate.md").write_text(head + table(rows) + "\n")
+
+    def write(rows: list[dict]) -> None:
+        (out / "lm_generate.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        (out / "lm_generate.md").write_text(head + table(rows) + "\n")
+
+    rows = measure(args, on_row=write)
+    write(rows)
     print("\n" + head + table(rows))
 
 

@@ -195,7 +195,7 @@ def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
     assert b["mask_digest"] == a["mask_digest"]
 
 
-def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
+def test_lm_run_exports_evaluates_loads_and_generates(tmp_path, monkeypatch):
     """The documented LM path: train.py -> export.py -> evaluate.py -> load_sparse(...).generate()."""
     from superblock.export import load_folded, load_sparse
     from tests.helpers.scripts import QUICK_EVAL, run
@@ -241,6 +241,22 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path):
     layers = sum(type(m).__name__ == "BlockSparseLinear" for m in sparse.modules())
     assert all(sum(r["choices"]["16"].values()) == layers for r in rows)  # every layer's choice at the decode bucket
     assert "| eager | 2 |" in (tmp_path / "gen" / "lm_generate.md").read_text()
+
+    # a run stopped part-way (the device call's time limit) keeps the rows it measured: written after every row
+    real, calls = lm_generate.timed_generate, []
+
+    def stopped_at_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # batch 2's dense model: batch 1's row is done
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_generate, "timed_generate", stopped_at_the_third_call)
+    cut = [*gen[:4], "--runtimes", "eager", *gen[6:-1], str(tmp_path / "cut")]
+    with pytest.raises(KeyboardInterrupt):
+        lm_generate.main(["--export", str(export_dir), *cut])
+    rows = json.loads((tmp_path / "cut" / "lm_generate.json").read_text())["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1)]
 
 
 def test_pretrained_transformers_directory_is_not_mistaken_for_a_run(tmp_path):
