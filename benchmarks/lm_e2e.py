@@ -472,12 +472,23 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "lm_e2e_compiled" if args.compile else "lm_e2e"
+    if args.fuse != "off":
+        stem += "_fused" if args.fuse == "on" else "_fuse_both"
+
+    def write(rows: dict[str, dict]) -> str:  # after every row: a run stopped by a time limit keeps its rows
+        text = report(rows, args)
+        (out_dir / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        (out_dir / f"{stem}.md").write_text(text + "\n")
+        return text
+
     dense = build_dense(args)
     if args.dense_weights == "zeroed":
         zero_blocks(dense, args, args.sparsity[0])
     variants = {"off": ("sparse",), "on": ("sparse_fused",), "both": ("sparse", "sparse_fused")}[args.fuse]
     rows: dict[str, dict] = {"dense": measure(dense, args)}
     print(json.dumps({"dense": rows["dense"]}), flush=True)
+    write(rows)
     for level in args.sparsity:
         for variant in variants:  # one sparse model at a time: each is built dense (8B) before it is made sparse
             t0 = time.time()
@@ -486,15 +497,11 @@ def main(argv=None):
             name = row_name(variant, level, args)
             rows[name] = {"sparsity": level, "kept_fraction": kept_fraction(model), **measure(model, args)}
             print(json.dumps({name: rows[name]}), flush=True)
+            write(rows)
             del model
             if on_gpu(args.device):
                 torch.cuda.empty_cache()
-    text = report(rows, args)
-    stem = "lm_e2e_compiled" if args.compile else "lm_e2e"
-    if args.fuse != "off":
-        stem += "_fused" if args.fuse == "on" else "_fuse_both"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out_dir / f"{stem}.md").write_text(text + "\n")
+    text = write(rows)
     if len(args.sparsity) > 1:
         plot_against_sparsity(rows, out_dir / f"{stem}_sparsity.png")
     print(text)

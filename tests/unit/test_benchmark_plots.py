@@ -83,6 +83,24 @@ def test_lm_e2e_times_generate_beside_its_own_decode_loop(tmp_path):
     assert "| greedy decode, the loop with its prompt's prefill (tokens/s, as generate() is timed) | sparse |" in table
 
 
+def test_lm_e2e_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """The table and JSON are written after every row: a run stopped while it builds the sparse model (a device
+    call's time limit) keeps the dense row."""
+    from benchmarks import lm_e2e
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_e2e, "to_sparse", stopped)
+    tiny = ["--layers", "1", "--hidden", "128", "--intermediate", "256", "--heads", "2", "--kv-heads", "1"]
+    tiny += ["--vocab", "100", "--prefill", "16", "--prompt", "4", "--new-tokens", "2", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        lm_e2e.main([*tiny, "--rounds", "1", "--reps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lm_e2e.json").read_text())["rows"]
+    assert set(rows) == {"dense"} and rows["dense"]["decode_tok_s"] > 0
+    assert "| dense |" in (tmp_path / "lm_e2e.md").read_text()
+
+
 def test_lm_e2e_decodes_a_batch(tmp_path):
     """--batch 3: three prompts decoded at once (the loop, generate() and graph_decoding), tokens/s counting every
     sequence's tokens, each step checked against a cache-free forward of the three sequences."""
