@@ -10,6 +10,8 @@
 # measures speed: the tests marked `timing`, benchmarks/bsr_linear.py --quick and the side-by-side serving script on
 # that export. Prints one summary line and appends it to docs/data/gpu_checks.csv (commit it with the change).
 # Exit status: non-zero when a test fails or the sanitizer reports an error.
+# Stopped from outside (SIGTERM or SIGINT: a `timeout` around it, a device call's limit), it stops its stages and
+# still writes the line, with stopped=TERM among its exit codes and "-" for each stage that did not run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 COMMIT=${1:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -26,35 +28,60 @@ SERVE=${SERVE_REPRO:-../shared/repro/serve_side_by_side.py}  # a device copy of 
 [[ -f "$SERVE" ]] || echo "no serving script at $SERVE: the serve stage is skipped (serve=127); set SERVE_REPRO" >&2
 t0=$(date +%s)
 rm -rf "$OUT/export"  # a second check on the same machine writes a fresh export, never onto the last one
+quick_rc=- timing_rc=- san_rc=- export_rc=- bench_rc=- serve_rc=- t_tests="" stopped="" pids=()  # "-": not run
+
+finish() {  # the summary line, and the logs' way back: at the end, or at once when the check is stopped from outside
+  trap - TERM INT
+  python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$(( $(date +%s) - t0 ))" \
+    --test-seconds "$t_tests" --csv docs/data/gpu_checks.csv \
+    --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc$stopped"
+  local rc=$?
+  if [[ -n "$BACK" && "$BACK" != "$OUT" ]]; then  # the line and the logs travel back with the device tool's folder
+    mkdir -p "$BACK"
+    cp docs/data/gpu_checks.csv "$OUT"/{quick,timing,sanitize,serve}.log "$OUT"/bsr_linear_quick.md "$BACK/" 2>/dev/null
+  fi
+  return $rc
+}
+stopped_from_outside() {  # a time limit around the whole check: stop the stages, still write the line
+  kill "${pids[@]}" 2>/dev/null
+  stopped=",stopped=$1"
+  finish
+  exit 143
+}
+trap 'stopped_from_outside TERM' TERM
+trap 'stopped_from_outside INT' INT
+
+stage() {  # stage LIMIT CMD...: in the background and waited for, so that a signal's trap runs at once (bash runs
+  # a trap only after a foreground command has ended)
+  local limit=$1
+  shift
+  timeout "$limit" "$@" &
+  local pid=$!
+  pids+=("$pid")
+  wait "$pid"
+}
 
 timeout "$T_SAN" bash scripts/sanitize_kernels.sh > "$OUT/sanitize.log" 2>&1 &
 san_pid=$!
 timeout "$T" python scripts/gpu_check_export.py "$OUT/export" > "$OUT/export.log" 2>&1 &
 export_pid=$!
-timeout "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and not timing" -n "$WORKERS" --durations=25 tests/gpu \
-  --junitxml="$OUT/quick.xml" > "$OUT/quick.log" 2>&1
+pids+=("$san_pid" "$export_pid")
+stage "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and not timing" -n "$WORKERS" --durations=25 \
+  tests/gpu --junitxml="$OUT/quick.xml" > "$OUT/quick.log" 2>&1
 quick_rc=$?
 wait $san_pid; san_rc=$?
 wait $export_pid; export_rc=$?
 
 # speed from here on: nothing else runs
-timeout "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and timing" tests/gpu \
+stage "$T" python -m pytest -q -p no:cacheprovider -m "gpu and not slow and timing" tests/gpu \
   --junitxml="$OUT/timing.xml" > "$OUT/timing.log" 2>&1
 timing_rc=$?
 t_tests=$(( $(date +%s) - t0 ))
-timeout "$T" python benchmarks/bsr_linear.py --quick --out "$OUT" --tag bsr_linear_quick > "$OUT/bsr_linear.log" 2>&1
+stage "$T" python benchmarks/bsr_linear.py --quick --out "$OUT" --tag bsr_linear_quick > "$OUT/bsr_linear.log" 2>&1
 bench_rc=$?
 serve_rc=127
 if [[ -f "$SERVE" && $export_rc -eq 0 ]]; then
-  EXP="$OUT/export" BATCHES=1,8,32,256 timeout "$T" python "$SERVE" > "$OUT/serve.log" 2>&1
+  EXP="$OUT/export" BATCHES=1,8,32,256 stage "$T" python "$SERVE" > "$OUT/serve.log" 2>&1
   serve_rc=$?
 fi
-python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$(( $(date +%s) - t0 ))" \
-  --test-seconds "$t_tests" --csv docs/data/gpu_checks.csv \
-  --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc"
-rc=$?
-if [[ -n "$BACK" && "$BACK" != "$OUT" ]]; then  # the line and the logs travel back with the device tool's folder
-  mkdir -p "$BACK"
-  cp docs/data/gpu_checks.csv "$OUT"/{quick,timing,sanitize,serve}.log "$OUT"/bsr_linear_quick.md "$BACK/" 2>/dev/null
-fi
-exit $rc
+finish
