@@ -24,21 +24,24 @@ T=${GPU_CHECK_STAGE_TIMEOUT:-240}  # seconds a stage may take; one that runs out
 # the sanitizer runs beside the quick suite and shares the host with it: 240 s was not enough once that suite trained
 # language models in subprocesses (about 95% of its tests done at 240 s); 330 s keeps the whole check near 540 s
 T_SAN=${GPU_CHECK_SANITIZE_TIMEOUT:-330}
+CSV=${GPU_CHECK_CSV:-docs/data/gpu_checks.csv}  # where the line is appended
 SERVE=${SERVE_REPRO:-../shared/repro/serve_side_by_side.py}  # a device copy of a tree lacks ../shared: pass SERVE_REPRO
 [[ -f "$SERVE" ]] || echo "no serving script at $SERVE: the serve stage is skipped (serve=127); set SERVE_REPRO" >&2
 t0=$(date +%s)
 rm -rf "$OUT/export"  # a second check on the same machine writes a fresh export, never onto the last one
 quick_rc=- timing_rc=- san_rc=- export_rc=- bench_rc=- serve_rc=- t_tests="" stopped="" pids=()  # "-": not run
 
+exec 3>&1 4>&2  # the check's own output: a trap runs inside the redirections of the stage it interrupts
 finish() {  # the summary line, and the logs' way back: at the end, or at once when the check is stopped from outside
   trap - TERM INT
   python scripts/gpu_check_summary.py --commit "$COMMIT" --out "$OUT" --seconds "$(( $(date +%s) - t0 ))" \
-    --test-seconds "$t_tests" --csv docs/data/gpu_checks.csv \
-    --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc$stopped"
+    --test-seconds "$t_tests" --csv "$CSV" \
+    --rc "quick=$quick_rc,timing=$timing_rc,sanitize=$san_rc,export=$export_rc,bench=$bench_rc,serve=$serve_rc$stopped" \
+    >&3 2>&4
   local rc=$?
   if [[ -n "$BACK" && "$BACK" != "$OUT" ]]; then  # the line and the logs travel back with the device tool's folder
     mkdir -p "$BACK"
-    cp docs/data/gpu_checks.csv "$OUT"/{quick,timing,sanitize,serve}.log "$OUT"/bsr_linear_quick.md "$BACK/" 2>/dev/null
+    cp "$CSV" "$OUT"/{quick,timing,sanitize,serve}.log "$OUT"/bsr_linear_quick.md "$BACK/" 2>/dev/null
   fi
   return $rc
 }
