@@ -21,8 +21,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SUPERBLOCK_CACHE_DIR=${SUPERBLOCK_CACHE_DIR:-$OUT/tuning}
 WORKERS=${GPU_CHECK_WORKERS:-6}
 T=${GPU_CHECK_STAGE_TIMEOUT:-240}  # seconds a stage may take; one that runs out counts as failed (exit code 124)
-# the sanitizer runs beside the quick suite and shares the host with it: 240 s was not enough once that suite trained
-# language models in subprocesses (about 95% of its tests done at 240 s); 330 s keeps the whole check near 540 s
+# the sanitizer runs beside the quick suite and shares the machine with it: at 240 s it was near its limit in earlier
+# checks (tests 268-269 s in all) and once ran out (about 95% of its tests done); 330 s keeps the check near 540 s
 T_SAN=${GPU_CHECK_SANITIZE_TIMEOUT:-330}
 CSV=${GPU_CHECK_CSV:-docs/data/gpu_checks.csv}  # where the line is appended
 SERVE=${SERVE_REPRO:-../shared/repro/serve_side_by_side.py}  # a device copy of a tree lacks ../shared: pass SERVE_REPRO
