@@ -501,7 +501,7 @@ def main(argv=None):
             del model
             if on_gpu(args.device):
                 torch.cuda.empty_cache()
-    text = write(rows)
+    text = report(rows, args)  # the files hold every row already: written after the last one
     if len(args.sparsity) > 1:
         plot_against_sparsity(rows, out_dir / f"{stem}_sparsity.png")
     print(text)

@@ -48,8 +48,9 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, force: bool = False,
     write_csv(rows, paths["csv"], metric)
     plot_accuracy_vs_speed(rows, paths["plot"], metric)
     paths["curves"].unlink(missing_ok=True)  # --force: no stale curves beside a report that has none
-    if plot_curves(rows, paths["curves"], metric) is None:
+    curves = plot_curves(rows, paths["curves"], metric)
+    if curves is None:
         del paths["curves"]
-    curves = paths["curves"].name if "curves" in paths else None
-    paths["md"].write_text(markdown_report(rows, baselines, metric, paths["plot"].name, curves))
+    curves_name = curves.name if curves else None
+    paths["md"].write_text(markdown_report(rows, baselines, metric, paths["plot"].name, curves_name))
     return paths
