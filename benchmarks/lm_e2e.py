@@ -53,18 +53,10 @@ from benchmarks.lm_generate import generate_kwargs, timed_generate  # noqa: E402
 from superblock.export.decoding import step_inputs  # noqa: E402
 from superblock.kernels import BlockSparseLinear, choice_counts  # noqa: E402
 from superblock.kernels.projection_fusion import fuse_projections  # noqa: E402
+from superblock.sparsity.targets import LLAMA_PROJECTIONS  # noqa: E402
 from superblock.timing import capture_graph  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
-PROJECTIONS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 def levels_list(text: str) -> list[float]:
@@ -179,7 +171,7 @@ def zero_blocks(model: nn.Module, args, level: float) -> nn.Module:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.model.layers:
-            for name in PROJECTIONS:
+            for name in LLAMA_PROJECTIONS:
                 zero_random_blocks(layer.get_submodule(name).weight, args.block, level, gen)
     return model
 
@@ -190,7 +182,7 @@ def to_sparse(args, level: float, fuse: bool = False) -> nn.Module:
     tuned and prepared."""
     model = zero_blocks(build_dense(args), args, level)
     for layer in model.model.layers:
-        for name in PROJECTIONS:
+        for name in LLAMA_PROJECTIONS:
             parent_name, attr = name.rsplit(".", 1)
             parent = layer.get_submodule(parent_name)
             mod = BlockSparseLinear.from_dense(getattr(parent, attr), block_size=args.block)

@@ -35,8 +35,7 @@ from superblock.data.text import text_bundle  # noqa: E402
 from superblock.engine.validation import loader_metrics  # noqa: E402
 from superblock.sparsity.calibrate import calibrate_scores  # noqa: E402
 from superblock.sparsity.reconstruct import reconstruct_weights  # noqa: E402
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from superblock.sparsity.targets import LLAMA_PROJECTIONS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         m = loader_metrics(model, val, device)
         return {"ppl": m["val_perplexity"], "ppl_byte": m.get("val_perplexity_per_byte", math.nan)}
 
-    targets = [f"*.{name}.weight" for name in PROJECTIONS]
+    targets = [f"*.{name}.weight" for name in LLAMA_PROJECTIONS]
 
     def forward(model, batch) -> None:
         model(batch[0].to(device))

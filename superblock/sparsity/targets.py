@@ -29,6 +29,11 @@ BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.\d+\.output(?:\.|
 HEAD_PARTS = {"head", "heads", "classifier", "lm_head", "score", "pooler", "cls"}
 # The index of a transformer block in timm (blocks.0), torchvision (layers.encoder_layer_0), HF (layer.0, h.0).
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(?:encoder_layer_)?(\d+)(?:\.|$)")
+# The linear layers of a Llama-family decoder layer (Llama, Mistral, Qwen, SmolLM2) by transformers' names, relative
+# to the layer: the benchmarks and tests that build such layers by hand take them from here.
+LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LLAMA_PROJECTIONS = LLAMA_ATTENTION + LLAMA_MLP
 # Parameters of nn.MultiheadAttention that are projection weights read directly by its forward.
 MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 

@@ -20,6 +20,7 @@ pytestmark = [
 
 from superblock.kernels import BlockSparseLinear, _runners, _triton_bsr, dense_to_bsr  # noqa: E402
 from superblock.kernels.projection_fusion import FusedGateUpLinear, FusedQKV, fuse_projections  # noqa: E402
+from superblock.sparsity.targets import LLAMA_PROJECTIONS  # noqa: E402
 
 TILED = {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 3, "TMA": True}  # TMA: refused for silu_mul
 CONFIGS = [
@@ -112,10 +113,9 @@ def _tiny_llama():
         max_position_embeddings=128,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    for i, (owner, attr) in enumerate(
-        (o, a) for layer in model.model.layers for o in (layer.self_attn, layer.mlp) for a in names if hasattr(o, a)
-    ):
+    for i, (layer, name) in enumerate((layer, name) for layer in model.model.layers for name in LLAMA_PROJECTIONS):
+        owner_name, attr = name.rsplit(".", 1)
+        owner = layer.get_submodule(owner_name)
         lin = getattr(owner, attr)
         w = lin.weight.detach() * weight(*lin.weight.shape, (64, 64), i).ne(0)
         setattr(owner, attr, BlockSparseLinear.from_dense(w, block_size=64))

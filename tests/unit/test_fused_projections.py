@@ -22,18 +22,10 @@ from superblock.kernels.projection_fusion import (
     fusable_gate_up,
     fuse_projections,
 )
+from superblock.sparsity.targets import LLAMA_PROJECTIONS
 from tests.helpers.kernels import block_sparse, glu_reference, rel, run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
-PROJ = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 def test_concat_rows_stacks_the_weights_and_refuses_ragged_middles():
@@ -152,7 +144,7 @@ def tiny_llama(intermediate: int = 128, block: int = 16, seed: int = 0, **kw):
         **kw,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    for i, (layer, name) in enumerate((layer, name) for layer in model.model.layers for name in PROJ):
+    for i, (layer, name) in enumerate((layer, name) for layer in model.model.layers for name in LLAMA_PROJECTIONS):
         parent, attr = name.rsplit(".", 1)
         owner = layer.get_submodule(parent)
         lin = getattr(owner, attr)
