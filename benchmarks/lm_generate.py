@@ -48,7 +48,7 @@ RUNTIMES = ("eager", "compile", "graph", "graph-compile")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="an export directory of a transformers language model")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run (with --dtype fp32), not a measurement")
     p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16")
     p.add_argument("--runtimes", default="eager,compile", help=f"comma-separated, of {RUNTIMES}")
     p.add_argument("--batches", default="1,8")
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = sorted(set(args.runtimes) - set(RUNTIMES))
     if bad:
         p.error(f"unknown runtime {bad}: pick from {RUNTIMES}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("no CUDA GPU here: this benchmark measures on one (--device cpu --dtype fp32 for a smoke run)")
     return args
 
 

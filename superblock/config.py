@@ -323,9 +323,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def model_tokenizer(m: ModelConfig) -> str | None:
     """The tokenizer a pretrained transformers model came with: the directory of `model.pretrained`, else of
     `model.name=hf:<dir>`, when it holds tokenizer files. None (UTF-8 bytes) for models trained from scratch."""
-    candidates = [m.pretrained] if m.pretrained else []
-    if m.name.startswith("hf:"):
-        candidates.append(m.name[3:])
+    return tokenizer_of(m.name, m.pretrained)
+
+
+def tokenizer_of(name: str, pretrained: str | None) -> str | None:
+    """model_tokenizer for a model named `name` (a model spec's or a config's) built from `pretrained`: training
+    reads text with it, and evaluation of the run or its export reads the same tokens."""
+    candidates = [pretrained] if pretrained else []
+    if name.startswith("hf:"):
+        candidates.append(name[3:])
     for c in candidates:
         path = Path(str(c)).expanduser()
         if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):

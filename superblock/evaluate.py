@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from superblock.artifacts.resolve import ArtifactError, resolve
+from superblock.config import tokenizer_of
 from superblock.data.metrics import perplexity, perplexity_per_byte
 from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
 from superblock.engine.objective import flat_predictions
@@ -51,7 +52,7 @@ from superblock.rundir import RunDir
 MODES = ("masked", "folded", "bsr", "all")
 FORMS = ("masked", "folded", "bsr")
 DATA_KEYS = ("name", "root", "download", "image_size", "train_size", "val_size", "randaugment", "num_classes")
-TEXT_KEYS = ("name", "root", "train_size", "val_size", "seq_len", "tokenizer", "max_bytes")
+TEXT_KEYS = ("name", "root", "train_size", "val_size", "seq_len", "tokenizer", "max_bytes", "val_max_bytes")
 
 
 @dataclass
@@ -185,13 +186,19 @@ def val_loader(data: dict, seed: int, model_spec: dict, batch_size: int | None):
     kwargs = {k: data[k] for k in (TEXT_KEYS if text else DATA_KEYS) if data.get(k) is not None}
     if not text:
         kwargs["image_size"] = kwargs.get("image_size") or model_spec["image_size"]
+    elif not kwargs.get("tokenizer"):  # the run's config names none: the tokenizer training read the text with
+        kwargs["tokenizer"] = tokenizer_of(model_spec["name"], model_spec.get("pretrained"))
     if isinstance(data.get("augment"), dict) and not text:
         kwargs["augment"] = dict(data["augment"])
     bundle = build_datasets(kwargs.pop("name"), seed=seed, val_only=True, **kwargs)
     if not text and bundle.image_size != model_spec["image_size"]:
         raise ValueError(f"data image size {bundle.image_size} != the model's {model_spec['image_size']}")
     if bundle.num_classes != model_spec["num_classes"]:
-        raise ValueError(f"data has {bundle.num_classes} classes, the model {model_spec['num_classes']}")
+        hint = ""
+        if text:
+            read = f"tokenizer {kwargs['tokenizer']}" if kwargs.get("tokenizer") else "UTF-8 bytes"
+            hint = f" (the text read with {read}): pass data.tokenizer=<the folder of the model's tokenizer>"
+        raise ValueError(f"data has {bundle.num_classes} classes, the model {model_spec['num_classes']}{hint}")
     bs = batch_size or data.get("eval_batch_size") or data.get("batch_size") or 128
     return bundle, build_val_loader(bundle, batch_size=bs, num_workers=data.get("num_workers", 0) or 0)
 
@@ -376,9 +383,11 @@ def table(result: dict) -> str:
     """One row per form: accuracy, agreement with the reference form, latency, speedup, weight memory."""
     acc, agree, lat = result.get("accuracy", {}), result.get("agreement", {}), result.get("latency", {})
     forms = [f for f in FORMS if f in result["weight_bytes"]]
+    lm = any("perplexity" in a for a in acc.values())  # a language model: perplexity too, sequences per second
+    ppl_head = f" {'ppl':>9} {'ppl/byte':>8}" if lm else ""
     head = (
-        f"{'mode':<7} {'top-1':>7} {'top-5':>7} {'agree':>7} {'max|dlogit|':>11} {'ms/batch':>9} {'img/s':>9} "
-        f"{'speedup':>8} {'weights MB':>10}"
+        f"{'mode':<7} {'top-1':>7} {'top-5':>7}{ppl_head} {'agree':>7} {'max|dlogit|':>11} {'ms/batch':>9} "
+        f"{'seq/s' if lm else 'img/s':>9} {'speedup':>8} {'weights MB':>10}"
     )
     title = f"{result['checkpoint']} ({result['kind']}) on {result['device']}, {result['dtype']}"
     lines = [title, head, "-" * len(head)]
@@ -387,6 +396,7 @@ def table(result: dict) -> str:
         cells = [
             _fmt(a.get("top1"), ".2f", 7),
             _fmt(a.get("top5"), ".2f", 7),
+            *([_fmt(a.get("perplexity"), ".3f", 9), _fmt(a.get("perplexity_per_byte"), ".4f", 8)] if lm else []),
             _fmt(g.get("top1_agreement"), ".4f", 7),
             _fmt(g.get("max_abs_logit_diff"), ".2e", 11),
             _fmt(t.get("median_ms"), ".2f", 9),

@@ -195,7 +195,7 @@ def test_fsdp2_resumes_exactly_after_sigkill(tmp_path):
     assert b["mask_digest"] == a["mask_digest"]
 
 
-def test_lm_run_exports_evaluates_loads_and_generates(tmp_path, monkeypatch):
+def test_lm_run_exports_evaluates_loads_and_generates(tmp_path, monkeypatch, capsys):
     """The documented LM path: train.py -> export.py -> evaluate.py -> load_sparse(...).generate()."""
     from superblock.export import load_folded, load_sparse
     from tests.helpers.scripts import QUICK_EVAL, run
@@ -236,6 +236,10 @@ def test_lm_run_exports_evaluates_loads_and_generates(tmp_path, monkeypatch):
     gen += ["--new-tokens", "3", "--reps", "1", "--out", str(tmp_path / "gen")]
     lm_generate.main(["--export", str(export_dir), *gen])
     rows = json.loads((tmp_path / "gen" / "lm_generate.json").read_text())["rows"]
+    if not torch.cuda.is_available():  # its default device is the GPU: here a one-line refusal, not a traceback
+        with pytest.raises(SystemExit):
+            lm_generate.parse_args(["--export", str(export_dir)])
+        assert "--device cpu" in capsys.readouterr().err
     assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2), ("graph", 1), ("graph", 2)]
     assert all(r["agree"] == 1.0 and r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
     layers = sum(type(m).__name__ == "BlockSparseLinear" for m in sparse.modules())

@@ -137,3 +137,31 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert f"teacher: {tmp_path / 'tiny'}" in config
     assert "compile: true" in config  # the experiment compiles student and teacher (here on the CPU, as shipped)
+
+
+def test_a_fine_tuned_pretrained_model_evaluates_on_the_tokens_it_trained_on(tmp_path):
+    """`evaluate.py` on the run and on its export reads the validation text as training did: with the pretrained
+    folder's own tokenizer (the run's config names none: it is the model's) and the run's `data.val_max_bytes`, so
+    it reports the run's own validation perplexity. Before, the text was read as UTF-8 bytes (257 classes against
+    the model's vocabulary: refused), and the validation windows came from `data.max_bytes`."""
+    import subprocess
+
+    from superblock.evaluate import evaluate, table
+    from superblock.export import export_checkpoint
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "model=hf", f"model.pretrained={tmp_path / 'tiny'}",
+         f"model.name=hf:{tmp_path / 'tiny'}", "data=text", "data.max_bytes=60000", "data.val_max_bytes=20000",
+         "data.val_size=4", "data.batch_size=2", "data.seq_len=16", "trainer.max_steps=2", "trainer.device=cpu",
+         "sparsity.level=0.5", "sparsity.block_size=16", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = json.loads((tmp_path / "run" / "summary.json").read_text())["val_perplexity"]
+    export_checkpoint(tmp_path / "run", tmp_path / "export", device="cpu", layout="bsr", echo=lambda _: None)
+    for target, forms in ((tmp_path / "run", "masked"), (tmp_path / "export", "bsr")):
+        result = evaluate(target, forms, device="cpu", latency={"enabled": False}, echo=lambda _: None)
+        assert result["accuracy"][forms]["perplexity"] == pytest.approx(ran, rel=1e-4)
+        assert " ppl " in table(result).splitlines()[1]  # the printed table shows it
