@@ -4,6 +4,8 @@ Top-1/top-5 on the validation split (data config from the run), latency and thro
 weight memory; writes eval.json next to the checkpoint. See configs/evaluate.yaml and docs/export.md.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,4 +18,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from superblock.cli import quote_path_arguments
+
+    sys.argv = quote_path_arguments(sys.argv)  # a sweep job's directory, as typed
     main()

@@ -4,6 +4,8 @@ Writes exports/<run>/ (model.safetensors with BSR weights, dense_state_dict.safe
 configs/export.yaml for every option and docs/export.md for the format.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,4 +18,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from superblock.cli import quote_path_arguments
+
+    sys.argv = quote_path_arguments(sys.argv)  # a sweep job's directory, as typed
     main()

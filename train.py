@@ -25,4 +25,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
+    from superblock.cli import quote_path_arguments
+
+    sys.argv = quote_path_arguments(sys.argv)  # a sweep job's directory, as typed
     main()

@@ -21,6 +21,32 @@ from superblock.devices import dtype_name_or_auto
 from superblock.engine.distributed import broadcast_object, cleanup, init_distributed
 from superblock.rundir import RunDir, RunSummary
 
+# Characters Hydra's override grammar reads as syntax in an unquoted value. A sweep job's run directory is named by
+# its overrides (`3_sparsity.block_size=16,sparsity.level=0.8`), so passing it back (`checkpoint=<that dir>`)
+# would be misread; and values Hydra cannot take inside quotes either (a quote, a backslash, an interpolation).
+_HYDRA_SYNTAX = frozenset("=,[]{}() ")
+_UNQUOTABLE = ("'", "\\", "${")
+
+
+def quote_path_arguments(argv: list[str]) -> list[str]:
+    """argv (program name first) with each `key=value` whose value is an existing file or directory that Hydra would
+    misread put in quotes, so `python export.py checkpoint=multirun/<sweep>/3_sparsity.level=0.8,...` names that
+    directory, as typed. Every other argument (sweeps such as `sparsity.level=0.5,0.8`, flags) is left as it is."""
+    quoted = list(argv[:1])
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if (
+            sep
+            and key
+            and not key.startswith("-")
+            and not _HYDRA_SYNTAX.isdisjoint(value)
+            and not any(u in value for u in _UNQUOTABLE)
+            and Path(value).exists()
+        ):
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
 
 def _hydra_context() -> tuple[str | None, bool]:
     """(Hydra's output dir, whether this is a multirun job); (None, False) outside Hydra."""

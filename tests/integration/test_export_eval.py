@@ -39,6 +39,33 @@ def test_export_then_evaluate(tmp_path):
     assert result["speedup"] > 0 and result["latency"]["batch_size"] == 2
 
 
+def test_a_sweep_jobs_directory_is_passed_back_as_typed(tmp_path):
+    """A sweep names each job's run directory by its overrides (`3_sparsity.block_size=[64,16],sparsity.level=0.8`):
+    export.py and evaluate.py take it (and the export named after it) unquoted, as the sweep printed it; Hydra's
+    grammar would otherwise read its `=`, `,` and brackets as syntax."""
+    job = "multirun/3_sparsity.block_size=[8,8],sparsity.level=0.8"
+    make_run(tmp_path / job)
+    out = run("export.py", f"checkpoint={job}", "layout=bsr", "device=cpu", "probe_batch=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    export = f"exports/{Path(job).name}"
+    assert (tmp_path / export / "manifest.json").is_file()
+    out = run("evaluate.py", f"checkpoint={export}", "mode=bsr", "latency.enabled=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / export / "eval.json").is_file()
+
+
+def test_path_arguments_are_quoted_only_where_hydra_would_misread_an_existing_path(tmp_path):
+    from superblock.cli import quote_path_arguments
+
+    job = tmp_path / "0_sparsity.level=0.5,sparsity.block_size=16"
+    job.mkdir()
+    plain = tmp_path / "plain_dir"
+    plain.mkdir()
+    argv = ["export.py", f"checkpoint={job}", f"output={plain}", "sparsity.level=0.5,0.8", "--multirun",
+            f"x={tmp_path / 'missing=1,2'}", "dtype=bf16"]  # fmt: skip
+    assert quote_path_arguments(argv) == [argv[0], f"checkpoint='{job}'", *argv[2:]]
+
+
 def test_entry_points_fail_cleanly(tmp_path):
     out = run("export.py", "checkpoint=missing_run", cwd=tmp_path)
     assert out.returncode == 1 and "superblock: error: missing_run does not exist" in out.stderr
