@@ -248,6 +248,8 @@ EVAL_DATA_KEYS = (
     "eval_batch_size",
     "num_workers",
     "randaugment",
+    "seq_len",
+    "tokenizer",
 )
 
 

@@ -165,3 +165,17 @@ def test_a_fine_tuned_pretrained_model_evaluates_on_the_tokens_it_trained_on(tmp
         result = evaluate(target, forms, device="cpu", latency={"enabled": False}, echo=lambda _: None)
         assert result["accuracy"][forms]["perplexity"] == pytest.approx(ran, rel=1e-4)
         assert " ppl " in table(result).splitlines()[1]  # the printed table shows it
+
+    # the pretrained folder moved: the error says what to pass, and evaluate.py takes it
+    (tmp_path / "tiny").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match="UTF-8 bytes.*pass data.tokenizer="):
+        evaluate(tmp_path / "export", "bsr", device="cpu", latency={"enabled": False}, echo=lambda _: None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"checkpoint={tmp_path / 'export'}", "mode=bsr", "device=cpu",
+         "latency.enabled=false", f"data.tokenizer={tmp_path / 'moved'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "export" / "eval.json").read_text())["accuracy"]["bsr"]["perplexity"] == (
+        pytest.approx(ran, rel=1e-4)
+    )
