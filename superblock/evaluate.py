@@ -25,6 +25,7 @@ from superblock.artifacts.resolve import ArtifactError, resolve
 from superblock.config import tokenizer_of
 from superblock.data.metrics import perplexity, perplexity_per_byte
 from superblock.devices import dtype_name, ensure_runnable, parse_dtype, resolve_device
+from superblock.engine.builders import TEXT_OPTIONS
 from superblock.engine.objective import flat_predictions
 from superblock.engine.validation import topk_correct
 from superblock.export import (
@@ -52,7 +53,7 @@ from superblock.rundir import RunDir
 MODES = ("masked", "folded", "bsr", "all")
 FORMS = ("masked", "folded", "bsr")
 DATA_KEYS = ("name", "root", "download", "image_size", "train_size", "val_size", "randaugment", "num_classes")
-TEXT_KEYS = ("name", "root", "train_size", "val_size", "seq_len", "tokenizer", "max_bytes", "val_max_bytes")
+TEXT_KEYS = ("name", *TEXT_OPTIONS)  # what training builds text data from (engine.builders owns the list)
 
 
 @dataclass

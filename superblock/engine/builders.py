@@ -90,12 +90,18 @@ def build_data(
     )
 
 
+# The DataConfig keys text data is built from: training reads them here, evaluation from a run's saved config.
+TEXT_OPTIONS = ("root", "train_size", "val_size", "seq_len", "tokenizer", "max_bytes", "val_max_bytes")
+
+
 def dataset_options(data: DataConfig) -> dict[str, Any]:
     """`build_datasets` keyword arguments of `data` (text data takes its own; image data its transforms)."""
     common = {"root": data.root, "train_size": data.train_size, "val_size": data.val_size}
     if data.name == "text":
-        text = {**common, "seq_len": data.seq_len, "tokenizer": data.tokenizer, "max_bytes": data.max_bytes}
-        return {**text, "val_max_bytes": data.val_max_bytes} if data.val_max_bytes is not None else text
+        text = {k: getattr(data, k) for k in TEXT_OPTIONS}
+        if text["val_max_bytes"] is None:  # only when set: older runs' options stay what they were
+            del text["val_max_bytes"]
+        return text
     return {
         **common,
         "image_size": data.image_size,
