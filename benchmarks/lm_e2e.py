@@ -480,7 +480,7 @@ def main(argv=None):
     variants = {"off": ("sparse",), "on": ("sparse_fused",), "both": ("sparse", "sparse_fused")}[args.fuse]
     rows: dict[str, dict] = {"dense": measure(dense, args)}
     print(json.dumps({"dense": rows["dense"]}), flush=True)
-    write(rows)
+    text = write(rows)
     for level in args.sparsity:
         for variant in variants:  # one sparse model at a time: each is built dense (8B) before it is made sparse
             t0 = time.time()
@@ -489,11 +489,10 @@ def main(argv=None):
             name = row_name(variant, level, args)
             rows[name] = {"sparsity": level, "kept_fraction": kept_fraction(model), **measure(model, args)}
             print(json.dumps({name: rows[name]}), flush=True)
-            write(rows)
+            text = write(rows)
             del model
             if on_gpu(args.device):
                 torch.cuda.empty_cache()
-    text = report(rows, args)  # the files hold every row already: written after the last one
     if len(args.sparsity) > 1:
         plot_against_sparsity(rows, out_dir / f"{stem}_sparsity.png")
     print(text)

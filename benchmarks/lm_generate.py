@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         (out / "lm_generate.md").write_text(head + table(rows) + "\n")
 
     rows = measure(args, on_row=write)
-    write(rows)
+    if not rows:  # every measured row was written as it came; with none, the files still say so
+        write(rows)
     print("\n" + head + table(rows))
 
 
