@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
+        w = csv.DictWriter(fh, FIELDS, lineterminator="\n")  # the committed file's line ends
         if new:
             w.writeheader()
         w.writerow(row)

@@ -51,3 +51,14 @@ def test_a_check_stopped_from_outside_still_writes_its_line_at_once(tmp_path):
     assert codes["stopped"] == "TERM" and codes["quick"] == codes["timing"] == codes["bench"] == "-"
     assert b"gpu_check commit=abc1234" in out
     assert (tmp_path / "back" / "checks.csv").read_text() == (tmp_path / "checks.csv").read_text()
+
+
+def test_the_summary_line_is_appended_with_the_files_own_line_ends(tmp_path):
+    """Appended lines end as the committed CSV's do (Unix): the csv module's default, CRLF, had mixed them."""
+    checks = tmp_path / "checks.csv"
+    checks.write_bytes((REPO / "docs/data/gpu_checks.csv").read_bytes().splitlines()[0] + b"\n")
+    rc = "quick=0,timing=0,sanitize=0,export=0,bench=0,serve=0"
+    args = ["--commit", "abc1234", "--out", str(tmp_path), "--seconds", "5", "--test-seconds", "", "--rc", rc]
+    subprocess.run([sys.executable, "scripts/gpu_check_summary.py", *args, "--csv", str(checks)], cwd=REPO, check=False)
+    data = checks.read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 2 and b"abc1234" in data
