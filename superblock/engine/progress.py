@@ -4,6 +4,9 @@ A bar redraws itself with carriage returns; written to a file or a pipe (a job's
 redraw becomes a frame in the log. When its stream is not a terminal, `epoch_progress` returns `ProgressLines`
 instead: the same fields (epoch, batches, optimizer step, rate, elapsed, ETA and the bar's postfix: loss, lr,
 sparsity, images/s) as one plain line at the end of every epoch and at most one every `every_s` seconds within it.
+Its rate and ETA count from the end of the epoch's first batch: that batch also carries the loader's start and, in a
+compiled run, the compile (minutes for a language model), which would otherwise put the ETA at hours; until a second
+batch ends, the line says how long the first has taken instead.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ class ProgressLines:
         self.postfix: dict[str, Any] = {}
         self._initial, self._start = initial, clock()
         self._last_time, self._last_n = self._start, None
+        self._first: tuple[int, float] | None = None  # (batches, time) at the end of the first update
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        if self._first is None:
+            self._first = (self.n, self.clock())
         if self.every_s > 0 and self.n < self.total and self.clock() - self._last_time >= self.every_s:
             self._write()
 
@@ -58,15 +64,22 @@ class ProgressLines:
             self._write()
 
     def line(self) -> str:
-        elapsed = self.clock() - self._start
-        done = self.n - self._initial
-        rate = done / elapsed if elapsed > 0 and done else None
-        eta = tqdm.format_interval((self.total - self.n) / rate) if rate else "?"
+        now = self.clock()
+        elapsed = now - self._start
+        rate, speed = None, "? batch/s"
+        if self._first is not None:
+            first_n, first_t = self._first
+            if self.n > first_n and now > first_t:
+                rate = (self.n - first_n) / (now - first_t)
+                speed = f"{rate:.2f} batch/s"
+            else:
+                speed += f" (first batch {tqdm.format_interval(first_t - self._start)})"
+        eta = tqdm.format_interval((self.total - self.n) / rate) if rate else ("00:00" if self.n >= self.total else "?")
         pct = 100.0 * self.n / self.total if self.total else 100.0
         fields = [
             f"{self.n}/{self.total} batches ({pct:.0f}%)",
             f"step {self.step()}",
-            f"{rate:.2f} batch/s" if rate else "? batch/s",
+            speed,
             f"elapsed {tqdm.format_interval(elapsed)}",
             f"ETA {eta}",
         ]

@@ -57,13 +57,28 @@ def test_at_most_one_line_per_interval_within_an_epoch():
 def test_a_resumed_epoch_counts_its_rate_from_where_it_resumed():
     out, clock = io.StringIO(), Clock()
     bar = ProgressLines(10, 6, "epoch 1/1", 30.0, lambda: 6, file=out, clock=clock)
-    clock.t = 2.0
-    bar.update(4)
+    for t in (1.0, 1.5, 2.0, 2.5):
+        clock.t = t
+        bar.update(1)
     bar.close()
     bar.close()  # nothing new: no second line
     assert out.getvalue().splitlines() == [
         "epoch 1/1: 10/10 batches (100%), step 6, 2.00 batch/s, elapsed 00:02, ETA 00:00"
     ]
+
+
+def test_a_slow_first_batch_does_not_set_the_rate():
+    """The first batch of a compiled run takes the compile (minutes): the rate and ETA count from its end, and until a
+    second batch ends the line says how long the first took rather than an ETA of hours."""
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLines(635, 0, "epoch 1/10", 30.0, lambda: 0, file=out, clock=clock)
+    clock.t = 94.0
+    bar.update(1)
+    assert bar.line() == "epoch 1/10: 1/635 batches (0%), step 0, ? batch/s (first batch 01:34), elapsed 01:34, ETA ?"
+    for _ in range(99):
+        clock.t += 0.125
+        bar.update(1)
+    assert "8.00 batch/s" in bar.line() and "ETA 01:06" in bar.line()  # 535 batches left at 8 a second
 
 
 def test_bar_on_a_terminal_lines_elsewhere():
