@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from superblock.data import skip_batches
 from superblock.engine.ema import ModelEma
 from superblock.engine.objective import Objective
-from superblock.engine.progress import epoch_progress
 from superblock.engine.state import Progress
+from superblock.progress import epoch_progress
 from superblock.sparsity import get_controller
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from superblock.progress import progress_iter
 from superblock.sparsity.api import iter_block_masks
 from superblock.sparsity.blocks import BlockSize, expand_blocks
 from superblock.sparsity.calibrate import input_dim, watch_inputs
@@ -178,7 +178,7 @@ def reconstruct_weights(
         for name in forward_order(model, first, forward):
             groups.setdefault(group_key(name), []).append(name)
         before, after, short = [], [], (0, 0)
-        for names in tqdm(groups.values(), desc="refit", unit="block", disable=not progress, leave=False):
+        for names in progress_iter(groups.values(), len(groups), "refit", "block", enabled=progress):
             grams = _Grams(names)
             with _unmasked([masks[name][2] for name in names]):
                 grams.measure(model, batches, forward)

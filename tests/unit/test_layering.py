@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "superblock.io": 0,
     "superblock.timing": 0,  # CUDA events, CUDA-graph replays, wall clock, interleaved comparisons, step timers
     "superblock.seeding": 0,  # process-independent seeds, seeding the global RNGs
+    "superblock.progress": 0,  # console progress: tqdm's bar on a terminal, plain lines in a log
     # 1: building blocks
     "superblock.kernels": 1,
     "superblock.artifacts": 1,  # files on disk: training checkpoints, the export format, an export's folded model

@@ -6,7 +6,7 @@ import io
 
 from tqdm import tqdm
 
-from superblock.engine.progress import ProgressLines, epoch_progress, is_terminal
+from superblock.progress import ProgressLines, epoch_progress, is_terminal, progress_iter
 
 
 class Clock:
@@ -88,3 +88,19 @@ def test_bar_on_a_terminal_lines_elsewhere():
     off = epoch_progress(5, 0, "e", enabled=False, every_s=30, step=lambda: 0, stream=io.StringIO())
     assert isinstance(off, tqdm) and off.disable  # other ranks: nothing at all
     assert is_terminal(Terminal()) and not is_terminal(io.StringIO()) and not is_terminal(object())
+
+
+def test_progress_over_items_is_plain_lines_in_a_log_and_a_bar_on_a_terminal():
+    """The one-shot refit's progress over a model's blocks: in a log, lines that name blocks (no optimizer step),
+    not the frames of a bar; on a terminal, tqdm's bar; nothing at all when disabled."""
+    log = io.StringIO()
+    assert list(progress_iter(range(3), 3, "refit", "block", enabled=True, every_s=0.0, stream=log)) == [0, 1, 2]
+    (line,) = log.getvalue().splitlines()
+    assert line.startswith("refit: 3/3 blocks (100%), ") and "block/s" in line and "step" not in line
+    assert "\r" not in log.getvalue()
+    term = Terminal()
+    assert list(progress_iter(range(3), 3, "refit", "block", enabled=True, stream=term)) == [0, 1, 2]
+    assert "\r" in term.getvalue()  # tqdm drew (and cleared) its bar
+    off = io.StringIO()
+    assert list(progress_iter(iter("ab"), 2, "refit", "block", enabled=False, stream=off)) == ["a", "b"]
+    assert off.getvalue() == ""

@@ -1,4 +1,4 @@
-"""Training progress on the console: tqdm's bar on a terminal, plain lines anywhere else.
+"""Progress on the console (training epochs, the one-shot refit): tqdm's bar on a terminal, plain lines anywhere else.
 
 A bar redraws itself with carriage returns; written to a file or a pipe (a job's log, `... 2>&1 | tee`), every
 redraw becomes a frame in the log. When its stream is not a terminal, `epoch_progress` returns `ProgressLines`
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 def is_terminal(stream: Any) -> bool:
@@ -30,7 +32,8 @@ def is_terminal(stream: Any) -> bool:
 class ProgressLines:
     """The progress bar's interface (update / set_postfix / close) writing plain lines to `file` (default: stderr,
     where the bar would draw): one when closed (the epoch's end, or where it stopped) and, within the epoch, at most
-    one every `every_s` seconds (0: none). `step()` is the current optimizer step."""
+    one every `every_s` seconds (0: none). `step()` is the current optimizer step (None: not shown); `unit` names
+    what is counted."""
 
     def __init__(
         self,
@@ -38,11 +41,12 @@ class ProgressLines:
         initial: int,
         desc: str,
         every_s: float,
-        step: Callable[[], int],
+        step: Callable[[], int] | None,
         file: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "batch",
     ) -> None:
-        self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
+        self.total, self.n, self.desc, self.every_s, self.unit = total, initial, desc, every_s, unit
         self.step, self.file, self.clock = step, file, clock
         self.postfix: dict[str, Any] = {}
         self._initial, self._start = initial, clock()
@@ -66,19 +70,20 @@ class ProgressLines:
     def line(self) -> str:
         now = self.clock()
         elapsed = now - self._start
-        rate, speed = None, "? batch/s"
+        rate, speed = None, f"? {self.unit}/s"
         if self._first is not None:
             first_n, first_t = self._first
             if self.n > first_n and now > first_t:
                 rate = (self.n - first_n) / (now - first_t)
-                speed = f"{rate:.2f} batch/s"
+                speed = f"{rate:.2f} {self.unit}/s"
             else:
                 speed += f" (first batch {tqdm.format_interval(first_t - self._start)})"
         eta = tqdm.format_interval((self.total - self.n) / rate) if rate else ("00:00" if self.n >= self.total else "?")
         pct = 100.0 * self.n / self.total if self.total else 100.0
-        fields = [
-            f"{self.n}/{self.total} batches ({pct:.0f}%)",
-            f"step {self.step()}",
+        plural = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
+        fields = [f"{self.n}/{self.total} {plural} ({pct:.0f}%)"]
+        fields += [] if self.step is None else [f"step {self.step()}"]
+        fields += [
             speed,
             f"elapsed {tqdm.format_interval(elapsed)}",
             f"ETA {eta}",
@@ -116,3 +121,30 @@ def epoch_progress(
         leave=True,
         file=stream,
     )
+
+
+def progress_iter(
+    items: Iterable[T],
+    total: int,
+    desc: str,
+    unit: str,
+    *,
+    enabled: bool,
+    every_s: float = 30.0,
+    stream: TextIO | None = None,
+) -> Iterator[T]:
+    """`items` with progress shown as it is consumed: tqdm's bar on a terminal (cleared at the end), else
+    ProgressLines (a line at most every `every_s` seconds and one at the end); nothing when not `enabled`."""
+    if not enabled:
+        yield from items
+        return
+    if is_terminal(stream if stream is not None else sys.stderr):
+        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, file=stream)
+        return
+    bar = ProgressLines(total, 0, desc, every_s, None, file=stream, unit=unit)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
