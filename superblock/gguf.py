@@ -40,6 +40,10 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # a GGUF file's tokenizer comes with transformers' WordPiece-era default (clean-up on: some versions then strip
+    # the spaces before punctuation when decoding, others warn on every load); the BPE vocabularies GGUF files hold
+    # want it off, as their own tokenizer_config.json says (SmolLM2's does)
+    tokenizer.clean_up_tokenization_spaces = False
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval(), tokenizer
 

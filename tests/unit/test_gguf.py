@@ -70,6 +70,9 @@ def test_the_real_smollm2_converts_and_answers(tmp_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+    # decoding gives the text back: no clean-up that strips the spaces before punctuation (nor a warning on load)
+    assert tokenizer.clean_up_tokenization_spaces is False
+    assert tokenizer.decode(tokenizer("a , b . c").input_ids) == "a , b . c"
 
 
 def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
