@@ -6,7 +6,7 @@ instead: the same fields (epoch, batches, optimizer step, rate, elapsed, ETA and
 sparsity, images/s) as one plain line at the end of every epoch and at most one every `every_s` seconds within it.
 Its rate and ETA count from the end of the epoch's first batch: that batch also carries the loader's start and, in a
 compiled run, the compile (minutes for a language model), which would otherwise put the ETA at hours; until a second
-batch ends, the line says how long the first has taken instead.
+batch ends, the line says how long the first has taken instead (the refit's lines likewise count blocks).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ProgressLines:
         self.postfix: dict[str, Any] = {}
         self._initial, self._start = initial, clock()
         self._last_time, self._last_n = self._start, None
-        self._first: tuple[int, float] | None = None  # (batches, time) at the end of the first update
+        self._first: tuple[int, float] | None = None  # (count, time) at the end of the first update
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -77,7 +77,7 @@ class ProgressLines:
                 rate = (self.n - first_n) / (now - first_t)
                 speed = f"{rate:.2f} {self.unit}/s"
             else:
-                speed += f" (first batch {tqdm.format_interval(first_t - self._start)})"
+                speed += f" (first {self.unit} {tqdm.format_interval(first_t - self._start)})"
         eta = tqdm.format_interval((self.total - self.n) / rate) if rate else ("00:00" if self.n >= self.total else "?")
         pct = 100.0 * self.n / self.total if self.total else 100.0
         plural = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
