@@ -104,21 +104,24 @@ def epoch_progress(
     *,
     enabled: bool,
     every_s: float,
-    step: Callable[[], int],
+    step: Callable[[], int] | None,
     stream: TextIO | None = None,
+    unit: str = "batch",
+    leave: bool = True,
 ) -> tqdm | ProgressLines:
-    """The progress display of one epoch: tqdm's bar (disabled when not `enabled`, e.g. on ranks other than 0) when
-    `stream` (default stderr, tqdm's) is a terminal, else ProgressLines."""
+    """The progress display of one epoch (or any count of `unit`s): tqdm's bar (disabled when not `enabled`, e.g. on
+    ranks other than 0; cleared at the end unless `leave`) when `stream` (default stderr, tqdm's) is a terminal, else
+    ProgressLines."""
     if enabled and not is_terminal(stream if stream is not None else sys.stderr):
-        return ProgressLines(total, initial, desc, every_s, step, file=stream)
+        return ProgressLines(total, initial, desc, every_s, step, file=stream, unit=unit)
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        unit="batch",
+        unit=unit,
         disable=not enabled,
         dynamic_ncols=True,
-        leave=True,
+        leave=leave,
         file=stream,
     )
 
@@ -133,15 +136,12 @@ def progress_iter(
     every_s: float = 30.0,
     stream: TextIO | None = None,
 ) -> Iterator[T]:
-    """`items` with progress shown as it is consumed: tqdm's bar on a terminal (cleared at the end), else
-    ProgressLines (a line at most every `every_s` seconds and one at the end); nothing when not `enabled`."""
-    if not enabled:
-        yield from items
-        return
-    if is_terminal(stream if stream is not None else sys.stderr):
-        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, file=stream)
-        return
-    bar = ProgressLines(total, 0, desc, every_s, None, file=stream, unit=unit)
+    """`items` with progress shown as it is consumed (`epoch_progress`'s display, no optimizer step): tqdm's bar on a
+    terminal (cleared at the end), else a line at most every `every_s` seconds and one at the end; nothing when not
+    `enabled`."""
+    bar = epoch_progress(
+        total, 0, desc, enabled=enabled, every_s=every_s, step=None, stream=stream, unit=unit, leave=False
+    )
     try:
         for item in items:
             yield item
