@@ -157,15 +157,21 @@ def reconstruct_weights(
 ) -> Reconstruction:
     """Refit every masked weight of `model` to its dense outputs on `batches` (re-iterable: one pass per group)
     under the masks it has now, group by group in forward order; copy the weights into `followers` (an EMA copy).
-    `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights.
+    `reduce` (e.g. an all-reduce sum) is applied to every Gram matrix, so all ranks refit the same weights; weights
+    that keep every tile are left as they are and not counted.
     `select="output_error"` also re-chooses each weight's tiles (as many as its mask keeps) by the output error
     their removal leaves after the refit (`superblock.sparsity.select`), its scores reordered to match. `progress`
     shows a bar over the groups (a minute or more on a pretrained model)."""
     if select not in SELECTIONS:
         raise ValueError(f"unknown tile selection {select!r}: use one of {SELECTIONS}")
     masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
+    # A weight that keeps every tile (a level-0 override) gives its dense outputs already: nothing to refit (the
+    # ridge would only shrink it) and no pass to measure it.
+    whole = {name for name, (_, _, mask) in masks.items() if bool(mask.mask.all())}
     if select == "output_error":
-        for module, pname, mask in masks.values():  # before any pass: a weight too large for it fails now
+        for name, (module, pname, mask) in masks.items():  # before any pass: a weight too large for it fails now
+            if name in whole:
+                continue
             dense, tiles, _, block = _out_in(module, pname, mask)
             check_memory(dense.shape, tiles.shape, block)
     first = next(iter(batches), None)
@@ -176,7 +182,8 @@ def reconstruct_weights(
     groups: dict[str, list[str]] = {}
     try:
         for name in forward_order(model, first, forward):
-            groups.setdefault(group_key(name), []).append(name)
+            if name not in whole:
+                groups.setdefault(group_key(name), []).append(name)
         before, after, short = [], [], (0, 0)
         for names in progress_iter(groups.values(), len(groups), "refit", "block", enabled=progress):
             grams = _Grams(names)

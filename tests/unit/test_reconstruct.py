@@ -104,6 +104,25 @@ def test_reconstruction_brings_a_masked_network_back_toward_its_dense_outputs():
         assert torch.equal(a.parametrizations[pa].original, b.parametrizations[pb].original)  # the EMA copy follows
 
 
+def test_a_weight_that_keeps_every_tile_is_left_as_it_is():
+    """A level-0 override (SmolLM2's first two layers stay dense) gives its dense outputs already: the ridge refit
+    would only shrink its weights. It is not refit, not counted, and its block gets no measuring passes."""
+    torch.manual_seed(0)
+    model = Stack()
+    sparsify(model, sparsity=0.5, block_size=(16, 8), targets=["*.0.weight", "*.2.weight"], score_init="magnitude",
+             schedule="constant", level_overrides=[{"match": "layers.0.*", "level": 0.0}])  # fmt: skip
+    weights = {n: mod.parametrizations[p].original.detach().clone() for n, mod, p, _ in iter_block_masks(model)}
+    calls = []
+    model.layers[0][0].register_forward_pre_hook(lambda *_: calls.append(1))
+    batches = [(_correlated(64, 32, seed=s),) for s in range(3)]
+    done = reconstruct_weights(model, batches, lambda m, b: m(b[0]))
+    assert done.weights == 2 and done.groups == 1
+    assert len(calls) == 1 + 3  # the order pass, then layers.1's passes (through layers.0); none for layers.0
+    for name, mod, pname, _ in iter_block_masks(model):
+        same = torch.equal(mod.parametrizations[pname].original, weights[name])
+        assert same == name.startswith("layers.0."), name
+
+
 def test_a_refit_on_fewer_tokens_than_inputs_says_so():
     """24 calibration tokens for weights of 32 and 64 inputs: the Gram matrices are singular, the refit matches
     them exactly and generalises poorly (SmolLM2's CPU smoke run: 256 tokens, 1,536 inputs, perplexity 600,000)."""
