@@ -164,14 +164,9 @@ def reconstruct_weights(
     shows a bar over the groups (a minute or more on a pretrained model)."""
     if select not in SELECTIONS:
         raise ValueError(f"unknown tile selection {select!r}: use one of {SELECTIONS}")
-    masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
-    # A weight that keeps every tile (a level-0 override) gives its dense outputs already: nothing to refit (the
-    # ridge would only shrink it) and no pass to measure it.
-    whole = {name for name, (_, _, mask) in masks.items() if bool(mask.mask.all())}
+    masks = _masks_to_refit(model)
     if select == "output_error":
-        for name, (module, pname, mask) in masks.items():  # before any pass: a weight too large for it fails now
-            if name in whole:
-                continue
+        for module, pname, mask in masks.values():  # before any pass: a weight too large for it fails now
             dense, tiles, _, block = _out_in(module, pname, mask)
             check_memory(dense.shape, tiles.shape, block)
     first = next(iter(batches), None)
@@ -182,7 +177,7 @@ def reconstruct_weights(
     groups: dict[str, list[str]] = {}
     try:
         for name in forward_order(model, first, forward):
-            if name not in whole:
+            if name in masks:
                 groups.setdefault(group_key(name), []).append(name)
         before, after, short = [], [], (0, 0)
         for names in progress_iter(groups.values(), len(groups), "refit", "block", enabled=progress):
@@ -211,6 +206,14 @@ def reconstruct_weights(
         )
     n = len(before)
     return Reconstruction(n, len(groups), sum(before) / max(n, 1), sum(after) / max(n, 1), select)
+
+
+def _masks_to_refit(model: nn.Module) -> dict[str, tuple[nn.Module, str, object]]:
+    """{name: (module, parameter name, mask)} of the masked weights a refit changes. A weight that keeps every tile
+    (a level-0 override) gives its dense outputs already: nothing to refit (the ridge would only shrink it) and no
+    pass to measure it."""
+    masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
+    return {name: entry for name, entry in masks.items() if not bool(entry[2].mask.all())}
 
 
 def _too_few_tokens(grams: _Grams, names: list[str], reduce) -> tuple[int, int]:
