@@ -75,14 +75,15 @@ class Layer:
 
 
 def masked_layers(model: nn.Module) -> list[Layer]:
-    """A Layer for every weight of `model` that carries a block mask, in model order (Conv1D: transposed)."""
+    """A Layer for every weight of `model` that carries a block mask, in model order (Conv1D: transposed), with the
+    tiles its mask keeps."""
     layers = []
     for name, module, _, m in iter_block_masks(model):
-        shape, block = tuple(m.weight_shape), tuple(m.block)
+        shape, block, kept = tuple(m.weight_shape), tuple(m.block), int(m.mask.sum())  # packing recounts the kept
         if is_conv1d(module):
-            layers.append(Layer(name, shape[::-1], block[::-1], transposed=True))
+            layers.append(Layer(name, shape[::-1], block[::-1], kept, transposed=True))
         else:
-            layers.append(Layer(name, shape, block))
+            layers.append(Layer(name, shape, block, kept))
     return layers
 
 

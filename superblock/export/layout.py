@@ -110,13 +110,21 @@ def _weight_and_bias(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.T
     return linear_weight(module), module.bias
 
 
+def _keeps_every_tile(layer: Layer) -> str | None:
+    """The reason a weight whose mask keeps every tile (a level-0 override: SmolLM2's first layers) is stored dense
+    whatever the mode: a block-sparse kernel has nothing to skip there and only adds its indices."""
+    if layer.nnz_blocks == layer.total_blocks:
+        return "keeps every tile: nothing for a block-sparse kernel to skip"
+    return None
+
+
 def assign_layouts(model: nn.Module, layers: list[Layer], mode: str) -> None:
-    """The layouts known without measuring: dense where no block-sparse module can hold a weight (with the reason)
-    or where layout=dense; BSR elsewhere (layout=auto then measures those)."""
+    """The layouts known without measuring: dense where no block-sparse module can hold a weight or its mask keeps
+    every tile (with the reason) or where layout=dense; BSR elsewhere (layout=auto then measures those)."""
     if mode not in MODES:
         raise ValueError(f"layout={mode!r} is not one of {list(MODES)}")
     for layer in layers:
-        layer.reason = unsupported_reason(model, layer.name)
+        layer.reason = unsupported_reason(model, layer.name) or _keeps_every_tile(layer)
         layer.layout = "dense" if layer.reason or mode == "dense" else "bsr"
         if mode == "dense":
             layer.reason = "layout=dense was asked for"
@@ -138,7 +146,7 @@ def choose_layouts(
 ) -> None:
     """Set `layout` / `reason` / `timing` of every layer of a folded model (in place).
 
-    bsr: every layer a block-sparse module can hold; dense: none; auto: a layer stays BSR only if, on `device` in
+    bsr: every layer a block-sparse module can hold and whose mask drops a tile; dense: none; auto: a layer stays BSR only if, on `device` in
     `dtype`, its block-sparse module (tuned for `runtime`) is not slower than the dense product at any of
     `batch_sizes` and faster at one of them at least. Timed as the runtime runs: GPU time (CUDA-graph replays)
     for cudagraph on CUDA, eager calls otherwise (compile too: its custom-op and matmul launches are eager ones).

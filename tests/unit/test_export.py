@@ -175,6 +175,23 @@ def test_file_size_shrinks_with_density(tmp_path):
     assert sizes[0.9] < 0.6 * sizes[0.5]
 
 
+def test_a_weight_that_keeps_every_tile_is_stored_dense(tmp_path):
+    """A level-0 override (SmolLM2's first two layers stay dense): nothing for a block-sparse kernel to skip, so even
+    layout=bsr stores it dense (BSR would only add indices and a slower product); the other weights stay BSR."""
+    first = "encoder.layers.encoder_layer_0."
+    masked = make_run(tmp_path / "run", "micro_vit", level_overrides=[{"match": first + "*", "level": 0.0}])
+    layers = export(tmp_path / "run", tmp_path / "export").manifest["layers"]  # layout=bsr
+    kept_all = [d for d in layers if d["name"].startswith(first)]
+    assert len(kept_all) == 4 and all(d["density"] == 1.0 and d["layout"] == "dense" for d in kept_all)
+    assert all("keeps every tile" in d["reason"] for d in kept_all)
+    assert all(d["layout"] == "bsr" for d in layers if not d["name"].startswith(first))
+    model = load_sparse(tmp_path / "export")
+    assert not isinstance(model.encoder.layers.encoder_layer_0.mlp[0], BlockSparseLinear)
+    assert isinstance(model.encoder.layers.encoder_layer_1.mlp[0], BlockSparseLinear)
+    x = probe()
+    torch.testing.assert_close(logits(model, x), logits(masked, x), **FP32)
+
+
 def test_bf16_export_within_tolerance(micro_run):
     root, masked = micro_run
     manifest = export(root / "run", root / "export_bf16", dtype="bf16").manifest
