@@ -146,10 +146,11 @@ def choose_layouts(
 ) -> None:
     """Set `layout` / `reason` / `timing` of every layer of a folded model (in place).
 
-    bsr: every layer a block-sparse module can hold and whose mask drops a tile; dense: none; auto: a layer stays BSR only if, on `device` in
-    `dtype`, its block-sparse module (tuned for `runtime`) is not slower than the dense product at any of
-    `batch_sizes` and faster at one of them at least. Timed as the runtime runs: GPU time (CUDA-graph replays)
-    for cudagraph on CUDA, eager calls otherwise (compile too: its custom-op and matmul launches are eager ones).
+    bsr: every layer a block-sparse module can hold and whose mask drops a tile; dense: none; auto: such a layer
+    stays BSR only if, on `device` in `dtype`, its block-sparse module (tuned for `runtime`) is not slower than the
+    dense product at any of `batch_sizes` and faster at one of them at least. Timed as the runtime runs: GPU time
+    (CUDA-graph replays) for cudagraph on CUDA, eager calls otherwise (compile too: its custom-op and matmul launches
+    are eager ones).
     `timing` keeps the per-batch numbers. `image_shape`: one input's shape, or a SampleInput (token ids for a
     language model: a batch of b sequences is b x their length rows for every layer).
     """
