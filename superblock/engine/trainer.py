@@ -266,7 +266,7 @@ class Trainer:
         metrics = {
             "train_loss": window.mean_loss,
             "lr": self.parts.optimizer.param_groups[0]["lr"],
-            "sparsity": ctrl.sparsity if ctrl else 0.0,
+            "sparsity": ctrl.overall_sparsity if ctrl else 0.0,  # of all masked weights (level overrides included)
             "images_per_s": window.images / elapsed,
             "step_ms": 1000.0 * elapsed / max(window.steps, 1),
             "epoch": p.epoch,

@@ -11,6 +11,7 @@ same tensor objects, so a compiled graph keeps reading them) and chooses k from 
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -168,6 +169,15 @@ class SparsityController:
         unknown = sorted(set(self.levels) - {n for n, _ in self._masks})
         if unknown:
             raise ValueError(f"levels for weights without a mask: {unknown}")
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Target share of all masked weights zeroed at the current step: `sparsity` when no weight has a level of
+        its own, else the weights' own targets weighted by their sizes (what `sparsity.level_total` sets)."""
+        if not self.levels:
+            return self.sparsity
+        sizes = [(name, math.prod(mask.weight_shape)) for name, mask in self._masks]
+        return sum(self.sparsity_of(name) * n for name, n in sizes) / max(sum(n for _, n in sizes), 1)
 
     def sparsity_of(self, name: str) -> float:
         """Target sparsity of one masked weight at the current step (its own level's share of the ramp)."""

@@ -133,6 +133,8 @@ def test_smollm2_experiment_runs_on_a_tiny_converted_llama(tmp_path, recipe):
     assert ("tiles chosen by the output error" in proc.stdout) == (not recipe)  # the recipe's own selection
     assert "permutation (mlp) at step 0" in proc.stdout  # the experiment's own, whichever recipe
     assert summary["val_perplexity"] is not None
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sparsity"] for r in logged if "sparsity" in r][-1] == pytest.approx(0.5)  # of all, not layer 4's 0.83
     from superblock.artifacts.checkpoint import load_checkpoint
 
     spec = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model_spec"]

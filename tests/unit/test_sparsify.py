@@ -565,9 +565,12 @@ def test_level_total_makes_the_other_weights_carry_the_overrides_share():
     sizes = [o * i for o, i in shapes]
     total = sum(measured[f"mlp.{k}.weight"] * n for k, n in enumerate(sizes)) / sum(sizes)
     assert total == pytest.approx(0.4, abs=1 / 64)
+    ctrl = get_controller(net)  # the logs' sparsity is the total too; the schedule ramps the others' level
+    assert ctrl.overall_sparsity == pytest.approx(0.4) and ctrl.sparsity == pytest.approx(0.5)
     plain = Net(shapes=shapes)  # without level_total the others keep `sparsity` and the total falls short
     sparsify(plain, 0.4, 16, targets=["mlp.*.weight"], level_overrides=[("mlp.0", 0.0)])
     assert block_sparsity(plain, 16)["mlp.1.weight"] == pytest.approx(0.4, abs=1 / 32)
+    assert get_controller(plain).overall_sparsity == pytest.approx(0.4 * 16384 / 20480)
 
 
 @pytest.mark.parametrize(
