@@ -12,6 +12,7 @@ their latency ratio is the one of that runtime; the masked form always runs eage
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from superblock.export.source import Source
 from superblock.io import write_json_atomically
 from superblock.kernels import fuse_linear_gelu
 from superblock.models import model_logits
+from superblock.progress import epoch_progress, progress_iter
 from superblock.rundir import RunDir
 
 MODES = ("masked", "folded", "bsr", "all")
@@ -213,9 +215,8 @@ def measure_accuracy(
     counts = {n: torch.zeros(3, dtype=torch.float64) for n in names}  # top-1, top-5, summed loss
     diffs = {n: {"max_abs_logit_diff": 0.0, "disagreements": 0} for n in names[1:]}
     seen = 0
-    for i, (inputs, targets) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    for inputs, targets in progress_iter(itertools.islice(loader, total), total, "evaluate", "batch", enabled=True):
         inputs, targets = inputs.to(device), targets.to(device)
         # A language model's every token is one prediction (flat_predictions), as in training.
         raw = {n: runners[n](inputs).float() for n in names}
@@ -265,7 +266,13 @@ def measure_latency(
     n_inputs = max(1, int(cfg.get("inputs", 4)))
     inputs = [sample.make(batch_size, device) for _ in range(n_inputs)]
     reps = {k: int(cfg.get(k, v)) for k, v in (("warmup", 3), ("repeats", 30), ("rounds", 3))}
-    stats = compare_latency(runners, inputs, device, **reps)
+    bar = epoch_progress(
+        max(1, reps["rounds"]) * len(runners), 0, "latency", enabled=True, every_s=30.0, step=None, unit="round"
+    )
+    try:
+        stats = compare_latency(runners, inputs, device, **reps, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
     dense = stats.get("folded", {}).get("median_ms")
     for s in stats.values():
         s["images_per_s"] = batch_size * 1e3 / s["median_ms"]

@@ -208,6 +208,7 @@ def compare_latency(
     repeats: int = 20,
     rounds: int = 3,
     burst: int = 1,
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{name: {median_ms, min_ms, p90_ms, n}} per function, measured interleaved in `rounds` rounds.
 
@@ -217,6 +218,7 @@ def compare_latency(
     `burst` calls back to back: what a caller running one layer after another sees. Use bursts to compare a
     host-bound call with a GPU-bound one: a single call's sample of a host-bound function that found the GPU idle
     holds its host time before the launch plus its GPU time, where back to back it costs the larger of the two.
+    `progress` is called after each function's round, outside the timed calls (a progress display's update).
     """
     per_round = max(1, repeats // max(1, rounds))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -226,6 +228,8 @@ def compare_latency(
                 fn(inputs[i % len(inputs)])
             _sync(device)
             samples[name] += _time_calls(fn, inputs, device, per_round, r * per_round * burst, burst)
+            if progress is not None:
+                progress()
     return {name: _stats(ts) for name, ts in samples.items()}
 
 

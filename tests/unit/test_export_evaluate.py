@@ -49,6 +49,17 @@ def test_all_modes_agree_on_a_run(run_and_export):
     assert on_disk["accuracy"] == result["accuracy"] and on_disk["dense_latency_ms"] > 0
 
 
+def test_evaluation_shows_its_progress(run_and_export, tmp_path, capsys):
+    """Accuracy over the validation batches and latency over the forms' rounds are long work (an ImageNet pass, a
+    language model's latency on a CPU: minutes): each shows its progress, here as plain lines (not a terminal)."""
+    latency = {**QUICK, "repeats": 4, "rounds": 2}
+    run_eval(run_and_export / "run", "bsr", max_batches=None, data={"val_size": 48}, latency=latency,
+             output=tmp_path / "e.json")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "evaluate: 3/3 batches (100%)" in err  # 48 images in batches of 16
+    assert "latency: 4/4 rounds (100%)" in err  # 2 rounds of each of bsr and folded (the dense baseline)
+
+
 def test_export_dir_modes_agree_and_masked_needs_the_source(run_and_export, tmp_path):
     root = run_and_export
     result = run_eval(root / "export")

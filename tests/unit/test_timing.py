@@ -31,6 +31,14 @@ def test_a_single_call_sample_is_the_default():
     assert stats["f"]["n"] == 6 and len(n) == 6 + 1  # and one warm-up call before the second round
 
 
+def test_progress_is_reported_after_each_functions_round_outside_its_timed_calls():
+    events = []
+    fns = {name: (lambda _x, name=name: events.append(name)) for name in ("a", "b")}
+    timing.compare_latency(fns, [None], torch.device("cpu"), 1, 4, 2, progress=lambda: events.append("|"))
+    round_ = ["a"] * 3 + ["|"] + ["b"] * 3 + ["|"]  # 1 untimed call (warm-up, then one per round) and 2 timed
+    assert events == round_ * 2
+
+
 def test_host_us_counts_every_call_once_across_bursts():
     n = []
     us = timing.host_us(lambda: n.append(1), reps=45, warmup=5, burst=20)
