@@ -13,6 +13,7 @@ from superblock.devices import dtype_name
 from superblock.export.convert import MHA_IN, MHA_OUT, Layer, linear_weight, owner, unsupported_reason
 from superblock.export.serving import TUNING_TARGETS, SampleInput, as_sample
 from superblock.kernels import BlockSparseLinear, tuning
+from superblock.progress import progress_iter
 from superblock.timing import compare_latency, time_graph
 
 MODES = ("auto", "bsr", "dense")
@@ -160,7 +161,7 @@ def choose_layouts(
         return
     tokens = tokens_per_image(model, [layer.name for layer in measured], image_shape)
     where = f"{dtype_name(dtype)}, {device.type}, runtime {runtime}"
-    for layer in measured:
+    for layer in progress_iter(measured, len(measured), "layout", "layer", enabled=True):
         if layer.name not in tokens:
             layer.layout, layer.reason = "dense", "not reached by a forward pass, so not measured"
             continue

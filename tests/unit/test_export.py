@@ -205,9 +205,11 @@ def test_bf16_export_within_tolerance(micro_run):
     assert (logits(model, x, torch.bfloat16) - ref).abs().max() <= eq["tolerance"] * ref.abs().max()
 
 
-def test_layout_auto_measures_and_dense_says_why(micro_run):
+def test_layout_auto_measures_and_dense_says_why(micro_run, capsys):
     root, masked = micro_run
     manifest = export(root / "run", root / "export_auto", layout="auto", batch_size=2).manifest
+    n = len(manifest["layers"])
+    assert f"layout: {n}/{n} layers (100%)" in capsys.readouterr().err  # the measuring shows its progress
     for d in manifest["layers"]:
         tokens = 1 if d["name"] == "heads.head.weight" else 65  # the head sees the class token only
         (row,) = d["timing"]["per_batch"]
