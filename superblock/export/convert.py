@@ -79,7 +79,7 @@ def masked_layers(model: nn.Module) -> list[Layer]:
     tiles its mask keeps."""
     layers = []
     for name, module, _, m in iter_block_masks(model):
-        shape, block, kept = tuple(m.weight_shape), tuple(m.block), int(m.mask.sum())  # packing recounts the kept
+        shape, block, kept = tuple(m.weight_shape), tuple(m.block), int(m.mask.count_nonzero())  # packing recounts
         if is_conv1d(module):
             layers.append(Layer(name, shape[::-1], block[::-1], kept, transposed=True))
         else:
