@@ -17,12 +17,16 @@ import difflib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from superblock.progress import is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +237,10 @@ def build_hf_model(
             raise ValueError(f"model {name!r} has no {task} head in transformers ({first})") from None
     if task == "causal_lm":
         cfg.vocab_size = _stored_vocab_size(weights, cfg.vocab_size)
-    model = auto.from_pretrained(
-        weights, config=cfg, local_files_only=True, trust_remote_code=False, **_fp32(transformers)
-    )
+    with _bars_only_on_a_terminal(transformers):
+        model = auto.from_pretrained(
+            weights, config=cfg, local_files_only=True, trust_remote_code=False, **_fp32(transformers)
+        )
     if task == "causal_lm" and model.get_input_embeddings().num_embeddings != num_classes:
         log.warning(
             "resizing the token embeddings of %s from %d to %d (the tokenizer's vocabulary size)",
@@ -245,6 +250,21 @@ def build_hf_model(
         )
         model.resize_token_embeddings(int(num_classes))
     return model
+
+
+@contextmanager
+def _bars_only_on_a_terminal(transformers: Any) -> Iterator[None]:
+    """transformers' own progress bars (its "Loading weights" bar) off while stderr is not a terminal: in a job's log
+    every redraw of a bar is a frame of carriage returns (superblock.progress writes plain lines there instead)."""
+    hf_logging = transformers.utils.logging
+    quiet = hf_logging.is_progress_bar_enabled() and not is_terminal(sys.stderr)
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _stored_vocab_size(weights: Path, default: int) -> int:

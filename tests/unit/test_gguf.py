@@ -75,6 +75,19 @@ def test_the_real_smollm2_converts_and_answers(tmp_path):
     assert tokenizer.decode(tokenizer("a , b . c").input_ids) == "a , b . c"
 
 
+def test_loading_a_folder_draws_no_bar_into_a_log(tmp_path, capsys):
+    """transformers' "Loading weights" bar is a frame of carriage returns per redraw in a job's log (stderr not a
+    terminal): off while superblock loads a pretrained folder, and back on afterwards."""
+    from superblock.hf_models import build_hf_model
+
+    model, tokenizer = tiny_llama()
+    save_checked(model, tokenizer, tmp_path / "tiny", echo=lambda _: None)
+    capsys.readouterr()
+    build_hf_model(f"hf:{tmp_path / 'tiny'}", len(tokenizer))
+    assert "Loading weights" not in capsys.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()
+
+
 def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
     """model=hf model.name=hf:<folder> data=text: the folder's tokenizer is the default, and config keys a GGUF
     conversion leaves in config.json (not fields of the architecture) do not stop the model spec."""
