@@ -49,7 +49,7 @@ class ProgressLines:
         self.total, self.n, self.desc, self.every_s, self.unit = total, initial, desc, every_s, unit
         self.step, self.file, self.clock = step, file, clock
         self.postfix: dict[str, Any] = {}
-        self._initial, self._start = initial, clock()
+        self._start = clock()
         self._last_time, self._last_n = self._start, None
         self._first: tuple[int, float] | None = None  # (count, time) at the end of the first update
 
