@@ -18,6 +18,9 @@ a cut-short grid continues where it stopped.
     python benchmarks/accuracy.py --preset smollm2 --device cuda --parallel 6 --as-is \
         --recipes experiment,reference --blocks 16,32,64,64x16 --levels 0.5,0.7 --seeds 0,1,2 \
         --out docs/frontier/smollm2
+    # the same students distilled from the grid's own dense fine-tune of their seed instead of the pretrained model
+    python benchmarks/accuracy.py --preset smollm2 --device cuda --parallel 6 --teacher dense \
+        --recipes experiment --blocks 64x16 --levels 0.5,0.7 --seeds 0,1,2 --out docs/frontier/smollm2
     python benchmarks/accuracy.py ... --dry-run       # the job list and the grid's size; nothing runs
     # the older digits table (docs/results.md): tiny_vit, blocks 8 / 16, with the fine-tune + KD recipe
     python benchmarks/accuracy.py --data digits --root data/digits --epochs 30 --jobs 2 --threads 1 --out <dir> \\
@@ -25,8 +28,9 @@ a cut-short grid continues where it stopped.
 
 Budget: with --budget-minutes M no run starts once the runs so far say it would not end within M minutes of the
 start, and runs still going at M minutes are stopped (their rows say so, with the last validation they logged);
-dense runs are queued first, then the sparse runs seed by seed, all at once (only a finetune run waits for its dense
-run), so a cut grid still has every configuration at its first seed. Without a budget it runs all.
+dense runs are queued first, then the sparse runs seed by seed, all at once (only a run that needs its seed's dense
+run waits for it: the finetune recipe, or any with --teacher dense), so a cut grid still has every configuration at
+its first seed. Without a budget it runs all.
 Writes <out>/runs.jsonl (a row per run, as each ends: the metric's last and best validation), runs.csv, results.md
 (mean +- std over seeds of the metric and of its gap to the same seed's dense run; for perplexities also the gap in
 percent of dense and the perplexity per byte of text), results.json and accuracy.png. `--as-is` adds one run that
@@ -145,7 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["reference", "default", "magnitude_frozen"],
         help=f"comma-separated, of {sorted(RECIPES)}",
     )
-    p.add_argument("--permute", type=_csv(str), default=["none"], help="comma-separated: none,mlp,mlp+heads")
+    p.add_argument(
+        "--permute",
+        type=_csv(str),
+        default=None,
+        help="comma-separated: none,mlp,mlp+heads (default: the preset's own, e.g. smollm2's mlp; none for the others)",
+    )
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
     p.add_argument("--levels", type=_csv(float), default=[0.8, 0.9])
     p.add_argument(
@@ -175,10 +184,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--as-is", action="store_true", help="one more run that trains nothing: the starting model's own metric"
     )
+    p.add_argument(
+        "--teacher",
+        choices=("preset", "dense"),
+        default="preset",
+        help="preset: the distillation the recipe and preset set (smollm2: the pretrained model); dense: every sparse "
+        "run distils from the same seed's dense run of this grid (it starts once that run has ended)",
+    )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default="docs/results")
     p.add_argument("extra", nargs="*", help="more train.py overrides for every run")
     args = p.parse_args(argv)
+    args.permute = args.permute or [preset_permutation(args.preset)]
     bad = sorted(set(args.recipes) - set(RECIPES)) + sorted(set(args.permute) - set(PERMUTE_TAGS))
     if bad:
         p.error(f"unknown recipe / permutation {bad}: recipes {sorted(RECIPES)}, permutations {sorted(PERMUTE_TAGS)}")
@@ -190,6 +207,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # train.py runs in the repository: a relative root is the caller's, made absolute
     args.root = str(Path(args.root or DEFAULT_ROOTS.get(args.preset, "data/digits")).resolve())
     return args
+
+
+def preset_permutation(preset: str) -> str:
+    """The sparsity.permute an experiment preset sets in its own file (configs/experiment/<name>.yaml), else "none":
+    a grid that does not pass --permute runs the experiment's recipe as it is, permutation included."""
+    from omegaconf import OmegaConf
+
+    first = PRESETS[preset][0][0]
+    if not first.startswith("experiment="):
+        return "none"
+    cfg = OmegaConf.load(ROOT / "configs" / "experiment" / f"{first.split('=', 1)[1]}.yaml")
+    return str(OmegaConf.select(cfg, "sparsity.permute", default="none"))
 
 
 # -------------------------------------------------------------------------------------------------------- jobs
@@ -243,12 +272,19 @@ def _sparse_job(args, out: Path, recipe: str, permute: str, level: float, block:
     extra = [f"sparsity.level={level}", f"sparsity.block_size={size}", f"sparsity.permute={permute}"]
     if args.start_epoch is not None:
         extra.append(f"sparsity.start_epoch={args.start_epoch}")
-    if recipe == "finetune":
-        extra.append(f"model.pretrained={out / 'runs' / f'dense{_length_tag(args, epochs)}_s{seed}'}")
-    name = f"{recipe}_{PERMUTE_TAGS[permute]}_l{level}_b{block}{_length_tag(args, epochs)}_s{seed}"
+    dense = out / "runs" / f"dense{_length_tag(args, epochs)}_s{seed}"
+    after, label, tag = None, recipe, ""
+    if recipe == "finetune":  # starts from that dense run (sparse_finetune distils from its start)
+        extra.append(f"model.pretrained={dense}")
+        after = dense.name
+    elif args.teacher == "dense":
+        extra.append(f"distill.teacher={dense}")
+        after, label, tag = dense.name, f"{recipe}+dense_teacher", "_tdense"
+    name = f"{recipe}{tag}_{PERMUTE_TAGS[permute]}_l{level}_b{block}{_length_tag(args, epochs)}_s{seed}"
     return {
         "name": name,
-        "recipe": recipe,
+        "recipe": label,
+        "after": after,
         "permute": permute,
         "level": level,
         "block": block,
@@ -303,7 +339,8 @@ def run(job: dict, args: argparse.Namespace, budget: Budget) -> dict:
     """One training run (or the summary it already left): the row it adds to runs.jsonl."""
     _, metric = PRESETS[args.preset]
     run_dir = Path(args.out).resolve() / "runs" / job["name"]
-    row = {k: v for k, v in job.items() if k != "overrides"} | {"metric": metric, "value": None, "status": "ok"}
+    row = {k: v for k, v in job.items() if k not in ("overrides", "after")}
+    row |= {"metric": metric, "value": None, "status": "ok"}
     summary = run_dir / SUMMARY
     if not summary.exists():
         if not budget.can_start():
@@ -604,12 +641,12 @@ def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
         return row
 
     # every run is queued at once, dense runs first: a worker is never idle while runs wait, and only a run that
-    # starts from its seed's dense run (the finetune recipe) waits for it
+    # needs its seed's dense run (the finetune recipe starts from it, --teacher dense distils from it) waits for it
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         dense = {j["name"]: pool.submit(one, j) for j in jobs if j["recipe"] == "dense"}
 
         def after_dense(job: dict) -> dict:
-            needed = dense_dependency(job)
+            needed = job.get("after")
             if needed is not None and needed in dense:
                 dense[needed].result()  # queued before this job, so already running or done: no deadlock
             return one(job)
@@ -617,14 +654,6 @@ def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
         others = [pool.submit(after_dense, j) for j in jobs if j["recipe"] != "dense"]
         rows += [f.result() for f in dense.values()] + [f.result() for f in others]
     return rows
-
-
-def dense_dependency(job: dict) -> str | None:
-    """The dense run a job starts from (its name), or None: the finetune recipe loads its seed's dense run."""
-    for o in job["overrides"]:
-        if o.startswith("model.pretrained=") and job["recipe"] == "finetune":
-            return Path(o.split("=", 1)[1]).name
-    return None
 
 
 def write_outputs(rows: list[dict], args: argparse.Namespace, head: str) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from superblock.artifacts.folded import read_folded
 from superblock.artifacts.format import ExportError
 from superblock.artifacts.resolve import ArtifactError, resolve
+from superblock.config import DistillConfig
 from superblock.engine.pretrained import classifier_classes, run_model
 from superblock.models import build_model
 
@@ -76,3 +77,10 @@ def load_teacher(path: str | Path, student_spec: dict, device: torch.device) -> 
         )
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def distillation_line(distill: DistillConfig) -> str:
+    """What a run distils from, said once at its start: the teacher's path and the loss's settings."""
+    loss = "the teacher's argmax" if distill.hard else f"soft targets at temperature {distill.temperature:g}"
+    blocks = f", every block's output at weight {distill.blocks:g}" if distill.blocks else ""
+    return f"distilling from {distill.teacher}: {loss}, weight {distill.alpha:g}{blocks}"

@@ -31,6 +31,7 @@ from superblock.engine.builders import (
     sparsity_spec,
     wrap_for_training,
 )
+from superblock.engine.distill import distillation_line
 from superblock.engine.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier
 from superblock.engine.ema import ModelEma
 from superblock.engine.loop import EpochPlan, StepParts, TrainingDiverged, Window, check_finite, train_one_epoch
@@ -155,6 +156,8 @@ class Trainer:
             device=self.device,
             student=self.model,
         )
+        if self.objective.teacher is not None and dist.is_main:
+            tqdm.write(distillation_line(cfg.distill))
         ema = ModelEma(self.model, t.ema_decay) if t.ema_decay else None
         # Before the optimizer: FSDP replaces the parameters with sharded ones.
         train_model = wrap_for_training(

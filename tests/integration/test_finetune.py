@@ -60,6 +60,8 @@ def test_distilled_finetune_resumes_exactly_and_logs_teacher_time(dense_run, tmp
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(*common, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = f"distilling from {dense_run}: soft targets at temperature 2, weight 0.5, every block's output at weight 1"
+    assert said in proc.stdout + proc.stderr  # the run says what it distils from, once
     assert run_train(*common, f"hydra.run.dir={killed}", fault_at(11)).returncode == -9
     proc = run_train(*common, "trainer.resume=true", f"hydra.run.dir={killed}")
     assert proc.returncode == 0, proc.stderr[-3000:]

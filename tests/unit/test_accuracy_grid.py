@@ -220,7 +220,8 @@ def test_recipes_compare_across_grids_with_one_sign(tmp_path) -> None:
 
 def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> None:
     """--preset smollm2: the converted folder as model.pretrained, --as-is one run without a step, the experiment's
-    own recipe beside the reference (whose ramp and frozen masks the experiment cannot impose)."""
+    own recipe (its MLP permutation included) beside the reference (whose ramp and frozen masks the experiment cannot
+    impose)."""
     folder = tmp_path / "model"
     args = accuracy.parse_args(["--preset", "smollm2", "--root", str(folder), "--as-is", "--recipes",
                                 "experiment,reference", "--blocks", "32", "--levels", "0.5", "--seeds", "0,1",
@@ -231,9 +232,9 @@ def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> No
     assert "trainer.max_steps=0" in as_is and "trainer.max_steps=300" not in as_is
     assert f"model.pretrained={folder}" in as_is and "experiment=smollm2_sparse" in as_is
     assert "optim.lr=1e-4" in accuracy.command(jobs["dense_s1"], args)  # the dense fine-tune's own best rate
-    own = accuracy.command(jobs["experiment_p0_l0.5_b32_s1"], args)
+    own = accuracy.command(jobs["experiment_pm_l0.5_b32_s1"], args)
     assert not any(o.startswith("sparsity=") for o in own) and "trainer.max_steps=300" in own
-    ref = accuracy.command(jobs["reference_p0_l0.5_b32_s0"], args)
+    ref = accuracy.command(jobs["reference_pm_l0.5_b32_s0"], args)
     assert "sparsity.freeze_after_ramp=false" in ref and "sparsity.ramp_fraction=null" in ref
     assert "3 dense + 4 sparse" in accuracy.describe(list(jobs.values()), args)
     with pytest.raises(SystemExit, match="smollm2.py"):
@@ -244,12 +245,12 @@ def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> No
     # perplexity: the gap also in percent of dense, and the per-byte perplexity beside
     rows = [{**jobs[n], "value": v, "also": b, "status": "ok"} for n, v, b in (
         ("dense_s0", 10.0, 2.0), ("dense_s1", 20.0, 3.0), ("as_is", 12.0, 2.2),
-        ("experiment_p0_l0.5_b32_s0", 11.0, 2.1), ("experiment_p0_l0.5_b32_s1", 24.0, 3.3))]  # fmt: skip
+        ("experiment_pm_l0.5_b32_s0", 11.0, 2.1), ("experiment_pm_l0.5_b32_s1", 24.0, 3.3))]  # fmt: skip
     entries = {e["recipe"]: e for e in accuracy.summarize(rows)}
     assert entries["experiment"]["gap_pct"] == pytest.approx(15.0)  # +10% and +20%
     assert entries["as_is"]["gap"] == pytest.approx(2.0) and entries["as_is"]["seeds"] == 1
     md = accuracy.table(list(entries.values()), "val_perplexity")
-    assert "| experiment | none | 50% | 32 | - | 17.50 +- 9.19 | +2.50 +- 2.12 | +15.0% +- 7.1 | 2.700 +- 0.849 |" in md
+    assert "| experiment | mlp | 50% | 32 | - | 17.50 +- 9.19 | +2.50 +- 2.12 | +15.0% +- 7.1 | 2.700 +- 0.849 |" in md
     assert "| as_is | none | 0% | - | - | 12.00 +- 0.00 | +2.00 +- 0.00 | +20.0% +- 0.0 |" in md
     assert "a mean of 2 seeds resolves gaps above 4.243" in accuracy.resolution(args, list(entries.values()))
     accuracy.plot(list(entries.values()), tmp_path / "p.png", "t", "val_perplexity")  # no empty 0% panel
@@ -276,6 +277,19 @@ def test_pretrained_preset_end_to_end_on_a_tiny_converted_llama(tmp_path) -> Non
     summary = json.loads((out / "runs" / "as_is" / "summary.json").read_text())
     assert summary["steps"] == 0 and summary["val_perplexity"] == rows["as_is"]["value"]
     assert "| as_is |" in (out / "results.md").read_text()
+    log = (out / "runs" / "experiment_pm_l0.5_b16_s0" / "stdout.log").read_text()
+    assert f"distilling from {tmp_path / 'tiny'}:" in log and "permutation (mlp)" in log  # the experiment's own
+    # the same student distilled from this grid's dense fine-tune instead: its run is read, not run again
+    accuracy.main(["--preset", "smollm2", "--root", str(tmp_path / "tiny"), "--recipes", "experiment", "--teacher",
+                   "dense", "--blocks", "16", "--levels", "0.5", "--seeds", "0", "--max-steps", "2", "--device", "cpu",
+                   "--out", str(out), "data.val_size=4", "data.max_bytes=20000", "data.batch_size=2",
+                   "data.seq_len=16"])  # fmt: skip
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["recipe"] for r in rows].count("dense") == 2  # once run, once read
+    student = next(r for r in rows if r["recipe"] == "experiment+dense_teacher")
+    assert student["status"] == "ok" and student["value"] > 0
+    log = (out / "runs" / "experiment_tdense_pm_l0.5_b16_s0" / "stdout.log").read_text()
+    assert f"distilling from {out.resolve() / 'runs' / 'dense_s0'}:" in log
 
 
 @pytest.mark.parametrize("recipe", sorted(accuracy.RECIPES))
@@ -357,13 +371,15 @@ def test_shape_frontier_puts_each_tiles_gap_beside_its_speed(tmp_path) -> None:
         shape_frontier.main([f"grid={runs}", "--speed", str(speed), "--recipe", "reference", "--out", str(out)])
 
 
-def _scheduled(tmp_path, recipes: str, monkeypatch) -> dict[str, dict]:
+def _scheduled(tmp_path, recipes: str, monkeypatch, more: tuple[str, ...] = ()) -> dict[str, dict]:
     """run_all on a 2-seed grid with `run` replaced by a recorder: which runs had ended when each one started."""
     import threading
     import time
 
     grid = ["--recipes", recipes, "--levels", "0.9", "--blocks", "16", "--seeds", "0,1", "--parallel", "3"]
-    args = accuracy.parse_args(["--preset", "imagefolder", "--root", str(tmp_path), *grid, "--out", str(tmp_path)])
+    args = accuracy.parse_args(
+        ["--preset", "imagefolder", "--root", str(tmp_path), *grid, *more, "--out", str(tmp_path)]
+    )
     ended: set[str] = set()
     seen: dict[str, dict] = {}
     lock = threading.Lock()
@@ -401,3 +417,38 @@ def test_a_run_cut_by_the_budget_says_how_far_it_got(tmp_path) -> None:
         + '{"step": 400, "val_perpl'  # the line being written when the run was stopped
     )  # fmt: skip
     assert accuracy.last_validation(tmp_path, "val_perplexity") == " at step 200: val_perplexity 41.25"
+
+
+def test_teacher_dense_distils_every_sparse_run_from_its_seeds_dense_run(tmp_path, monkeypatch) -> None:
+    grid = ["--preset", "smollm2", "--root", str(tmp_path), "--recipes", "experiment,reference", "--levels", "0.5"]
+    grid += ["--blocks", "64x16", "--out", str(tmp_path)]
+    args = accuracy.parse_args([*grid, "--seeds", "0,1", "--teacher", "dense"])
+    jobs = accuracy.jobs_for(args)
+    sparse = [j for j in jobs if j["recipe"] != "dense"]
+    assert {j["recipe"] for j in sparse} == {"experiment+dense_teacher", "reference+dense_teacher"}
+    for job in sparse:
+        cmd = accuracy.command(job, args)
+        dense = tmp_path.resolve() / "runs" / f"dense_s{job['seed']}"
+        teacher = f"distill.teacher={dense}"
+        assert teacher in cmd and job["name"].endswith(f"_s{job['seed']}") and "_tdense_" in job["name"]
+        # the experiment's own teacher (the pretrained folder) is overridden: the later override wins in Hydra
+        assert cmd.index(teacher) > cmd.index(f"model.pretrained={tmp_path.resolve()}")
+    plain = accuracy.jobs_for(accuracy.parse_args(grid))
+    assert not any(o.startswith("distill.teacher=") for j in plain for o in j["overrides"])
+    assert not any(j.get("after") for j in plain)  # nothing waits without a dense teacher
+    (tmp_path / "td").mkdir()
+    seen = _scheduled(tmp_path / "td", "default", monkeypatch, ("--teacher", "dense"))
+    for seed in (0, 1):  # a run distilled from its seed's dense run starts only once that run has ended
+        assert f"dense_s{seed}" in seen[f"default_tdense_p0_l0.9_b16_s{seed}"]["ended_before"]
+
+
+def test_a_grid_runs_an_experiments_own_permutation_unless_told_otherwise(tmp_path) -> None:
+    """smollm2's experiment permutes its MLPs (sparsity.permute: mlp in its file): a grid that does not pass --permute
+    runs it so, where it used to force sparsity.permute=none on every run; --permute still chooses."""
+    grid = ["--root", str(tmp_path), "--recipes", "experiment", "--levels", "0.5", "--out", str(tmp_path)]
+    args = accuracy.parse_args(["--preset", "smollm2", *grid])
+    assert args.permute == ["mlp"]
+    job = accuracy.jobs_for(args)[-1]
+    assert "sparsity.permute=mlp" in accuracy.command(job, args) and "_pm_" in job["name"]
+    assert accuracy.parse_args(["--preset", "smollm2", *grid, "--permute", "none"]).permute == ["none"]
+    assert accuracy.parse_args(["--preset", "lm_tiny", "--out", str(tmp_path)]).permute == ["none"]
