@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from superblock.hf_models import bars_only_on_a_terminal
+
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,7 +46,8 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     # the spaces before punctuation when decoding, others warn on every load); the BPE vocabularies GGUF files hold
     # want it off, as their own tokenizer_config.json says (SmolLM2's does)
     tokenizer.clean_up_tokenization_spaces = False
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with bars_only_on_a_terminal():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval(), tokenizer
 
 
@@ -95,10 +98,11 @@ def save_checked(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     plain = plain_copy(model).to(DTYPES[dtype])
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # computed in fp32 whatever the stored dtype: the check sees what saving did to the weights, not bf16 arithmetic
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    with bars_only_on_a_terminal():
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # computed in fp32 whatever the stored dtype: the check sees what saving did to the weights, not bf16 arithmetic
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
     gap = logits_gap(model, reloaded, tokenizer, prompts)
     tolerance = 1e-5 if dtype == "float32" else 1e-2  # bf16 rounds each weight by up to 2^-9 relative
     if gap > tolerance:

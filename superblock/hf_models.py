@@ -237,7 +237,7 @@ def build_hf_model(
             raise ValueError(f"model {name!r} has no {task} head in transformers ({first})") from None
     if task == "causal_lm":
         cfg.vocab_size = _stored_vocab_size(weights, cfg.vocab_size)
-    with _bars_only_on_a_terminal(transformers):
+    with bars_only_on_a_terminal():
         model = auto.from_pretrained(
             weights, config=cfg, local_files_only=True, trust_remote_code=False, **_fp32(transformers)
         )
@@ -253,10 +253,12 @@ def build_hf_model(
 
 
 @contextmanager
-def _bars_only_on_a_terminal(transformers: Any) -> Iterator[None]:
-    """transformers' own progress bars (its "Loading weights" bar) off while stderr is not a terminal: in a job's log
-    every redraw of a bar is a frame of carriage returns (superblock.progress writes plain lines there instead)."""
-    hf_logging = transformers.utils.logging
+def bars_only_on_a_terminal() -> Iterator[None]:
+    """transformers' own progress bars (its "Loading weights" and "Writing model shards" bars) off while stderr is
+    not a terminal: in a job's log every redraw of a bar is a frame of carriage returns (superblock.progress writes
+    plain lines there instead)."""
+    from transformers.utils import logging as hf_logging
+
     quiet = hf_logging.is_progress_bar_enabled() and not is_terminal(sys.stderr)
     if quiet:
         hf_logging.disable_progress_bar()

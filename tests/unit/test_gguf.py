@@ -86,6 +86,10 @@ def test_loading_a_folder_draws_no_bar_into_a_log(tmp_path, capsys):
     build_hf_model(f"hf:{tmp_path / 'tiny'}", len(tokenizer))
     assert "Loading weights" not in capsys.readouterr().err
     assert transformers.utils.logging.is_progress_bar_enabled()
+    save_checked(model, tokenizer, tmp_path / "again", echo=lambda _: None)  # the conversion's save and reload
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert transformers.utils.logging.is_progress_bar_enabled()
 
 
 def test_a_converted_folder_trains_with_its_own_tokenizer(tmp_path):
