@@ -3,6 +3,9 @@ results.json files, as one table and one bar plot (the decision of the default r
 
     python benchmarks/compare_recipes.py "digits 16 px (90%, b16)=docs/frontier/digits16/results.json" \
         "lm_tiny (70%, b32)=docs/frontier/lm_tiny/results.json#32" --out docs/images/recipes.png
+    # one tile at one sparsity of a grid of several levels: #BLOCK@LEVEL
+    python benchmarks/compare_recipes.py "80%, 64 x 16=<grid>/results.json#64x16@0.8" \
+        "90%, 64 x 16=<grid>/results.json#64x16@0.9" --out <plot>
 
 A gap is shown in percent of the dense value, signed so that below zero is worse than dense for every metric
 (accuracy: sparse - dense; perplexity: dense - sparse), with the seeds' spread of the gap as the error bar.
@@ -15,26 +18,36 @@ import json
 from pathlib import Path
 
 
-def relative_gaps(results: dict, block: str | None = None) -> dict[str, tuple[float, float, int]]:
-    """recipe -> (gap %, its std %, seeds) of one grid's sparse rows at `block` (else each recipe's first row)."""
+def relative_gaps(
+    results: dict, block: str | None = None, level: float | None = None
+) -> dict[str, tuple[float, float, int]]:
+    """recipe -> (gap %, its std %, seeds) of one grid's sparse rows at `block` and sparsity `level` (each None: any;
+    a recipe's first such row)."""
     rows = results["rows"]
     dense = next(r for r in rows if r["recipe"] == "dense")["mean"]
     lower_is_better = "perplexity" in results["runs"][0]["metric"]
     sign = -1.0 if lower_is_better else 1.0
     out: dict[str, tuple[float, float, int]] = {}
     for r in rows:
-        if r["recipe"] != "dense" and r["recipe"] not in out and block in (None, r["block"]):
+        wanted = block in (None, r["block"]) and level in (None, r.get("sparsity"))
+        if r["recipe"] != "dense" and r["recipe"] not in out and wanted:
             out[r["recipe"]] = (sign * 100.0 * r["gap"] / dense, 100.0 * r["gap_std"] / dense, r["seeds"])
     return out
 
 
 def load(spec: str) -> tuple[str, dict[str, tuple[float, float, int]]]:
-    """LABEL=path/results.json, or LABEL=path/results.json#BLOCK for one tile of a grid of several."""
+    """LABEL=path/results.json, or LABEL=path/results.json#BLOCK for one tile of a grid of several, or
+    #BLOCK@LEVEL for that tile at one sparsity."""
     label, _, path = spec.rpartition("=")
     if not label:
-        raise SystemExit(f"give each grid as LABEL=results.json[#BLOCK], got {spec!r}")
-    path, _, block = path.partition("#")
-    return label, relative_gaps(json.loads(Path(path).read_text()), block or None)
+        raise SystemExit(f"give each grid as LABEL=results.json[#BLOCK[@LEVEL]], got {spec!r}")
+    path, _, where = path.partition("#")
+    block, _, level = where.partition("@")
+    try:
+        at = float(level) if level else None
+    except ValueError:
+        raise SystemExit(f"a level is a number (e.g. #64x16@0.9), got {level!r} in {spec!r}") from None
+    return label, relative_gaps(json.loads(Path(path).read_text()), block or None, at)
 
 
 def table(grids: list[tuple[str, dict]]) -> str:

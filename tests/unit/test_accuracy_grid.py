@@ -216,6 +216,14 @@ def test_recipes_compare_across_grids_with_one_sign(tmp_path) -> None:
     out = tmp_path / "r.png"
     compare_recipes.main([f"images={tmp_path / 'a.json'}", f"text={tmp_path / 'p.json'}#32", "--out", str(out)])
     assert out.stat().st_size > 0
+    # a grid of two levels: #BLOCK@LEVEL picks one (the first row of a recipe is the lower level's)
+    two = grid("val_perplexity", 5.0, [("default", "32", 1.0), ("default", "32", 2.0)])
+    two["rows"][1]["sparsity"], two["rows"][2]["sparsity"] = 0.8, 0.9
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    assert compare_recipes.load(f"x={tmp_path / 'two.json'}#32@0.9")[1]["default"][0] == -40.0
+    assert compare_recipes.load(f"x={tmp_path / 'two.json'}#32")[1]["default"][0] == -20.0
+    with pytest.raises(SystemExit, match="a level is a number"):
+        compare_recipes.load(f"x={tmp_path / 'two.json'}#32@high")
 
 
 def test_pretrained_preset_measures_the_start_and_its_own_recipe(tmp_path) -> None:
