@@ -212,8 +212,11 @@ def _masks_to_refit(model: nn.Module) -> dict[str, tuple[nn.Module, str, object]
     """{name: (module, parameter name, mask)} of the masked weights a refit changes. A weight that keeps every tile
     (a level-0 override) gives its dense outputs already: nothing to refit (the ridge would only shrink it) and no
     pass to measure it."""
-    masks = {name: (module, pname, mask) for name, module, pname, mask in iter_block_masks(model)}
-    return {name: entry for name, entry in masks.items() if not bool(entry[2].mask.all())}
+    return {
+        name: (module, pname, mask)
+        for name, module, pname, mask in iter_block_masks(model)
+        if not bool(mask.mask.all())
+    }
 
 
 def _too_few_tokens(grams: _Grams, names: list[str], reduce) -> tuple[int, int]:
